@@ -1,0 +1,24 @@
+"""The compression entry point: apply a recipe to a loaded model."""
+
+from __future__ import annotations
+
+import time
+
+from slimformer.methods import CompressionContext, apply_method
+from slimformer.models.loading import LoadedModel
+from slimformer.recipe import Recipe
+
+
+def compress(loaded: LoadedModel, recipe: Recipe, progress: bool = False) -> LoadedModel:
+    """Apply every step of ``recipe`` to ``loaded`` in place and return it.
+
+    Each step's record (what it touched, which kernel each layer got, dropped layers, measured
+    sparsity, time taken) is appended to ``loaded.applied``; the recipe is kept for the manifest.
+    """
+    ctx = CompressionContext(recipe.calibration, progress=progress)
+    for step in recipe.steps:
+        t0 = time.perf_counter()
+        record = apply_method(loaded, step, ctx)
+        loaded.applied.append({"step": step.to_dict(), "seconds": round(time.perf_counter() - t0, 3), **record})
+    loaded.recipe = recipe.to_dict()
+    return loaded

@@ -1,0 +1,32 @@
+"""Errors a user can fix. ``str(error)`` is one line: the problem, then the fix."""
+
+from __future__ import annotations
+
+
+class SlimformerError(Exception):
+    """Base class of every error slimformer raises on bad input.
+
+    The message is a single line of the form ``"<problem>; <fix>"`` so that the command line can
+    print it as is and exit with status 2.
+    """
+
+    def __init__(self, problem: str, fix: str) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem}; {fix}".replace("\n", " "))
+
+
+class ConfigError(SlimformerError, ValueError):
+    """An invalid method setting, recipe or evaluation setting."""
+
+
+class ModelLoadError(SlimformerError):
+    """A model path or hub id that cannot be loaded, or a corrupt checkpoint."""
+
+
+class UnsupportedArchitectureError(SlimformerError):
+    """A model whose family has no architecture adapter."""
+
+
+class OutputExistsError(SlimformerError):
+    """An output folder that already exists (and ``force`` was not given)."""

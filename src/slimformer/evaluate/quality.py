@@ -1,0 +1,110 @@
+"""Quality of a compressed model against its original, on held-out text.
+
+Encoders / embedding models: cosine similarity of pooled embeddings (mean and worst) and
+retrieval agreement (overlap of each query's top-10 neighbours among the passages).
+Causal LMs: perplexity, KL divergence of next-token distributions (original || compressed),
+and top-1 agreement of the next-token predictions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from slimformer.models.loading import LoadedModel
+
+
+def _tokenize(loaded: LoadedModel, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    batch = dict(loaded.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+    batch.pop("token_type_ids", None)
+    return batch
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool hidden states (batch, seq, dim) over valid tokens ``mask`` (batch, seq) -> (batch, dim)."""
+    if mode == "cls":
+        return hidden[:, 0]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+@torch.no_grad()
+def encode(loaded: LoadedModel, texts: list[str], max_length: int = 128, batch_size: int = 32, progress: bool = False, desc: str = "encode") -> torch.Tensor:
+    """Sentence embeddings (n, dim) float32, L2-normalised, pooled as the model's pooling says."""
+    out = []
+    for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
+        batch = _tokenize(loaded, texts[i : i + batch_size], max_length)
+        hidden = loaded.model(**batch).last_hidden_state.float()
+        out.append(F.normalize(pool(hidden, batch["attention_mask"], loaded.pooling), dim=-1))
+    return torch.cat(out)
+
+
+def first_sentence(text: str) -> str:
+    line = text.strip().split("\n\n")[0].replace("\n", " ")
+    head = line.split(". ")[0]
+    return head if len(head) > 20 else line
+
+
+def topk_overlap(queries_a: torch.Tensor, passages_a: torch.Tensor, queries_b: torch.Tensor, passages_b: torch.Tensor, k: int = 10) -> float:
+    """Mean over queries of |top-k(a) ∩ top-k(b)| / k; embeddings (n, dim) L2-normalised."""
+    k = min(k, passages_a.shape[0])
+    ta = (queries_a @ passages_a.t()).topk(k, dim=1).indices
+    tb = (queries_b @ passages_b.t()).topk(k, dim=1).indices
+    hits = [len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ta, tb)]
+    return float(sum(hits) / len(hits))
+
+
+def encoder_quality(original: LoadedModel, compressed: LoadedModel, texts: list[str], n_queries: int, max_length: int, batch_size: int, progress: bool = False, reference: dict | None = None) -> dict:
+    """Embedding fidelity of ``compressed`` to ``original`` on ``texts`` (the first ``n_queries``
+    are turned into queries, the rest are passages). ``reference`` caches the original's embeddings."""
+    queries = [first_sentence(t) for t in texts[:n_queries]]
+    passages = texts[n_queries:]
+    if reference is None:
+        reference = {
+            "q": encode(original, queries, max_length, batch_size, progress, "original queries"),
+            "p": encode(original, passages, max_length, batch_size, progress, "original passages"),
+        }
+    q = encode(compressed, queries, max_length, batch_size, progress, "compressed queries")
+    p = encode(compressed, passages, max_length, batch_size, progress, "compressed passages")
+    cos = torch.cat([(q * reference["q"]).sum(-1), (p * reference["p"]).sum(-1)])
+    return {
+        "embedding_cosine_mean": float(cos.mean()),
+        "embedding_cosine_min": float(cos.min()),
+        "retrieval_agreement_at_10": topk_overlap(reference["q"], reference["p"], q, p, k=10),
+        "n_texts": len(texts),
+        "n_queries": n_queries,
+    }
+
+
+@torch.no_grad()
+def _next_token_logprobs(loaded: LoadedModel, batch: dict) -> torch.Tensor:
+    return F.log_softmax(loaded.model(**batch, use_cache=False).logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def causal_quality(original: LoadedModel, compressed: LoadedModel, texts: list[str], max_length: int, batch_size: int, progress: bool = False) -> dict:
+    """Perplexity of both models, KL(original || compressed) per token, and top-1 agreement."""
+    nll_o = nll_c = kl = agree = 0.0
+    count = 0
+    for i in tqdm(range(0, len(texts), batch_size), desc="causal-lm quality", disable=not progress, unit="batch"):
+        batch = _tokenize(original, texts[i : i + batch_size], max_length)
+        lo = _next_token_logprobs(original, batch)[:, :-1]
+        lc = _next_token_logprobs(compressed, batch)[:, :-1]
+        target = batch["input_ids"][:, 1:]
+        valid = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()
+        lo, lc, target = lo[valid], lc[valid], target[valid]
+        nll_o += float(-lo.gather(-1, target.unsqueeze(-1)).sum())
+        nll_c += float(-lc.gather(-1, target.unsqueeze(-1)).sum())
+        kl += float((lo.exp() * (lo - lc)).sum())
+        agree += float((lo.argmax(-1) == lc.argmax(-1)).sum())
+        count += int(valid.sum())
+    return {
+        "perplexity": math.exp(nll_c / count),
+        "perplexity_original": math.exp(nll_o / count),
+        "kl_divergence": kl / count,
+        "top1_agreement": agree / count,
+        "n_tokens": count,
+    }

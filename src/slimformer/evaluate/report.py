@@ -1,0 +1,117 @@
+"""Reports: a markdown table and a PNG plot of quality against size for compressed folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimformer.errors import ModelLoadError
+from slimformer.models.loading import MANIFEST_NAME
+
+
+def find_runs(path: Path) -> list[Path]:
+    """The compressed folders at ``path``: itself if it holds a manifest, else its sub-folders."""
+    if (path / MANIFEST_NAME).is_file():
+        return [path]
+    if not path.is_dir():
+        raise ModelLoadError(f"report folder {path} does not exist", "pass a folder written by slimformer compress, or a folder of them")
+    runs = sorted(p for p in path.iterdir() if (p / MANIFEST_NAME).is_file())
+    if not runs:
+        raise ModelLoadError(f"{path} holds no slimformer manifest", "pass a folder written by slimformer compress, or a folder of them")
+    return runs
+
+
+def _fmt(v, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def row_of(name: str, manifest: dict) -> dict:
+    ev = manifest.get("evaluation") or {}
+    q = ev.get("quality") or {}
+    c = ev.get("cost") or {}
+    comp = c.get("compressed") or {}
+    recipe = manifest.get("recipe") or {}
+    return {
+        "name": name,
+        "kind": manifest.get("kind"),
+        "recipe": recipe.get("name", "–"),
+        "mb": comp.get("storage_bytes", 0) / 1e6 if comp else None,
+        "size_ratio": c.get("size_ratio"),
+        "bpw": comp.get("bits_per_weight"),
+        "linear_bpw": comp.get("quantized_linear_bits_per_weight"),
+        "cos_mean": q.get("embedding_cosine_mean"),
+        "cos_min": q.get("embedding_cosine_min"),
+        "agree10": q.get("retrieval_agreement_at_10"),
+        "ppl": q.get("perplexity"),
+        "ppl_orig": q.get("perplexity_original"),
+        "kl": q.get("kl_divergence"),
+        "top1": q.get("top1_agreement"),
+        "speedup": c.get("speedup"),
+        "kernels": ", ".join(f"{k}×{v}" for k, v in sorted((manifest.get("kernels") or {}).items())) or "float",
+    }
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Markdown table of report rows (encoders and causal LMs get their own quality columns)."""
+    lines: list[str] = []
+    enc = [r for r in rows if r["kind"] == "encoder"]
+    dec = [r for r in rows if r["kind"] != "encoder"]
+    if enc:
+        lines += [
+            "| model | recipe | size MB | size ratio | bits/weight | linear bits/weight | cos mean | cos worst | top-10 agreement | speedup | execution |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in enc:
+            lines.append(
+                f"| {r['name']} | {r['recipe']} | {_fmt(r['mb'], '.2f')} | {_fmt(r['size_ratio'], '.3f')} | {_fmt(r['bpw'], '.2f')} | "
+                f"{_fmt(r['linear_bpw'], '.2f')} | {_fmt(r['cos_mean'], '.4f')} | {_fmt(r['cos_min'], '.4f')} | {_fmt(r['agree10'], '.3f')} | "
+                f"{_fmt(r['speedup'], '.2f')}× | {r['kernels']} |"
+            )
+    if dec:
+        if lines:
+            lines.append("")
+        lines += [
+            "| model | recipe | size MB | size ratio | bits/weight | linear bits/weight | perplexity | original ppl | KL | top-1 agreement | speedup | execution |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in dec:
+            lines.append(
+                f"| {r['name']} | {r['recipe']} | {_fmt(r['mb'], '.2f')} | {_fmt(r['size_ratio'], '.3f')} | {_fmt(r['bpw'], '.2f')} | "
+                f"{_fmt(r['linear_bpw'], '.2f')} | {_fmt(r['ppl'], '.3f')} | {_fmt(r['ppl_orig'], '.3f')} | {_fmt(r['kl'], '.4f')} | "
+                f"{_fmt(r['top1'], '.3f')} | {_fmt(r['speedup'], '.2f')}× | {r['kernels']} |"
+            )
+    lines.append("")
+    lines.append(
+        "execution: int8pack / int4pack = packed weights through PyTorch's CPU low-bit matmul kernels; "
+        "dequant = no kernel for this width, weights are dequantized to float32 at load (smaller on disk only); "
+        "gather-dequant = embedding rows dequantized as they are looked up."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(rows: list[dict], path: Path, title: str = "quality against size") -> None:
+    """Scatter of quality (embedding cosine, or perplexity for causal LMs) against size ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    enc = [r for r in rows if r["kind"] == "encoder" and r["size_ratio"] is not None and r["cos_mean"] is not None]
+    dec = [r for r in rows if r["kind"] != "encoder" and r["size_ratio"] is not None and r["ppl"] is not None]
+    panels = [p for p in (("encoder", enc), ("causal-lm", dec)) if p[1]]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)), 4.8), squeeze=False)
+    for ax, (kind, rs) in zip(axes[0], panels):
+        xs = [r["size_ratio"] for r in rs]
+        ys = [r["cos_mean"] if kind == "encoder" else r["ppl"] for r in rs]
+        ax.scatter(xs, ys, c="tab:blue", zorder=3)
+        for r, x, y in zip(rs, xs, ys):
+            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ref = 1.0 if kind == "encoder" else rs[0]["ppl_orig"]
+        ax.scatter([1.0], [ref], marker="*", s=140, c="tab:red", zorder=4, label="original (fp32)")
+        ax.set_xlabel("size on disk / original")
+        ax.set_ylabel("mean embedding cosine to original" if kind == "encoder" else "perplexity (held-out)")
+        ax.set_title(f"{title} ({kind})")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right" if kind == "encoder" else "upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

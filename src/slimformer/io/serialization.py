@@ -1,0 +1,238 @@
+"""Saving and loading compressed models.
+
+A compressed model is a folder:
+
+- ``model.safetensors``: every tensor of the model as stored — packed low-bit codes (a 4-bit
+  weight takes half a byte), bfloat16 scales, uint8 zero points, and the float tensors left as
+  they were. Tensors shared between modules (tied weights) are stored once;
+- ``config.json`` (the transformers config, with the new depth if blocks were dropped) and the
+  tokenizer files;
+- ``manifest.json``: format version, model class, the recipe and what each step did, the layout
+  and execution path (``kernel``) of every quantized module, library versions and the evaluation.
+
+The folder is written under a temporary name beside the target and renamed at the end, so an
+error never leaves a half-written output folder. Loading rebuilds the architecture from the
+config, swaps in the quantized modules and loads the tensors; the loaded model's outputs equal,
+bit for bit, those of the model that was saved.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from slimformer.errors import ModelLoadError, OutputExistsError
+from slimformer.methods.quantization.modules import QuantizedEmbedding, QuantizedLinear, module_from_description
+from slimformer.models.adapters import conv1d_to_linear, set_submodule
+from slimformer.models.loading import MANIFEST_NAME, LoadedModel, check_safetensors_file
+
+FORMAT_NAME = "slimformer"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+
+
+def library_versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    from slimformer import __version__
+
+    return {"slimformer": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "safetensors": safetensors.__version__}
+
+
+def unique_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict without duplicates: ``(tensors, aliases)``, where ``aliases[name] = kept_name``
+    for every tensor that shares its storage, shape and strides with one already kept."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().contiguous()
+    return tensors, aliases
+
+
+def quantized_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+
+
+def kernel_summary(model: torch.nn.Module) -> dict[str, int]:
+    """How many quantized modules run through each execution path."""
+    counts: dict[str, int] = {}
+    for m in quantized_modules(model).values():
+        counts[m.kernel] = counts.get(m.kernel, 0) + 1
+    return counts
+
+
+def build_manifest(loaded: LoadedModel, aliases: dict[str, str], evaluation: dict | None) -> dict[str, Any]:
+    model = loaded.model
+    modules = {n: m.describe() for n, m in quantized_modules(model).items()}
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": loaded.manifest["base_model"] if loaded.manifest else loaded.source,
+        "kind": loaded.kind,
+        "model_class": type(model).__name__,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None) or "sdpa",
+        "pooling": loaded.pooling,
+        "recipe": loaded.recipe,
+        "applied": loaded.applied,
+        "modules": modules,
+        "kernels": kernel_summary(model),
+        "tensor_aliases": aliases,
+        "versions": library_versions(),
+        "evaluation": evaluation,
+    }
+
+
+def prepare_output_dir(out_dir: str | os.PathLike, force: bool) -> Path:
+    """Check that ``out_dir`` may be written (before any work is done)."""
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise OutputExistsError(f"output folder {out} already exists", "choose another --out or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {out} is a file", "choose a folder path for --out")
+    return out
+
+
+def write_atomically(out: Path, force: bool, write) -> Path:
+    """Call ``write(tmp_dir)`` on a temporary folder beside ``out``, then move it into place.
+
+    On any error the temporary folder is removed and ``out`` is left as it was.
+    """
+    prepare_output_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        write(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_compressed(loaded: LoadedModel, out_dir: str | os.PathLike, evaluation: dict | None = None, force: bool = False) -> Path:
+    """Write ``loaded`` as a slimformer folder at ``out_dir`` (see the module docstring)."""
+    out = Path(out_dir)
+
+    def write(tmp: Path) -> None:
+        tensors, aliases = unique_state_dict(loaded.model)
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT_NAME})
+        loaded.model.config.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        manifest = build_manifest(loaded, aliases, evaluation)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=_json_default))
+
+    return write_atomically(out, force, write)
+
+
+def update_manifest(folder: str | os.PathLike, **fields: Any) -> None:
+    """Rewrite fields of a folder's manifest (atomically, via a temporary file)."""
+    path = Path(folder) / MANIFEST_NAME
+    manifest = read_manifest(Path(folder))
+    manifest.update(fields)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (Path,)):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path} is unreadable or not JSON", "re-create the folder with slimformer compress") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ModelLoadError(f"{path} is not a slimformer manifest", "re-create the folder with slimformer compress")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{path} has format version {manifest.get('format_version')!r}, this slimformer reads {FORMAT_VERSION}",
+            "use the slimformer version that wrote it, or re-compress",
+        )
+    return manifest
+
+
+def load_compressed(folder: str | os.PathLike) -> LoadedModel:
+    """Load a folder written by :func:`save_compressed` (also reached through ``slimformer.load``)."""
+    import transformers
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ModelLoadError(f"{folder} has no {WEIGHTS_NAME}", "re-create the folder with slimformer compress")
+    check_safetensors_file(weights)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {folder / 'config.json'}", "re-create the folder with slimformer compress") from exc
+    cls = getattr(transformers, str(manifest.get("model_class")), None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelLoadError(f"{folder}: unknown model class {manifest.get('model_class')!r}", "upgrade transformers or re-compress")
+    model = cls._from_config(config, attn_implementation=manifest.get("attn_implementation") or "sdpa", dtype=torch.float32)
+    model.eval()
+    model.requires_grad_(False)
+    conv1d_to_linear(model)
+    for name, desc in manifest["modules"].items():
+        set_submodule(model, name, module_from_description(desc))
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelLoadError(f"{weights} is corrupt ({type(exc).__name__})", "re-create the folder with slimformer compress") from exc
+    for alias, kept in manifest.get("tensor_aliases", {}).items():
+        if kept in state:
+            state[alias] = state[kept]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelLoadError(f"{weights} does not match its manifest ({first})", "re-create the folder with slimformer compress") from exc
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer saved in {folder}", "re-create the folder with slimformer compress") from exc
+    tokenizer.padding_side = "right"
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        kind=manifest["kind"],
+        source=str(folder),
+        pooling=manifest.get("pooling", "mean"),
+        manifest=manifest,
+        applied=list(manifest.get("applied") or []),
+        recipe=manifest.get("recipe"),
+    )

@@ -1,0 +1,26 @@
+"""All compression methods. Importing this package registers every method.
+
+To add a method: write its file (config dataclass + ``@register_method`` transform), import it
+here, add it to ``tests/methods_under_test.py`` and to the README's methods table.
+"""
+
+from slimformer.methods.base import MethodConfig, apply_method, method_from_dict, register_method, registered_methods
+from slimformer.methods.calibration import CalibrationSettings, CompressionContext
+from slimformer.methods.quantization import GPTQConfig, RTNConfig
+from slimformer.methods.pruning import MagnitudeConfig, WandaConfig
+from slimformer.methods.structure import ShortGPTConfig
+
+__all__ = [
+    "CalibrationSettings",
+    "CompressionContext",
+    "GPTQConfig",
+    "MagnitudeConfig",
+    "MethodConfig",
+    "RTNConfig",
+    "ShortGPTConfig",
+    "WandaConfig",
+    "apply_method",
+    "method_from_dict",
+    "register_method",
+    "registered_methods",
+]

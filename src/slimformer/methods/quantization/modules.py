@@ -1,0 +1,281 @@
+"""Modules that hold quantized weights in their packed form and compute with them.
+
+``QuantizedLinear`` stores ``qweight`` (out, ceil(in*bits/8)) uint8, ``scales`` (out, groups)
+bfloat16, ``zeros`` (out, groups) uint8 (asymmetric only) and an optional float32 ``bias``. These
+buffers are exactly what is saved. At construction (and after loading) it prepares the run-time
+form for one of three execution paths, recorded in ``kernel``:
+
+- ``int8pack``: 8-bit per-channel weights through ``torch._weight_int8pack_mm`` (bfloat16
+  activations; an asymmetric zero point is applied as a rank-1 correction);
+- ``int4pack``: 4-bit group-wise weights through ``torch.ops.aten._weight_int4pack_mm_for_cpu``
+  (bfloat16 activations; group size 32/64/128/256, ``out`` divisible by 16);
+- ``dequant``: every other width or layout; the float32 weight is rebuilt once at load and a
+  normal ``F.linear`` runs (reported as such: the memory saving is then on disk only).
+
+``QuantizedEmbedding`` stores the table row-wise packed and dequantizes only the gathered rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimformer.methods.quantization import grid
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+KERNELS = ("int8pack", "int4pack", "dequant")
+
+
+def _has_op(name: str) -> bool:
+    if name == "int8pack":
+        return hasattr(torch, "_weight_int8pack_mm")
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+def choose_kernel(bits: int, group_size: int | None, in_features: int, out_features: int) -> str:
+    """The fastest path that exists for this layout on this PyTorch (see module docstring)."""
+    if bits == 8 and group_size is None and in_features % 16 == 0 and _has_op("int8pack"):
+        return "int8pack"
+    gs = in_features if group_size is None else group_size
+    if bits == 4 and gs in INT4_GROUP_SIZES and in_features % gs == 0 and out_features % 16 == 0 and _has_op("int4pack"):
+        return "int4pack"
+    return "dequant"
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer ``y = x W^T + b`` whose ``W`` (out, in) is stored as packed ``bits``-bit codes.
+
+    Input ``x`` (..., in_features) of any float dtype; output (..., out_features) in ``x.dtype``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int | None,
+        symmetric: bool,
+        bias: bool,
+        kernel: str | None = None,
+    ) -> None:
+        super().__init__()
+        if group_size is not None and in_features % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.kernel = kernel or choose_kernel(bits, group_size, in_features, out_features)
+        groups = grid.num_groups(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(out_features, grid.packed_row_bytes(in_features, bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.bfloat16))
+        if symmetric:
+            self.zeros = None
+        else:
+            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
+        else:
+            self.bias = None
+        self._runtime: dict[str, torch.Tensor] = {}
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.prepare())
+
+    # ----- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bits: int,
+        group_size: int | None,
+        symmetric: bool,
+        bias: torch.Tensor | None,
+    ) -> "QuantizedLinear":
+        """Build from codes (out, in) uint8, ``scale``/``zero`` (out, groups) and ``bias`` (out,)."""
+        out_features, in_features = codes.shape
+        module = cls(in_features, out_features, bits, group_size, symmetric, bias is not None)
+        module.qweight.copy_(grid.pack_codes(codes, bits))
+        module.scales.copy_(scale.to(torch.bfloat16))
+        if not symmetric:
+            module.zeros.copy_(zero.to(torch.uint8))
+        if bias is not None:
+            module.bias.copy_(bias.detach().float())
+        module.prepare()
+        return module
+
+    def zero_points(self) -> torch.Tensor:
+        """Zero points (out, groups) as float32 (the implicit ``2**(bits-1)`` when symmetric)."""
+        if self.zeros is None:
+            return torch.full(self.scales.shape, float(2 ** (self.bits - 1)))
+        return self.zeros.float()
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes (out, in) uint8."""
+        return grid.unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight (out, in) the codes stand for."""
+        return grid.dequantize_codes(self.codes(), self.scales.float(), self.zero_points())
+
+    # ----- run-time form -----------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Build the run-time tensors of ``self.kernel`` from the stored buffers."""
+        rt: dict[str, torch.Tensor] = {}
+        if self.kernel == "int8pack":
+            codes = self.codes().to(torch.int16)
+            rt["w_int8"] = (codes - 128).to(torch.int8).contiguous()
+            rt["scales"] = self.scales[:, 0].contiguous()
+            if not self.symmetric:
+                # w = (q - zp) s = (q_int8 + 128 - zp) s: the kernel applies q_int8 * s, the rest is rank 1.
+                rt["offset"] = ((128.0 - self.zero_points()[:, 0]) * self.scales[:, 0].float()).contiguous()
+        elif self.kernel == "int4pack":
+            codes = self.codes().to(torch.int32)
+            rt["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+            scale = self.scales.float()
+            # Kernel convention: w = (q - 8) * scale + z, i.e. z = (8 - zp) * scale.
+            z = (8.0 - self.zero_points()) * scale
+            rt["scales_and_zeros"] = torch.stack([scale, z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        elif self.kernel == "dequant":
+            rt["weight"] = self.dequantized_weight()
+        else:
+            raise ValueError(f"unknown kernel {self.kernel!r}; choose from {KERNELS}")
+        self._runtime = rt
+
+    def runtime_nbytes(self) -> int:
+        """Bytes of the run-time tensors (in addition to the stored buffers)."""
+        return sum(t.numel() * t.element_size() for t in self._runtime.values())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rt = self._runtime
+        if self.kernel == "dequant":
+            return F.linear(x, rt["weight"].to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.kernel == "int8pack":
+            y = torch._weight_int8pack_mm(x2, rt["w_int8"], rt["scales"]).float()
+            if "offset" in rt:
+                y = y + x2.float().sum(-1, keepdim=True) * rt["offset"]
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, rt["packed"], grid.effective_group_size(self.in_features, self.group_size), rt["scales_and_zeros"]
+            ).float()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, symmetric={self.symmetric}, kernel={self.kernel}"
+        )
+
+    def describe(self) -> dict:
+        """The manifest entry that lets a loader rebuild this module."""
+        return {
+            "type": "QuantizedLinear",
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "bias": self.bias is not None,
+            "kernel": self.kernel,
+        }
+
+
+class QuantizedEmbedding(nn.Module):
+    """A token-embedding table (num_embeddings, dim) stored row-wise as packed ``bits``-bit codes.
+
+    Input ids (...,) int64; output (..., dim) float32. Only the gathered rows are dequantized.
+    """
+
+    kernel = "gather-dequant"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int | None, symmetric: bool, padding_idx: int | None = None) -> None:
+        super().__init__()
+        if group_size is not None and embedding_dim % group_size:
+            raise ValueError(f"group_size {group_size} does not divide embedding_dim {embedding_dim}")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self.padding_idx = padding_idx
+        groups = grid.num_groups(embedding_dim, group_size)
+        self.register_buffer("qweight", torch.zeros(num_embeddings, grid.packed_row_bytes(embedding_dim, bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(num_embeddings, groups, dtype=torch.bfloat16))
+        if symmetric:
+            self.zeros = None
+        else:
+            self.register_buffer("zeros", torch.zeros(num_embeddings, groups, dtype=torch.uint8))
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, padding_idx: int | None = None) -> "QuantizedEmbedding":
+        """Build from codes (num_embeddings, dim) uint8 and ``scale``/``zero`` (num_embeddings, groups)."""
+        n, d = codes.shape
+        module = cls(n, d, bits, group_size, symmetric, padding_idx)
+        module.qweight.copy_(grid.pack_codes(codes, bits))
+        module.scales.copy_(scale.to(torch.bfloat16))
+        if not symmetric:
+            module.zeros.copy_(zero.to(torch.uint8))
+        return module
+
+    def zero_points(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        scales = self.scales if rows is None else self.scales[rows]
+        if self.zeros is None:
+            return torch.full(scales.shape, float(2 ** (self.bits - 1)))
+        return (self.zeros if rows is None else self.zeros[rows]).float()
+
+    def dequantized_weight(self) -> torch.Tensor:
+        codes = grid.unpack_codes(self.qweight, self.bits, self.embedding_dim)
+        return grid.dequantize_codes(codes, self.scales.float(), self.zero_points())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized table (num_embeddings, dim), for code that reads ``.weight`` (e.g. shapes)."""
+        return self.dequantized_weight()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        flat = input_ids.reshape(-1)
+        codes = grid.unpack_codes(self.qweight[flat], self.bits, self.embedding_dim)
+        rows = grid.dequantize_codes(codes, self.scales[flat].float(), self.zero_points(flat))
+        return rows.reshape(*input_ids.shape, self.embedding_dim)
+
+    def runtime_nbytes(self) -> int:
+        return 0
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
+
+    def describe(self) -> dict:
+        return {
+            "type": "QuantizedEmbedding",
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "padding_idx": self.padding_idx,
+            "kernel": self.kernel,
+        }
+
+
+def module_from_description(desc: dict) -> nn.Module:
+    """An empty quantized module from its manifest entry (buffers are then loaded).
+
+    The execution path is chosen again for this machine's PyTorch, not copied from the entry.
+    """
+    if desc["type"] == "QuantizedLinear":
+        return QuantizedLinear(
+            desc["in_features"], desc["out_features"], desc["bits"], desc["group_size"], desc["symmetric"], desc["bias"]
+        )
+    if desc["type"] == "QuantizedEmbedding":
+        return QuantizedEmbedding(
+            desc["num_embeddings"], desc["embedding_dim"], desc["bits"], desc["group_size"], desc["symmetric"], desc.get("padding_idx")
+        )
+    raise ValueError(f"unknown quantized module type {desc['type']!r}")

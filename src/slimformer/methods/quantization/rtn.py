@@ -1,0 +1,69 @@
+"""Round-to-nearest (RTN) weight quantization.
+
+Uniform integer grids, symmetric or asymmetric, per output channel or in groups of input
+columns (as in FineQuant, Kim et al. 2023, "FineQuant: Unlocking Efficiency with Fine-Grained
+Weight-Only Quantization for LLMs"). The token-embedding table is quantized row-wise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from slimformer.errors import ConfigError
+from slimformer.methods.base import MethodConfig, ModuleSelection, register_method
+from slimformer.methods.quantization import grid
+from slimformer.methods.quantization.modules import QuantizedEmbedding, QuantizedLinear
+from slimformer.methods.selection import check_group_size, select_modules
+from slimformer.models.adapters import set_submodule
+
+
+@dataclass
+class WeightQuantConfig(MethodConfig, ModuleSelection):
+    """Shared settings of uniform weight quantizers: ``bits`` (2, 3, 4 or 8), ``group_size``
+    (columns per scale; ``None`` = one scale per output channel / embedding row) and
+    ``symmetric`` (zero point fixed at the middle of the grid)."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        self._validate_selection()
+        if isinstance(self.bits, bool) or self.bits not in grid.SUPPORTED_BITS:
+            raise ConfigError(f"{self.name}: bits={self.bits!r} is not supported", f"use bits in {list(grid.SUPPORTED_BITS)}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise ConfigError(f"{self.name}: group_size={self.group_size!r} must be a positive integer or null", "use e.g. group_size: 128, or null for per-channel")
+
+
+@dataclass
+class RTNConfig(WeightQuantConfig):
+    """Round-to-nearest quantization (FineQuant-style per-channel or group-wise grids)."""
+
+    name = "rtn"
+    family = "quantization"
+    paper = "FineQuant: Unlocking Efficiency with Fine-Grained Weight-Only Quantization for LLMs (Kim et al., 2023)"
+    summary = "round-to-nearest integer weights, 8/4/3/2 bits, per-channel or group-wise; embeddings row-wise"
+
+
+def quantize_module_rtn(module: nn.Module, bits: int, group_size: int | None, symmetric: bool) -> nn.Module:
+    """The quantized replacement of an ``nn.Linear`` or ``nn.Embedding`` by round-to-nearest."""
+    w = module.weight.detach().float()
+    scale, zero = grid.grid_params(w, bits, group_size, symmetric)
+    codes = grid.quantize_codes(w, scale, zero, bits)
+    if isinstance(module, nn.Embedding):
+        return QuantizedEmbedding.from_codes(codes, scale, zero, bits, group_size, symmetric, module.padding_idx)
+    return QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, module.bias)
+
+
+@register_method(RTNConfig)
+def apply_rtn(loaded, config: RTNConfig, ctx) -> dict:
+    modules = select_modules(loaded, config)
+    check_group_size(config.name, modules, config.group_size)
+    kernels: dict[str, str] = {}
+    for name, module in modules.items():
+        new = quantize_module_rtn(module, config.bits, config.group_size, config.symmetric)
+        set_submodule(loaded.model, name, new)
+        kernels[name] = new.kernel
+    return {"modules": sorted(modules), "kernels": kernels}
