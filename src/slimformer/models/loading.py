@@ -81,7 +81,7 @@ def check_safetensors_file(path: Path) -> None:
     except ModelLoadError:
         raise
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not a readable safetensors file ({type(exc).__name__})", fix) from exc
+        raise ModelLoadError(f"{path} is corrupt or not a safetensors file ({type(exc).__name__})", fix) from exc
     if not isinstance(header, dict):
         raise ModelLoadError(f"{path} is corrupt (safetensors header is not a mapping)", fix)
     end = 0

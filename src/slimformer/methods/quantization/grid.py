@@ -8,8 +8,9 @@ Conventions used everywhere in slimformer:
   ``[0, 2**bits - 1]`` and dequantize to ``(code - zero) * scale``;
 - symmetric grids have ``zero = 2**(bits-1)`` and ``scale = absmax / (2**(bits-1) - 1)``;
   asymmetric grids use an integer zero point so that 0.0 is exactly representable;
-- scales are rounded to bfloat16 before codes are computed, because bfloat16 is what is stored
-  and what the CPU low-bit kernels consume, so the stored grid is the grid that was optimised.
+- scales are rounded up to bfloat16 before codes are computed, because bfloat16 is what is
+  stored and what the CPU low-bit kernels consume: the stored grid is the grid that was
+  optimised, and rounding up keeps the whole range representable (error within one step).
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ def effective_group_size(cols: int, group_size: int | None) -> int:
     return cols if group_size is None else group_size
 
 
+def round_up_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 values >= ``x`` (positive float32), returned as float32."""
+    down = x.to(torch.bfloat16)
+    up = torch.nextafter(down.float().to(torch.bfloat16), torch.tensor(float("inf"), dtype=torch.bfloat16))
+    return torch.where(down.float() >= x, down.float(), up.float())
+
+
 def grid_params(
     w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, shrink: torch.Tensor | float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,14 +53,14 @@ def grid_params(
         absmax = wg.abs().amax(-1) * shrink
         scale = absmax / (half - 1)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        scale = scale.to(torch.bfloat16).float()
+        scale = round_up_to_bfloat16(scale)
         zero = torch.full_like(scale, float(half))
         return scale, zero
     lo = wg.amin(-1).clamp(max=0) * shrink
     hi = wg.amax(-1).clamp(min=0) * shrink
     scale = (hi - lo) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scale = scale.to(torch.bfloat16).float()
+    scale = round_up_to_bfloat16(scale)
     zero = torch.round(-lo / scale).clamp(0, qmax)
     return scale, zero
 

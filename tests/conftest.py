@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny models of every architecture (built once per session, copied per test),
+the real MiniLM, a tiny model saved as a Hugging Face folder, and a CLI runner."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from slimformer.methods import CalibrationSettings  # noqa: E402
+from slimformer.models.tiny import TINY_FAMILIES, tiny_model  # noqa: E402
+
+FAST_CALIBRATION = {"n_samples": 16, "max_length": 48, "batch_size": 8}
+
+
+@pytest.fixture(scope="session")
+def _tiny_models():
+    torch.manual_seed(0)
+    return {f: tiny_model(f) for f in TINY_FAMILIES}
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def tiny(request, _tiny_models):
+    """A fresh copy of a tiny random model, once per supported family."""
+    return copy.deepcopy(_tiny_models[request.param])
+
+
+@pytest.fixture
+def tiny_factory(_tiny_models):
+    return lambda family: copy.deepcopy(_tiny_models[family])
+
+
+@pytest.fixture(scope="session")
+def fast_calibration():
+    return CalibrationSettings(**FAST_CALIBRATION)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, _tiny_models):
+    """A tiny BERT saved as an ordinary Hugging Face folder (config, safetensors, tokenizer)."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    loaded = _tiny_models["bert"]
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from slimformer.models import load_model
+
+    return load_model()
+
+
+def sample_batch(loaded, texts=("def foo(x): return x + 1", "A short docstring.\n\nWith a second paragraph about nothing.")):
+    batch = dict(loaded.tokenizer(list(texts), padding=True, return_tensors="pt"))
+    batch.pop("token_type_ids", None)
+    return batch
+
+
+def model_output(loaded, batch) -> torch.Tensor:
+    with torch.no_grad():
+        out = loaded.model(**batch)
+    return out.last_hidden_state if loaded.kind == "encoder" else out.logits
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the CLI in-process: returns (exit code, stdout, stderr)."""
+    from slimformer.cli import main
+
+    def run(*args: str):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

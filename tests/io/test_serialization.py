@@ -1,0 +1,94 @@
+"""Compressed folders: really smaller, bit-exact round trips, corrupt files rejected."""
+
+import json
+
+import pytest
+import torch
+from conftest import model_output, sample_batch
+
+import slimformer
+from slimformer.compress import compress
+from slimformer.errors import ModelLoadError, OutputExistsError
+from slimformer.io import load_compressed, save_compressed
+from slimformer.methods import GPTQConfig, RTNConfig, ShortGPTConfig
+from slimformer.methods.quantization import QuantizedLinear
+from slimformer.recipe import Recipe
+
+
+def _compressed(tiny, calibration):
+    recipe = Recipe(
+        steps=[ShortGPTConfig(num_layers=1), GPTQConfig(bits=4, group_size=32), RTNConfig(bits=8, group_size=None, symmetric=True, targets=("embedding",))],
+        calibration=calibration,
+    )
+    return compress(tiny, recipe)
+
+
+def test_round_trip_is_bit_exact_and_keeps_the_manifest(tiny, fast_calibration, tmp_path):
+    model = _compressed(tiny, fast_calibration)
+    batch = sample_batch(model)
+    before = model_output(model, batch)
+    folder = save_compressed(model, tmp_path / "m", evaluation={"quality": {"x": 1.0}})
+    loaded = slimformer.load(folder)
+    assert torch.equal(model_output(loaded, batch), before)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["recipe"]["steps"][1]["method"] == "gptq"
+    assert manifest["evaluation"] == {"quality": {"x": 1.0}}
+    assert set(manifest["versions"]) >= {"slimformer", "torch", "transformers", "safetensors"}
+    assert all(desc["bits"] in (4, 8) for desc in manifest["modules"].values())
+    assert loaded.applied[0]["dropped_layers"] == model.applied[0]["dropped_layers"]
+
+
+def test_four_bit_weights_take_half_a_byte_on_disk(tiny_factory, tmp_path):
+    model = tiny_factory("llama")
+    compress(model, Recipe(steps=[RTNConfig(bits=4, group_size=32)]))
+    folder = save_compressed(model, tmp_path / "m")
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        for name, module in model.model.named_modules():
+            if isinstance(module, QuantizedLinear):
+                q = f.get_tensor(f"{name}.qweight")
+                assert q.dtype == torch.uint8
+                assert q.numel() * 2 == module.in_features * module.out_features
+                assert f.get_tensor(f"{name}.scales").numel() == module.out_features * module.in_features // 32
+
+
+def test_output_folder_is_never_half_written(tiny_factory, tmp_path, monkeypatch):
+    model = tiny_factory("bert")
+    out = tmp_path / "out"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("slimformer.io.serialization.save_file", boom)
+    with pytest.raises(RuntimeError):
+        save_compressed(model, out)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(tiny_factory, tmp_path):
+    model = tiny_factory("bert")
+    out = save_compressed(model, tmp_path / "out")
+    with pytest.raises(OutputExistsError):
+        save_compressed(model, out)
+    save_compressed(model, out, force=True)
+    assert (out / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_or_truncated_weights_are_rejected(tiny_factory, tmp_path, damage):
+    model = tiny_factory("gpt2")
+    folder = save_compressed(model, tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\xff" * 64 + data[64:])
+    else:
+        weights.write_bytes(b"")
+    with pytest.raises(ModelLoadError) as info:
+        load_compressed(folder)
+    assert "model.safetensors" in str(info.value) and "\n" not in str(info.value)

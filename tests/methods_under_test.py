@@ -1,0 +1,23 @@
+"""The one list of every method, with easy and hard settings, that drives the shared tests.
+
+Adding a method: add its settings here (and a behaviour check in test_every_method.py if its
+family is new)."""
+
+import pytest
+
+METHODS = [
+    pytest.param({"method": "rtn", "bits": 8, "group_size": None, "symmetric": True}, id="rtn-w8-perchannel-sym"),
+    pytest.param({"method": "rtn", "bits": 4, "group_size": 32}, id="rtn-w4-g32-asym"),
+    pytest.param({"method": "rtn", "bits": 3, "group_size": 32, "targets": ["linear", "embedding"]}, id="rtn-w3-g32-with-embedding"),
+    pytest.param({"method": "rtn", "bits": 2, "group_size": None, "symmetric": True}, id="rtn-w2-perchannel-sym"),
+    pytest.param({"method": "rtn", "bits": 8, "group_size": None, "symmetric": True, "targets": ["embedding", "head"]}, id="rtn-w8-embedding-head"),
+    pytest.param({"method": "gptq", "bits": 4, "group_size": 32, "act_order": True}, id="gptq-w4-g32-actorder"),
+    pytest.param({"method": "gptq", "bits": 3, "group_size": None, "act_order": False}, id="gptq-w3-perchannel"),
+    pytest.param({"method": "gptq", "bits": 2, "group_size": 32, "act_order": False}, id="gptq-w2-g32"),
+    pytest.param({"method": "magnitude", "sparsity": 0.5}, id="magnitude-50"),
+    pytest.param({"method": "magnitude", "pattern": "2:4"}, id="magnitude-2of4"),
+    pytest.param({"method": "wanda", "sparsity": 0.3}, id="wanda-30"),
+    pytest.param({"method": "wanda", "pattern": "4:8"}, id="wanda-4of8"),
+    pytest.param({"method": "shortgpt", "num_layers": 1}, id="shortgpt-drop1"),
+    pytest.param({"method": "shortgpt", "layers": [0, 2]}, id="shortgpt-drop-0-2"),
+]

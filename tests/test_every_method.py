@@ -1,0 +1,95 @@
+"""Every method on every tiny architecture, from the one shared list: each run asserts the
+method's behaviour (quantized layers and their error bound, measured sparsity and N:M masks,
+dropped blocks gone) and a bit-exact save/load round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import model_output, sample_batch
+from methods_under_test import METHODS
+from torch import nn
+
+from slimformer.compress import compress
+from slimformer.io import load_compressed, save_compressed
+from slimformer.methods import method_from_dict
+from slimformer.methods.quantization import QuantizedEmbedding, QuantizedLinear
+from slimformer.recipe import Recipe
+
+
+def _weights(loaded) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach().clone() for n, m in loaded.model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+
+
+def _check_quantized(loaded, record, config, before):
+    assert record["modules"], "a quantization step must quantize something"
+    for name in record["modules"]:
+        module = loaded.model.get_submodule(name)
+        assert isinstance(module, (QuantizedLinear, QuantizedEmbedding))
+        assert module.bits == config.bits
+        # Stored codes really take `bits` bits each (plus row padding to whole bytes).
+        cols = module.qweight.shape[1]
+        width = module.in_features if isinstance(module, QuantizedLinear) else module.embedding_dim
+        assert cols == -(-width * config.bits // 8)
+        w = before[name]
+        deq = module.dequantized_weight()
+        assert deq.shape == w.shape
+        if config.name == "rtn":
+            g = width if config.group_size is None else config.group_size
+            step = module.scales.float().repeat_interleave(g, dim=1)
+            bound = step * (0.5 if config.symmetric else 1.0) * (1 + 1e-3) + 1e-7
+            assert torch.all((w - deq).abs() <= bound), f"{name}: RTN error exceeds its step size"
+        else:
+            rel = ((w - deq).norm() / w.norm()).item()
+            assert rel < 0.9, f"{name}: GPTQ relative weight error {rel:.2f}"
+
+
+def _check_pruned(loaded, record, config):
+    assert record["modules"]
+    for name in record["modules"]:
+        w = loaded.model.get_submodule(name).weight.detach()
+        measured = (w == 0).float().mean().item()
+        assert abs(measured - config.sparsity) <= 1.0 / w.shape[1] + 1e-6, f"{name}: sparsity {measured} != {config.sparsity}"
+        if config.pattern is not None:
+            n, m = config.nm
+            nonzero = (w.reshape(w.shape[0], -1, m) != 0).sum(-1)
+            assert torch.all(nonzero == n), f"{name}: not exactly {n}:{m}"
+
+
+@pytest.mark.parametrize("step", METHODS)
+def test_every_method_on_every_architecture(tiny, step, fast_calibration, tmp_path):
+    config = method_from_dict(step)
+    before = _weights(tiny)
+    blocks_before = list(tiny.adapter.blocks())
+    batch = sample_batch(tiny)
+    reference = model_output(tiny, batch)
+
+    compress(tiny, Recipe(steps=[config], calibration=fast_calibration))
+    record = tiny.applied[-1]
+
+    if config.family == "quantization":
+        _check_quantized(tiny, record, config, before)
+    elif config.family == "pruning":
+        _check_pruned(tiny, record, config)
+    elif config.family == "structure":
+        blocks_after = list(tiny.adapter.blocks())
+        assert len(blocks_after) == len(blocks_before) - config.num_layers
+        kept = [b for i, b in enumerate(blocks_before) if i not in record["dropped_layers"]]
+        assert all(a is b for a, b in zip(blocks_after, kept)), "the kept blocks must be the original ones, in order"
+        for dropped in record["dropped_layers"]:
+            assert all(blocks_before[dropped] is not m for m in tiny.model.modules()), "a dropped block is still in the tree"
+        for new_index, block in enumerate(blocks_after):
+            for m in block.modules():
+                if hasattr(m, "layer_idx"):
+                    assert m.layer_idx == new_index
+    else:  # pragma: no cover - a new family must add its check
+        pytest.fail(f"no behaviour check for family {config.family}")
+
+    output = model_output(tiny, batch)
+    assert torch.isfinite(output).all()
+    assert output.shape == reference.shape
+
+    folder = save_compressed(tiny, tmp_path / "out")
+    again = load_compressed(folder)
+    assert torch.equal(model_output(again, batch), output), "save/load must be bit-exact"
+    assert again.adapter.num_layers() == tiny.adapter.num_layers()
