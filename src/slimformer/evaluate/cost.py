@@ -18,13 +18,14 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from slimformer.io.serialization import quantized_modules, unique_state_dict
+from slimformer.io.serialization import SAFETENSORS_METADATA, quantized_modules, unique_state_dict
 
 
 def storage_bytes(model: nn.Module) -> int:
-    """Bytes of the model's weights serialized as safetensors (tied tensors once)."""
+    """Bytes of the model's weights serialized as safetensors (tied tensors once): exactly the
+    size of the ``model.safetensors`` that ``save_compressed`` writes."""
     tensors, _ = unique_state_dict(model)
-    return len(safetensors_bytes(tensors))
+    return len(safetensors_bytes(tensors, metadata=SAFETENSORS_METADATA))
 
 
 def logical_parameters(model: nn.Module) -> int:

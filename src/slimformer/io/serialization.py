@@ -37,6 +37,7 @@ from slimformer.models.loading import MANIFEST_NAME, LoadedModel, check_safetens
 FORMAT_NAME = "slimformer"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
+SAFETENSORS_METADATA = {"format": "pt", "producer": FORMAT_NAME}
 
 
 def library_versions() -> dict[str, str]:
@@ -121,6 +122,9 @@ def write_atomically(out: Path, force: bool, write) -> Path:
     os.chmod(tmp, 0o777 & ~umask)
     try:
         write(tmp)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                os.chmod(path, 0o666 & ~umask)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -140,7 +144,7 @@ def save_compressed(loaded: LoadedModel, out_dir: str | os.PathLike, evaluation:
 
     def write(tmp: Path) -> None:
         tensors, aliases = unique_state_dict(loaded.model)
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": FORMAT_NAME})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=SAFETENSORS_METADATA)
         loaded.model.config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
