@@ -10,8 +10,9 @@ Writes ``benchmarks/results/compression_methods.{md,json,png}`` (``--quick``: a 
 test with a smaller evaluation, written to ``compression_methods_quick.{md,json,png}`` so it
 never overwrites the full table).
 
-    python benchmarks/compression_methods.py            # full run (~10 minutes on 2 cores)
-    python benchmarks/compression_methods.py --quick    # smoke test (~1 minute)
+    python benchmarks/compression_methods.py            # full run (10-20 minutes on 2 busy cores)
+    python benchmarks/compression_methods.py --quick    # smoke test (1-3 minutes)
+    python benchmarks/compression_methods.py --replot   # redo .md/.png from the .json only
 """
 
 from __future__ import annotations
@@ -131,12 +132,17 @@ def round_trip_batch(tokenizer) -> dict:
 
 @torch.no_grad()
 def hidden(loaded, batch: dict) -> torch.Tensor:
+    """The model's output on ``batch``: last hidden state (encoders) or logits (causal LMs)."""
+    if loaded.kind == "causal-lm":
+        return loaded.model(**batch, use_cache=False).logits
     return loaded.model(**batch).last_hidden_state
 
 
-def run_setting(original, name: str, family: str, steps: list[dict], settings: EvalSettings, rt_batch: dict) -> dict:
+def run_setting(original, name: str, family: str, steps: list[dict], settings: EvalSettings, rt_batch: dict,
+                calibration: dict | None = None, cache: dict | None = None) -> dict:
     recipe = Recipe.from_dict(
-        {"slimformer_recipe": 1, "name": slug(name), "steps": steps, "calibration": dict(CALIBRATION)}, origin=f"setting {name!r}"
+        {"slimformer_recipe": 1, "name": slug(name), "steps": steps, "calibration": dict(calibration or CALIBRATION)},
+        origin=f"setting {name!r}",
     )
     model = copy.deepcopy(original)
     t0 = time.perf_counter()
@@ -144,7 +150,7 @@ def run_setting(original, name: str, family: str, steps: list[dict], settings: E
     compress_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result = evaluate(original, model, settings)
+    result = evaluate(original, model, settings, cache=cache)
     eval_s = time.perf_counter() - t0
 
     original_bytes = result["cost"]["original"]["storage_bytes"]
@@ -239,7 +245,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"- **Model**: {MODEL_LABEL}, {orig.get('parameters', '?'):,} weights, "
         f"{orig.get('storage_bytes', 0) / 1e6:.2f} MB as fp32 safetensors.",
         f"- **Machine**: {meta['machine']['cpu_count']} CPU cores ({meta['machine']['cpu_model']}), "
-        f"torch {meta['versions']['torch']} with {meta['machine']['torch_threads']} threads, "
+        f"torch {meta['versions']['torch']} with {meta['machine']['torch_threads']} threads"
+        f"{' (' + meta['machine']['torch_cpu_capability'] + ' kernels)' if meta['machine'].get('torch_cpu_capability') else ''}, "
         f"transformers {meta['versions']['transformers']}, Python {meta['versions']['python']}.",
         f"- **Evaluation**: held-out split of the Python standard library docstrings (`{s['source']}`, never used for "
         f"calibration), {s['n_texts']} texts of up to {s['max_length']} tokens, the first {s['n_queries']} turned into "
@@ -262,6 +269,17 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "they are looked up; `float` = ordinary float32 layers.",
         "- **Round-trip bit-exact**: the folder was loaded back with `load_compressed` and its `last_hidden_state` on "
         "a 4-text batch compared with the in-memory compressed model's with `torch.equal`.",
+    ]
+    lat = [r["evaluation"]["cost"]["original"]["latency_s"] for r in rows if "error" not in r]
+    if lat and max(lat) / min(lat) > 1.3:
+        lines.append(
+            f"- **Latency noise**: the machine's speed drifted during the run — the fp32 original's median latency on the "
+            f"same batch ranged from {min(lat):.2f} s to {max(lat):.2f} s between settings ({max(lat) / min(lat):.1f}×). "
+            "Original and compressed are interleaved, but a drift inside one `evaluate` call still skews its speedup by "
+            "tens of percent, so the speedup column is indicative only (the per-setting latencies are in the JSON); "
+            "compress seconds drift alike."
+        )
+    lines += [
         f"- Run {meta['started']} (UTC), {meta['total_seconds'] / 60:.1f} minutes in all"
         + (" — **quick smoke test** (reduced evaluation, 3 settings)." if meta["quick"] else "."),
         "",
@@ -278,32 +296,78 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _place_labels(ax, points: list[tuple[float, float, str]], fontsize: float) -> None:
+    """Label each point just right of it, pushing labels down (in display space) until no two
+    labels overlap; a moved label gets a thin leader line to its point."""
+    fig = ax.figure
+    to_pt = 72.0 / fig.dpi
+    line_h = fontsize * 1.35
+    placed: list[tuple[float, float, float]] = []  # (x_left, y, width) in points
+    for x, y, text in sorted(points, key=lambda p: -p[1]):
+        px, py = (v * to_pt for v in ax.transData.transform((x, y)))
+        width = 0.56 * fontsize * len(text)
+        ly = py
+        while any(abs(ly - oy) < line_h and px < ox + ow + 4 and ox < px + width + 4 for ox, oy, ow in placed):
+            ly -= line_h / 2
+        placed.append((px, ly, width))
+        moved = abs(ly - py) > 1.5
+        ax.annotate(
+            text, (x, y), textcoords="offset points", xytext=(5, ly - py - fontsize * 0.35), fontsize=fontsize,
+            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5", "shrinkA": 0, "shrinkB": 2} if moved else None,
+        )
+
+
 def plot(rows: list[dict], path: Path, quick: bool) -> None:
+    """Mean embedding cosine against size ratio, one point per setting, coloured by family; the
+    right panel zooms into the crowded low-bit quantization corner."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     ok = [r for r in rows if "error" not in r]
-    fig, ax = plt.subplots(figsize=(12, 7))
-    seen: set[str] = set()
-    for r in ok:
-        x = r["disk"]["size_ratio"]
-        y = r["evaluation"]["quality"]["embedding_cosine_mean"]
-        fam = r["family"]
-        ax.scatter([x], [y], c=FAMILY_COLORS.get(fam, "tab:gray"), s=36, zorder=3, label=None if fam in seen else fam)
-        seen.add(fam)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 3), fontsize=6.5)
-    ax.scatter([1.0], [1.0], marker="*", s=220, c="tab:red", zorder=4, label="fp32 original")
-    ax.set_xlabel("size on disk / fp32 original (model.safetensors bytes)")
-    ax.set_ylabel("mean embedding cosine to the fp32 original (held-out)")
-    ax.set_title("all-MiniLM-L6-v2: quality against size, one point per setting" + (" (quick smoke test)" if quick else ""))
-    ax.set_xlim(0, 1.15)
-    ys = [r["evaluation"]["quality"]["embedding_cosine_mean"] for r in ok] + [1.0]
-    ax.set_ylim(min(ys) - 0.03, 1.015)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0)
+    pts = [(r["disk"]["size_ratio"], r["evaluation"]["quality"]["embedding_cosine_mean"], r["name"], r["family"]) for r in ok]
+    # Zoom box: the quantized points (size ratio < 0.5) with high cosine, if there are several.
+    zoom = [p for p in pts if p[0] < 0.5 and p[1] >= 0.9]
+    box = None
+    if len(zoom) >= 3:
+        x0, x1 = min(p[0] for p in zoom), max(p[0] for p in zoom)
+        y0 = min(p[1] for p in zoom)
+        pad = 0.1 * (x1 - x0) + 0.005
+        box = (x0 - pad, x1 + 4 * pad, y0 - 0.01, 1.004)
+    fig, axes = plt.subplots(1, 2 if box else 1, figsize=(16 if box else 11, 7), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.25, 1]} if box else None)
+    title = "all-MiniLM-L6-v2: quality against size, one point per setting" + (" (quick smoke test)" if quick else "")
+    ys = [p[1] for p in pts] + [1.0]
+    for k, ax in enumerate(axes[0]):
+        in_zoom = k == 1
+        seen: set[str] = set()
+        for x, y, _name, fam in pts:
+            ax.scatter([x], [y], c=FAMILY_COLORS.get(fam, "tab:gray"), s=36, zorder=3, label=None if fam in seen else fam)
+            seen.add(fam)
+        ax.scatter([1.0], [1.0], marker="*", s=220, c="tab:red", zorder=4, label="fp32 original (1.0, 1.0)")
+        if in_zoom:
+            ax.set_xlim(box[0], box[1])
+            ax.set_ylim(box[2], box[3])
+            ax.set_title("zoom: quantized settings with cosine ≥ 0.9", fontsize=10)
+        else:
+            ax.set_xlim(0, 1.15)
+            ax.set_ylim(min(ys) - 0.03, 1.015)
+            ax.set_title(title, fontsize=10)
+            if box:
+                ax.add_patch(Rectangle((box[0], box[2]), box[1] - box[0], box[3] - box[2], fill=False, ls="--", lw=0.8, ec="0.4", zorder=2))
+        ax.set_xlabel("size on disk / fp32 original (model.safetensors bytes)")
+        ax.set_ylabel("mean embedding cosine to the fp32 original (held-out)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
+    for k, ax in enumerate(axes[0]):
+        if k == 0 and box:
+            labels = [(x, y, n) for x, y, n, _ in pts if not (box[0] <= x <= box[1] and box[2] <= y <= box[3])]
+        else:
+            labels = [(x, y, n) for x, y, n, _ in pts if (k == 0 or (box[0] <= x <= box[1] and box[2] <= y <= box[3]))]
+        _place_labels(ax, labels, 7 if k == 1 else 6.5)
+    axes[0][-1].legend(loc="lower right", fontsize=8)
     _atomic_write(path, lambda p: fig.savefig(p, dpi=130, format="png"))
     plt.close(fig)
 
@@ -370,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_settings": dataclasses.asdict(settings),
         "calibration": dict(CALIBRATION),
         "machine": {"cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "torch_threads": torch.get_num_threads(),
+                    "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "platform": platform.platform()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
         "original": None,
@@ -377,10 +442,11 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     rows: list[dict] = []
+    cache: dict = {}
     for i, (name, family, steps) in enumerate(chosen, 1):
         t0 = time.perf_counter()
         try:
-            r = run_setting(original, name, family, steps, settings, rt_batch)
+            r = run_setting(original, name, family, steps, settings, rt_batch, cache=cache)
         except Exception as exc:  # keep going: one broken setting must not lose the others
             traceback.print_exc()
             r = {"name": name, "family": family, "steps": steps, "error": f"{type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")}

@@ -64,7 +64,7 @@ class ReferenceSpec:
 
 SPECS = {
     "ref-tiny": ReferenceSpec("ref-tiny", 128, 4, 4, 2, 352, 256, train_tokens=600_000, batch_size=16, lr=3e-3),
-    "ref-small": ReferenceSpec("ref-small", 256, 6, 8, 2, 704, 512, train_tokens=3_000_000, batch_size=8, lr=2e-3),
+    "ref-small": ReferenceSpec("ref-small", 256, 6, 8, 2, 704, 512, train_tokens=6_000_000, batch_size=8, lr=2e-3),
 }
 
 

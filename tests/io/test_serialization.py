@@ -92,3 +92,20 @@ def test_corrupt_or_truncated_weights_are_rejected(tiny_factory, tmp_path, damag
     with pytest.raises(ModelLoadError) as info:
         load_compressed(folder)
     assert "model.safetensors" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_tied_embedding_and_head_quantized_together_are_stored_once(tiny_factory, tmp_path):
+    model = tiny_factory("qwen2")  # tie_word_embeddings=True
+    assert model.model.lm_head.weight is model.model.model.embed_tokens.weight
+    compress(model, Recipe(steps=[RTNConfig(bits=8, group_size=None, symmetric=True, targets=("embedding", "head"))]))
+    head, emb = model.model.lm_head, model.model.model.embed_tokens
+    assert head.qweight is emb.qweight and head.scales is emb.scales
+    folder = save_compressed(model, tmp_path / "m")
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert sum(k.endswith(".qweight") and ("lm_head" in k or "embed_tokens" in k) for k in f.keys()) == 1
+    again = load_compressed(folder)
+    assert again.model.lm_head.qweight is again.model.model.embed_tokens.qweight
+    batch = sample_batch(model)
+    assert torch.equal(model_output(again, batch), model_output(model, batch))

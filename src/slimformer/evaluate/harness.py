@@ -6,7 +6,7 @@ import dataclasses
 
 from slimformer.data import TextSpec, load_texts
 from slimformer.evaluate.cost import compare_cost
-from slimformer.evaluate.quality import causal_quality, encoder_quality
+from slimformer.evaluate.quality import causal_quality, encoder_quality, encoder_reference
 from slimformer.evaluate.settings import EvalSettings
 from slimformer.io.serialization import kernel_summary
 from slimformer.models.loading import LoadedModel
@@ -24,14 +24,24 @@ def latency_batch(loaded: LoadedModel, settings: EvalSettings) -> dict:
     return batch
 
 
-def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSettings | None = None, progress: bool = False) -> dict:
+def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSettings | None = None, progress: bool = False, cache: dict | None = None) -> dict:
     """Quality of ``compressed`` against ``original`` on held-out text, and both models' cost
     measured in the same run. Returns a JSON-ready dict with ``quality``, ``cost``, ``kernels``
-    (execution path counts) and the ``settings`` used."""
+    (execution path counts) and the ``settings`` used.
+
+    ``cache``: a dict kept by the caller across calls with the same ``original`` (e.g. a sweep);
+    the original's reference embeddings are computed once and kept there.
+    """
     settings = settings or EvalSettings()
     texts = load_texts(TextSpec(source=settings.source, split="evaluation", n=settings.n_texts, seed=settings.seed))
     if compressed.kind == "encoder":
-        quality = encoder_quality(original, compressed, texts, settings.n_queries, settings.max_length, settings.batch_size, progress)
+        key = ("encoder-reference", id(original.model), settings)
+        reference = cache.get(key) if cache is not None else None
+        if reference is None:
+            reference = encoder_reference(original, texts, settings.n_queries, settings.max_length, settings.batch_size, progress)
+            if cache is not None:
+                cache[key] = reference
+        quality = encoder_quality(original, compressed, texts, settings.n_queries, settings.max_length, settings.batch_size, progress, reference)
     else:
         quality = causal_quality(original, compressed, texts, settings.max_length, min(settings.batch_size, 8), progress)
     batch = latency_batch(original, settings)

@@ -57,16 +57,23 @@ def topk_overlap(queries_a: torch.Tensor, passages_a: torch.Tensor, queries_b: t
     return float(sum(hits) / len(hits))
 
 
+def encoder_reference(original: LoadedModel, texts: list[str], n_queries: int, max_length: int, batch_size: int, progress: bool = False) -> dict:
+    """The original's query (n_queries, dim) and passage (n - n_queries, dim) embeddings."""
+    queries = [first_sentence(t) for t in texts[:n_queries]]
+    return {
+        "q": encode(original, queries, max_length, batch_size, progress, "original queries"),
+        "p": encode(original, texts[n_queries:], max_length, batch_size, progress, "original passages"),
+    }
+
+
 def encoder_quality(original: LoadedModel, compressed: LoadedModel, texts: list[str], n_queries: int, max_length: int, batch_size: int, progress: bool = False, reference: dict | None = None) -> dict:
     """Embedding fidelity of ``compressed`` to ``original`` on ``texts`` (the first ``n_queries``
-    are turned into queries, the rest are passages). ``reference`` caches the original's embeddings."""
+    are turned into queries, the rest are passages). ``reference``: the original's embeddings
+    from :func:`encoder_reference`, when already computed."""
     queries = [first_sentence(t) for t in texts[:n_queries]]
     passages = texts[n_queries:]
     if reference is None:
-        reference = {
-            "q": encode(original, queries, max_length, batch_size, progress, "original queries"),
-            "p": encode(original, passages, max_length, batch_size, progress, "original passages"),
-        }
+        reference = encoder_reference(original, texts, n_queries, max_length, batch_size, progress)
     q = encode(compressed, queries, max_length, batch_size, progress, "compressed queries")
     p = encode(compressed, passages, max_length, batch_size, progress, "compressed passages")
     cos = torch.cat([(q * reference["q"]).sum(-1), (p * reference["p"]).sum(-1)])

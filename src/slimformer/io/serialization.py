@@ -190,6 +190,16 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def _retie_packed_buffers(model: torch.nn.Module, aliases: dict[str, str]) -> None:
+    """Packed buffers that were one tensor when saved become one tensor again after loading."""
+    for alias, kept in aliases.items():
+        alias_module, _, alias_buffer = alias.rpartition(".")
+        kept_module, _, kept_buffer = kept.rpartition(".")
+        dst, src = model.get_submodule(alias_module), model.get_submodule(kept_module)
+        if isinstance(dst, (QuantizedLinear, QuantizedEmbedding)) and alias_buffer in dst._buffers and kept_buffer in src._buffers:
+            dst._buffers[alias_buffer] = src._buffers[kept_buffer]
+
+
 def load_compressed(folder: str | os.PathLike) -> LoadedModel:
     """Load a folder written by :func:`save_compressed` (also reached through ``slimformer.load``)."""
     import transformers
@@ -225,6 +235,7 @@ def load_compressed(folder: str | os.PathLike) -> LoadedModel:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelLoadError(f"{weights} does not match its manifest ({first})", "re-create the folder with slimformer compress") from exc
+    _retie_packed_buffers(model, manifest.get("tensor_aliases", {}))
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:

@@ -45,7 +45,48 @@ def choose_kernel(bits: int, group_size: int | None, in_features: int, out_featu
     return "dequant"
 
 
-class QuantizedLinear(nn.Module):
+class PackedWeight(nn.Module):
+    """Storage shared by packed modules: ``qweight`` (rows, ceil(cols*bits/8)) uint8,
+    ``scales`` (rows, groups) bfloat16 and, when asymmetric, ``zeros`` (rows, groups) uint8."""
+
+    def _init_packed(self, rows: int, cols: int, bits: int, group_size: int | None, symmetric: bool) -> None:
+        if group_size is not None and cols % group_size:
+            raise ValueError(f"group_size {group_size} does not divide the width {cols}")
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+        self._cols = cols
+        groups = grid.num_groups(cols, group_size)
+        self.register_buffer("qweight", torch.zeros(rows, grid.packed_row_bytes(cols, bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(rows, groups, dtype=torch.bfloat16))
+        if symmetric:
+            self.zeros = None
+        else:
+            self.register_buffer("zeros", torch.zeros(rows, groups, dtype=torch.uint8))
+
+    def _store(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        self.qweight.copy_(grid.pack_codes(codes, self.bits))
+        self.scales.copy_(scale.to(torch.bfloat16))
+        if not self.symmetric:
+            self.zeros.copy_(zero.to(torch.uint8))
+
+    def zero_points(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Zero points (rows, groups) as float32 (the implicit ``2**(bits-1)`` when symmetric)."""
+        scales = self.scales if rows is None else self.scales[rows]
+        if self.zeros is None:
+            return torch.full(scales.shape, float(2 ** (self.bits - 1)))
+        return (self.zeros if rows is None else self.zeros[rows]).float()
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes (rows, cols) uint8."""
+        return grid.unpack_codes(self.qweight, self.bits, self._cols)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight (rows, cols) the codes stand for."""
+        return grid.dequantize_codes(self.codes(), self.scales.float(), self.zero_points())
+
+
+class QuantizedLinear(PackedWeight):
     """A linear layer ``y = x W^T + b`` whose ``W`` (out, in) is stored as packed ``bits``-bit codes.
 
     Input ``x`` (..., in_features) of any float dtype; output (..., out_features) in ``x.dtype``.
@@ -62,21 +103,10 @@ class QuantizedLinear(nn.Module):
         kernel: str | None = None,
     ) -> None:
         super().__init__()
-        if group_size is not None and in_features % group_size:
-            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        self._init_packed(out_features, in_features, bits, group_size, symmetric)
         self.in_features = in_features
         self.out_features = out_features
-        self.bits = bits
-        self.group_size = group_size
-        self.symmetric = symmetric
         self.kernel = kernel or choose_kernel(bits, group_size, in_features, out_features)
-        groups = grid.num_groups(in_features, group_size)
-        self.register_buffer("qweight", torch.zeros(out_features, grid.packed_row_bytes(in_features, bits), dtype=torch.uint8))
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.bfloat16))
-        if symmetric:
-            self.zeros = None
-        else:
-            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
         else:
@@ -99,28 +129,11 @@ class QuantizedLinear(nn.Module):
         """Build from codes (out, in) uint8, ``scale``/``zero`` (out, groups) and ``bias`` (out,)."""
         out_features, in_features = codes.shape
         module = cls(in_features, out_features, bits, group_size, symmetric, bias is not None)
-        module.qweight.copy_(grid.pack_codes(codes, bits))
-        module.scales.copy_(scale.to(torch.bfloat16))
-        if not symmetric:
-            module.zeros.copy_(zero.to(torch.uint8))
+        module._store(codes, scale, zero)
         if bias is not None:
             module.bias.copy_(bias.detach().float())
         module.prepare()
         return module
-
-    def zero_points(self) -> torch.Tensor:
-        """Zero points (out, groups) as float32 (the implicit ``2**(bits-1)`` when symmetric)."""
-        if self.zeros is None:
-            return torch.full(self.scales.shape, float(2 ** (self.bits - 1)))
-        return self.zeros.float()
-
-    def codes(self) -> torch.Tensor:
-        """Unpacked codes (out, in) uint8."""
-        return grid.unpack_codes(self.qweight, self.bits, self.in_features)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The float32 weight (out, in) the codes stand for."""
-        return grid.dequantize_codes(self.codes(), self.scales.float(), self.zero_points())
 
     # ----- run-time form -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -188,7 +201,7 @@ class QuantizedLinear(nn.Module):
         }
 
 
-class QuantizedEmbedding(nn.Module):
+class QuantizedEmbedding(PackedWeight):
     """A token-embedding table (num_embeddings, dim) stored row-wise as packed ``bits``-bit codes.
 
     Input ids (...,) int64; output (..., dim) float32. Only the gathered rows are dequantized.
@@ -198,42 +211,18 @@ class QuantizedEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int | None, symmetric: bool, padding_idx: int | None = None) -> None:
         super().__init__()
-        if group_size is not None and embedding_dim % group_size:
-            raise ValueError(f"group_size {group_size} does not divide embedding_dim {embedding_dim}")
+        self._init_packed(num_embeddings, embedding_dim, bits, group_size, symmetric)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
-        self.bits = bits
-        self.group_size = group_size
-        self.symmetric = symmetric
         self.padding_idx = padding_idx
-        groups = grid.num_groups(embedding_dim, group_size)
-        self.register_buffer("qweight", torch.zeros(num_embeddings, grid.packed_row_bytes(embedding_dim, bits), dtype=torch.uint8))
-        self.register_buffer("scales", torch.ones(num_embeddings, groups, dtype=torch.bfloat16))
-        if symmetric:
-            self.zeros = None
-        else:
-            self.register_buffer("zeros", torch.zeros(num_embeddings, groups, dtype=torch.uint8))
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, padding_idx: int | None = None) -> "QuantizedEmbedding":
         """Build from codes (num_embeddings, dim) uint8 and ``scale``/``zero`` (num_embeddings, groups)."""
         n, d = codes.shape
         module = cls(n, d, bits, group_size, symmetric, padding_idx)
-        module.qweight.copy_(grid.pack_codes(codes, bits))
-        module.scales.copy_(scale.to(torch.bfloat16))
-        if not symmetric:
-            module.zeros.copy_(zero.to(torch.uint8))
+        module._store(codes, scale, zero)
         return module
-
-    def zero_points(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        scales = self.scales if rows is None else self.scales[rows]
-        if self.zeros is None:
-            return torch.full(scales.shape, float(2 ** (self.bits - 1)))
-        return (self.zeros if rows is None else self.zeros[rows]).float()
-
-    def dequantized_weight(self) -> torch.Tensor:
-        codes = grid.unpack_codes(self.qweight, self.bits, self.embedding_dim)
-        return grid.dequantize_codes(codes, self.scales.float(), self.zero_points())
 
     @property
     def weight(self) -> torch.Tensor:

@@ -57,13 +57,26 @@ def quantize_module_rtn(module: nn.Module, bits: int, group_size: int | None, sy
     return QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, module.bias)
 
 
+def share_packed_storage(dst: nn.Module, src: nn.Module) -> None:
+    """Make ``dst`` hold the very tensors of ``src`` (tied weights stay tied: stored once)."""
+    for buffer in ("qweight", "scales", "zeros"):
+        if src._buffers.get(buffer) is not None:
+            dst._buffers[buffer] = src._buffers[buffer]
+
+
 @register_method(RTNConfig)
 def apply_rtn(loaded, config: RTNConfig, ctx) -> dict:
     modules = select_modules(loaded, config)
     check_group_size(config.name, modules, config.group_size)
     kernels: dict[str, str] = {}
+    by_weight: dict[int, nn.Module] = {}
+    tied: list[str] = []
     for name, module in modules.items():
         new = quantize_module_rtn(module, config.bits, config.group_size, config.symmetric)
+        first = by_weight.setdefault(id(module.weight), new)
+        if first is not new:  # a tied embedding/head pair quantized together: one stored table
+            share_packed_storage(new, first)
+            tied.append(name)
         set_submodule(loaded.model, name, new)
         kernels[name] = new.kernel
-    return {"modules": sorted(modules), "kernels": kernels}
+    return {"modules": sorted(modules), "kernels": kernels, "tied": tied}
