@@ -4,9 +4,10 @@ Random-initialised models have nothing to lose, so a method that destroys a mode
 as one that preserves it. These are small but real Llama-architecture LMs (RMSNorm, RoPE, SwiGLU,
 grouped-query attention) trained on the Python standard library's docstrings, the language
 reference (pydoc topics) and the standard library's source, with a byte-level BPE tokenizer
-trained on the same training split. The held-out split is the evaluation split of
-``slimformer.data`` (fixed by a hash of each document), so compression benchmarks calibrate and
-evaluate on text these models never trained on.
+trained on the same training split. The training split is the calibration split of
+``slimformer.data`` and the held-out split its evaluation split (fixed by a hash of each
+document): compression benchmarks calibrate on text of the training distribution, as GPTQ-style
+methods usually do, and evaluate on text these models never saw.
 
     python benchmarks/reference_models.py build ref-tiny      # ~1.8M parameters, minutes
     python benchmarks/reference_models.py build ref-small     # ~6.3M parameters, about an hour

@@ -8,7 +8,7 @@ import pytest
 METHODS = [
     pytest.param({"method": "rtn", "bits": 8, "group_size": None, "symmetric": True}, id="rtn-w8-perchannel-sym"),
     pytest.param({"method": "rtn", "bits": 4, "group_size": 32}, id="rtn-w4-g32-asym"),
-    pytest.param({"method": "rtn", "bits": 3, "group_size": 32, "targets": ["linear", "embedding"]}, id="rtn-w3-g32-with-embedding"),
+    pytest.param({"method": "rtn", "bits": 3, "group_size": 32, "targets": ["linear", "embedding", "head"]}, id="rtn-w3-g32-with-embedding-and-head"),
     pytest.param({"method": "rtn", "bits": 2, "group_size": None, "symmetric": True}, id="rtn-w2-perchannel-sym"),
     pytest.param({"method": "rtn", "bits": 8, "group_size": None, "symmetric": True, "targets": ["embedding", "head"]}, id="rtn-w8-embedding-head"),
     pytest.param({"method": "gptq", "bits": 4, "group_size": 32, "act_order": True}, id="gptq-w4-g32-actorder"),
@@ -20,4 +20,9 @@ METHODS = [
     pytest.param({"method": "wanda", "pattern": "4:8"}, id="wanda-4of8"),
     pytest.param({"method": "shortgpt", "num_layers": 1}, id="shortgpt-drop1"),
     pytest.param({"method": "shortgpt", "layers": [0, 2]}, id="shortgpt-drop-0-2"),
+    pytest.param({"method": "cast", "dtype": "bfloat16"}, id="cast-bf16"),
+    pytest.param({"method": "early-exit", "threshold": 0.95, "train_steps": 20}, id="early-exit-similarity"),
+    pytest.param({"method": "early-exit", "rule": "patience", "threshold": 0.9, "patience": 2, "layers": [0, 1, 2], "train_steps": 20}, id="early-exit-patience"),
+    pytest.param({"method": "tome", "r": 3}, id="tome-r3"),
+    pytest.param({"method": "token-pruning", "keep_ratio": 0.6, "layers": [1, 2], "score": "mean"}, id="token-pruning-mean"),
 ]

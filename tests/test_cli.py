@@ -124,3 +124,32 @@ def test_methods_lists_every_method_with_its_paper(run_cli):
     assert code == 0
     for name, m in registered_methods().items():
         assert name in stdout and m.config_type.paper in stdout
+
+
+def test_report_never_replaces_a_folder_that_is_not_a_report(tmp_path, tiny_folder, run_cli):
+    recipe = _recipe(tmp_path, TINY_RECIPE + GOOD_STEP)
+    out = tmp_path / "runs" / "a"
+    assert run_cli("compress", tiny_folder, "--recipe", recipe, "--out", out, "--no-eval", "--quiet")[0] == 0
+    code, _, err = run_cli("report", tmp_path / "runs", "--out", tmp_path / "runs")
+    assert code == 2 and "holds more than a previous report" in err
+    assert (out / "manifest.json").is_file()
+
+
+def test_compress_refuses_to_overwrite_its_own_source(tmp_path, tiny_folder, run_cli):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder, model)
+    recipe = _recipe(tmp_path, TINY_RECIPE + GOOD_STEP)
+    code, _, err = run_cli("compress", model, "--recipe", recipe, "--out", model, "--force", "--no-eval", "--quiet")
+    assert code == 2 and "would replace the model" in err
+    assert (model / "config.json").is_file()
+
+
+def test_eval_refuses_models_that_cannot_be_compared(tmp_path, tiny_folder, tiny_factory, run_cli):
+    other = tmp_path / "llama"
+    llama = tiny_factory("llama")
+    llama.model.save_pretrained(other)
+    llama.tokenizer.save_pretrained(other)
+    code, _, err = run_cli("eval", tiny_folder, "--against", other, "--quiet")
+    assert code == 2 and "cannot compare" in err

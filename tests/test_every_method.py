@@ -11,6 +11,7 @@ from methods_under_test import METHODS
 from torch import nn
 
 from slimformer.compress import compress
+from slimformer.errors import ConfigError
 from slimformer.io import load_compressed, save_compressed
 from slimformer.methods import method_from_dict
 from slimformer.methods.quantization import QuantizedEmbedding, QuantizedLinear
@@ -59,6 +60,10 @@ def _check_pruned(loaded, record, config):
 @pytest.mark.parametrize("step", METHODS)
 def test_every_method_on_every_architecture(tiny, step, fast_calibration, tmp_path):
     config = method_from_dict(step)
+    if config.family == "dynamic" and tiny.kind != "encoder":
+        with pytest.raises(ConfigError, match="encoder"):
+            compress(tiny, Recipe(steps=[config], calibration=fast_calibration))
+        return
     before = _weights(tiny)
     blocks_before = list(tiny.adapter.blocks())
     batch = sample_batch(tiny)
@@ -67,7 +72,10 @@ def test_every_method_on_every_architecture(tiny, step, fast_calibration, tmp_pa
     compress(tiny, Recipe(steps=[config], calibration=fast_calibration))
     record = tiny.applied[-1]
 
-    if config.family == "quantization":
+    if config.name == "cast":
+        assert all(p.dtype == torch.bfloat16 for p in tiny.model.parameters())
+        assert next(iter(tiny.model.buffers())).dtype in (torch.bfloat16, torch.int64)
+    elif config.family == "quantization":
         _check_quantized(tiny, record, config, before)
     elif config.family == "pruning":
         _check_pruned(tiny, record, config)
@@ -82,6 +90,14 @@ def test_every_method_on_every_architecture(tiny, step, fast_calibration, tmp_pa
             for m in block.modules():
                 if hasattr(m, "layer_idx"):
                     assert m.layer_idx == new_index
+    elif config.family == "dynamic":
+        assert tiny.dynamic is not None and tiny.dynamic.active()
+        embedding, stats = tiny.embed(batch, return_stats=True)
+        assert torch.isfinite(embedding).all() and embedding.shape == (batch["input_ids"].shape[0], tiny.model.config.hidden_size)
+        if config.name == "early-exit":
+            assert set(record["exit_fidelity"]) == set(record["layers"])
+        else:
+            assert stats.tokens_per_layer[-1] < stats.tokens_per_layer[0]
     else:  # pragma: no cover - a new family must add its check
         pytest.fail(f"no behaviour check for family {config.family}")
 
@@ -92,4 +108,6 @@ def test_every_method_on_every_architecture(tiny, step, fast_calibration, tmp_pa
     folder = save_compressed(tiny, tmp_path / "out")
     again = load_compressed(folder)
     assert torch.equal(model_output(again, batch), output), "save/load must be bit-exact"
+    if tiny.kind == "encoder":
+        assert torch.equal(again.embed(batch), tiny.embed(batch)), "dynamic settings must survive save/load"
     assert again.adapter.num_layers() == tiny.adapter.num_layers()

@@ -82,3 +82,15 @@ def test_python_api_configs_validate_on_construction():
         RTNConfig(bits=5)
     with pytest.raises(ValueError):  # ConfigError is a ValueError
         GPTQConfig(damp=0)
+
+
+def test_unquoted_nm_pattern_gets_a_hint():
+    data = Recipe.from_dict  # YAML turns `pattern: 2:4` into the integer 124 (base 60)
+    with pytest.raises(ConfigError, match="quotes"):
+        data({"slimformer_recipe": 1, "steps": [{"method": "wanda", "pattern": 124}]})
+
+
+@pytest.mark.parametrize("source", [None, 5, "wikipedia", "missing-file.txt"])
+def test_calibration_source_is_validated_up_front(source):
+    with pytest.raises(ConfigError):
+        Recipe.from_dict({"slimformer_recipe": 1, "steps": [{"method": "rtn"}], "calibration": {"source": source}})

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from slimformer.errors import SlimformerError
+from slimformer.errors import OutputExistsError, SlimformerError
 
 EXIT_USAGE = 2
 
@@ -25,7 +25,7 @@ def _eval_settings(args, base: dict | None = None):
     from slimformer.evaluate import EvalSettings
 
     settings = dict(base or {})
-    if getattr(args, "eval_texts", None):
+    if getattr(args, "eval_texts", None) is not None:
         settings["n_texts"] = args.eval_texts
         settings["n_queries"] = min(settings.get("n_queries", 64), max(1, args.eval_texts // 5))
     if getattr(args, "eval_source", None):
@@ -42,6 +42,10 @@ def cmd_compress(args) -> int:
     from slimformer.recipe import Recipe
 
     prepare_output_dir(args.out, args.force)
+    if args.model not in (None, "default") and Path(args.model).exists():
+        source, out = Path(args.model).resolve(), Path(args.out).resolve()
+        if out == source or out in source.parents:
+            raise OutputExistsError(f"--out {args.out} would replace the model being compressed", "write the compressed model to another folder")
     recipe = Recipe.from_file(args.recipe)
     settings = _eval_settings(args)
     _status(f"loading {args.model or 'the embedded default model (all-MiniLM-L6-v2)'}")
@@ -112,6 +116,8 @@ def cmd_report(args) -> int:
     rows = [row_of(run.name, read_manifest(run)) for run in runs]
     table = markdown_table(rows)
     target = Path(args.out) if args.out else folder / "report"
+    if target.exists() and not (target.is_dir() and {p.name for p in target.iterdir()} <= {"report.md", "report.png"}):
+        raise OutputExistsError(f"report folder {target} exists and holds more than a previous report", "choose another --out")
 
     def write(tmp: Path) -> None:
         (tmp / "report.md").write_text(f"# slimformer report: {folder}\n\n" + table + "\n![quality against size](report.png)\n")

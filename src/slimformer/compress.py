@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from slimformer.methods import CompressionContext, apply_method
-from slimformer.models.loading import LoadedModel
+from slimformer.models.loading import LoadedModel, max_positions
 from slimformer.recipe import Recipe
 
 
@@ -16,6 +16,7 @@ def compress(loaded: LoadedModel, recipe: Recipe, progress: bool = False) -> Loa
     sparsity, time taken) is appended to ``loaded.applied``; the recipe is kept for the manifest.
     """
     ctx = CompressionContext(recipe.calibration, progress=progress)
+    ctx.max_positions = max_positions(loaded)
     for step in recipe.steps:
         t0 = time.perf_counter()
         record = apply_method(loaded, step, ctx)

@@ -52,3 +52,24 @@ def test_wanda_keeps_weights_on_loud_inputs_that_magnitude_drops(tiny_factory, f
 def test_invalid_pruning_settings_are_rejected(kwargs):
     with pytest.raises(ConfigError):
         MagnitudeConfig(**kwargs)
+
+
+def test_tied_weights_are_never_changed_on_one_side_only(tiny_factory):
+    from slimformer.methods import RTNConfig
+
+    model = tiny_factory("qwen2")  # embedding tied to lm_head
+    before = model.model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(ConfigError, match="tied"):
+        compress(model, Recipe(steps=[MagnitudeConfig(sparsity=0.5, targets=("head",))]))
+    with pytest.raises(ConfigError, match="does not select"):
+        compress(model, Recipe(steps=[RTNConfig(bits=8, group_size=None, targets=("embedding",))]))
+    assert torch.equal(model.model.model.embed_tokens.weight, before)
+
+
+def test_calibration_longer_than_the_position_limit_is_clamped(tiny_factory):
+    from slimformer.methods import CalibrationSettings
+
+    model = tiny_factory("bert")  # 256 positions
+    calibration = CalibrationSettings(n_samples=4, max_length=2048, batch_size=4)
+    compress(model, Recipe(steps=[WandaConfig(sparsity=0.5)], calibration=calibration))
+    assert model.applied[-1]["sparsity"]

@@ -131,6 +131,18 @@ def _user_file(path: Path) -> tuple[str, ...]:
     raise ConfigError(f"text file {path} has suffix {path.suffix!r}", "pass a .txt or .jsonl file")
 
 
+def check_source(source, what: str = "text source") -> None:
+    """Raise ``ConfigError`` unless ``source`` names a built-in source or an existing text file."""
+    if not isinstance(source, str):
+        raise ConfigError(f"{what} must be a string, got {source!r}", f"use one of {list(BUILTIN_SOURCES)} or a path to a .txt/.jsonl file")
+    if source in BUILTIN_SOURCES:
+        return
+    if not source.endswith((".txt", ".jsonl")):
+        raise ConfigError(f"unknown {what} {source!r}", f"use one of {list(BUILTIN_SOURCES)} or a path to a .txt/.jsonl file")
+    if not Path(source).is_file():
+        raise ConfigError(f"{what} file {source} does not exist", "pass an existing .txt or .jsonl file")
+
+
 def documents(source: str) -> tuple[str, ...]:
     """All documents of a source, deduplicated, in a fixed order."""
     if source == "stdlib-docs":

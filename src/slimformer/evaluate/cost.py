@@ -40,11 +40,14 @@ def logical_parameters(model: nn.Module) -> int:
             continue
         seen.add(id(p))
         count += p.numel()
+    counted: set[int] = set()
     for m in qmods.values():
-        if hasattr(m, "in_features"):
-            count += m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
-        else:
-            count += m.num_embeddings * m.embedding_dim
+        if hasattr(m, "in_features") and m.bias is not None:
+            count += m.out_features
+        if id(m.qweight) in counted:  # a tied embedding/head pair: one table
+            continue
+        counted.add(id(m.qweight))
+        count += m.qweight.shape[0] * m._cols
     return count
 
 
@@ -130,16 +133,16 @@ def model_cost(model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def compare_cost(original: nn.Module, compressed: nn.Module, batch: dict, repeats: int = 10, warmup: int = 3) -> dict:
+def compare_cost(original: nn.Module, compressed: nn.Module, run_original: Callable[[], object], run_compressed: Callable[[], object], batch_shape: list[int], repeats: int = 10, warmup: int = 3) -> dict:
     """Cost of ``compressed`` and ``original`` measured in the same run, with ratios.
 
-    ``batch``: the fixed latency batch (dict of (batch, seq) tensors). Ratios are
-    compressed / original for sizes and original / compressed for speed (``speedup``).
+    ``run_original`` / ``run_compressed``: one inference of the fixed latency batch of shape
+    ``batch_shape`` (batch, seq) through each model. Ratios are compressed / original for sizes
+    and original / compressed for speed (``speedup``).
     """
     a = model_cost(original)
     b = model_cost(compressed)
-    run_o = lambda: original(**batch)  # noqa: E731
-    run_c = lambda: compressed(**batch)  # noqa: E731
+    run_o, run_c = run_original, run_compressed
     run_o()
     peak_o = activation_peak_bytes(run_o)
     run_c()
@@ -155,7 +158,7 @@ def compare_cost(original: nn.Module, compressed: nn.Module, batch: dict, repeat
         "parameter_ratio": b["parameters"] / a["parameters"],
         "resident_ratio": b["resident_bytes"] / a["resident_bytes"],
         "speedup": lat["original"] / lat["compressed"],
-        "latency_batch": list(batch["input_ids"].shape),
+        "latency_batch": list(batch_shape),
     }
     if peak_o is not None and peak_c is not None:
         out["peak_memory_ratio"] = (b["resident_bytes"] + peak_c) / (a["resident_bytes"] + peak_o)

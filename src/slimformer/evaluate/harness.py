@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from slimformer.data import TextSpec, load_texts
+from slimformer.errors import ConfigError
 from slimformer.evaluate.cost import compare_cost
 from slimformer.evaluate.quality import causal_quality, encoder_quality, encoder_reference
 from slimformer.evaluate.settings import EvalSettings
@@ -24,6 +25,53 @@ def latency_batch(loaded: LoadedModel, settings: EvalSettings) -> dict:
     return batch
 
 
+def check_comparable(original: LoadedModel, compressed: LoadedModel) -> None:
+    """Raise ``ConfigError`` unless the two models can be compared output for output."""
+    a, b = original.model.config, compressed.model.config
+    checks = [("kind", original.kind, compressed.kind), ("hidden size", a.hidden_size, b.hidden_size), ("vocabulary", a.vocab_size, b.vocab_size)]
+    for what, x, y in checks:
+        if x != y:
+            raise ConfigError(f"cannot compare the models: their {what} differs ({x} vs {y})", "evaluate a compressed model against the model it was made from")
+
+
+def inference(loaded: LoadedModel, batch: dict):
+    """One timed inference of ``batch``: embeddings for encoders (through the dynamic runtime
+    when the model has one), logits for causal LMs."""
+    if loaded.kind == "encoder":
+        return lambda: loaded.embed(batch)
+    return lambda: loaded.model(**batch)
+
+
+def dynamic_statistics(loaded: LoadedModel, texts: list[str], settings: EvalSettings) -> dict:
+    """Blocks run per input, real tokens entering each block, and estimated FLOPs relative to
+    running every block on every token, over the evaluation texts."""
+    from slimformer.evaluate.quality import _tokenize
+
+    layers: list[int] = []
+    flops = full = 0.0
+    blocks = loaded.adapter.num_layers()
+    tokens = [0.0] * blocks
+    dim = loaded.model.config.hidden_size
+    ffn = getattr(loaded.model.config, "intermediate_size", 4 * dim)
+    for i in range(0, len(texts), settings.batch_size):
+        batch = _tokenize(loaded, texts[i : i + settings.batch_size], settings.max_length)
+        _, stats = loaded.embed(batch, return_stats=True)
+        layers += stats.layers_run.tolist()
+        for block, (t, r) in enumerate(zip(stats.tokens_per_layer, stats.rows_per_layer)):
+            tokens[block] += t * r
+        flops += stats.flops
+        T = batch["input_ids"].shape[1]
+        full += blocks * batch["input_ids"].shape[0] * (2 * T * (4 * dim * dim + 2 * dim * ffn) + 4 * T * T * dim)
+    n = len(layers)
+    return {
+        "mean_layers_run": sum(layers) / n,
+        "layers_run_histogram": {str(k): layers.count(k) for k in sorted(set(layers))},
+        "mean_tokens_entering_block": [t / n for t in tokens],
+        "flops_ratio": flops / full if full else None,
+        "layers_run_per_input": layers,
+    }
+
+
 def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSettings | None = None, progress: bool = False, cache: dict | None = None) -> dict:
     """Quality of ``compressed`` against ``original`` on held-out text, and both models' cost
     measured in the same run. Returns a JSON-ready dict with ``quality``, ``cost``, ``kernels``
@@ -33,7 +81,13 @@ def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSetti
     the original's reference embeddings are computed once and kept there.
     """
     settings = settings or EvalSettings()
+    check_comparable(original, compressed)
     texts = load_texts(TextSpec(source=settings.source, split="evaluation", n=settings.n_texts, seed=settings.seed))
+    if compressed.kind == "encoder" and len(texts) <= settings.n_queries + 10:
+        raise ConfigError(
+            f"the evaluation text has only {len(texts)} held-out documents, too few for {settings.n_queries} queries and their passages",
+            "use a larger text source or fewer evaluation texts (--eval-texts)",
+        )
     if compressed.kind == "encoder":
         key = ("encoder-reference", id(original.model), settings)
         reference = cache.get(key) if cache is not None else None
@@ -45,7 +99,12 @@ def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSetti
     else:
         quality = causal_quality(original, compressed, texts, settings.max_length, min(settings.batch_size, 8), progress)
     batch = latency_batch(original, settings)
-    cost = compare_cost(original.model, compressed.model, batch, settings.latency_repeats, settings.latency_warmup)
+    cost = compare_cost(
+        original.model, compressed.model, inference(original, batch), inference(compressed, batch),
+        list(batch["input_ids"].shape), settings.latency_repeats, settings.latency_warmup,
+    )
+    if compressed.kind == "encoder" and compressed.dynamic is not None and compressed.dynamic.active():
+        quality["dynamic"] = dynamic_statistics(compressed, texts, settings)
     return {
         "kind": compressed.kind,
         "quality": quality,

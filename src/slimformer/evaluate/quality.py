@@ -18,6 +18,9 @@ from slimformer.models.loading import LoadedModel
 
 
 def _tokenize(loaded: LoadedModel, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    from slimformer.models.loading import max_positions
+
+    max_length = min(max_length, max_positions(loaded) or max_length)
     batch = dict(loaded.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
     batch.pop("token_type_ids", None)
     return batch
@@ -37,8 +40,7 @@ def encode(loaded: LoadedModel, texts: list[str], max_length: int = 128, batch_s
     out = []
     for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
         batch = _tokenize(loaded, texts[i : i + batch_size], max_length)
-        hidden = loaded.model(**batch).last_hidden_state.float()
-        out.append(F.normalize(pool(hidden, batch["attention_mask"], loaded.pooling), dim=-1))
+        out.append(F.normalize(loaded.embed(batch), dim=-1))
     return torch.cat(out)
 
 

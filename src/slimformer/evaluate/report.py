@@ -46,8 +46,18 @@ def row_of(name: str, manifest: dict) -> dict:
         "kl": q.get("kl_divergence"),
         "top1": q.get("top1_agreement"),
         "speedup": c.get("speedup"),
-        "kernels": ", ".join(f"{k}×{v}" for k, v in sorted((manifest.get("kernels") or {}).items())) or "float",
+        "kernels": _execution(manifest, q),
     }
+
+
+def _execution(manifest: dict, quality: dict) -> str:
+    text = ", ".join(f"{k}×{v}" for k, v in sorted((manifest.get("kernels") or {}).items())) or "float"
+    if manifest.get("dtype") and manifest["dtype"] != "float32":
+        text += f" ({manifest['dtype']})"
+    dyn = quality.get("dynamic")
+    if dyn:
+        text += f"; dynamic: {dyn['mean_layers_run']:.2f} blocks/input, FLOPs ×{dyn['flops_ratio']:.2f}"
+    return text
 
 
 def markdown_table(rows: list[dict]) -> str:

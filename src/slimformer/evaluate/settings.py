@@ -27,6 +27,9 @@ class EvalSettings:
     latency_warmup: int = 3
 
     def __post_init__(self) -> None:
+        from slimformer.data.text import check_source
+
+        check_source(self.source, "evaluation source")
         for name in ("n_texts", "max_length", "batch_size", "latency_batch", "latency_tokens", "latency_repeats"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:

@@ -93,6 +93,8 @@ def build_manifest(loaded: LoadedModel, aliases: dict[str, str], evaluation: dic
         "applied": loaded.applied,
         "modules": modules,
         "kernels": kernel_summary(model),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dynamic": list(loaded.dynamic.configs) if loaded.dynamic is not None else [],
         "tensor_aliases": aliases,
         "versions": library_versions(),
         "evaluation": evaluation,
@@ -106,6 +108,11 @@ def prepare_output_dir(out_dir: str | os.PathLike, force: bool) -> Path:
         raise OutputExistsError(f"output folder {out} already exists", "choose another --out or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output path {out} is a file", "choose a folder path for --out")
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"cannot create {out}: {parent} is not a writable folder", "choose an --out inside a writable folder")
     return out
 
 
@@ -182,6 +189,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{path} is unreadable or not JSON", "re-create the folder with slimformer compress") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ModelLoadError(f"{path} is not a slimformer manifest", "re-create the folder with slimformer compress")
+    missing = [k for k in ("kind", "model_class", "modules", "base_model") if k not in manifest]
+    if missing:
+        raise ModelLoadError(f"{path} lacks the field {missing[0]!r}", "re-create the folder with slimformer compress")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ModelLoadError(
             f"{path} has format version {manifest.get('format_version')!r}, this slimformer reads {FORMAT_VERSION}",
@@ -217,12 +227,27 @@ def load_compressed(folder: str | os.PathLike) -> LoadedModel:
     cls = getattr(transformers, str(manifest.get("model_class")), None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ModelLoadError(f"{folder}: unknown model class {manifest.get('model_class')!r}", "upgrade transformers or re-compress")
-    model = cls._from_config(config, attn_implementation=manifest.get("attn_implementation") or "sdpa", dtype=torch.float32)
+    dtype = getattr(torch, str(manifest.get("dtype") or "float32"), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ModelLoadError(f"{folder}: unknown dtype {manifest.get('dtype')!r} in the manifest", "re-create the folder with slimformer compress")
+    model = cls._from_config(config, attn_implementation=manifest.get("attn_implementation") or "sdpa", dtype=dtype)
     model.eval()
     model.requires_grad_(False)
     conv1d_to_linear(model)
     for name, desc in manifest["modules"].items():
-        set_submodule(model, name, module_from_description(desc))
+        try:
+            module = module_from_description(desc)
+            module.set_compute_dtype(dtype)
+            set_submodule(model, name, module)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ModelLoadError(f"{folder}: the manifest entry for {name!r} does not fit the model ({type(exc).__name__})", "re-create the folder with slimformer compress") from exc
+    loaded = LoadedModel(model=model, tokenizer=None, kind=manifest["kind"], source=str(folder), pooling=manifest.get("pooling", "mean"), manifest=manifest)
+    if manifest.get("dynamic"):
+        from slimformer.methods.dynamic import reinstall
+
+        reinstall(loaded, manifest["dynamic"])
+        if getattr(model, "slimformer_exits", None) is not None:
+            model.slimformer_exits.to(dtype)
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types
@@ -241,13 +266,7 @@ def load_compressed(folder: str | os.PathLike) -> LoadedModel:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the tokenizer saved in {folder}", "re-create the folder with slimformer compress") from exc
     tokenizer.padding_side = "right"
-    return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        kind=manifest["kind"],
-        source=str(folder),
-        pooling=manifest.get("pooling", "mean"),
-        manifest=manifest,
-        applied=list(manifest.get("applied") or []),
-        recipe=manifest.get("recipe"),
-    )
+    loaded.tokenizer = tokenizer
+    loaded.applied = list(manifest.get("applied") or [])
+    loaded.recipe = manifest.get("recipe")
+    return loaded

@@ -121,13 +121,15 @@ def _coerce(value: Any, annotation: Any, method: str, key: str) -> Any:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
             return None
-        for a in args:
-            if a is type(None):
-                continue
+        inner = [a for a in args if a is not type(None)]
+        last: ConfigError | None = None
+        for a in inner:
             try:
                 return _coerce(value, a, method, key)
-            except ConfigError:
-                continue
+            except ConfigError as exc:
+                last = exc
+        if len(inner) == 1 and last is not None:
+            raise last
         raise ConfigError(f"{method}: {key}={value!r} has the wrong type", f"give a value of type {annotation}")
     if origin is tuple:
         if isinstance(value, str):
@@ -150,7 +152,7 @@ def _coerce(value: Any, annotation: Any, method: str, key: str) -> Any:
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{method}: {key} must be a string, got {value!r}", f"write e.g. {key}: \"...\"")
+            raise ConfigError(f"{method}: {key} must be a string, got {value!r}", f"write it in quotes (YAML reads 2:4 as the number 124), e.g. {key}: \"2:4\"")
         return value
     return value
 
@@ -164,6 +166,8 @@ def method_from_dict(data: dict[str, Any]) -> MethodConfig:
     methods = registered_methods()
     data = dict(data)
     name = data.pop("method", None)
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"recipe step has method {name!r}, not a name", f"write method: one of {sorted(methods)}")
     if name is None:
         raise ConfigError(f"recipe step {data!r} has no 'method'", f"add method: one of {sorted(methods)}")
     if name not in methods:

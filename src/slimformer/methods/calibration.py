@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimformer.data import TextSpec, load_texts
+from slimformer.data.text import check_source
 from slimformer.errors import ConfigError
 
 
@@ -30,6 +31,7 @@ class CalibrationSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_source(self.source, "calibration.source")
         for name in ("n_samples", "max_length", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -42,6 +44,7 @@ class CompressionContext:
     def __init__(self, calibration: CalibrationSettings | None = None, progress: bool = False) -> None:
         self.calibration = calibration or CalibrationSettings()
         self.progress = progress
+        self.max_positions: int | None = None  # the model's position limit, set by compress()
         self._batches: list[dict[str, torch.Tensor]] | None = None
 
     def batches(self, tokenizer) -> list[dict[str, torch.Tensor]]:
@@ -49,8 +52,9 @@ class CompressionContext:
         if self._batches is None:
             s = self.calibration
             texts = load_texts(TextSpec(source=s.source, split="calibration", n=s.n_samples, seed=s.seed))
+            max_length = min(s.max_length, self.max_positions or s.max_length)
             self._batches = [
-                dict(tokenizer(texts[i : i + s.batch_size], padding=True, truncation=True, max_length=s.max_length, return_tensors="pt"))
+                dict(tokenizer(texts[i : i + s.batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
                 for i in range(0, len(texts), s.batch_size)
             ]
             for b in self._batches:

@@ -113,6 +113,17 @@ class ArchitectureAdapter:
     def attention(self, block_index: int) -> nn.Module:
         return getattr(self.blocks()[block_index], self.spec.attention)
 
+    def query_key(self, attention: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+        """The query and key projections of an attention module (for attention-based scores)."""
+        for q, k in (("self.query", "self.key"), ("q_proj", "k_proj")):
+            try:
+                return attention.get_submodule(q), attention.get_submodule(k)
+            except AttributeError:
+                continue
+        raise UnsupportedArchitectureError(
+            f"no query/key projections found in {type(attention).__name__}", "token pruning by attention supports BERT-style and Llama-style attention"
+        )
+
     def mlp(self, block_index: int) -> list[nn.Module]:
         return [getattr(self.blocks()[block_index], a) for a in self.spec.mlp]
 

@@ -28,7 +28,8 @@ class LoadedModel:
     ``pooling``: ``"mean"`` or ``"cls"`` (encoders); ``source``: where it was loaded from;
     ``manifest``: the manifest when loaded from a slimformer folder; ``applied``: records of the
     compression steps applied (read back from the manifest after loading); ``recipe``: the recipe
-    they came from, as a dictionary.
+    they came from, as a dictionary; ``dynamic``: run-time settings (early exit, token
+    reduction), or None.
     """
 
     model: nn.Module
@@ -39,6 +40,20 @@ class LoadedModel:
     manifest: dict | None = None
     applied: list[dict] = field(default_factory=list)
     recipe: dict | None = None
+    dynamic: Any = None
+
+    def embed(self, batch: dict, return_stats: bool = False):
+        """Sentence embeddings (batch, dim) float32 of a tokenized batch (encoders), through the
+        dynamic runtime when the model has dynamic settings (early exit, token reduction)."""
+        from slimformer.methods.dynamic.runtime import DynamicEncoder
+
+        if self.dynamic is not None and self.dynamic.active() or return_stats:
+            return DynamicEncoder(self).embed(batch, return_stats=return_stats)
+        from slimformer.evaluate.quality import pool
+
+        with torch.no_grad():
+            hidden = self.model(**batch).last_hidden_state.float()
+        return pool(hidden, batch["attention_mask"], self.pooling)
 
     @property
     def adapter(self) -> ArchitectureAdapter:
@@ -47,6 +62,16 @@ class LoadedModel:
     @property
     def config(self) -> Any:
         return self.model.config
+
+
+def max_positions(loaded: "LoadedModel") -> int | None:
+    """The longest sequence the model's position embeddings allow (None if unbounded)."""
+    config = loaded.model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def default_model_path() -> Path:
@@ -194,7 +219,7 @@ def _load_hf_folder(folder: Path, label: str, attn_implementation: str) -> Loade
     auto_class = _model_class_for(config)
     try:
         model = auto_class.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn_implementation)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # safetensors and transformers raise many types for a bad checkpoint
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise ModelLoadError(f"cannot load weights from {folder}: {message}", "check that the folder holds a complete checkpoint") from exc
     try:

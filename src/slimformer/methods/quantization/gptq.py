@@ -139,6 +139,7 @@ def apply_gptq(loaded, config: GPTQConfig, ctx) -> dict:
             module.weight, H, config.bits, config.group_size, config.symmetric, config.act_order, config.damp, config.block_size
         )
         new = QuantizedLinear.from_codes(codes, scale, zero, config.bits, config.group_size, config.symmetric, module.bias)
+        new.set_compute_dtype(module.weight.dtype)
         set_submodule(loaded.model, name, new)
         kernels[name] = new.kernel
     return {"modules": sorted(modules), "kernels": kernels}

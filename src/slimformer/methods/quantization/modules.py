@@ -56,6 +56,7 @@ class PackedWeight(nn.Module):
         self.group_size = group_size
         self.symmetric = symmetric
         self._cols = cols
+        self.compute_dtype = torch.float32  # the model's float dtype (see methods.quantization.cast)
         groups = grid.num_groups(cols, group_size)
         self.register_buffer("qweight", torch.zeros(rows, grid.packed_row_bytes(cols, bits), dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(rows, groups, dtype=torch.bfloat16))
@@ -63,6 +64,15 @@ class PackedWeight(nn.Module):
             self.zeros = None
         else:
             self.register_buffer("zeros", torch.zeros(rows, groups, dtype=torch.uint8))
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> None:
+        """Compute in ``dtype`` (outputs, and the run-time form of dequantized layers)."""
+        self.compute_dtype = dtype
+        if getattr(self, "_runtime", None):
+            self.prepare()
+
+    def prepare(self) -> None:
+        """Build run-time tensors from the stored buffers (nothing by default)."""
 
     def _store(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         self.qweight.copy_(grid.pack_codes(codes, self.bits))
@@ -154,7 +164,7 @@ class QuantizedLinear(PackedWeight):
             z = (8.0 - self.zero_points()) * scale
             rt["scales_and_zeros"] = torch.stack([scale, z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         elif self.kernel == "dequant":
-            rt["weight"] = self.dequantized_weight()
+            rt["weight"] = self.dequantized_weight().to(self.compute_dtype)
         else:
             raise ValueError(f"unknown kernel {self.kernel!r}; choose from {KERNELS}")
         self._runtime = rt
@@ -233,7 +243,7 @@ class QuantizedEmbedding(PackedWeight):
         flat = input_ids.reshape(-1)
         codes = grid.unpack_codes(self.qweight[flat], self.bits, self.embedding_dim)
         rows = grid.dequantize_codes(codes, self.scales[flat].float(), self.zero_points(flat))
-        return rows.reshape(*input_ids.shape, self.embedding_dim)
+        return rows.reshape(*input_ids.shape, self.embedding_dim).to(self.compute_dtype)
 
     def runtime_nbytes(self) -> int:
         return 0

@@ -53,8 +53,11 @@ def quantize_module_rtn(module: nn.Module, bits: int, group_size: int | None, sy
     scale, zero = grid.grid_params(w, bits, group_size, symmetric)
     codes = grid.quantize_codes(w, scale, zero, bits)
     if isinstance(module, nn.Embedding):
-        return QuantizedEmbedding.from_codes(codes, scale, zero, bits, group_size, symmetric, module.padding_idx)
-    return QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, module.bias)
+        new = QuantizedEmbedding.from_codes(codes, scale, zero, bits, group_size, symmetric, module.padding_idx)
+    else:
+        new = QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, module.bias)
+    new.set_compute_dtype(module.weight.dtype)
+    return new
 
 
 def share_packed_storage(dst: nn.Module, src: nn.Module) -> None:
@@ -66,7 +69,7 @@ def share_packed_storage(dst: nn.Module, src: nn.Module) -> None:
 
 @register_method(RTNConfig)
 def apply_rtn(loaded, config: RTNConfig, ctx) -> dict:
-    modules = select_modules(loaded, config)
+    modules = select_modules(loaded, config, allow_tied=True)
     check_group_size(config.name, modules, config.group_size)
     kernels: dict[str, str] = {}
     by_weight: dict[int, nn.Module] = {}

@@ -1,0 +1,136 @@
+"""Early exit: multi-exit encoders with exits trained by self-distillation.
+
+Exits after chosen blocks map that block's pooled hidden state into the final embedding space.
+They are trained jointly by distillation from the model's own final embedding on unlabelled
+calibration text, the backbone frozen (COST-EFF, Shen et al., 2022, "COST-EFF: Collaborative
+Optimization of Spatial and Temporal Efficiency with Slenderized Multi-exit Language Models").
+At run time an exit rule decides per input whether to stop (see ``rules``); rows that stop leave
+the batch, so later blocks run on fewer rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from slimformer.errors import ConfigError
+from slimformer.methods.base import MethodConfig, register_method
+from slimformer.methods.dynamic.base import check_layers, require_encoder, settings_of
+from slimformer.methods.dynamic.rules import RULES, make_rule
+from slimformer.methods.dynamic.runtime import DynamicEncoder, ExitHeads
+
+
+@dataclass
+class EarlyExitConfig(MethodConfig):
+    """Exits after ``layers`` (default: every block but the last), trained for ``train_steps``
+    full-batch Adam steps at ``lr``; the exit ``rule`` (``similarity``: MuE, consecutive exits
+    agree with cosine >= ``threshold``; ``patience``: that for ``patience`` exits in a row;
+    ``confidence``: prediction entropy <= ``threshold``, for classifier heads) sets the trade-off."""
+
+    name = "early-exit"
+    family = "dynamic"
+    paper = "COST-EFF (Shen et al., 2022) exits by self-distillation; MuE (Tang et al., 2023) similarity rule"
+    summary = "exit heads trained by self-distillation; inputs stop at the first exit whose rule fires"
+    requires_calibration = True
+
+    layers: tuple[int, ...] = ()
+    rule: str = "similarity"
+    threshold: float = 0.99
+    patience: int = 2
+    train_steps: int = 300
+    lr: float = 0.001
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers)
+        if self.rule not in RULES:
+            raise ConfigError(f"early-exit: unknown rule {self.rule!r}", f"use one of {list(RULES)}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ConfigError(f"early-exit: patience={self.patience!r} must be a positive integer", "use e.g. patience: 2")
+        if isinstance(self.train_steps, bool) or not isinstance(self.train_steps, int) or self.train_steps < 0:
+            raise ConfigError(f"early-exit: train_steps={self.train_steps!r} must be >= 0", "use e.g. train_steps: 300")
+        if not 0 < self.lr < 1:
+            raise ConfigError(f"early-exit: lr={self.lr} must be in (0, 1)", "use e.g. lr: 0.001")
+
+
+def exit_layers(loaded, config: EarlyExitConfig) -> list[int]:
+    n = loaded.adapter.num_layers()
+    layers = sorted(config.layers) if config.layers else list(range(n - 1))
+    check_layers("early-exit", tuple(layers), n)
+    return layers
+
+
+def install_early_exit(loaded, config: EarlyExitConfig, heads: ExitHeads | None = None) -> ExitHeads:
+    """Attach exit heads (new ones, or ``heads``) and the rule to ``loaded``."""
+    if config.rule == "confidence":
+        raise ConfigError("early-exit: the confidence rule needs classifier exits; an embedding has no posterior", "use rule: similarity or rule: patience")
+    layers = exit_layers(loaded, config)
+    if heads is None:
+        heads = ExitHeads(layers, loaded.model.config.hidden_size)
+    loaded.model.slimformer_exits = heads
+    settings = settings_of(loaded)
+    settings.exits = heads
+    settings.rule = make_rule(config.rule, config.threshold, config.patience)
+    settings.configs.append(config.to_dict())
+    return heads
+
+
+def set_exit_rule(loaded, rule: str = "similarity", threshold: float = 0.99, patience: int = 2) -> None:
+    """Change a multi-exit model's exit rule after training (the exits stay as trained); the
+    manifest records the new setting."""
+    settings = settings_of(loaded)
+    if settings.exits is None:
+        raise ConfigError("the model has no exits", "apply an early-exit step first")
+    if rule == "confidence":
+        raise ConfigError("early-exit: the confidence rule needs classifier exits; an embedding has no posterior", "use rule: similarity or rule: patience")
+    settings.rule = make_rule(rule, threshold, patience)
+    for config in settings.configs:
+        if config.get("method") == EarlyExitConfig.name:
+            config.update(rule=rule, threshold=threshold, patience=patience)
+
+
+def train_exits(loaded, heads: ExitHeads, batches: list[dict], steps: int, lr: float) -> dict[int, float]:
+    """Fit each exit to the final embedding (cosine distillation), backbone frozen; the token
+    reduction already installed is active while features are collected. Returns each exit's
+    mean cosine to the final embedding on the calibration text after training."""
+    settings = settings_of(loaded)
+    saved = settings.exits
+    settings.exits = None
+    try:
+        runner = DynamicEncoder(loaded)
+        finals, per_layer = [], []
+        for batch in batches:
+            final, layers = runner.embed(batch, collect_layers=True)
+            finals.append(final)
+            per_layer.append(layers)
+    finally:
+        settings.exits = saved
+    target = torch.cat(finals)
+    fidelity: dict[int, float] = {}
+    for layer in heads.layers:
+        x = torch.cat([p[layer] for p in per_layer])
+        head = heads.heads[str(layer)]
+        head.float()
+        with torch.enable_grad():
+            head.requires_grad_(True)
+            opt = torch.optim.Adam(head.parameters(), lr=lr)
+            for _ in range(steps):
+                loss = 1 - F.cosine_similarity(head(x), target, dim=-1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            head.requires_grad_(False)
+        with torch.no_grad():
+            fidelity[layer] = float(F.cosine_similarity(head(x), target, dim=-1).mean())
+    return fidelity
+
+
+@register_method(EarlyExitConfig)
+def apply_early_exit(loaded, config: EarlyExitConfig, ctx) -> dict:
+    require_encoder(loaded, "early-exit")
+    heads = install_early_exit(loaded, config)
+    fidelity = train_exits(loaded, heads, ctx.batches(loaded.tokenizer), config.train_steps, config.lr)
+    dtype = next(loaded.model.parameters()).dtype
+    heads.to(dtype)
+    return {"layers": heads.layers, "exit_fidelity": fidelity}

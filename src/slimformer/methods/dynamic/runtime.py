@@ -1,0 +1,170 @@
+"""The dynamic encoder runtime: runs an encoder's blocks one by one so that the work can adapt
+to each input — tokens merged or pruned between blocks, and rows that have exited leaving the
+batch so that later blocks run on fewer rows.
+
+It is used whenever a model carries dynamic settings (``loaded.dynamic``); with none, it runs
+exactly the ordinary forward pass. Shapes: ``input_ids``/``attention_mask`` (batch, seq);
+hidden states (rows, tokens, dim); token ``sizes`` (rows, tokens) = how many original tokens a
+(possibly merged) token stands for, 0 for padding; embeddings (batch, dim).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DynamicSettings:
+    """What a model does at run time. ``exits``: ``ExitHeads`` module (or None) with its
+    ``rule``; ``reducers``: token reducers applied after given blocks (``layer -> reducer``)."""
+
+    exits: nn.Module | None = None
+    rule: object | None = None
+    reducers: dict[int, list] = field(default_factory=dict)
+    proportional_attention: bool = True
+    configs: list[dict] = field(default_factory=list)  # for the manifest
+
+    def active(self) -> bool:
+        return self.exits is not None or bool(self.reducers)
+
+
+@dataclass
+class RunStats:
+    """Per-input and per-block accounting of one dynamic forward pass."""
+
+    layers_run: torch.Tensor  # (batch,) blocks each input ran through
+    tokens_per_layer: list[float]  # mean real tokens (sizes > 0) per input entering each block
+    rows_per_layer: list[int]  # rows in the batch entering each block
+    flops: float  # estimated multiply-adds x2 of the blocks actually run
+
+
+class ExitHeads(nn.Module):
+    """One exit head per chosen block: maps that block's pooled hidden state (rows, dim) into the
+    final embedding space (rows, dim). Stored as ``model.slimformer_exits`` so it is saved."""
+
+    def __init__(self, layers: list[int], dim: int) -> None:
+        super().__init__()
+        self.layers = list(layers)
+        self.heads = nn.ModuleDict({str(l): nn.Linear(dim, dim) for l in layers})
+        for head in self.heads.values():
+            nn.init.eye_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def has(self, layer: int) -> bool:
+        return str(layer) in self.heads
+
+    def forward(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
+        head = self.heads[str(layer)]
+        return head(pooled.to(head.weight.dtype))
+
+
+def pool(hidden: torch.Tensor, sizes: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool (rows, tokens, dim) with token ``sizes`` (rows, tokens) -> (rows, dim) float32."""
+    if mode == "cls":
+        return hidden[:, 0].float()
+    w = sizes.unsqueeze(-1).to(torch.float32)
+    return (hidden.float() * w).sum(1) / w.sum(1).clamp(min=1e-9)
+
+
+def special_token_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Bool (batch, seq): special tokens ([CLS], [SEP], BOS/EOS) that token reduction never removes."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    pad = getattr(tokenizer, "pad_token_id", None)
+    ids.discard(pad)
+    if not ids:
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+    return torch.isin(input_ids, torch.tensor(sorted(ids), dtype=input_ids.dtype))
+
+
+def _block_flops(tokens: torch.Tensor, dim: int, ffn: int) -> float:
+    """Multiply-add x2 of one encoder block for rows with ``tokens`` real tokens each."""
+    t = tokens.float()
+    return float((2 * t * (4 * dim * dim + 2 * dim * ffn) + 2 * 2 * t * t * dim).sum())
+
+
+class DynamicEncoder:
+    """Runs a loaded encoder with its dynamic settings (see the module docstring)."""
+
+    def __init__(self, loaded) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.adapter = loaded.adapter
+        self.settings: DynamicSettings = getattr(loaded, "dynamic", None) or DynamicSettings()
+
+    def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor, sizes: torch.Tensor | None):
+        if sizes is not None and not self.settings.proportional_attention:
+            attention_mask, sizes = (sizes > 0).long(), None
+        if sizes is None:
+            from transformers.masking_utils import create_bidirectional_mask
+
+            return create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        # Proportional attention (ToMe): a merged token of size s gets log(s) added to its logits.
+        neg = torch.finfo(hidden.dtype).min
+        bias = torch.where(sizes > 0, torch.log(sizes.clamp(min=1e-9)), torch.full_like(sizes, neg))
+        return bias.to(hidden.dtype)[:, None, None, :]
+
+    @torch.no_grad()
+    def embed(self, batch: dict, return_stats: bool = False, collect_layers: bool = False):
+        """Embeddings (batch, dim) float32 of a tokenized batch; with ``return_stats`` also a
+        ``RunStats``; with ``collect_layers`` also the pooled state after every block
+        (list of (batch, dim)), for training exits."""
+        input_ids = batch["input_ids"]
+        attention_mask = batch["attention_mask"]
+        base = self.adapter.base()
+        blocks = self.adapter.blocks()
+        config = self.model.config
+        hidden = base.embeddings(input_ids=input_ids)
+        n, dim = input_ids.shape[0], hidden.shape[-1]
+        ffn = getattr(config, "intermediate_size", 4 * dim)
+        mode = self.loaded.pooling
+        sizes = attention_mask.to(torch.float32)
+        merged = False
+        protect = special_token_mask(input_ids, self.loaded.tokenizer) & attention_mask.bool()
+        rows = torch.arange(n)
+        out = torch.zeros(n, dim, dtype=torch.float32)
+        layers_run = torch.zeros(n, dtype=torch.long)
+        tokens_per_layer: list[float] = []
+        rows_per_layer: list[int] = []
+        flops = 0.0
+        collected: list[torch.Tensor] = []
+        rule_state: dict = {}
+        exits, rule = self.settings.exits, self.settings.rule
+        last = len(blocks) - 1
+        for index, block in enumerate(blocks):
+            real = (sizes > 0).sum(1)
+            tokens_per_layer.append(float(real.float().mean()) if len(rows) else 0.0)
+            rows_per_layer.append(len(rows))
+            flops += _block_flops(torch.full_like(real, sizes.shape[1]), dim, ffn)
+            mask = self._mask(hidden, attention_mask, sizes if merged else None)
+            output = block(hidden, attention_mask=mask)
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            layers_run[rows] += 1
+            for reducer in self.settings.reducers.get(index, []):
+                hidden, sizes, protect = reducer.reduce(self, index, hidden, sizes, protect)
+                merged = True
+                attention_mask = (sizes > 0).long()
+            if collect_layers:
+                collected.append(pool(hidden, sizes, mode))
+            if exits is not None and index < last and exits.has(index):
+                emb = exits(index, pool(hidden, sizes, mode)).float()
+                done = rule.decide(index, emb, rule_state)
+                if done.any():
+                    out[rows[done]] = emb[done]
+                    keep = ~done
+                    hidden, sizes, protect, rows = hidden[keep], sizes[keep], protect[keep], rows[keep]
+                    attention_mask = attention_mask[keep]
+                    rule_state = {k: v[keep] for k, v in rule_state.items()}
+                    if len(rows) == 0:
+                        break
+        if len(rows):
+            out[rows] = pool(hidden, sizes, mode)
+        result = [out]
+        if return_stats:
+            result.append(RunStats(layers_run, tokens_per_layer, rows_per_layer, flops))
+        if collect_layers:
+            result.append(collected)
+        return result[0] if len(result) == 1 else tuple(result)

@@ -1,0 +1,110 @@
+"""Token merging (ToMe) and token pruning ([CLS] / mean attention) between encoder blocks.
+
+Bolya et al., 2023, "Token Merging: Your ViT But Faster": after a block, split the tokens into
+two alternating sets A and B, match every A token to its most similar B token (cosine of the
+hidden states), and merge the ``r`` most similar pairs by a size-weighted average; attention in
+later blocks adds ``log(size)`` to the logits of merged tokens (proportional attention), and
+pooling weighs tokens by size, so a merged token keeps the weight of the tokens it replaced.
+
+Token pruning keeps the tokens the next block's attention marks most important: the attention
+of the [CLS] query (VTC-CLS, "[CLS] Attention is All You Need for Training-Free Visual Token
+Compression") or the mean attention over all queries, and drops the rest; the per-layer
+schedule is constant or staged (PyramidDrop).
+
+Special tokens are never merged or pruned; padding (size 0) is removed first, for free.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NEG = float("-inf")
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (rows, tokens, ...) gathered at index (rows, k) -> (rows, k, ...)."""
+    if x.dim() == 2:
+        return x.gather(1, index)
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def bipartite_merge(hidden: torch.Tensor, sizes: torch.Tensor, protect: torch.Tensor, r: int):
+    """Merge ``r`` tokens per row by bipartite soft matching.
+
+    hidden (rows, T, dim), sizes (rows, T) float (0 = padding), protect (rows, T) bool ->
+    the same with T - r tokens. Padding tokens are removed before any real token is merged.
+    """
+    rows, T, dim = hidden.shape
+    a, b = torch.arange(0, T, 2), torch.arange(1, T, 2)
+    r = min(r, len(a) - int(protect[:, a].sum(1).max()) if rows else 0)
+    if r <= 0:
+        return hidden, sizes, protect
+    xa, xb = hidden[:, a], hidden[:, b]
+    sa, sb = sizes[:, a], sizes[:, b]
+    pa, pb = protect[:, a], protect[:, b]
+    scores = F.normalize(xa.float(), dim=-1) @ F.normalize(xb.float(), dim=-1).transpose(1, 2)  # (rows, Ta, Tb)
+    scores = scores.masked_fill(((sb == 0) | pb)[:, None, :], NEG)
+    best, best_dst = scores.max(-1)  # (rows, Ta)
+    best = best.masked_fill(pa, NEG).masked_fill((sa == 0) & ~pa, float("inf"))
+    order = best.argsort(dim=-1, descending=True)
+    src, keep = order[:, :r], order[:, r:]
+    dst = best_dst.gather(1, src)
+    src_size = sa.gather(1, src)
+    weighted = (xb.float() * sb.unsqueeze(-1)).scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, dim), _gather_tokens(xa, src).float() * src_size.unsqueeze(-1))
+    sb_new = sb.scatter_add(1, dst, src_size)
+    xb_new = torch.where(sb_new.unsqueeze(-1) > 0, weighted / sb_new.clamp(min=1e-9).unsqueeze(-1), xb.float()).to(hidden.dtype)
+    return (
+        torch.cat([_gather_tokens(xa, keep), xb_new], 1),
+        torch.cat([sa.gather(1, keep), sb_new], 1),
+        torch.cat([pa.gather(1, keep), pb], 1),
+    )
+
+
+class TokenMerger:
+    """Reducer merging ``r`` tokens per row after a block (ToMe)."""
+
+    def __init__(self, r: int) -> None:
+        self.r = r
+
+    def reduce(self, runner, layer: int, hidden, sizes, protect):
+        return bipartite_merge(hidden, sizes, protect, self.r)
+
+
+def attention_importance(runner, layer: int, hidden: torch.Tensor, sizes: torch.Tensor, score: str) -> torch.Tensor:
+    """Importance (rows, T) of each token to the attention of the block after ``layer``:
+    the [CLS] query's attention (``score="cls"``) or the mean over real queries (``"mean"``)."""
+    blocks = runner.adapter.blocks()
+    nxt = blocks[min(layer + 1, len(blocks) - 1)]
+    attn = getattr(nxt, runner.adapter.spec.attention)
+    q_proj, k_proj = runner.adapter.query_key(attn)
+    heads = runner.model.config.num_attention_heads
+    rows, T, dim = hidden.shape
+    hd = dim // heads
+    k = k_proj(hidden).float().view(rows, T, heads, hd).transpose(1, 2)  # (rows, heads, T, hd)
+    queries = hidden[:, :1] if score == "cls" else hidden
+    q = q_proj(queries).float().view(rows, queries.shape[1], heads, hd).transpose(1, 2)
+    logits = q @ k.transpose(-1, -2) / hd**0.5 + torch.where(sizes > 0, sizes.clamp(min=1e-9).log(), torch.full_like(sizes, NEG))[:, None, None, :]
+    probs = logits.softmax(-1)  # (rows, heads, Q, T)
+    if score == "cls":
+        return probs[:, :, 0].mean(1)
+    qmask = (sizes > 0).float()[:, None, :, None]
+    return (probs * qmask).sum((1, 2)) / qmask.sum((1, 2)).clamp(min=1)
+
+
+class TokenPruner:
+    """Reducer keeping ``keep_ratio`` of each row's tokens, by attention importance."""
+
+    def __init__(self, keep_ratio: float, score: str) -> None:
+        self.keep_ratio = keep_ratio
+        self.score = score
+
+    def reduce(self, runner, layer: int, hidden, sizes, protect):
+        rows, T, _ = hidden.shape
+        keep_n = max(int(protect.sum(1).max()) + 1, int(round(T * self.keep_ratio)))
+        if keep_n >= T:
+            return hidden, sizes, protect
+        importance = attention_importance(runner, layer, hidden, sizes, self.score)
+        importance = importance.masked_fill(sizes == 0, NEG).masked_fill(protect, float("inf"))
+        keep = importance.topk(keep_n, dim=1).indices.sort(dim=1).values
+        return _gather_tokens(hidden, keep), sizes.gather(1, keep), protect.gather(1, keep)
