@@ -49,9 +49,9 @@ def _gptq(bits, group_size):
 SETTINGS: list[tuple[str, str, list[dict]]] = [
     ("rtn w8 per-channel", "quantization", [{"method": "rtn", "bits": 8, "group_size": None, "symmetric": True}]),
     ("rtn w8 per-channel + emb/head8", "quantization", [{"method": "rtn", "bits": 8, "group_size": None, "symmetric": True}, HEAD8]),
-    ("rtn w4 g128", "quantization", [_rtn(4, 128)]),
+    ("rtn w4 g32", "quantization", [_rtn(4, 32)]),
     ("rtn w4 g64", "quantization", [_rtn(4, 64)]),
-    ("gptq w4 g128", "quantization", [_gptq(4, 128)]),
+    ("gptq w4 g32", "quantization", [_gptq(4, 32)]),
     ("gptq w4 g64", "quantization", [_gptq(4, 64)]),
     ("gptq w4 g64 + emb/head8", "quantization", [_gptq(4, 64), HEAD8]),
     ("rtn w3 g64", "quantization", [_rtn(3, 64)]),
