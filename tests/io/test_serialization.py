@@ -17,7 +17,7 @@ from slimformer.recipe import Recipe
 
 def _compressed(tiny, calibration):
     recipe = Recipe(
-        steps=[ShortGPTConfig(num_layers=1), GPTQConfig(bits=4, group_size=32), RTNConfig(bits=8, group_size=None, symmetric=True, targets=("embedding",))],
+        steps=[ShortGPTConfig(num_layers=1), GPTQConfig(bits=4, group_size=32), RTNConfig(bits=8, group_size=None, symmetric=True, targets=("embedding", "head"))],
         calibration=calibration,
     )
     return compress(tiny, recipe)

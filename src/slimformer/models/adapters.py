@@ -190,7 +190,7 @@ def conv1d_to_linear(model: nn.Module) -> int:
     for name, module in list(model.named_modules()):
         if isinstance(module, Conv1D):
             in_features, out_features = module.weight.shape
-            linear = nn.Linear(in_features, out_features, bias=module.bias is not None)
+            linear = nn.Linear(in_features, out_features, bias=module.bias is not None, dtype=module.weight.dtype)
             with torch.no_grad():
                 linear.weight.copy_(module.weight.t())
                 if module.bias is not None:

@@ -136,6 +136,9 @@ def _read_pooling(folder: Path) -> str:
 
 
 def _looks_like_hub_id(source: str) -> bool:
+    """``owner/name`` that is not a path under an existing local folder."""
+    if Path(source).parent.is_dir() and Path(source).parent != Path("."):
+        return False
     return (
         source.count("/") == 1
         and not source.startswith((".", "/", "~"))

@@ -42,13 +42,16 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """
     from slimformer.methods.quantization.modules import PackedWeight
 
+    cast: dict[int, torch.nn.Parameter] = {}  # tied parameters stay tied
     for module in model.modules():
         if isinstance(module, PackedWeight):
             module.set_compute_dtype(dtype)
             continue
         for name, param in module._parameters.items():
             if param is not None and param.is_floating_point():
-                module._parameters[name] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+                if id(param) not in cast:
+                    cast[id(param)] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+                module._parameters[name] = cast[id(param)]
         for name, buf in module._buffers.items():
             if buf is not None and buf.is_floating_point() and name not in module._non_persistent_buffers_set:
                 module._buffers[name] = buf.to(dtype)
