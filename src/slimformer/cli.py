@@ -37,7 +37,7 @@ def cmd_compress(args) -> int:
     from slimformer.compress import compress
     from slimformer.evaluate import evaluate
     from slimformer.evaluate.report import markdown_table, row_of
-    from slimformer.io.serialization import build_manifest, prepare_output_dir, save_compressed, unique_state_dict
+    from slimformer.io.serialization import prepare_output_dir, read_manifest, save_compressed
     from slimformer.models import load_model
     from slimformer.recipe import Recipe
 
@@ -61,8 +61,7 @@ def cmd_compress(args) -> int:
         evaluation = evaluate(original, model, settings, progress=not args.quiet)
     out = save_compressed(model, args.out, evaluation=evaluation, force=args.force)
     _status(f"wrote {out}")
-    manifest = build_manifest(model, unique_state_dict(model.model)[1], evaluation)
-    print(markdown_table([row_of(Path(args.out).name, manifest)]), end="")
+    print(markdown_table([row_of(Path(args.out).name, read_manifest(out))]), end="")
     return 0
 
 

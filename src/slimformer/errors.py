@@ -30,3 +30,8 @@ class UnsupportedArchitectureError(SlimformerError):
 
 class OutputExistsError(SlimformerError):
     """An output folder that already exists (and ``force`` was not given)."""
+
+
+def is_int_at_least(value, minimum: int) -> bool:
+    """Whether ``value`` is an int (not a bool) >= ``minimum``: the check behind every integer setting."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum

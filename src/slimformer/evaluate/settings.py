@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, is_int_at_least
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class EvalSettings:
         check_source(self.source, "evaluation source")
         for name in ("n_texts", "max_length", "batch_size", "latency_batch", "latency_tokens", "latency_repeats"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            if not is_int_at_least(v, 1):
                 raise ConfigError(f"evaluation setting {name}={v!r} must be a positive integer", f"pass e.g. {name}=32")
         if not 0 < self.n_queries < self.n_texts:
             raise ConfigError(f"n_queries={self.n_queries} must be between 1 and n_texts-1={self.n_texts - 1}", "lower n_queries or raise n_texts")

@@ -5,7 +5,6 @@ before it, as GPTQ, SparseGPT and Wanda do).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -15,7 +14,7 @@ from tqdm.auto import tqdm
 
 from slimformer.data import TextSpec, load_texts
 from slimformer.data.text import check_source
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, is_int_at_least
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class CalibrationSettings:
         check_source(self.source, "calibration.source")
         for name in ("n_samples", "max_length", "batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_int_at_least(value, 1):
                 raise ConfigError(f"calibration {name} must be a positive integer, got {value!r}", f"set calibration.{name} to e.g. 128")
 
 
@@ -177,13 +176,3 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
     finally:
         bar.close()
 
-
-@contextmanager
-def no_grad_eval(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)

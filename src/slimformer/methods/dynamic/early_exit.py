@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.dynamic.base import check_layers, require_encoder, settings_of
 from slimformer.methods.dynamic.rules import RULES, make_rule
@@ -46,9 +46,9 @@ class EarlyExitConfig(MethodConfig):
         self.layers = tuple(self.layers)
         if self.rule not in RULES:
             raise ConfigError(f"early-exit: unknown rule {self.rule!r}", f"use one of {list(RULES)}")
-        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+        if not is_int_at_least(self.patience, 1):
             raise ConfigError(f"early-exit: patience={self.patience!r} must be a positive integer", "use e.g. patience: 2")
-        if isinstance(self.train_steps, bool) or not isinstance(self.train_steps, int) or self.train_steps < 0:
+        if not is_int_at_least(self.train_steps, 0):
             raise ConfigError(f"early-exit: train_steps={self.train_steps!r} must be >= 0", "use e.g. train_steps: 300")
         if not 0 < self.lr < 1:
             raise ConfigError(f"early-exit: lr={self.lr} must be in (0, 1)", "use e.g. lr: 0.001")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.dynamic.base import check_layers, require_encoder, settings_of
 from slimformer.methods.dynamic.token_reduction import TokenMerger
@@ -28,7 +28,7 @@ class TokenMergingConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
+        if not is_int_at_least(self.r, 0):
             raise ConfigError(f"tome: r={self.r!r} must be a non-negative integer", "use e.g. r: 8")
 
 

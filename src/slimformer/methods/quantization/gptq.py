@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import register_method
 from slimformer.methods.calibration import blockwise
 from slimformer.methods.quantization import grid
@@ -48,7 +48,7 @@ class GPTQConfig(WeightQuantConfig):
             raise ConfigError("gptq: the embedding table has no input activations to compensate with", "quantize the embedding with a separate rtn step")
         if not 0 < self.damp < 1:
             raise ConfigError(f"gptq: damp={self.damp} must be in (0, 1)", "use e.g. damp: 0.01")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+        if not is_int_at_least(self.block_size, 1):
             raise ConfigError(f"gptq: block_size={self.block_size!r} must be a positive integer", "use e.g. block_size: 128")
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, ModuleSelection, register_method
 from slimformer.methods.quantization import grid
 from slimformer.methods.quantization.modules import QuantizedEmbedding, QuantizedLinear
@@ -33,7 +33,7 @@ class WeightQuantConfig(MethodConfig, ModuleSelection):
         self._validate_selection()
         if isinstance(self.bits, bool) or self.bits not in grid.SUPPORTED_BITS:
             raise ConfigError(f"{self.name}: bits={self.bits!r} is not supported", f"use bits in {list(grid.SUPPORTED_BITS)}")
-        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0):
+        if self.group_size is not None and not is_int_at_least(self.group_size, 1):
             raise ConfigError(f"{self.name}: group_size={self.group_size!r} must be a positive integer or null", "use e.g. group_size: 128, or null for per-channel")
 
 

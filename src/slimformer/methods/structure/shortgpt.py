@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.calibration import run_batches
 
@@ -35,12 +35,12 @@ class ShortGPTConfig(MethodConfig):
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
         if self.layers:
-            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers):
+            if not all(is_int_at_least(i, 0) for i in self.layers):
                 raise ConfigError(f"shortgpt: layers={list(self.layers)} must be non-negative block indices", "write e.g. layers: [3, 4]")
             if len(set(self.layers)) != len(self.layers):
                 raise ConfigError(f"shortgpt: layers={list(self.layers)} repeats an index", "list each block once")
             self.num_layers = len(self.layers)
-        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
+        if not is_int_at_least(self.num_layers, 1):
             raise ConfigError(f"shortgpt: num_layers={self.num_layers!r} must be a positive integer", "use e.g. num_layers: 2")
 
 
