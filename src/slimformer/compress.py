@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from slimformer.methods import CompressionContext, apply_method
 from slimformer.models.loading import LoadedModel, max_positions
 from slimformer.recipe import Recipe
@@ -17,6 +19,12 @@ def compress(loaded: LoadedModel, recipe: Recipe, progress: bool = False) -> Loa
     """
     ctx = CompressionContext(recipe.calibration, progress=progress)
     ctx.max_positions = max_positions(loaded)
+    if any(step.requires_original_weights for step in recipe.steps):
+        ctx.original_weights = {
+            name: module.weight.detach().float().clone()
+            for name, module in loaded.model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+        }
     for step in recipe.steps:
         t0 = time.perf_counter()
         record = apply_method(loaded, step, ctx)

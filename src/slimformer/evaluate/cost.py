@@ -42,23 +42,26 @@ def logical_parameters(model: nn.Module) -> int:
         count += p.numel()
     counted: set[int] = set()
     for m in qmods.values():
-        if hasattr(m, "in_features") and m.bias is not None:
-            count += m.out_features
-        if id(m.qweight) in counted:  # a tied embedding/head pair: one table
+        bias = getattr(m, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            count += bias.numel()
+        key = id(m.storage_key())
+        if key in counted:  # a tied embedding/head pair: one table
             continue
-        counted.add(id(m.qweight))
-        count += m.qweight.shape[0] * m._cols
+        counted.add(key)
+        rows, cols = m.weight_shape
+        count += rows * cols
     return count
 
 
 def quantized_linear_bits(model: nn.Module) -> float | None:
-    """Stored bits per weight of the quantized linear layers (codes + scales + zeros), or None."""
+    """Stored bits per weight of the quantized linear layers (codes, scales, zero points,
+    codebooks, low-rank factors; not biases), or None when no linear is quantized."""
     bits = weights = 0
     for m in quantized_modules(model).values():
         if not hasattr(m, "in_features"):
             continue
-        stored = m.qweight.numel() + m.scales.numel() * 2 + (0 if m.zeros is None else m.zeros.numel())
-        bits += 8 * stored
+        bits += m.stored_bits()
         weights += m.in_features * m.out_features
     return bits / weights if weights else None
 

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slimformer.errors import ModelLoadError, OutputExistsError
-from slimformer.methods.quantization.modules import QuantizedEmbedding, QuantizedLinear, module_from_description
+from slimformer.methods.quantization.modules import QuantizedModule, module_from_description
 from slimformer.models.adapters import conv1d_to_linear, set_submodule
 from slimformer.models.loading import MANIFEST_NAME, LoadedModel, check_safetensors_file
 
@@ -66,7 +66,7 @@ def unique_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], 
 
 
 def quantized_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedModule)}
 
 
 def kernel_summary(model: torch.nn.Module) -> dict[str, int]:
@@ -206,7 +206,7 @@ def _retie_packed_buffers(model: torch.nn.Module, aliases: dict[str, str]) -> No
         alias_module, _, alias_buffer = alias.rpartition(".")
         kept_module, _, kept_buffer = kept.rpartition(".")
         dst, src = model.get_submodule(alias_module), model.get_submodule(kept_module)
-        if isinstance(dst, (QuantizedLinear, QuantizedEmbedding)) and alias_buffer in dst._buffers and kept_buffer in src._buffers:
+        if isinstance(dst, QuantizedModule) and alias_buffer in dst._buffers and kept_buffer in src._buffers:
             dst._buffers[alias_buffer] = src._buffers[kept_buffer]
 
 

@@ -37,6 +37,7 @@ class MethodConfig:
     summary: ClassVar[str] = ""
     version: ClassVar[int] = 1
     requires_calibration: ClassVar[bool] = False
+    requires_original_weights: ClassVar[bool] = False  # e.g. error compensation of a quantized model
 
     def to_dict(self) -> dict[str, Any]:
         """Type-tagged, versioned plain dictionary (JSON/YAML safe)."""

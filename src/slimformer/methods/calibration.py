@@ -44,6 +44,9 @@ class CompressionContext:
         self.calibration = calibration or CalibrationSettings()
         self.progress = progress
         self.max_positions: int | None = None  # the model's position limit, set by compress()
+        # Float weights (out, in) of every linear layer before the recipe ran, keyed by module
+        # name; taken by compress() only when a step declares requires_original_weights.
+        self.original_weights: dict[str, torch.Tensor] | None = None
         self._batches: list[dict[str, torch.Tensor]] | None = None
 
     def batches(self, tokenizer) -> list[dict[str, torch.Tensor]]:

@@ -40,11 +40,11 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
     compute dtype; non-persistent buffers (e.g. rotary frequencies) keep theirs, as they do in a
     model built directly in ``dtype``, so a saved and reloaded model computes bit for bit alike.
     """
-    from slimformer.methods.quantization.modules import PackedWeight
+    from slimformer.methods.quantization.modules import QuantizedModule
 
     cast: dict[int, torch.nn.Parameter] = {}  # tied parameters stay tied
     for module in model.modules():
-        if isinstance(module, PackedWeight):
+        if isinstance(module, QuantizedModule):
             module.set_compute_dtype(dtype)
             continue
         for name, param in module._parameters.items():

@@ -26,6 +26,72 @@ from slimformer.methods.quantization import grid
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 KERNELS = ("int8pack", "int4pack", "dequant")
 
+# Every quantized module class, keyed by the "type" of its manifest entry (see describe()).
+QUANTIZED_MODULE_TYPES: dict[str, type["QuantizedModule"]] = {}
+
+
+def register_quantized_module(cls: type["QuantizedModule"]) -> type["QuantizedModule"]:
+    """Class decorator: let the loader rebuild ``cls`` from its manifest entry."""
+    if cls.__name__ in QUANTIZED_MODULE_TYPES:
+        raise TypeError(f"quantized module type {cls.__name__!r} registered twice")
+    QUANTIZED_MODULE_TYPES[cls.__name__] = cls
+    return cls
+
+
+class QuantizedModule(nn.Module):
+    """What every module holding a compressed weight provides (linears, embeddings, codebooks).
+
+    - ``kernel``: the execution path this layer takes (reported per layer);
+    - ``describe()``: a JSON-safe manifest entry with ``"type"`` = the class name, from which
+      ``from_description`` rebuilds an empty module of the same layout (buffers are then loaded);
+    - ``weight_shape``: ``(rows, cols)`` of the float weight it stands for ((out, in) for a linear);
+    - ``dequantized_weight()``: that float32 weight;
+    - ``stored_bits()``: bits of the stored tensors that encode the weight (codes, scales, zero
+      points, codebooks, low-rank factors; not the bias);
+    - ``storage_key()``: a tensor whose identity says which modules share one stored weight (ties);
+    - ``runtime_nbytes()``: bytes of run-time tensors held beside the stored buffers;
+    - ``set_compute_dtype(dtype)``: the float dtype outputs are produced in.
+    """
+
+    kernel: str = "dequant"
+    compute_dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def from_description(cls, desc: dict) -> "QuantizedModule":
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stored_bits(self) -> int:
+        raise NotImplementedError
+
+    def storage_key(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def runtime_nbytes(self) -> int:
+        return 0
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> None:
+        self.compute_dtype = dtype
+        if getattr(self, "_runtime", None):
+            self.prepare()
+
+    def prepare(self) -> None:
+        """Build run-time tensors from the stored buffers (nothing by default)."""
+
+
+def tensor_bits(*tensors: torch.Tensor | None) -> int:
+    """Stored bits of ``tensors`` (None ignored)."""
+    return sum(8 * t.numel() * t.element_size() for t in tensors if t is not None)
+
 
 def _has_op(name: str) -> bool:
     if name == "int8pack":
@@ -45,8 +111,8 @@ def choose_kernel(bits: int, group_size: int | None, in_features: int, out_featu
     return "dequant"
 
 
-class PackedWeight(nn.Module):
-    """Storage shared by packed modules: ``qweight`` (rows, ceil(cols*bits/8)) uint8,
+class PackedWeight(QuantizedModule):
+    """Storage shared by uniform-grid packed modules: ``qweight`` (rows, ceil(cols*bits/8)) uint8,
     ``scales`` (rows, groups) bfloat16 and, when asymmetric, ``zeros`` (rows, groups) uint8."""
 
     def _init_packed(self, rows: int, cols: int, bits: int, group_size: int | None, symmetric: bool) -> None:
@@ -65,14 +131,15 @@ class PackedWeight(nn.Module):
         else:
             self.register_buffer("zeros", torch.zeros(rows, groups, dtype=torch.uint8))
 
-    def set_compute_dtype(self, dtype: torch.dtype) -> None:
-        """Compute in ``dtype`` (outputs, and the run-time form of dequantized layers)."""
-        self.compute_dtype = dtype
-        if getattr(self, "_runtime", None):
-            self.prepare()
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.qweight.shape[0], self._cols)
 
-    def prepare(self) -> None:
-        """Build run-time tensors from the stored buffers (nothing by default)."""
+    def stored_bits(self) -> int:
+        return tensor_bits(self.qweight, self.scales, self.zeros)
+
+    def storage_key(self) -> torch.Tensor:
+        return self.qweight
 
     def _store(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         self.qweight.copy_(grid.pack_codes(codes, self.bits))
@@ -96,6 +163,7 @@ class PackedWeight(nn.Module):
         return grid.dequantize_codes(self.codes(), self.scales.float(), self.zero_points())
 
 
+@register_quantized_module
 class QuantizedLinear(PackedWeight):
     """A linear layer ``y = x W^T + b`` whose ``W`` (out, in) is stored as packed ``bits``-bit codes.
 
@@ -144,6 +212,10 @@ class QuantizedLinear(PackedWeight):
             module.bias.copy_(bias.detach().float())
         module.prepare()
         return module
+
+    @classmethod
+    def from_description(cls, desc: dict) -> "QuantizedLinear":
+        return cls(desc["in_features"], desc["out_features"], desc["bits"], desc["group_size"], desc["symmetric"], desc["bias"])
 
     # ----- run-time form -----------------------------------------------------------------------
     def prepare(self) -> None:
@@ -211,6 +283,7 @@ class QuantizedLinear(PackedWeight):
         }
 
 
+@register_quantized_module
 class QuantizedEmbedding(PackedWeight):
     """A token-embedding table (num_embeddings, dim) stored row-wise as packed ``bits``-bit codes.
 
@@ -233,6 +306,10 @@ class QuantizedEmbedding(PackedWeight):
         module = cls(n, d, bits, group_size, symmetric, padding_idx)
         module._store(codes, scale, zero)
         return module
+
+    @classmethod
+    def from_description(cls, desc: dict) -> "QuantizedEmbedding":
+        return cls(desc["num_embeddings"], desc["embedding_dim"], desc["bits"], desc["group_size"], desc["symmetric"], desc.get("padding_idx"))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -264,17 +341,12 @@ class QuantizedEmbedding(PackedWeight):
         }
 
 
-def module_from_description(desc: dict) -> nn.Module:
+def module_from_description(desc: dict) -> QuantizedModule:
     """An empty quantized module from its manifest entry (buffers are then loaded).
 
     The execution path is chosen again for this machine's PyTorch, not copied from the entry.
     """
-    if desc["type"] == "QuantizedLinear":
-        return QuantizedLinear(
-            desc["in_features"], desc["out_features"], desc["bits"], desc["group_size"], desc["symmetric"], desc["bias"]
-        )
-    if desc["type"] == "QuantizedEmbedding":
-        return QuantizedEmbedding(
-            desc["num_embeddings"], desc["embedding_dim"], desc["bits"], desc["group_size"], desc["symmetric"], desc.get("padding_idx")
-        )
-    raise ValueError(f"unknown quantized module type {desc['type']!r}")
+    cls = QUANTIZED_MODULE_TYPES.get(desc.get("type"))
+    if cls is None:
+        raise ValueError(f"unknown quantized module type {desc.get('type')!r}")
+    return cls.from_description(desc)
