@@ -14,7 +14,7 @@ from slimformer.compress import compress
 from slimformer.errors import ConfigError
 from slimformer.io import load_compressed, save_compressed
 from slimformer.methods import method_from_dict
-from slimformer.methods.quantization import QuantizedEmbedding, QuantizedLinear
+from slimformer.methods.quantization.modules import PackedWeight, QuantizedModule
 from slimformer.recipe import Recipe
 
 
@@ -26,23 +26,28 @@ def _check_quantized(loaded, record, config, before):
     assert record["modules"], "a quantization step must quantize something"
     for name in record["modules"]:
         module = loaded.model.get_submodule(name)
-        assert isinstance(module, (QuantizedLinear, QuantizedEmbedding))
-        assert module.bits == config.bits
-        # Stored codes really take `bits` bits each (plus row padding to whole bytes).
-        cols = module.qweight.shape[1]
-        width = module.in_features if isinstance(module, QuantizedLinear) else module.embedding_dim
-        assert cols == -(-width * config.bits // 8)
+        assert isinstance(module, QuantizedModule)
         w = before[name]
         deq = module.dequantized_weight()
         assert deq.shape == w.shape
+        rows, cols = module.weight_shape
+        bits = getattr(config, "bits", None)
+        if isinstance(bits, (int, float)) and not isinstance(bits, bool):
+            # Stored size of the weight: codes at `bits` bits plus modest metadata (scales,
+            # zero points, codebooks, low-rank factors), never a float copy.
+            assert module.stored_bits() <= rows * cols * (bits + 6) + 64 * 16 * (rows + cols), f"{name}: stores too much"
+        if isinstance(module, PackedWeight):
+            assert module.bits == config.bits
+            # Stored codes really take `bits` bits each (plus row padding to whole bytes).
+            assert module.qweight.shape[1] == -(-cols * config.bits // 8)
         if config.name == "rtn":
-            g = width if config.group_size is None else config.group_size
+            g = cols if config.group_size is None else config.group_size
             step = module.scales.float().repeat_interleave(g, dim=1)
             bound = step * (0.5 if config.symmetric else 1.0) * (1 + 1e-3) + 1e-7
             assert torch.all((w - deq).abs() <= bound), f"{name}: RTN error exceeds its step size"
         else:
             rel = ((w - deq).norm() / w.norm()).item()
-            assert rel < 0.9, f"{name}: GPTQ relative weight error {rel:.2f}"
+            assert rel < 0.9, f"{name}: {config.name} relative weight error {rel:.2f}"
 
 
 def _check_pruned(loaded, record, config):
