@@ -39,3 +39,19 @@ def test_gptq_handles_dead_inputs():
     deq = grid.dequantize_codes(codes, scale, zero)
     assert torch.isfinite(deq).all()
     assert torch.all(deq[:, 5] == 0)
+
+
+def test_true_sequential_stages_follow_the_block_dataflow(tiny_factory, fast_calibration):
+    from slimformer.methods.calibration import CompressionContext, stages_of_block
+
+    for family, expected in {
+        "bert": [["attention.self.query", "attention.self.key", "attention.self.value"], ["attention.output.dense"], ["intermediate.dense"], ["output.dense"]],
+        "llama": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+    }.items():
+        loaded = tiny_factory(family)
+        adapter = loaded.adapter
+        prefix = adapter.block_prefix(0) + "."
+        names = [n for n in adapter.linear_layers() if n.startswith(prefix)]
+        batch = CompressionContext(fast_calibration).batches(loaded.tokenizer)[0]
+        stages = stages_of_block(loaded.model, adapter.blocks()[0], names, batch)
+        assert [sorted(n[len(prefix):] for n in stage) for stage in stages] == [sorted(e) for e in expected], family

@@ -16,9 +16,9 @@ from slimformer.methods.quantization.modules import QuantizedEmbedding
         (4, 64, False, "int4pack"),
         (4, 32, True, "int4pack"),
         (4, 128, False, "int4pack"),
-        (8, 64, True, "dequant"),
-        (3, 64, False, "dequant"),
-        (2, 32, True, "dequant"),
+        (8, 64, True, "unpack"),
+        (3, 64, False, "unpack"),
+        (2, 32, True, "unpack"),
     ],
 )
 def test_kernel_output_matches_the_dequantized_weight(bits, group_size, symmetric, kernel):
@@ -30,7 +30,7 @@ def test_kernel_output_matches_the_dequantized_weight(bits, group_size, symmetri
     ref = torch.nn.functional.linear(x, q.dequantized_weight(), linear.bias)
     y = q(x)
     assert y.shape == (5, 7, 96) and y.dtype == torch.float32
-    if kernel == "dequant":
+    if kernel == "unpack":
         assert torch.equal(y, ref)
     else:
         # Kernels take bfloat16 activations: agreement to bfloat16 precision.
@@ -40,12 +40,12 @@ def test_kernel_output_matches_the_dequantized_weight(bits, group_size, symmetri
 
 def test_kernel_choice_respects_kernel_constraints():
     assert choose_kernel(8, None, 384, 384) == "int8pack"
-    assert choose_kernel(8, None, 40, 384) == "dequant"  # the int8 kernel needs in % 16 == 0
+    assert choose_kernel(8, None, 40, 384) == "unpack"  # the int8 kernel needs in % 16 == 0
     assert choose_kernel(4, 64, 384, 1536) == "int4pack"
-    assert choose_kernel(4, 64, 384, 40) == "dequant"  # the int4 kernel needs out % 16 == 0
-    assert choose_kernel(4, 16, 384, 384) == "dequant"  # group sizes 32..256 only
-    assert choose_kernel(4, None, 384, 384) == "dequant"  # per-channel 384 is no kernel group size
-    assert choose_kernel(3, 64, 384, 384) == "dequant"
+    assert choose_kernel(4, 64, 384, 40) == "unpack"  # the int4 kernel needs out % 16 == 0
+    assert choose_kernel(4, 16, 384, 384) == "unpack"  # group sizes 32..256 only
+    assert choose_kernel(4, None, 384, 384) == "unpack"  # per-channel 384 is no kernel group size
+    assert choose_kernel(3, 64, 384, 384) == "unpack"
 
 
 def test_quantized_embedding_gathers_dequantized_rows():
@@ -75,3 +75,84 @@ def test_reloading_buffers_rebuilds_the_runtime_form():
     dst.load_state_dict(src.state_dict())
     x = torch.randn(3, 128)
     assert torch.equal(dst(x), src(x))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_w8a8_matches_int8_activation_reference_exactly(symmetric):
+    """The int8-dynamic path equals an explicit per-token int8 quantization of the input times
+    the int8 weight, accumulated exactly in integers, then rescaled."""
+    from slimformer.methods.quantization.modules import quantize_activations_per_token
+
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 48)  # odd widths: _int_mm has no width constraint on CPU
+    q = quantize_module_rtn(linear, 8, None, symmetric, act_bits=8)
+    assert q.kernel == "int8-dynamic"
+    x = torch.randn(4, 9, 96)
+    xq, sx, _ = quantize_activations_per_token(x.reshape(-1, 96))
+    assert xq.dtype == torch.int8 and xq.abs().max() <= 127
+    assert torch.all((xq.float() * sx - x.reshape(-1, 96)).abs() <= sx / 2 + 1e-6)  # within half a step
+    acc = xq.to(torch.int64) @ (q.codes().to(torch.int64) - 128).t()
+    ref = acc.double() * sx.double() * q.scales[:, 0].double() + linear.bias.double()
+    if not symmetric:  # the zero point's offset (128 - zp) * s is applied to the float input's row sums
+        offset = (128 - q.zero_points()[:, 0].double()) * q.scales[:, 0].double()
+        ref = ref + x.reshape(-1, 96).double().sum(-1, keepdim=True) * offset
+    ref = ref.float().reshape(4, 9, 48)
+    y = q(x)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+    # Quality against the float layer: SQNR of W8A8 well above 30 dB on Gaussian inputs.
+    fp = linear(x)
+    sqnr = 10 * torch.log10(fp.pow(2).mean() / (y - fp).pow(2).mean())
+    assert sqnr > 30
+
+
+def test_w8a8_is_chosen_only_when_asked_and_survives_reload():
+    assert choose_kernel(8, None, 384, 384, act_bits=8) == "int8-dynamic"
+    assert choose_kernel(8, 64, 384, 384, act_bits=8) == "unpack"
+    src = quantize_module_rtn(nn.Linear(64, 32), 8, None, True, act_bits=8)
+    dst = QuantizedLinear.from_description(src.describe())
+    dst.load_state_dict(src.state_dict())
+    assert dst.kernel == "int8-dynamic"
+    x = torch.randn(5, 64)
+    assert torch.equal(dst(x), src(x))
+
+
+def test_unpack_path_keeps_only_packed_codes_in_memory():
+    q = quantize_module_rtn(nn.Linear(256, 128), 3, 64, False)
+    assert q.kernel == "unpack"
+    assert q.runtime_nbytes() == 0  # no float copy of the weight is held between calls
+    assert q.qweight.numel() == 128 * 96  # 3 bits x 256 columns = 96 bytes a row
+
+
+def test_asymmetric_activation_grid_is_exact_and_finer_for_one_sided_inputs():
+    from slimformer.methods.quantization.modules import quantize_activations_per_token
+
+    torch.manual_seed(0)
+    x = torch.nn.functional.gelu(torch.randn(64, 128) * 2)  # one-sided, like an MLP's hidden layer
+    sym_codes, sym_scale, _ = quantize_activations_per_token(x, symmetric=True)
+    codes, scale, offset = quantize_activations_per_token(x, symmetric=False)
+    assert codes.dtype == torch.int8
+    x_sym = sym_codes.float() * sym_scale
+    x_asym = (codes.float() + offset) * scale
+    assert torch.all((x_asym - x).abs() <= scale / 2 + 1e-6)
+    assert (x_asym - x).pow(2).mean() < 0.5 * (x_sym - x).pow(2).mean()
+    # The layer with asymmetric activations equals its integer reference.
+    linear = nn.Linear(128, 40)
+    q = quantize_module_rtn(linear, 8, None, True, act_bits=8)
+    q.act_symmetric = False
+    ref = x_asym.double() @ q.dequantized_weight().double().t() + linear.bias.double()
+    assert torch.allclose(q(x).double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_weight_only_agrees_for_few_and_many_tokens():
+    """Few tokens go through _weight_int8pack_mm, many through the bf16-widened weight: both
+    compute the stored weight's product to bfloat16 precision."""
+    from slimformer.methods.quantization.modules import INT8_UNPACK_MIN_TOKENS
+
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+    q = quantize_module_rtn(linear, 8, None, False)
+    assert q.kernel == "int8pack"
+    for tokens in (3, INT8_UNPACK_MIN_TOKENS + 5):
+        x = torch.randn(tokens, 128)
+        ref = torch.nn.functional.linear(x, q.dequantized_weight(), linear.bias)
+        assert ((q(x) - ref).norm() / ref.norm()).item() < 1e-2

@@ -104,14 +104,20 @@ class InputStatistics:
     """Accumulates statistics of the inputs of linear layers, over valid (non-padding) tokens.
 
     ``hessian[name]``: ``sum x x^T`` (in, in) float32 and ``count[name]`` the number of tokens;
-    ``sq_norm[name]``: ``sum x_j^2`` per input feature (in,). Use as a context manager.
+    ``sq_norm[name]``: ``sum x_j^2``, ``abs_sum[name]``: ``sum |x_j|`` and ``absmax[name]``:
+    ``max |x_j|`` per input feature (in,); with ``keep_samples`` > 0, ``samples[name]``: the
+    first ``keep_samples`` input rows (tokens, in) float32. Use as a context manager.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear], hessian: bool = True) -> None:
+    def __init__(self, modules: dict[str, nn.Linear], hessian: bool = True, keep_samples: int = 0) -> None:
         self.modules = modules
         self.want_hessian = hessian
+        self.keep_samples = keep_samples
+        self.absmax: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, torch.Tensor] = {}
         self.hessian: dict[str, torch.Tensor] = {}
         self.sq_norm: dict[str, torch.Tensor] = {}
+        self.abs_sum: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {name: 0 for name in modules}
         self.mask: torch.Tensor | None = None
         self._handles: list = []
@@ -131,6 +137,14 @@ class InputStatistics:
                 self.hessian[name] = self.hessian[name] + h if name in self.hessian else h
             sq = (x * x).sum(0)
             self.sq_norm[name] = self.sq_norm[name] + sq if name in self.sq_norm else sq
+            ab = x.abs().sum(0)
+            self.abs_sum[name] = self.abs_sum[name] + ab if name in self.abs_sum else ab
+            am = x.abs().amax(0)
+            self.absmax[name] = torch.maximum(self.absmax[name], am) if name in self.absmax else am
+            if self.keep_samples:
+                kept = self.samples.get(name, x[:0])
+                if kept.shape[0] < self.keep_samples:
+                    self.samples[name] = torch.cat([kept, x[: self.keep_samples - kept.shape[0]]])
 
         return hook
 
@@ -145,12 +159,47 @@ class InputStatistics:
         self._handles.clear()
 
 
-def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], hessian: bool, desc: str) -> Iterator[tuple[str, nn.Module, InputStatistics]]:
+def stages_of_block(model: nn.Module, block: nn.Module, names: list[str], batch: dict) -> list[list[str]]:
+    """Split a block's selected linears into the stages they run in, in execution order.
+
+    Layers that read the very same input tensor (e.g. q, k and v) form one stage; a layer
+    whose input is computed from an earlier stage's output comes in a later stage. Found by
+    running ``batch`` once up to the end of ``block`` and recording call order and inputs.
+    """
+    order: list[tuple[str, torch.Tensor]] = []  # inputs are held, so no two can share memory
+    handles = []
+    for n in names:
+        def hook(_m, inputs, _o, n=n):
+            if all(n != seen for seen, _ in order):
+                order.append((n, inputs[0]))
+
+        handles.append(model.get_submodule(n).register_forward_hook(hook))
+    try:
+        run_batches(model, [batch], stop_after=block)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    last_input = None
+    for n, x in order:
+        if stages and x is last_input:
+            stages[-1].append(n)
+        else:
+            stages.append([n])
+        last_input = x
+    missing = [n for n in names if all(n != m for m, _ in order)]
+    return stages + ([missing] if missing else [])
+
+
+def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], hessian: bool, desc: str, sequential: bool = False, keep_samples: int = 0) -> Iterator[tuple[str, nn.Module, InputStatistics]]:
     """Yield ``(name, module, stats)`` for each selected linear layer, block by block.
 
     The statistics of block ``i`` are collected after the caller has processed (replaced) the
-    layers of blocks ``< i``, so they reflect the compressed model so far. Layers outside the
-    blocks (e.g. the output head) come last, from a full forward pass.
+    layers of blocks ``< i``, so they reflect the compressed model so far. With ``sequential``
+    (GPTQ's "true sequential" order) this holds inside each block too: its layers are taken
+    stage by stage (q/k/v, then the attention output, then the MLP input and output
+    projections), each stage calibrated on the outputs of the already-processed stages. Layers
+    outside the blocks (e.g. the output head) come last, from a full forward pass.
     """
     adapter = loaded.adapter
     batches = ctx.batches(loaded.tokenizer)
@@ -162,13 +211,15 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
         for n in names:
             remaining.pop(n)
         if names:
-            groups.append((adapter.blocks()[i], names))
+            block = adapter.blocks()[i]
+            stages = stages_of_block(loaded.model, block, names, batches[0]) if sequential else [names]
+            groups.extend((block, stage) for stage in stages)
     if remaining:
         groups.append((None, list(remaining)))
     bar = tqdm(total=len(selected), desc=desc, disable=not ctx.progress, unit="layer")
     try:
         for stop_after, names in groups:
-            stats = InputStatistics({n: loaded.model.get_submodule(n) for n in names}, hessian=hessian)
+            stats = InputStatistics({n: loaded.model.get_submodule(n) for n in names}, hessian=hessian, keep_samples=keep_samples)
             with stats:
                 run_batches(loaded.model, batches, stop_after=stop_after, on_batch=stats.set_batch)
             for n in names:
@@ -178,4 +229,3 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
                 bar.update(1)
     finally:
         bar.close()
-

@@ -7,7 +7,8 @@ inputs (damped by ``damp * mean(diag H)``), processed in lazy blocks. With ``act
 go in order of decreasing ``diag H``; group scales are then fixed up front from the weight
 ("static groups"), so groups stay contiguous on disk and no column permutation is stored.
 Layers are processed block by block, each block calibrated on the outputs of the
-already-quantized blocks before it.
+already-quantized blocks before it, and with ``true_sequential`` stage by stage inside a block
+(q/k/v, then the attention output, then the MLP), as in the GPTQ reference implementation.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from slimformer.models.adapters import set_submodule
 class GPTQConfig(WeightQuantConfig):
     """GPTQ settings: the grid (``bits``, ``group_size``, ``symmetric``), ``act_order`` (quantize
     columns by decreasing Hessian diagonal, static groups), ``damp`` (relative Hessian damping)
-    and ``block_size`` (columns per lazy update)."""
+    ``block_size`` (columns per lazy update) and ``true_sequential`` (inside each transformer
+    block, calibrate each stage of layers on the outputs of the already-quantized stages)."""
 
     name = "gptq"
     family = "quantization"
@@ -41,6 +43,7 @@ class GPTQConfig(WeightQuantConfig):
     act_order: bool = True
     damp: float = 0.01
     block_size: int = 128
+    true_sequential: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,12 +136,12 @@ def apply_gptq(loaded, config: GPTQConfig, ctx) -> dict:
     modules = select_modules(loaded, config, types=(torch.nn.Linear,))
     check_group_size(config.name, modules, config.group_size)
     kernels: dict[str, str] = {}
-    for name, module, stats in blockwise(loaded, ctx, modules, hessian=True, desc="gptq"):
+    for name, module, stats in blockwise(loaded, ctx, modules, hessian=True, desc="gptq", sequential=config.true_sequential):
         H = stats.hessian[name] / stats.count[name]
         codes, scale, zero = gptq_quantize(
             module.weight, H, config.bits, config.group_size, config.symmetric, config.act_order, config.damp, config.block_size
         )
-        new = QuantizedLinear.from_codes(codes, scale, zero, config.bits, config.group_size, config.symmetric, module.bias)
+        new = QuantizedLinear.from_codes(codes, scale, zero, config.bits, config.group_size, config.symmetric, module.bias, act_bits=config.act_bits)
         new.set_compute_dtype(module.weight.dtype)
         set_submodule(loaded.model, name, new)
         kernels[name] = new.kernel

@@ -3,14 +3,22 @@
 ``QuantizedLinear`` stores ``qweight`` (out, ceil(in*bits/8)) uint8, ``scales`` (out, groups)
 bfloat16, ``zeros`` (out, groups) uint8 (asymmetric only) and an optional float32 ``bias``. These
 buffers are exactly what is saved. At construction (and after loading) it prepares the run-time
-form for one of three execution paths, recorded in ``kernel``:
+form for one of four execution paths, recorded in ``kernel``:
 
+- ``int8-dynamic`` (W8A8): 8-bit per-channel weights times int8 activations quantized per token
+  at run time (symmetric, absmax), through ``torch._int_mm`` (oneDNN: AMX/VNNI int8 units),
+  int32 accumulators rescaled by the token and channel scales. Chosen only when the method was
+  asked for int8 activations (``act_bits=8``), because it changes the numerics;
 - ``int8pack``: 8-bit per-channel weights through ``torch._weight_int8pack_mm`` (bfloat16
-  activations; an asymmetric zero point is applied as a rank-1 correction);
+  activations; an asymmetric zero point is applied as a rank-1 correction) for few tokens; from
+  ``INT8_UNPACK_MIN_TOKENS`` tokens on, the int8 weight is instead widened to bfloat16 for the
+  call (a cheap, memory-bound step) and the product runs on the bf16 matrix units, which this
+  op does not use (measured in benchmarks/weight_quantization.py);
 - ``int4pack``: 4-bit group-wise weights through ``torch.ops.aten._weight_int4pack_mm_for_cpu``
   (bfloat16 activations; group size 32/64/128/256, ``out`` divisible by 16);
-- ``dequant``: every other width or layout; the float32 weight is rebuilt once at load and a
-  normal ``F.linear`` runs (reported as such: the memory saving is then on disk only).
+- ``unpack``: every other width or layout (2/3 bits, odd group sizes): the packed codes stay in
+  memory and each forward unpacks this layer's weight, computes, and drops it again, so
+  memory holds ``bits`` per weight; the cost is the unpacking time of every call.
 
 ``QuantizedEmbedding`` stores the table row-wise packed and dequantizes only the gathered rows.
 """
@@ -24,7 +32,9 @@ from torch import nn
 from slimformer.methods.quantization import grid
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-KERNELS = ("int8pack", "int4pack", "dequant")
+KERNELS = ("int8-dynamic", "int8pack", "int4pack", "unpack")
+INT8_UNPACK_MIN_TOKENS = 64
+ACT_BITS = (None, 8)  # float activations, or int8 per-token activations (W8A8)
 
 # Every quantized module class, keyed by the "type" of its manifest entry (see describe()).
 QUANTIZED_MODULE_TYPES: dict[str, type["QuantizedModule"]] = {}
@@ -53,7 +63,7 @@ class QuantizedModule(nn.Module):
     - ``set_compute_dtype(dtype)``: the float dtype outputs are produced in.
     """
 
-    kernel: str = "dequant"
+    kernel: str = "unpack"
     compute_dtype: torch.dtype = torch.float32
 
     @classmethod
@@ -94,6 +104,8 @@ def tensor_bits(*tensors: torch.Tensor | None) -> int:
 
 
 def _has_op(name: str) -> bool:
+    if name == "int8-dynamic":
+        return hasattr(torch, "_int_mm")
     if name == "int8pack":
         return hasattr(torch, "_weight_int8pack_mm")
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
@@ -101,14 +113,37 @@ def _has_op(name: str) -> bool:
     )
 
 
-def choose_kernel(bits: int, group_size: int | None, in_features: int, out_features: int) -> str:
+def choose_kernel(bits: int, group_size: int | None, in_features: int, out_features: int, act_bits: int | None = None) -> str:
     """The fastest path that exists for this layout on this PyTorch (see module docstring)."""
+    if act_bits == 8 and bits == 8 and group_size is None and _has_op("int8-dynamic"):
+        return "int8-dynamic"
     if bits == 8 and group_size is None and in_features % 16 == 0 and _has_op("int8pack"):
         return "int8pack"
     gs = in_features if group_size is None else group_size
     if bits == 4 and gs in INT4_GROUP_SIZES and in_features % gs == 0 and out_features % 16 == 0 and _has_op("int4pack"):
         return "int4pack"
-    return "dequant"
+    return "unpack"
+
+
+def quantize_activations_per_token(x: torch.Tensor, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Int8 codes of ``x`` (tokens, features) with one scale (and zero point) per token.
+
+    Returns ``(codes, scale, offset)``: codes (tokens, features) int8, scale (tokens, 1) float32
+    and, when asymmetric, ``offset`` (tokens, 1) float32 such that
+    ``x ~= (codes + offset) * scale``; symmetric: ``x ~= codes * scale`` (codes in [-127, 127],
+    offset None). The asymmetric grid spends all 256 levels on [min, max] of the token, which
+    matters for one-sided activations (e.g. after GELU).
+    """
+    xf = x.float()
+    if symmetric:
+        scale = xf.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
+        return torch.round(xf / scale).to(torch.int8), scale, None
+    lo = xf.amin(dim=1, keepdim=True).clamp_max_(0.0)
+    hi = xf.amax(dim=1, keepdim=True).clamp_min_(0.0)
+    scale = (hi - lo).clamp_min_(1e-12).div_(255.0)
+    zero = torch.round(-lo / scale)  # code of 0.0 on the unsigned grid [0, 255]
+    codes = (torch.round(xf / scale) + zero).clamp_(0, 255).sub_(128.0).to(torch.int8)
+    return codes, scale, 128.0 - zero
 
 
 class PackedWeight(QuantizedModule):
@@ -179,12 +214,18 @@ class QuantizedLinear(PackedWeight):
         symmetric: bool,
         bias: bool,
         kernel: str | None = None,
+        act_bits: int | None = None,
+        act_symmetric: bool = True,
     ) -> None:
         super().__init__()
+        if act_bits not in ACT_BITS:
+            raise ValueError(f"act_bits={act_bits!r} is not supported; use one of {ACT_BITS}")
         self._init_packed(out_features, in_features, bits, group_size, symmetric)
         self.in_features = in_features
         self.out_features = out_features
-        self.kernel = kernel or choose_kernel(bits, group_size, in_features, out_features)
+        self.act_bits = act_bits
+        self.act_symmetric = act_symmetric
+        self.kernel = kernel or choose_kernel(bits, group_size, in_features, out_features, act_bits)
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
         else:
@@ -203,10 +244,14 @@ class QuantizedLinear(PackedWeight):
         group_size: int | None,
         symmetric: bool,
         bias: torch.Tensor | None,
+        act_bits: int | None = None,
+        act_symmetric: bool = True,
     ) -> "QuantizedLinear":
-        """Build from codes (out, in) uint8, ``scale``/``zero`` (out, groups) and ``bias`` (out,)."""
+        """Build from codes (out, in) uint8, ``scale``/``zero`` (out, groups) and ``bias`` (out,);
+        ``act_bits=8`` asks for int8 activations (W8A8) where the layout allows it, quantized per
+        token with a symmetric or (``act_symmetric=False``) asymmetric grid."""
         out_features, in_features = codes.shape
-        module = cls(in_features, out_features, bits, group_size, symmetric, bias is not None)
+        module = cls(in_features, out_features, bits, group_size, symmetric, bias is not None, act_bits=act_bits, act_symmetric=act_symmetric)
         module._store(codes, scale, zero)
         if bias is not None:
             module.bias.copy_(bias.detach().float())
@@ -215,16 +260,23 @@ class QuantizedLinear(PackedWeight):
 
     @classmethod
     def from_description(cls, desc: dict) -> "QuantizedLinear":
-        return cls(desc["in_features"], desc["out_features"], desc["bits"], desc["group_size"], desc["symmetric"], desc["bias"])
+        return cls(
+            desc["in_features"], desc["out_features"], desc["bits"], desc["group_size"], desc["symmetric"], desc["bias"],
+            act_bits=desc.get("act_bits"), act_symmetric=desc.get("act_symmetric", True),
+        )
 
     # ----- run-time form -----------------------------------------------------------------------
     def prepare(self) -> None:
         """Build the run-time tensors of ``self.kernel`` from the stored buffers."""
         rt: dict[str, torch.Tensor] = {}
-        if self.kernel == "int8pack":
+        if self.kernel in ("int8pack", "int8-dynamic"):
             codes = self.codes().to(torch.int16)
             rt["w_int8"] = (codes - 128).to(torch.int8).contiguous()
             rt["scales"] = self.scales[:, 0].contiguous()
+            if self.kernel == "int8-dynamic":
+                rt["scales"] = rt["scales"].float()
+                # Asymmetric activations add offset_t * sum_k w_int8[n, k] * s_n per token t.
+                rt["w_rowsum"] = rt["w_int8"].sum(1, dtype=torch.int32).float() * rt["scales"]
             if not self.symmetric:
                 # w = (q - zp) s = (q_int8 + 128 - zp) s: the kernel applies q_int8 * s, the rest is rank 1.
                 rt["offset"] = ((128.0 - self.zero_points()[:, 0]) * self.scales[:, 0].float()).contiguous()
@@ -235,9 +287,7 @@ class QuantizedLinear(PackedWeight):
             # Kernel convention: w = (q - 8) * scale + z, i.e. z = (8 - zp) * scale.
             z = (8.0 - self.zero_points()) * scale
             rt["scales_and_zeros"] = torch.stack([scale, z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        elif self.kernel == "dequant":
-            rt["weight"] = self.dequantized_weight().to(self.compute_dtype)
-        else:
+        elif self.kernel != "unpack":
             raise ValueError(f"unknown kernel {self.kernel!r}; choose from {KERNELS}")
         self._runtime = rt
 
@@ -247,18 +297,32 @@ class QuantizedLinear(PackedWeight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rt = self._runtime
-        if self.kernel == "dequant":
-            return F.linear(x, rt["weight"].to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.kernel == "unpack":
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.kernel == "int8pack":
-            y = torch._weight_int8pack_mm(x2, rt["w_int8"], rt["scales"]).float()
+        if self.kernel == "int8-dynamic":
+            x2 = x.reshape(-1, self.in_features)
+            xq, sx, x_offset = quantize_activations_per_token(x2, self.act_symmetric)
+            y = torch._int_mm(xq, rt["w_int8"].t()).float().mul_(rt["scales"])
+            if x_offset is not None:
+                y.addcmul_(x_offset, rt["w_rowsum"].unsqueeze(0))
+            y.mul_(sx)
             if "offset" in rt:
                 y = y + x2.float().sum(-1, keepdim=True) * rt["offset"]
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2, rt["packed"], grid.effective_group_size(self.in_features, self.group_size), rt["scales_and_zeros"]
-            ).float()
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            if self.kernel == "int8pack":
+                if x2.shape[0] >= INT8_UNPACK_MIN_TOKENS:
+                    y = F.linear(x2, rt["w_int8"].to(torch.bfloat16) * rt["scales"].unsqueeze(1)).float()
+                else:
+                    y = torch._weight_int8pack_mm(x2, rt["w_int8"], rt["scales"]).float()
+                if "offset" in rt:
+                    y = y + x2.float().sum(-1, keepdim=True) * rt["offset"]
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    x2, rt["packed"], grid.effective_group_size(self.in_features, self.group_size), rt["scales_and_zeros"]
+                ).float()
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -266,7 +330,7 @@ class QuantizedLinear(PackedWeight):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, symmetric={self.symmetric}, kernel={self.kernel}"
+            f"group_size={self.group_size}, symmetric={self.symmetric}, act_bits={self.act_bits}, kernel={self.kernel}"
         )
 
     def describe(self) -> dict:
@@ -279,6 +343,8 @@ class QuantizedLinear(PackedWeight):
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "bias": self.bias is not None,
+            "act_bits": self.act_bits,
+            "act_symmetric": self.act_symmetric,
             "kernel": self.kernel,
         }
 
