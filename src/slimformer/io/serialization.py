@@ -66,7 +66,14 @@ def unique_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], 
 
 
 def quantized_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedModule)}
+    """The outermost quantized modules by name: one nested inside another (e.g. the inner
+    layer or quantized factors of a low-rank compensated layer) belongs to, is described by
+    and is counted with its parent."""
+    found: dict[str, torch.nn.Module] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, QuantizedModule) and not any(n.startswith(p + ".") for p in found):
+            found[n] = m
+    return found
 
 
 def kernel_summary(model: torch.nn.Module) -> dict[str, int]:
