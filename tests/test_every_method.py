@@ -36,7 +36,9 @@ def _check_quantized(loaded, record, config, before):
             # Stored size of the weight: codes at `bits` bits plus modest metadata (scales,
             # zero points, codebooks, low-rank factors), never a float copy.
             assert module.stored_bits() <= rows * cols * (bits + 6) + 64 * 16 * (rows + cols), f"{name}: stores too much"
-        if isinstance(module, PackedWeight):
+        if config.name == "mixed-precision":
+            assert module.bits == record["bits"][name]
+        elif isinstance(module, PackedWeight):
             assert module.bits == config.bits
             # Stored codes really take `bits` bits each (plus row padding to whole bytes).
             assert module.qweight.shape[1] == -(-cols * config.bits // 8)
@@ -83,6 +85,8 @@ def test_every_method_on_every_architecture(tiny, step, fast_calibration, tmp_pa
         assert all(t.dtype == torch.bfloat16 for t in stored.values() if t.is_floating_point())
     elif config.family == "quantization":
         _check_quantized(tiny, record, config, before)
+        if config.name == "mixed-precision":
+            assert record["achieved_bits"] <= config.target_bits, "the allocation must fit the bit budget"
     elif config.family == "pruning":
         _check_pruned(tiny, record, config)
     elif config.family == "structure":
