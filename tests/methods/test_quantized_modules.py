@@ -156,3 +156,22 @@ def test_int8_weight_only_agrees_for_few_and_many_tokens():
         x = torch.randn(tokens, 128)
         ref = torch.nn.functional.linear(x, q.dequantized_weight(), linear.bias)
         assert ((q(x) - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_fused_w8a8_helpers_equal_their_eager_definitions():
+    """The compiled (fused) quantize and rescale steps compute exactly what the eager code does."""
+    from slimformer.methods.quantization.modules import (
+        fused_quantize_activations,
+        fused_rescale,
+        quantize_activations_per_token,
+        rescale_int8_product,
+    )
+
+    torch.manual_seed(0)
+    x = torch.randn(70, 48).to(torch.bfloat16)
+    for symmetric in (True, False):
+        got, want = fused_quantize_activations(x, symmetric), quantize_activations_per_token(x, symmetric)
+        assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], rtol=1e-6)
+    acc = torch.randint(-50000, 50000, (70, 24), dtype=torch.int32)
+    args = (acc, torch.rand(24), torch.rand(70, 1), torch.rand(70, 1), torch.randn(24), torch.randn(70, 1), torch.randn(24), torch.randn(24), torch.bfloat16)
+    assert torch.allclose(fused_rescale(*args).float(), rescale_int8_product(*args).float(), rtol=1e-2, atol=1e-2)
