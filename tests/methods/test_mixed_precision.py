@@ -5,7 +5,6 @@ import itertools
 import random
 
 import pytest
-import torch
 
 from slimformer.compress import compress
 from slimformer.errors import ConfigError
@@ -16,12 +15,12 @@ from slimformer.recipe import Recipe
 
 
 def _brute_force(costs, sens, budget):
-    best, best_choice = float("inf"), None
+    best = float("inf")
     for choice in itertools.product(*[range(len(c)) for c in costs]):
         cost = sum(costs[i][k] for i, k in enumerate(choice))
         value = sum(sens[i][k] for i, k in enumerate(choice))
         if cost <= budget and value < best:
-            best, best_choice = value, choice
+            best = value
     return best
 
 

@@ -2,7 +2,6 @@
 int8 layer's output error; the stored layer computes exactly the simulated W8A8 product."""
 
 import torch
-from torch import nn
 
 from slimformer.methods.quantization.smoothquant import smooth_layer, smoothing_factors, w8a8_output_error
 

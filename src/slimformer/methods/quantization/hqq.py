@@ -37,9 +37,8 @@ from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import register_method
 from slimformer.methods.quantization import grid
 from slimformer.methods.quantization.modules import QuantizedEmbedding, QuantizedLinear, register_quantized_module
-from slimformer.methods.quantization.rtn import WeightQuantConfig, share_packed_storage
+from slimformer.methods.quantization.rtn import WeightQuantConfig, replace_keeping_ties
 from slimformer.methods.selection import check_group_size, select_modules
-from slimformer.models.adapters import set_submodule
 
 ZERO_FORMATS = ("fixed", "int")
 
@@ -236,15 +235,4 @@ def quantize_module_hqq(module: nn.Module, config: HQQConfig) -> nn.Module:
 def apply_hqq(loaded, config: HQQConfig, ctx) -> dict:
     modules = select_modules(loaded, config, allow_tied=True)
     check_group_size(config.name, modules, config.group_size)
-    kernels: dict[str, str] = {}
-    by_weight: dict[int, nn.Module] = {}
-    tied: list[str] = []
-    for name, module in modules.items():
-        new = quantize_module_hqq(module, config)
-        first = by_weight.setdefault(id(module.weight), new)
-        if first is not new:  # a tied embedding/head pair: one stored table
-            share_packed_storage(new, first)
-            tied.append(name)
-        set_submodule(loaded.model, name, new)
-        kernels[name] = new.kernel
-    return {"modules": sorted(modules), "kernels": kernels, "tied": tied}
+    return replace_keeping_ties(loaded, modules, lambda m: quantize_module_hqq(m, config))

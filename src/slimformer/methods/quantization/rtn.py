@@ -84,15 +84,14 @@ def share_packed_storage(dst: nn.Module, src: nn.Module) -> None:
             dst._buffers[buffer] = src._buffers[buffer]
 
 
-@register_method(RTNConfig)
-def apply_rtn(loaded, config: RTNConfig, ctx) -> dict:
-    modules = select_modules(loaded, config, allow_tied=True)
-    check_group_size(config.name, modules, config.group_size)
+def replace_keeping_ties(loaded, modules: dict[str, nn.Module], quantize) -> dict:
+    """Replace each of ``modules`` by ``quantize(module)``; modules sharing one weight (a tied
+    embedding/head pair) end up sharing one packed storage, saved once. Returns the step record."""
     kernels: dict[str, str] = {}
     by_weight: dict[int, nn.Module] = {}
     tied: list[str] = []
     for name, module in modules.items():
-        new = quantize_module_rtn(module, config.bits, config.group_size, config.symmetric, config.act_bits)
+        new = quantize(module)
         first = by_weight.setdefault(id(module.weight), new)
         if first is not new:  # a tied embedding/head pair quantized together: one stored table
             share_packed_storage(new, first)
@@ -100,3 +99,12 @@ def apply_rtn(loaded, config: RTNConfig, ctx) -> dict:
         set_submodule(loaded.model, name, new)
         kernels[name] = new.kernel
     return {"modules": sorted(modules), "kernels": kernels, "tied": tied}
+
+
+@register_method(RTNConfig)
+def apply_rtn(loaded, config: RTNConfig, ctx) -> dict:
+    modules = select_modules(loaded, config, allow_tied=True)
+    check_group_size(config.name, modules, config.group_size)
+    return replace_keeping_ties(
+        loaded, modules, lambda m: quantize_module_rtn(m, config.bits, config.group_size, config.symmetric, config.act_bits)
+    )
