@@ -60,6 +60,9 @@ def steps_for(name: str) -> list[dict]:
             steps.append({"method": "cast", "dtype": "bfloat16"})
         elif part == "int8":
             steps.append({"method": "rtn", "bits": 8, "group_size": None, "symmetric": True, "targets": ["linear", "embedding"]})
+        elif part == "w8a8":  # SmoothQuant W8A8 on the int8 units; MLP output projections W8 weight-only; emb 8-bit
+            steps.append({"method": "smoothquant", "exclude": ["*.layer.*[0-9].output.dense"]})
+            steps.append({"method": "rtn", "bits": 8, "group_size": None, "symmetric": True, "targets": ["linear", "embedding"]})
         elif part.startswith("tomeP"):
             steps.append({"method": "tome", "r": int(part[5:]), "proportional_attention": True})
         elif part.startswith("tome"):
@@ -106,6 +109,40 @@ def sweep(original, base_name: str, family: str, settings, batches, cache, repea
     return rows
 
 
+def w8a8_rows(original, settings, batches, cache, repeats, thresholds) -> list[dict]:
+    rows = sweep(original, "w8a8+bf16", "static", settings, batches, cache, repeats, False, ())
+    rows += sweep(original, "w8a8+bf16", "combined", settings, batches, cache, repeats, True, thresholds[:2])
+    for combo in ("w8a8+bf16+prune70", "w8a8+bf16+tome4"):
+        rows += sweep(original, combo, "combined", settings, batches, cache, repeats, False, ())
+    rows += sweep(original, "w8a8+bf16+prune70", "combined", settings, batches, cache, repeats, True, thresholds[:2])
+    return rows
+
+
+def _merge_rows(args, original, settings, batches, cache, repeats, thresholds, start) -> int:
+    """Measure the W8A8 rows or the ``--rows`` variants (each against fp32 in this run) and
+    merge them into the existing table."""
+    stem = "dynamic_inference" + ("_quick" if args.quick else "")
+    previous = json.loads((args.out_dir / f"{stem}.json").read_text())
+    if args.rows:
+        new = []
+        for name in args.rows.split(","):
+            base, _, exit_at = name.partition("+exit@")
+            family = "combined" if "+" in base else "token pruning" if base.startswith("prune") else "token merging"
+            rows = sweep(original, base, family, settings, batches, cache, repeats, bool(exit_at), (float(exit_at),) if exit_at else ())
+            new += rows
+    else:
+        new = w8a8_rows(original, settings, batches, cache, repeats, thresholds)
+    names = {r["name"] for r in new}
+    rows = [r for r in previous["results"] if r["name"] not in names] + new
+    meta = dict(previous["meta"])
+    meta["w8a8_rows_added"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    meta["w8a8_minutes"] = (time.perf_counter() - start) / 60
+    cm.write_text_atomic(args.out_dir / f"{stem}.md", markdown(meta, rows))
+    cm.write_text_atomic(args.out_dir / f"{stem}.json", json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    plot(rows, args.out_dir / f"{stem}.png")
+    return 0
+
+
 def markdown(meta, rows) -> str:
     s = meta["eval_settings"]
     lines = [
@@ -122,6 +159,9 @@ def markdown(meta, rows) -> str:
         "frozen), with token reduction and the cast already active; rule = MuE similarity of consecutive exits ≥ threshold.",
         f"- Machine: 2 CPU cores, torch {meta['torch']}; run {meta['started']} UTC, {meta['minutes']:.1f} min"
         + (" — quick smoke test." if meta["quick"] else "."),
+        *([f"- The w8a8 rows (SmoothQuant W8A8 linears on the int8 units, MLP output projections int8 weight-only, 8-bit "
+           f"embeddings, bf16 elsewhere) were added on {meta['w8a8_rows_added']} UTC in a separate run ({meta['w8a8_minutes']:.1f} min), "
+           "each still measured against fp32 in its own run."] if meta.get("w8a8_rows_added") else []),
         "",
         "| variant | family | cos mean | cos worst | top-10 agreement | layers run | FLOPs ratio | speedup fixed | speedup corpus |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -175,6 +215,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out-dir", type=Path, default=cm.RESULTS_DIR)
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated variant names (e.g. w8a8+bf16+prune50) to run and merge into the existing table")
+    parser.add_argument("--only-w8a8", action="store_true",
+                        help="run only the W8A8 rows and merge them into the existing table (other rows keep their run's figures)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     settings = EvalSettings(n_texts=96, n_queries=16, latency_repeats=3) if args.quick else EvalSettings(latency_repeats=7)
@@ -184,6 +228,8 @@ def main(argv=None) -> int:
     cache: dict = {}
     rows: list[dict] = []
     thresholds = THRESHOLDS[1:4] if args.quick else THRESHOLDS
+    if args.only_w8a8 or args.rows:
+        return _merge_rows(args, original, settings, batches, cache, repeats, thresholds, start)
     rows += sweep(original, "fp32", "early exit", settings, batches, cache, repeats, True, thresholds)
     for name in (("tome8",) if args.quick else ("tome4", "tome8", "tomeP8")):
         rows += sweep(original, name, "token merging", settings, batches, cache, repeats, False, ())
@@ -191,6 +237,7 @@ def main(argv=None) -> int:
         rows += sweep(original, f"prune{k}", "token pruning", settings, batches, cache, repeats, False, ())
     rows += sweep(original, "bf16", "static", settings, batches, cache, repeats, False, ())
     rows += sweep(original, "bf16", "combined", settings, batches, cache, repeats, True, thresholds[:2])
+    rows += w8a8_rows(original, settings, batches, cache, repeats, thresholds)
     combos = ("bf16+tome8",)
     for combo in combos:
         rows += sweep(original, combo, "combined", settings, batches, cache, repeats, False, ())
