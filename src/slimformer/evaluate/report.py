@@ -91,8 +91,10 @@ def markdown_table(rows: list[dict]) -> str:
             )
     lines.append("")
     lines.append(
-        "execution: int8pack / int4pack = packed weights through PyTorch's CPU low-bit matmul kernels; "
-        "dequant = no kernel for this width, weights are dequantized to float32 at load (smaller on disk only); "
+        "execution: int8-dynamic = W8A8, int8 weights x per-token int8 activations on the int8 matrix units (torch._int_mm); "
+        "int8pack / int4pack = packed weights through PyTorch's CPU low-bit kernels (int8 widened to bf16 for large batches); "
+        "unpack / lut-unpack / vq-unpack / bitstack-unpack = no kernel for this format: the packed weight stays in memory and "
+        "each call unpacks that layer only; +lowrank = an EoRA correction added; "
         "gather-dequant = embedding rows dequantized as they are looked up."
     )
     return "\n".join(lines) + "\n"
