@@ -131,18 +131,25 @@ def _inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise ConfigError("gptq: the calibration Hessian is not positive definite even with heavy damping", "use more calibration samples or a larger damp")
 
 
+def quantize_linear_gptq(module: torch.nn.Linear, hessian: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                         act_order: bool = True, damp: float = 0.01, block_size: int = 128, act_bits: int | None = None) -> QuantizedLinear:
+    """The GPTQ-quantized replacement of ``module`` given its mean input Hessian (in, in)."""
+    codes, scale, zero = gptq_quantize(module.weight, hessian, bits, group_size, symmetric, act_order, damp, block_size)
+    new = QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, module.bias, act_bits=act_bits)
+    new.set_compute_dtype(module.weight.dtype)
+    return new
+
+
 @register_method(GPTQConfig)
 def apply_gptq(loaded, config: GPTQConfig, ctx) -> dict:
     modules = select_modules(loaded, config, types=(torch.nn.Linear,))
     check_group_size(config.name, modules, config.group_size)
     kernels: dict[str, str] = {}
     for name, module, stats in blockwise(loaded, ctx, modules, hessian=True, desc="gptq", sequential=config.true_sequential):
-        H = stats.hessian[name] / stats.count[name]
-        codes, scale, zero = gptq_quantize(
-            module.weight, H, config.bits, config.group_size, config.symmetric, config.act_order, config.damp, config.block_size
+        new = quantize_linear_gptq(
+            module, stats.hessian[name] / stats.count[name], config.bits, config.group_size, config.symmetric,
+            config.act_order, config.damp, config.block_size, config.act_bits,
         )
-        new = QuantizedLinear.from_codes(codes, scale, zero, config.bits, config.group_size, config.symmetric, module.bias, act_bits=config.act_bits)
-        new.set_compute_dtype(module.weight.dtype)
         set_submodule(loaded.model, name, new)
         kernels[name] = new.kernel
     return {"modules": sorted(modules), "kernels": kernels}

@@ -28,8 +28,7 @@ from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, ModuleSelection, register_method
 from slimformer.methods.calibration import blockwise
 from slimformer.methods.quantization import grid
-from slimformer.methods.quantization.gptq import gptq_quantize
-from slimformer.methods.quantization.modules import QuantizedLinear
+from slimformer.methods.quantization.gptq import quantize_linear_gptq
 from slimformer.methods.quantization.rtn import quantize_module_rtn
 from slimformer.methods.selection import check_group_size, select_modules
 from slimformer.models.adapters import set_submodule
@@ -213,11 +212,7 @@ def apply_mixed_precision(loaded, config: MixedPrecisionConfig, ctx) -> dict:
             kernels[name] = new.kernel
     else:
         for name, module, stats in blockwise(loaded, ctx, modules, hessian=True, desc="mixed-precision gptq"):
-            H = stats.hessian[name] / stats.count[name]
-            bits = bits_of[name]
-            codes, scale, zero = gptq_quantize(module.weight, H, bits, config.group_size, config.symmetric)
-            new = QuantizedLinear.from_codes(codes, scale, zero, bits, config.group_size, config.symmetric, module.bias)
-            new.set_compute_dtype(module.weight.dtype)
+            new = quantize_linear_gptq(module, stats.hessian[name] / stats.count[name], bits_of[name], config.group_size, config.symmetric)
             set_submodule(loaded.model, name, new)
             kernels[name] = new.kernel
     return {
