@@ -1,10 +1,7 @@
-"""The command line: every bad input is a one-line error, exit status 2, and no output folder."""
+"""The command line: compress, eval, report and methods on a tiny model (the table of bad inputs
+lives in test_bad_input.py)."""
 
 import json
-import subprocess
-import sys
-
-import pytest
 
 TINY_RECIPE = "slimformer_recipe: 1\nname: tiny\ncalibration: {n_samples: 8, max_length: 32}\nsteps:\n"
 
@@ -15,87 +12,7 @@ def _recipe(tmp_path, body: str, name="r.yaml"):
     return path
 
 
-def _assert_clean_failure(code, err, out_dir, expect):
-    assert code == 2
-    lines = [line for line in err.strip().splitlines() if line.startswith("slimformer: error:")]
-    assert len(lines) == 1, err
-    assert expect in lines[0]
-    assert not out_dir.exists()
-    assert not list(out_dir.parent.glob(f".{out_dir.name}*")), "no temporary leftovers"
-
-
 GOOD_STEP = "  - {method: rtn, bits: 4, group_size: 32}\n"
-
-
-@pytest.mark.parametrize(
-    "case,expect",
-    [
-        ("missing-model", "does not exist"),
-        ("model-is-file", "is a file"),
-        ("folder-without-config", "no config.json"),
-        ("corrupt-safetensors", "corrupt"),
-        ("truncated-safetensors", "truncated"),
-        ("unknown-method", "unknown method"),
-        ("bits-5", "bits=5"),
-        ("group-size-not-dividing", "does not divide"),
-        ("sparsity-out-of-range", "outside [0, 1)"),
-        ("too-many-layers-dropped", "cannot drop"),
-        ("malformed-recipe", "malformed"),
-        ("missing-recipe", "does not exist"),
-        ("output-exists", "already exists"),
-    ],
-)
-def test_bad_input_is_a_one_line_error_and_leaves_no_output(case, expect, tmp_path, tiny_folder, run_cli):
-    import shutil
-
-    model = tiny_folder
-    recipe = _recipe(tmp_path, TINY_RECIPE + GOOD_STEP)
-    out = tmp_path / "out"
-    if case == "missing-model":
-        model = tmp_path / "nope"
-    elif case == "model-is-file":
-        model = tmp_path / "file.bin"
-        model.write_bytes(b"x")
-    elif case == "folder-without-config":
-        model = tmp_path / "empty"
-        model.mkdir()
-    elif case in ("corrupt-safetensors", "truncated-safetensors"):
-        model = tmp_path / "damaged"
-        shutil.copytree(tiny_folder, model)
-        weights = model / "model.safetensors"
-        data = weights.read_bytes()
-        weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" if case == "corrupt-safetensors" else data[: len(data) - 100])
-    elif case == "unknown-method":
-        recipe = _recipe(tmp_path, TINY_RECIPE + "  - {method: quantize-harder}\n")
-    elif case == "bits-5":
-        recipe = _recipe(tmp_path, TINY_RECIPE + "  - {method: rtn, bits: 5}\n")
-    elif case == "group-size-not-dividing":
-        recipe = _recipe(tmp_path, TINY_RECIPE + "  - {method: gptq, bits: 4, group_size: 48}\n")
-    elif case == "sparsity-out-of-range":
-        recipe = _recipe(tmp_path, TINY_RECIPE + "  - {method: wanda, sparsity: 1.0}\n")
-    elif case == "too-many-layers-dropped":
-        recipe = _recipe(tmp_path, TINY_RECIPE + "  - {method: shortgpt, num_layers: 4}\n")
-    elif case == "malformed-recipe":
-        recipe = _recipe(tmp_path, "slimformer_recipe: 1\nsteps: [ {method: rtn\n")
-    elif case == "missing-recipe":
-        recipe = tmp_path / "nope.yaml"
-    elif case == "output-exists":
-        out.mkdir()
-        (out / "keep.txt").write_text("mine")
-    code, _, err = run_cli("compress", model, "--recipe", recipe, "--out", out, "--no-eval", "--quiet")
-    if case == "output-exists":
-        assert code == 2 and expect in err and (out / "keep.txt").read_text() == "mine"
-        return
-    _assert_clean_failure(code, err, out, expect)
-
-
-def test_real_process_exit_status_is_2(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "slimformer.cli", "compress", str(tmp_path / "nope"), "--recipe", "x.yaml", "--out", str(tmp_path / "o")],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "error:" in result.stderr
 
 
 def test_compress_eval_report_on_a_tiny_model(tmp_path, tiny_folder, run_cli):
@@ -111,6 +28,9 @@ def test_compress_eval_report_on_a_tiny_model(tmp_path, tiny_folder, run_cli):
     again = json.loads(stdout)["quality"]
     for key in ("embedding_cosine_mean", "embedding_cosine_min", "retrieval_agreement_at_10"):
         assert again[key] == recorded[key], "eval must reproduce the manifest's quality numbers"
+    transfer = manifest["evaluation"]["transfer"]
+    assert transfer["source"] == "package-docs" and json.loads(stdout)["transfer"]["quality"] == transfer["quality"]
+    assert manifest["recipe"]["calibration"]["source"] == "mix"
     code, stdout, err = run_cli("report", tmp_path / "runs")
     assert code == 0, err
     assert (tmp_path / "runs" / "report" / "report.md").read_text().count("| tiny-w4 |") == 1

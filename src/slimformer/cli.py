@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from slimformer.errors import OutputExistsError, SlimformerError
+from slimformer.errors import InterruptedRunError, OutputExistsError, SlimformerError
 
 EXIT_USAGE = 2
 
@@ -49,7 +49,7 @@ def cmd_compress(args) -> int:
     recipe = Recipe.from_file(args.recipe)
     settings = _eval_settings(args)
     _status(f"loading {args.model or 'the embedded default model (all-MiniLM-L6-v2)'}")
-    original = load_model(args.model)
+    original = load_model(args.model, trust_remote_code=args.trust_remote_code)
     if original.manifest is not None:
         raise SlimformerError(f"{args.model} is already a compressed folder", "compress the original model instead")
     model = copy.deepcopy(original)
@@ -59,6 +59,7 @@ def cmd_compress(args) -> int:
     if not args.no_eval:
         _status("evaluating against the original on held-out text")
         evaluation = evaluate(original, model, settings, progress=not args.quiet)
+        _warn_quality_gap(evaluation)
     out = save_compressed(model, args.out, evaluation=evaluation, force=args.force)
     _status(f"wrote {out}")
     print(markdown_table([row_of(Path(args.out).name, read_manifest(out))]), end="")
@@ -71,11 +72,11 @@ def cmd_eval(args) -> int:
     from slimformer.io.serialization import build_manifest
     from slimformer.models import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
     stored = (model.manifest or {}).get("evaluation") or {}
     settings = _eval_settings(args, stored.get("settings"))
     if args.against:
-        original = load_model(args.against)
+        original = load_model(args.against, trust_remote_code=args.trust_remote_code)
     elif model.manifest is not None:
         original = load_model(model.manifest["base_model"])
     else:
@@ -128,8 +129,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _warn_quality_gap(evaluation: dict) -> None:
+    warning = (evaluation.get("transfer") or {}).get("warning")
+    if warning:
+        print(f"slimformer: warning: {warning}", file=sys.stderr)
+
+
 def _status(message: str) -> None:
     print(f"slimformer: {message}", file=sys.stderr)
+
+
+def _add_trust_remote_code(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let a model folder run its own Python code (auto_map in config.json); off by default, use only for authors you trust",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-texts", type=int, default=None, help="number of held-out texts to evaluate on")
     p.add_argument("--eval-source", default=None, help="evaluation text source (built-in name or .txt/.jsonl)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_trust_remote_code(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="evaluate a compressed folder against its original (or any model)")
@@ -154,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-source", default=None)
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--quiet", action="store_true")
+    _add_trust_remote_code(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("methods", help="list the compression methods and their papers")
@@ -175,8 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimformer: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("slimformer: interrupted", file=sys.stderr)
-        return 130
+        return _fail(InterruptedRunError("interrupted before the output was complete (nothing was written)", "run the command again"))
+    except OSError as exc:  # a file the checks above did not foresee: still one line, no traceback
+        where = f" {exc.filename}" if exc.filename else ""
+        return _fail(SlimformerError(f"cannot access{where}: {exc.strerror or type(exc).__name__}", "check the path and its permissions"))
+
+
+def _fail(exc: SlimformerError) -> int:
+    print(f"slimformer: error: {exc}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

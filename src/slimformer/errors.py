@@ -35,3 +35,21 @@ class OutputExistsError(SlimformerError):
 def is_int_at_least(value, minimum: int) -> bool:
     """Whether ``value`` is an int (not a bool) >= ``minimum``: the check behind every integer setting."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+class OutputWriteError(SlimformerError):
+    """An output location that cannot be written (full disk, read-only, not a folder)."""
+
+
+class InterruptedRunError(SlimformerError):
+    """A run stopped (Ctrl-C) before its output was complete; nothing was written."""
+
+
+def did_you_mean(word, choices) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices`` to ``word``, or ``""``."""
+    import difflib
+
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

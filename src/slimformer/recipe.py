@@ -2,7 +2,7 @@
 
     slimformer_recipe: 1
     name: gptq-w4g64-emb8
-    calibration: {source: stdlib-docs, n_samples: 128, max_length: 128}
+    calibration: {source: mix, n_samples: 128, max_length: 128}
     steps:
       - {method: gptq, bits: 4, group_size: 64}
       - {method: rtn, bits: 8, group_size: null, targets: [embedding]}
@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, did_you_mean
 from slimformer.methods import CalibrationSettings, MethodConfig, method_from_dict
 
 RECIPE_VERSION = 1
@@ -58,7 +58,7 @@ class Recipe:
             raise ConfigError(f"{origin} has version {version!r}, this slimformer reads {RECIPE_VERSION}", "update the recipe to the current format")
         unknown = sorted(set(data) - _TOP_KEYS)
         if unknown:
-            raise ConfigError(f"{origin} has unknown key {unknown[0]!r}", f"valid top-level keys are {sorted(_TOP_KEYS)}")
+            raise ConfigError(f"{origin} has unknown key {unknown[0]!r}{did_you_mean(unknown[0], _TOP_KEYS)}", f"valid top-level keys are {sorted(_TOP_KEYS)}")
         steps = data.get("steps")
         if not isinstance(steps, list):
             raise ConfigError(f"{origin}: 'steps' must be a list", "write steps as a list of {method: NAME, ...} mappings")
@@ -68,7 +68,7 @@ class Recipe:
         fields = {f.name for f in dataclasses.fields(CalibrationSettings)}
         bad = sorted(set(calib) - fields)
         if bad:
-            raise ConfigError(f"{origin}: unknown calibration setting {bad[0]!r}", f"valid settings are {sorted(fields)}")
+            raise ConfigError(f"{origin}: unknown calibration setting {bad[0]!r}{did_you_mean(bad[0], fields)}", f"valid settings are {sorted(fields)}")
         return cls(
             steps=[method_from_dict(s) for s in steps],
             name=str(data.get("name", "recipe")),

@@ -19,6 +19,7 @@ bit for bit, those of the model that was saved.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import shutil
@@ -29,10 +30,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from slimformer.errors import ModelLoadError, OutputExistsError
+from slimformer.errors import ModelLoadError, OutputExistsError, OutputWriteError
 from slimformer.methods.quantization.modules import QuantizedModule, module_from_description
 from slimformer.models.adapters import conv1d_to_linear, set_submodule
-from slimformer.models.loading import MANIFEST_NAME, LoadedModel, check_safetensors_file
+from slimformer.models.loading import MANIFEST_NAME, LoadedModel, check_folder_contained, check_safetensors_file
 
 FORMAT_NAME = "slimformer"
 FORMAT_VERSION = 1
@@ -123,19 +124,33 @@ def prepare_output_dir(out_dir: str | os.PathLike, force: bool) -> Path:
     return out
 
 
+def output_write_error(out: Path, exc: OSError) -> OutputWriteError:
+    """One-line error for an output that could not be written (the partial output is removed)."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputWriteError(f"no space left on the device while writing {out} (nothing was kept)", "free some space or choose an --out on another disk")
+    return OutputWriteError(f"cannot write {out}: {reason} (nothing was kept)", "choose an --out in a writable folder")
+
+
 def write_atomically(out: Path, force: bool, write) -> Path:
     """Call ``write(tmp_dir)`` on a temporary folder beside ``out``, then move it into place.
 
     On any error the temporary folder is removed and ``out`` is left as it was.
     """
     prepare_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise output_write_error(out, exc) from exc
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError as exc:
+            raise output_write_error(out, exc) from exc
         for path in tmp.rglob("*"):
             if path.is_file():
                 os.chmod(path, 0o666 & ~umask)
@@ -217,6 +232,40 @@ def _retie_packed_buffers(model: torch.nn.Module, aliases: dict[str, str]) -> No
             dst._buffers[alias_buffer] = src._buffers[kept_buffer]
 
 
+ALLOWED_DTYPES = ("float32", "bfloat16", "float16")
+ALLOWED_ATTENTION = ("sdpa", "eager")
+
+
+def allowed_model_class(folder: Path, manifest: dict, config: Any) -> type:
+    """The manifest's model class, accepted only if it is the transformers class that the
+    config's model type maps to (base model or causal LM): a manifest cannot name any other
+    class or object to build."""
+    from transformers.models.auto import modeling_auto
+
+    name = manifest.get("model_class")
+    model_type = getattr(config, "model_type", None)
+    allowed = {
+        mapping.get(model_type)
+        for mapping in (modeling_auto.MODEL_MAPPING_NAMES, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    } - {None}
+    if not isinstance(name, str) or name not in allowed:
+        raise ModelLoadError(
+            f"{folder}: model class {name!r} in the manifest is not one allowed for model type {model_type!r} ({sorted(allowed)})",
+            "re-create the folder with slimformer compress",
+        )
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def allowed_dtype(folder: Path, manifest: dict) -> torch.dtype:
+    """The manifest's compute dtype, accepted only from ``ALLOWED_DTYPES``."""
+    name = str(manifest.get("dtype") or "float32")
+    if name not in ALLOWED_DTYPES:
+        raise ModelLoadError(f"{folder}: unknown dtype {name!r} in the manifest", f"use one of {list(ALLOWED_DTYPES)} or re-compress")
+    return getattr(torch, name)
+
+
 def load_compressed(folder: str | os.PathLike) -> LoadedModel:
     """Load a folder written by :func:`save_compressed` (also reached through ``slimformer.load``)."""
     import transformers
@@ -224,20 +273,20 @@ def load_compressed(folder: str | os.PathLike) -> LoadedModel:
     folder = Path(folder)
     manifest = read_manifest(folder)
     weights = folder / WEIGHTS_NAME
+    check_folder_contained(folder)
     if not weights.is_file():
         raise ModelLoadError(f"{folder} has no {WEIGHTS_NAME}", "re-create the folder with slimformer compress")
     check_safetensors_file(weights)
     try:
-        config = transformers.AutoConfig.from_pretrained(folder)
+        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read {folder / 'config.json'}", "re-create the folder with slimformer compress") from exc
-    cls = getattr(transformers, str(manifest.get("model_class")), None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise ModelLoadError(f"{folder}: unknown model class {manifest.get('model_class')!r}", "upgrade transformers or re-compress")
-    dtype = getattr(torch, str(manifest.get("dtype") or "float32"), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ModelLoadError(f"{folder}: unknown dtype {manifest.get('dtype')!r} in the manifest", "re-create the folder with slimformer compress")
-    model = cls._from_config(config, attn_implementation=manifest.get("attn_implementation") or "sdpa", dtype=dtype)
+    cls = allowed_model_class(folder, manifest, config)
+    dtype = allowed_dtype(folder, manifest)
+    attn = manifest.get("attn_implementation") or "sdpa"
+    if attn not in ALLOWED_ATTENTION:
+        raise ModelLoadError(f"{folder}: unknown attention implementation {attn!r} in the manifest", f"use one of {list(ALLOWED_ATTENTION)}")
+    model = cls._from_config(config, attn_implementation=attn, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
     conv1d_to_linear(model)
@@ -269,7 +318,7 @@ def load_compressed(folder: str | os.PathLike) -> LoadedModel:
         raise ModelLoadError(f"{weights} does not match its manifest ({first})", "re-create the folder with slimformer compress") from exc
     _retie_packed_buffers(model, manifest.get("tensor_aliases", {}))
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the tokenizer saved in {folder}", "re-create the folder with slimformer compress") from exc
     tokenizer.padding_side = "right"

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, did_you_mean
 
 TARGET_KINDS = ("linear", "embedding", "head")
 
@@ -172,7 +172,7 @@ def method_from_dict(data: dict[str, Any]) -> MethodConfig:
     if name is None:
         raise ConfigError(f"recipe step {data!r} has no 'method'", f"add method: one of {sorted(methods)}")
     if name not in methods:
-        raise ConfigError(f"unknown method {name!r}", f"use one of {sorted(methods)} (see 'slimformer methods')")
+        raise ConfigError(f"unknown method {name!r}{did_you_mean(name, methods)}", f"use one of {sorted(methods)} (see 'slimformer methods')")
     config_type = methods[name].config_type
     version = data.pop("version", config_type.version)
     if version != config_type.version:
@@ -184,7 +184,7 @@ def method_from_dict(data: dict[str, Any]) -> MethodConfig:
     fields = {f.name for f in dataclasses.fields(config_type)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ConfigError(f"{name}: unknown setting {unknown[0]!r}", f"valid settings are {sorted(fields)}")
+        raise ConfigError(f"{name}: unknown setting {unknown[0]!r}{did_you_mean(unknown[0], fields)}", f"valid settings are {sorted(fields)}")
     kwargs = {k: _coerce(v, hints[k], name, k) for k, v in data.items()}
     return config_type(**kwargs)
 

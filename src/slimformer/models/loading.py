@@ -3,9 +3,12 @@ written by slimformer, or the embedded default (the real all-MiniLM-L6-v2)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +126,152 @@ def check_safetensors_file(path: Path) -> None:
         )
 
 
+# ---------------------------------------------------------------------------------------------
+# Safe loading: no free unpickling, no foreign code unless asked, nothing outside the folder.
+# ---------------------------------------------------------------------------------------------
+
+PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt")
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+SHARD_INDEX_NAMES = ("model.safetensors.index.json", PICKLE_INDEX_NAME)
+
+
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where files of ``folder`` may lead: the folder itself and, for a Hugging Face cache
+    snapshot (``models--owner--name/snapshots/REV``), that repository's ``blobs`` folder."""
+    root = folder.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        roots.append(root.parent.parent / "blobs")
+    return roots
+
+
+def resolve_inside(folder: Path, relative: str | os.PathLike, what: str = "file") -> Path:
+    """``folder / relative`` resolved, or ``ModelLoadError`` if it leads outside ``folder``
+    (an absolute path, ``..``, or a link to elsewhere)."""
+    target = (folder / relative).resolve()
+    if not any(target == r or r in target.parents for r in _allowed_roots(folder)):
+        raise ModelLoadError(
+            f"{what} {str(relative)!r} of {folder} leads outside the model folder (to {target})",
+            "use a model folder whose files and links all stay inside it",
+        )
+    return target
+
+
+def check_folder_contained(folder: Path, max_entries: int = 10_000) -> None:
+    """Refuse a model folder with a link, or a shard map entry, that leads outside it."""
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for name in dirnames + filenames:
+            seen += 1
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                resolve_inside(folder, path.relative_to(folder), "link")
+        if seen > max_entries:
+            break
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        try:
+            entries = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{tokenizer_config} is not valid JSON", "repair or re-download tokenizer_config.json") from exc
+        for key, value in (entries.items() if isinstance(entries, dict) else ()):
+            if key.endswith("_file") and isinstance(value, str) and value:
+                resolve_inside(folder, value, f"{key} in tokenizer_config.json")
+    for index_name in SHARD_INDEX_NAMES:
+        index = folder / index_name
+        if not index.is_file():
+            continue
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            shards = sorted(set(weight_map.values()))
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            raise ModelLoadError(f"{index} is not a valid shard index", f"repair or re-download {index_name}") from exc
+        for shard in shards:
+            if not isinstance(shard, str):
+                raise ModelLoadError(f"{index} names a shard {shard!r} that is not a file name", f"repair or re-download {index_name}")
+            resolve_inside(folder, shard, f"shard listed in {index_name}")
+
+
+def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
+    """Refuse a checkpoint that asks to run its own Python code unless the user trusts it."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder / 'config.json'} is not valid JSON", "repair or re-download config.json") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{folder / 'config.json'} is not a JSON object", "repair or re-download config.json")
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelLoadError(
+            f"{folder} asks to run its own Python code (auto_map in config.json) and remote code is not trusted",
+            "pass --trust-remote-code (Python: trust_remote_code=True) only if you trust its author, or remove auto_map to use the built-in transformers class",
+        )
+
+
+def _pickle_weight_files(folder: Path) -> list[Path]:
+    index = folder / PICKLE_INDEX_NAME
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"{index} is not a valid shard index", f"repair or re-download {PICKLE_INDEX_NAME}") from exc
+        return [resolve_inside(folder, n, f"shard listed in {PICKLE_INDEX_NAME}") for n in names]
+    return [folder / n for n in PICKLE_WEIGHT_NAMES if (folder / n).is_file()]
+
+
+def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a pickle checkpoint read with ``torch.load(weights_only=True)``: the restricted
+    unpickler builds tensors and plain containers only and refuses anything that would call other
+    code, so a hostile file raises ``ModelLoadError`` and nothing in it runs."""
+    import pickle
+    import zipfile
+
+    fix = f"convert {path.name} to safetensors with a tool you trust, or get model.safetensors from the model's author"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(
+            f"refused to load {path}: it is not a plain tensor checkpoint (it holds other objects, which unpickling could run as code, or is damaged)", fix
+        ) from exc
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for a damaged file
+        raise ModelLoadError(f"{path} is corrupt or not a PyTorch checkpoint ({type(exc).__name__})", f"re-create or re-download {path.name}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ModelLoadError(f"{path} is not a mapping of tensor names to tensors", fix)
+    return state
+
+
+@contextlib.contextmanager
+def safetensors_folder(folder: Path):
+    """``folder`` itself when its weights are safetensors; for a pickle-only checkpoint, a
+    temporary copy whose weights were converted to ``model.safetensors`` (see
+    :func:`load_pickle_weights`); the copy is removed afterwards."""
+    if any(folder.glob("*.safetensors")):
+        yield folder
+        return
+    pickles = _pickle_weight_files(folder)
+    if not pickles:
+        raise ModelLoadError(f"{folder} has no model.safetensors (nor a PyTorch checkpoint to convert)", "put the model's weights into the folder as model.safetensors")
+    from safetensors.torch import save_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in pickles:
+        state.update(load_pickle_weights(path))
+    storages: set[tuple[int, int]] = set()
+    for name, tensor in state.items():  # safetensors stores each tensor on its own
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        state[name] = tensor.contiguous() if key not in storages else tensor.clone().contiguous()
+        storages.add(key)
+    with tempfile.TemporaryDirectory(prefix="slimformer-converted-") as tmp:
+        out = Path(tmp)
+        for path in folder.iterdir():
+            if path.is_file() and path.name not in PICKLE_WEIGHT_NAMES and path.name != PICKLE_INDEX_NAME and path not in pickles:
+                shutil.copy2(path, out / path.name)
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        del state
+        yield out
+
+
 def _read_pooling(folder: Path) -> str:
     pooling_config = folder / "1_Pooling" / "config.json"
     if pooling_config.is_file():
@@ -147,12 +296,17 @@ def _looks_like_hub_id(source: str) -> bool:
     )
 
 
-def load_model(source: str | os.PathLike | None = None, *, attn_implementation: str = "sdpa") -> LoadedModel:
+def load_model(source: str | os.PathLike | None = None, *, attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> LoadedModel:
     """Load a model for compression or evaluation.
 
     ``source``: ``None`` or ``"default"`` (the embedded all-MiniLM-L6-v2), a local folder (a
     Hugging Face checkpoint or a folder written by ``slimformer compress``), or a hub id such as
     ``"Qwen/Qwen2-0.5B"`` (needs a network). Raises ``ModelLoadError`` with a one-line fix.
+
+    Nothing is unpickled freely: weights come from safetensors; a pickle-only checkpoint
+    (``pytorch_model.bin``) is converted with ``torch.load(weights_only=True)``, which refuses
+    anything but tensors. A model's own Python code (``auto_map`` in its config) runs only with
+    ``trust_remote_code=True``. No file of a model folder may lead outside it (links, shard maps).
     """
     if source is None or str(source) == DEFAULT_MODEL:
         folder = default_model_path()
@@ -166,13 +320,14 @@ def load_model(source: str | os.PathLike | None = None, *, attn_implementation: 
     if folder.exists():
         if not folder.is_dir():
             raise ModelLoadError(f"model path {folder} is a file, not a folder", "pass the folder that holds config.json")
+        check_folder_contained(folder)
         if (folder / MANIFEST_NAME).is_file():
             from slimformer.io.serialization import load_compressed
 
             return load_compressed(folder)
-        return _load_hf_folder(folder, label, attn_implementation)
+        return _load_hf_folder(folder, label, attn_implementation, trust_remote_code)
     if _looks_like_hub_id(label):
-        return _load_from_hub(label, attn_implementation)
+        return _load_from_hub(label, attn_implementation, trust_remote_code)
     raise ModelLoadError(f"model path {label} does not exist", "pass an existing model folder, a hub id, or 'default'")
 
 
@@ -208,38 +363,45 @@ def _finish(model: nn.Module, tokenizer: Any, source: str, pooling: str) -> Load
     return LoadedModel(model=model, tokenizer=tokenizer, kind=adapter.kind, source=source, pooling=pooling)
 
 
-def _load_hf_folder(folder: Path, label: str, attn_implementation: str) -> LoadedModel:
+def _load_hf_folder(folder: Path, label: str, attn_implementation: str, trust_remote_code: bool = False) -> LoadedModel:
     import transformers
 
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} has no config.json", "pass a Hugging Face model folder (with config.json and weights)")
+    check_remote_code(folder, trust_remote_code)
     for weights in sorted(folder.glob("*.safetensors")):
         check_safetensors_file(weights)
     try:
-        config = transformers.AutoConfig.from_pretrained(folder)
+        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot read {folder / 'config.json'} ({exc.__class__.__name__})", "repair or re-download config.json") from exc
     auto_class = _model_class_for(config)
+    with safetensors_folder(folder) as weights_folder:
+        try:
+            model = auto_class.from_pretrained(
+                weights_folder, dtype=torch.float32, attn_implementation=attn_implementation,
+                use_safetensors=True, trust_remote_code=trust_remote_code,
+            )
+        except Exception as exc:  # safetensors and transformers raise many types for a bad checkpoint
+            message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            raise ModelLoadError(f"cannot load weights from {folder}: {message}", "check that the folder holds a complete checkpoint") from exc
     try:
-        model = auto_class.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn_implementation)
-    except Exception as exc:  # safetensors and transformers raise many types for a bad checkpoint
-        message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise ModelLoadError(f"cannot load weights from {folder}: {message}", "check that the folder holds a complete checkpoint") from exc
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a tokenizer from {folder}", "save the tokenizer into the model folder") from exc
     return _finish(model, tokenizer, label, _read_pooling(folder))
 
 
-def _load_from_hub(hub_id: str, attn_implementation: str) -> LoadedModel:
+def _load_from_hub(hub_id: str, attn_implementation: str, trust_remote_code: bool = False) -> LoadedModel:
     import transformers
 
     try:
-        config = transformers.AutoConfig.from_pretrained(hub_id)
+        config = transformers.AutoConfig.from_pretrained(hub_id, trust_remote_code=trust_remote_code)
         auto_class = _model_class_for(config)
-        model = auto_class.from_pretrained(hub_id, dtype=torch.float32, attn_implementation=attn_implementation)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(hub_id)
+        model = auto_class.from_pretrained(
+            hub_id, dtype=torch.float32, attn_implementation=attn_implementation, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(hub_id, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load {hub_id!r}: it is not a local folder and the Hugging Face Hub could not provide it",
