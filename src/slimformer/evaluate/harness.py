@@ -88,16 +88,8 @@ def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSetti
             f"the evaluation text has only {len(texts)} held-out documents, too few for {settings.n_queries} queries and their passages",
             "use a larger text source or fewer evaluation texts (--eval-texts)",
         )
-    if compressed.kind == "encoder":
-        key = ("encoder-reference", id(original.model), settings)
-        reference = cache.get(key) if cache is not None else None
-        if reference is None:
-            reference = encoder_reference(original, texts, settings.n_queries, settings.max_length, settings.batch_size, progress)
-            if cache is not None:
-                cache[key] = reference
-        quality = encoder_quality(original, compressed, texts, settings.n_queries, settings.max_length, settings.batch_size, progress, reference)
-    else:
-        quality = causal_quality(original, compressed, texts, settings.max_length, min(settings.batch_size, 8), progress)
+    quality = _quality_on(original, compressed, texts, settings, settings.n_queries, progress, cache)
+    transfer = transfer_quality(original, compressed, settings, quality, progress, cache)
     batch = latency_batch(original, settings)
     cost = compare_cost(
         original.model, compressed.model, inference(original, batch), inference(compressed, batch),
@@ -111,4 +103,52 @@ def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSetti
         "cost": cost,
         "kernels": kernel_summary(compressed.model),
         "settings": dataclasses.asdict(settings),
+        **({"transfer": transfer} if transfer is not None else {}),
+    }
+
+
+def _quality_on(original: LoadedModel, compressed: LoadedModel, texts: list[str], settings: EvalSettings, n_queries: int, progress: bool, cache: dict | None) -> dict:
+    if compressed.kind == "encoder":
+        key = ("encoder-reference", id(original.model), settings, n_queries, tuple(hash(t) for t in texts))
+        reference = cache.get(key) if cache is not None else None
+        if reference is None:
+            reference = encoder_reference(original, texts, n_queries, settings.max_length, settings.batch_size, progress)
+            if cache is not None:
+                cache[key] = reference
+        return encoder_quality(original, compressed, texts, n_queries, settings.max_length, settings.batch_size, progress, reference)
+    return causal_quality(original, compressed, texts, settings.max_length, min(settings.batch_size, 8), progress)
+
+
+# A gap between the two held-out sources larger than this is flagged in the report and manifest.
+GAP_LIMITS = {"embedding_cosine_mean": 0.01, "retrieval_agreement_at_10": 0.05, "perplexity_ratio": 0.05}
+
+
+def transfer_quality(original: LoadedModel, compressed: LoadedModel, settings: EvalSettings, quality: dict, progress: bool = False, cache: dict | None = None) -> dict | None:
+    """Quality on ``settings.transfer_source`` (held-out text of a different kind from the
+    calibration text), the gap to ``quality`` (measured on ``settings.source``) and whether it is
+    large (``GAP_LIMITS``: cosine 0.01, top-10 agreement 0.05, perplexity ratio 5%)."""
+    source = settings.transfer_source
+    if source is None or source == settings.source:
+        return None
+    texts = load_texts(TextSpec(source=source, split="evaluation", n=settings.n_texts, seed=settings.seed))
+    n_queries = min(settings.n_queries, max(1, len(texts) // 4))
+    if len(texts) < 12:
+        return {"source": source, "skipped": f"only {len(texts)} held-out documents"}
+    other = _quality_on(original, compressed, texts, settings, n_queries, progress, cache)
+    if compressed.kind == "encoder":
+        gap = {k: quality[k] - other[k] for k in ("embedding_cosine_mean", "retrieval_agreement_at_10")}
+    else:
+        ratio = lambda q: q["perplexity"] / q["perplexity_original"]  # noqa: E731
+        gap = {"perplexity_ratio": ratio(other) / ratio(quality) - 1.0, "kl_divergence": other["kl_divergence"] - quality["kl_divergence"]}
+    large = [k for k, limit in GAP_LIMITS.items() if k in gap and gap[k] > limit]
+    return {
+        "source": source,
+        "quality": other,
+        "gap": gap,
+        "large_gap": bool(large),
+        "warning": (
+            f"quality on {source} (text of another kind than the calibration text) is lower than on {settings.source}: "
+            + ", ".join(f"{k} gap {gap[k]:.4f} > {GAP_LIMITS[k]}" for k in large)
+            + "; calibrate on text like yours (calibration.source: your .txt/.jsonl)"
+        ) if large else None,
     }

@@ -13,7 +13,10 @@ class EvalSettings:
     ``n_queries``: how many of them serve as retrieval queries (encoders; their first sentence);
     ``max_length``: tokens per text; ``batch_size``: texts per forward pass;
     ``latency_batch``/``latency_tokens``: the fixed batch timed for latency (e.g. 32 x 128);
-    ``latency_repeats``/``latency_warmup``: timed runs (median reported) and untimed warm-up runs."""
+    ``latency_repeats``/``latency_warmup``: timed runs (median reported) and untimed warm-up runs;
+    ``transfer_source``: a second held-out source of a different kind from the calibration text
+    (default ``package-docs``, never in the default calibration mix), measured the same way and
+    compared with the first; ``None`` skips it."""
 
     source: str = "stdlib-docs"
     n_texts: int = 320
@@ -25,11 +28,14 @@ class EvalSettings:
     latency_tokens: int = 128
     latency_repeats: int = 10
     latency_warmup: int = 3
+    transfer_source: str | None = "package-docs"
 
     def __post_init__(self) -> None:
         from slimformer.data.text import check_source
 
         check_source(self.source, "evaluation source")
+        if self.transfer_source is not None:
+            check_source(self.transfer_source, "second evaluation source")
         for name in ("n_texts", "max_length", "batch_size", "latency_batch", "latency_tokens", "latency_repeats"):
             v = getattr(self, name)
             if not is_int_at_least(v, 1):

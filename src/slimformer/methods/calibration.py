@@ -19,11 +19,12 @@ from slimformer.errors import ConfigError, is_int_at_least
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """Calibration text: ``source`` (a built-in source or a .txt/.jsonl path), ``n_samples``
+    """Calibration text: ``source`` (a built-in source, by default ``mix``: docstrings, reference
+    prose, code and notices, short and long; or your own .txt/.jsonl, preferred when given), ``n_samples``
     documents of the calibration split, truncated to ``max_length`` tokens, run in batches of
     ``batch_size``, sampled with ``seed``."""
 
-    source: str = "stdlib-docs"
+    source: str = "mix"
     n_samples: int = 128
     max_length: int = 128
     batch_size: int = 16
