@@ -433,9 +433,7 @@ class TextGenerator:
         with _PeakMemory() as peak:
             start = time.perf_counter()
             if config.speculation is not None:
-                from slimformer.runtime.speculative import speculative_generate
-
-                timing, spec_stats = speculative_generate(self, input_ids, attention_mask, config, lambda tok: accept(0, tok), lambda: done[0])
+                timing, spec_stats = config.speculation.run(self, input_ids, attention_mask, config, lambda tok: accept(0, tok), lambda: done[0])
                 cache_bytes = timing.pop("kv_bytes")
             else:
                 spec_stats = {}

@@ -61,6 +61,10 @@ class SpeculationConfig:
         if self.mode == "draft" and self.draft is None:
             raise ConfigError("speculation mode 'draft' needs a draft model", "pass draft=slimformer.load(...) of a smaller copy")
 
+    def run(self, gen: TextGenerator, input_ids: torch.Tensor, attention_mask: torch.Tensor, config, accept, is_done) -> tuple[dict, dict]:
+        """The generator's entry point (see ``speculative_generate``)."""
+        return speculative_generate(gen, input_ids, attention_mask, config, accept, is_done)
+
 
 def lookup_proposal(context: list[int], k: int, ngram: int, min_ngram: int) -> list[int]:
     """Up to ``k`` tokens that followed the latest earlier occurrence of the context's last
@@ -157,8 +161,8 @@ def _drafter_for(gen: TextGenerator, spec: SpeculationConfig):
             draft = LoadedModel(model=self_draft_model(gen.model, exit_layer), tokenizer=gen.tokenizer, kind="causal-lm", source=f"{gen.loaded.source}[:{exit_layer}]")
         else:
             draft = spec.draft
-            target_vocab = gen.model.get_output_embeddings().weight.shape[0] if gen.model.get_output_embeddings() is not None else None
-            draft_vocab = draft.model.get_output_embeddings().weight.shape[0] if draft.model.get_output_embeddings() is not None else None
+            target_vocab = getattr(gen.model.config, "vocab_size", None)
+            draft_vocab = getattr(draft.model.config, "vocab_size", None)
             if target_vocab != draft_vocab:
                 raise ConfigError(f"the draft's vocabulary ({draft_vocab}) differs from the model's ({target_vocab})", "use a draft made from the same model")
         cached[key] = TextGenerator(draft, dtype=gen.dtype, compile=gen.compile)
