@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="measured passes (after a short warm-up of every configuration)")
     ap.add_argument("--per-kind", type=int, default=2, help="prompts per kind")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--chat-tokens", type=int, default=48, help="new tokens of the README chat answers")
+    ap.add_argument("--spec-on", nargs="+", default=["ours fp32"], help="configurations run with each speculation mode")
     ap.add_argument("--exit-layer", type=int, default=8, help="blocks of the self-speculation draft")
     ap.add_argument("--extra-rows", default=None, help="JSON list of rows measured in another process (llama.cpp)")
     ap.add_argument("--out", default=str(ROOT / "results"))
@@ -211,7 +213,7 @@ def main(argv=None) -> int:
         f"self (first {args.exit_layer} blocks)": lambda: SpeculationConfig("self", exit_layer=args.exit_layer, num_draft=3),
         "draft (int4 copy)": lambda: SpeculationConfig("draft", draft=draft_model, num_draft=4),
     }
-    spec_targets = ("ours fp32", "ours int8 (rtn w8, head 8)")
+    spec_targets = tuple(args.spec_on)
 
     # Every (configuration, prompt) pair; all are run once per pass, interleaved.
     jobs = []
@@ -240,6 +242,7 @@ def main(argv=None) -> int:
                 run_hf(hf[name], ref, items, 2)
             else:
                 run_ours(variants[name], items, 2 + (4 if mode else 0), spec_modes[mode]() if mode else None)
+    chat_outputs = readme_chat(variants, args)
     records: dict[tuple, list[dict]] = {}
     for rep in range(1, args.repeats + 1):
         for job in jobs:
@@ -253,7 +256,13 @@ def main(argv=None) -> int:
                 records.setdefault((name, mode, kind, i), []).append(out)
             print(f"[{rep}] {name:32s} {mode or '-':28s} {kind:9s} {i} decode {out['decode_tps']:.1f} tok/s", flush=True)
         loads.append(os.getloadavg())
+        if rep < args.repeats:  # partial results after each pass
+            finish(args, records, prompts, variants, hf, loads, started, chat_outputs)
+    finish(args, records, prompts, variants, hf, loads, started, chat_outputs)
+    return 0
 
+
+def finish(args, records, prompts, variants, hf, loads, started, chat_outputs) -> None:
     rows = summarise(records, prompts, variants, hf)
     extra = json.loads(Path(args.extra_rows).read_text()) if args.extra_rows else []
     hf_fp32 = next(r for r in rows if r["config"] == "HF generate fp32")["decode_tps_b1"]
@@ -261,7 +270,6 @@ def main(argv=None) -> int:
         row.setdefault("source", "extra rows (measured in another process)")
         ref_tps = row.get("hf_fp32_decode_tps_b1") or hf_fp32
         row["decode_vs_hf_fp32"] = row["decode_tps_b1"] / ref_tps if row.get("decode_tps_b1") else None
-    chat_outputs = readme_chat(variants, args)
     result = {
         "machine": machine(), "load_average": loads, "model": args.model, "new_tokens": args.new_tokens,
         "repeats": args.repeats, "compiled": not args.no_compile and variants["ours fp32"].compile,
@@ -269,7 +277,6 @@ def main(argv=None) -> int:
         "prompts": {k: [p[:200] for p, _ in v] for k, v in prompts.items()},
     }
     write(result, Path(args.out), args.name)
-    return 0
 
 
 def summarise(records, prompts, variants, hf) -> list[dict]:
@@ -320,7 +327,7 @@ def readme_chat(variants, args) -> list[dict]:
     for prompt in README_CHAT_PROMPTS:
         entry = {"prompt": prompt}
         for label, name in (("original", "ours fp32"), ("4-bit", "ours int4 (rtn w4 g32, head 8)")):
-            entry[label] = variants[name].generate(prompt, GenerationConfig(max_new_tokens=64), chat=True).texts[0]
+            entry[label] = variants[name].generate(prompt, GenerationConfig(max_new_tokens=args.chat_tokens), chat=True).texts[0]
         out.append(entry)
     return out
 
