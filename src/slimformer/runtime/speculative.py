@@ -1,0 +1,226 @@
+"""Lossless speculative decoding (greedy): a cheap drafter proposes ``num_draft`` tokens, the full
+model scores them all in one forward (the verify step), and the longest prefix that equals the
+model's own greedy choices is kept, plus the model's token after it. The output is exactly the
+plain greedy output; only the number of full-model forwards changes.
+
+Drafters:
+
+- ``prompt-lookup``: copy the tokens that followed the latest earlier occurrence of the last
+  n-gram of the context (Saxena 2023, "Prompt Lookup Decoding"; CopySpec, Dumitru et al. 2025).
+  Free to draft; pays off when the output repeats the input (summarise, extract, edit code);
+- ``self``: the model's own first ``exit_layer`` blocks plus its final norm and head (early-exit
+  self-speculation, LayerSkip: Elhoushi et al. 2024). The draft shares the weights (no copy); it
+  keeps its own KV cache for those blocks. Exits trained by self-distillation are not done here:
+  the draft is the untrained early exit;
+- ``draft``: any smaller or compressed copy of the model with the same vocabulary (e.g. 2-bit
+  weights, fewer blocks; Leviathan et al. 2023, "Fast Inference from Transformers via
+  Speculative Decoding").
+
+A rejected draft token's cache entry is dropped by moving the static cache's length back
+(``crop``); shapes never change. The verify step has a fixed width (``num_draft + 1``; a shorter
+lookup proposal is padded), so the compiled step sees two shapes only (1 and ``num_draft + 1``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from slimformer.errors import ConfigError, is_int_at_least
+from slimformer.runtime.generation import TextGenerator, prefill, shared_copy
+
+MODES = ("prompt-lookup", "self", "draft")
+
+
+@dataclass
+class SpeculationConfig:
+    """``mode``: one of ``MODES``; ``num_draft``: tokens proposed per verify step; ``ngram`` /
+    ``min_ngram``: longest and shortest context n-gram searched (prompt-lookup); ``exit_layer``:
+    blocks of the model used by the ``self`` draft (default: a quarter of them); ``draft``: the
+    draft ``LoadedModel`` (``draft`` mode)."""
+
+    mode: str = "prompt-lookup"
+    num_draft: int = 4
+    ngram: int = 3
+    min_ngram: int = 1
+    exit_layer: int | None = None
+    draft: Any = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"speculation mode {self.mode!r} is unknown", f"use one of {list(MODES)}")
+        if not is_int_at_least(self.num_draft, 1):
+            raise ConfigError(f"num_draft={self.num_draft!r} must be an integer >= 1", "pass e.g. num_draft=4")
+        if not (is_int_at_least(self.min_ngram, 1) and is_int_at_least(self.ngram, self.min_ngram)):
+            raise ConfigError(f"ngram={self.ngram!r}, min_ngram={self.min_ngram!r} must satisfy 1 <= min_ngram <= ngram", "pass e.g. ngram=3, min_ngram=1")
+        if self.exit_layer is not None and not is_int_at_least(self.exit_layer, 1):
+            raise ConfigError(f"exit_layer={self.exit_layer!r} must be an integer >= 1", "pass e.g. exit_layer=8")
+        if self.mode == "draft" and self.draft is None:
+            raise ConfigError("speculation mode 'draft' needs a draft model", "pass draft=slimformer.load(...) of a smaller copy")
+
+    def run(self, gen: TextGenerator, input_ids: torch.Tensor, attention_mask: torch.Tensor, config, accept, is_done) -> tuple[dict, dict]:
+        """The generator's entry point (see ``speculative_generate``)."""
+        return speculative_generate(gen, input_ids, attention_mask, config, accept, is_done)
+
+
+def lookup_proposal(context: list[int], k: int, ngram: int, min_ngram: int) -> list[int]:
+    """Up to ``k`` tokens that followed the latest earlier occurrence of the context's last
+    n-gram (longest n first, from ``ngram`` down to ``min_ngram``); [] when none matches."""
+    ctx = torch.tensor(context, dtype=torch.long)
+    n_ctx = len(context)
+    for n in range(min(ngram, n_ctx - 1), min_ngram - 1, -1):
+        windows = ctx[: n_ctx - 1].unfold(0, n, 1) if n_ctx - 1 >= n else None  # all n-grams ending before the last token
+        if windows is None:
+            continue
+        hits = (windows == ctx[n_ctx - n:]).all(-1).nonzero().flatten()
+        if len(hits):
+            start = int(hits[-1]) + n
+            follow = context[start:start + k]
+            if follow:
+                return follow
+    return []
+
+
+class _LookupDrafter:
+    def __init__(self, spec: SpeculationConfig) -> None:
+        self.spec = spec
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, needed: int) -> None:
+        pass
+
+    def propose(self, context: list[int], k: int) -> list[int]:
+        return lookup_proposal(context, k, self.spec.ngram, self.spec.min_ngram)
+
+    def accepted(self, n: int, k: int) -> None:
+        pass
+
+
+class _ModelDrafter:
+    """Greedy drafting with a (smaller) model and its own static cache."""
+
+    def __init__(self, gen: TextGenerator) -> None:
+        self.gen = gen
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, needed: int) -> None:
+        gen = self.gen
+        self.cache, self.key_valid = gen.cache_for(1, needed)
+        self.next_pos = torch.zeros(1, dtype=torch.long)
+        with torch.no_grad():
+            prefill(gen.model, self.cache, input_ids, attention_mask, self.key_valid, self.next_pos, gen.dtype, gen.cache_kwarg)
+        self.in_cache = int(attention_mask.sum())
+
+    def propose(self, context: list[int], k: int) -> list[int]:
+        pending = context[self.in_cache:]
+        logits = self.gen.run_step(self.cache, torch.tensor([pending]), self.key_valid, self.next_pos)[:, -1]
+        self.in_cache += len(pending)
+        out = [int(logits.argmax(-1))]
+        for _ in range(k - 1):
+            logits = self.gen.run_step(self.cache, torch.tensor([[out[-1]]]), self.key_valid, self.next_pos)[:, -1]
+            self.in_cache += 1
+            out.append(int(logits.argmax(-1)))
+        return out
+
+    def accepted(self, n: int, k: int) -> None:
+        """The cache holds the first k-1 drafts; keep those among the n accepted."""
+        remove = (k - 1) - min(n, k - 1)
+        if remove:
+            self.cache.crop(-remove)
+            self.next_pos.sub_(remove)
+            self.in_cache -= remove
+
+
+def self_draft_model(model: torch.nn.Module, exit_layer: int) -> torch.nn.Module:
+    """A view of ``model`` with only its first ``exit_layer`` blocks (then its final norm and
+    head); every tensor is shared with ``model``."""
+    from slimformer.models.adapters import ArchitectureAdapter
+
+    depth = ArchitectureAdapter(model).num_layers()
+    if exit_layer >= depth:
+        raise ConfigError(f"exit_layer={exit_layer} must be below the model's depth {depth}", f"pass exit_layer between 1 and {depth - 1}")
+    view = shared_copy(model)
+    ArchitectureAdapter(view).drop_blocks(list(range(exit_layer, depth)))
+    return view
+
+
+def _drafter_for(gen: TextGenerator, spec: SpeculationConfig):
+    if spec.mode == "prompt-lookup":
+        return _LookupDrafter(spec)
+    from slimformer.models.loading import LoadedModel
+
+    cached = getattr(gen, "_drafters", {})
+    gen._drafters = cached
+    key = (spec.mode, spec.exit_layer, id(spec.draft))
+    if key not in cached:
+        if spec.mode == "self":
+            from slimformer.models.adapters import ArchitectureAdapter
+
+            exit_layer = spec.exit_layer or max(1, ArchitectureAdapter(gen.model).num_layers() // 4)
+            draft = LoadedModel(model=self_draft_model(gen.model, exit_layer), tokenizer=gen.tokenizer, kind="causal-lm", source=f"{gen.loaded.source}[:{exit_layer}]")
+        else:
+            draft = spec.draft
+            target_vocab = getattr(gen.model.config, "vocab_size", None)
+            draft_vocab = getattr(draft.model.config, "vocab_size", None)
+            if target_vocab != draft_vocab:
+                raise ConfigError(f"the draft's vocabulary ({draft_vocab}) differs from the model's ({target_vocab})", "use a draft made from the same model")
+        cached[key] = TextGenerator(draft, dtype=gen.dtype, compile=gen.compile)
+    return _ModelDrafter(cached[key])
+
+
+def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_mask: torch.Tensor, config, accept, is_done) -> tuple[dict, dict]:
+    """Greedy speculative generation of one prompt ``input_ids`` (1, T); calls ``accept(token)``
+    for each new token until ``is_done()``. Returns ``(timing, stats)``: stats hold the verify
+    steps, drafted and accepted tokens and the acceptance rate."""
+    spec: SpeculationConfig = config.speculation
+    k = spec.num_draft
+    needed = input_ids.shape[1] + config.max_new_tokens + k + 2
+    cache, key_valid = gen.cache_for(1, needed)
+    next_pos = torch.zeros(1, dtype=torch.long)
+    drafter = _drafter_for(gen, spec)
+    with torch.no_grad():
+        logits = prefill(gen.model, cache, input_ids, attention_mask, key_valid, next_pos, gen.dtype, gen.cache_kwarg)
+    token = int(logits.argmax(-1))
+    prefill_end = time.perf_counter()
+    drafter.start(input_ids, attention_mask, needed)
+    context = input_ids[0][attention_mask[0].bool()].tolist() + [token]
+    accept(token)
+    steps = drafted = accepted = 0
+    while not is_done():
+        draft = drafter.propose(context, k)
+        steps += 1
+        if not draft:
+            logits = gen.run_step(cache, torch.tensor([[token]]), key_valid, next_pos)[:, -1]
+            token = int(logits.argmax(-1))
+            context.append(token)
+            accept(token)
+            continue
+        real = len(draft)
+        padded = draft + [draft[-1]] * (k - real)
+        logits = gen.run_step(cache, torch.tensor([[token] + padded]), key_valid, next_pos)[0]
+        target = logits.argmax(-1).tolist()
+        n = 0
+        while n < real and draft[n] == target[n]:
+            n += 1
+        new = draft[:n] + [target[n]]
+        rejected = k - n
+        if rejected:
+            cache.crop(-rejected)
+            next_pos.sub_(rejected)
+        drafter.accepted(n, k)
+        drafted += real
+        accepted += n
+        for t in new:
+            context.append(t)
+            accept(t)
+            if is_done():
+                break
+        token = new[-1]
+    end = time.perf_counter()
+    kv_bytes = cache.nbytes() + (drafter.cache.nbytes() if hasattr(drafter, "cache") else 0)
+    stats = {
+        "mode": spec.mode, "num_draft": k, "verify_steps": steps, "drafted": drafted, "accepted": accepted,
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+    }
+    return {"prefill_end": prefill_end, "end": end, "steps": steps, "kv_bytes": kv_bytes}, stats
