@@ -20,12 +20,19 @@ Stored bits (see :func:`sparse_stored_bits`, checked by the tests against the sa
 ``1 + 2 + 0.19`` instead of ``4.19``. The positions of an unstructured 50 % mask carry one bit
 of information per weight, so no encoding of them can take less than one bit.
 
-Execution (``kernel``): ``reconstruct`` — each forward rebuilds this layer's dense weight from
-the stored form, computes, and drops it, so memory holds the sparse form; the cost is the
-rebuilding time of every call. ``csr`` — the weight is kept at run time as a
-``torch.sparse_csr`` matrix and multiplied by the sparse kernel; it is chosen only when asked
-(``SparseLinear.set_kernel("csr")``), because on the CPUs measured in
-``benchmarks/sparsity_lowrank.py`` it is slower than the dense product at 50 % sparsity.
+Execution (``kernel``), measured on this CPU in ``benchmarks/sparsity_lowrank.py``:
+
+- ``dense`` (default): the dense weight is rebuilt once when the layer is prepared (built or
+  loaded) and kept beside the stored form (counted in ``runtime_nbytes``); the product is the
+  ordinary dense one, so the file shrinks but neither run-time memory nor speed changes.
+  Chosen because no sparse path measured faster than the dense product on this CPU;
+- ``reconstruct``: each forward rebuilds this layer's dense weight from the stored form,
+  computes and drops it, so memory holds only the sparse form; every call pays the rebuilding
+  (hundreds of times a one-token product, several times a 128-token one);
+- ``csr``: the weight is kept as a ``torch.sparse_csr`` matrix and multiplied by PyTorch's
+  sparse kernel (2-3x slower than the dense product at 50 % sparsity here).
+
+PyTorch's semi-structured (2:4) sparse tensors run on CUDA only, so 2:4 has no CPU kernel here.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import torch.nn.functional as F
 from slimformer.methods.quantization import grid
 from slimformer.methods.quantization.modules import QuantizedModule, register_quantized_module, tensor_bits
 
-SPARSE_KERNELS = ("reconstruct", "csr")
+SPARSE_KERNELS = ("dense", "reconstruct", "csr")
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -95,7 +102,7 @@ class SparseLinear(QuantizedModule):
     """
 
     def __init__(self, in_features: int, out_features: int, nnz: int, nm: tuple[int, int] | None = None, bits: int | None = None,
-                 group_size: int | None = None, symmetric: bool = False, bias: bool = False, value_dtype: str = "float32", kernel: str = "reconstruct") -> None:
+                 group_size: int | None = None, symmetric: bool = False, bias: bool = False, value_dtype: str = "float32", kernel: str = "dense") -> None:
         super().__init__()
         if nm is not None and in_features % nm[1]:
             raise ValueError(f"N:M pattern {nm} needs the input width {in_features} divisible by {nm[1]}")
@@ -185,7 +192,7 @@ class SparseLinear(QuantizedModule):
     def from_description(cls, desc: dict) -> "SparseLinear":
         nm = desc.get("nm")
         return cls(desc["in_features"], desc["out_features"], desc["nnz"], None if nm is None else tuple(nm), desc.get("bits"),
-                   desc.get("group_size"), desc.get("symmetric", False), desc["bias"], desc.get("value_dtype", "float32"), desc.get("kernel", "reconstruct"))
+                   desc.get("group_size"), desc.get("symmetric", False), desc["bias"], desc.get("value_dtype", "float32"), desc.get("kernel", "dense"))
 
     def describe(self) -> dict:
         return {
@@ -255,7 +262,7 @@ class SparseLinear(QuantizedModule):
         return sum(t.numel() * t.element_size() for t in self._runtime.values())
 
     def set_kernel(self, kernel: str) -> None:
-        """Choose the execution path (``reconstruct`` or ``csr``, see the module docstring)."""
+        """Choose the execution path (``dense``, ``reconstruct`` or ``csr``, see the module docstring)."""
         if kernel not in SPARSE_KERNELS:
             raise ValueError(f"unknown sparse kernel {kernel!r}; choose from {SPARSE_KERNELS}")
         self.kernel = kernel
@@ -264,6 +271,8 @@ class SparseLinear(QuantizedModule):
     def prepare(self) -> None:
         if self.kernel == "csr":
             self._runtime = {"csr": self.dense_weight(self.compute_dtype).to_sparse_csr()}
+        elif self.kernel == "dense":
+            self._runtime = {"dense": self.dense_weight(self.compute_dtype)}
         else:
             self._runtime = {}
 
@@ -276,6 +285,8 @@ class SparseLinear(QuantizedModule):
             if bias is not None:
                 y = y + bias
             return y.reshape(*x.shape[:-1], self.out_features)
+        if self.kernel == "dense":
+            return F.linear(x, self._runtime["dense"].to(x.dtype), bias)
         return F.linear(x, self.dense_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
