@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         original = load_model()
         label = cm.MODEL_LABEL
         calibration = {"n_samples": args.n_samples or 128}
-        settings = EvalSettings(n_texts=args.n_texts or 320)
+        settings = EvalSettings(n_texts=args.n_texts or 320, n_queries=32, latency_repeats=5)
     json_path = args.out_dir / f"{stem}.json"
     previous = {}
     if args.only and json_path.is_file():
