@@ -177,6 +177,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "they run through the `dense` path (dense weight rebuilt once at load: the file shrinks, memory and speed do not), "
         "because no sparse path beat the dense product on this CPU (kernel table below).",
     ]
+    if meta.get("note"):
+        lines.append(f"- Note: {meta['note']}")
     if meta["model"] == "smollm2":
         lines.append("- SmolLM2's linears come from a Q4_1 GGUF: they already lie on a 4-bit g32 asymmetric grid (the 4-bit rows re-round them to g64).")
     lines += ["", "| setting | group | params | linear b/w | size MB | size ratio | " + " | ".join(qhead) + " | speed | bit-exact reload |",
@@ -268,9 +270,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     parser.add_argument("--only", nargs="*", help="run only these setting names (others are kept from an earlier .json)")
     parser.add_argument("--n-samples", type=int, default=None, help="calibration documents (default 128 MiniLM, 16 SmolLM2)")
+    parser.add_argument("--max-length", type=int, default=None, help="calibration tokens per document (SmolLM2; default 128)")
     parser.add_argument("--n-texts", type=int, default=None, help="held-out documents (default 320 MiniLM, 64 SmolLM2)")
     parser.add_argument("--out-dir", type=Path, default=cm.RESULTS_DIR)
+    parser.add_argument("--replot", action="store_true", help="rewrite the .md and .png from the .json (and --merge files) without running anything")
+    parser.add_argument("--merge", nargs="*", type=Path, default=[], help="with --replot: add the rows of these .json files (runs split over processes)")
+    parser.add_argument("--note", default=None, help="with --replot: a note on how the run went, printed in the table's header")
     args = parser.parse_args(argv)
+    if args.replot:
+        stem = f"sparsity_lowrank_{args.model}"
+        data = json.loads((args.out_dir / f"{stem}.json").read_text())
+        order = [name for name, _, _ in settings_for(args.model)]
+        rows = {r["name"]: r for r in data["results"]}
+        for extra in args.merge:
+            rows.update({r["name"]: r for r in json.loads(extra.read_text())["results"]})
+        results = [rows[n] for n in order if n in rows]
+        if args.note:
+            data["meta"]["note"] = args.note
+        cm.write_text_atomic(args.out_dir / f"{stem}.md", markdown(data["meta"], results))
+        cm.write_text_atomic(args.out_dir / f"{stem}.json", json.dumps({"meta": data["meta"], "results": results}, indent=2, default=str) + "\n")
+        plot(results, args.out_dir / f"{stem}.png", data["meta"])
+        return 0
     import transformers
 
     torch.manual_seed(0)
@@ -278,13 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "smollm2":
         original = load_smollm2()
         label = "SmolLM2-135M-Instruct (30 layers, from the Q4_1 GGUF)"
-        calibration = {"n_samples": args.n_samples or 16, "max_length": 128, "batch_size": 8}
-        settings = EvalSettings(n_texts=args.n_texts or 64, n_queries=8, latency_batch=4, latency_tokens=128, latency_repeats=5, latency_warmup=1)
+        calibration = {"n_samples": args.n_samples or 16, "max_length": args.max_length or 128, "batch_size": 8}
+        settings = EvalSettings(n_texts=args.n_texts or 64, n_queries=4, latency_batch=1, latency_tokens=32, latency_repeats=3, latency_warmup=1)
     else:
         original = load_model()
         label = cm.MODEL_LABEL
         calibration = {"n_samples": args.n_samples or 128}
-        settings = EvalSettings(n_texts=args.n_texts or 320, n_queries=32, latency_repeats=5)
+        settings = EvalSettings(n_texts=args.n_texts or 320, n_queries=32, latency_batch=4, latency_tokens=64, latency_repeats=3, latency_warmup=1)
     json_path = args.out_dir / f"{stem}.json"
     previous = {}
     if args.only and json_path.is_file():
