@@ -14,6 +14,9 @@ from slimformer.compress import compress
 from slimformer.errors import ConfigError
 from slimformer.io import load_compressed, save_compressed
 from slimformer.methods import method_from_dict
+from slimformer.methods.lowrank.base import LowRankLinear
+from slimformer.methods.pruning.sparse_storage import SparseLinear
+from slimformer.methods.quantization.eora import LowRankCompensated
 from slimformer.methods.quantization.modules import PackedWeight, QuantizedModule
 from slimformer.recipe import Recipe
 
@@ -55,13 +58,45 @@ def _check_quantized(loaded, record, config, before):
 def _check_pruned(loaded, record, config):
     assert record["modules"]
     for name in record["modules"]:
-        w = loaded.model.get_submodule(name).weight.detach()
+        module = loaded.model.get_submodule(name)
+        if config.storage == "sparse":
+            # Stored sparse: the file holds the index and the kept values, not a dense copy.
+            assert isinstance(module, SparseLinear)
+            assert module.nnz == int(module.mask().sum())
+            assert torch.all(module.weight[~module.mask()] == 0)
+            w = torch.where(module.mask(), 1.0, 0.0)
+        else:
+            assert isinstance(module, nn.Linear)
+            w = module.weight.detach()
         measured = (w == 0).float().mean().item()
         assert abs(measured - config.sparsity) <= 1.0 / w.shape[1] + 1e-6, f"{name}: sparsity {measured} != {config.sparsity}"
         if config.pattern is not None:
             n, m = config.nm
             nonzero = (w.reshape(w.shape[0], -1, m) != 0).sum(-1)
             assert torch.all(nonzero == n), f"{name}: not exactly {n}:{m}"
+
+
+def _check_lowrank(loaded, record, config, before):
+    assert record["modules"]
+    for name in record["modules"]:
+        module = loaded.model.get_submodule(name)
+        w = before[name]
+        rows, cols = w.shape
+        rank = record["ranks"][name]
+        if config.name == "lq-lora":
+            # Quantized residual plus factors: closer to W than the residual grid alone allows.
+            assert isinstance(module, LowRankCompensated) and module.rank == rank
+            assert isinstance(module.inner, PackedWeight) and module.inner.bits == config.bits
+            assert ((w - module.dequantized_weight()).norm() / w.norm()).item() < 0.5
+            continue
+        # Two smaller linears that physically hold rank * (in + out) weights.
+        assert isinstance(module, LowRankLinear)
+        assert module.down.weight.shape == (rank, cols) and module.up.weight.shape == (rows, rank)
+        assert rank * (rows + cols) <= config.params_ratio * rows * cols or config.rank == rank
+        held = sum(p.numel() for n, p in module.named_parameters() if n.endswith("weight"))
+        assert held == rank * (rows + cols) < rows * cols
+    if config.name != "lq-lora":
+        assert record["params_after"] < record["params_before"]
 
 
 @pytest.mark.parametrize("step", METHODS)
@@ -100,6 +135,8 @@ def test_every_method_on_every_architecture(tiny, step, fast_calibration, tmp_pa
             for m in block.modules():
                 if hasattr(m, "layer_idx"):
                     assert m.layer_idx == new_index
+    elif config.family == "lowrank":
+        _check_lowrank(tiny, record, config, before)
     elif config.family == "dynamic":
         assert tiny.dynamic is not None and tiny.dynamic.active()
         embedding, stats = tiny.embed(batch, return_stats=True)

@@ -49,6 +49,9 @@ def logical_parameters(model: nn.Module) -> int:
         if key in counted:  # a tied embedding/head pair: one table
             continue
         counted.add(key)
+        if hasattr(m, "logical_parameters"):  # e.g. a low-rank pair of linears: what it holds
+            count += m.logical_parameters()
+            continue
         rows, cols = m.weight_shape
         count += rows * cols
     return count

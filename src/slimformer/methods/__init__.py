@@ -7,20 +7,26 @@ here, add it to ``tests/methods_under_test.py`` and to the README's methods tabl
 from slimformer.methods.base import MethodConfig, apply_method, method_from_dict, register_method, registered_methods
 from slimformer.methods.calibration import CalibrationSettings, CompressionContext
 from slimformer.methods.quantization import CastConfig, GPTQConfig, RTNConfig
-from slimformer.methods.pruning import MagnitudeConfig, WandaConfig
+from slimformer.methods.pruning import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from slimformer.methods.structure import ShortGPTConfig
+from slimformer.methods.lowrank import ASVDConfig, LQLoRAConfig, SVDConfig, SVDLLMConfig
 from slimformer.methods.dynamic import EarlyExitConfig, TokenMergingConfig, TokenPruningConfig
 
 __all__ = [
+    "ASVDConfig",
     "CalibrationSettings",
     "CastConfig",
     "EarlyExitConfig",
     "CompressionContext",
     "GPTQConfig",
+    "LQLoRAConfig",
     "MagnitudeConfig",
     "MethodConfig",
     "RTNConfig",
+    "SVDConfig",
+    "SVDLLMConfig",
     "ShortGPTConfig",
+    "SparseGPTConfig",
     "TokenMergingConfig",
     "TokenPruningConfig",
     "WandaConfig",

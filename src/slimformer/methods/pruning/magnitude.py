@@ -30,5 +30,5 @@ class MagnitudeConfig(PruningConfig):
 def apply_magnitude(loaded, config: MagnitudeConfig, ctx) -> dict:
     modules = select_modules(loaded, config, types=(nn.Linear,))
     check_nm_width(config, modules)
-    sparsity = {name: prune_linear(m, m.weight.detach().abs(), config, per_row=False) for name, m in modules.items()}
+    sparsity = {name: prune_linear(loaded, name, m, m.weight.detach().abs(), config, per_row=False) for name, m in modules.items()}
     return {"modules": sorted(modules), "sparsity": sparsity}

@@ -38,5 +38,5 @@ def apply_wanda(loaded, config: WandaConfig, ctx) -> dict:
     for name, module, stats in blockwise(loaded, ctx, modules, hessian=False, desc="wanda"):
         norm = torch.sqrt(stats.sq_norm[name])
         scores = module.weight.detach().abs() * norm.unsqueeze(0)
-        sparsity[name] = prune_linear(module, scores, config, per_row=True)
+        sparsity[name] = prune_linear(loaded, name, module, scores, config, per_row=True)
     return {"modules": sorted(modules), "sparsity": sparsity}
