@@ -29,7 +29,8 @@ class LoadedModel:
     ``manifest``: the manifest when loaded from a slimformer folder; ``applied``: records of the
     compression steps applied (read back from the manifest after loading); ``recipe``: the recipe
     they came from, as a dictionary; ``dynamic``: run-time settings (early exit, token
-    reduction), or None.
+    reduction), or None; ``execution``: the execution plan chosen on this machine
+    (``slimformer.runtime.planner.ExecutionPlan``), or None.
     """
 
     model: nn.Module
@@ -41,6 +42,7 @@ class LoadedModel:
     applied: list[dict] = field(default_factory=list)
     recipe: dict | None = None
     dynamic: Any = None
+    execution: Any = None
 
     def embed(self, batch: dict, return_stats: bool = False):
         """Sentence embeddings (batch, dim) float32 of a tokenized batch (encoders), through the
@@ -147,12 +149,15 @@ def _looks_like_hub_id(source: str) -> bool:
     )
 
 
-def load_model(source: str | os.PathLike | None = None, *, attn_implementation: str = "sdpa") -> LoadedModel:
+def load_model(source: str | os.PathLike | None = None, *, attn_implementation: str = "sdpa", execution: Any = "auto") -> LoadedModel:
     """Load a model for compression or evaluation.
 
     ``source``: ``None`` or ``"default"`` (the embedded all-MiniLM-L6-v2), a local folder (a
     Hugging Face checkpoint or a folder written by ``slimformer compress``), or a hub id such as
     ``"Qwen/Qwen2-0.5B"`` (needs a network). Raises ``ModelLoadError`` with a one-line fix.
+    ``execution`` (compressed folders): how the execution planner chooses each layer's path on
+    this machine: ``"auto"`` (default settings, memory ``balanced``), a memory policy
+    (``"packed"``, ``"balanced"``, ``"fast"``), a dict of ``PlanSettings`` fields, or ``"off"``.
     """
     if source is None or str(source) == DEFAULT_MODEL:
         folder = default_model_path()
@@ -169,7 +174,7 @@ def load_model(source: str | os.PathLike | None = None, *, attn_implementation: 
         if (folder / MANIFEST_NAME).is_file():
             from slimformer.io.serialization import load_compressed
 
-            return load_compressed(folder)
+            return load_compressed(folder, execution=execution)
         return _load_hf_folder(folder, label, attn_implementation)
     if _looks_like_hub_id(label):
         return _load_from_hub(label, attn_implementation)
