@@ -173,3 +173,50 @@ def test_plain_bf16_linears_run_widened_under_float32_activations(tiny_factory, 
     assert out.dtype == torch.float32 and _rel(out, ref) < 0.05
     remove_plan(model)
     assert all(p.dtype == torch.bfloat16 for p in model.model.parameters())
+
+
+# ----- no work on padding ------------------------------------------------------------------------
+
+def test_length_buckets_cover_every_row_once_and_cut_padding():
+    from slimformer.models.batching import length_buckets
+
+    lengths = [128, 9, 12, 120, 30, 7, 125, 31]
+    buckets = length_buckets(lengths, call_cost=16)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in buckets)
+    assert padded < 0.6 * len(lengths) * max(lengths)
+    assert length_buckets([50] * 6, call_cost=16) == [list(range(6))]  # equal lengths: one pass
+
+
+def test_bucketed_embeddings_equal_the_padded_computation(tiny_factory):
+    from slimformer.evaluate.quality import encode
+
+    model = tiny_factory("bert")
+    texts = ["short", "a much longer text " * 8, "mid length text here", "x " * 40, "tiny", "another sentence of words"]
+    batch = dict(model.tokenizer(texts, padding=True, return_tensors="pt"))
+    batch.pop("token_type_ids", None)
+    bucketed = model.embed(batch)
+    model.bucketing = False
+    padded = model.embed(batch)
+    assert torch.allclose(bucketed, padded, rtol=1e-5, atol=1e-5)
+    e_padded = encode(model, texts, batch_size=4)
+    model.bucketing = True
+    e_sorted = encode(model, texts, batch_size=4)
+    assert torch.allclose(e_sorted, e_padded, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_runner_buckets_with_the_same_outputs_and_fewer_flops(tiny_factory):
+    from slimformer.methods.dynamic.runtime import DynamicEncoder
+
+    model = tiny_factory("bert")
+    texts = ["short", "a much longer text " * 8, "mid length text here", "tiny"]
+    batch = dict(model.tokenizer(texts, padding=True, return_tensors="pt"))
+    batch.pop("token_type_ids", None)
+    emb, stats = DynamicEncoder(model).embed(batch, return_stats=True)
+    model.bucketing = False
+    emb_p, stats_p = DynamicEncoder(model).embed(batch, return_stats=True)
+    assert torch.allclose(emb, emb_p, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stats.layers_run, stats_p.layers_run)
+    assert stats.rows_per_layer == stats_p.rows_per_layer
+    assert stats.tokens_per_layer == pytest.approx(stats_p.tokens_per_layer)
+    assert stats.flops < 0.8 * stats_p.flops

@@ -30,7 +30,8 @@ class LoadedModel:
     compression steps applied (read back from the manifest after loading); ``recipe``: the recipe
     they came from, as a dictionary; ``dynamic``: run-time settings (early exit, token
     reduction), or None; ``execution``: the execution plan chosen on this machine
-    (``slimformer.runtime.planner.ExecutionPlan``), or None.
+    (``slimformer.runtime.planner.ExecutionPlan``), or None; ``bucketing``: ``embed`` runs
+    a padded batch as length buckets (:mod:`slimformer.models.batching`; False: as given).
     """
 
     model: nn.Module
@@ -43,6 +44,7 @@ class LoadedModel:
     recipe: dict | None = None
     dynamic: Any = None
     execution: Any = None
+    bucketing: bool = True
 
     def embed(self, batch: dict, return_stats: bool = False):
         """Sentence embeddings (batch, dim) float32 of a tokenized batch (encoders), through the
@@ -52,10 +54,15 @@ class LoadedModel:
         if self.dynamic is not None and self.dynamic.active() or return_stats:
             return DynamicEncoder(self).embed(batch, return_stats=return_stats)
         from slimformer.evaluate.quality import pool
+        from slimformer.models.batching import run_bucketed
 
-        with torch.no_grad():
-            hidden = self.model(**batch).last_hidden_state.float()
-        return pool(hidden, batch["attention_mask"], self.pooling)
+        def run(sub: dict) -> torch.Tensor:
+            with torch.no_grad():
+                hidden = self.model(**sub).last_hidden_state.float()
+            return pool(hidden, sub["attention_mask"], self.pooling)
+
+        # Rows of different lengths run as length buckets: padded positions are not computed.
+        return run_bucketed(batch, run) if self.bucketing else run(batch)
 
     @property
     def adapter(self) -> ArchitectureAdapter:
