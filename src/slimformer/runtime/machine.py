@@ -135,8 +135,8 @@ def machine_line(info: dict) -> str:
     if c:
         text += (
             f"; measured ceilings {c['shape'][0]}x{c['shape'][1]} by {c['shape'][1]}x{c['shape'][2]}: "
-            f"fp32 {c['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {c['bf16_flops'] / 1e9:.0f} GFLOP/s"
+            f"fp32 {c['fp32_flops'] / 1e9:.3g} GFLOP/s, bf16 {c['bf16_flops'] / 1e9:.3g} GFLOP/s"
         )
         if "int8_ops" in c:
-            text += f", int8 (_int_mm) {c['int8_ops'] / 1e9:.0f} GOP/s"
+            text += f", int8 (_int_mm) {c['int8_ops'] / 1e9:.3g} GOP/s"
     return text
