@@ -247,3 +247,22 @@ def test_compiled_forward_agrees_with_eager_and_falls_back(tiny_factory):
     assert torch.equal(again, eager) and model.model.forward.failed
     uncompile_model(model)
     assert "forward" not in model.model.__dict__
+
+
+def test_tied_weights_stay_tied_through_an_activation_switch_and_back(tiny_factory, tmp_path):
+    from slimformer.methods.quantization.cast import cast_model
+
+    model = tiny_factory("qwen2")  # tied embedding and head
+    cast_model(model.model, torch.bfloat16)
+    emb, head = model.model.get_input_embeddings(), model.model.get_output_embeddings()
+    assert emb.weight is head.weight
+    plan_execution(model, _settings(tmp_path, activations="float32", memory="fast"))
+    assert emb.weight is head.weight and emb.weight.dtype == torch.float32
+    remove_plan(model)
+    assert emb.weight is head.weight and emb.weight.dtype == torch.bfloat16
+    plan_execution(model, _settings(tmp_path, activations="float32", memory="balanced"))
+    assert emb.weight is head.weight
+    batch = sample_batch(model)
+    assert model_output(model, batch).dtype == torch.float32
+    remove_plan(model)
+    assert emb.weight is head.weight and emb.weight.dtype == torch.bfloat16

@@ -372,9 +372,10 @@ def switch_activations(model: nn.Module, dtype: torch.dtype, memory: str) -> lis
     """Run ``model`` with ``dtype`` activations: float parameters and persistent buffers cast,
     quantized layers told to compute in ``dtype``. Plain bfloat16 linear weights stay bfloat16
     under float32 activations unless ``memory`` is ``fast`` (the planner widens them per call).
-    Returns the undo record for :func:`restore_activations` (originals kept only where the cast
-    loses bits)."""
+    Returns the undo record for :func:`restore_activations` (the original tensors, so ties and
+    values come back exactly; tied tensors stay tied)."""
     undo: list = []
+    cast: dict[int, torch.Tensor] = {}
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedModule)]
     for name, module in model.named_modules():
         if any(name.startswith(q + ".") for q in quantized):
@@ -386,14 +387,15 @@ def switch_activations(model: nn.Module, dtype: torch.dtype, memory: str) -> lis
         keep_linear = isinstance(module, nn.Linear) and dtype == torch.float32 and memory != "fast"
         for kind, table in (("param", module._parameters), ("buffer", module._buffers)):
             for key, t in list(table.items()):
-                if t is None or not t.is_floating_point() or t.dtype == dtype or keep_linear:
-                    continue
+                if t is None or not t.is_floating_point() or t.dtype == dtype or (keep_linear and id(t) not in cast):
+                    continue  # (a linear weight tied to a table cast before it follows the table: ties hold)
                 if kind == "buffer" and key in module._non_persistent_buffers_set:
                     continue
-                lossless = torch.finfo(dtype).bits > torch.finfo(t.dtype).bits
-                undo.append((kind, module, key, None if lossless else t, t.dtype))
-                new = t.detach().to(dtype)
-                table[key] = nn.Parameter(new, requires_grad=False) if kind == "param" else new
+                undo.append((kind, module, key, t))
+                if id(t) not in cast:
+                    new = t.detach().to(dtype)
+                    cast[id(t)] = nn.Parameter(new, requires_grad=False) if kind == "param" else new
+                table[key] = cast[id(t)]
     return undo
 
 
@@ -403,9 +405,8 @@ def restore_activations(undo: list) -> None:
         if entry[0] == "compute":
             entry[1].set_compute_dtype(entry[2])
             continue
-        kind, module, key, original, dtype = entry
-        table = module._parameters if kind == "param" else module._buffers
-        table[key] = original if original is not None else (nn.Parameter(table[key].detach().to(dtype), requires_grad=False) if kind == "param" else table[key].to(dtype))
+        kind, module, key, original = entry
+        (module._parameters if kind == "param" else module._buffers)[key] = original
 
 
 def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool = False) -> ExecutionPlan:
