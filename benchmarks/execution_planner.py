@@ -57,16 +57,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--texts", type=int, default=320)
+    parser.add_argument("--plan-tokens", type=int, default=1024, help="rows the planner times for the batch regime")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--fixed-rows", type=int, default=32, help="rows of the fixed batch (x128 tokens); 32 = the evaluate batch")
+    parser.add_argument("--rtn-w8a8", action="store_true",
+                        help="build the 8-bit W8A8 model with rtn (activations: int8, same layout and paths as the smoothquant recipe, "
+                             "no calibration; its quality is rtn's, not smoothquant's)")
+    parser.add_argument("--skip-unplanned-w8a8", action="store_true", help="do not time the W8A8 model on its capability-chosen _int_mm path")
     args = parser.parse_args()
     t_start = time.time()
     machine = describe_machine()
     log(machine_line(machine))
-    settings = EvalSettings(n_texts=args.texts)
+    settings = EvalSettings(n_texts=args.texts, n_queries=min(64, args.texts // 4))
     original = slimformer.load("default", execution="off")
     calib = {"source": "stdlib-docs", "n_samples": 32 if args.quick else 128, "max_length": 128}
+    w8a8_label, w8a8_recipe = "w8a8 (recipes/w8a8-smoothquant.yaml)", slimformer.Recipe.from_file(Path(__file__).resolve().parents[1] / "recipes" / "w8a8-smoothquant.yaml")
+    if args.rtn_w8a8:
+        w8a8_label = "w8a8 (rtn W8A8 + W8 MLP-down + emb8 + bf16: the smoothquant recipe's layout)"
+        w8a8_recipe = slimformer.Recipe.from_dict({"slimformer_recipe": 1, "name": "rtn-w8a8-emb8-bf16", "calibration": calib, "steps": [
+            {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True, "activations": "int8", "exclude": ["*.layer.*[0-9].output.dense"]},
+            {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True, "targets": ["linear", "embedding"]},
+            {"method": "cast", "dtype": "bfloat16"}]})
     recipes = {
-        "w8a8 (recipes/w8a8-smoothquant.yaml)": slimformer.Recipe.from_file(Path(__file__).resolve().parents[1] / "recipes" / "w8a8-smoothquant.yaml"),
+        w8a8_label: w8a8_recipe,
         "4-bit g64 + emb8 (demo layout, rtn)": slimformer.Recipe.from_dict({"slimformer_recipe": 1, "name": "rtn-w4g64-emb8", "calibration": calib,
                                                                              "steps": [{"method": "rtn", "bits": 4, "group_size": 64}, EMB8]}),
     }
@@ -79,15 +92,17 @@ def main() -> int:
         log(f"compressing {label}")
         model = copy.deepcopy(original)
         slimformer.compress(model, recipe)
-        variants[f"{label}, unplanned"] = model
+        if not (args.skip_unplanned_w8a8 and label == w8a8_label):
+            variants[f"{label}, unplanned"] = model
         for memory in ("balanced", "fast"):
             planned = copy.deepcopy(model)
             t0 = time.time()
-            plan = plan_execution(planned, PlanSettings(memory=memory))
+            plan = plan_execution(planned, PlanSettings(memory=memory, batch_tokens=args.plan_tokens, repeats=2 if args.quick else 3))
             log(f"planned {label} memory={memory} in {time.time() - t0:.1f}s: {plan.activations}, {plan.counts()}")
             variants[f"{label}, planned ({memory})"] = planned
             plans[f"{label}, planned ({memory})"] = plan.summary()
     fixed = latency_batch(original, settings)
+    fixed = {k: (v[: args.fixed_rows] if isinstance(v, torch.Tensor) else v) for k, v in fixed.items()}
     texts = load_texts(TextSpec(source=settings.source, split="evaluation", n=settings.n_texts, seed=settings.seed))
     padded_batches = [_tokenize(original, texts[i : i + 32], 128) for i in range(0, len(texts), 32)]
     lengths = [len(x) for x in original.tokenizer(texts, truncation=True, max_length=128)["input_ids"]]

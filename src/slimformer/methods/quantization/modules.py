@@ -408,7 +408,7 @@ class QuantizedLinear(PackedWeight):
                 acc = torch._int_mm(xq, rt["w_int8"].t())
             else:  # the same integer product on the float units (int8 codes are exact in fp32 and bf16)
                 dt = torch.float32 if kernel == "w8a8-fp32" else torch.bfloat16
-                acc = F.linear(xq.to(dt), rt["w_int8"].to(dt))
+                acc = F.linear(xq.to(dt), rt["w_int8"].to(dt)).float()  # float32 in: one compiled rescale for both
             x_sum = x2.float().sum(-1, keepdim=True) if "offset" in rt else None
             y = fused_rescale(acc, rt["scales_f32"], sx, x_offset, rt["w_rowsum"], x_sum, rt.get("offset"), self.bias, x.dtype)
             return y.reshape(*shape[:-1], self.out_features)
