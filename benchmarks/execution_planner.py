@@ -46,6 +46,10 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def _x(v) -> str:
+    return "–" if v is None else f"{v:.2f}×"
+
+
 def encoder_flops(batch: dict, config) -> float:
     """Multiply-adds x2 of the encoder blocks on the real (unpadded) tokens of ``batch``."""
     d, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
@@ -64,6 +68,9 @@ def main() -> int:
                         help="build the 8-bit W8A8 model with rtn (activations: int8, same layout and paths as the smoothquant recipe, "
                              "no calibration; its quality is rtn's, not smoothquant's)")
     parser.add_argument("--skip-unplanned-w8a8", action="store_true", help="do not time the W8A8 model on its capability-chosen _int_mm path")
+    parser.add_argument("--memories", default="balanced,fast", help="memory policies to plan with")
+    parser.add_argument("--lean-corpus", action="store_true",
+                        help="corpus timings only for fp32 (padded and bucketed) and the planned models (bucketed): a saturated machine")
     args = parser.parse_args()
     t_start = time.time()
     machine = describe_machine()
@@ -94,7 +101,7 @@ def main() -> int:
         slimformer.compress(model, recipe)
         if not (args.skip_unplanned_w8a8 and label == w8a8_label):
             variants[f"{label}, unplanned"] = model
-        for memory in ("balanced", "fast"):
+        for memory in args.memories.split(","):
             planned = copy.deepcopy(model)
             t0 = time.time()
             plan = plan_execution(planned, PlanSettings(memory=memory, batch_tokens=args.plan_tokens, repeats=2 if args.quick else 3))
@@ -127,8 +134,10 @@ def main() -> int:
     fns = {}
     for name, m in variants.items():
         fns[(name, "fixed")] = fixed_run(m)
-        fns[(name, "corpus padded")] = corpus_run(m, padded_batches, False)
-        fns[(name, "corpus bucketed")] = corpus_run(m, sorted_batches, True)
+        if not args.lean_corpus or name == "fp32":
+            fns[(name, "corpus padded")] = corpus_run(m, padded_batches, False)
+        if not args.lean_corpus or name == "fp32" or "planned" in name:
+            fns[(name, "corpus bucketed")] = corpus_run(m, sorted_batches, True)
     log("warm-up")
     with torch.no_grad():
         for fn in fns.values():
@@ -162,8 +171,8 @@ def main() -> int:
             "resident_mb": resident_bytes(c) / 1e6,
             "fixed_s": med[(name, "fixed")], "fixed_speedup": ref["fixed"] / med[(name, "fixed")],
             "fixed_gflops": fixed_flops / med[(name, "fixed")] / 1e9,
-            "corpus_padded_s": med[(name, "corpus padded")], "corpus_padded_speedup": ref["corpus"] / med[(name, "corpus padded")],
-            "corpus_bucketed_s": med[(name, "corpus bucketed")], "corpus_bucketed_speedup": ref["corpus"] / med[(name, "corpus bucketed")],
+            "corpus_padded_s": med.get((name, "corpus padded")), "corpus_padded_speedup": ref["corpus"] / med[(name, "corpus padded")] if (name, "corpus padded") in med else None,
+            "corpus_bucketed_s": med.get((name, "corpus bucketed")), "corpus_bucketed_speedup": ref["corpus"] / med[(name, "corpus bucketed")] if (name, "corpus bucketed") in med else None,
             "execution": (plans.get(name) or {}).get("paths") or ({"float": 1} if "unplanned" not in name else kernel_summary(c)),
             "activations": (plans.get(name) or {}).get("activations"),
         })
@@ -194,7 +203,7 @@ def main() -> int:
         ex = ", ".join(f"{k}×{v}" for k, v in sorted(r["execution"].items()))
         lines.append(
             f"| {r['variant']} | {r['size_ratio']:.3f} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | {r['resident_mb']:.1f} | {r['fixed_s'] * 1e3:.0f} | "
-            f"{r['fixed_speedup']:.2f}× | {r['fixed_gflops']:.1f} | {r['corpus_padded_speedup']:.2f}× | {r['corpus_bucketed_speedup']:.2f}× | {r['activations'] or '–'} | {ex} |"
+            f"{r['fixed_speedup']:.2f}× | {r['fixed_gflops']:.1f} | {_x(r['corpus_padded_speedup'])} | {_x(r['corpus_bucketed_speedup'])} | {r['activations'] or '–'} | {ex} |"
         )
     for name, summary in plans.items():
         lines += ["", f"## {name}: paths measured on this machine", "", plan_table(summary)]
@@ -208,8 +217,8 @@ def main() -> int:
     names = [r["variant"] for r in rows]
     xs = range(len(rows))
     ax.bar([x - 0.27 for x in xs], [r["fixed_speedup"] for r in rows], 0.27, label="fixed 32x128")
-    ax.bar(list(xs), [r["corpus_padded_speedup"] for r in rows], 0.27, label="corpus, padded")
-    ax.bar([x + 0.27 for x in xs], [r["corpus_bucketed_speedup"] for r in rows], 0.27, label="corpus, bucketed")
+    ax.bar(list(xs), [r["corpus_padded_speedup"] or 0 for r in rows], 0.27, label="corpus, padded")
+    ax.bar([x + 0.27 for x in xs], [r["corpus_bucketed_speedup"] or 0 for r in rows], 0.27, label="corpus, bucketed")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
