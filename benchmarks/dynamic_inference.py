@@ -36,6 +36,7 @@ from slimformer.evaluate.quality import _tokenize  # noqa: E402
 from slimformer.methods.dynamic import set_exit_rule  # noqa: E402
 from slimformer.models import load_model  # noqa: E402
 from slimformer.recipe import Recipe  # noqa: E402
+from slimformer.runtime.machine import describe_machine, machine_line  # noqa: E402
 
 CALIBRATION = {"n_samples": 512, "max_length": 128}
 THRESHOLDS = (0.95, 0.92, 0.9, 0.85)
@@ -135,8 +136,12 @@ def _merge_rows(args, original, settings, batches, cache, repeats, thresholds, s
     names = {r["name"] for r in new}
     rows = [r for r in previous["results"] if r["name"] not in names] + new
     meta = dict(previous["meta"])
-    meta["w8a8_rows_added"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    meta["w8a8_minutes"] = (time.perf_counter() - start) / 60
+    if args.rows:  # rows re-run on (possibly) another machine: say which, and on what
+        meta["rows_rerun"] = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "rows": sorted(names),
+                              "minutes": (time.perf_counter() - start) / 60, "machine": describe_machine()}
+    else:
+        meta["w8a8_rows_added"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        meta["w8a8_minutes"] = (time.perf_counter() - start) / 60
     cm.write_text_atomic(args.out_dir / f"{stem}.md", markdown(meta, rows))
     cm.write_text_atomic(args.out_dir / f"{stem}.json", json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     plot(rows, args.out_dir / f"{stem}.png")
@@ -157,11 +162,15 @@ def markdown(meta, rows) -> str:
         "run / full model on the same padded batches.",
         "- Exits: one linear exit per block 0–4, trained by self-distillation (cosine to the model's own final embedding, backbone "
         "frozen), with token reduction and the cast already active; rule = MuE similarity of consecutive exits ≥ threshold.",
-        f"- Machine: 2 CPU cores, torch {meta['torch']}; run {meta['started']} UTC, {meta['minutes']:.1f} min"
+        (f"- Machine: {machine_line(meta['machine'])}; run {meta['started']} UTC, {meta['minutes']:.1f} min" if meta.get("machine") else
+         f"- Machine: 2 CPU cores, torch {meta['torch']}; run {meta['started']} UTC, {meta['minutes']:.1f} min")
         + (" — quick smoke test." if meta["quick"] else "."),
         *([f"- The w8a8 rows (SmoothQuant W8A8 linears on the int8 units, MLP output projections int8 weight-only, 8-bit "
            f"embeddings, bf16 elsewhere) were added on {meta['w8a8_rows_added']} UTC in a separate run ({meta['w8a8_minutes']:.1f} min), "
            "each still measured against fp32 in its own run."] if meta.get("w8a8_rows_added") else []),
+        *([f"- Rows {', '.join(meta['rows_rerun']['rows'])} re-run on {meta['rows_rerun']['date']} UTC ({meta['rows_rerun']['minutes']:.1f} min) "
+           f"on {machine_line(meta['rows_rerun']['machine'])}, with the execution planner's paths and length-bucketed batches; each "
+           "still against fp32 in that run. The other rows come from the run above (another machine)."] if meta.get("rows_rerun") else []),
         "",
         "| variant | family | cos mean | cos worst | top-10 agreement | layers run | FLOPs ratio | speedup fixed | speedup corpus |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -244,7 +253,7 @@ def main(argv=None) -> int:
         rows += sweep(original, combo, "combined", settings, batches, cache, repeats, True, thresholds[:2])
     meta = {
         "quick": args.quick, "started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "minutes": (time.perf_counter() - start) / 60, "torch": torch.__version__,
+        "minutes": (time.perf_counter() - start) / 60, "torch": torch.__version__, "machine": describe_machine(),
         "eval_settings": dataclasses.asdict(settings), "calibration": CALIBRATION,
     }
     stem = "dynamic_inference" + ("_quick" if args.quick else "")

@@ -40,6 +40,7 @@ import peers as peer_tools  # noqa: E402
 
 from slimformer.evaluate import EvalSettings  # noqa: E402
 from slimformer.models import load_model  # noqa: E402
+from slimformer.runtime.machine import describe_machine, machine_line  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -115,11 +116,22 @@ def our_row(original, name: str, bits: float, steps: list[dict], settings: EvalS
         "size_bytes": r["disk"]["model_safetensors_bytes"],
         "linear_bits": ev["cost"]["compressed"].get("quantized_linear_bits_per_weight"),
         "speedup": ev["cost"]["speedup"],
+        "latency_s": ev["cost"]["compressed"]["latency_s"],
+        "latency_original_s": ev["cost"]["original"]["latency_s"],
+        "activations": (ev.get("execution") or {}).get("activations"),
         "kernels": ev.get("kernels") or kernels,
         "bit_exact_round_trip": r["round_trip"]["bit_exact"],
         "build_seconds": r["compress_seconds"],
         "recipe": r["recipe"],
     }
+
+
+def _latency_flops(original, settings: EvalSettings) -> float:
+    """Encoder block FLOPs (multiply-adds x2) of the full-length latency batch."""
+    c = original.model.config
+    t, n = settings.latency_tokens, settings.latency_batch
+    d, f = c.hidden_size, c.intermediate_size
+    return float(c.num_hidden_layers * n * (2 * t * (4 * d * d + 2 * d * f) + 4 * t * t * d))
 
 
 def _f(v, spec: str) -> str:
@@ -133,9 +145,18 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"Quality on {meta['n_texts']} held-out texts (never used for calibration); speed = fp32 latency / variant latency "
              f"on a {meta['latency_batch']} batch, interleaved in the same run, median of {meta['repeats']}. Ours: size = the saved "
              "model.safetensors / fp32 file; every row saved, reloaded and compared bit for bit. Peers: size = what the tool saves."]
+    if meta.get("machine"):
+        mach = meta["machine"]
+        lines += ["", f"Machine: {machine_line(mach)}. Our rows run the execution planner's paths for this machine (memory: balanced); "
+                  f"'execution' lists them (decode|batch where they differ) and the activation dtype it chose; GFLOP/s = encoder FLOPs of "
+                  f"the latency batch / latency, against the ceilings above."]
     if meta.get("merged"):
         m = meta["merged"]
         lines += ["", f"Rows re-run on {m['date']} in a separate run (each still against fp32 in that run): {', '.join(m['rows'])}."]
+        if m.get("machine"):
+            lines += ["", f"That run's machine: {machine_line(m['machine'])}. Its rows run the execution planner's paths for that machine "
+                      "(memory: balanced; 'execution' lists them, decode|batch where they differ, and the activation dtype); GFLOP/s = "
+                      "encoder FLOPs of the latency batch / latency. The other rows come from the first run's machine."]
     lines += [""]
     if kind == "encoder":
         head = "| bits | setting | tool | size | linear bits/w | cos mean | cos worst | top-10 | speed | execution / note |"
@@ -152,6 +173,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         q = r["quality"]
         if r["tool"] == "slimformer":
             note = ", ".join(f"{k} ×{v}" for k, v in sorted(r.get("kernels", {}).items()))
+            if r.get("activations"):
+                note += f"; {r['activations']} activations"
+            if r.get("latency_s") and meta.get("latency_flops"):
+                note += f"; {meta['latency_flops'] / r['latency_s'] / 1e9:.1f} GFLOP/s (fp32 {meta['latency_flops'] / r['latency_original_s'] / 1e9:.1f})"
             if not r.get("bit_exact_round_trip", True):
                 note += " (ROUND TRIP NOT BIT-EXACT)"
         else:
@@ -297,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     calib = peer_tools.calibration_batches(original)
     cache: dict = {}
     rows: list[dict] = []
+    machine = describe_machine()
+    log(machine_line(machine))
     t_start = time.perf_counter()
     for name, bits, steps in ours:
         log(f"slimformer: {name}")
@@ -316,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "n_texts": n_texts, "latency_batch": f"{settings.latency_batch}x{settings.latency_tokens}",
         "repeats": settings.latency_repeats, "seconds": round(time.perf_counter() - t_start, 1),
+        "machine": machine, "latency_flops": _latency_flops(original, settings) if kind == "encoder" else None,
     }
     stem = f"weight_quantization_{'minilm' if kind == 'encoder' else args.model}" + ("_quick" if args.quick else "")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -324,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         names = {r["name"] for r in rows}
         configured = {n for n, _, _ in (ENCODER_SETTINGS if kind == "encoder" else CAUSAL_SETTINGS)} | {p.name for p in peer_tools.PEERS}
         rows = [r for r in previous["rows"] if r["name"] not in names and r["name"] in configured] + rows
-        meta = {**previous["meta"], "merged": {"date": meta["date"], "rows": sorted(names), "seconds": meta["seconds"]}}
+        meta = {**previous["meta"], "merged": {"date": meta["date"], "rows": sorted(names), "seconds": meta["seconds"], "machine": machine},
+                "latency_flops": meta["latency_flops"]}
     cm.write_text_atomic(RESULTS_DIR / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     cm.write_text_atomic(RESULTS_DIR / f"{stem}.md", markdown(meta, rows))
     plot(meta, rows, RESULTS_DIR / f"{stem}.png")

@@ -4,6 +4,7 @@ the real MiniLM, a tiny model saved as a Hugging Face folder, and a CLI runner."
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The execution planner times paths on the machine at load/evaluate: off in tests (outputs stay
+# those of the capability-chosen kernels); tests/runtime/ turns it on explicitly.
+os.environ.setdefault("SLIMFORMER_PLANNER", "0")
 
 from slimformer.methods import CalibrationSettings  # noqa: E402
 from slimformer.models.tiny import TINY_FAMILIES, tiny_model  # noqa: E402

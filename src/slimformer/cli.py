@@ -34,6 +34,12 @@ def _eval_settings(args, base: dict | None = None):
     return EvalSettings(**settings)
 
 
+def _execution(args):
+    """The execution planner's settings from --memory (``off``: capability-chosen kernels)."""
+    memory = getattr(args, "memory", None) or "balanced"
+    return "off" if memory == "off" else {"memory": memory}
+
+
 def cmd_compress(args) -> int:
     from slimformer.compress import compress
     from slimformer.evaluate import evaluate
@@ -59,7 +65,7 @@ def cmd_compress(args) -> int:
     evaluation = None
     if not args.no_eval:
         _status("evaluating against the original on held-out text")
-        evaluation = evaluate(original, model, settings, progress=not args.quiet)
+        evaluation = evaluate(original, model, settings, progress=not args.quiet, execution=_execution(args))
         _warn_quality_gap(evaluation)
     out = save_compressed(model, args.out, evaluation=evaluation, force=args.force)
     _status(f"wrote {out}")
@@ -73,7 +79,7 @@ def cmd_eval(args) -> int:
     from slimformer.io.serialization import build_manifest
     from slimformer.models import load_model
 
-    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code, execution=_execution(args))
     stored = (model.manifest or {}).get("evaluation") or {}
     settings = _eval_settings(args, stored.get("settings"))
     if args.against:
@@ -82,7 +88,7 @@ def cmd_eval(args) -> int:
         original = load_model(model.manifest["base_model"])
     else:
         original = model
-    result = evaluate(original, model, settings, progress=not args.quiet)
+    result = evaluate(original, model, settings, progress=not args.quiet, execution=_execution(args))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -237,6 +243,13 @@ def _add_trust_remote_code(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_memory_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--memory", choices=("packed", "balanced", "fast", "off"), default="balanced",
+        help="execution planner memory policy: packed (no dense copies), balanced (<= 2 bytes/weight, default), fast (any), off (no planning)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimformer", description="Make transformer models smaller and faster, and measure what it costs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-source", default=None, help="evaluation text source (built-in name or .txt/.jsonl)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_trust_remote_code(p)
+    _add_memory_option(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="evaluate a compressed folder against its original (or any model)")
@@ -261,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--quiet", action="store_true")
     _add_trust_remote_code(p)
+    _add_memory_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("methods", help="list the compression methods and their papers")

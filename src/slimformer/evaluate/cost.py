@@ -19,6 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from slimformer.io.serialization import SAFETENSORS_METADATA, quantized_modules, unique_state_dict
+from slimformer.runtime.execution import planned_nbytes
 
 
 def storage_bytes(model: nn.Module) -> int:
@@ -81,6 +82,8 @@ def resident_bytes(model: nn.Module) -> int:
         total += t.untyped_storage().nbytes()
     for m in quantized_modules(model).values():
         total += m.runtime_nbytes()
+    for m in model.modules():  # dense copies the execution planner holds (planned layers)
+        total += planned_nbytes(m)
     return total
 
 

@@ -72,16 +72,31 @@ def dynamic_statistics(loaded: LoadedModel, texts: list[str], settings: EvalSett
     }
 
 
-def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSettings | None = None, progress: bool = False, cache: dict | None = None) -> dict:
+def plan_for_evaluation(original: LoadedModel, compressed: LoadedModel, execution="auto") -> None:
+    """Plan ``compressed``'s execution on this machine before it is measured (unless it is
+    planned already, is the original itself, or planning is off)."""
+    from slimformer.runtime.planner import as_plan_settings, plan_execution, planner_enabled
+
+    settings = as_plan_settings(execution)
+    if settings is None or not planner_enabled() or compressed is original or compressed.execution is not None:
+        return
+    plan_execution(compressed, settings)
+
+
+def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSettings | None = None, progress: bool = False, cache: dict | None = None, execution="auto") -> dict:
     """Quality of ``compressed`` against ``original`` on held-out text, and both models' cost
     measured in the same run. Returns a JSON-ready dict with ``quality``, ``cost``, ``kernels``
     (execution path counts) and the ``settings`` used.
 
     ``cache``: a dict kept by the caller across calls with the same ``original`` (e.g. a sweep);
-    the original's reference embeddings are computed once and kept there.
+    the original's reference embeddings are computed once and kept there. ``execution``: the
+    execution planner's settings for ``compressed`` (see ``slimformer.load``; ``"off"``: the
+    capability-chosen kernels); the plan (paths per layer and what the alternatives measured
+    on this machine) is returned under ``execution``.
     """
     settings = settings or EvalSettings()
     check_comparable(original, compressed)
+    plan_for_evaluation(original, compressed, execution)
     texts = load_texts(TextSpec(source=settings.source, split="evaluation", n=settings.n_texts, seed=settings.seed))
     if compressed.kind == "encoder" and len(texts) <= settings.n_queries + 10:
         raise ConfigError(
@@ -102,6 +117,7 @@ def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSetti
         "quality": quality,
         "cost": cost,
         "kernels": kernel_summary(compressed.model),
+        "execution": compressed.execution.summary() if compressed.execution is not None else None,
         "settings": dataclasses.asdict(settings),
         **({"transfer": transfer} if transfer is not None else {}),
     }

@@ -36,12 +36,24 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 
 @torch.no_grad()
 def encode(loaded: LoadedModel, texts: list[str], max_length: int = 128, batch_size: int = 32, progress: bool = False, desc: str = "encode") -> torch.Tensor:
-    """Sentence embeddings (n, dim) float32, L2-normalised, pooled as the model's pooling says."""
+    """Sentence embeddings (n, dim) float32, L2-normalised, pooled as the model's pooling says.
+
+    Texts are batched by length (longest first) so each batch is padded as little as possible
+    (``embed`` then buckets what padding remains); rows come back in the order of ``texts``."""
+    from slimformer.models.batching import length_order, restore_order
+    from slimformer.models.loading import max_positions
+
+    if not texts:
+        return torch.zeros(0, loaded.model.config.hidden_size)
+    limit = min(max_length, max_positions(loaded) or max_length)
+    lengths = [len(ids) for ids in loaded.tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]]
+    order = length_order(lengths) if getattr(loaded, "bucketing", True) else list(range(len(texts)))
+    ordered = [texts[i] for i in order]
     out = []
-    for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, unit="batch"):
-        batch = _tokenize(loaded, texts[i : i + batch_size], max_length)
+    for i in tqdm(range(0, len(ordered), batch_size), desc=desc, disable=not progress, unit="batch"):
+        batch = _tokenize(loaded, ordered[i : i + batch_size], max_length)
         out.append(F.normalize(loaded.embed(batch), dim=-1))
-    return torch.cat(out)
+    return restore_order(torch.cat(out), order)
 
 
 def first_sentence(text: str) -> str:

@@ -69,6 +69,9 @@ def _execution(manifest: dict, quality: dict) -> str:
     text = ", ".join(f"{k}×{v}" for k, v in sorted((manifest.get("kernels") or {}).items())) or "float"
     if manifest.get("dtype") and manifest["dtype"] != "float32":
         text += f" ({manifest['dtype']})"
+    plan = manifest.get("execution")
+    if plan:
+        text += f"; planned on {plan['machine'].get('cpu')} ({plan['settings'].get('memory')}), {plan['activations']} activations"
     dyn = quality.get("dynamic")
     if dyn:
         text += f"; dynamic: {dyn['mean_layers_run']:.2f} blocks/input, FLOPs ×{dyn['flops_ratio']:.2f}"
@@ -115,7 +118,12 @@ def markdown_table(rows: list[dict]) -> str:
         "int8pack / int4pack = packed weights through PyTorch's CPU low-bit kernels (int8 widened to bf16 for large batches); "
         "unpack / lut-unpack / vq-unpack / bitstack-unpack = no kernel for this format: the packed weight stays in memory and "
         "each call unpacks that layer only; +lowrank = an EoRA correction added; "
-        "gather-dequant = embedding rows dequantized as they are looked up."
+        "gather-dequant = embedding rows dequantized as they are looked up. "
+        "Planned (the execution planner timed the alternatives on the machine named; decode|batch where they differ): "
+        "dequant-bf16 / dequant-fp32 = dequantized once into a cached bf16 / fp32 weight; dequant-bf16-widen = that bf16 copy "
+        "widened per call for an fp32 GEMM; unpack-fp32 = dequantized per call in fp32; int8-widen-fp32/bf16 = int8 weights "
+        "widened per call; w8a8-fp32/bf16 = W8A8 codes multiplied on the float units; widen-fp32 / native-bf16 = a plain bf16 "
+        "linear widened per call / run in bf16."
     )
     return "\n".join(lines) + "\n"
 

@@ -78,10 +78,15 @@ def quantized_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def kernel_summary(model: torch.nn.Module) -> dict[str, int]:
-    """How many quantized modules run through each execution path."""
+    """How many quantized modules run through each execution path (the planned path on this
+    machine when the execution planner has run: ``decode|batch`` where the two differ)."""
+    from slimformer.runtime.execution import planned_forward_of
+
     counts: dict[str, int] = {}
     for m in quantized_modules(model).values():
-        counts[m.kernel] = counts.get(m.kernel, 0) + 1
+        planned = planned_forward_of(m)
+        label = planned.label() if planned is not None else m.kernel
+        counts[label] = counts.get(label, 0) + 1
     return counts
 
 
@@ -101,6 +106,7 @@ def build_manifest(loaded: LoadedModel, aliases: dict[str, str], evaluation: dic
         "applied": loaded.applied,
         "modules": modules,
         "kernels": kernel_summary(model),
+        "execution": loaded.execution.summary() if getattr(loaded, "execution", None) is not None else None,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "dynamic": list(loaded.dynamic.configs) if loaded.dynamic is not None else [],
         "tensor_aliases": aliases,
@@ -172,12 +178,15 @@ def save_compressed(loaded: LoadedModel, out_dir: str | os.PathLike, evaluation:
     out = Path(out_dir)
 
     def write(tmp: Path) -> None:
-        tensors, aliases = unique_state_dict(loaded.model)
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=SAFETENSORS_METADATA)
-        loaded.model.config.save_pretrained(tmp)
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
-        manifest = build_manifest(loaded, aliases, evaluation)
+        from slimformer.runtime.planner import stored_form
+
+        with stored_form(loaded):  # the recipe's dtypes, whatever the planner runs it in here
+            tensors, aliases = unique_state_dict(loaded.model)
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=SAFETENSORS_METADATA)
+            loaded.model.config.save_pretrained(tmp)
+            if loaded.tokenizer is not None:
+                loaded.tokenizer.save_pretrained(tmp)
+            manifest = build_manifest(loaded, aliases, evaluation)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=_json_default))
 
     return write_atomically(out, force, write)
@@ -266,8 +275,14 @@ def allowed_dtype(folder: Path, manifest: dict) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_compressed(folder: str | os.PathLike) -> LoadedModel:
-    """Load a folder written by :func:`save_compressed` (also reached through ``slimformer.load``)."""
+def load_compressed(folder: str | os.PathLike, execution: Any = "auto") -> LoadedModel:
+    """Load a folder written by :func:`save_compressed` (also reached through ``slimformer.load``).
+
+    ``execution``: planner settings (see ``slimformer.load``); with anything but ``"off"`` (and
+    unless ``SLIMFORMER_PLANNER=0``) every layer's path is chosen for this machine, from the
+    on-disk plan cache when this machine has timed these formats before. The loaded outputs
+    equal the saved model's bit for bit when both run the same paths (same machine and cache);
+    across machines they agree within the chosen paths' documented rounding."""
     import transformers
 
     folder = Path(folder)
@@ -325,4 +340,9 @@ def load_compressed(folder: str | os.PathLike) -> LoadedModel:
     loaded.tokenizer = tokenizer
     loaded.applied = list(manifest.get("applied") or [])
     loaded.recipe = manifest.get("recipe")
+    from slimformer.runtime.planner import as_plan_settings, plan_execution, planner_enabled
+
+    settings = as_plan_settings(execution)
+    if settings is not None and planner_enabled():
+        plan_execution(loaded, settings)
     return loaded

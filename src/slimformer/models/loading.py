@@ -34,7 +34,9 @@ class LoadedModel:
     ``manifest``: the manifest when loaded from a slimformer folder; ``applied``: records of the
     compression steps applied (read back from the manifest after loading); ``recipe``: the recipe
     they came from, as a dictionary; ``dynamic``: run-time settings (early exit, token
-    reduction), or None.
+    reduction), or None; ``execution``: the execution plan chosen on this machine
+    (``slimformer.runtime.planner.ExecutionPlan``), or None; ``bucketing``: ``embed`` runs
+    a padded batch as length buckets (:mod:`slimformer.models.batching`; False: as given).
     """
 
     model: nn.Module
@@ -46,6 +48,8 @@ class LoadedModel:
     applied: list[dict] = field(default_factory=list)
     recipe: dict | None = None
     dynamic: Any = None
+    execution: Any = None
+    bucketing: bool = True
 
     def embed(self, batch: dict, return_stats: bool = False):
         """Sentence embeddings (batch, dim) float32 of a tokenized batch (encoders), through the
@@ -55,10 +59,15 @@ class LoadedModel:
         if self.dynamic is not None and self.dynamic.active() or return_stats:
             return DynamicEncoder(self).embed(batch, return_stats=return_stats)
         from slimformer.evaluate.quality import pool
+        from slimformer.models.batching import run_bucketed
 
-        with torch.no_grad():
-            hidden = self.model(**batch).last_hidden_state.float()
-        return pool(hidden, batch["attention_mask"], self.pooling)
+        def run(sub: dict) -> torch.Tensor:
+            with torch.no_grad():
+                hidden = self.model(**sub).last_hidden_state.float()
+            return pool(hidden, sub["attention_mask"], self.pooling)
+
+        # Rows of different lengths run as length buckets: padded positions are not computed.
+        return run_bucketed(batch, run) if self.bucketing else run(batch)
 
     @property
     def adapter(self) -> ArchitectureAdapter:
@@ -298,7 +307,7 @@ def _looks_like_hub_id(source: str) -> bool:
     )
 
 
-def load_model(source: str | os.PathLike | None = None, *, attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> LoadedModel:
+def load_model(source: str | os.PathLike | None = None, *, attn_implementation: str = "sdpa", trust_remote_code: bool = False, execution: Any = "auto") -> LoadedModel:
     """Load a model for compression or evaluation.
 
     ``source``: ``None`` or ``"default"`` (the embedded all-MiniLM-L6-v2), ``"smollm2"`` (the
@@ -311,6 +320,9 @@ def load_model(source: str | os.PathLike | None = None, *, attn_implementation: 
     (``pytorch_model.bin``) is converted with ``torch.load(weights_only=True)``, which refuses
     anything but tensors. A model's own Python code (``auto_map`` in its config) runs only with
     ``trust_remote_code=True``. No file of a model folder may lead outside it (links, shard maps).
+    ``execution`` (compressed folders): how the execution planner chooses each layer's path on
+    this machine: ``"auto"`` (default settings, memory ``balanced``), a memory policy
+    (``"packed"``, ``"balanced"``, ``"fast"``), a dict of ``PlanSettings`` fields, or ``"off"``.
     """
     if source is None or str(source) == DEFAULT_MODEL:
         folder = default_model_path()
@@ -338,7 +350,7 @@ def load_model(source: str | os.PathLike | None = None, *, attn_implementation: 
         if (folder / MANIFEST_NAME).is_file():
             from slimformer.io.serialization import load_compressed
 
-            return load_compressed(folder)
+            return load_compressed(folder, execution=execution)
         return _load_hf_folder(folder, label, attn_implementation, trust_remote_code)
     if _looks_like_hub_id(label):
         return _load_from_hub(label, attn_implementation, trust_remote_code)

@@ -110,7 +110,40 @@ class DynamicEncoder:
     def embed(self, batch: dict, return_stats: bool = False, collect_layers: bool = False):
         """Embeddings (batch, dim) float32 of a tokenized batch; with ``return_stats`` also a
         ``RunStats``; with ``collect_layers`` also the pooled state after every block
-        (list of (batch, dim)), for training exits."""
+        (list of (batch, dim)), for training exits.
+
+        A padded batch runs as length buckets (padded positions are not computed, see
+        :mod:`slimformer.models.batching`) unless ``loaded.bucketing`` is False or layers are
+        collected."""
+        from slimformer.models.batching import length_buckets
+
+        mask = batch["attention_mask"]
+        lengths = [int(x) for x in mask.sum(1).tolist()]
+        if collect_layers or not getattr(self.loaded, "bucketing", True) or not lengths or min(lengths) == mask.shape[1]:
+            return self._embed_padded(batch, return_stats, collect_layers)
+        out = torch.zeros(mask.shape[0], self.model.config.hidden_size, dtype=torch.float32)
+        parts = []
+        for rows in length_buckets(lengths):
+            index = torch.tensor(rows, dtype=torch.long)
+            width = max(lengths[r] for r in rows)
+            sub = {k: (v[index, :width] if isinstance(v, torch.Tensor) and v.shape == mask.shape else v) for k, v in batch.items()}
+            emb, stats = self._embed_padded(sub, True, False)
+            out[index] = emb
+            parts.append((index, stats))
+        if not return_stats:
+            return out
+        layers_run = torch.zeros(mask.shape[0], dtype=torch.long)
+        blocks = max(len(st.rows_per_layer) for _, st in parts)
+        rows_per_layer = [sum(st.rows_per_layer[b] for _, st in parts if b < len(st.rows_per_layer)) for b in range(blocks)]
+        tokens_per_layer = []
+        for b in range(blocks):  # mean real tokens per row entering block b, over all buckets
+            total = sum(st.tokens_per_layer[b] * st.rows_per_layer[b] for _, st in parts if b < len(st.rows_per_layer))
+            tokens_per_layer.append(total / rows_per_layer[b] if rows_per_layer[b] else 0.0)
+        for index, st in parts:
+            layers_run[index] = st.layers_run
+        return out, RunStats(layers_run, tokens_per_layer, rows_per_layer, sum(st.flops for _, st in parts))
+
+    def _embed_padded(self, batch: dict, return_stats: bool = False, collect_layers: bool = False):
         input_ids = batch["input_ids"]
         attention_mask = batch["attention_mask"]
         base = self.adapter.base()

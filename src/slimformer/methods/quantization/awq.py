@@ -99,10 +99,10 @@ class AWQLinear(QuantizedLinear):
         """The float32 weight (out, in) the layer stands for: ``1/s`` folded in."""
         return super().dequantized_weight() / self.input_scale.float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel in ("unpack", "dequant"):  # these paths use dequantized_weight(): 1/s is folded in
-            return super().forward(x)
-        return super().forward(x * self._runtime["inv_input_scale"].to(x.dtype))
+    def compute(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
+        if kernel == "unpack":  # this path uses dequantized_weight(): 1/s is folded in
+            return super().compute(x, kernel)
+        return super().compute(x * self._runtime["inv_input_scale"].to(x.dtype), kernel)
 
     def describe(self) -> dict:
         return {**super().describe(), "type": "AWQLinear", "input_scale": "bfloat16 (in,), input multiplied by 1/s"}

@@ -20,6 +20,19 @@ form for one of four execution paths, recorded in ``kernel``:
   memory and each forward unpacks this layer's weight, computes, and drops it again, so
   memory holds ``bits`` per weight; the cost is the unpacking time of every call.
 
+These are the paths chosen by capability alone (``choose_kernel``), used until the execution
+planner (:mod:`slimformer.runtime.planner`) has timed the alternatives on this machine. The
+planner may also pick, per regime (few tokens / many tokens), these paths of the same stored
+numerics (each selectable by name through :meth:`QuantizedLinear.use_kernels`):
+
+- ``int8-widen-fp32`` / ``int8-widen-bf16``: 8-bit weights widened per call (``int8 * scale``)
+  to a float32 (exact) or bfloat16 (weight and activations rounded to bf16) matrix;
+- ``w8a8-fp32`` / ``w8a8-bf16`` (W8A8 layers only): the same per-token int8 activation codes
+  and int8 weight codes, multiplied by a float32 / bfloat16 GEMM instead of ``torch._int_mm``
+  (int8 codes are exact in both; float32 accumulation; the bf16 output of the bf16 GEMM rounds
+  the accumulator to 8 significant bits). On CPUs whose int8 GEMM is slow (no VNNI/AMX) or
+  whose bf16 GEMM is faster than its int8 one (AMX), the same numbers come out sooner.
+
 ``QuantizedEmbedding`` stores the table row-wise packed and dequantizes only the gathered rows.
 """
 
@@ -35,7 +48,9 @@ from torch import nn
 from slimformer.methods.quantization import grid
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-KERNELS = ("int8-dynamic", "int8pack", "int4pack", "unpack")
+KERNELS = ("int8-dynamic", "int8pack", "int4pack", "unpack", "int8-widen-fp32", "int8-widen-bf16", "w8a8-fp32", "w8a8-bf16")
+INT8_FORM_KERNELS = ("int8-dynamic", "int8pack", "int8-widen-fp32", "int8-widen-bf16", "w8a8-fp32", "w8a8-bf16")
+W8A8_KERNELS = ("int8-dynamic", "w8a8-fp32", "w8a8-bf16")
 INT8_UNPACK_MIN_TOKENS = 64
 ACT_BITS = (None, 8)  # float activations, or int8 per-token activations (W8A8)
 
@@ -280,6 +295,7 @@ class QuantizedLinear(PackedWeight):
         else:
             self.bias = None
         self._runtime: dict[str, torch.Tensor] = {}
+        self._ready: tuple[str, ...] = (self.kernel,)
         self.register_load_state_dict_post_hook(lambda module, _keys: module.prepare())
 
     # ----- construction ------------------------------------------------------------------------
@@ -315,29 +331,59 @@ class QuantizedLinear(PackedWeight):
         )
 
     # ----- run-time form -----------------------------------------------------------------------
+    def available_kernels(self) -> tuple[str, ...]:
+        """The native paths that compute this layer's stored numerics on this PyTorch (capability
+        only: layout, width, available ops); W8A8 layers list only W8A8 paths."""
+        if self.act_bits == 8:
+            if self.bits == 8 and self.group_size is None:
+                return tuple(k for k in W8A8_KERNELS if k != "int8-dynamic" or _has_op("int8-dynamic"))
+            return ("unpack",)
+        kernels = []
+        if self.bits == 8 and self.group_size is None:
+            if self.in_features % 16 == 0 and _has_op("int8pack"):
+                kernels.append("int8pack")
+            kernels += ["int8-widen-fp32", "int8-widen-bf16"]
+        if choose_kernel(self.bits, self.group_size, self.in_features, self.out_features) == "int4pack":
+            kernels.append("int4pack")
+        kernels.append("unpack")
+        return tuple(kernels)
+
+    def use_kernels(self, *kernels: str) -> None:
+        """Make the run-time forms of ``kernels`` ready (the first becomes ``self.kernel``, the
+        path ``forward`` takes); the others stay callable through :meth:`compute`."""
+        for k in kernels:
+            if k not in KERNELS:
+                raise ValueError(f"unknown kernel {k!r}; choose from {KERNELS}")
+        self.kernel = kernels[0]
+        self._ready = tuple(dict.fromkeys(kernels))
+        self.prepare()
+
     def prepare(self) -> None:
-        """Build the run-time tensors of ``self.kernel`` from the stored buffers."""
+        """Build the run-time tensors of ``self.kernel`` (and of the other kernels made ready by
+        :meth:`use_kernels`) from the stored buffers."""
         rt: dict[str, torch.Tensor] = {}
-        if self.kernel in ("int8pack", "int8-dynamic"):
+        ready = set(getattr(self, "_ready", ())) | {self.kernel}
+        for k in ready:
+            if k not in KERNELS:
+                raise ValueError(f"unknown kernel {k!r}; choose from {KERNELS}")
+        if ready & set(INT8_FORM_KERNELS):
             codes = self.codes().to(torch.int16)
             rt["w_int8"] = (codes - 128).to(torch.int8).contiguous()
             rt["scales"] = self.scales[:, 0].contiguous()
-            if self.kernel == "int8-dynamic":
-                rt["scales"] = rt["scales"].float()
+            if ready & set(W8A8_KERNELS):
+                rt["scales_f32"] = rt["scales"].float()
                 # Asymmetric activations add offset_t * sum_k w_int8[n, k] * s_n per token t.
-                rt["w_rowsum"] = rt["w_int8"].sum(1, dtype=torch.int32).float() * rt["scales"]
+                rt["w_rowsum"] = rt["w_int8"].sum(1, dtype=torch.int32).float() * rt["scales_f32"]
             if not self.symmetric:
                 # w = (q - zp) s = (q_int8 + 128 - zp) s: the kernel applies q_int8 * s, the rest is rank 1.
                 rt["offset"] = ((128.0 - self.zero_points()[:, 0]) * self.scales[:, 0].float()).contiguous()
-        elif self.kernel == "int4pack":
+        if "int4pack" in ready:
             codes = self.codes().to(torch.int32)
             rt["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
             scale = self.scales.float()
             # Kernel convention: w = (q - 8) * scale + z, i.e. z = (8 - zp) * scale.
             z = (8.0 - self.zero_points()) * scale
             rt["scales_and_zeros"] = torch.stack([scale, z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        elif self.kernel != "unpack":
-            raise ValueError(f"unknown kernel {self.kernel!r}; choose from {KERNELS}")
         self._runtime = rt
 
     def runtime_nbytes(self) -> int:
@@ -345,31 +391,47 @@ class QuantizedLinear(PackedWeight):
         return sum(t.numel() * t.element_size() for t in self._runtime.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compute(x, self.kernel)
+
+    def compute(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
+        """``x`` (..., in_features) -> (..., out_features) in ``x.dtype`` through ``kernel``
+        (one of the kernels made ready)."""
         rt = self._runtime
-        if self.kernel == "unpack":
+        if kernel == "unpack":
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         shape = x.shape
-        if self.kernel == "int8-dynamic":
-            x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features)
+        if kernel in W8A8_KERNELS:
             xq, sx, x_offset = fused_quantize_activations(x2, self.act_symmetric)
-            acc = torch._int_mm(xq, rt["w_int8"].t())
+            if kernel == "int8-dynamic":
+                acc = torch._int_mm(xq, rt["w_int8"].t())
+            else:  # the same integer product on the float units (int8 codes are exact in fp32 and bf16)
+                dt = torch.float32 if kernel == "w8a8-fp32" else torch.bfloat16
+                acc = F.linear(xq.to(dt), rt["w_int8"].to(dt)).float()  # float32 in: one compiled rescale for both
             x_sum = x2.float().sum(-1, keepdim=True) if "offset" in rt else None
-            y = fused_rescale(acc, rt["scales"], sx, x_offset, rt["w_rowsum"], x_sum, rt.get("offset"), self.bias, x.dtype)
+            y = fused_rescale(acc, rt["scales_f32"], sx, x_offset, rt["w_rowsum"], x_sum, rt.get("offset"), self.bias, x.dtype)
             return y.reshape(*shape[:-1], self.out_features)
+        if kernel == "int8-widen-fp32":
+            xf = x2.float()
+            y = F.linear(xf, rt["w_int8"].float() * rt["scales"].float().unsqueeze(1))
+            if "offset" in rt:
+                y = y + xf.sum(-1, keepdim=True) * rt["offset"]
         else:
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            if self.kernel == "int8pack":
-                if x2.shape[0] >= INT8_UNPACK_MIN_TOKENS:
+            x2 = x2.to(torch.bfloat16)
+            if kernel in ("int8pack", "int8-widen-bf16"):
+                if kernel == "int8-widen-bf16" or x2.shape[0] >= INT8_UNPACK_MIN_TOKENS:
                     y = F.linear(x2, rt["w_int8"].to(torch.bfloat16) * rt["scales"].unsqueeze(1)).float()
                 else:
                     y = torch._weight_int8pack_mm(x2, rt["w_int8"], rt["scales"]).float()
                 if "offset" in rt:
                     y = y + x2.float().sum(-1, keepdim=True) * rt["offset"]
-            else:
+            elif kernel == "int4pack":
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                     x2, rt["packed"], grid.effective_group_size(self.in_features, self.group_size), rt["scales_and_zeros"]
                 ).float()
+            else:
+                raise ValueError(f"kernel {kernel!r} is not ready on this layer; call use_kernels first")
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)

@@ -1,0 +1,235 @@
+"""Execution planner benchmark: what the planner chose on this machine and what it bought.
+
+On MiniLM: fp32 (Hugging Face), a plain bf16 cast, and compressed models (8-bit W8A8 of
+recipes/w8a8-smoothquant.yaml, the 4-bit linears + 8-bit embedding layout of the demo) each run
+with their capability-chosen kernels ("unplanned") and with the execution planner's choice
+(memory balanced, and fast), on the fixed 32x128 batch and on the whole mixed-length held-out
+corpus (batches of 32, padded to the longest vs. sorted by length and bucketed). Every latency
+is a median of interleaved runs in this one process; the machine (CPU, flags, load) and the
+measured matmul ceilings are recorded, and each variant's achieved FLOP/s is reported against
+the fp32 and bf16 ceilings.
+
+    python benchmarks/execution_planner.py [--repeats 5] [--quick]
+
+Writes benchmarks/results/execution_planner.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import slimformer
+from slimformer.data import TextSpec, load_texts
+from slimformer.evaluate import EvalSettings
+from slimformer.evaluate.harness import latency_batch
+from slimformer.evaluate.quality import _tokenize
+from slimformer.methods.quantization.cast import cast_model
+from slimformer.io.serialization import kernel_summary
+from slimformer.runtime.machine import describe_machine, machine_line
+from slimformer.runtime.planner import PlanSettings, plan_execution, plan_table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EMB8 = {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True, "targets": ["embedding"]}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _x(v) -> str:
+    return "–" if v is None else f"{v:.2f}×"
+
+
+def encoder_flops(batch: dict, config) -> float:
+    """Multiply-adds x2 of the encoder blocks on the real (unpadded) tokens of ``batch``."""
+    d, f, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    lengths = batch["attention_mask"].sum(1).double()
+    return float(n * (2 * lengths * (4 * d * d + 2 * d * f) + 4 * lengths * lengths * d).sum())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--texts", type=int, default=320)
+    parser.add_argument("--plan-tokens", type=int, default=1024, help="rows the planner times for the batch regime")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--fixed-rows", type=int, default=32, help="rows of the fixed batch (x128 tokens); 32 = the evaluate batch")
+    parser.add_argument("--rtn-w8a8", action="store_true",
+                        help="build the 8-bit W8A8 model with rtn (activations: int8, same layout and paths as the smoothquant recipe, "
+                             "no calibration; its quality is rtn's, not smoothquant's)")
+    parser.add_argument("--skip-unplanned-w8a8", action="store_true", help="do not time the W8A8 model on its capability-chosen _int_mm path")
+    parser.add_argument("--memories", default="balanced,fast", help="memory policies to plan with")
+    parser.add_argument("--lean-corpus", action="store_true",
+                        help="corpus timings only for fp32 (padded and bucketed) and the planned models (bucketed): a saturated machine")
+    args = parser.parse_args()
+    t_start = time.time()
+    machine = describe_machine()
+    log(machine_line(machine))
+    settings = EvalSettings(n_texts=args.texts, n_queries=min(64, args.texts // 4))
+    original = slimformer.load("default", execution="off")
+    calib = {"source": "stdlib-docs", "n_samples": 32 if args.quick else 128, "max_length": 128}
+    w8a8_label, w8a8_recipe = "w8a8 (recipes/w8a8-smoothquant.yaml)", slimformer.Recipe.from_file(Path(__file__).resolve().parents[1] / "recipes" / "w8a8-smoothquant.yaml")
+    if args.rtn_w8a8:
+        w8a8_label = "w8a8 (rtn W8A8 + W8 MLP-down + emb8 + bf16: the smoothquant recipe's layout)"
+        w8a8_recipe = slimformer.Recipe.from_dict({"slimformer_recipe": 1, "name": "rtn-w8a8-emb8-bf16", "calibration": calib, "steps": [
+            {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True, "activations": "int8", "exclude": ["*.layer.*[0-9].output.dense"]},
+            {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True, "targets": ["linear", "embedding"]},
+            {"method": "cast", "dtype": "bfloat16"}]})
+    recipes = {
+        w8a8_label: w8a8_recipe,
+        "4-bit g64 + emb8 (demo layout, rtn)": slimformer.Recipe.from_dict({"slimformer_recipe": 1, "name": "rtn-w4g64-emb8", "calibration": calib,
+                                                                             "steps": [{"method": "rtn", "bits": 4, "group_size": 64}, EMB8]}),
+    }
+    variants: dict[str, slimformer.LoadedModel] = {"fp32": original}
+    bf16 = copy.deepcopy(original)
+    cast_model(bf16.model, torch.bfloat16)
+    variants["bf16 cast"] = bf16
+    plans = {}
+    for label, recipe in recipes.items():
+        log(f"compressing {label}")
+        model = copy.deepcopy(original)
+        slimformer.compress(model, recipe)
+        if not (args.skip_unplanned_w8a8 and label == w8a8_label):
+            variants[f"{label}, unplanned"] = model
+        for memory in args.memories.split(","):
+            planned = copy.deepcopy(model)
+            t0 = time.time()
+            plan = plan_execution(planned, PlanSettings(memory=memory, batch_tokens=args.plan_tokens, repeats=2 if args.quick else 3))
+            log(f"planned {label} memory={memory} in {time.time() - t0:.1f}s: {plan.activations}, {plan.counts()}")
+            variants[f"{label}, planned ({memory})"] = planned
+            plans[f"{label}, planned ({memory})"] = plan.summary()
+    fixed = latency_batch(original, settings)
+    fixed = {k: (v[: args.fixed_rows] if isinstance(v, torch.Tensor) else v) for k, v in fixed.items()}
+    texts = load_texts(TextSpec(source=settings.source, split="evaluation", n=settings.n_texts, seed=settings.seed))
+    padded_batches = [_tokenize(original, texts[i : i + 32], 128) for i in range(0, len(texts), 32)]
+    lengths = [len(x) for x in original.tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    sorted_batches = [_tokenize(original, [texts[j] for j in order[i : i + 32]], 128) for i in range(0, len(texts), 32)]
+    fixed_flops = encoder_flops(fixed, original.model.config)
+    corpus_flops = sum(encoder_flops(b, original.model.config) for b in padded_batches)
+
+    def fixed_run(m):
+        return lambda: m.embed(fixed)
+
+    def corpus_run(m, batches, bucketing):
+        def run():
+            m.bucketing = bucketing
+            try:
+                for b in batches:
+                    m.embed(b)
+            finally:
+                m.bucketing = True
+        return run
+
+    fns = {}
+    for name, m in variants.items():
+        fns[(name, "fixed")] = fixed_run(m)
+        if not args.lean_corpus or name == "fp32":
+            fns[(name, "corpus padded")] = corpus_run(m, padded_batches, False)
+        if not args.lean_corpus or name == "fp32" or "planned" in name:
+            fns[(name, "corpus bucketed")] = corpus_run(m, sorted_batches, True)
+    log("warm-up")
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        times = {k: [] for k in fns}
+        loads = []
+        for r in range(args.repeats):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+            loads.append(os.getloadavg()[0])
+            log(f"round {r + 1}/{args.repeats} load {loads[-1]:.1f}")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ref = {"fixed": med[("fp32", "fixed")], "corpus": med[("fp32", "corpus padded")]}
+    # Quality of each variant against fp32 on the held-out corpus (embedding cosine).
+    from slimformer.evaluate.quality import encode
+
+    base = encode(original, texts)
+    rows = []
+    for name, m in variants.items():
+        emb = base if m is original else encode(m, texts)
+        cos = (emb * base).sum(-1)
+        c = m.model if name != "fp32" else original.model
+        from slimformer.evaluate.cost import resident_bytes, storage_bytes
+
+        rows.append({
+            "variant": name,
+            "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+            "size_ratio": storage_bytes(c) / storage_bytes(original.model),
+            "resident_mb": resident_bytes(c) / 1e6,
+            "fixed_s": med[(name, "fixed")], "fixed_speedup": ref["fixed"] / med[(name, "fixed")],
+            "fixed_gflops": fixed_flops / med[(name, "fixed")] / 1e9,
+            "corpus_padded_s": med.get((name, "corpus padded")), "corpus_padded_speedup": ref["corpus"] / med[(name, "corpus padded")] if (name, "corpus padded") in med else None,
+            "corpus_bucketed_s": med.get((name, "corpus bucketed")), "corpus_bucketed_speedup": ref["corpus"] / med[(name, "corpus bucketed")] if (name, "corpus bucketed") in med else None,
+            "execution": (plans.get(name) or {}).get("paths") or ({"float": 1} if "unplanned" not in name else kernel_summary(c)),
+            "activations": (plans.get(name) or {}).get("activations"),
+        })
+    c = machine["ceilings"]
+    out = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine, "load_during_timing": loads, "repeats": args.repeats,
+        "fixed_batch": list(fixed["input_ids"].shape), "corpus_texts": len(texts),
+        "corpus_real_tokens": int(sum(lengths)), "corpus_padded_positions": int(sum(b["input_ids"].numel() for b in padded_batches)),
+        "rows": rows, "plans": plans, "seconds": time.time() - t_start,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (RESULTS / f"execution_planner{suffix}.json").write_text(json.dumps(out, indent=1, default=str))
+    lines = [
+        "# Execution planner on all-MiniLM-L6-v2",
+        "",
+        f"- Machine: {machine_line(machine)}.",
+        f"- Load average during the timed rounds: {', '.join(f'{x:.1f}' for x in loads)} (the machine is shared: absolute times are slow and noisy; ratios are interleaved medians of {args.repeats} rounds in one process).",
+        f"- fixed = the evaluate batch {list(fixed['input_ids'].shape)}; corpus = {len(texts)} held-out texts ({sum(lengths)} real tokens), batches of 32 padded to their longest ({out['corpus_padded_positions']} positions) vs. sorted by length and bucketed. Speedups are against fp32 on the padded corpus / fixed batch.",
+        f"- GFLOP/s = block FLOPs of the real tokens / latency, against the ceilings above (fp32 {c['fp32_flops'] / 1e9:.3g}, bf16 {c['bf16_flops'] / 1e9:.3g}{', int8 %.3g' % (c['int8_ops'] / 1e9) if 'int8_ops' in c else ''} G/s).",
+        f"- 'unplanned' = the capability-chosen kernels; 'planned (balanced)' = the planner's choice with at most 2 bytes/weight of run-time copies; 'planned (fast)' = no memory limit. Run took {out['seconds'] / 60:.1f} min.",
+        "",
+        "| variant | size | cos mean | cos worst | resident MB | fixed ms | fixed × | fixed GFLOP/s | corpus padded × | corpus bucketed × | activations | execution |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ex = ", ".join(f"{k}×{v}" for k, v in sorted(r["execution"].items()))
+        lines.append(
+            f"| {r['variant']} | {r['size_ratio']:.3f} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | {r['resident_mb']:.1f} | {r['fixed_s'] * 1e3:.0f} | "
+            f"{r['fixed_speedup']:.2f}× | {r['fixed_gflops']:.1f} | {_x(r['corpus_padded_speedup'])} | {_x(r['corpus_bucketed_speedup'])} | {r['activations'] or '–'} | {ex} |"
+        )
+    for name, summary in plans.items():
+        lines += ["", f"## {name}: paths measured on this machine", "", plan_table(summary)]
+    (RESULTS / f"execution_planner{suffix}.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    names = [r["variant"] for r in rows]
+    xs = range(len(rows))
+    ax.bar([x - 0.27 for x in xs], [r["fixed_speedup"] for r in rows], 0.27, label="fixed 32x128")
+    ax.bar(list(xs), [r["corpus_padded_speedup"] or 0 for r in rows], 0.27, label="corpus, padded")
+    ax.bar([x + 0.27 for x in xs], [r["corpus_bucketed_speedup"] or 0 for r in rows], 0.27, label="corpus, bucketed")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("speed vs fp32")
+    ax.set_title(f"execution planner, {machine.get('cpu')}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"execution_planner{suffix}.png", dpi=110)
+    log(f"wrote {RESULTS / f'execution_planner{suffix}.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Execution paths: the ways one linear layer can compute the numerics it stores, and the
+per-layer dispatcher the planner installs.
+
+A path is named and described by :data:`PATHS` (what it holds between calls, how it rounds).
+Paths of a ``QuantizedLinear`` are its kernels (see
+:mod:`slimformer.methods.quantization.modules`); every linear-like ``QuantizedModule`` also has
+the generic paths below, and a plain ``nn.Linear`` its own:
+
+- ``native``: the module's own forward (its built-in kernel);
+- ``dequant-fp32``: dequantized once into a cached float32 weight, float32 GEMM (exact; 4 bytes
+  per weight held: only under ``memory: fast``);
+- ``dequant-bf16``: dequantized once into a cached bfloat16 weight, bfloat16 GEMM (weight and
+  activations rounded to bf16, float32 accumulation; 2 bytes per weight held);
+- ``dequant-bf16-widen``: the cached bfloat16 weight widened per call to a float32 GEMM (only
+  the weight is rounded to bf16);
+- ``unpack-fp32``: dequantized per call into float32, nothing held (exact);
+- plain ``nn.Linear`` with a bf16 weight under float32 activations: ``widen-fp32`` (widened per
+  call, exact), ``dequant-fp32`` (cached float32 copy), ``native`` (bf16 GEMM).
+
+:class:`PlannedForward` is installed as the module's ``forward`` (an instance attribute, so the
+stored buffers, the state dict and the class are untouched; :func:`remove_planned_forward`
+takes it off again): it sends few-token inputs (decoding) down one path and many-token inputs
+(batches, prefill) down another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimformer.methods.quantization.modules import QuantizedLinear, QuantizedModule
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """``rounding``: ``exact`` (float32 arithmetic on the stored values) or ``bf16`` (weight
+    and/or activations rounded to bfloat16); ``form``: the run-time tensor the path holds
+    (paths sharing a form share it) and ``form_bytes``: its bytes per weight."""
+
+    rounding: str
+    form: str | None
+    form_bytes: float
+    summary: str
+
+
+PATHS: dict[str, PathInfo] = {
+    "int8-dynamic": PathInfo("exact", "int8", 1.0, "W8A8: int8 codes x per-token int8 activations, torch._int_mm, int32 accumulators"),
+    "w8a8-fp32": PathInfo("exact", "int8", 1.0, "W8A8 codes multiplied by a float32 GEMM (exact products, fp32 accumulation)"),
+    "w8a8-bf16": PathInfo("bf16", "int8", 1.0, "W8A8 codes multiplied by a bfloat16 GEMM (exact products, accumulator rounded to bf16)"),
+    "int8pack": PathInfo("bf16", "int8", 1.0, "int8 weights, torch._weight_int8pack_mm (bf16 activations)"),
+    "int8-widen-fp32": PathInfo("exact", "int8", 1.0, "int8 weights widened per call to float32"),
+    "int8-widen-bf16": PathInfo("bf16", "int8", 1.0, "int8 weights widened per call to bfloat16"),
+    "int4pack": PathInfo("bf16", "int4pack", 0.5, "int4 codes, torch int4pack CPU kernel (bf16 activations)"),
+    "unpack": PathInfo("exact", None, 0.0, "dequantized per call in the activation dtype, nothing held"),
+    "native": PathInfo("exact", None, 0.0, "the module's own forward (its format's unpack path)"),
+    "dequant-fp32": PathInfo("exact", "fp32", 4.0, "dequantized once into a cached float32 weight"),
+    "dequant-bf16": PathInfo("bf16", "bf16", 2.0, "dequantized once into a cached bfloat16 weight, bf16 GEMM"),
+    "dequant-bf16-widen": PathInfo("bf16", "bf16", 2.0, "cached bfloat16 weight widened per call to a float32 GEMM"),
+    "unpack-fp32": PathInfo("exact", None, 0.0, "dequantized per call into float32, nothing held"),
+    "widen-fp32": PathInfo("exact", None, 0.0, "bfloat16 weight widened per call to float32"),
+    "native-bf16": PathInfo("bf16", None, 0.0, "bfloat16 weight, bfloat16 GEMM"),
+}
+GENERIC_PATHS = ("dequant-fp32", "dequant-bf16", "dequant-bf16-widen", "unpack-fp32")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """A module computing ``x W^T + b`` that the planner can plan: a linear ``QuantizedModule``
+    (it has ``in_features`` and a dequantized weight) or a plain ``nn.Linear``."""
+    if isinstance(module, QuantizedModule):
+        return hasattr(module, "in_features") and hasattr(module, "out_features")
+    return isinstance(module, nn.Linear)
+
+
+def is_w8a8(module: nn.Module) -> bool:
+    return isinstance(module, QuantizedLinear) and module.act_bits == 8
+
+
+def weight_version(module: nn.Module) -> int:
+    """Changes whenever the stored weight is written in place (e.g. by ``load_state_dict``)."""
+    key = module.storage_key() if isinstance(module, QuantizedModule) else module.weight
+    return key._version
+
+
+def candidate_paths(module: nn.Module, act_dtype: torch.dtype) -> list[str]:
+    """Every path that computes ``module``'s stored numerics here (capability only)."""
+    if isinstance(module, QuantizedModule):
+        if isinstance(module, QuantizedLinear):
+            native = list(module.available_kernels())
+        else:
+            native = ["native"]
+        if is_w8a8(module):  # int8 activations are part of the stored numerics: no dense float path
+            return native
+        return native + list(GENERIC_PATHS)
+    if module.weight.dtype == torch.float32 or act_dtype == module.weight.dtype:
+        return ["native"]
+    return ["widen-fp32", "dequant-fp32", "native-bf16"]
+
+
+def form_bytes(module: nn.Module, paths: tuple[str, ...]) -> float:
+    """Bytes per weight of the run-time forms ``paths`` hold together (shared forms once)."""
+    forms = {PATHS[p].form: PATHS[p].form_bytes for p in paths if PATHS[p].form}
+    return sum(forms.values())
+
+
+class PlannedForward:
+    """The forward installed on a planned layer: inputs with fewer than ``split_rows`` rows
+    (tokens) take ``decode``, the others ``batch``. Input ``x`` (..., in); output (..., out) in
+    ``x.dtype``."""
+
+    def __init__(self, module: nn.Module, decode: str, batch: str, split_rows: int, also: tuple[str, ...] = ()) -> None:
+        self.module = module
+        self.decode = decode
+        self.batch = batch
+        self.split_rows = split_rows
+        self.also = tuple(also)  # further paths made ready (the planner times them all at once)
+        self.forms: dict[str, torch.Tensor] = {}
+        self.version = -1
+        self.build()
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.decode, self.batch, *self.also)))
+
+    def label(self) -> str:
+        return self.batch if self.decode == self.batch else f"{self.decode}|{self.batch}"
+
+    def build(self) -> None:
+        """(Re)build the run-time forms from the stored weight."""
+        m = self.module
+        self.forms = {}
+        if isinstance(m, QuantizedLinear):
+            kernels = [p for p in self.paths if p in PATHS and p not in GENERIC_PATHS and p != "native"]
+            m.use_kernels(*(kernels or ["unpack"]))  # "unpack" holds nothing: no unused kernel form stays
+        forms = {PATHS[p].form for p in self.paths}
+        if forms & {"fp32", "bf16"}:
+            w = m.dequantized_weight() if isinstance(m, QuantizedModule) else m.weight.detach()
+            if "fp32" in forms:
+                self.forms["fp32"] = w.float().contiguous()
+            if "bf16" in forms:
+                self.forms["bf16"] = w.to(torch.bfloat16).contiguous()
+        bias = getattr(m, "bias", None)
+        self.forms_bias = {} if bias is None else {torch.float32: bias.detach().float(), torch.bfloat16: bias.detach().to(torch.bfloat16)}
+        self.version = weight_version(m)
+
+    def nbytes(self) -> int:
+        """Bytes of the dense forms this dispatcher holds (kernel forms are the module's own)."""
+        return sum(t.numel() * t.element_size() for t in self.forms.values())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        return self.run(self.decode if rows < self.split_rows else self.batch, x)
+
+    def run(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if self.version != weight_version(m):
+            self.build()
+        if path == "native":
+            if isinstance(m, QuantizedModule):
+                return type(m).forward(m, x)
+            return F.linear(x, m.weight, m.bias)
+        if isinstance(m, QuantizedLinear) and path in m._ready:
+            return m.compute(x, path)
+        b32 = self.forms_bias.get(torch.float32)
+        if path == "dequant-fp32":
+            return F.linear(x.float(), self.forms["fp32"], b32).to(x.dtype)
+        if path == "dequant-bf16":
+            return F.linear(x.to(torch.bfloat16), self.forms["bf16"], self.forms_bias.get(torch.bfloat16)).to(x.dtype)
+        if path == "dequant-bf16-widen":
+            return F.linear(x.float(), self.forms["bf16"].float(), b32).to(x.dtype)
+        if path == "unpack-fp32":
+            return F.linear(x.float(), m.dequantized_weight(), b32).to(x.dtype)
+        if path == "widen-fp32":
+            return F.linear(x.float(), m.weight.float(), b32).to(x.dtype)
+        if path == "native-bf16":
+            return F.linear(x.to(m.weight.dtype), m.weight, m.bias).to(x.dtype)
+        raise ValueError(f"execution path {path!r} is not ready on {type(m).__name__}")
+
+
+def install_planned_forward(module: nn.Module, decode: str, batch: str, split_rows: int) -> PlannedForward:
+    """Route ``module``'s forward through a :class:`PlannedForward` (replacing an earlier one)."""
+    remove_planned_forward(module)
+    planned = PlannedForward(module, decode, batch, split_rows)
+    module.forward = planned  # instance attribute: nn.Module.__call__ finds it before the class's
+    module._slimformer_execution = planned
+    return planned
+
+
+def remove_planned_forward(module: nn.Module) -> None:
+    """Back to the module's class forward and its capability-chosen kernel."""
+    planned = module.__dict__.pop("_slimformer_execution", None)
+    if planned is None:
+        return
+    module.__dict__.pop("forward", None)
+    if isinstance(module, QuantizedLinear):
+        from slimformer.methods.quantization.modules import choose_kernel
+
+        module.use_kernels(choose_kernel(module.bits, module.group_size, module.in_features, module.out_features, module.act_bits))
+
+
+def planned_forward_of(module: nn.Module) -> PlannedForward | None:
+    return module.__dict__.get("_slimformer_execution")
+
+
+def planned_nbytes(module: nn.Module) -> int:
+    """Bytes held by a planned layer's dispatcher (0 when not planned)."""
+    planned = planned_forward_of(module)
+    return 0 if planned is None else planned.nbytes()

@@ -1,0 +1,565 @@
+"""The execution planner: for every compressed layer, the fastest way *on this machine* to compute
+the numbers it stores, under a memory policy.
+
+For each distinct layer format (type, bits, group size, shape, ...) and each activation dtype
+the model may run in (float32, bfloat16):
+
+1. the candidate paths (:mod:`slimformer.runtime.execution`) are filtered by capability (ops
+   that exist, layouts a kernel accepts);
+2. each is checked against the dequantize reference (float64 product of the dequantized weight;
+   W8A8 layers: of their quantized activations) on a probe input: relative error at most
+   ``EXACT_BOUND`` for exact paths and ``BF16_BOUND`` for paths that round to bfloat16;
+3. the survivors are timed, interleaved, on few rows (``decode_tokens``: decoding) and on many
+   rows (``batch_tokens``: batches, prefill); the minimum of ``repeats`` runs is kept (the
+   least disturbed by other processes on a shared machine);
+4. per layer, the pair (decode path, batch path) with the lowest sum of normalised times whose
+   run-time forms fit the memory policy is chosen: ``packed`` (at most 1 byte per weight beyond
+   the stored buffers: int8/int4 kernel forms, no dense copy), ``balanced`` (default: at most 2
+   bytes per weight, i.e. a bfloat16 copy, never a float32 one), ``fast`` (anything);
+5. the activation dtype of the whole model is the one whose chosen layers take the least time
+   for the workload (``batch`` for encoders, ``decode`` for causal LMs), among those allowed
+   (``activations: auto`` allows both; ``stored`` keeps the dtype the recipe produced).
+
+Measurements are cached on disk (``$SLIMFORMER_PLAN_CACHE``, else
+``$XDG_CACHE_HOME/slimformer/plans``, else ``~/.cache/slimformer/plans``) in one file per
+machine signature (CPU model, flags, torch version and kernel level, threads); a file whose
+recorded signature differs from this machine's is ignored, so a second load on the same
+machine plans without timing anything. ``SLIMFORMER_PLANNER=0`` turns planning off (every
+layer keeps its capability-chosen kernel); :func:`remove_plan` takes a plan off a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimformer.errors import ConfigError, is_int_at_least
+from slimformer.methods.quantization.modules import QuantizedLinear, QuantizedModule, quantize_activations_per_token
+from slimformer.runtime import execution as ex
+from slimformer.runtime.machine import signature, signature_key
+
+MEMORY_LIMITS = {"packed": 1.0, "balanced": 2.0, "fast": math.inf}  # run-time bytes per weight
+ACTIVATIONS = ("auto", "float32", "bfloat16", "stored")
+WORKLOADS = ("batch", "decode")
+EXACT_BOUND = 1e-4
+BF16_BOUND = 2e-2
+CACHE_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """``memory``: ``packed`` | ``balanced`` | ``fast`` (see the module docstring);
+    ``activations``: ``auto`` (the faster of float32 and bfloat16 for models whose recipe
+    quantized layers or cast to bf16; float32 for float32-only models) | ``float32`` |
+    ``bfloat16`` | ``stored`` (the dtype the recipe produced); ``workload``: the
+    regime that decides the activation dtype (``batch`` or ``decode``; None: batch for
+    encoders, decode for causal LMs); ``decode_tokens``/``batch_tokens``: rows timed for each
+    regime; ``split_tokens``: inputs with fewer rows take the decode path; ``repeats``: timed
+    runs per path (after one warm-up); ``cache``: read and write the on-disk cache;
+    ``cache_dir``: where (None: the default location)."""
+
+    memory: str = "balanced"
+    activations: str = "auto"
+    workload: str | None = None
+    decode_tokens: int = 1
+    batch_tokens: int = 1024
+    split_tokens: int = 32
+    repeats: int = 3
+    cache: bool = True
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory not in MEMORY_LIMITS:
+            raise ConfigError(f"execution memory={self.memory!r} is not a memory policy", f"use one of {list(MEMORY_LIMITS)}")
+        if self.activations not in ACTIVATIONS:
+            raise ConfigError(f"execution activations={self.activations!r} is not supported", f"use one of {list(ACTIVATIONS)}")
+        if self.workload is not None and self.workload not in WORKLOADS:
+            raise ConfigError(f"execution workload={self.workload!r} is not supported", f"use one of {list(WORKLOADS)}")
+        for name in ("decode_tokens", "batch_tokens", "split_tokens", "repeats"):
+            if not is_int_at_least(getattr(self, name), 1):
+                raise ConfigError(f"execution {name}={getattr(self, name)!r} must be a positive integer", f"pass e.g. {name}=8")
+
+
+def planner_enabled() -> bool:
+    """False when ``SLIMFORMER_PLANNER=0`` (the off switch: capability-chosen kernels only)."""
+    return os.environ.get("SLIMFORMER_PLANNER", "1") != "0"
+
+
+def as_plan_settings(value: Any) -> PlanSettings | None:
+    """``None``/``"off"``/``False`` -> None (no planning); ``"auto"``/``True`` -> defaults; a
+    memory policy name; a dict of :class:`PlanSettings` fields; or a ``PlanSettings``."""
+    if value is None or value is False or value == "off":
+        return None
+    if value is True or value == "auto":
+        return PlanSettings()
+    if isinstance(value, PlanSettings):
+        return value
+    if isinstance(value, str):
+        return PlanSettings(memory=value)
+    if isinstance(value, dict):
+        unknown = set(value) - set(PlanSettings.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown execution setting {sorted(unknown)[0]!r}", f"use {sorted(PlanSettings.__dataclass_fields__)}")
+        return PlanSettings(**value)
+    raise ConfigError(f"execution={value!r} is not understood", "pass 'auto', 'off', a memory policy or a dict of planner settings")
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("SLIMFORMER_PLAN_CACHE"):
+        return Path(os.environ["SLIMFORMER_PLAN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "slimformer" / "plans"
+
+
+class PlanCache:
+    """Measurements of this machine, one JSON file per machine signature. A file recorded on
+    another signature (copied from another machine, another torch, other thread count) is
+    ignored and replaced."""
+
+    def __init__(self, directory: Path, sig: dict) -> None:
+        self.sig = sig
+        self.path = Path(directory) / f"plan-{signature_key(sig)}.json"
+        self.entries: dict[str, dict] = {}
+        self.ignored = False
+        self.dirty = False
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(data, dict) and data.get("version") == CACHE_VERSION and data.get("signature") == sig:
+            self.entries = dict(data.get("entries") or {})
+        else:
+            self.ignored = True
+
+    def get(self, key: str) -> dict | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        self.entries[key] = value
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".plan-", dir=self.path.parent)
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"version": CACHE_VERSION, "signature": self.sig, "entries": self.entries}, fh, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+            self.dirty = False
+        except OSError:  # a read-only home: plans still work, they are just not kept
+            pass
+
+
+# ----- layers and their formats ------------------------------------------------------------------
+
+def planned_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers the planner plans: outermost linear ``QuantizedModule``s and plain
+    ``nn.Linear`` layers outside them (embedding tables are gathered, not planned)."""
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedModule)]
+    out: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if any(name.startswith(q + ".") for q in quantized):
+            continue
+        if ex.is_linear_like(m):
+            out[name] = m
+    return out
+
+
+def format_of(module: nn.Module) -> dict:
+    """The layer's format: what decides its paths and their speed (not its values)."""
+    if isinstance(module, QuantizedModule):
+        desc = {k: v for k, v in module.describe().items() if k != "kernel"}
+        desc.pop("kernel", None)
+        if isinstance(desc.get("inner"), dict):
+            desc["inner"] = {k: v for k, v in desc["inner"].items() if k != "kernel"}
+        return desc
+    return {"type": "Linear", "in_features": module.in_features, "out_features": module.out_features, "bias": module.bias is not None, "dtype": str(module.weight.dtype).replace("torch.", "")}
+
+
+def _weights(module: nn.Module) -> int:
+    return module.in_features * module.out_features
+
+
+def _stored_nbytes(module: nn.Module) -> int:
+    if isinstance(module, QuantizedModule):
+        return module.stored_bits() // 8
+    return module.weight.numel() * module.weight.element_size()
+
+
+def held_bytes_per_weight(module: nn.Module) -> float:
+    """Measured bytes the layer holds per weight: stored buffers, kernel forms, planned copies."""
+    runtime = module.runtime_nbytes() if isinstance(module, QuantizedModule) else 0
+    return (_stored_nbytes(module) + runtime + ex.planned_nbytes(module)) / _weights(module)
+
+
+def _probe_input(module: nn.Module, rows: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, module.in_features, generator=g).to(dtype)
+
+
+@torch.no_grad()
+def reference_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The dequantize reference (rows, out) float64 of ``module`` on ``x`` (rows, in)."""
+    w = module.dequantized_weight() if isinstance(module, QuantizedModule) else module.weight
+    xd = x.float()
+    if ex.is_w8a8(module):
+        codes, scale, offset = quantize_activations_per_token(xd, module.act_symmetric)
+        xd = (codes.double() + (0.0 if offset is None else offset.double())) * scale.double()
+    bias = getattr(module, "bias", None)
+    y = xd.double() @ w.double().t()
+    return y if bias is None else y + bias.double()
+
+
+@contextlib.contextmanager
+def _as_dtype(module: nn.Module, dtype: torch.dtype):
+    """The module as it runs under ``dtype`` activations (temporarily)."""
+    if isinstance(module, QuantizedModule):
+        old = module.compute_dtype
+        module.set_compute_dtype(dtype)
+        try:
+            yield module
+        finally:
+            module.set_compute_dtype(old)
+        return
+    wdt = torch.bfloat16 if (module.weight.dtype == torch.bfloat16 or dtype == torch.bfloat16) else torch.float32
+    probe = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    probe.weight = nn.Parameter(module.weight.detach().to(wdt), requires_grad=False)
+    if module.bias is not None:
+        probe.bias = nn.Parameter(module.bias.detach().to(wdt), requires_grad=False)
+    yield probe
+
+
+@torch.no_grad()
+def measure_format(module: nn.Module, act_dtype: torch.dtype, settings: PlanSettings) -> dict:
+    """Parity and timings of every candidate path of ``module`` under ``act_dtype`` activations:
+    ``{"paths": {path: {"rel_error", "bound", "ok", "decode_s", "batch_s"}}}``."""
+    with _as_dtype(module, act_dtype) as m:
+        paths = ex.candidate_paths(m, act_dtype)
+        saved = ex.planned_forward_of(m)
+        kernel_before = m.kernel if isinstance(m, QuantizedLinear) else None
+        ready_before = getattr(m, "_ready", None)
+        pf = ex.PlannedForward(m, paths[0], paths[0], settings.split_tokens, also=tuple(paths))
+        try:
+            x = _probe_input(m, 16, act_dtype, seed=1)
+            ref = reference_output(m, x)
+            result: dict[str, dict] = {}
+            for p in paths:
+                try:
+                    y = pf.run(p, x).double()
+                    err = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+                except (RuntimeError, ValueError, NotImplementedError) as exc:
+                    result[p] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+                    continue
+                exact = ex.PATHS[p].rounding == "exact" and act_dtype == torch.float32
+                bound = EXACT_BOUND if exact else BF16_BOUND
+                result[p] = {"rel_error": err, "bound": bound, "ok": bool(err <= bound)}
+            ok = [p for p in paths if result[p]["ok"]]
+            for regime, rows in (("decode_s", settings.decode_tokens), ("batch_s", settings.batch_tokens)):
+                xr = _probe_input(m, rows, act_dtype, seed=2)
+                best = {p: math.inf for p in ok}
+                for round_ in range(settings.repeats + 1):
+                    for p in ok:
+                        t0 = time.perf_counter()
+                        pf.run(p, xr)
+                        dt = time.perf_counter() - t0
+                        if round_:  # round 0 warms up
+                            best[p] = min(best[p], dt)
+                for p in ok:
+                    result[p][regime] = best[p]
+        finally:
+            if isinstance(m, QuantizedLinear):
+                m.use_kernels(*(ready_before or (kernel_before,)))
+            if saved is not None:
+                saved.build()
+    return {"paths": result}
+
+
+def choose_paths(measured: dict, module: nn.Module, memory: str) -> tuple[str, str] | None:
+    """The (decode, batch) pair with the lowest sum of normalised times whose run-time forms fit
+    ``memory``; None when no path passed its parity check."""
+    paths = {p: r for p, r in measured["paths"].items() if r.get("ok") and "batch_s" in r}
+    if not paths:
+        return None
+    best_d = min(r["decode_s"] for r in paths.values())
+    best_b = min(r["batch_s"] for r in paths.values())
+    limit = MEMORY_LIMITS[memory]
+    choice, score = None, math.inf
+    for d, rd in paths.items():
+        for b, rb in paths.items():
+            if ex.form_bytes(module, (d, b)) > limit:
+                continue
+            s = rd["decode_s"] / max(best_d, 1e-12) + rb["batch_s"] / max(best_b, 1e-12)
+            if s < score:
+                choice, score = (d, b), s
+    return choice
+
+
+# ----- the whole model ---------------------------------------------------------------------------
+
+@dataclass
+class ExecutionPlan:
+    """What the planner decided for one model on this machine, and what it measured.
+
+    ``layers[name]``: ``format`` (an id into ``formats``), ``decode``/``batch`` paths,
+    ``held_bytes_per_weight`` (measured); ``formats[id]``: the format and, per activation dtype,
+    every candidate's parity error and times; ``activation_seconds``: the summed layer times of
+    the workload per allowed activation dtype."""
+
+    signature: dict
+    settings: PlanSettings
+    activations: str
+    stored_dtype: str
+    workload: str
+    formats: dict[str, dict] = field(default_factory=dict)
+    layers: dict[str, dict] = field(default_factory=dict)
+    activation_seconds: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    measured_formats: int = 0
+    cached_formats: int = 0
+    cache_ignored: bool = False
+    cache_file: str | None = None
+    _undo: list = field(default_factory=list, repr=False)
+
+    def counts(self) -> dict[str, int]:
+        """How many layers take each path (``decode|batch`` when they differ)."""
+        out: dict[str, int] = {}
+        for layer in self.layers.values():
+            label = layer["batch"] if layer["decode"] == layer["batch"] else f"{layer['decode']}|{layer['batch']}"
+            out[label] = out.get(label, 0) + 1
+        return out
+
+    def summary(self) -> dict:
+        """JSON-ready: the machine, the settings, the activation dtype, every layer's paths and
+        what the alternatives of its format measured."""
+        return {
+            "machine": self.signature,
+            "settings": asdict(self.settings),
+            "activations": self.activations,
+            "stored_dtype": self.stored_dtype,
+            "workload": self.workload,
+            "activation_seconds": self.activation_seconds,
+            "paths": self.counts(),
+            "planning_seconds": round(self.seconds, 3),
+            "measured_formats": self.measured_formats,
+            "cached_formats": self.cached_formats,
+            "layers": self.layers,
+            "formats": self.formats,
+        }
+
+
+def _model_float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def switch_activations(model: nn.Module, dtype: torch.dtype, memory: str) -> list:
+    """Run ``model`` with ``dtype`` activations: float parameters and persistent buffers cast,
+    quantized layers told to compute in ``dtype``. Plain bfloat16 linear weights stay bfloat16
+    under float32 activations unless ``memory`` is ``fast`` (the planner widens them per call).
+    Returns the undo record for :func:`restore_activations` (the original tensors, so ties and
+    values come back exactly; tied tensors stay tied)."""
+    undo: list = []
+    cast: dict[int, torch.Tensor] = {}
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedModule)]
+    for name, module in model.named_modules():
+        if any(name.startswith(q + ".") for q in quantized):
+            continue
+        if isinstance(module, QuantizedModule):
+            undo.append(("compute", module, module.compute_dtype))
+            module.set_compute_dtype(dtype)
+            continue
+        keep_linear = isinstance(module, nn.Linear) and dtype == torch.float32 and memory != "fast"
+        for kind, table in (("param", module._parameters), ("buffer", module._buffers)):
+            for key, t in list(table.items()):
+                if t is None or not t.is_floating_point() or t.dtype == dtype or (keep_linear and id(t) not in cast):
+                    continue  # (a linear weight tied to a table cast before it follows the table: ties hold)
+                if kind == "buffer" and key in module._non_persistent_buffers_set:
+                    continue
+                undo.append((kind, module, key, t))
+                if id(t) not in cast:
+                    new = t.detach().to(dtype)
+                    cast[id(t)] = nn.Parameter(new, requires_grad=False) if kind == "param" else new
+                table[key] = cast[id(t)]
+    return undo
+
+
+def restore_activations(undo: list) -> None:
+    """Undo :func:`switch_activations` (the stored tensors come back exactly)."""
+    for entry in reversed(undo):
+        if entry[0] == "compute":
+            entry[1].set_compute_dtype(entry[2])
+            continue
+        kind, module, key, original = entry
+        (module._parameters if kind == "param" else module._buffers)[key] = original
+
+
+def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool = False) -> ExecutionPlan:
+    """Plan (and install) the execution of ``loaded`` on this machine; see the module docstring.
+
+    Replaces an earlier plan. Returns the :class:`ExecutionPlan` (also kept as
+    ``loaded.execution``)."""
+    settings = settings or PlanSettings()
+    remove_plan(loaded)
+    t0 = time.perf_counter()
+    model = loaded.model
+    sig = signature()
+    cache = PlanCache(Path(settings.cache_dir) if settings.cache_dir else default_cache_dir(), sig) if settings.cache else None
+    stored = _model_float_dtype(model)
+    workload = settings.workload or ("batch" if getattr(loaded, "kind", "encoder") == "encoder" else "decode")
+    if settings.activations == "auto":
+        # bfloat16 activations are allowed where the recipe already gave up float32 numerics:
+        # a bf16-cast model or one with quantized layers; a float32-only model keeps float32.
+        lowp = stored == torch.bfloat16 or any(isinstance(m, QuantizedModule) for m in model.modules())
+        allowed = [torch.float32, torch.bfloat16] if lowp else [torch.float32]
+    elif settings.activations == "stored":
+        allowed = [stored if stored in (torch.float32, torch.bfloat16) else torch.float32]
+    else:
+        allowed = [DTYPES[settings.activations]]
+    layers = planned_layers(model)
+    plan = ExecutionPlan(sig, settings, "", str(stored).replace("torch.", ""), workload)
+    if cache is not None:
+        plan.cache_ignored = cache.ignored
+        plan.cache_file = str(cache.path)
+    format_ids: dict[str, str] = {}
+    layer_fid: dict[str, str] = {}  # taken before any cast changes a plain layer's dtype
+    choices: dict[torch.dtype, dict[str, tuple[str, str]]] = {d: {} for d in allowed}
+    totals: dict[torch.dtype, float] = {d: 0.0 for d in allowed}
+    regime = "batch_s" if workload == "batch" else "decode_s"
+    with torch.no_grad():
+        for name, module in layers.items():
+            fmt = format_of(module)
+            fkey = json.dumps(fmt, sort_keys=True)
+            if fkey not in format_ids:
+                fid = f"f{len(format_ids)}"
+                format_ids[fkey] = fid
+                plan.formats[fid] = {"format": fmt, "layers": 0, "measured": {}}
+            fid = format_ids[fkey]
+            layer_fid[name] = fid
+            entry = plan.formats[fid]
+            entry["layers"] += 1
+            for dtype in allowed:
+                dname = str(dtype).replace("torch.", "")
+                if dname not in entry["measured"]:
+                    ckey = f"{fkey}|act={dname}|decode={settings.decode_tokens}|batch={settings.batch_tokens}|split={settings.split_tokens}"
+                    measured = cache.get(ckey) if cache is not None else None
+                    if measured is None:
+                        measured = measure_format(module, dtype, settings)
+                        plan.measured_formats += 1
+                        if cache is not None:
+                            cache.put(ckey, measured)
+                    else:
+                        plan.cached_formats += 1
+                    entry["measured"][dname] = measured
+                pair = choose_paths(entry["measured"][dname], module, settings.memory)
+                if pair is None:
+                    totals[dtype] = math.inf
+                    continue
+                choices[dtype][name] = pair
+                side = pair[1] if regime == "batch_s" else pair[0]
+                totals[dtype] += entry["measured"][dname]["paths"][side][regime]
+    if cache is not None:
+        cache.save()
+    feasible = [d for d in allowed if math.isfinite(totals[d])] or [torch.float32]
+    act = min(feasible, key=lambda d: totals[d])
+    plan.activation_seconds = {str(d).replace("torch.", ""): totals[d] for d in allowed}
+    plan.activations = str(act).replace("torch.", "")
+    if act != stored:
+        plan._undo = switch_activations(model, act, settings.memory)
+    for name, module in layers.items():
+        fid = layer_fid[name]
+        pair = choices.get(act, {}).get(name)
+        if pair is None:
+            plan.layers[name] = {"format": fid, "decode": "native", "batch": "native", "note": "no path passed its parity check"}
+            continue
+        if pair != ("native", "native") or isinstance(module, QuantizedModule):
+            ex.install_planned_forward(module, pair[0], pair[1], settings.split_tokens)
+        plan.layers[name] = {"format": fid, "decode": pair[0], "batch": pair[1], "held_bytes_per_weight": round(held_bytes_per_weight(module), 4)}
+    plan.seconds = time.perf_counter() - t0
+    loaded.execution = plan
+    return plan
+
+
+def remove_plan(loaded) -> None:
+    """Take ``loaded``'s plan off: class forwards, capability-chosen kernels, stored dtypes."""
+    plan = getattr(loaded, "execution", None)
+    for module in loaded.model.modules():
+        ex.remove_planned_forward(module)
+    if plan is not None and plan._undo:
+        restore_activations(plan._undo)
+        plan._undo = []
+    loaded.execution = None
+
+
+@contextlib.contextmanager
+def stored_form(loaded):
+    """The model with its stored dtypes while the block runs (for saving), planned again after."""
+    plan = getattr(loaded, "execution", None)
+    if plan is None or not plan._undo:
+        yield loaded
+        return
+    restore_activations(plan._undo)
+    try:
+        yield loaded
+    finally:
+        plan._undo = switch_activations(loaded.model, DTYPES[plan.activations], plan.settings.memory)
+        for module in loaded.model.modules():
+            planned = ex.planned_forward_of(module)
+            if planned is not None:
+                planned.build()
+
+
+def plan_table(summary: dict) -> str:
+    """Markdown: per format, the paths measured on this machine and the layers' choices."""
+    lines = [
+        f"activations: {summary['activations']} (stored {summary['stored_dtype']}; summed layer time of the {summary['workload']} workload per dtype: "
+        + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in summary["activation_seconds"].items()) + ")",
+        "",
+        "| format | layers | activations | path | rel. error | decode ms | batch ms | chosen |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    chosen: dict[str, set] = {}
+    for layer in summary["layers"].values():
+        chosen.setdefault(layer["format"], set()).update({("decode", layer["decode"]), ("batch", layer["batch"])})
+    for fid, entry in summary["formats"].items():
+        fmt = entry["format"]
+        label = f"{fmt.get('type')} {fmt.get('in_features')}→{fmt.get('out_features')}" + (f" {fmt['bits']}b g{fmt.get('group_size')}" if "bits" in fmt else "") + (" W8A8" if fmt.get("act_bits") == 8 else "")
+        for dname, measured in entry["measured"].items():
+            for p, r in measured["paths"].items():
+                picked = [reg for reg, q in chosen.get(fid, set()) if q == p] if dname == summary["activations"] else []
+                err = f"{r['rel_error']:.1e}" if "rel_error" in r else r.get("error", "–")
+                d = f"{r['decode_s'] * 1e3:.3f}" if "decode_s" in r else "–"
+                b = f"{r['batch_s'] * 1e3:.2f}" if "batch_s" in r else "–"
+                lines.append(f"| {label} | {entry['layers']} | {dname} | {p} | {err}{'' if r.get('ok') else ' ✗'} | {d} | {b} | {', '.join(sorted(picked))} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "ExecutionPlan",
+    "PlanCache",
+    "PlanSettings",
+    "as_plan_settings",
+    "choose_paths",
+    "measure_format",
+    "plan_execution",
+    "plan_table",
+    "planned_layers",
+    "planner_enabled",
+    "remove_plan",
+    "stored_form",
+]
