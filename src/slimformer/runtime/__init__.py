@@ -1,0 +1,1 @@
+"""Run-time side: generation loop, KV caches, execution planner."""
