@@ -204,3 +204,20 @@ def test_scorer_without_attached_hooks_says_how_to_fix(tiny_factory):
     cache = kv_cache(loaded, {"method": "snapkv", "ratio": 0.5})
     with pytest.raises(ConfigError, match="attach"):
         loaded.model(_ids(20), cache=cache)
+
+
+def test_cli_kv_eval_against_the_full_cache(tmp_path, tiny_factory, run_cli):
+    import json
+
+    loaded = tiny_factory("llama")
+    loaded.model.save_pretrained(tmp_path / "m")
+    loaded.tokenizer.save_pretrained(tmp_path / "m")
+    code, out, err = run_cli("kv-eval", tmp_path / "m", "--cache", "{method: snapkv, ratio: 0.5}", "--cache", "{method: kivi, bits: 4, group: 16, window: 8}",
+                             "--prefix", "96", "--continuation", "16", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["full"]["kl"] == 0.0 and result["full"]["ratio"] == pytest.approx(1.0)
+    assert result["{method: snapkv, ratio: 0.5}"]["ratio"] == pytest.approx(2.0)
+    assert result["{method: kivi, bits: 4, group: 16, window: 8}"]["ratio"] > 2.0
+    code, _, err = run_cli("kv-eval", tmp_path / "m", "--cache", "{method: snapkv, ratio: 2}")
+    assert code == 2 and err.startswith("slimformer: error: snapkv: ratio must be in [0, 1)") and err.count("\n") == 1

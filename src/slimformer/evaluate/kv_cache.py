@@ -36,14 +36,31 @@ class Prefill:
     queries: list[torch.Tensor]
     last_logits: torch.Tensor
     input_ids: torch.Tensor
+    mass: list[torch.Tensor] | None = None  # accumulated attention per layer (computed once, on demand)
 
 
 @torch.no_grad()
-def record_prefill(model, input_ids: torch.Tensor) -> Prefill:
-    """Run ``input_ids`` ``(b, n)`` through ``model`` once, capturing every layer's cache inputs."""
+def record_prefill(model, input_ids: torch.Tensor, previous: Prefill | None = None) -> Prefill:
+    """Run ``input_ids`` ``(1, n)`` through ``model`` once, capturing every layer's cache inputs.
+
+    With ``previous``, the longest common prefix of token ids is reused from it and only the rest
+    is run (positions continue), so cases that share a prefix pay for it once."""
     recorder = KVCache(kv_config_recorder(), model.config.num_hidden_layers)
+    common = 0
+    if previous is not None:
+        a, b = previous.input_ids[0], input_ids[0]
+        m = min(len(a), len(b)) - 1
+        diff = (a[:m] != b[:m]).nonzero()
+        common = int(diff[0]) if len(diff) else m
+    if common > 0:
+        for layer, k, v, q in zip(recorder.layers, previous.keys, previous.values, previous.queries):
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k[:, :, :common], v[:, :, :common]
+            layer.recent_queries = q[:, :, :common]
+            layer.seen = common
+    pos = torch.arange(common, input_ids.shape[1]).unsqueeze(0)
     with recorder.attach(model):
-        out = model(input_ids, cache=recorder, use_cache=True)
+        out = model(input_ids[:, common:], cache=recorder, position_ids=pos, use_cache=True)
     return Prefill(
         [l.keys for l in recorder.layers], [l.values for l in recorder.layers],
         [l.recent_queries for l in recorder.layers], out.logits[:, -1].float(), input_ids,
@@ -69,11 +86,16 @@ def replay(model, spec, prefill: Prefill):
         for i, (k, v) in enumerate(zip(prefill.keys, prefill.values)):
             cache.update(k, v, i)
         return cache
-    with cache.attach(model):
-        scaling = [getattr(a, "scaling", None) for a in _attentions(model)]
+    scaling = [getattr(a, "scaling", None) for a in _attentions(model)]
+    if cache.config.accumulates and prefill.mass is None:
+        from slimformer.runtime.kv.base import attention_mass
+
+        prefill.mass = [attention_mass(q, k, s).sum(2) for q, k, s in zip(prefill.queries, prefill.keys, scaling)]
     for i, layer in enumerate(cache.layers):
         layer.scaling = scaling[i]
         layer.pending_queries = prefill.queries[i]
+        if cache.config.accumulates:
+            layer.precomputed_mass = prefill.mass[i].clone()
         layer.update(prefill.keys[i], prefill.values[i])
     return cache
 

@@ -231,6 +231,7 @@ class KVCacheLayer(CacheLayerMixin):
         self.accumulated: torch.Tensor | None = None
         self.recent_queries: torch.Tensor | None = None
         self.pending_queries: torch.Tensor | None = None  # set by the hooks, consumed by update
+        self.precomputed_mass: torch.Tensor | None = None  # (b, h, t) accumulated mass of these queries, if known
         self.seen = 0
         self.is_initialized = False
 
@@ -369,8 +370,8 @@ class KVCacheLayer(CacheLayerMixin):
                     "use the cache inside `with cache.attach(model):` (or slimformer.runtime.kv.kv_cache)",
                 )
             if cfg.accumulates:
-                mass = attention_mass(queries, all_k, self.scaling)  # (b, h, q, t)
-                acc = mass.sum(2)
+                acc = self.precomputed_mass if self.precomputed_mass is not None else attention_mass(queries, all_k, self.scaling).sum(2)
+                self.precomputed_mass = None
                 if self.accumulated is not None:
                     acc[..., :had] += self.accumulated
                 self.accumulated = acc
