@@ -3,6 +3,13 @@ torch 2.13.0 CPU, kvpress 0.5.5, transformers 5.2, optimum-quanto, hqq):
 
     /work/venvs/kvpress/bin/python benchmarks/kv_cache_peers.py INPUTS.json OUT.json
 
+Set up (kvpress pins transformers<5.3, so never in the project's venv):
+
+    python3 -m venv /work/venvs/kvpress
+    /work/venvs/kvpress/bin/pip install torch==2.13.0          # the CPU build, first
+    echo torch==2.13.0 > /tmp/c.txt
+    /work/venvs/kvpress/bin/pip install -c /tmp/c.txt kvpress==0.5.5 "transformers<5.3" optimum-quanto hqq
+
 INPUTS.json (written by kv_cache.py) holds the model folder, the token ids of the perplexity
 documents and pass-key cases, and the compression ratios. Every kvpress press is driven the way
 its own forward hook drives it, not through kvpress's pipeline: the context is prefilled once
