@@ -266,7 +266,8 @@ def stage_report():
         for name, v in peers["ppl"].items():
             if v["nll"] and name != "full":
                 add("peer", name, v, peers["passkey"].get(name) if n_peers else None, fp_peers, full_pk_peers, max(n_peers, 1))
-    data = {"machine": ours.get("machine_end") or ours.get("machine_start"), "settings": SETTINGS, "rows": rows,
+    settings = json.loads((PARTS / "inputs.json").read_text())["settings"]  # as the run used them
+    data = {"machine": ours.get("machine_end") or ours.get("machine_start"), "settings": settings, "rows": rows,
             "passkey_cases": {"ours": n_ours, "peers": peers.get("passkey_cases_done", 0) if peers else 0},
             "full_passkey": {"ours": full_pk_ours, "peers": peers["passkey"]["full"]["correct"] if peers else None},
             "peer_versions": peers.get("versions") if peers else None,
@@ -307,7 +308,7 @@ def write_markdown(data):
         lines.append(f"| {t}x | {best('slimformer')} | {best('peer')} |")
     if data.get("speed"):
         lines += ["", "## Decode speed and KV memory against context length", "",
-                  f"Greedy decode, one token a step, medians of {SETTINGS['speed_new_tokens']} interleaved steps after 2 warm-up steps; KV bytes measured (full cache as run, float32).", "",
+                  f"Greedy decode, one token a step, medians of {data['settings']['speed_new_tokens']} interleaved steps after 2 warm-up steps; KV bytes measured (full cache as run, float32).", "",
                   "Contents are random keys/values (timing and bytes depend on shapes only). The full cache runs in float32 here; the last column compares with a 16-bit full cache of the same tokens.", "",
                   "| context | method | tokens/s | KV MiB | speed vs full | memory vs full (fp32, as run) | memory vs 16-bit full |", "|---:|---|---:|---:|---:|---:|---:|"]
         for n, row in data["speed"]["contexts"].items():
