@@ -5,6 +5,7 @@
     slimformer methods
     slimformer report DIR [--out DIR]
     slimformer generate MODEL (--prompt TEXT ... | --chat [TEXT]) [--max-new-tokens N] [--speculate MODE]
+    slimformer kv-eval MODEL --cache STEP [--cache STEP ...] [--prefix N]
 
 Errors the user can fix print one line (problem; fix) and exit with status 2.
 """
@@ -230,6 +231,54 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--exit-layer", type=int, default=None, help="blocks used by the --speculate self draft")
     p.add_argument("--json", action="store_true", help="print texts and measurements as JSON")
     p.set_defaults(func=cmd_generate)
+def cmd_kv_eval(args) -> int:
+    """Continuation perplexity/KL over a compressed prefix cache, against the full cache."""
+    import yaml
+
+    from slimformer.data import TextSpec, load_texts
+    from slimformer.errors import ConfigError
+    from slimformer.evaluate.kv_cache import continuation_quality
+    from slimformer.models import load_model
+    from slimformer.runtime.kv import kv_config_from_dict
+
+    specs = {}
+    for text in args.cache:
+        try:
+            step = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--cache {text!r} is not YAML/JSON", "write e.g. --cache '{method: snapkv, ratio: 0.75}'") from exc
+        specs[text] = kv_config_from_dict(step)
+    loaded = load_model(args.model)
+    if loaded.kind != "causal-lm":
+        raise ConfigError(f"{args.model} is not a causal language model", "KV-cache compression needs a decoder (e.g. Llama, Qwen2)")
+    ids = []
+    for t in load_texts(TextSpec(source=args.eval_source or "pydoc-topics", split="evaluation", n=400, min_chars=400, seed=7)):
+        ids += loaded.tokenizer(t + "\n\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= args.prefix + args.continuation:
+            break
+    if len(ids) < args.prefix + args.continuation:
+        raise ConfigError(f"the held-out text has only {len(ids)} tokens", "lower --prefix or pass a larger --eval-source")
+    import torch
+
+    result = continuation_quality(loaded.model.eval(), specs, torch.tensor([ids[: args.prefix]]), torch.tensor([ids[args.prefix : args.prefix + args.continuation]]))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print("| cache | KV ratio (vs 16-bit) | ppl | KL |\n|---|---:|---:|---:|")
+    for name, r in result.items():
+        print(f"| {name} | {r['ratio']:.2f} | {r['ppl']:.3f} | {r['kl']:.4f} |")
+    return 0
+
+
+def _add_kv_eval_parser(sub) -> None:
+    p = sub.add_parser("kv-eval", help="continuation perplexity over a compressed KV cache, against the full cache")
+    p.add_argument("model", help="causal LM folder or hub id")
+    p.add_argument("--cache", action="append", required=True, help="cache recipe step, e.g. '{method: snapkv, ratio: 0.75}' (repeatable)")
+    p.add_argument("--prefix", type=int, default=2048, help="prefix tokens held in the cache")
+    p.add_argument("--continuation", type=int, default=128, help="continuation tokens scored")
+    p.add_argument("--eval-source", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_kv_eval)
 
 
 def _status(message: str) -> None:
@@ -280,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the compression methods and their papers")
     p.set_defaults(func=cmd_methods)
+
+    _add_kv_eval_parser(sub)
 
     p = sub.add_parser("report", help="markdown table and PNG plot of quality against size")
     p.add_argument("folder", help="a compressed folder or a folder of them")

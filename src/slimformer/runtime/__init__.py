@@ -1,6 +1,6 @@
 """The run-time side: the generation loop over a static KV cache, speculative decoding, the
 execution planner (per-machine choice of how each compressed layer computes), padding-free
-batching and the machine description.
+batching, the machine description, and KV-cache compression (``runtime.kv``).
 
     from slimformer.runtime import TextGenerator, GenerationConfig
     gen = TextGenerator(slimformer.load("smollm2"))

@@ -1,0 +1,223 @@
+"""KV-cache compression: identity at ratio 0, kept entries are the top scores, lengths follow the
+budget in prefill and decoding, quantization within its grid's bound, measured bytes equal the
+formula, and the cache works through Hugging Face generate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from slimformer.errors import ConfigError
+from slimformer.runtime.kv import kv_cache, kv_config_from_dict, kv_methods
+from slimformer.runtime.kv.storage import dequantize, max_error, pack_codes, quantize, unpack_codes
+
+CAUSAL = ("llama", "qwen2")
+EVICTING = [
+    {"method": "streaming-llm", "ratio": 0.5},
+    {"method": "knorm", "ratio": 0.6},
+    {"method": "tova", "ratio": 0.5},
+    {"method": "snapkv", "ratio": 0.7, "budget": "pyramid"},
+    {"method": "h2o", "ratio": 0.5},
+    {"method": "snapkv", "ratio": 0.5, "bits": 4, "group": 16, "window": 8},
+]
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 500, (1, n), generator=g)
+
+
+def _forward(model, cache, ids, start):
+    pos = torch.arange(start, start + ids.shape[1]).unsqueeze(0)
+    return model(ids, cache=cache, position_ids=pos, use_cache=True).logits
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "tova", "knorm", "streaming-llm"])
+@torch.no_grad()
+def test_ratio_zero_is_the_identity(tiny_factory, family, method):
+    loaded = tiny_factory(family)
+    model, ids = loaded.model.eval(), _ids(40)
+    ref_cache, cache = DynamicCache(config=model.config), kv_cache(loaded, {"method": method, "ratio": 0.0, "fp_dtype": "model"})
+    with cache.attach(loaded):
+        for start, chunk in ((0, ids[:, :30]), (30, ids[:, 30:31]), (31, ids[:, 31:36]), (36, ids[:, 36:37])):
+            assert torch.equal(_forward(model, ref_cache, chunk, start), _forward(model, cache, chunk, start))
+
+
+@torch.no_grad()
+def test_kept_entries_are_exactly_the_top_scores(tiny_factory):
+    loaded = tiny_factory("llama")
+    model, ids = loaded.model.eval(), _ids(50)
+    ref = DynamicCache(config=model.config)
+    model(ids, cache=ref)
+    cache = kv_cache(loaded, {"method": "knorm", "ratio": 0.6, "window": 0, "fp_dtype": "model"})
+    with cache.attach(loaded):
+        model(ids, cache=cache)
+    keep = math.ceil(0.4 * 50)
+    for layer, full in zip(cache.layers, ref.layers):
+        expected = (-full.keys.norm(dim=-1)).topk(keep, dim=-1).indices.sort(-1).values
+        assert torch.equal(layer.kept_indices, expected)
+        assert torch.equal(layer.keys, full.keys.gather(2, expected.unsqueeze(-1).expand(-1, -1, -1, full.keys.shape[-1])))
+
+
+@torch.no_grad()
+def test_streaming_keeps_sinks_and_the_most_recent(tiny_factory):
+    loaded = tiny_factory("qwen2")
+    model, ids = loaded.model.eval(), _ids(40)
+    ref = DynamicCache(config=model.config)
+    model(ids, cache=ref)
+    cache = kv_cache(loaded, {"method": "streaming-llm", "ratio": 0.5, "sinks": 4, "window": 0, "fp_dtype": "model"})
+    model(ids, cache=cache)
+    expected = torch.cat([torch.arange(4), torch.arange(40 - 16, 40)])
+    assert torch.equal(cache.layers[1].keys, ref.layers[1].keys[:, :, expected])
+
+
+@pytest.mark.parametrize("spec", EVICTING, ids=lambda s: "-".join(f"{v}" for v in s.values()))
+@torch.no_grad()
+def test_length_follows_the_budget_in_prefill_and_decoding(tiny_factory, spec):
+    loaded = tiny_factory("llama")
+    model, ids = loaded.model.eval(), _ids(64)
+    cache = kv_cache(loaded, spec)
+    config = kv_config_from_dict(spec)
+    with cache.attach(loaded):
+        _forward(model, cache, ids, 0)
+        for i in range(12):
+            for layer in cache.layers:
+                budget = max(min(layer.seen, config.window + config.sinks), math.ceil(layer.keep * layer.seen - 1e-9))
+                assert layer.get_seq_length() == budget
+                assert layer.seen == 64 + i
+            _forward(model, cache, ids[:, i : i + 1], 64 + i)
+    if config.budget == "pyramid":
+        lengths = [layer.get_seq_length() for layer in cache.layers]
+        assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
+
+
+@torch.no_grad()
+def test_decoding_compresses_every_step_tokens(tiny_factory):
+    loaded = tiny_factory("llama")
+    model, ids = loaded.model.eval(), _ids(60)
+    cache = kv_cache(loaded, {"method": "tova", "ratio": 0.5, "step": 4})
+    with cache.attach(loaded):
+        _forward(model, cache, ids, 0)
+        lengths = []
+        for i in range(8):
+            _forward(model, cache, ids[:, i : i + 1], 60 + i)
+            lengths.append(cache.get_seq_length())
+    budgets = [math.ceil(0.5 * (61 + i)) for i in range(8)]
+    assert all(b <= n <= b + 3 for n, b in zip(lengths, budgets))
+    assert any(n == b for n, b in zip(lengths, budgets)) and any(n > b for n, b in zip(lengths, budgets))
+
+
+@torch.no_grad()
+def test_chunk_after_compression_matches_token_by_token(tiny_factory):
+    """Per-layer budgets give layers different lengths; a multi-token chunk over them (mask
+    aligned per layer by the hooks) equals decoding the same tokens one at a time."""
+    loaded = tiny_factory("llama")
+    model, ids = loaded.model.eval(), _ids(70)
+    spec = {"method": "snapkv", "ratio": 0.6, "budget": "pyramid", "step": 100, "fp_dtype": "model"}
+    a, b = kv_cache(loaded, spec), kv_cache(loaded, spec)
+    with a.attach(loaded), b.attach(loaded):
+        _forward(model, a, ids[:, :60], 0)
+        _forward(model, b, ids[:, :60], 0)
+        assert len({layer.get_seq_length() for layer in a.layers}) > 1
+        chunk = _forward(model, a, ids[:, 60:], 60)
+        steps = torch.cat([_forward(model, b, ids[:, 60 + i : 61 + i], 60 + i) for i in range(10)], dim=1)
+    torch.testing.assert_close(chunk, steps, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_quantize_dequantize_within_the_grid_bound(bits, axis):
+    x = torch.randn(2, 3, 64, 32) * torch.linspace(0.1, 5, 32)
+    p = quantize(x, bits, 16, axis)
+    codes = unpack_codes(p.codes, bits)
+    assert int(codes.max()) < 2**bits and torch.equal(pack_codes(codes, bits), p.codes)
+    err = (dequantize(p) - x).abs()
+    assert (err <= max_error(p) * (1 + 1e-2) + 1e-3).all()
+    assert p.codes.dtype == torch.uint8 and p.codes.numel() == x.numel() * bits // 8
+
+
+@torch.no_grad()
+def test_measured_bytes_equal_the_formula(tiny_factory):
+    loaded = tiny_factory("llama")
+    model, n = loaded.model.eval(), 100
+    spec = {"method": "kivi", "bits": 2, "group": 32, "window": 16}
+    cache = kv_cache(loaded, spec)
+    model(_ids(n), cache=cache)
+    layer = cache.layers[0]
+    b, h, _, d = layer.keys.shape
+    quantized = (n - 16) // 32 * 32  # 64 tokens in blocks of 32, 36 kept at float16
+    codes = 2 * b * h * quantized * d * 2 // 8
+    key_scales = b * h * (quantized // 32) * d * 2 * 2  # scale + zero per channel per block, float16
+    value_scales = b * h * quantized * (d // min(32, d)) * 2 * 2  # per token per group of channels
+    fp = 2 * b * h * (n - quantized) * d * 2
+    assert layer.nbytes == codes + key_scales + value_scales + fp
+    assert cache.nbytes == len(cache.layers) * layer.nbytes
+    assert layer.get_seq_length() == n
+
+
+@torch.no_grad()
+def test_quantized_cache_attends_within_tolerance(tiny_factory):
+    loaded = tiny_factory("llama")
+    model, ids = loaded.model.eval(), _ids(80)
+    ref = DynamicCache(config=model.config)
+    _forward(model, ref, ids[:, :72], 0)
+    full = _forward(model, ref, ids[:, 72:], 72)
+    errors = {}
+    for bits in (8, 4, 2):
+        cache = kv_cache(loaded, {"method": "kivi", "bits": bits, "group": 16, "window": 8})
+        _forward(model, cache, ids[:, :72], 0)
+        errors[bits] = (_forward(model, cache, ids[:, 72:], 72) - full).abs().max().item()
+    assert errors[8] < errors[4] < errors[2] and errors[8] < 1e-2
+
+
+@pytest.mark.parametrize("spec", [{"method": "snapkv", "ratio": 0.5}, {"method": "rotatekv", "bits": 2, "group": 16, "window": 8}])
+@torch.no_grad()
+def test_works_through_generate(tiny_factory, spec):
+    loaded = tiny_factory("llama")
+    model, ids = loaded.model.eval(), _ids(80)
+    cache = kv_cache(loaded, spec)
+    with cache.attach(loaded):
+        out = model.generate(ids, cache=cache, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] == 86 and cache.seen_tokens == 85
+    if kv_config_from_dict(spec).evicts:
+        assert cache.get_seq_length() == math.ceil(0.5 * 85)
+    same = kv_cache(loaded, {"method": "h2o", "ratio": 0.0, "fp_dtype": "model"})
+    with same.attach(loaded):
+        assert torch.equal(model.generate(ids, cache=same, max_new_tokens=6, do_sample=False), model.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+def test_bad_settings_raise_config_error():
+    for bad in ({"method": "snapkv", "ratio": 1.0}, {"method": "nope"}, {"method": "kivi", "ratio": 0.5},
+                {"method": "snapkv", "ratio": 0.5, "kernel": 4}, {"method": "kivi", "bits": 3}, {"method": "h2o", "budget": "x"},
+                {"method": "snapkv", "colour": 1}):
+        with pytest.raises(ConfigError):
+            kv_config_from_dict(bad)
+    assert {"kivi", "rotatekv", "snapkv", "h2o", "tova", "knorm", "streaming-llm"} <= set(kv_methods())
+
+
+def test_scorer_without_attached_hooks_says_how_to_fix(tiny_factory):
+    loaded = tiny_factory("llama")
+    cache = kv_cache(loaded, {"method": "snapkv", "ratio": 0.5})
+    with pytest.raises(ConfigError, match="attach"):
+        loaded.model(_ids(20), cache=cache)
+
+
+def test_cli_kv_eval_against_the_full_cache(tmp_path, tiny_factory, run_cli):
+    import json
+
+    loaded = tiny_factory("llama")
+    loaded.model.save_pretrained(tmp_path / "m")
+    loaded.tokenizer.save_pretrained(tmp_path / "m")
+    code, out, err = run_cli("kv-eval", tmp_path / "m", "--cache", "{method: snapkv, ratio: 0.5}", "--cache", "{method: kivi, bits: 4, group: 16, window: 8}",
+                             "--prefix", "96", "--continuation", "16", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["full"]["kl"] == 0.0 and result["full"]["ratio"] == pytest.approx(1.0)
+    assert result["{method: snapkv, ratio: 0.5}"]["ratio"] == pytest.approx(2.0)
+    assert result["{method: kivi, bits: 4, group: 16, window: 8}"]["ratio"] > 2.0
+    code, _, err = run_cli("kv-eval", tmp_path / "m", "--cache", "{method: snapkv, ratio: 2}")
+    assert code == 2 and err.startswith("slimformer: error: snapkv: ratio must be in [0, 1)") and err.count("\n") == 1
