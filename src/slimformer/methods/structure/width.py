@@ -52,7 +52,8 @@ class WidthSlimConfig(MethodConfig):
     target); ``gqa``: ``within-groups`` or ``groups``; ``round_to``: MLP widths are multiples of
     it; ``distill_steps`` > 0: distil from the original (``distill_lr``, ``distill_loss``:
     ``auto`` = ``mse`` of hidden states for encoders, ``kl`` of logits for causal LMs) on the
-    calibration batches, seeded by ``seed``, resumable from ``checkpoint`` (a file path)."""
+    calibration batches, seeded by ``seed``, resumable from ``checkpoint`` (a file path, written
+    every ``checkpoint_every`` steps)."""
 
     name = "width-slim"
     family = "structure"
@@ -71,6 +72,7 @@ class WidthSlimConfig(MethodConfig):
     distill_loss: str = "auto"
     seed: int = 0
     checkpoint: str | None = None
+    checkpoint_every: int = 25
 
     def __post_init__(self) -> None:
         _ratio("flops_ratio", self.flops_ratio, allow_none=False)
@@ -80,7 +82,7 @@ class WidthSlimConfig(MethodConfig):
             raise ConfigError(f"width-slim: gqa={self.gqa!r} is not one of {list(GQA_MODES)}", "use gqa: within-groups or gqa: groups")
         if self.distill_loss not in LOSSES:
             raise ConfigError(f"width-slim: distill_loss={self.distill_loss!r} is not one of {list(LOSSES)}", "use distill_loss: auto")
-        for name in ("seq_len", "round_to"):
+        for name in ("seq_len", "round_to", "checkpoint_every"):
             if not is_int_at_least(getattr(self, name), 1):
                 raise ConfigError(f"width-slim: {name}={getattr(self, name)!r} must be a positive integer", f"use e.g. {name}: 16")
         if not is_int_at_least(self.distill_steps, 0):
@@ -183,7 +185,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         loss = config.distill_loss if config.distill_loss != "auto" else ("kl" if loaded.kind == "causal-lm" else "mse")
         record["distillation"] = distill(
             model, teacher, batches, causal=loaded.kind == "causal-lm", steps=config.distill_steps, lr=config.distill_lr, loss=loss,
-            seed=config.seed, checkpoint=config.checkpoint, fingerprint={"config": config.to_dict(), "structure": adapter.structure_record()},
+            seed=config.seed, checkpoint=config.checkpoint, checkpoint_every=config.checkpoint_every, fingerprint={"config": config.to_dict(), "structure": adapter.structure_record()},
             progress=ctx.progress,
         )
         del teacher
