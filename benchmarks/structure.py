@@ -20,6 +20,7 @@ searches' 25% result is the prefix of the 50% search: the same removals in the s
     python benchmarks/structure.py search blockpruner   # 8 blocks' worth of parameters
     python benchmarks/structure.py minilm               # width slimming (+ distillation)
     python benchmarks/structure.py report               # SmolLM2 table, plot; merges MiniLM
+    python benchmarks/structure.py table                # rewrite table/plot from the stored JSON
 """
 
 from __future__ import annotations
@@ -297,8 +298,7 @@ def cmd_report(skip_speed: bool = False) -> None:
             r["decode_speedup"] = d0 / r["decode_s_per_token"]
             r["prefill_speedup"] = pf0 / r["prefill_s"]
         r["ppl_increase"] = r["quality"]["perplexity"] - ppl0
-    minilm_path = RESULTS / "structure_minilm.json"
-    minilm = json.loads(minilm_path.read_text()) if minilm_path.is_file() else None
+    minilm = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("structure_minilm*.json"))] or None
     meta = {"started": started, "machine_before_speed": mach_before, "machine_after_speed": mach_after, "search_calibration": SEARCH_CAL, "evaluation": EVAL,
             "model": "SmolLM2-135M-Instruct from SmolLM2-135M-Instruct.Q4_1.gguf (linears on a 4-bit g32 asymmetric grid, de-quantized to float32)",
             "speed_measured": not skip_speed, "searches": searches}
@@ -312,17 +312,18 @@ MINILM_CAL = {"source": "stdlib-docs", "n_samples": 64, "max_length": 64, "batch
 MINILM_EVAL = {"n": 100, "n_queries": 25, "max_length": 128, "batch_size": 32}
 
 
-def cmd_minilm(steps: int, lr: float) -> None:
+def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    cal = {**MINILM_CAL, "n_samples": samples}
     original = load_model()
     texts = load_texts(TextSpec(source="stdlib-docs", split="evaluation", n=MINILM_EVAL["n"], seed=0))
     ref = encoder_reference(original, texts, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"])
-    settings = [
-        ("width 75% FLOPs", {"method": "width-slim", "flops_ratio": 0.75}),
-        ("width 75% FLOPs + distill", {"method": "width-slim", "flops_ratio": 0.75, "distill_steps": steps, "distill_lr": lr, "checkpoint": "/tmp/slimformer-width75.ckpt"}),
-        ("width 50% FLOPs", {"method": "width-slim", "flops_ratio": 0.5}),
-        ("width 50% FLOPs + distill", {"method": "width-slim", "flops_ratio": 0.5, "distill_steps": steps, "distill_lr": lr, "checkpoint": "/tmp/slimformer-width50.ckpt"}),
-    ]
+    settings = []
+    for r in ratios:
+        pct = f"{r:.0%}"
+        settings.append((f"width {pct} FLOPs", {"method": "width-slim", "flops_ratio": r}))
+        settings.append((f"width {pct} FLOPs + distill", {"method": "width-slim", "flops_ratio": r, "distill_steps": steps, "distill_lr": lr, "distill_loss": loss,
+                                                         "checkpoint": f"/tmp/slimformer-width{pct[:-1]}-{tag or 'base'}.ckpt"}))
     batch = dict(original.tokenizer(texts[:16], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
     batch.pop("token_type_ids", None)
     f0 = forward_flops(original, batch)
@@ -331,7 +332,7 @@ def cmd_minilm(steps: int, lr: float) -> None:
     for name, step in settings:
         m = copy.deepcopy(original)
         t0 = time.perf_counter()
-        compress(m, Recipe(steps=[method_from_dict(step)], calibration=CalibrationSettings(**MINILM_CAL)), progress=True)
+        compress(m, Recipe(steps=[method_from_dict(step)], calibration=CalibrationSettings(**cal)), progress=True)
         seconds = time.perf_counter() - t0
         q = encoder_quality(original, m, texts, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"], reference=ref)
         rec = m.applied[-1]
@@ -351,10 +352,10 @@ def cmd_minilm(steps: int, lr: float) -> None:
     for r in rows:
         r["latency_s"] = lat[r["name"]]
         r["speedup"] = lat["original"] / lat[r["name"]]
-    out = {"calibration": MINILM_CAL, "evaluation": MINILM_EVAL | {"source": "stdlib-docs (evaluation split)"}, "latency_batch": [16, 128],
+    out = {"tag": tag, "distill_loss": loss, "calibration": cal, "evaluation": MINILM_EVAL | {"source": "stdlib-docs (evaluation split)"}, "latency_batch": [16, 128],
            "original_latency_s": lat["original"], "machine_before_speed": mach_before, "machine_after_speed": machine(), "distill_steps": steps, "distill_lr": lr, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "structure_minilm.json").write_text(json.dumps(out, indent=1, default=str))
+    (RESULTS / f"structure_minilm{'_' + tag if tag else ''}.json").write_text(json.dumps(out, indent=1, default=str))
 
 
 # ----- table and plot ------------------------------------------------------------------------
@@ -363,10 +364,16 @@ def _mach_line(m: dict) -> str:
     return f"{m['cpu']} ({flags}), {m['cpu_count']} cores, torch {m['torch']} with {m['torch_threads']} threads, load average {', '.join(f'{x:.1f}' for x in m['loadavg'])}"
 
 
+LOSS_TEXT = {"mse": "relative MSE of the final hidden states", "mse+cos": "relative MSE of the final hidden states + (1 - cos) of the mean-pooled embeddings"}
+
+
 def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
     L = ["# Structure removal", "",
-         f"Run {meta['started']} (UTC). Speed measured on: {_mach_line(meta['machine_before_speed'])}; after: load average "
-         f"{', '.join(f'{x:.1f}' for x in meta['machine_after_speed']['loadavg'])}. The machine is shared and busy: speed ratios are medians of interleaved runs in one process.", "",
+         (f"Run {meta['started']} (UTC). Speed measured on: {_mach_line(meta['machine_before_speed'])}; after: load average "
+          f"{', '.join(f'{x:.1f}' for x in meta['machine_after_speed']['loadavg'])}. The machine is shared and busy: speed ratios are medians of interleaved runs in one process."
+          if meta.get("speed_measured", True) else
+          f"Run {meta['started']} (UTC) on {_mach_line(meta['machine_before_speed'])}. SmolLM2 decode/prefill speed NOT measured in this run: the shared CPU "
+          "(load average ~30 on 2 cores) did not finish the interleaved timing before the deadline."), "",
          f"## SmolLM2-135M-Instruct (30 blocks)", "",
          f"Model: {meta['model']}. Held-out text: {meta['evaluation']['n']} documents of `{meta['evaluation']['source']}` (evaluation split), "
          f"<= {meta['evaluation']['max_length']} tokens each. Searches calibrate on {meta['search_calibration']['n_samples']} documents of "
@@ -384,15 +391,15 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
     for k, s in meta["searches"].items():
         L.append("")
         L.append(f"- {k} search: {s['seconds']/60:.1f} min; removal order (original indices) {s['removal_order']}; CPU load during it {', '.join(f'{x:.1f}' for x in s['machine']['loadavg'])} (at the end).")
-    if minilm:
-        L += ["", "## MiniLM (all-MiniLM-L6-v2) width slimming", "",
-              f"Held-out: {minilm['evaluation']['n']} documents of stdlib-docs (evaluation split), {minilm['evaluation']['n_queries']} of them as queries. "
-              f"Calibration / distillation: {minilm['calibration']['n_samples']} documents of the calibration split, <= {minilm['calibration']['max_length']} tokens, batches of {minilm['calibration']['batch_size']}; "
-              f"distillation {minilm['distill_steps']} steps, AdamW lr {minilm['distill_lr']} (cosine decay), loss: relative MSE of the final hidden states. "
-              f"Speed: batch {minilm['latency_batch'][0]} x {minilm['latency_batch'][1]} tokens, original {minilm['original_latency_s']*1000:.0f} ms; {_mach_line(minilm['machine_before_speed'])}.", "",
+    for mini in minilm or []:
+        L += ["", f"## MiniLM (all-MiniLM-L6-v2) width slimming{' (' + mini['tag'] + ')' if mini.get('tag') else ''}", "",
+              f"Held-out: {mini['evaluation']['n']} documents of stdlib-docs (evaluation split), {mini['evaluation']['n_queries']} of them as queries. "
+              f"Calibration / distillation: {mini['calibration']['n_samples']} documents of the calibration split, <= {mini['calibration']['max_length']} tokens, batches of {mini['calibration']['batch_size']}; "
+              f"distillation {mini['distill_steps']} steps, AdamW lr {mini['distill_lr']} (cosine decay), loss: {LOSS_TEXT[mini.get('distill_loss', 'mse')]}. "
+              f"Speed: batch {mini['latency_batch'][0]} x {mini['latency_batch'][1]} tokens, original {mini['original_latency_s']*1000:.0f} ms; {_mach_line(mini['machine_before_speed'])}.", "",
               "| setting | heads/layer | MLP width | block FLOPs | params | mean cos | min cos | top-10 | speed-up | distill loss before -> after | time |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in minilm["rows"]:
+        for r in mini["rows"]:
             q, d = r["quality"], r.get("distillation")
             dl = f"{d['loss_before']:.4f} -> {d['loss_after']:.4f}" if d else "-"
             L.append(f"| {r['name']} | {r['heads'][0]} of 12 | {r['mlp_width']} of 1536 | {r['block_flops_ratio_measured']:.2f} | {r['parameters']/1e6:.1f}M ({r['parameter_ratio']:.2f}) | "
@@ -419,14 +426,25 @@ def plot(rows: list[dict], minilm: dict | None) -> None:
     ax.legend(fontsize=7)
     if minilm:
         ax = axes[1]
-        for r in minilm["rows"]:
-            ax.scatter(r["speedup"], r["quality"]["embedding_cosine_mean"], label=r["name"])
+        for mini in minilm:
+            for r in mini["rows"]:
+                ax.scatter(r["speedup"], r["quality"]["embedding_cosine_mean"], label=r["name"] + (f" [{mini['tag']}]" if mini.get("tag") else ""))
         ax.set_xlabel("measured speed-up")
         ax.set_ylabel("mean cosine to original")
         ax.set_title("MiniLM width slimming")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "structure.png", dpi=110)
+
+
+def cmd_table() -> None:
+    """Rewrite the table and plot from the stored JSON results (no model is run)."""
+    data = json.loads((RESULTS / "structure.json").read_text())
+    minilm = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("structure_minilm*.json"))] or None
+    data["minilm"] = minilm
+    (RESULTS / "structure.json").write_text(json.dumps(data, indent=1, default=str))
+    write_markdown(data["meta"], data["smollm2"], minilm)
+    plot(data["smollm2"], minilm)
 
 
 def main() -> None:
@@ -436,16 +454,23 @@ def main() -> None:
     s.add_argument("method", choices=["sleb", "blockpruner"])
     r = sub.add_parser("report")
     r.add_argument("--skip-speed", action="store_true")
+    sub.add_parser("table")
     mm = sub.add_parser("minilm")
     mm.add_argument("--steps", type=int, default=300)
     mm.add_argument("--lr", type=float, default=2e-4)
+    mm.add_argument("--samples", type=int, default=MINILM_CAL["n_samples"])
+    mm.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5])
+    mm.add_argument("--tag", default="")
+    mm.add_argument("--loss", default="mse", choices=["mse", "mse+cos"])
     args = parser.parse_args()
     if args.cmd == "search":
         cmd_search(args.method)
     elif args.cmd == "report":
         cmd_report(args.skip_speed)
+    elif args.cmd == "table":
+        cmd_table()
     else:
-        cmd_minilm(args.steps, args.lr)
+        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Used by width slimming (COST-EFF's recovery step, shortened to CPU minutes). The student is the
 slimmed model, the teacher the model before slimming; the loss is the relative squared error of
 the final hidden states over valid tokens (encoders, ``mse``) or the KL divergence of the
-next-token distributions (causal LMs, ``kl``). AdamW with a cosine-decayed learning rate,
+next-token distributions (causal LMs, ``kl``); for embedding models ``mse+cos`` adds the cosine
+distance of the mean-pooled sentence embeddings. AdamW with a cosine-decayed learning rate,
 batches drawn in a seeded order; progress on a tqdm bar; a checkpoint file (student weights,
 optimizer state, step, sampler state) is written every ``checkpoint_every`` steps and a run
 with the same checkpoint path resumes from it.
@@ -35,13 +36,20 @@ def _outputs(model, batch: dict, causal: bool) -> torch.Tensor:
 
 def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mask: torch.Tensor, loss: str) -> torch.Tensor:
     """Loss over valid tokens ``mask`` (batch, seq): ``mse`` (relative squared error of hidden
-    states (batch, seq, dim)) or ``kl`` (KL(teacher || student) per token of logits
+    states (batch, seq, dim)), ``mse+cos`` (that plus ``1 - cos`` of the mean-pooled sentence
+    embeddings, the quantity an embedding model is judged by) or ``kl`` (KL(teacher || student) per token of logits
     (batch, seq, vocab))."""
     valid = mask.bool()
     s = student_out[valid].float()
     t = teacher_out[valid].float()
-    if loss == "mse":
-        return ((s - t) ** 2).sum() / (t**2).sum().clamp(min=1e-12)
+    if loss in ("mse", "mse+cos"):
+        value = ((s - t) ** 2).sum() / (t**2).sum().clamp(min=1e-12)
+        if loss == "mse+cos":
+            m = mask.unsqueeze(-1).to(student_out.dtype)
+            ps = (student_out.float() * m).sum(1) / m.sum(1).clamp(min=1)
+            pt = (teacher_out.float() * m).sum(1) / m.sum(1).clamp(min=1)
+            value = value + (1 - F.cosine_similarity(ps, pt, dim=-1)).mean()
+        return value
     log_t = F.log_softmax(t, dim=-1)
     return F.kl_div(F.log_softmax(s, dim=-1), log_t, log_target=True, reduction="batchmean")
 

@@ -35,7 +35,7 @@ from slimformer.methods.calibration import InputStatistics, run_batches
 from slimformer.methods.structure.distill import distill
 
 GQA_MODES = ("within-groups", "groups")
-LOSSES = ("auto", "mse", "kl")
+LOSSES = ("auto", "mse", "mse+cos", "kl")
 
 
 def _ratio(name: str, value, allow_none: bool = True) -> None:
@@ -51,7 +51,8 @@ class WidthSlimConfig(MethodConfig):
     tokens); ``head_ratio`` / ``mlp_ratio``: fractions of heads / MLP neurons kept (override the
     target); ``gqa``: ``within-groups`` or ``groups``; ``round_to``: MLP widths are multiples of
     it; ``distill_steps`` > 0: distil from the original (``distill_lr``, ``distill_loss``:
-    ``auto`` = ``mse`` of hidden states for encoders, ``kl`` of logits for causal LMs) on the
+    ``auto`` = ``mse`` of hidden states for encoders, ``kl`` of logits for causal LMs;
+    ``mse+cos`` adds the cosine distance of mean-pooled embeddings) on the
     calibration batches, seeded by ``seed``, resumable from ``checkpoint`` (a file path, written
     every ``checkpoint_every`` steps)."""
 
