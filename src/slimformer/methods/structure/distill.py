@@ -1,0 +1,138 @@
+"""Short knowledge distillation of a slimmed model from its original, on calibration text.
+
+Used by width slimming (COST-EFF's recovery step, shortened to CPU minutes). The student is the
+slimmed model, the teacher the model before slimming; the loss is the relative squared error of
+the final hidden states over valid tokens (encoders, ``mse``) or the KL divergence of the
+next-token distributions (causal LMs, ``kl``); for embedding models ``mse+cos`` adds the cosine
+distance of the mean-pooled sentence embeddings. AdamW with a cosine-decayed learning rate,
+batches drawn in a seeded order; progress on a tqdm bar; a checkpoint file (student weights,
+optimizer state, step, sampler state) is written every ``checkpoint_every`` steps and a run
+with the same checkpoint path resumes from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from slimformer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _outputs(model, batch: dict, causal: bool) -> torch.Tensor:
+    if causal:
+        return model(**batch, use_cache=False).logits
+    return model(**batch).last_hidden_state
+
+
+def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mask: torch.Tensor, loss: str) -> torch.Tensor:
+    """Loss over valid tokens ``mask`` (batch, seq): ``mse`` (relative squared error of hidden
+    states (batch, seq, dim)), ``mse+cos`` (that plus ``1 - cos`` of the mean-pooled sentence
+    embeddings, the quantity an embedding model is judged by) or ``kl`` (KL(teacher || student) per token of logits
+    (batch, seq, vocab))."""
+    valid = mask.bool()
+    s = student_out[valid].float()
+    t = teacher_out[valid].float()
+    if loss in ("mse", "mse+cos"):
+        value = ((s - t) ** 2).sum() / (t**2).sum().clamp(min=1e-12)
+        if loss == "mse+cos":
+            m = mask.unsqueeze(-1).to(student_out.dtype)
+            ps = (student_out.float() * m).sum(1) / m.sum(1).clamp(min=1)
+            pt = (teacher_out.float() * m).sum(1) / m.sum(1).clamp(min=1)
+            value = value + (1 - F.cosine_similarity(ps, pt, dim=-1)).mean()
+        return value
+    log_t = F.log_softmax(t, dim=-1)
+    return F.kl_div(F.log_softmax(s, dim=-1), log_t, log_target=True, reduction="batchmean")
+
+
+@torch.no_grad()
+def calibration_loss(student, teacher_outputs, batches: list[dict], causal: bool, loss: str) -> float:
+    total = 0.0
+    for batch, target in zip(batches, teacher_outputs):
+        total += float(distillation_loss(_outputs(student, batch, causal), target(), batch["attention_mask"], loss))
+    return total / max(len(batches), 1)
+
+
+def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, lr: float, loss: str, seed: int,
+            checkpoint: str | None = None, checkpoint_every: int = 25, fingerprint: dict | None = None, progress: bool = False) -> dict:
+    """Train ``student`` (in place) to match ``teacher`` on ``batches`` for ``steps`` steps.
+
+    Returns ``{"loss_before", "loss_after"}`` (mean calibration loss over all batches) and the
+    first/last step losses. Teacher outputs of encoders are cached (batch, seq, dim); those of
+    causal LMs (batch, seq, vocab) are recomputed per step.
+    """
+    if not batches:
+        raise ConfigError("distillation has no calibration batches", "raise calibration.n_samples")
+    if causal:
+        def target_of(b):
+            return lambda: _outputs(teacher, b, True).detach()
+        targets = [target_of(b) for b in batches]
+    else:
+        with torch.no_grad():
+            cached = [_outputs(teacher, b, False).detach() for b in batches]
+        targets = [(lambda c=c: c) for c in cached]
+    loss_before = calibration_loss(student, targets, batches, causal, loss)
+    params = [p for p in student.parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    start = 0
+    order: list[int] = []
+    key = hashlib.sha256(json.dumps(fingerprint or {}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(checkpoint) if checkpoint else None
+    if path is not None and path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") == key and state.get("steps") == steps:
+            student.load_state_dict(state["student"])
+            optim.load_state_dict(state["optim"])
+            sched.load_state_dict(state["sched"])
+            gen.set_state(state["generator"])
+            order = list(state["order"])
+            start = int(state["step"])
+            log.info("distillation resumes at step %d from %s", start, path)
+        else:
+            log.warning("distillation checkpoint %s belongs to another run; starting afresh", path)
+    history: list[float] = []
+    bar = tqdm(total=steps, initial=start, desc="distill", disable=not progress, unit="step")
+    try:
+        for step in range(start, steps):
+            if not order:
+                order = torch.randperm(len(batches), generator=gen).tolist()
+            j = order.pop()
+            batch = batches[j]
+            value = distillation_loss(_outputs(student, batch, causal), targets[j](), batch["attention_mask"], loss)
+            optim.zero_grad(set_to_none=True)
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            sched.step()
+            history.append(float(value.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
+            if path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+                tmp = path.with_name(path.name + ".tmp")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"fingerprint": key, "steps": steps, "step": step + 1, "student": student.state_dict(), "optim": optim.state_dict(),
+                            "sched": sched.state_dict(), "generator": gen.get_state(), "order": list(order)}, tmp)
+                os.replace(tmp, path)
+    finally:
+        bar.close()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+            p.grad = None
+    student.eval()
+    loss_after = calibration_loss(student, targets, batches, causal, loss)
+    return {"loss": loss, "steps": steps, "resumed_at": start, "lr": lr, "loss_before": loss_before, "loss_after": loss_after,
+            "first_step_loss": history[0] if history else None, "last_step_loss": history[-1] if history else None}

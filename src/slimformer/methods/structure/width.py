@@ -1,0 +1,193 @@
+"""Width slimming: remove attention heads and MLP neurons of low calibration importance, shrink
+the matrices, and optionally distil the slimmed model from the original.
+
+After COST-EFF (Shen et al., 2022, "COST-EFF: Collaborative Optimization of Spatial and
+Temporal Efficiency with Slenderized Multi-exit Language Models"), which slenderizes the width
+of every layer (heads and FFN neurons) and recovers accuracy by distillation from the full
+model. Importance is the expected squared contribution of a unit to the block's output on the
+calibration text:
+
+- MLP neuron ``j``: ``E[a_j^2] * ||W_out[:, j]||^2`` (``a_j``: the neuron's activation entering
+  the output projection, ``W_out``: that projection, (hidden, neurons));
+- attention head ``h``: ``E[||W_o[:, h] c_h||^2] = sum(W_o[:, h]^T W_o[:, h] * E[c_h c_h^T])``
+  (``c_h``: the head's context vector entering the output projection).
+
+Grouped-query attention: query heads share a key/value head, so either whole KV groups are
+removed with their query heads (``gqa: groups``, the KV cache shrinks too) or the same number of
+query heads is removed inside every group (``gqa: within-groups``). Whole heads are kept, so
+rotary position embeddings, applied per head, are untouched. The widths follow a FLOPs target
+(``flops_ratio`` of the blocks' FLOPs at ``seq_len`` tokens): heads are kept in the ratio
+``head_ratio`` (default: ``flops_ratio``) and the MLP width is solved so that the block meets the
+target; or ``mlp_ratio`` sets it directly. The shrunk model computes exactly what the original
+computes with the removed heads and neurons masked to zero; distillation then recovers accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from slimformer.errors import ConfigError, is_int_at_least
+from slimformer.methods.base import MethodConfig, register_method
+from slimformer.methods.calibration import InputStatistics, run_batches
+from slimformer.methods.structure.distill import distill
+
+GQA_MODES = ("within-groups", "groups")
+LOSSES = ("auto", "mse", "mse+cos", "kl")
+
+
+def _ratio(name: str, value, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ConfigError(f"width-slim: {name}={value!r} must be a number in (0, 1]", f"use e.g. {name}: 0.5")
+
+
+@dataclass
+class WidthSlimConfig(MethodConfig):
+    """``flops_ratio``: target FLOPs of the blocks (fraction of the original, at ``seq_len``
+    tokens); ``head_ratio`` / ``mlp_ratio``: fractions of heads / MLP neurons kept (override the
+    target); ``gqa``: ``within-groups`` or ``groups``; ``round_to``: MLP widths are multiples of
+    it; ``distill_steps`` > 0: distil from the original (``distill_lr``, ``distill_loss``:
+    ``auto`` = ``mse`` of hidden states for encoders, ``kl`` of logits for causal LMs;
+    ``mse+cos`` adds the cosine distance of mean-pooled embeddings) on the
+    calibration batches, seeded by ``seed``, resumable from ``checkpoint`` (a file path, written
+    every ``checkpoint_every`` steps)."""
+
+    name = "width-slim"
+    family = "structure"
+    paper = "COST-EFF: Collaborative Optimization of Spatial and Temporal Efficiency with Slenderized Multi-exit Language Models (Shen et al., 2022)"
+    summary = "remove low-importance attention heads and MLP neurons (matrices shrunk), optional distillation"
+    requires_calibration = True
+
+    flops_ratio: float = 0.5
+    head_ratio: float | None = None
+    mlp_ratio: float | None = None
+    gqa: str = "within-groups"
+    seq_len: int = 128
+    round_to: int = 16
+    distill_steps: int = 0
+    distill_lr: float = 1e-4
+    distill_loss: str = "auto"
+    seed: int = 0
+    checkpoint: str | None = None
+    checkpoint_every: int = 25
+
+    def __post_init__(self) -> None:
+        _ratio("flops_ratio", self.flops_ratio, allow_none=False)
+        _ratio("head_ratio", self.head_ratio)
+        _ratio("mlp_ratio", self.mlp_ratio)
+        if self.gqa not in GQA_MODES:
+            raise ConfigError(f"width-slim: gqa={self.gqa!r} is not one of {list(GQA_MODES)}", "use gqa: within-groups or gqa: groups")
+        if self.distill_loss not in LOSSES:
+            raise ConfigError(f"width-slim: distill_loss={self.distill_loss!r} is not one of {list(LOSSES)}", "use distill_loss: auto")
+        for name in ("seq_len", "round_to", "checkpoint_every"):
+            if not is_int_at_least(getattr(self, name), 1):
+                raise ConfigError(f"width-slim: {name}={getattr(self, name)!r} must be a positive integer", f"use e.g. {name}: 16")
+        if not is_int_at_least(self.distill_steps, 0):
+            raise ConfigError(f"width-slim: distill_steps={self.distill_steps!r} must be a non-negative integer", "use e.g. distill_steps: 200")
+        if isinstance(self.distill_lr, bool) or not isinstance(self.distill_lr, (int, float)) or not self.distill_lr > 0:
+            raise ConfigError(f"width-slim: distill_lr={self.distill_lr!r} must be a positive number", "use e.g. distill_lr: 1e-4")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"width-slim: seed={self.seed!r} must be an integer", "use e.g. seed: 0")
+
+
+def block_flops_per_token(hidden: int, head_dim: int, n_q: int, n_kv: int, mlp_inputs: int, width: int, seq_len: int) -> int:
+    """FLOPs per token of one block: q/k/v/o projections, the two attention products at
+    ``seq_len`` keys, and the MLP (``mlp_inputs`` input projections of ``width`` neurons)."""
+    attention = 2 * hidden * head_dim * (n_q + 2 * n_kv) + 2 * n_q * head_dim * hidden + 4 * seq_len * n_q * head_dim
+    return attention + 2 * hidden * width * mlp_inputs + 2 * width * hidden
+
+
+def head_importance(out_proj: torch.nn.Linear, hessian: torch.Tensor, count: int, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Expected squared output norm of each head (n_heads,) from the output projection
+    (hidden, n_heads * head_dim) and the Gram matrix of its inputs (in, in) over ``count`` tokens."""
+    w = out_proj.weight.detach().float()
+    scores = []
+    for h in range(n_heads):
+        s = slice(h * head_dim, (h + 1) * head_dim)
+        scores.append(float((w[:, s].t() @ w[:, s] * hessian[s, s]).sum()) / max(count, 1))
+    return torch.tensor(scores)
+
+
+def choose_heads(scores: torch.Tensor, n_kv: int, ratio: float, mode: str) -> tuple[list[int], list[int]]:
+    """Kept ``(query heads, kv heads)`` from per-query-head scores (n_q,)."""
+    n_q = scores.numel()
+    group = n_q // n_kv
+    if group == 1 or mode == "groups":
+        group_scores = scores.view(n_kv, group).sum(1)
+        keep = max(1, int(round(ratio * n_kv)))
+        kv = sorted(group_scores.topk(keep).indices.tolist())
+        return [g * group + j for g in kv for j in range(group)], kv
+    per = max(1, int(round(ratio * group)))
+    q = []
+    for g in range(n_kv):
+        top = scores[g * group : (g + 1) * group].topk(per).indices
+        q.extend(sorted((g * group + top).tolist()))
+    return q, list(range(n_kv))
+
+
+@register_method(WidthSlimConfig)
+def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
+    adapter = loaded.adapter
+    model = loaded.model
+    hidden = model.config.hidden_size
+    hd = adapter.head_dim()
+    batches = ctx.batches(loaded.tokenizer)
+    names = adapter.qualified_names()
+    blocks = [i for i in range(adapter.num_layers()) if not (adapter.sublayer_removed(i, "attention") or adapter.sublayer_removed(i, "mlp"))]
+    if len(blocks) != adapter.num_layers():
+        raise ConfigError("width-slim: some blocks have a removed sub-layer", "apply width-slim before sub-layer removal")
+    attn_out = {i: adapter.attention_linears(adapter.attention(i))[1] for i in blocks}
+    mlp_out = {i: adapter.mlp_linears(i)[1] for i in blocks}
+    for module in list(attn_out.values()) + list(mlp_out.values()) + [m for i in blocks for m in adapter.mlp_linears(i)[0]]:
+        if not isinstance(module, torch.nn.Linear):
+            raise ConfigError(f"width-slim: {names[id(module)]} is not a float linear layer", "apply width-slim before quantization or low-rank steps")
+    stats_h = InputStatistics({names[id(m)]: m for m in attn_out.values()}, hessian=True)
+    stats_n = InputStatistics({names[id(m)]: m for m in mlp_out.values()}, hessian=False)
+    with stats_h, stats_n:
+        run_batches(model, batches, on_batch=lambda b: (stats_h.set_batch(b), stats_n.set_batch(b)))
+    teacher = copy.deepcopy(model) if config.distill_steps > 0 else None
+    head_ratio = config.head_ratio if config.head_ratio is not None else config.flops_ratio
+    before = after = 0
+    plan: dict[int, dict] = {}
+    for i in blocks:
+        n_q, n_kv = adapter.attention_heads(i)
+        ins, out = adapter.mlp_linears(i)
+        width = out.in_features
+        full = block_flops_per_token(hidden, hd, n_q, n_kv, len(ins), width, config.seq_len)
+        name = names[id(attn_out[i])]
+        scores = head_importance(attn_out[i], stats_h.hessian[name], stats_h.count[name], n_q, hd)
+        q_keep, kv_keep = choose_heads(scores, n_kv, head_ratio, config.gqa)
+        attn_only = block_flops_per_token(hidden, hd, len(q_keep), len(kv_keep), len(ins), 0, config.seq_len)
+        if config.mlp_ratio is not None:
+            new_width = config.mlp_ratio * width
+        else:
+            new_width = (config.flops_ratio * full - attn_only) / (2 * hidden * (len(ins) + 1))
+        new_width = int(min(width, max(config.round_to, config.round_to * round(new_width / config.round_to))))
+        on = names[id(out)]
+        neuron = stats_n.sq_norm[on] / max(stats_n.count[on], 1) * out.weight.detach().float().pow(2).sum(0)
+        keep = sorted(neuron.topk(new_width).indices.tolist())
+        plan[i] = {"query_heads": q_keep, "kv_heads": kv_keep, "mlp_neurons": keep}
+        before += full
+        after += block_flops_per_token(hidden, hd, len(q_keep), len(kv_keep), len(ins), new_width, config.seq_len)
+    for i, p in plan.items():
+        adapter.keep_heads(i, p["query_heads"], p["kv_heads"])
+        adapter.keep_neurons(i, p["mlp_neurons"])
+    record = {
+        "heads": {str(i): [len(p["query_heads"]), len(p["kv_heads"])] for i, p in plan.items()},
+        "mlp_widths": {str(i): len(p["mlp_neurons"]) for i, p in plan.items()},
+        "kept": {str(i): p for i, p in plan.items()},
+        "block_flops_ratio": after / before if before else None,
+    }
+    if teacher is not None:
+        loss = config.distill_loss if config.distill_loss != "auto" else ("kl" if loaded.kind == "causal-lm" else "mse")
+        record["distillation"] = distill(
+            model, teacher, batches, causal=loaded.kind == "causal-lm", steps=config.distill_steps, lr=config.distill_lr, loss=loss,
+            seed=config.seed, checkpoint=config.checkpoint, checkpoint_every=config.checkpoint_every, fingerprint={"config": config.to_dict(), "structure": adapter.structure_record()},
+            progress=ctx.progress,
+        )
+        del teacher
+    return record
