@@ -245,3 +245,22 @@ def _batches(loaded):
     from slimformer.methods.calibration import CompressionContext
 
     return CompressionContext(CAL).batches(loaded.tokenizer)
+
+
+def test_cli_search_on_a_model_folder_and_its_bad_input(tmp_path, tiny_folder, run_cli):
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "slimformer_search: 1\ncalibration: {n_samples: 16, max_length: 48, batch_size: 8}\n"
+        "space: {bits: [2, 4, 8], group_size: 32}\nsearch: {generations: 2, offspring: 3, stages: [[2, 1], [1, 2]]}\n"
+    )
+    code, out, err = run_cli("search", tiny_folder, "--space", space, "--budget", "bits=3", "--out", tmp_path / "s", "--eval-texts", "24", "--quiet")
+    assert code == 0, err
+    assert "bits=3 EvoPress" in out and (tmp_path / "s" / "bits=3" / "model" / "model.safetensors").is_file()
+    for args, problem in (
+        (["--budget", "bitz=3"], "did you mean 'bits'"),
+        (["--budget", "bits=0"], "must be a positive number"),
+        (["--budget", "bits=3", "--workers", "0"], "--workers 0"),
+    ):
+        code, out, err = run_cli("search", tiny_folder, "--space", space, "--out", tmp_path / "bad", *args)
+        assert code == 2 and err.startswith("slimformer: error: ") and problem in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "bad").exists()
