@@ -59,7 +59,7 @@ def ray_check(loaded, space: SearchSpace, out: Path, budget: Budget, generations
     from slimformer.search.evolution import dp_allocation
     from slimformer.search.fitness import reference_outputs
     from slimformer.search.pool import LocalPool, RayPool
-    from slimformer.search.space import unit_costs
+    from slimformer.search.units import build_units, costs_of
 
     db = LevelDatabase(out / "levels", json.loads((out / "levels" / "index.json").read_text()))
     ctx = CompressionContext(space.calibration)
@@ -67,12 +67,14 @@ def ray_check(loaded, space: SearchSpace, out: Path, budget: Budget, generations
     batches = ctx.batches(loaded.tokenizer)[: space.evolution.stages[-1][1]]
     reference = reference_outputs(loaded, batches)
     sens = json.loads((out / "sensitivity.json").read_text())["sensitivity"]
-    costs, limit = unit_costs([db.shapes[u] for u in db.units], space.levels, budget)
+    units = build_units(loaded, db, space.levels)
+    costs, limit = costs_of(units, db, space.levels, budget)
     start = dp_allocation(sens, costs, limit)
     settings = dataclasses.replace(space.evolution, generations=generations)
     timings, results = {}, {}
     for name in ("in-process", "ray-2-workers"):
-        pool = LocalPool(loaded, db, batches, reference, threads=1) if name == "in-process" else RayPool(loaded, db, batches, reference, workers=2, threads=1)
+        pool = (LocalPool(loaded, db, batches, reference, threads=1, units=units) if name == "in-process"
+                else RayPool(loaded, db, batches, reference, workers=2, threads=1, units=units))
         t0 = time.perf_counter()
         try:
             results[name] = evolve(pool, costs, limit, start, settings)

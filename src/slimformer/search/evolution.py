@@ -64,12 +64,16 @@ def uniform_levels(n_units: int, level: int) -> list[int]:
     return [level] * n_units
 
 
-def sensitivities(pool, n_units: int, n_levels: int, n_batches: int = 1, progress: bool = False) -> list[list[float]]:
-    """Per unit and level: the distortion when only that unit is at that level (others original)."""
-    base = [ORIGINAL] * n_units
+def sensitivities(pool, level_counts: list[int] | int, n_levels: int | None = None, n_batches: int = 1, progress: bool = False) -> list[list[float]]:
+    """Per unit and level: the distortion when only that unit is at that level (others original).
+
+    ``level_counts``: the number of levels of each unit (or a unit count, with ``n_levels`` each)."""
+    if isinstance(level_counts, int):
+        level_counts = [n_levels] * level_counts
+    base = [ORIGINAL] * len(level_counts)
     candidates = []
-    for u in range(n_units):
-        for k in range(n_levels):
+    for u, n in enumerate(level_counts):
+        for k in range(n):
             c = list(base)
             c[u] = k
             candidates.append(c)
@@ -77,7 +81,11 @@ def sensitivities(pool, n_units: int, n_levels: int, n_batches: int = 1, progres
     chunk = max(1, 4 * getattr(pool, "workers", 1))
     for i in tqdm(range(0, len(candidates), chunk), desc="sensitivity probes", disable=not progress, unit="chunk"):
         scores.extend(pool.score(candidates[i : i + chunk], n_batches))
-    return [scores[u * n_levels : (u + 1) * n_levels] for u in range(n_units)]
+    out, at = [], 0
+    for n in level_counts:
+        out.append(scores[at : at + n])
+        at += n
+    return out
 
 
 def dp_allocation(sens: list[list[float]], costs: list[list[int]], budget: int) -> list[int]:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from slimformer.search.database import LevelDatabase
+from slimformer.search.units import DROP, Unit
 
 ORIGINAL = -1  # "level" of a layer that keeps its original weight (used by sensitivity probes)
 
@@ -55,11 +56,14 @@ class Evaluator:
     ``loaded``: the original model (copied, never changed); ``batches``: tokenized calibration
     batches; ``reference``: :func:`reference_outputs` on them; ``threads``: torch threads (the
     same everywhere, so that every evaluator computes bit-identical scores);
-    ``cache_bytes``: budget for cached dequantized weights.
+    ``cache_bytes``: budget for cached dequantized weights; ``units``: the search units a
+    candidate's entries set (default: one per database layer, levels = its widths).
+    A removed sub-layer is muted by a forward hook that zeroes its output, which in a pre-norm
+    block is exactly its removal (the saved model removes it physically).
     """
 
     def __init__(self, loaded, database: LevelDatabase | str, batches: list[dict], reference: list[torch.Tensor],
-                 threads: int | None = None, cache_bytes: int = 1 << 30) -> None:
+                 threads: int | None = None, cache_bytes: int = 1 << 30, units: list[Unit] | None = None) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         self.loaded = copy.copy(loaded)
@@ -70,6 +74,9 @@ class Evaluator:
         self.modules = {u: self.loaded.model.get_submodule(u) for u in self.db.units}
         self.original = {u: m.weight.detach().clone() for u, m in self.modules.items()}
         self.current = {u: ORIGINAL for u in self.db.units}
+        self.units = units or [Unit(u, (u,), tuple(self.db.level_bits)) for u in self.db.units]
+        self._pos = {b: k for k, b in enumerate(self.db.level_bits)}
+        self._muted: dict[str, object] = {}
         self._cache: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._held = 0
@@ -91,13 +98,38 @@ class Evaluator:
         return w
 
     def set_levels(self, levels: dict[str, int] | list[int]) -> None:
-        """Give each unit the weight of its level (index into the database's widths, or ORIGINAL)."""
-        if not isinstance(levels, dict):
-            levels = dict(zip(self.db.units, levels))
-        for unit, level in levels.items():
-            if self.current[unit] != level:
-                self.modules[unit].weight.data = self._weight(unit, int(level))
-                self.current[unit] = int(level)
+        """Give each unit its level: an index into the unit's levels, or ORIGINAL (a dict sets
+        database layers directly by name, with indices into the database's widths)."""
+        if isinstance(levels, dict):
+            for unit, level in levels.items():
+                self._set_layer(unit, int(level))
+            return
+        for unit, level in zip(self.units, levels):
+            bits = None if level == ORIGINAL else unit.levels[level]
+            self._mute(unit, bits == DROP)
+            if bits != DROP:
+                for name in unit.linears:
+                    self._set_layer(name, ORIGINAL if bits is None else self._pos[bits])
+
+    def _set_layer(self, name: str, level: int) -> None:
+        if self.current[name] != level:
+            self.modules[name].weight.data = self._weight(name, level)
+            self.current[name] = level
+
+    def _mute(self, unit: Unit, muted: bool) -> None:
+        if muted == (unit.name in self._muted):
+            return
+        if not muted:
+            self._muted.pop(unit.name).remove()
+            return
+        module = self.loaded.model.get_submodule(unit.name)
+
+        def zero(_m, _inputs, output):
+            if isinstance(output, tuple):
+                return (torch.zeros_like(output[0]),) + tuple(output[1:])
+            return torch.zeros_like(output)
+
+        self._muted[unit.name] = module.register_forward_hook(zero)
 
     @torch.no_grad()
     def score(self, levels, n_batches: int) -> float:

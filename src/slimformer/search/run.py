@@ -39,7 +39,8 @@ from slimformer.search.database import LevelDatabase, build_database
 from slimformer.search.evolution import dp_allocation, evolve, sensitivities, total_cost
 from slimformer.search.fitness import Evaluator, reference_outputs
 from slimformer.search.pool import LocalPool, RayPool
-from slimformer.search.space import Budget, SearchSpace, unit_costs
+from slimformer.search.space import Budget, SearchSpace
+from slimformer.search.units import DROP, Unit, build_units, costs_of
 
 STATE_NAME = "search.json"
 
@@ -78,8 +79,9 @@ def _distortion_of(q: dict) -> float:
     return q["kl_divergence"] if "kl_divergence" in q else 1.0 - q["embedding_cosine_mean"]
 
 
-def searched_recipe(space: SearchSpace, bits_of: dict[str, int], label: str) -> dict:
-    """A recipe that re-creates the searched choice: one quantizer step per bit width, listing its layers."""
+def searched_recipe(space: SearchSpace, bits_of: dict[str, int], label: str, removed: list[tuple[int, str]] = ()) -> dict:
+    """A recipe that re-creates the searched choice: one quantizer step per bit width, listing its
+    layers (and the removed sub-layers, noted in the description)."""
     lv = space.levels
     steps = []
     for bits in sorted(set(bits_of.values())):
@@ -87,18 +89,36 @@ def searched_recipe(space: SearchSpace, bits_of: dict[str, int], label: str) -> 
         step = {"method": lv.quantizer, "version": 1, "bits": bits, "group_size": lv.group_size, "symmetric": lv.symmetric,
                 "targets": list(lv.targets), "include": names, "exclude": []}
         steps.append(step)
-    return {"slimformer_recipe": 1, "name": f"{space.name}-{label}", "description": f"EvoPress search under {label}",
+    gone = ", ".join(f"block {b} {k}" for b, k in sorted(removed))
+    return {"slimformer_recipe": 1, "name": f"{space.name}-{label}", "description": f"EvoPress search under {label}" + (f"; removed: {gone}" if gone else ""),
             "calibration": space.to_dict()["calibration"], "steps": steps}
 
 
-def assemble(loaded, db: LevelDatabase, bits_of: dict[str, int]):
-    """A copy of ``loaded`` whose searched layers are the database's packed layers at ``bits_of``."""
+def assemble(loaded, db: LevelDatabase, bits_of: dict[str, int], removed: list[tuple[int, str]] = ()):
+    """A copy of ``loaded`` whose searched layers are the database's packed layers at ``bits_of``
+    and whose ``removed`` (block, "attention" | "mlp") sub-layers are physically removed."""
     model = copy.copy(loaded)
     model.model = copy.deepcopy(loaded.model)
     model.applied = list(loaded.applied)
     for unit, bits in bits_of.items():
         set_submodule(model.model, unit, db.module(unit, bits))
+    adapter = model.adapter
+    for block, kind in sorted(removed, reverse=True):  # from the last block: indices stay valid when a block goes
+        adapter.remove_sublayer(block, kind)
     return model
+
+
+def choice(units: list[Unit], levels: list[int]) -> tuple[dict[str, int], list[tuple[int, str]]]:
+    """Per searched linear its width, and the removed (block, kind) sub-layers, of a candidate."""
+    bits_of: dict[str, int] = {}
+    removed: list[tuple[int, str]] = []
+    for unit, level in zip(units, levels):
+        bits = unit.levels[level]
+        if bits == DROP:
+            removed.append((unit.block, unit.kind))
+        else:
+            bits_of.update({name: bits for name in unit.linears})
+    return bits_of, removed
 
 
 def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.PathLike, ray: str | None = None,
@@ -126,19 +146,20 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
     batches = batches[:needed]
     reference = reference_outputs(loaded, batches)
     threads = torch.get_num_threads() if ray is None else 1
-    pool = LocalPool(loaded, db, batches, reference, threads=threads) if ray is None else RayPool(loaded, db, batches, reference, workers, ray, threads=threads)
-    shapes = [db.shapes[u] for u in db.units]
-    n_levels = len(db.level_bits)
+    units = build_units(loaded, db, space.levels)
+    pool = (LocalPool(loaded, db, batches, reference, threads=threads, units=units) if ray is None
+            else RayPool(loaded, db, batches, reference, workers, ray, threads=threads, units=units))
+    shapes = {u: db.shapes[u] for u in db.units}
     try:
         sens_path = out / "sensitivity.json"
         if sens_path.is_file():
             sens = json.loads(sens_path.read_text())["sensitivity"]
         else:
-            sens = sensitivities(pool, len(db.units), n_levels, n_batches=space.evolution.stages[0][1], progress=progress)
-            _write_json(sens_path, {"units": db.units, "bits": list(db.level_bits), "sensitivity": sens})
+            sens = sensitivities(pool, [len(u.levels) for u in units], n_batches=space.evolution.stages[0][1], progress=progress)
+            _write_json(sens_path, {"units": [u.name for u in units], "levels": [list(u.levels) for u in units], "sensitivity": sens})
         results = {}
         for budget in budgets:
-            costs, limit = unit_costs(shapes, space.levels, budget)
+            costs, limit = costs_of(units, db, space.levels, budget)
             dp = dp_allocation(sens, costs, limit)
             folder = out / budget.label
             folder.mkdir(exist_ok=True)
@@ -149,36 +170,39 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
 
     texts = load_texts(TextSpec(source=eval_source, split="evaluation", n=eval_texts))
     n_queries = max(1, min(16, len(texts) // 4))
-    checker = pool.evaluator if isinstance(pool, LocalPool) else Evaluator(loaded, db, batches, reference)
-    n_weights = sum(r * c for r, c in shapes)
+    checker = pool.evaluator if isinstance(pool, LocalPool) else Evaluator(loaded, db, batches, reference, units=units)
+    n_weights = sum(r * c for r, c in shapes.values())
 
     def point(levels: list[int]) -> dict:
         q = _held_out_quality(loaded, checker, levels, texts, eval_max_length, n_queries)
-        code_bits = sum(r * c * db.level_bits[k] for (r, c), k in zip(shapes, levels)) / n_weights
-        stored = sum(space.levels.stored_bits(r, c, db.level_bits[k]) for (r, c), k in zip(shapes, levels))
+        bits_of, removed = choice(units, levels)
+        code_bits = sum(shapes[n][0] * shapes[n][1] * b for n, b in bits_of.items()) / n_weights
+        stored = sum(space.levels.stored_bits(*shapes[n], b) for n, b in bits_of.items())
         return {"code_bits_per_weight": code_bits, "stored_bits_per_weight": stored / n_weights, "stored_bytes": stored // 8,
-                "distortion": _distortion_of(q), "quality": q}
+                "removed_sublayers": [f"{b}.{k}" for b, k in removed], "distortion": _distortion_of(q), "quality": q}
 
     front: dict = {"model": source, "kind": loaded.kind, "space": space.to_dict(), "held_out": {"source": eval_source, "texts": len(texts), "max_length": eval_max_length},
                    "database_bytes": db.nbytes(), "uniform": {}, "budgets": {}}
-    for k, bits in enumerate(db.level_bits):
-        front["uniform"][str(bits)] = point([k] * len(shapes))
+    for bits in db.level_bits:
+        front["uniform"][str(bits)] = point([u.levels.index(bits) for u in units])
     for label, r in results.items():
         evo = r["evo"]
-        bits_of = {u: db.level_bits[k] for u, k in zip(db.units, evo.levels)}
+        bits_of, removed = choice(units, evo.levels)
         entry = {
             "budget": label, "dp": point(r["dp"]), "searched": point(evo.levels),
             "dp_calibration_fitness": None, "searched_calibration_fitness": evo.fitness,
             "within_budget": total_cost(evo.levels, r["costs"]) <= r["limit"] and total_cost(r["dp"], r["costs"]) <= r["limit"],
-            "generations": evo.generations, "history": evo.history, "bits": bits_of,
+            "generations": evo.generations, "history": evo.history, "bits": bits_of, "removed_sublayers": [f"{b}.{k}" for b, k in removed],
         }
         front["budgets"][label] = entry
         if save_models:
-            from slimformer.io.serialization import save_compressed
+            from slimformer.io.serialization import quantized_modules, save_compressed
 
-            model = assemble(loaded, db, bits_of)
-            model.applied.append({"step": {"method": "search", "budget": label}, "bits": bits_of, "kernels": {u: model.model.get_submodule(u).kernel for u in bits_of}})
-            model.recipe = searched_recipe(space, bits_of, label)
+            model = assemble(loaded, db, bits_of, removed)
+            quantized = quantized_modules(model.model)
+            model.applied.append({"step": {"method": "search", "budget": label}, "bits": bits_of, "removed_sublayers": entry["removed_sublayers"],
+                                  "kernels": {n: m.kernel for n, m in quantized.items()}})
+            model.recipe = searched_recipe(space, bits_of, label, removed)
             save_compressed(model, out / label / "model", evaluation={"kind": loaded.kind, "quality": entry["searched"]["quality"]}, force=True)
     front["seconds"] = time.perf_counter() - t0
     _write_json(out / "front.json", front)

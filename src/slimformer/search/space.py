@@ -9,7 +9,9 @@ A *search space* (``SearchSpace``) is read from a YAML/JSON file::
     search: {generations: 100, offspring: 16, stages: [[4, 1], [2, 2], [1, 4]], seed: 0}
 
 Every selected linear layer is one *unit*; its *levels* are the bit widths in ``space.bits``
-(index 0 = fewest bits). A *budget* (``Budget``) bounds the summed cost of the chosen levels:
+(index 0 = fewest bits). With ``drop: [attention, mlp]`` the space is joint: each attention and
+each MLP sub-layer of a block is one unit, whose linears share a width, with one more level
+below the fewest bits: the sub-layer removed (it then costs nothing). A *budget* (``Budget``) bounds the summed cost of the chosen levels:
 ``bits`` = average bits of the integer codes per weight over the units (the group scales and
 zero points are the same at every level and are reported separately), or ``bytes`` = stored
 bytes of the units including their scales and zero points.
@@ -57,9 +59,15 @@ class QuantizationLevels(ModuleSelection):
     symmetric: bool = False
     quantizer: str = "gptq"
     damp: float = 0.01
+    drop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self._validate_selection(allowed=("linear", "head"))
+        if isinstance(self.drop, str):
+            self.drop = (self.drop,)
+        if not isinstance(self.drop, (list, tuple)) or any(d not in ("attention", "mlp") for d in self.drop):
+            raise ConfigError(f"search space: drop={self.drop!r} must list sub-layers to consider removing", "write e.g. drop: [attention, mlp] (or leave it out)")
+        self.drop = tuple(dict.fromkeys(self.drop))
         if isinstance(self.bits, int) or not self.bits:
             raise ConfigError(f"search space: bits={self.bits!r} must be a non-empty list", "write e.g. bits: [2, 3, 4, 8]")
         bad = [b for b in self.bits if isinstance(b, bool) or b not in grid.SUPPORTED_BITS]
