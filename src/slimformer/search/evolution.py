@@ -40,7 +40,11 @@ def total_cost(levels: list[int], costs: list[list[int]]) -> int:
 
 def mutate(parent: list[int], costs: list[list[int]], budget: int, rng: random.Random, max_switches: int, tries: int = 64) -> list[int]:
     """A child of ``parent`` by budget-preserving level switches: each switch lowers one unit's
-    level by one and raises another's by one, and is kept only if the cost stays <= ``budget``."""
+    level by one and raises another's by one, and is kept only if the cost stays <= ``budget``.
+
+    Units differ in size, so a switch can leave part of the budget unused; the child then spends
+    it by raising random units one level while they fit (EvoPress's switches keep the total
+    constant because its units are equal; this keeps children on the budget's edge)."""
     child = list(parent)
     cost = total_cost(child, costs)
     n_units = len(child)
@@ -57,6 +61,12 @@ def mutate(parent: list[int], costs: list[list[int]], budget: int, rng: random.R
                 child[up] += 1
                 cost = new_cost
                 break
+    for u in rng.sample(range(n_units), n_units):
+        if child[u] < len(costs[u]) - 1:
+            step = costs[u][child[u] + 1] - costs[u][child[u]]
+            if cost + step <= budget:
+                child[u] += 1
+                cost += step
     return child
 
 
