@@ -237,7 +237,7 @@ def test_evaluator_switches_only_changed_layers_and_restores_originals(tiny_fact
     assert original == pytest.approx(0.0, abs=1e-6)
     low = ev.score([0] * len(db.units), 1)
     high = ev.score([3] * len(db.units), 1)
-    assert low > high > 0
+    assert low > high and abs(high) < 1e-4  # 8 bits: distortion at rounding level
     unit = db.units[0]
     ev.set_levels({unit: 1})
     assert torch.equal(ev.modules[unit].weight, db.weight(unit, 3))
