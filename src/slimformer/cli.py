@@ -6,6 +6,7 @@
     slimformer report DIR [--out DIR]
     slimformer generate MODEL (--prompt TEXT ... | --chat [TEXT]) [--max-new-tokens N] [--speculate MODE]
     slimformer kv-eval MODEL --cache STEP [--cache STEP ...] [--prefix N]
+    slimformer search [MODEL] --space SPACE --budget bits=3.0 [--budget ...] --out DIR [--ray local|auto|ADDRESS]
 
 Errors the user can fix print one line (problem; fix) and exit with status 2.
 """
@@ -281,6 +282,39 @@ def _add_kv_eval_parser(sub) -> None:
     p.set_defaults(func=cmd_kv_eval)
 
 
+def cmd_search(args) -> int:
+    from slimformer.models import load_model
+    from slimformer.search import Budget, SearchSpace, search
+
+    space = SearchSpace.from_file(args.space)
+    budgets = [Budget.parse(b) for b in args.budget]
+    if args.generations is not None or args.seed is not None:
+        import dataclasses
+
+        evo = dataclasses.replace(space.evolution, **{k: v for k, v in (("generations", args.generations), ("seed", args.seed)) if v is not None})
+        space = dataclasses.replace(space, evolution=evo)
+    if args.workers < 1:
+        raise SlimformerError(f"--workers {args.workers} must be at least 1", "pass e.g. --workers 2")
+    _status(f"loading {args.model or 'the embedded default model (all-MiniLM-L6-v2)'}")
+    loaded = load_model(args.model)
+    if loaded.manifest is not None:
+        raise SlimformerError(f"{args.model} is already a compressed folder", "search on the original model instead")
+    outcome = search(loaded, space, budgets, args.out, ray=args.ray, workers=args.workers, eval_source=args.eval_source or "stdlib-docs",
+                     eval_texts=args.eval_texts or 64, force=args.force, progress=not args.quiet)
+    front = outcome.front
+    metric = "KL" if front["kind"] == "causal-lm" else "1-cos"
+    print(f"| setting | code bits/weight | stored bits/weight | held-out {metric} |")
+    print("|---|---|---|---|")
+    for bits, p in front["uniform"].items():
+        print(f"| uniform {bits}-bit | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {p['distortion']:.5f} |")
+    for label, entry in front["budgets"].items():
+        for name in ("dp", "searched"):
+            p = entry[name]
+            print(f"| {label} {'DP allocation' if name == 'dp' else 'EvoPress'} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {p['distortion']:.5f} |")
+    _status(f"wrote {outcome.folder} (front.json, front.png, one model per budget) in {outcome.seconds:.0f} s")
+    return 0
+
+
 def _status(message: str) -> None:
     print(f"slimformer: {message}", file=sys.stderr)
 
@@ -326,6 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_remote_code(p)
     _add_memory_option(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("search", help="search per-layer bit widths under budgets (EvoPress); writes models, front.json and front.png")
+    p.add_argument("model", nargs="?", default=None, help="model folder, .gguf, hub id or 'default'")
+    p.add_argument("--space", required=True, help="search space file (.yaml/.json); see recipes/search-*.yaml")
+    p.add_argument("--budget", action="append", required=True, help="KIND=VALUE, e.g. bits=3.0 (average code bits per weight) or bytes=40e6; repeat to trace a front")
+    p.add_argument("--out", required=True, help="search folder (resumed when it holds the same search)")
+    p.add_argument("--generations", type=int, default=None, help="override the space file's generations")
+    p.add_argument("--seed", type=int, default=None, help="override the space file's seed")
+    p.add_argument("--ray", default=None, help="score candidates on Ray: 'local' (start one), 'auto', or a cluster address")
+    p.add_argument("--workers", type=int, default=2, help="Ray actors (with --ray)")
+    p.add_argument("--eval-texts", type=int, default=None, help="held-out texts for the front (default 64)")
+    p.add_argument("--eval-source", default=None)
+    p.add_argument("--force", action="store_true", help="start over in --out if it holds another search")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("methods", help="list the compression methods and their papers")
     p.set_defaults(func=cmd_methods)

@@ -1,0 +1,168 @@
+"""Benchmark the per-layer search (EvoPress) against uniform widths and the DP allocation.
+
+For one model: build the level database (GPTQ at 2/3/4/8 bits, group 64, on the original
+model's calibration inputs), measure single-layer sensitivities, and for each budget start
+EvoPress from the DP allocation. Every point of the front is then measured on held-out text the
+search never saw (KL to the original for causal LMs; 1 - mean cosine and top-10 retrieval
+agreement for encoders). Optionally (``--ray-check``) the first budget is searched again for a
+few generations in-process and on a 2-actor local Ray pool, and both results are compared.
+
+    python benchmarks/search.py --model default --budget bits=3.0 --budget bits=2.5
+    python benchmarks/search.py --model smollm2 --budget bits=3.0 --budget bits=2.5 --generations 30
+
+Writes ``benchmarks/results/search_<label>.{md,json,png}``; the search folder itself (level
+database, journals, models) goes to ``runs/bench-search-<label>`` and is reused when rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from slimformer.models import load_model
+from slimformer.search import Budget, SearchSpace, search
+from slimformer.search.database import LevelDatabase
+from slimformer.search.evolution import evolve
+from slimformer.search.run import plot_front
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    keep = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    return {"model": model, "flags": [f for f in keep if f in flags], "threads": torch.get_num_threads(), "loadavg": os.getloadavg(), "torch": torch.__version__}
+
+
+def ray_check(loaded, space: SearchSpace, out: Path, budget: Budget, generations: int) -> dict:
+    """The same short search in-process and on 2 local Ray actors: identical result?"""
+    from slimformer.methods.calibration import CompressionContext
+    from slimformer.models.loading import max_positions
+    from slimformer.search.evolution import dp_allocation
+    from slimformer.search.fitness import reference_outputs
+    from slimformer.search.pool import LocalPool, RayPool
+    from slimformer.search.units import build_units, costs_of
+
+    db = LevelDatabase(out / "levels", json.loads((out / "levels" / "index.json").read_text()))
+    ctx = CompressionContext(space.calibration)
+    ctx.max_positions = max_positions(loaded)
+    batches = ctx.batches(loaded.tokenizer)[: space.evolution.stages[-1][1]]
+    reference = reference_outputs(loaded, batches)
+    sens = json.loads((out / "sensitivity.json").read_text())["sensitivity"]
+    units = build_units(loaded, db, space.levels)
+    costs, limit = costs_of(units, db, space.levels, budget)
+    start = dp_allocation(sens, costs, limit)
+    settings = dataclasses.replace(space.evolution, generations=generations)
+    timings, results = {}, {}
+    for name in ("in-process", "ray-2-workers"):
+        pool = (LocalPool(loaded, db, batches, reference, threads=1, units=units) if name == "in-process"
+                else RayPool(loaded, db, batches, reference, workers=2, threads=1, units=units))
+        t0 = time.perf_counter()
+        try:
+            results[name] = evolve(pool, costs, limit, start, settings)
+        finally:
+            pool.close()
+        timings[name] = time.perf_counter() - t0
+    a, b = results["in-process"], results["ray-2-workers"]
+    return {"budget": budget.label, "generations": generations, "identical": a.levels == b.levels and a.fitness == b.fitness,
+            "fitness": {"in-process": a.fitness, "ray-2-workers": b.fitness}, "seconds": timings}
+
+
+def markdown(front: dict, info: dict, ray: dict | None, label: str) -> str:
+    causal = front["kind"] == "causal-lm"
+    lines = [f"# Per-layer search (EvoPress) on {label}", "",
+             f"CPU: {info['cpu']['model']} ({', '.join(info['cpu']['flags'])}), torch threads {info['cpu']['threads']}, load average at start {info['cpu']['loadavg'][0]:.1f}; torch {info['cpu']['torch']}.",
+             f"Levels: {front['space']['space']['quantizer']} at {front['space']['space']['bits']} bits, group {front['space']['space']['group_size']}, "
+             f"{'symmetric' if front['space']['space']['symmetric'] else 'asymmetric'}; calibration {front['space']['calibration']}; "
+             f"search {front['space']['search']}.",
+             f"Held-out: {front['held_out']['texts']} texts of `{front['held_out']['source']}` (evaluation split, never seen by the search), max length {front['held_out']['max_length']}.",
+             f"Level database on disk: {front['database_bytes'] / 1e6:.1f} MB. Search wall time (database, probes, all budgets, front): {front['seconds']:.0f} s.", ""]
+    if info.get("note"):
+        lines += [info["note"], ""]
+    if causal:
+        lines += ["| setting | code b/w | stored b/w | held-out KL | ppl | ppl original | top-1 agree |", "|---|---|---|---|---|---|---|"]
+    else:
+        lines += ["| setting | code b/w | stored b/w | mean cos | worst cos | top-10 agree |", "|---|---|---|---|---|---|"]
+
+    def row(name: str, p: dict) -> str:
+        q = p["quality"]
+        if causal:
+            return f"| {name} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {q['kl_divergence']:.4f} | {q['perplexity']:.2f} | {q['perplexity_original']:.2f} | {q['top1_agreement']:.3f} |"
+        return f"| {name} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {q['embedding_cosine_mean']:.4f} | {q['embedding_cosine_min']:.4f} | {q['retrieval_agreement_at_10']:.3f} |"
+
+    for bits, p in front["uniform"].items():
+        lines.append(row(f"uniform {bits}-bit GPTQ", p))
+    for label_, entry in front["budgets"].items():
+        lines.append(row(f"{label_}: DP allocation (single-layer sensitivities)", entry["dp"]))
+        lines.append(row(f"{label_}: EvoPress ({entry['generations']} generations)", entry["searched"]))
+    lines.append("")
+    for label_, entry in front["budgets"].items():
+        dp, ev = entry["dp"]["distortion"], entry["searched"]["distortion"]
+        lines.append(f"- {label_}: held-out {'KL' if causal else '1 - cos'} EvoPress / DP = {ev / dp:.3f}; calibration fitness {entry['searched_calibration_fitness']:.5f} after {entry['history'][-1]['evaluations']} candidate scorings.")
+    if ray:
+        lines.append(f"- Ray check ({ray['budget']}, {ray['generations']} generations): in-process {ray['seconds']['in-process']:.0f} s, 2 local Ray actors {ray['seconds']['ray-2-workers']:.0f} s; identical result: {ray['identical']}.")
+    lines += ["", f"![front](search_{label}.png)", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--label", default=None)
+    ap.add_argument("--space", default=str(ROOT / "recipes" / "search-bits.yaml"))
+    ap.add_argument("--budget", action="append", default=None)
+    ap.add_argument("--generations", type=int, default=None)
+    ap.add_argument("--offspring", type=int, default=None)
+    ap.add_argument("--stages", default=None, help="JSON, e.g. [[2,1],[1,4]]")
+    ap.add_argument("--n-samples", type=int, default=None)
+    ap.add_argument("--max-length", type=int, default=None)
+    ap.add_argument("--eval-texts", type=int, default=64)
+    ap.add_argument("--eval-source", default="stdlib-docs")
+    ap.add_argument("--ray-check", type=int, default=0, help="generations of the in-process vs Ray comparison (0: skip)")
+    ap.add_argument("--note", default="")
+    ap.add_argument("--fresh", action="store_true", help="delete the search folder first")
+    args = ap.parse_args()
+    label = args.label or ("minilm" if args.model == "default" else Path(args.model).name)
+    space = SearchSpace.from_file(args.space)
+    evo = {k: v for k, v in (("generations", args.generations), ("offspring", args.offspring)) if v is not None}
+    if args.stages:
+        evo["stages"] = json.loads(args.stages)
+    cal = {k: v for k, v in (("n_samples", args.n_samples), ("max_length", args.max_length)) if v is not None}
+    space = dataclasses.replace(space, evolution=dataclasses.replace(space.evolution, **evo), calibration=dataclasses.replace(space.calibration, **cal))
+    budgets = [Budget.parse(b) for b in (args.budget or ["bits=3.0", "bits=2.5"])]
+    info = {"cpu": cpu_info(), "note": args.note}
+    out = ROOT / "runs" / f"bench-search-{label}"
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    loaded = load_model(args.model)
+    outcome = search(loaded, space, budgets, out, eval_source=args.eval_source, eval_texts=args.eval_texts, force=True, progress=sys.stderr.isatty())
+    front = outcome.front
+    ray = ray_check(loaded, space, out, budgets[0], args.ray_check) if args.ray_check else None
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"search_{label}.json").write_text(json.dumps({"front": front, "machine": info, "ray_check": ray}, indent=1, default=str))
+    plot_front(front, RESULTS / f"search_{label}.png")
+    (RESULTS / f"search_{label}.md").write_text(markdown(front, info, ray, label))
+    print((RESULTS / f"search_{label}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""EvoPress: (1 + lambda) evolutionary search of per-layer levels under a budget, and the DP baseline.
+
+Sieberling et al., 2024, "EvoPress: Towards Optimal Dynamic Model Compression via Evolutionary
+Search". A candidate gives every unit a level. Each generation, ``offspring`` children of the
+parent are made by *level-switch mutation* (one unit goes a level down, another a level up;
+1..``max_switches`` switches; a switch is kept only if the total cost stays within the budget,
+so no candidate ever exceeds it), then selected in stages: all children are scored on a few
+calibration batches, the best go on to more batches, and so on; the parent is scored on the
+same batches, and the best child replaces it only if it scores lower on the last stage.
+
+Every generation is appended to a journal (the parent, its fitness and the random generator's
+state), so a killed search resumes from its last finished generation and ends exactly where an
+uninterrupted one would.
+
+The starting parent is the DP allocation (:func:`dp_allocation`): per-unit sensitivities measured
+one unit at a time (every other unit keeps its original weight), combined by the exact
+multiple-choice knapsack of :func:`slimformer.methods.quantization.mixed_precision.allocate_bits`.
+With ``generations: 0`` the search returns that allocation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from slimformer.methods.quantization.mixed_precision import allocate_bits
+from slimformer.search.fitness import ORIGINAL
+from slimformer.search.space import EvolutionSettings
+
+
+def total_cost(levels: list[int], costs: list[list[int]]) -> int:
+    return sum(costs[u][k] for u, k in enumerate(levels))
+
+
+def mutate(parent: list[int], costs: list[list[int]], budget: int, rng: random.Random, max_switches: int, tries: int = 64) -> list[int]:
+    """A child of ``parent`` by budget-preserving level switches: each switch lowers one unit's
+    level by one and raises another's by one, and is kept only if the cost stays <= ``budget``.
+
+    Units differ in size, so a switch can leave part of the budget unused; the child then spends
+    it by raising random units one level while they fit (EvoPress's switches keep the total
+    constant because its units are equal; this keeps children on the budget's edge)."""
+    child = list(parent)
+    cost = total_cost(child, costs)
+    n_units = len(child)
+    if n_units < 2:
+        return child
+    for _ in range(rng.randint(1, max_switches)):
+        for _ in range(tries):
+            down, up = rng.sample(range(n_units), 2)
+            if child[down] == 0 or child[up] == len(costs[up]) - 1:
+                continue
+            new_cost = cost - costs[down][child[down]] + costs[down][child[down] - 1] - costs[up][child[up]] + costs[up][child[up] + 1]
+            if new_cost <= budget:
+                child[down] -= 1
+                child[up] += 1
+                cost = new_cost
+                break
+    for u in rng.sample(range(n_units), n_units):
+        if child[u] < len(costs[u]) - 1:
+            step = costs[u][child[u] + 1] - costs[u][child[u]]
+            if cost + step <= budget:
+                child[u] += 1
+                cost += step
+    return child
+
+
+def uniform_levels(n_units: int, level: int) -> list[int]:
+    return [level] * n_units
+
+
+def sensitivities(pool, level_counts: list[int] | int, n_levels: int | None = None, n_batches: int = 1, progress: bool = False) -> list[list[float]]:
+    """Per unit and level: the distortion when only that unit is at that level (others original).
+
+    ``level_counts``: the number of levels of each unit (or a unit count, with ``n_levels`` each)."""
+    if isinstance(level_counts, int):
+        level_counts = [n_levels] * level_counts
+    base = [ORIGINAL] * len(level_counts)
+    candidates = []
+    for u, n in enumerate(level_counts):
+        for k in range(n):
+            c = list(base)
+            c[u] = k
+            candidates.append(c)
+    scores: list[float] = []
+    chunk = max(1, 4 * getattr(pool, "workers", 1))
+    for i in tqdm(range(0, len(candidates), chunk), desc="sensitivity probes", disable=not progress, unit="chunk"):
+        scores.extend(pool.score(candidates[i : i + chunk], n_batches))
+    out, at = [], 0
+    for n in level_counts:
+        out.append(scores[at : at + n])
+        at += n
+    return out
+
+
+def dp_allocation(sens: list[list[float]], costs: list[list[int]], budget: int) -> list[int]:
+    """The exact minimum of summed single-unit sensitivities under the budget (multiple-choice knapsack)."""
+    return allocate_bits(costs, sens, budget)
+
+
+@dataclass
+class EvolutionResult:
+    levels: list[int]
+    fitness: float
+    generations: int
+    history: list[dict] = field(default_factory=list)  # per generation: best fitness so far, evaluations
+
+
+def _read_journal(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill: everything before it stands
+            break
+    return records
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def evolve(pool, costs: list[list[int]], budget: int, start: list[int], settings: EvolutionSettings,
+           journal: str | os.PathLike | None = None, progress: bool = False,
+           on_generation: Callable[[int, EvolutionResult], None] | None = None) -> EvolutionResult:
+    """Run EvoPress from ``start`` (which must fit ``budget``); resume from ``journal`` if it has records."""
+    if total_cost(start, costs) > budget:
+        raise ValueError("the starting candidate exceeds the budget")
+    rng = random.Random(settings.seed)
+    stages = settings.stages
+    final_batches = stages[-1][1]
+    parent = list(start)
+    history: list[dict] = []
+    first = 0
+    cache: dict[tuple[tuple[int, ...], int], float] = {}
+    jpath = Path(journal) if journal is not None else None
+    records = _read_journal(jpath) if jpath else []
+    if records and records[0].get("start") != list(start):
+        raise ValueError("the journal belongs to a search with another starting point")
+    if records:
+        last = records[-1]
+        parent = list(last["parent"])
+        state = last["rng"]
+        rng.setstate((state[0], tuple(state[1]), state[2]))
+        history = [{"generation": r["generation"], "fitness": r["fitness"], "evaluations": r["evaluations"]} for r in records]
+        first = last["generation"] + 1
+    fitness = records[-1]["fitness"] if records else _score_cached(pool, cache, [parent], final_batches)[0]
+    evaluations = records[-1]["evaluations"] if records else 1
+    bar = tqdm(total=settings.generations, initial=min(first, settings.generations), desc="evopress", disable=not progress, unit="gen")
+    try:
+        for gen in range(first, settings.generations):
+            seen = {tuple(parent)}
+            children: list[list[int]] = []
+            for _ in range(settings.offspring * 4):
+                if len(children) == settings.offspring:
+                    break
+                child = mutate(parent, costs, budget, rng, settings.max_switches)
+                if tuple(child) not in seen:
+                    seen.add(tuple(child))
+                    children.append(child)
+            parent_score = fitness
+            for keep, n_batches in stages:
+                if not children:
+                    break
+                scores = _score_cached(pool, cache, children + [parent], n_batches)
+                evaluations += len(children)
+                parent_score = scores[-1]
+                order = sorted(range(len(children)), key=lambda i: (scores[i], i))[:keep]
+                children = [children[i] for i in order]
+                child_scores = [scores[i] for i in order]
+            if children and child_scores[0] < parent_score:
+                parent, fitness = children[0], child_scores[0]
+            else:
+                fitness = parent_score
+            history.append({"generation": gen, "fitness": fitness, "evaluations": evaluations})
+            if jpath is not None:
+                state = rng.getstate()
+                _append(jpath, {"generation": gen, "parent": parent, "fitness": fitness, "evaluations": evaluations,
+                                "start": list(start) if gen == 0 else None, "rng": [state[0], list(state[1]), state[2]]})
+            bar.update(1)
+            bar.set_postfix(best=f"{fitness:.5f}")
+            if on_generation is not None:
+                on_generation(gen, EvolutionResult(parent, fitness, gen + 1, history))
+    finally:
+        bar.close()
+    return EvolutionResult(parent, fitness, settings.generations, history)
+
+
+def _score_cached(pool, cache: dict, candidates: list[list[int]], n_batches: int) -> list[float]:
+    """Scores are a pure function of (levels, batches): never score the same candidate twice."""
+    keys = [(tuple(c), n_batches) for c in candidates]
+    missing = [i for i, k in enumerate(keys) if k not in cache]
+    todo: list[int] = []
+    for i in missing:  # candidates repeated inside one call are scored once
+        if keys[i] not in (keys[j] for j in todo):
+            todo.append(i)
+    if todo:
+        for i, s in zip(todo, pool.score([candidates[i] for i in todo], n_batches)):
+            cache[keys[i]] = s
+    return [cache[k] for k in keys]

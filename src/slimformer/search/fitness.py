@@ -1,0 +1,155 @@
+"""Scoring a candidate: distortion of the model's outputs against the original's, on calibration text.
+
+Causal LMs: KL(original || candidate) of next-token distributions per valid token (EvoPress's
+fitness). Encoders: ``1 - cosine`` of the pooled, normalised embeddings per text. Lower is better.
+
+An ``Evaluator`` is stateful, as EvoPress's workers are: it holds a working copy of the model
+whose searched layers stay ordinary linears, the calibration batches and the original's outputs
+on them, and switches a layer's weight only when a candidate's level for it differs from the
+level it holds (the dequantized weights come from the level database and are cached up to a
+byte budget). Scores depend only on the levels, never on which evaluator computed them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+from slimformer.search.database import LevelDatabase
+from slimformer.search.units import DROP, Unit
+
+ORIGINAL = -1  # "level" of a layer that keeps its original weight (used by sensitivity probes)
+
+
+@torch.no_grad()
+def reference_outputs(loaded, batches: list[dict]) -> list[torch.Tensor]:
+    """The original model's outputs per batch: log-probabilities of the valid tokens (tokens,
+    vocab) as float16 (causal LMs), or normalised pooled embeddings (batch, dim) float32."""
+    return [_outputs(loaded, b).to(torch.float16 if loaded.kind == "causal-lm" else torch.float32) for b in batches]
+
+
+@torch.no_grad()
+def _outputs(loaded, batch: dict) -> torch.Tensor:
+    if loaded.kind == "causal-lm":
+        logits = loaded.model(**batch, use_cache=False).logits.float()
+        return F.log_softmax(logits[batch["attention_mask"].bool()], dim=-1)
+    from slimformer.evaluate.quality import pool
+
+    hidden = loaded.model(**batch).last_hidden_state.float()
+    return F.normalize(pool(hidden, batch["attention_mask"], loaded.pooling), dim=-1)
+
+
+def distortion(kind: str, reference: torch.Tensor, output: torch.Tensor) -> tuple[float, int]:
+    """Summed distortion and the number of items (tokens or texts) it is summed over."""
+    if kind == "causal-lm":
+        ref = reference.float()
+        return float((ref.exp() * (ref - output)).sum()), ref.shape[0]
+    return float((1.0 - (reference * output).sum(-1)).sum()), reference.shape[0]
+
+
+class Evaluator:
+    """Scores level assignments of the database's units on the first ``n`` calibration batches.
+
+    ``loaded``: the original model (copied, never changed); ``batches``: tokenized calibration
+    batches; ``reference``: :func:`reference_outputs` on them; ``threads``: torch threads (the
+    same everywhere, so that every evaluator computes bit-identical scores);
+    ``cache_bytes``: budget for cached dequantized weights; ``units``: the search units a
+    candidate's entries set (default: one per database layer, levels = its widths).
+    A removed sub-layer is muted by a forward hook that zeroes its output, which in a pre-norm
+    block is exactly its removal (the saved model removes it physically).
+    """
+
+    def __init__(self, loaded, database: LevelDatabase | str, batches: list[dict], reference: list[torch.Tensor],
+                 threads: int | None = None, cache_bytes: int = 1 << 30, units: list[Unit] | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.loaded = copy.copy(loaded)
+        self.loaded.model = copy.deepcopy(loaded.model)
+        self.db = database if isinstance(database, LevelDatabase) else _open(database)
+        self.batches = batches
+        self.reference = reference
+        self.modules = {u: self.loaded.model.get_submodule(u) for u in self.db.units}
+        self.original = {u: m.weight.detach().clone() for u, m in self.modules.items()}
+        self.current = {u: ORIGINAL for u in self.db.units}
+        self.units = units or [Unit(u, (u,), tuple(self.db.level_bits)) for u in self.db.units]
+        self._pos = {b: k for k, b in enumerate(self.db.level_bits)}
+        self._muted: dict[str, object] = {}
+        self._cache: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._cache_bytes = cache_bytes
+        self._held = 0
+
+    def _weight(self, unit: str, level: int) -> torch.Tensor:
+        if level == ORIGINAL:
+            return self.original[unit]
+        key = (unit, level)
+        w = self._cache.get(key)
+        if w is None:
+            w = self.db.weight(unit, self.db.level_bits[level]).to(self.original[unit].dtype)
+            self._cache[key] = w
+            self._held += w.numel() * w.element_size()
+            while self._held > self._cache_bytes and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._held -= old.numel() * old.element_size()
+        else:
+            self._cache.move_to_end(key)
+        return w
+
+    def set_levels(self, levels: dict[str, int] | list[int]) -> None:
+        """Give each unit its level: an index into the unit's levels, or ORIGINAL (a dict sets
+        database layers directly by name, with indices into the database's widths)."""
+        if isinstance(levels, dict):
+            for unit, level in levels.items():
+                self._set_layer(unit, int(level))
+            return
+        for unit, level in zip(self.units, levels):
+            bits = None if level == ORIGINAL else unit.levels[level]
+            self._mute(unit, bits == DROP)
+            if bits != DROP:
+                for name in unit.linears:
+                    self._set_layer(name, ORIGINAL if bits is None else self._pos[bits])
+
+    def _set_layer(self, name: str, level: int) -> None:
+        if self.current[name] != level:
+            self.modules[name].weight.data = self._weight(name, level)
+            self.current[name] = level
+
+    def _mute(self, unit: Unit, muted: bool) -> None:
+        if muted == (unit.name in self._muted):
+            return
+        if not muted:
+            self._muted.pop(unit.name).remove()
+            return
+        module = self.loaded.model.get_submodule(unit.name)
+
+        def zero(_m, _inputs, output):
+            if isinstance(output, tuple):
+                return (torch.zeros_like(output[0]),) + tuple(output[1:])
+            return torch.zeros_like(output)
+
+        self._muted[unit.name] = module.register_forward_hook(zero)
+
+    @torch.no_grad()
+    def score(self, levels, n_batches: int) -> float:
+        """Mean distortion of the model at ``levels`` on the first ``n_batches`` batches."""
+        self.set_levels(levels)
+        total = count = 0.0
+        for batch, ref in zip(self.batches[:n_batches], self.reference[:n_batches]):
+            s, n = distortion(self.loaded.kind, ref, _outputs(self.loaded, batch))
+            total += s
+            count += n
+        return total / max(count, 1.0)
+
+    def score_many(self, candidates: list[list[int]], n_batches: int) -> list[float]:
+        return [self.score(c, n_batches) for c in candidates]
+
+
+def _open(folder: str) -> LevelDatabase:
+    import json
+    from pathlib import Path
+
+    from slimformer.search.database import INDEX_NAME
+
+    return LevelDatabase(Path(folder), json.loads((Path(folder) / INDEX_NAME).read_text()))

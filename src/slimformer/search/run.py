@@ -1,0 +1,252 @@
+"""The search entry point: level database -> DP start -> EvoPress per budget -> models, front, plot.
+
+    result = search(loaded, SearchSpace.from_file("recipes/search-bits.yaml"),
+                    [Budget("bits", 3.0), Budget("bits", 2.5)], "runs/search")
+
+The output folder is the search's working folder and its result:
+
+- ``levels/``: the level database (reused by later searches with the same model, space and
+  calibration);
+- ``sensitivity.json``: single-unit sensitivities (the DP's input);
+- ``<budget>/journal.jsonl``: one line per generation (resume after a kill);
+- ``<budget>/model/``: the best model, saved like any compressed model; its recipe lists the
+  per-layer choices as one step per bit width (re-appliable with ``slimformer compress``);
+- ``front.json`` and ``front.png``: held-out quality against cost for every uniform level, the DP
+  allocation and the searched model at each budget.
+
+A search interrupted at any point resumes from what its folder holds when run again with the
+same arguments, and ends with the same result.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slimformer.data import TextSpec, load_texts
+from slimformer.errors import ConfigError
+from slimformer.methods.calibration import CompressionContext
+from slimformer.models.adapters import set_submodule
+from slimformer.models.loading import max_positions
+from slimformer.search.database import LevelDatabase, build_database
+from slimformer.search.evolution import dp_allocation, evolve, sensitivities, total_cost
+from slimformer.search.fitness import Evaluator, reference_outputs
+from slimformer.search.pool import LocalPool, RayPool
+from slimformer.search.space import Budget, SearchSpace
+from slimformer.search.units import DROP, Unit, build_units, costs_of
+
+STATE_NAME = "search.json"
+
+
+@dataclass
+class SearchOutcome:
+    folder: Path
+    front: dict
+    seconds: float
+
+
+def _check_folder(out: Path, space: SearchSpace, source: str, force: bool) -> None:
+    state = out / STATE_NAME
+    if state.is_file():
+        saved = json.loads(state.read_text())
+        if (saved.get("space"), saved.get("source")) != (space.to_dict(), source) and not force:
+            raise ConfigError(f"{out} holds a search with another model or space", "choose another --out, or pass --force to start over there")
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(f"output folder {out} exists and is not a search folder", "choose another --out or pass --force")
+    if force and state.is_file() and (json.loads(state.read_text()).get("space"), json.loads(state.read_text()).get("source")) != (space.to_dict(), source):
+        import shutil
+
+        shutil.rmtree(out)
+
+
+def _held_out_quality(original, evaluator: Evaluator, levels: list[int], texts: list[str], max_length: int, n_queries: int) -> dict:
+    from slimformer.evaluate.quality import causal_quality, encoder_quality
+
+    evaluator.set_levels(levels)
+    if original.kind == "causal-lm":
+        return causal_quality(original, evaluator.loaded, texts, max_length, 8)
+    return encoder_quality(original, evaluator.loaded, texts, n_queries, max_length, 32)
+
+
+def _distortion_of(q: dict) -> float:
+    return q["kl_divergence"] if "kl_divergence" in q else 1.0 - q["embedding_cosine_mean"]
+
+
+def searched_recipe(space: SearchSpace, bits_of: dict[str, int], label: str, removed: list[tuple[int, str]] = ()) -> dict:
+    """A recipe that re-creates the searched choice: one quantizer step per bit width, listing its
+    layers (and the removed sub-layers, noted in the description)."""
+    lv = space.levels
+    steps = []
+    for bits in sorted(set(bits_of.values())):
+        names = sorted(n for n, b in bits_of.items() if b == bits)
+        step = {"method": lv.quantizer, "version": 1, "bits": bits, "group_size": lv.group_size, "symmetric": lv.symmetric,
+                "targets": list(lv.targets), "include": names, "exclude": []}
+        steps.append(step)
+    gone = ", ".join(f"block {b} {k}" for b, k in sorted(removed))
+    return {"slimformer_recipe": 1, "name": f"{space.name}-{label}", "description": f"EvoPress search under {label}" + (f"; removed: {gone}" if gone else ""),
+            "calibration": space.to_dict()["calibration"], "steps": steps}
+
+
+def assemble(loaded, db: LevelDatabase, bits_of: dict[str, int], removed: list[tuple[int, str]] = ()):
+    """A copy of ``loaded`` whose searched layers are the database's packed layers at ``bits_of``
+    and whose ``removed`` (block, "attention" | "mlp") sub-layers are physically removed."""
+    model = copy.copy(loaded)
+    model.model = copy.deepcopy(loaded.model)
+    model.applied = list(loaded.applied)
+    for unit, bits in bits_of.items():
+        set_submodule(model.model, unit, db.module(unit, bits))
+    adapter = model.adapter
+    for block, kind in sorted(removed, reverse=True):  # from the last block: indices stay valid when a block goes
+        adapter.remove_sublayer(block, kind)
+    return model
+
+
+def choice(units: list[Unit], levels: list[int]) -> tuple[dict[str, int], list[tuple[int, str]]]:
+    """Per searched linear its width, and the removed (block, kind) sub-layers, of a candidate."""
+    bits_of: dict[str, int] = {}
+    removed: list[tuple[int, str]] = []
+    for unit, level in zip(units, levels):
+        bits = unit.levels[level]
+        if bits == DROP:
+            removed.append((unit.block, unit.kind))
+        else:
+            bits_of.update({name: bits for name in unit.linears})
+    return bits_of, removed
+
+
+def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.PathLike, ray: str | None = None,
+           workers: int = 2, eval_source: str = "stdlib-docs", eval_texts: int = 64, eval_max_length: int = 256,
+           force: bool = False, progress: bool = False, save_models: bool = True) -> SearchOutcome:
+    """Search each budget's best per-layer levels; write models, ``front.json`` and ``front.png``."""
+    if not budgets:
+        raise ConfigError("no budget given", "pass at least one --budget, e.g. --budget bits=3.0")
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    source = str(loaded.source)
+    _check_folder(out, space, source, force)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / STATE_NAME, {"space": space.to_dict(), "source": source, "complete": False})
+    ctx = CompressionContext(space.calibration, progress=progress)
+    ctx.max_positions = max_positions(loaded)
+    db = build_database(loaded, space, out / "levels", ctx, progress)
+    batches = ctx.batches(loaded.tokenizer)
+    needed = space.evolution.stages[-1][1]
+    if len(batches) < needed:
+        raise ConfigError(
+            f"the calibration text gives {len(batches)} batches but the last search stage scores on {needed}",
+            f"raise calibration.n_samples to at least {needed * space.calibration.batch_size} or lower the stages' batch counts",
+        )
+    batches = batches[:needed]
+    reference = reference_outputs(loaded, batches)
+    threads = torch.get_num_threads() if ray is None else 1
+    units = build_units(loaded, db, space.levels)
+    pool = (LocalPool(loaded, db, batches, reference, threads=threads, units=units) if ray is None
+            else RayPool(loaded, db, batches, reference, workers, ray, threads=threads, units=units))
+    shapes = {u: db.shapes[u] for u in db.units}
+    try:
+        sens_path = out / "sensitivity.json"
+        if sens_path.is_file():
+            sens = json.loads(sens_path.read_text())["sensitivity"]
+        else:
+            sens = sensitivities(pool, [len(u.levels) for u in units], n_batches=space.evolution.stages[0][1], progress=progress)
+            _write_json(sens_path, {"units": [u.name for u in units], "levels": [list(u.levels) for u in units], "sensitivity": sens})
+        results = {}
+        for budget in budgets:
+            costs, limit = costs_of(units, db, space.levels, budget)
+            dp = dp_allocation(sens, costs, limit)
+            folder = out / budget.label
+            folder.mkdir(exist_ok=True)
+            evo = evolve(pool, costs, limit, dp, space.evolution, journal=folder / "journal.jsonl", progress=progress)
+            results[budget.label] = {"budget": budget, "costs": costs, "limit": limit, "dp": dp, "evo": evo}
+    finally:
+        pool.close()
+
+    texts = load_texts(TextSpec(source=eval_source, split="evaluation", n=eval_texts))
+    n_queries = max(1, min(16, len(texts) // 4))
+    checker = pool.evaluator if isinstance(pool, LocalPool) else Evaluator(loaded, db, batches, reference, units=units)
+    n_weights = sum(r * c for r, c in shapes.values())
+
+    def point(levels: list[int]) -> dict:
+        q = _held_out_quality(loaded, checker, levels, texts, eval_max_length, n_queries)
+        bits_of, removed = choice(units, levels)
+        code_bits = sum(shapes[n][0] * shapes[n][1] * b for n, b in bits_of.items()) / n_weights
+        stored = sum(space.levels.stored_bits(*shapes[n], b) for n, b in bits_of.items())
+        return {"code_bits_per_weight": code_bits, "stored_bits_per_weight": stored / n_weights, "stored_bytes": stored // 8,
+                "removed_sublayers": [f"{b}.{k}" for b, k in removed], "distortion": _distortion_of(q), "quality": q}
+
+    front: dict = {"model": source, "kind": loaded.kind, "space": space.to_dict(), "held_out": {"source": eval_source, "texts": len(texts), "max_length": eval_max_length},
+                   "database_bytes": db.nbytes(), "uniform": {}, "budgets": {}}
+    for bits in db.level_bits:
+        front["uniform"][str(bits)] = point([u.levels.index(bits) for u in units])
+    for label, r in results.items():
+        evo = r["evo"]
+        bits_of, removed = choice(units, evo.levels)
+        entry = {
+            "budget": label, "dp": point(r["dp"]), "searched": point(evo.levels),
+            "dp_calibration_fitness": None, "searched_calibration_fitness": evo.fitness,
+            "within_budget": total_cost(evo.levels, r["costs"]) <= r["limit"] and total_cost(r["dp"], r["costs"]) <= r["limit"],
+            "generations": evo.generations, "history": evo.history, "bits": bits_of, "removed_sublayers": [f"{b}.{k}" for b, k in removed],
+        }
+        front["budgets"][label] = entry
+        if save_models:
+            from slimformer.io.serialization import quantized_modules, save_compressed
+
+            model = assemble(loaded, db, bits_of, removed)
+            quantized = quantized_modules(model.model)
+            model.applied.append({"step": {"method": "search", "budget": label}, "bits": bits_of, "removed_sublayers": entry["removed_sublayers"],
+                                  "kernels": {n: m.kernel for n, m in quantized.items()}})
+            model.recipe = searched_recipe(space, bits_of, label, removed)
+            save_compressed(model, out / label / "model", evaluation={"kind": loaded.kind, "quality": entry["searched"]["quality"]}, force=True)
+    front["seconds"] = time.perf_counter() - t0
+    _write_json(out / "front.json", front)
+    plot_front(front, out / "front.png")
+    _write_json(out / STATE_NAME, {"space": space.to_dict(), "source": source, "complete": True})
+    return SearchOutcome(out, front, front["seconds"])
+
+
+def plot_front(front: dict, path: Path) -> None:
+    """Held-out distortion against average code bits: uniform levels, DP, searched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    uni = sorted(front["uniform"].values(), key=lambda p: p["code_bits_per_weight"])
+    ax.plot([p["code_bits_per_weight"] for p in uni], [p["distortion"] for p in uni], "o--", color="grey", label="uniform")
+    for name, style in (("dp", "s"), ("searched", "*")):
+        pts = sorted((b[name] for b in front["budgets"].values()), key=lambda p: p["code_bits_per_weight"])
+        ax.plot([p["code_bits_per_weight"] for p in pts], [p["distortion"] for p in pts], style + "-", ms=9 if style == "*" else 6,
+                label="DP allocation" if name == "dp" else "EvoPress search")
+    ax.set_yscale("log")
+    ax.set_xlabel("average code bits per weight (searched layers)")
+    ax.set_ylabel("KL to original (held-out)" if front["kind"] == "causal-lm" else "1 - mean cosine (held-out)")
+    ax.set_title(f"search front: {Path(front['model']).name}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_default))
+    os.replace(tmp, path)
+
+
+def _default(o):
+    if isinstance(o, Budget):
+        return o.label
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    raise TypeError(type(o).__name__)

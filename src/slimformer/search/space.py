@@ -1,0 +1,227 @@
+"""What a search may choose, and what it must fit in.
+
+A *search space* (``SearchSpace``) is read from a YAML/JSON file::
+
+    slimformer_search: 1
+    name: smollm2-bits
+    calibration: {source: mixed, n_samples: 32, max_length: 256}
+    space: {quantizer: gptq, bits: [2, 3, 4, 8], group_size: 64, symmetric: false}
+    search: {generations: 100, offspring: 16, stages: [[4, 1], [2, 2], [1, 4]], seed: 0}
+
+Every selected linear layer is one *unit*; its *levels* are the bit widths in ``space.bits``
+(index 0 = fewest bits). With ``drop: [attention, mlp]`` the space is joint: each attention and
+each MLP sub-layer of a block is one unit, whose linears share a width, with one more level
+below the fewest bits: the sub-layer removed (it then costs nothing). A *budget* (``Budget``) bounds the summed cost of the chosen levels:
+``bits`` = average bits of the integer codes per weight over the units (the group scales and
+zero points are the same at every level and are reported separately), or ``bytes`` = stored
+bytes of the units including their scales and zero points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimformer.errors import ConfigError, is_int_at_least
+from slimformer.methods import CalibrationSettings
+from slimformer.methods.base import ModuleSelection
+from slimformer.methods.quantization import grid
+
+SPACE_VERSION = 1
+BUDGET_KINDS = ("bits", "bytes")
+_TOP_KEYS = ("slimformer_search", "name", "description", "calibration", "space", "search")
+SCALE_BITS = 16  # bfloat16 scale per group, as stored
+ZERO_BITS = 8  # uint8 zero point per group (asymmetric grids)
+
+
+def _closest(key: str, valid) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+@dataclass
+class QuantizationLevels(ModuleSelection):
+    """Per-layer quantization levels: ``bits`` (the widths a layer may get), one grid
+    (``group_size``, ``symmetric``) for all, the ``quantizer`` that fills the level database
+    (``gptq``: second-order compensation on the original model's calibration inputs; ``rtn``),
+    and GPTQ's ``damp``."""
+
+    name = "search space"
+    bits: tuple[int, ...] = (2, 3, 4, 8)
+    group_size: int | None = 64
+    symmetric: bool = False
+    quantizer: str = "gptq"
+    damp: float = 0.01
+    drop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self._validate_selection(allowed=("linear", "head"))
+        if isinstance(self.drop, str):
+            self.drop = (self.drop,)
+        if not isinstance(self.drop, (list, tuple)) or any(d not in ("attention", "mlp") for d in self.drop):
+            raise ConfigError(f"search space: drop={self.drop!r} must list sub-layers to consider removing", "write e.g. drop: [attention, mlp] (or leave it out)")
+        self.drop = tuple(dict.fromkeys(self.drop))
+        if isinstance(self.bits, int) or not self.bits:
+            raise ConfigError(f"search space: bits={self.bits!r} must be a non-empty list", "write e.g. bits: [2, 3, 4, 8]")
+        bad = [b for b in self.bits if isinstance(b, bool) or b not in grid.SUPPORTED_BITS]
+        if bad:
+            raise ConfigError(f"search space: bit width {bad[0]!r} is not supported", f"use widths from {list(grid.SUPPORTED_BITS)}")
+        self.bits = tuple(sorted(set(self.bits)))
+        if self.group_size is not None and not is_int_at_least(self.group_size, 1):
+            raise ConfigError(f"search space: group_size={self.group_size!r} must be a positive integer or null", "write e.g. group_size: 64")
+        if self.quantizer not in ("gptq", "rtn"):
+            raise ConfigError(f"search space: quantizer={self.quantizer!r} is not supported", "use quantizer: gptq or rtn")
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"search space: damp={self.damp!r} must be in (0, 1)", "use e.g. damp: 0.01")
+
+    def overhead_bits(self, rows: int, cols: int) -> int:
+        """Bits of the group scales and zero points of a (rows, cols) layer (equal at every level)."""
+        per_group = SCALE_BITS + (0 if self.symmetric else ZERO_BITS)
+        return rows * grid.num_groups(cols, self.group_size) * per_group
+
+    def stored_bits(self, rows: int, cols: int, bits: int) -> int:
+        """Stored bits of a (rows, cols) layer at ``bits``: packed codes (whole bytes per row) + overhead."""
+        return rows * 8 * grid.packed_row_bytes(cols, bits) + self.overhead_bits(rows, cols)
+
+
+@dataclass
+class EvolutionSettings:
+    """EvoPress's (1 + lambda) evolution: ``generations``; ``offspring`` (lambda) per generation;
+    ``stages``: multi-step selection as ``[[keep, batches], ...]``: all offspring are scored on
+    the first stage's number of calibration batches, the best ``keep`` go on to the next stage's
+    (more) batches, and so on; the parent is re-scored at every stage on the same tokens;
+    ``max_switches``: level switches per mutation (1..max, uniformly); ``seed``."""
+
+    generations: int = 50
+    offspring: int = 16
+    stages: tuple[tuple[int, int], ...] = ((4, 1), (2, 2), (1, 4))
+    max_switches: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not is_int_at_least(self.generations, 0):
+            raise ConfigError(f"search: generations={self.generations!r} must be an integer >= 0", "write e.g. generations: 50")
+        for name in ("offspring", "max_switches"):
+            if not is_int_at_least(getattr(self, name), 1):
+                raise ConfigError(f"search: {name}={getattr(self, name)!r} must be a positive integer", f"write e.g. {name}: 8")
+        try:
+            stages = tuple((int(k), int(b)) for k, b in self.stages)
+        except (TypeError, ValueError):
+            raise ConfigError(f"search: stages={self.stages!r} must be a list of [keep, batches] pairs", "write e.g. stages: [[4, 1], [1, 4]]") from None
+        if not stages or any(k < 1 or b < 1 for k, b in stages):
+            raise ConfigError(f"search: stages={self.stages!r} needs positive [keep, batches] pairs", "write e.g. stages: [[4, 1], [1, 4]]")
+        if any(b2 < b1 or k2 > k1 for (k1, b1), (k2, b2) in zip(stages, stages[1:])):
+            raise ConfigError("search: each stage must keep no more candidates on no fewer batches than the one before", "write e.g. stages: [[4, 1], [2, 2], [1, 4]]")
+        if stages[-1][0] != 1:
+            raise ConfigError("search: the last stage must keep 1 candidate", "end stages with [1, batches]")
+        self.stages = stages
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"search: seed={self.seed!r} must be an integer", "write e.g. seed: 0")
+
+
+@dataclass
+class SearchSpace:
+    """A whole search: the levels, the calibration text, the evolution settings."""
+
+    levels: QuantizationLevels = field(default_factory=QuantizationLevels)
+    evolution: EvolutionSettings = field(default_factory=EvolutionSettings)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    name: str = "search"
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        lv = dataclasses.asdict(self.levels)
+        return {
+            "slimformer_search": SPACE_VERSION,
+            "name": self.name,
+            "description": self.description,
+            "calibration": dataclasses.asdict(self.calibration),
+            "space": {k: list(v) if isinstance(v, tuple) else v for k, v in lv.items()},
+            "search": {**dataclasses.asdict(self.evolution), "stages": [list(s) for s in self.evolution.stages]},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "search space") -> "SearchSpace":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{origin} is not a mapping", "write it as a YAML/JSON mapping with 'slimformer_search' and 'space'")
+        if data.get("slimformer_search") != SPACE_VERSION:
+            raise ConfigError(f"{origin} has no 'slimformer_search: {SPACE_VERSION}' version key", f"add 'slimformer_search: {SPACE_VERSION}' at the top")
+        for key in data:
+            if key not in _TOP_KEYS:
+                raise ConfigError(f"{origin}: unknown key {key!r}{_closest(key, _TOP_KEYS)}", f"use only {list(_TOP_KEYS)}")
+        parts = {}
+        for key, klass in (("space", QuantizationLevels), ("search", EvolutionSettings), ("calibration", CalibrationSettings)):
+            section = data.get(key) or {}
+            if not isinstance(section, dict):
+                raise ConfigError(f"{origin}: '{key}' must be a mapping", f"write e.g. {key}: {{...}}")
+            names = [f.name for f in dataclasses.fields(klass)]
+            for k in section:
+                if k not in names:
+                    raise ConfigError(f"{origin}: unknown {key} setting {k!r}{_closest(k, names)}", f"use only {names}")
+            try:
+                parts[key] = klass(**section)
+            except TypeError as e:
+                raise ConfigError(f"{origin}: bad {key} settings ({e})", f"use only {names}") from None
+        return cls(parts["space"], parts["search"], parts["calibration"], str(data.get("name", "search")), str(data.get("description", "")))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SearchSpace":
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"search space file {p} does not exist", "pass an existing .yaml or .json file to --space")
+        try:
+            text = p.read_text(encoding="utf-8")
+            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"search space file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({str(e).splitlines()[0]})", "fix the syntax") from None
+        return cls.from_dict(data, origin=str(p))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An upper bound on the chosen levels' cost: ``kind`` ``bits`` (average code bits per
+    weight) or ``bytes`` (stored bytes of the searched layers, scales and zero points included)."""
+
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise ConfigError(f"unknown budget {self.kind!r}{_closest(self.kind, BUDGET_KINDS)}", f"use one of {list(BUDGET_KINDS)}, e.g. --budget bits=3.0")
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value) or self.value <= 0:
+            raise ConfigError(f"budget {self.kind}={self.value!r} must be a positive number", "write e.g. --budget bits=3.0")
+
+    @classmethod
+    def parse(cls, text: str) -> "Budget":
+        kind, sep, value = text.partition("=")
+        if not sep:
+            raise ConfigError(f"budget {text!r} is not KIND=VALUE", "write e.g. --budget bits=3.0 or --budget bytes=40e6")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"budget value {value!r} is not a number", "write e.g. --budget bits=3.0") from None
+        return cls(kind.strip(), number)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+
+def unit_costs(shapes: list[tuple[int, int]], levels: QuantizationLevels, budget: Budget) -> tuple[list[list[int]], int]:
+    """Integer cost of each unit at each level, and the budget, in the same units.
+
+    ``bits``: code bits (rows * cols * b); the budget is ``value * total weights``.
+    ``bytes``: stored bits (packed codes + scales + zero points); the budget is ``8 * value``.
+    """
+    if budget.kind == "bits":
+        costs = [[r * c * b for b in levels.bits] for r, c in shapes]
+        return costs, int(math.floor(budget.value * sum(r * c for r, c in shapes) + 1e-9))
+    costs = [[levels.stored_bits(r, c, b) for b in levels.bits] for r, c in shapes]
+    return costs, int(math.floor(8 * budget.value))

@@ -1,0 +1,269 @@
+"""EvoPress search: budgets, mutation, DP start, resume, level database, Ray parity."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from slimformer.errors import ConfigError
+from slimformer.methods import CalibrationSettings
+from slimformer.search import Budget, EvolutionSettings, QuantizationLevels, SearchSpace, build_database, dp_allocation, evolve, mutate, search
+from slimformer.search.evolution import sensitivities, total_cost
+from slimformer.search.fitness import Evaluator, reference_outputs
+from slimformer.search.pool import LocalPool
+from slimformer.search.space import unit_costs
+
+CAL = CalibrationSettings(n_samples=16, max_length=48, batch_size=8)
+
+
+class QuadraticPool:
+    """A deterministic stand-in for a model: distortion falls with bits, and units 2k, 2k+1
+    interact (their errors add up only when both are low), which an additive DP cannot see."""
+
+    workers = 1
+
+    def __init__(self, n_units: int, n_levels: int, seed: int = 0) -> None:
+        rng = random.Random(seed)
+        self.w = [rng.uniform(0.5, 2.0) for _ in range(n_units)]
+        self.n_levels = n_levels
+        self.calls = 0
+
+    def _err(self, u: int, k: int) -> float:
+        return 0.0 if k < 0 else self.w[u] * 4.0 ** -k
+
+    def score(self, candidates, n_batches):
+        self.calls += len(candidates)
+        out = []
+        for c in candidates:
+            s = sum(self._err(u, k) for u, k in enumerate(c))
+            s += sum(3 * self._err(u, c[u]) * self._err(u + 1, c[u + 1]) for u in range(0, len(c) - 1, 2))
+            out.append(s + 1e-3 * n_batches)  # more batches, a slightly different estimate
+        return out
+
+
+def _costs(n_units=12, n_levels=4, seed=1):
+    rng = random.Random(seed)
+    sizes = [rng.choice([64, 128, 256]) for _ in range(n_units)]
+    return [[s * b for b in (2, 3, 4, 8)[:n_levels]] for s in sizes], sizes
+
+
+def test_mutation_never_exceeds_the_budget_and_only_switches_levels():
+    costs, sizes = _costs()
+    budget = int(3.0 * sum(sizes))
+    rng = random.Random(0)
+    parent = dp_allocation([[4.0**-k * (u + 1) for k in range(4)] for u in range(len(costs))], costs, budget)
+    assert total_cost(parent, costs) <= budget
+    changed = 0
+    for _ in range(300):
+        child = mutate(parent, costs, budget, rng, max_switches=3)
+        assert total_cost(child, costs) <= budget
+        assert sum(child) >= sum(parent) - 3  # switches are one level down and one up, then slack is spent
+        assert all(0 <= k < 4 for k in child)
+        changed += child != parent
+        parent = child
+    assert changed > 200
+    # The slack left by switches between units of different sizes is spent: no unit could still go up.
+    cost = total_cost(parent, costs)
+    assert all(k == 3 or cost - costs[u][k] + costs[u][k + 1] > budget for u, k in enumerate(parent))
+
+
+def test_zero_generations_returns_the_dp_allocation():
+    costs, sizes = _costs()
+    budget = int(3.0 * sum(sizes))
+    pool = QuadraticPool(len(costs), 4)
+    sens = sensitivities(pool, len(costs), 4)
+    dp = dp_allocation(sens, costs, budget)
+    result = evolve(pool, costs, budget, dp, EvolutionSettings(generations=0))
+    assert result.levels == dp
+    assert result.fitness == pool.score([dp], EvolutionSettings().stages[-1][1])[0]
+
+
+def test_evolution_beats_the_additive_dp_when_layers_interact():
+    costs, sizes = _costs(n_units=16)
+    budget = int(3.0 * sum(sizes))
+    pool = QuadraticPool(len(costs), 4)
+    dp = dp_allocation(sensitivities(pool, len(costs), 4), costs, budget)
+    result = evolve(pool, costs, budget, dp, EvolutionSettings(generations=60, offspring=8, stages=((2, 1), (1, 2)), seed=3))
+    final = EvolutionSettings().stages[-1][1]
+    assert total_cost(result.levels, costs) <= budget
+    assert pool.score([result.levels], final)[0] < pool.score([dp], final)[0]
+    assert all(b["fitness"] >= a["fitness"] - 1e-12 for a, b in zip(result.history[1:], result.history)), "fitness never gets worse"
+
+
+def test_killed_and_resumed_search_ends_where_an_uninterrupted_one_does(tmp_path):
+    costs, sizes = _costs()
+    budget = int(2.5 * sum(sizes))
+    pool = QuadraticPool(len(costs), 4)
+    dp = dp_allocation(sensitivities(pool, len(costs), 4), costs, budget)
+    settings = EvolutionSettings(generations=25, offspring=6, stages=((3, 1), (1, 2)), seed=7)
+    whole = evolve(pool, costs, budget, dp, settings, journal=tmp_path / "a.jsonl")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at(gen, _result):
+        if gen == 9:
+            raise Killed
+
+    with pytest.raises(Killed):
+        evolve(pool, costs, budget, dp, settings, journal=tmp_path / "b.jsonl", on_generation=kill_at)
+    with open(tmp_path / "b.jsonl", "a") as f:
+        f.write('{"generation": 10, "par')  # a line cut by the kill
+    resumed = evolve(pool, costs, budget, dp, settings, journal=tmp_path / "b.jsonl")
+    assert resumed.levels == whole.levels
+    assert resumed.fitness == whole.fitness
+    assert [h["fitness"] for h in resumed.history] == [h["fitness"] for h in whole.history]
+
+
+def test_budgets_parse_and_check():
+    assert Budget.parse("bits=3.0") == Budget("bits", 3.0)
+    with pytest.raises(ConfigError, match="did you mean 'bits'"):
+        Budget.parse("bit=3")
+    with pytest.raises(ConfigError, match="positive"):
+        Budget.parse("bits=-1")
+    with pytest.raises(ConfigError, match="not a number"):
+        Budget.parse("bits=three")
+    lv = QuantizationLevels(bits=(2, 4), group_size=32)
+    costs, limit = unit_costs([(8, 64), (16, 64)], lv, Budget("bits", 3.0))
+    assert costs == [[8 * 64 * 2, 8 * 64 * 4], [16 * 64 * 2, 16 * 64 * 4]] and limit == 3 * (8 + 16) * 64
+    costs, limit = unit_costs([(8, 64)], lv, Budget("bytes", 400))
+    assert costs[0][0] == 8 * (64 * 2 + 2 * 24) and limit == 3200  # codes + bf16 scale + uint8 zero per group
+
+
+def test_search_space_file_errors_name_the_fix(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("slimformer_search: 1\nspace: {bitz: [2, 4]}\n")
+    with pytest.raises(ConfigError, match="did you mean 'bits'"):
+        SearchSpace.from_file(bad)
+    bad.write_text("slimformer_search: 1\nsearch: {stages: [[1, 2], [2, 4]]}\n")
+    with pytest.raises(ConfigError, match="keep no more"):
+        SearchSpace.from_file(bad)
+    bad.write_text("slimformer_search: 1\nspace: {bits: [5]}\n")
+    with pytest.raises(ConfigError, match="not supported"):
+        SearchSpace.from_file(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        SearchSpace.from_file(tmp_path / "missing.yaml")
+
+
+def _space(generations=3):
+    return SearchSpace(QuantizationLevels(bits=(2, 3, 4, 8), group_size=32), EvolutionSettings(generations=generations, offspring=4, stages=((2, 1), (1, 2))), CAL)
+
+
+def test_level_database_holds_every_level_and_resumes_identically(tiny_factory, tmp_path):
+    loaded = tiny_factory("llama")
+    before = {n: p.clone() for n, p in loaded.model.state_dict().items()}
+    db = build_database(loaded, _space(), tmp_path / "db")
+    assert all(torch.equal(before[n], p) for n, p in loaded.model.state_dict().items()), "the original is left unchanged"
+    assert len(db.units) == 4 * 7
+    for unit in db.units:
+        errors = [db.errors[unit][str(b)] for b in db.level_bits]
+        assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3, "more bits, less output error"
+        module = db.module(unit, 3)
+        assert module.bits == 3 and tuple(module.weight_shape) == db.shapes[unit]
+    # An interrupted build (one layer missing, index incomplete) is finished to the same bytes.
+    victim = db.folder / (db.units[5] + ".safetensors")
+    data = victim.read_bytes()
+    victim.unlink()
+    index = json.loads((db.folder / "index.json").read_text())
+    index["complete"] = False
+    (db.folder / "index.json").write_text(json.dumps(index))
+    again = build_database(loaded, _space(), tmp_path / "db")
+    assert victim.read_bytes() == data and again.units == db.units
+
+
+def test_search_writes_models_within_budget_and_a_front(tiny_factory, tmp_path):
+    loaded = tiny_factory("llama")
+    out = search(loaded, _space(), [Budget("bits", 3.0), Budget("bits", 2.5)], tmp_path / "s", eval_texts=8, eval_max_length=48)
+    front = json.loads((tmp_path / "s" / "front.json").read_text())
+    assert (tmp_path / "s" / "front.png").stat().st_size > 1000
+    assert set(front["uniform"]) == {"2", "3", "4", "8"}
+    for label, value in (("bits=3", 3.0), ("bits=2.5", 2.5)):
+        entry = front["budgets"][label]
+        assert entry["within_budget"]
+        assert entry["searched"]["code_bits_per_weight"] <= value + 1e-9
+        assert entry["dp"]["code_bits_per_weight"] <= value + 1e-9
+        from slimformer.io.serialization import load_compressed
+
+        model = load_compressed(tmp_path / "s" / label / "model")
+        bits = {n: m.bits for n, m in model.model.named_modules() if hasattr(m, "bits") and n in entry["bits"]}
+        assert bits == entry["bits"], "the saved model holds exactly the searched levels"
+        steps = model.manifest["recipe"]["steps"]
+        assert sorted(n for s in steps for n in s["include"]) == sorted(entry["bits"])
+    assert out.front["budgets"]["bits=3"]["searched_calibration_fitness"] <= json.loads(
+        (tmp_path / "s" / "bits=3" / "journal.jsonl").read_text().splitlines()[0])["fitness"] + 1e-12
+    # Run again: everything is reused (database, sensitivities, journals), same front.
+    again = search(loaded, _space(), [Budget("bits", 3.0), Budget("bits", 2.5)], tmp_path / "s", eval_texts=8, eval_max_length=48)
+    assert again.front["budgets"]["bits=3"]["bits"] == front["budgets"]["bits=3"]["bits"]
+
+
+def test_ray_workers_score_exactly_as_in_process(tiny_factory, tmp_path):
+    import ray  # a test dependency: pip install -e '.[test]'
+
+    from slimformer.methods.calibration import CompressionContext
+    from slimformer.search.pool import RayPool
+
+    loaded = tiny_factory("llama")
+    db = build_database(loaded, _space(), tmp_path / "db")
+    batches = CompressionContext(CAL).batches(loaded.tokenizer)[:2]
+    reference = reference_outputs(loaded, batches)
+    n = len(db.units)
+    rng = random.Random(0)
+    candidates = [[rng.randrange(4) for _ in range(n)] for _ in range(6)]
+    local = LocalPool(loaded, db, batches, reference, threads=1)
+    expected = local.score(candidates, 2)
+    costs, limit = unit_costs([db.shapes[u] for u in db.units], _space().levels, Budget("bits", 3.0))
+    start = dp_allocation(sensitivities(local, n, 4), costs, limit)
+    settings = EvolutionSettings(generations=3, offspring=4, stages=((2, 1), (1, 2)), seed=1)
+    local_result = evolve(local, costs, limit, start, settings)
+    pool = RayPool(loaded, db, batches, reference, workers=2, address="local", threads=1)
+    try:
+        assert pool.score(candidates, 2) == expected
+        ray_result = evolve(pool, costs, limit, start, settings)
+    finally:
+        pool.close()
+    assert not ray.is_initialized()
+    assert ray_result.levels == local_result.levels and ray_result.fitness == local_result.fitness
+
+
+def test_evaluator_switches_only_changed_layers_and_restores_originals(tiny_factory, tmp_path):
+    loaded = tiny_factory("bert")
+    db = build_database(loaded, _space(), tmp_path / "db")
+    batches = _batches(loaded)
+    ev = Evaluator(loaded, db, batches, reference_outputs(loaded, batches))
+    original = ev.score([-1] * len(db.units), 1)
+    assert original == pytest.approx(0.0, abs=1e-6)
+    low = ev.score([0] * len(db.units), 1)
+    high = ev.score([3] * len(db.units), 1)
+    assert low > high and abs(high) < 1e-4  # 8 bits: distortion at rounding level
+    unit = db.units[0]
+    ev.set_levels({unit: 1})
+    assert torch.equal(ev.modules[unit].weight, db.weight(unit, 3))
+    assert ev.score([-1] * len(db.units), 1) == original
+
+
+def _batches(loaded):
+    from slimformer.methods.calibration import CompressionContext
+
+    return CompressionContext(CAL).batches(loaded.tokenizer)
+
+
+def test_cli_search_on_a_model_folder_and_its_bad_input(tmp_path, tiny_folder, run_cli):
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "slimformer_search: 1\ncalibration: {n_samples: 16, max_length: 48, batch_size: 8}\n"
+        "space: {bits: [2, 4, 8], group_size: 32}\nsearch: {generations: 2, offspring: 3, stages: [[2, 1], [1, 2]]}\n"
+    )
+    code, out, err = run_cli("search", tiny_folder, "--space", space, "--budget", "bits=3", "--out", tmp_path / "s", "--eval-texts", "24", "--quiet")
+    assert code == 0, err
+    assert "bits=3 EvoPress" in out and (tmp_path / "s" / "bits=3" / "model" / "model.safetensors").is_file()
+    for args, problem in (
+        (["--budget", "bitz=3"], "did you mean 'bits'"),
+        (["--budget", "bits=0"], "must be a positive number"),
+        (["--budget", "bits=3", "--workers", "0"], "--workers 0"),
+    ):
+        code, out, err = run_cli("search", tiny_folder, "--space", space, "--out", tmp_path / "bad", *args)
+        assert code == 2 and err.startswith("slimformer: error: ") and problem in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "bad").exists()
