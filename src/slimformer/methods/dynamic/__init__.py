@@ -4,6 +4,9 @@ from slimformer.methods.dynamic.early_exit import EarlyExitConfig, install_early
 from slimformer.methods.dynamic.runtime import DynamicEncoder, DynamicSettings, ExitHeads, RunStats
 from slimformer.methods.dynamic.token_merging import TokenMergingConfig, install_token_merging
 from slimformer.methods.dynamic.token_pruning import TokenPruningConfig, install_token_pruning
+from slimformer.models.loading import register_dynamic_runner
+
+register_dynamic_runner(DynamicEncoder)
 
 __all__ = [
     "DynamicEncoder",

@@ -142,7 +142,7 @@ def allocate_bits(costs: list[list[int]], sensitivity: list[list[float]], budget
 @torch.no_grad()
 def _model_outputs(loaded, batches: list[dict]) -> list[torch.Tensor]:
     """Per batch: pooled L2-normalised embeddings (batch, dim) or log-probabilities (tokens, vocab)."""
-    from slimformer.evaluate.quality import pool
+    from slimformer.models.pooling import pool
 
     outs = []
     for batch in batches:
