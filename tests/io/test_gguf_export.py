@@ -81,8 +81,7 @@ def _read(path):
     return reader, {t.name: t for t in reader.tensors}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("gguf_type", list(LAYOUTS))
+@pytest.mark.parametrize("family,gguf_type", [("llama", "Q8_0"), ("llama", "Q4_0"), ("llama", "Q4_1"), ("qwen2", "Q4_0")])
 def test_export_round_trip_same_codes_and_scales(tiny_factory, tmp_path, family, gguf_type):
     bits, symmetric = LAYOUTS[gguf_type]
     loaded = _quantized_tiny(tiny_factory, family, bits, symmetric)
