@@ -1,12 +1,24 @@
 """Calibration: tokenized calibration batches, and statistics of the inputs of linear layers
 collected block by block (so that each block sees the outputs of the already-compressed blocks
 before it, as GPTQ, SparseGPT and Wanda do).
+
+One pass through depth: the inputs of block 0 (hidden states, plus the keyword arguments each
+block receives: attention mask, position embeddings, position ids) are captured once per batch;
+each block is then calibrated on its cached inputs, compressed by the caller, and run once more to
+produce the next block's inputs. An L-block model costs O(L) block forwards per batch. Cached
+hidden states stay in memory while they fit a budget, else one file per batch is spilled to disk
+(safetensors) and read back one batch at a time.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -16,21 +28,30 @@ from slimformer.data import TextSpec, load_texts
 from slimformer.data.text import check_source
 from slimformer.errors import ConfigError, is_int_at_least
 
+log = logging.getLogger(__name__)
+
+OFFLOAD_MODES = ("auto", "memory", "disk")
+
 
 @dataclass(frozen=True)
 class CalibrationSettings:
     """Calibration text: ``source`` (a built-in source or a .txt/.jsonl path), ``n_samples``
     documents of the calibration split, truncated to ``max_length`` tokens, run in batches of
-    ``batch_size``, sampled with ``seed``."""
+    ``batch_size``, sampled with ``seed``. ``offload``: where the cached block inputs live
+    during calibration: ``memory``, ``disk`` (one safetensors file per batch, read back one at a
+    time) or ``auto`` (memory while they fit a quarter of the available memory, else disk)."""
 
     source: str = "stdlib-docs"
     n_samples: int = 128
     max_length: int = 128
     batch_size: int = 16
     seed: int = 0
+    offload: str = "auto"
 
     def __post_init__(self) -> None:
         check_source(self.source, "calibration.source")
+        if self.offload not in OFFLOAD_MODES:
+            raise ConfigError(f"calibration offload must be one of {list(OFFLOAD_MODES)}, got {self.offload!r}", "set calibration.offload to auto, memory or disk")
         for name in ("n_samples", "max_length", "batch_size"):
             value = getattr(self, name)
             if not is_int_at_least(value, 1):
@@ -47,6 +68,14 @@ class CompressionContext:
         # Float weights (out, in) of every linear layer before the recipe ran, keyed by module
         # name; taken by compress() only when a step declares requires_original_weights.
         self.original_weights: dict[str, torch.Tensor] | None = None
+        # Where spilled calibration activations go (None: the system's temporary folder).
+        self.work_dir: str | os.PathLike | None = None
+        # Streamed weights: an object with ``materialize(prefix, module)`` that loads the
+        # weights of a block left on the meta device (see slimformer.methods.streaming).
+        self.weights: Any = None
+        # Bytes of cached activations kept in memory before spilling to disk (offload=auto);
+        # None: a quarter of the available memory.
+        self.activation_budget: int | None = None
         self._batches: list[dict[str, torch.Tensor]] | None = None
 
     def batches(self, tokenizer) -> list[dict[str, torch.Tensor]]:
@@ -191,6 +220,277 @@ def stages_of_block(model: nn.Module, block: nn.Module, names: list[str], batch:
     return stages + ([missing] if missing else [])
 
 
+# ----- one pass through depth ---------------------------------------------------------------
+
+
+class ActivationStore:
+    """The hidden states (batch, seq, hidden) entering the current block, one tensor per
+    calibration batch: in memory, or spilled to ``folder`` as one safetensors file per batch and
+    read back one batch at a time (so at most a batch's input and output are held)."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self._memory: dict[int, torch.Tensor] = {}
+
+    @property
+    def spilled(self) -> bool:
+        return self.folder is not None
+
+    def _path(self, index: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"batch-{index:05d}.safetensors"
+
+    def put(self, index: int, hidden: torch.Tensor) -> None:
+        if self.folder is None:
+            self._memory[index] = hidden
+            return
+        from safetensors.torch import save_file
+
+        path = self._path(index)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"hidden": hidden.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+
+    def get(self, index: int) -> torch.Tensor:
+        if self.folder is None:
+            return self._memory[index]
+        from safetensors.torch import load_file
+
+        return load_file(str(self._path(index)))["hidden"]
+
+    def close(self) -> None:
+        self._memory.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass
+class BlockCall:
+    """How the model called one block for one batch, minus the hidden states: the remaining
+    positional ``args`` and the ``kwargs`` (attention mask, position embeddings, position ids,
+    cache settings), and whether the hidden states came as the ``hidden_states`` keyword."""
+
+    args: tuple
+    kwargs: dict
+    hidden_as_kwarg: bool = False
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+    """Run one transformer ``block`` on ``hidden`` (batch, seq, hidden) as the model would; returns
+    its output hidden states (batch, seq, hidden)."""
+    if call.hidden_as_kwarg:
+        out = block(*call.args, hidden_states=hidden, **call.kwargs)
+    else:
+        out = block(hidden, *call.args, **call.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place while the model runs: calls ``on_call(index, args, kwargs)`` and
+    returns what it returns (the incoming hidden states when it returns None), as a 1-tuple when
+    the real blocks return tuples."""
+
+    def __init__(self, index: int, on_call: Callable, as_tuple: bool) -> None:
+        super().__init__()
+        self.index = index
+        self.on_call = on_call
+        self.as_tuple = as_tuple
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = self.on_call(self.index, args, kwargs)
+        out = hidden if out is None else out
+        return (out,) if self.as_tuple else out
+
+
+class _BlocksReplaced:
+    """Context manager: the model's list of blocks is temporarily ``modules``."""
+
+    def __init__(self, adapter, modules: list[nn.Module]) -> None:
+        parent_path, _, self.attr = adapter.spec.blocks.rpartition(".")
+        self.parent = adapter.base().get_submodule(parent_path) if parent_path else adapter.base()
+        self.modules = modules
+
+    def __enter__(self) -> None:
+        self.original = getattr(self.parent, self.attr)
+        setattr(self.parent, self.attr, nn.ModuleList(self.modules))
+
+    def __exit__(self, *exc) -> None:
+        setattr(self.parent, self.attr, self.original)
+
+
+def _model_kwargs(model: nn.Module) -> dict:
+    return {"use_cache": False} if _is_causal(model) else {}
+
+
+def _returns_tuple(model: nn.Module, block: nn.Module, batch: dict) -> bool:
+    """Whether ``block`` returns a tuple (older transformers) rather than a tensor."""
+    seen: dict[str, bool] = {}
+
+    def hook(_module, _inputs, output) -> None:
+        seen["tuple"] = isinstance(output, (tuple, list))
+
+    handle = block.register_forward_hook(hook)
+    try:
+        run_batches(model, [batch], stop_after=block)
+    finally:
+        handle.remove()
+    return seen.get("tuple", False)
+
+
+def capture_block_inputs(model: nn.Module, adapter, batches: list[dict], store: ActivationStore, as_tuple: bool = False) -> list[list[BlockCall]]:
+    """Run the model once per batch with every block replaced by a recorder: stores the hidden
+    states entering block 0 of batch ``b`` at ``store[b]`` and returns ``calls[b][i]``, the other
+    arguments block ``i`` receives (per block, so per-layer masks such as sliding windows are
+    kept; identical tensors are shared, not copied). Costs the embeddings only."""
+    n = adapter.num_layers()
+    calls: list[list[BlockCall]] = []
+    current: list[BlockCall] = []
+
+    def on_call(i: int, args: tuple, kwargs: dict):
+        kw = dict(kwargs)
+        if args:
+            hidden, call = args[0], BlockCall(tuple(args[1:]), kw)
+        else:
+            hidden, call = kw.pop("hidden_states"), BlockCall((), kw, hidden_as_kwarg=True)
+        if i == 0:
+            store.put(len(calls), hidden.detach())
+        current.append(call)
+        if i == n - 1:
+            raise _StopForward
+        return None
+
+    stand_ins = [_StandIn(i, on_call, as_tuple) for i in range(n)]
+    with _BlocksReplaced(adapter, stand_ins), torch.no_grad():
+        for batch in batches:
+            current = []
+            try:
+                model(**batch, **_model_kwargs(model))
+            except _StopForward:
+                pass
+            if len(current) != n:
+                raise ConfigError(f"calibration reached {len(current)} of the model's {n} blocks", "check that the model runs on the calibration text")
+            calls.append(current)
+    return calls
+
+
+def _block_stages(block: nn.Module, modules: dict[str, nn.Module], hidden: torch.Tensor, call: BlockCall) -> list[list[str]]:
+    """Split a block's selected linears into the stages they run in, in execution order (layers
+    reading the very same input tensor form one stage), by running the block once on ``hidden``."""
+    order: list[tuple[str, torch.Tensor]] = []
+    handles = []
+    for n, m in modules.items():
+        def hook(_m, inputs, _o, n=n):
+            if all(n != seen for seen, _ in order):
+                order.append((n, inputs[0]))
+
+        handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            run_block(block, hidden, call)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    last_input = None
+    for n, x in order:
+        if stages and x is last_input:
+            stages[-1].append(n)
+        else:
+            stages.append([n])
+        last_input = x
+    missing = [n for n in modules if all(n != m for m, _ in order)]
+    return stages + ([missing] if missing else [])
+
+
+class _StopWhenAllRan:
+    """Forward hooks that stop the forward pass once every module of ``modules`` has run."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.pending: set[str] = set()
+        self._handles: list = []
+
+    def reset(self) -> None:
+        self.pending = set(self.modules)
+
+    def __enter__(self) -> "_StopWhenAllRan":
+        for n, m in self.modules.items():
+            def hook(_m, _i, _o, n=n):
+                self.pending.discard(n)
+                if not self.pending:
+                    raise _StopForward
+
+            self._handles.append(m.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _block_statistics(block, modules, store, calls, layer, batches, hessian, keep_samples) -> InputStatistics:
+    """Statistics of ``modules`` (inside ``block``) over every batch, running only the block on
+    its cached inputs and stopping as soon as all of ``modules`` ran."""
+    stats = InputStatistics(modules, hessian=hessian, keep_samples=keep_samples)
+    with stats, _StopWhenAllRan(modules) as stop, torch.no_grad():
+        for b, batch in enumerate(batches):
+            stats.set_batch(batch)
+            stop.reset()
+            try:
+                run_block(block, store.get(b), calls[b][layer])
+            except _StopForward:
+                pass
+    return stats
+
+
+def _tail_statistics(model, adapter, modules, store, batches, hessian, keep_samples, as_tuple) -> InputStatistics:
+    """Statistics of modules outside the blocks (e.g. the output head): the model runs with its
+    blocks replaced by a stand-in that returns the cached output of the last block."""
+    n = adapter.num_layers()
+    state = {"batch": 0}
+
+    def on_call(i: int, _args, _kwargs):
+        return store.get(state["batch"]) if i == n - 1 else None
+
+    stand_ins = [_StandIn(i, on_call, as_tuple) for i in range(n)]
+    stats = InputStatistics(modules, hessian=hessian, keep_samples=keep_samples)
+    with _BlocksReplaced(adapter, stand_ins), stats, _StopWhenAllRan(modules) as stop, torch.no_grad():
+        for b, batch in enumerate(batches):
+            state["batch"] = b
+            stats.set_batch(batch)
+            stop.reset()
+            try:
+                model(**batch, **_model_kwargs(model))
+            except _StopForward:
+                pass
+    return stats
+
+
+def activation_bytes(loaded, batches: list[dict]) -> int:
+    """Bytes of one set of cached block inputs: tokens x hidden width x element size."""
+    emb = loaded.model.get_input_embeddings()
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    return tokens * int(emb.weight.shape[1]) * emb.weight.element_size()
+
+
+def open_activation_store(loaded, ctx: CompressionContext, batches: list[dict]) -> ActivationStore:
+    """An in-memory store, or a spill folder when ``offload`` says disk (or auto and the cached
+    activations exceed the budget: a quarter of the available memory unless set)."""
+    from slimformer.methods.memory import available_memory_bytes
+
+    mode = ctx.calibration.offload
+    if mode == "auto":
+        budget = ctx.activation_budget if ctx.activation_budget is not None else available_memory_bytes() // 4
+        mode = "disk" if activation_bytes(loaded, batches) > budget else "memory"
+    if mode == "memory":
+        return ActivationStore()
+    folder = Path(tempfile.mkdtemp(prefix="slimformer-activations-", dir=ctx.work_dir))
+    log.info("calibration activations spill to %s", folder)
+    return ActivationStore(folder)
+
+
 def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], hessian: bool, desc: str, sequential: bool = False, keep_samples: int = 0) -> Iterator[tuple[str, nn.Module, InputStatistics]]:
     """Yield ``(name, module, stats)`` for each selected linear layer, block by block.
 
@@ -199,33 +499,64 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
     (GPTQ's "true sequential" order) this holds inside each block too: its layers are taken
     stage by stage (q/k/v, then the attention output, then the MLP input and output
     projections), each stage calibrated on the outputs of the already-processed stages. Layers
-    outside the blocks (e.g. the output head) come last, from a full forward pass.
+    outside the blocks (e.g. the output head) come last.
+
+    One pass through depth: block inputs are captured once, each block runs on its cached inputs
+    once per stage to collect statistics and once more (compressed) to produce the next block's
+    inputs, so the cost is linear in depth. With ``ctx.weights`` set, each block's weights are
+    loaded from disk just before it is calibrated (streamed weights).
     """
     adapter = loaded.adapter
+    model = loaded.model
     batches = ctx.batches(loaded.tokenizer)
+    blocks = list(adapter.blocks())
     remaining = dict(selected)
-    groups: list[tuple[nn.Module | None, list[str]]] = []
-    for i in range(adapter.num_layers()):
+    per_block: list[list[str]] = []
+    for i in range(len(blocks)):
         prefix = adapter.block_prefix(i) + "."
         names = [n for n in remaining if n.startswith(prefix)]
         for n in names:
             remaining.pop(n)
-        if names:
-            block = adapter.blocks()[i]
-            stages = stages_of_block(loaded.model, block, names, batches[0]) if sequential else [names]
-            groups.extend((block, stage) for stage in stages)
-    if remaining:
-        groups.append((None, list(remaining)))
+        per_block.append(names)
+    tail = list(remaining)
+    last = len(blocks) - 1 if tail else max((i for i, names in enumerate(per_block) if names), default=-1)
     bar = tqdm(total=len(selected), desc=desc, disable=not ctx.progress, unit="layer")
+
+    def materialize(i: int) -> None:
+        if ctx.weights is not None:
+            ctx.weights.materialize(adapter.block_prefix(i), blocks[i])
+
+    store = open_activation_store(loaded, ctx, batches)
     try:
-        for stop_after, names in groups:
-            stats = InputStatistics({n: loaded.model.get_submodule(n) for n in names}, hessian=hessian, keep_samples=keep_samples)
-            with stats:
-                run_batches(loaded.model, batches, stop_after=stop_after, on_batch=stats.set_batch)
-            for n in names:
+        if last >= 0:
+            materialize(0)
+            as_tuple = _returns_tuple(model, blocks[0], batches[0])
+            calls = capture_block_inputs(model, adapter, batches, store, as_tuple)
+        for i in range(last + 1):
+            materialize(i)
+            block = blocks[i]
+            names = per_block[i]
+            if names:
+                modules = {n: model.get_submodule(n) for n in names}
+                stages = _block_stages(block, modules, store.get(0), calls[0][i]) if sequential else [names]
+                for stage in stages:
+                    stats = _block_statistics(block, {n: model.get_submodule(n) for n in stage}, store, calls, i, batches, hessian, keep_samples)
+                    for n in stage:
+                        if stats.count[n] == 0:
+                            raise ConfigError(f"calibration never reached {n}", "check that the calibration text is not empty")
+                        yield n, model.get_submodule(n), stats
+                        bar.update(1)
+            if i < last or tail:
+                with torch.no_grad():
+                    for b in range(len(batches)):
+                        store.put(b, run_block(block, store.get(b), calls[b][i]).detach())
+        if tail:
+            stats = _tail_statistics(model, adapter, {n: model.get_submodule(n) for n in tail}, store, batches, hessian, keep_samples, as_tuple)
+            for n in tail:
                 if stats.count[n] == 0:
                     raise ConfigError(f"calibration never reached {n}", "check that the calibration text is not empty")
-                yield n, loaded.model.get_submodule(n), stats
+                yield n, model.get_submodule(n), stats
                 bar.update(1)
     finally:
+        store.close()
         bar.close()
