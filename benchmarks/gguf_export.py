@@ -408,6 +408,12 @@ def write_results(prep: dict, meas: dict | None, torchq: dict | None) -> None:
             lines.append(f"| {name} | {m['max_abs']:.4f} | {m['mean_abs']:.5f} | {m['top1']:.3f} |")
         lines += ["", "llama.cpp's CPU matmuls quantize activations to 8 bits for these weight types, so its logits differ from an exact float "
                   "evaluation of the same weights; the last row is that difference for the source file itself.", ""]
+    if meas is None:
+        lines += ["## Not yet measured in llama.cpp", "",
+                  "This run has no llama.cpp numbers (perplexity/KL in llama.cpp, decode tokens/s, logit match): llama-cpp-python 0.3.36 "
+                  "was still compiling from source on this shared 2-core machine (load average ~30) when the run ended. With "
+                  "`/work/venvs/llamacpp` built (see the module docstring), `python benchmarks/gguf_export.py --stage measure` adds them, "
+                  "including llama.cpp's own `llama_model_quantize` (allow_requantize) files.", ""]
     if torchq is not None:
         lines += ["## Evaluated by slimformer from each file's exact weights", "",
                   f"Every block tensor of each file loaded with `keep_quantized` (dequantized bit-exactly as ggml does) into the same "
