@@ -7,6 +7,7 @@
     slimformer generate MODEL (--prompt TEXT ... | --chat [TEXT]) [--max-new-tokens N] [--speculate MODE]
     slimformer kv-eval MODEL --cache STEP [--cache STEP ...] [--prefix N]
     slimformer search [MODEL] --space SPACE --budget bits=3.0 [--budget ...] --out DIR [--ray local|auto|ADDRESS]
+    slimformer export MODEL --format gguf --type Q8_0|Q4_0|Q4_1 [--out FILE] [--force]
 
 Errors the user can fix print one line (problem; fix) and exit with status 2.
 """
@@ -312,6 +313,23 @@ def cmd_search(args) -> int:
             p = entry[name]
             print(f"| {label} {'DP allocation' if name == 'dp' else 'EvoPress'} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {p['distortion']:.5f} |")
     _status(f"wrote {outcome.folder} (front.json, front.png, one model per budget) in {outcome.seconds:.0f} s")
+def cmd_export(args) -> int:
+    from slimformer.io.gguf_export import export_gguf
+    from slimformer.io.gguf_import import load_gguf
+    from slimformer.models import load_model
+
+    source = Path(str(args.model))
+    is_gguf = source.suffix == ".gguf" or (source.is_dir() and not (source / "config.json").is_file() and any(source.glob("*.gguf")))
+    out = Path(args.out) if args.out else Path(f"{source.stem if source.suffix == '.gguf' else source.name or 'model'}.{args.type}.gguf")
+    if out.exists() and not args.force:
+        raise OutputExistsError(f"output file {out} already exists", "choose another --out or pass --force to replace it")
+    if is_gguf and source.exists() and out.resolve() == source.resolve():
+        raise OutputExistsError(f"--out {out} would replace the model being exported", "write the GGUF file to another path")
+    _status(f"loading {args.model}")
+    loaded = load_gguf(source, keep_quantized=True) if is_gguf else load_model(args.model)
+    path = export_gguf(loaded, out, args.type, float_type=args.float_type, force=args.force)
+    _status(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    print(path)
     return 0
 
 
@@ -387,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     _add_generate_parser(sub)
+    p = sub.add_parser("export", help="write a quantized model as a GGUF file for llama.cpp / Ollama (exact block formats)")
+    p.add_argument("model", help="compressed folder, or a .gguf file (its quantized tensors are kept as they are)")
+    p.add_argument("--format", choices=("gguf",), default="gguf", help="output format (gguf)")
+    p.add_argument("--type", required=True, choices=("Q8_0", "Q4_0", "Q4_1"), help="GGUF block type of the linear layers")
+    p.add_argument("--float-type", choices=("F16", "F32"), default="F16", help="type of unquantized matrices (norms are always F32)")
+    p.add_argument("--out", default=None, help="output .gguf file (default: NAME.TYPE.gguf in the current folder)")
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

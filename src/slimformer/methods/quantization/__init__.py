@@ -14,6 +14,7 @@ from slimformer.methods.quantization.eora import EoRAConfig, LowRankCompensated
 from slimformer.methods.quantization.bitstack import BitStackConfig, BitStackLinear
 from slimformer.methods.quantization.mixed_precision import MixedPrecisionConfig, allocate_bits
 from slimformer.methods.quantization.smoothquant import SmoothQuantConfig
+from slimformer.methods.quantization.gguf_blocks import GGUFBlockEmbedding, GGUFBlockLinear
 
 __all__ = [
     "AWQConfig",
@@ -34,6 +35,8 @@ __all__ = [
     "VPTQConfig",
     "VQLinear",
     "vptq_quantize",
+    "GGUFBlockEmbedding",
+    "GGUFBlockLinear",
     "GPTQConfig",
     "MixedPrecisionConfig",
     "SmoothQuantConfig",
