@@ -7,18 +7,29 @@ import time
 import torch
 
 from slimformer.methods import CompressionContext, apply_method
+from slimformer.methods.preflight import check_fits, estimate_peak
+from slimformer.methods.streaming import STREAMABLE_METHODS, materialize_all
 from slimformer.models.loading import LoadedModel, max_positions
 from slimformer.recipe import Recipe
 
 
-def compress(loaded: LoadedModel, recipe: Recipe, progress: bool = False) -> LoadedModel:
+def compress(loaded: LoadedModel, recipe: Recipe, progress: bool = False, preflight: bool = True) -> LoadedModel:
     """Apply every step of ``recipe`` to ``loaded`` in place and return it.
 
     Each step's record (what it touched, which kernel each layer got, dropped layers, measured
     sparsity, time taken) is appended to ``loaded.applied``; the recipe is kept for the manifest.
+    With ``preflight`` the job's peak memory is estimated first and a job that cannot fit is
+    refused (``InsufficientMemoryError``) before any work. A model loaded with streamed weights
+    (``slimformer.methods.streaming.load_streamed``) keeps its blocks on disk until a blockwise
+    step reaches them; other steps load the whole model first.
     """
     ctx = CompressionContext(recipe.calibration, progress=progress)
     ctx.max_positions = max_positions(loaded)
+    ctx.weights = getattr(loaded, "streamed_weights", None)
+    if preflight:
+        check_fits(estimate_peak(loaded, recipe, ctx))
+    if ctx.weights is not None and any(s.requires_original_weights for s in recipe.steps):
+        materialize_all(loaded)
     if any(step.requires_original_weights for step in recipe.steps):
         ctx.original_weights = {
             name: module.weight.detach().float().clone()
@@ -26,8 +37,12 @@ def compress(loaded: LoadedModel, recipe: Recipe, progress: bool = False) -> Loa
             if isinstance(module, torch.nn.Linear)
         }
     for step in recipe.steps:
+        if ctx.weights is not None and step.name not in STREAMABLE_METHODS:
+            materialize_all(loaded)
         t0 = time.perf_counter()
         record = apply_method(loaded, step, ctx)
         loaded.applied.append({"step": step.to_dict(), "seconds": round(time.perf_counter() - t0, 3), **record})
+    if ctx.weights is not None:
+        materialize_all(loaded)  # blocks no step selected
     loaded.recipe = recipe.to_dict()
     return loaded

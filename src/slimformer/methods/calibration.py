@@ -552,6 +552,8 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
                     for b in range(len(batches)):
                         store.put(b, run_block(block, store.get(b), calls[b][i]).detach())
         if tail:
+            if ctx.weights is not None:
+                ctx.weights.materialize("", model)  # e.g. an output head left on disk
             stats = _tail_statistics(model, adapter, {n: model.get_submodule(n) for n in tail}, store, batches, hessian, keep_samples, as_tuple)
             for n in tail:
                 if stats.count[n] == 0:

@@ -87,6 +87,7 @@ def gptq_quantize(
     W = W[:, perm]
     H = H[perm][:, perm]
     Hinv = _inverse_hessian_cholesky(H, damp)
+    del H  # only the inverse factor is needed from here on (bounds memory on wide layers)
     if group_size is not None and not static and block_size % g:
         block_size = g * max(1, block_size // g)
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
@@ -120,11 +121,14 @@ def gptq_quantize(
 def _inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of the damped inverse Hessian (float32), raising damping if needed."""
     diag_mean = torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
     for attempt in range(6):
         try:
-            L = torch.linalg.cholesky(H + (damp * 10**attempt) * diag_mean * eye)
+            damped = H.clone()  # damping added in place: no (in, in) identity or sum temporaries
+            damped.diagonal().add_((damp * 10**attempt) * diag_mean)
+            L = torch.linalg.cholesky(damped)
+            del damped
             Hinv = torch.cholesky_inverse(L)
+            del L
             return torch.linalg.cholesky(Hinv, upper=True).float()
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
             continue

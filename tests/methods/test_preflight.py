@@ -1,0 +1,106 @@
+"""Memory pre-flight: the estimate holds against a measured peak, and a job that cannot fit is
+refused in one line naming the setting to change, before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimformer.compress import compress
+from slimformer.methods.preflight import InsufficientMemoryError, check_fits, estimate_peak
+from slimformer.recipe import Recipe
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+CHILD = r"""
+import json, os, resource, sys
+import torch, transformers
+import transformers.models.llama.modeling_llama
+from slimformer.compress import compress
+from slimformer.methods.preflight import estimate_peak
+from slimformer.models.loading import from_module
+from slimformer.models.tiny import tiny_tokenizer
+from slimformer.recipe import Recipe
+
+torch.set_num_threads(1)
+tok = tiny_tokenizer()
+def rss():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+baseline = rss()
+config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+torch.manual_seed(0)
+loaded = from_module(transformers.AutoModelForCausalLM.from_config(config), tok)
+recipe = Recipe.from_dict(json.loads(sys.argv[1]))
+estimate = estimate_peak(loaded, recipe)
+compress(loaded, recipe)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"measured": peak - baseline, "estimate": estimate.to_dict()}))
+"""
+
+
+def _measure(recipe: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(SRC), MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(recipe)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_estimate_is_within_25_percent_of_the_measured_peak():
+    recipe = {"slimformer_recipe": 1, "name": "m", "calibration": {"n_samples": 32, "max_length": 128, "batch_size": 16},
+              "steps": [{"method": "gptq", "bits": 4, "group_size": 64}]}
+    out = _measure(recipe)
+    measured, estimated = out["measured"], out["estimate"]["total_bytes"]
+    assert 0.75 * measured <= estimated <= 1.25 * measured, (measured, out["estimate"])
+
+
+def _recipe(**calibration) -> Recipe:
+    return Recipe.from_dict({"slimformer_recipe": 1, "name": "r", "calibration": {"n_samples": 16, "max_length": 48, "batch_size": 8, **calibration},
+                             "steps": [{"method": "gptq", "bits": 4, "group_size": 16}]})
+
+
+def test_estimate_grows_with_calibration_and_shrinks_with_spilling(tiny_factory):
+    loaded = tiny_factory("llama")
+    small = estimate_peak(loaded, _recipe())
+    more = estimate_peak(loaded, _recipe(n_samples=64))
+    spilled = estimate_peak(loaded, _recipe(n_samples=64, offload="disk"))
+    assert more.parts["activations"] > 3 * small.parts["activations"]
+    assert spilled.parts["activations"] < more.parts["activations"]
+    assert small.parts["model"] == sum(p.numel() * p.element_size() for p in loaded.model.parameters()) + sum(b.numel() * b.element_size() for b in loaded.model.buffers())
+    assert small.parts["statistics"] > 0 and small.parts["method"] > 0
+
+
+def test_a_job_that_cannot_fit_is_refused_before_any_work(tiny_factory, monkeypatch):
+    loaded = tiny_factory("llama")
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    estimate = estimate_peak(loaded, _recipe())
+    monkeypatch.setenv("SLIMFORMER_MEMORY_LIMIT", str(estimate.additional_bytes - 1))
+    with pytest.raises(InsufficientMemoryError) as err:
+        compress(loaded, _recipe())
+    message = str(err.value)
+    assert "\n" not in message and "MiB" in message and "; " in message
+    assert any(s in message for s in ("calibration.n_samples", "calibration.max_length", "calibration.batch_size", "offload"))
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was touched
+    assert loaded.applied == []
+    monkeypatch.setenv("SLIMFORMER_MEMORY_LIMIT", str(estimate.additional_bytes))
+    compress(loaded, _recipe())  # exactly enough: it runs
+
+
+def test_the_refusal_names_the_setting_of_the_largest_part():
+    from slimformer.methods.preflight import MemoryEstimate
+
+    acts = MemoryEstimate(parts={"model": 10, "activations": 100, "statistics": 5}, resident=10, settings={"streamed": False})
+    with pytest.raises(InsufficientMemoryError, match="offload: disk"):
+        check_fits(acts, available=50)
+    model = MemoryEstimate(parts={"model": 100, "activations": 10}, resident=0, settings={"streamed": False})
+    with pytest.raises(InsufficientMemoryError, match="stream"):
+        check_fits(model, available=50)
+    check_fits(acts, available=105)
