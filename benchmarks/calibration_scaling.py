@@ -41,16 +41,10 @@ SMALL_CONFIG = dict(hidden_size=576, intermediate_size=1536, vocab_size=49152, n
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "flags": {f: f in flags for f in ("avx512_vnni", "avx512_bf16", "amx_tile")}}
+    from slimformer.runtime import machine
+
+    flags = set(machine.cpu_flags())
+    return {"cpu": machine.cpu_model(), "flags": {f: f in flags for f in ("avx512_vnni", "avx512_bf16", "amx_tile")}, "cores": os.cpu_count()}
 
 
 def _rss_now() -> int:

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from slimformer.models import load_model
+from slimformer.runtime import machine
 from slimformer.search import Budget, SearchSpace, search
 from slimformer.search.database import LevelDatabase
 from slimformer.search.evolution import evolve
@@ -39,17 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    keep = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    return {"model": model, "flags": [f for f in keep if f in flags], "threads": torch.get_num_threads(), "loadavg": os.getloadavg(), "torch": torch.__version__}
+    sig = machine.signature()
+    return {"model": sig["cpu"], "flags": sig["flags"], "threads": sig["threads"], "loadavg": os.getloadavg(), "torch": sig["torch"]}
 
 
 def ray_check(loaded, space: SearchSpace, out: Path, budget: Budget, generations: int) -> dict:

@@ -23,7 +23,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -94,16 +93,10 @@ def load_smollm2():
 
 
 def cpu_info() -> dict:
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"model": model, "flags": {f: f in flags for f in ("avx512_vnni", "avx512_bf16", "amx_tile")}, "cores": os.cpu_count()}
+    from slimformer.runtime import machine
+
+    flags = set(machine.cpu_flags())
+    return {"model": machine.cpu_model(), "flags": {f: f in flags for f in ("avx512_vnni", "avx512_bf16", "amx_tile")}, "cores": os.cpu_count()}
 
 
 def _median_times(fns: dict, repeats: int = 15, warmup: int = 3) -> dict[str, float]:
