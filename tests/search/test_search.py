@@ -267,3 +267,29 @@ def test_cli_search_on_a_model_folder_and_its_bad_input(tmp_path, tiny_folder, r
         code, out, err = run_cli("search", tiny_folder, "--space", space, "--out", tmp_path / "bad", *args)
         assert code == 2 and err.startswith("slimformer: error: ") and problem in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "bad").exists()
+
+
+def test_joint_space_removes_sublayers_within_a_byte_budget(tiny_factory, tmp_path):
+    from slimformer.io.serialization import load_compressed
+    from slimformer.search.units import DROP, build_units
+
+    loaded = tiny_factory("llama")
+    levels = QuantizationLevels(bits=(2, 4, 8), group_size=32, drop=("attention", "mlp"))
+    space = SearchSpace(levels, EvolutionSettings(generations=3, offspring=4, stages=((2, 1), (1, 2))), CAL)
+    db = build_database(loaded, space, tmp_path / "db")
+    units = build_units(loaded, db, levels)
+    assert len(units) == 2 * 4 and all(u.levels[0] == DROP for u in units)
+    assert sorted(n for u in units for n in u.linears) == sorted(db.units)
+    # A byte budget below the smallest all-2-bit model forces some sub-layers out.
+    two_bit = sum(levels.stored_bits(*db.shapes[u], 2) for u in db.units) // 8
+    label = f"bytes={two_bit * 0.8:g}"
+    out = search(loaded, space, [Budget("bytes", two_bit * 0.8)], tmp_path / "s", eval_texts=8, eval_max_length=48)
+    entry = out.front["budgets"][label]
+    assert entry["within_budget"] and entry["searched"]["stored_bytes"] <= two_bit * 0.8
+    removed = entry["removed_sublayers"]
+    assert removed, "the budget cannot be met without removing sub-layers"
+    model = load_compressed(tmp_path / "s" / label / "model")
+    structure = model.manifest["structure"].get("blocks", {})
+    blocks_gone = 4 - model.adapter.num_layers()
+    assert sum(len(b.get("removed", [])) for b in structure.values()) + 2 * blocks_gone == len(removed)
+    assert len(entry["bits"]) == len(db.units) - sum(len(u.linears) for u in units if f"{u.block}.{u.kind}" in removed)
