@@ -118,7 +118,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--label", default=None)
-    ap.add_argument("--space", default=str(ROOT / "recipes" / "search-bits.yaml"))
+    ap.add_argument("--space", default=str(ROOT / "recipes" / "search" / "bits.yaml"))
     ap.add_argument("--budget", action="append", default=None)
     ap.add_argument("--generations", type=int, default=None)
     ap.add_argument("--offspring", type=int, default=None)

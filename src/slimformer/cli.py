@@ -313,6 +313,9 @@ def cmd_search(args) -> int:
             p = entry[name]
             print(f"| {label} {'DP allocation' if name == 'dp' else 'EvoPress'} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {p['distortion']:.5f} |")
     _status(f"wrote {outcome.folder} (front.json, front.png, one model per budget) in {outcome.seconds:.0f} s")
+    return 0
+
+
 def cmd_export(args) -> int:
     from slimformer.io.gguf_export import export_gguf
     from slimformer.io.gguf_import import load_gguf
@@ -381,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="search per-layer bit widths under budgets (EvoPress); writes models, front.json and front.png")
     p.add_argument("model", nargs="?", default=None, help="model folder, .gguf, hub id or 'default'")
-    p.add_argument("--space", required=True, help="search space file (.yaml/.json); see recipes/search-*.yaml")
+    p.add_argument("--space", required=True, help="search space file (.yaml/.json); see recipes/search/")
     p.add_argument("--budget", action="append", required=True, help="KIND=VALUE, e.g. bits=3.0 (average code bits per weight) or bytes=40e6; repeat to trace a front")
     p.add_argument("--out", required=True, help="search folder (resumed when it holds the same search)")
     p.add_argument("--generations", type=int, default=None, help="override the space file's generations")

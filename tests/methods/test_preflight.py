@@ -54,7 +54,10 @@ def _measure(recipe: dict) -> dict:
 
 
 def test_estimate_is_within_25_percent_of_the_measured_peak():
-    recipe = {"slimformer_recipe": 1, "name": "m", "calibration": {"n_samples": 32, "max_length": 128, "batch_size": 16},
+    # The estimate covers the model side (weights, activations, statistics); the calibration
+    # text itself (the default mixed source parses the whole standard library) is not in it, so
+    # the test uses one source whose text is small next to what it measures.
+    recipe = {"slimformer_recipe": 1, "name": "m", "calibration": {"source": "pydoc-topics", "n_samples": 32, "max_length": 128, "batch_size": 16},
               "steps": [{"method": "gptq", "bits": 4, "group_size": 64}]}
     out = _measure(recipe)
     measured, estimated = out["measured"], out["estimate"]["total_bytes"]

@@ -1,6 +1,6 @@
 """The search entry point: level database -> DP start -> EvoPress per budget -> models, front, plot.
 
-    result = search(loaded, SearchSpace.from_file("recipes/search-bits.yaml"),
+    result = search(loaded, SearchSpace.from_file("recipes/search/bits.yaml"),
                     [Budget("bits", 3.0), Budget("bits", 2.5)], "runs/search")
 
 The output folder is the search's working folder and its result:
