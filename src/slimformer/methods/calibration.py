@@ -209,6 +209,12 @@ def stages_of_block(model: nn.Module, block: nn.Module, names: list[str], batch:
     finally:
         for h in handles:
             h.remove()
+    return _stages_from_call_order(order, list(names))
+
+
+def _stages_from_call_order(order: list[tuple[str, torch.Tensor]], names: list[str]) -> list[list[str]]:
+    """Group layers recorded in call order with their input tensors into stages: consecutive
+    layers reading the very same tensor share a stage; layers that never ran come last."""
     stages: list[list[str]] = []
     last_input = None
     for n, x in order:
@@ -392,16 +398,7 @@ def _block_stages(block: nn.Module, modules: dict[str, nn.Module], hidden: torch
     finally:
         for h in handles:
             h.remove()
-    stages: list[list[str]] = []
-    last_input = None
-    for n, x in order:
-        if stages and x is last_input:
-            stages[-1].append(n)
-        else:
-            stages.append([n])
-        last_input = x
-    missing = [n for n in modules if all(n != m for m, _ in order)]
-    return stages + ([missing] if missing else [])
+    return _stages_from_call_order(order, list(modules))
 
 
 class _StopWhenAllRan:
