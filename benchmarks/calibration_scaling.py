@@ -8,7 +8,7 @@ is reported above the baseline after imports. Three parts:
 * ``depth``: GPTQ 4-bit g64 on random Llamas of SmolLM2's width with 4/8/16/30 blocks: time and
   peak memory per depth (linear cost in depth, memory bounded by a block).
 * ``1b``: a random Llama of a 1B-class config (hidden 2048, 22 blocks, MLP 5632, vocabulary
-  32000, 32/4 heads) saved once as safetensors in /tmp, GPTQ 4-bit with streamed weights: peak
+  49152 (SmolLM2's tokenizer), 32/4 heads) saved once as safetensors in /tmp, GPTQ 4-bit with streamed weights: peak
   memory against its fp32 size and the pre-flight estimate.
 
     python benchmarks/calibration_scaling.py                 # all parts, writes results/calibration_scaling.*
@@ -34,7 +34,7 @@ STEM = "calibration_scaling"
 BIG_DIR = Path("/tmp/slimformer-llama-1b-random")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-BIG_CONFIG = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, vocab_size=32000, num_attention_heads=32,
+BIG_CONFIG = dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, vocab_size=49152, num_attention_heads=32,
                   num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
 SMALL_CONFIG = dict(hidden_size=576, intermediate_size=1536, vocab_size=49152, num_attention_heads=9, num_key_value_heads=3,
                     max_position_embeddings=2048, tie_word_embeddings=True)
@@ -265,7 +265,7 @@ def markdown(meta: dict, res: dict) -> str:
         r = res["1b"]
         est = r["estimate"]["total_bytes"]
         lines += [
-            "## Streamed weights: GPTQ 4-bit g128 on a random 1B-class Llama (2048 wide, 22 blocks, MLP 5632, vocab 32000, 32/4 heads)",
+            "## Streamed weights: GPTQ 4-bit g128 on a random 1B-class Llama (2048 wide, 22 blocks, MLP 5632, vocab 49152, 32/4 heads)",
             "",
             "Weights of blocks not being worked on stay in the safetensors file; each block is loaded, calibrated, quantized and kept only compressed.",
             "",

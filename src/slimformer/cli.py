@@ -288,7 +288,7 @@ def cmd_search(args) -> int:
     from slimformer.search import Budget, SearchSpace, search
 
     space = SearchSpace.from_file(args.space)
-    budgets = [Budget.parse(b) for b in args.budget]
+    budgets = [Budget.parse(b) for b in args.budget or []]
     if args.generations is not None or args.seed is not None:
         import dataclasses
 
@@ -301,7 +301,7 @@ def cmd_search(args) -> int:
     if loaded.manifest is not None:
         raise SlimformerError(f"{args.model} is already a compressed folder", "search on the original model instead")
     outcome = search(loaded, space, budgets, args.out, ray=args.ray, workers=args.workers, eval_source=args.eval_source or "stdlib-docs",
-                     eval_texts=args.eval_texts or 64, force=args.force, progress=not args.quiet)
+                     eval_texts=args.eval_texts or 64, force=args.force, progress=not args.quiet, pareto=args.pareto)
     front = outcome.front
     metric = "KL" if front["kind"] == "causal-lm" else "1-cos"
     print(f"| setting | code bits/weight | stored bits/weight | held-out {metric} |")
@@ -312,6 +312,8 @@ def cmd_search(args) -> int:
         for name in ("dp", "searched"):
             p = entry[name]
             print(f"| {label} {'DP allocation' if name == 'dp' else 'EvoPress'} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {p['distortion']:.5f} |")
+    for p in (front.get("pareto") or {}).get("members", []):
+        print(f"| NSGA-II front {p['label']} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {p['distortion']:.5f} |")
     _status(f"wrote {outcome.folder} (front.json, front.png, one model per budget) in {outcome.seconds:.0f} s")
     return 0
 
@@ -385,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="search per-layer bit widths under budgets (EvoPress); writes models, front.json and front.png")
     p.add_argument("model", nargs="?", default=None, help="model folder, .gguf, hub id or 'default'")
     p.add_argument("--space", required=True, help="search space file (.yaml/.json); see recipes/search/")
-    p.add_argument("--budget", action="append", required=True, help="KIND=VALUE, e.g. bits=3.0 (average code bits per weight) or bytes=40e6; repeat to trace a front")
+    p.add_argument("--budget", action="append", default=None, help="KIND=VALUE, e.g. bits=3.0 (average code bits per weight) or bytes=40e6; repeat to trace a front")
+    p.add_argument("--pareto", action="store_true", help="also search the whole quality/bits front at once (NSGA-II, the space file's 'pareto' settings)")
     p.add_argument("--out", required=True, help="search folder (resumed when it holds the same search)")
     p.add_argument("--generations", type=int, default=None, help="override the space file's generations")
     p.add_argument("--seed", type=int, default=None, help="override the space file's seed")

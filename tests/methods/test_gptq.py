@@ -55,3 +55,36 @@ def test_true_sequential_stages_follow_the_block_dataflow(tiny_factory, fast_cal
         batch = CompressionContext(fast_calibration).batches(loaded.tokenizer)[0]
         stages = stages_of_block(loaded.model, adapter.blocks()[0], names, batch)
         assert [sorted(n[len(prefix):] for n in stage) for stage in stages] == [sorted(e) for e in expected], family
+
+
+def test_clip_search_never_worse_than_min_max_per_group():
+    """The searched per-group range has weighted rounding error <= min-max's in every group
+    (min-max is one of the candidates), and strictly less somewhere on heavy-tailed weights."""
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
+    W = torch.distributions.StudentT(3.0).sample((32, 128))  # heavy tails: clipping pays
+    imp = torch.rand(128, generator=g) + 0.1
+
+    def group_err(shrink):
+        s, z = grid.grid_params(W, 4, 32, False, shrink=shrink)
+        dq = grid.dequantize_codes(grid.quantize_codes(W, s, z, 4), s, z)
+        return (((dq - W) ** 2) * imp).reshape(32, 4, 32).sum(-1)
+
+    shrink = grid.search_shrink(W, 4, 32, False, imp)
+    assert shrink.shape == (32, 4) and float(shrink.min()) >= 0.75 and float(shrink.max()) <= 1.0
+    searched, minmax = group_err(shrink), group_err(1.0)
+    assert torch.all(searched <= minmax + 1e-6)
+    assert float(searched.sum()) < 0.95 * float(minmax.sum())
+    assert torch.equal(grid.search_shrink(W, 4, 32, False, imp, candidates=(1.0,)), torch.ones(32, 4))
+
+
+def test_gptq_clip_search_lowers_output_error():
+    torch.manual_seed(2)
+    X = _correlated_inputs()
+    W = torch.distributions.StudentT(3.0).sample((64, 128))
+    H = X.t() @ X / X.shape[0]
+    errs = {}
+    for clip in (False, True):
+        codes, scale, zero = gptq_quantize(W, H, 3, 32, symmetric=False, act_order=True, clip_search=clip)
+        errs[clip] = float((X @ (W - grid.dequantize_codes(codes, scale, zero)).t()).pow(2).mean())
+    assert errs[True] < errs[False]

@@ -11,8 +11,11 @@ The output folder is the search's working folder and its result:
 - ``<budget>/journal.jsonl``: one line per generation (resume after a kill);
 - ``<budget>/model/``: the best model, saved like any compressed model; its recipe lists the
   per-layer choices as one step per bit width (re-appliable with ``slimformer compress``);
+- ``pareto/journal.jsonl`` and ``pareto/<i>-bits=<b>/model/`` (with ``pareto=True``): the NSGA-II
+  front over all costs (:mod:`slimformer.search.nsga2`), a few of its members re-measured on
+  held-out text and saved;
 - ``front.json`` and ``front.png``: held-out quality against cost for every uniform level, the DP
-  allocation and the searched model at each budget.
+  allocation and the searched model at each budget (and the NSGA-II front).
 
 A search interrupted at any point resumes from what its folder holds when run again with the
 same arguments, and ends with the same result.
@@ -38,6 +41,7 @@ from slimformer.models.loading import max_positions
 from slimformer.search.database import LevelDatabase, build_database
 from slimformer.search.evolution import dp_allocation, evolve, sensitivities, total_cost
 from slimformer.search.fitness import Evaluator, reference_outputs
+from slimformer.search.nsga2 import pareto_search, spread
 from slimformer.search.pool import LocalPool, RayPool
 from slimformer.search.space import Budget, SearchSpace
 from slimformer.search.units import DROP, Unit, build_units, costs_of
@@ -123,10 +127,11 @@ def choice(units: list[Unit], levels: list[int]) -> tuple[dict[str, int], list[t
 
 def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.PathLike, ray: str | None = None,
            workers: int = 2, eval_source: str = "stdlib-docs", eval_texts: int = 64, eval_max_length: int = 256,
-           force: bool = False, progress: bool = False, save_models: bool = True) -> SearchOutcome:
-    """Search each budget's best per-layer levels; write models, ``front.json`` and ``front.png``."""
-    if not budgets:
-        raise ConfigError("no budget given", "pass at least one --budget, e.g. --budget bits=3.0")
+           force: bool = False, progress: bool = False, save_models: bool = True, pareto: bool = False) -> SearchOutcome:
+    """Search each budget's best per-layer levels (and with ``pareto`` the NSGA-II front over all
+    costs); write models, ``front.json`` and ``front.png``."""
+    if not budgets and not pareto:
+        raise ConfigError("no budget given", "pass at least one --budget, e.g. --budget bits=3.0, or --pareto for the whole front")
     t0 = time.perf_counter()
     out = Path(out_dir)
     source = str(loaded.source)
@@ -137,7 +142,7 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
     ctx.max_positions = max_positions(loaded)
     db = build_database(loaded, space, out / "levels", ctx, progress)
     batches = ctx.batches(loaded.tokenizer)
-    needed = space.evolution.stages[-1][1]
+    needed = max(space.evolution.stages[-1][1], space.pareto.batches if pareto else 1)
     if len(batches) < needed:
         raise ConfigError(
             f"the calibration text gives {len(batches)} batches but the last search stage scores on {needed}",
@@ -165,6 +170,10 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
             folder.mkdir(exist_ok=True)
             evo = evolve(pool, costs, limit, dp, space.evolution, journal=folder / "journal.jsonl", progress=progress)
             results[budget.label] = {"budget": budget, "costs": costs, "limit": limit, "dp": dp, "evo": evo}
+        if pareto:
+            (out / "pareto").mkdir(exist_ok=True)
+            bit_costs, _ = costs_of(units, db, space.levels, Budget("bits", 1.0))
+            pareto_result = pareto_search(pool, bit_costs, space.pareto, journal=out / "pareto" / "journal.jsonl", progress=progress)
     finally:
         pool.close()
 
@@ -196,19 +205,36 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
         }
         front["budgets"][label] = entry
         if save_models:
-            from slimformer.io.serialization import quantized_modules, save_compressed
-
-            model = assemble(loaded, db, bits_of, removed)
-            quantized = quantized_modules(model.model)
-            model.applied.append({"step": {"method": "search", "budget": label}, "bits": bits_of, "removed_sublayers": entry["removed_sublayers"],
-                                  "kernels": {n: m.kernel for n, m in quantized.items()}})
-            model.recipe = searched_recipe(space, bits_of, label, removed)
-            save_compressed(model, out / label / "model", evaluation={"kind": loaded.kind, "quality": entry["searched"]["quality"]}, force=True)
+            _save_searched(loaded, db, space, units, evo.levels, label, entry["searched"], out / label / "model")
+    if pareto:
+        members = []
+        for i, member in enumerate(spread(pareto_result.front, space.pareto.points)):
+            p = point(member["levels"])
+            label = f"{i}-bits={p['code_bits_per_weight']:.3f}"
+            members.append({**p, "label": label, "levels": member["levels"], "calibration_fitness": member["fitness"]})
+            if save_models:
+                _save_searched(loaded, db, space, units, member["levels"], label, p, out / "pareto" / label / "model")
+        front["pareto"] = {"settings": space.pareto.__dict__, "front_size": len(pareto_result.front), "evaluated": pareto_result.evaluated,
+                           "history": pareto_result.history, "calibration_front": [{"code_bits_per_weight": m["cost"] / n_weights, "fitness": m["fitness"]} for m in pareto_result.front],
+                           "members": members}
     front["seconds"] = time.perf_counter() - t0
     _write_json(out / "front.json", front)
     plot_front(front, out / "front.png")
     _write_json(out / STATE_NAME, {"space": space.to_dict(), "source": source, "complete": True})
     return SearchOutcome(out, front, front["seconds"])
+
+
+def _save_searched(loaded, db: LevelDatabase, space: SearchSpace, units: list[Unit], levels: list[int], label: str, measured: dict, folder: Path) -> None:
+    """Save the candidate ``levels`` like any compressed model, with a re-appliable recipe."""
+    from slimformer.io.serialization import quantized_modules, save_compressed
+
+    bits_of, removed = choice(units, levels)
+    model = assemble(loaded, db, bits_of, removed)
+    quantized = quantized_modules(model.model)
+    model.applied.append({"step": {"method": "search", "budget": label}, "bits": bits_of, "removed_sublayers": [f"{b}.{k}" for b, k in removed],
+                          "kernels": {n: m.kernel for n, m in quantized.items()}})
+    model.recipe = searched_recipe(space, bits_of, label, removed)
+    save_compressed(model, folder, evaluation={"kind": loaded.kind, "quality": measured["quality"]}, force=True)
 
 
 def plot_front(front: dict, path: Path) -> None:
@@ -225,6 +251,9 @@ def plot_front(front: dict, path: Path) -> None:
         pts = sorted((b[name] for b in front["budgets"].values()), key=lambda p: p["code_bits_per_weight"])
         ax.plot([p["code_bits_per_weight"] for p in pts], [p["distortion"] for p in pts], style + "-", ms=9 if style == "*" else 6,
                 label="DP allocation" if name == "dp" else "EvoPress search")
+    members = (front.get("pareto") or {}).get("members") or []
+    if members:
+        ax.plot([p["code_bits_per_weight"] for p in members], [p["distortion"] for p in members], "^:", color="C3", label="NSGA-II front")
     ax.set_yscale("log")
     ax.set_xlabel("average code bits per weight (searched layers)")
     ax.set_ylabel("KL to original (held-out)" if front["kind"] == "causal-lm" else "1 - mean cosine (held-out)")

@@ -30,13 +30,14 @@ from typing import Any
 import yaml
 
 from slimformer.errors import ConfigError, is_int_at_least
+from slimformer.search.nsga2 import ParetoSettings
 from slimformer.methods import CalibrationSettings
 from slimformer.methods.base import ModuleSelection
 from slimformer.methods.quantization import grid
 
 SPACE_VERSION = 1
 BUDGET_KINDS = ("bits", "bytes")
-_TOP_KEYS = ("slimformer_search", "name", "description", "calibration", "space", "search")
+_TOP_KEYS = ("slimformer_search", "name", "description", "calibration", "space", "search", "pareto")
 SCALE_BITS = 16  # bfloat16 scale per group, as stored
 ZERO_BITS = 8  # uint8 zero point per group (asymmetric grids)
 
@@ -135,6 +136,7 @@ class SearchSpace:
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     name: str = "search"
     description: str = ""
+    pareto: ParetoSettings = field(default_factory=ParetoSettings)
 
     def to_dict(self) -> dict[str, Any]:
         lv = dataclasses.asdict(self.levels)
@@ -145,6 +147,7 @@ class SearchSpace:
             "calibration": dataclasses.asdict(self.calibration),
             "space": {k: list(v) if isinstance(v, tuple) else v for k, v in lv.items()},
             "search": {**dataclasses.asdict(self.evolution), "stages": [list(s) for s in self.evolution.stages]},
+            "pareto": dataclasses.asdict(self.pareto),
         }
 
     @classmethod
@@ -157,7 +160,7 @@ class SearchSpace:
             if key not in _TOP_KEYS:
                 raise ConfigError(f"{origin}: unknown key {key!r}{_closest(key, _TOP_KEYS)}", f"use only {list(_TOP_KEYS)}")
         parts = {}
-        for key, klass in (("space", QuantizationLevels), ("search", EvolutionSettings), ("calibration", CalibrationSettings)):
+        for key, klass in (("space", QuantizationLevels), ("search", EvolutionSettings), ("calibration", CalibrationSettings), ("pareto", ParetoSettings)):
             section = data.get(key) or {}
             if not isinstance(section, dict):
                 raise ConfigError(f"{origin}: '{key}' must be a mapping", f"write e.g. {key}: {{...}}")
@@ -169,7 +172,8 @@ class SearchSpace:
                 parts[key] = klass(**section)
             except TypeError as e:
                 raise ConfigError(f"{origin}: bad {key} settings ({e})", f"use only {names}") from None
-        return cls(parts["space"], parts["search"], parts["calibration"], str(data.get("name", "search")), str(data.get("description", "")))
+        return cls(parts["space"], parts["search"], parts["calibration"], name=str(data.get("name", "search")), description=str(data.get("description", "")),
+                   pareto=parts["pareto"])
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SearchSpace":

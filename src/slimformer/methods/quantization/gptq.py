@@ -44,6 +44,7 @@ class GPTQConfig(WeightQuantConfig):
     damp: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
+    clip_search: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +65,7 @@ def gptq_quantize(
     act_order: bool = True,
     damp: float = 0.01,
     block_size: int = 128,
+    clip_search: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``weight`` (out, in) given ``hessian`` (in, in) = sum of x x^T over calibration tokens.
 
@@ -82,7 +84,8 @@ def gptq_quantize(
     zero = torch.empty(rows, groups)
     static = act_order or group_size is None
     if static:
-        scale, zero = grid.grid_params(W, bits, group_size, symmetric)
+        shrink = grid.search_shrink(W, bits, group_size, symmetric, torch.diag(H).float()) if clip_search else 1.0
+        scale, zero = grid.grid_params(W, bits, group_size, symmetric, shrink=shrink)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     W = W[:, perm]
     H = H[perm][:, perm]
@@ -136,9 +139,10 @@ def _inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def quantize_linear_gptq(module: torch.nn.Linear, hessian: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                         act_order: bool = True, damp: float = 0.01, block_size: int = 128, act_bits: int | None = None) -> QuantizedLinear:
+                         act_order: bool = True, damp: float = 0.01, block_size: int = 128, act_bits: int | None = None,
+                         clip_search: bool = False) -> QuantizedLinear:
     """The GPTQ-quantized replacement of ``module`` given its mean input Hessian (in, in)."""
-    codes, scale, zero = gptq_quantize(module.weight, hessian, bits, group_size, symmetric, act_order, damp, block_size)
+    codes, scale, zero = gptq_quantize(module.weight, hessian, bits, group_size, symmetric, act_order, damp, block_size, clip_search)
     new = QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, module.bias, act_bits=act_bits)
     new.set_compute_dtype(module.weight.dtype)
     return new
@@ -152,7 +156,7 @@ def apply_gptq(loaded, config: GPTQConfig, ctx) -> dict:
     for name, module, stats in blockwise(loaded, ctx, modules, hessian=True, desc="gptq", sequential=config.true_sequential):
         new = quantize_linear_gptq(
             module, stats.hessian[name] / stats.count[name], config.bits, config.group_size, config.symmetric,
-            config.act_order, config.damp, config.block_size, config.act_bits,
+            config.act_order, config.damp, config.block_size, config.act_bits, config.clip_search,
         )
         set_submodule(loaded.model, name, new)
         kernels[name] = new.kernel

@@ -65,6 +65,35 @@ def grid_params(
     return scale, zero
 
 
+def search_shrink(
+    w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, importance: torch.Tensor | None = None,
+    candidates: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75),
+) -> torch.Tensor:
+    """Per-group range shrink (rows, groups) that minimises the round-to-nearest error of ``w``.
+
+    The error of column j is weighted by ``importance[j]`` (cols,), e.g. the Hessian diagonal
+    (mean squared input of the column): clipping trades a larger error on rare outliers for a
+    finer grid on the bulk of each group. Candidates are tried in order; ties keep the larger
+    range, so ``candidates=(1.0,)`` is plain min-max.
+    """
+    rows, cols = w.shape
+    g = effective_group_size(cols, group_size)
+    groups = cols // g
+    wf = w.float()
+    imp = torch.ones(cols) if importance is None else importance.float().clamp(min=0)
+    imp = imp.reshape(1, groups, g)
+    best_err = torch.full((rows, groups), float("inf"))
+    best = torch.ones(rows, groups)
+    for c in candidates:
+        scale, zero = grid_params(wf, bits, group_size, symmetric, shrink=c)
+        dq = dequantize_codes(quantize_codes(wf, scale, zero, bits), scale, zero)
+        err = ((dq - wf).reshape(rows, groups, g) ** 2 * imp).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, c), best)
+    return best
+
+
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes (rows, cols) uint8 of ``w`` (rows, cols) on the grid ``scale``/``zero`` (rows, groups)."""
     rows, cols = w.shape
