@@ -39,6 +39,11 @@ STEPS = {
     "gptq": [{"method": "gptq", "bits": 4, "group_size": 32, "targets": ["linear", "head"]}],
     "awq": [{"method": "awq", "bits": 4, "group_size": 32, "n_grid": 4}],
     "sparsegpt": [{"method": "sparsegpt", "sparsity": 0.5, "storage": "sparse"}],
+    "adadim": [{"method": "adadim", "bits": 4, "group_size": 32}],
+    "svd-llm": [{"method": "svd-llm", "rank": 8}],
+    "asvd": [{"method": "asvd", "params_ratio": 0.8}],
+    "smoothquant": [{"method": "smoothquant", "n_grid": 4, "samples": 64}],
+    "rtn+eora": [{"method": "rtn", "bits": 3, "group_size": 32}, {"method": "eora", "rank": 4}],
     # two resumable steps and a plain one: a killed second step replays the first from its checkpoints
     "wanda+gptq+rtn": [
         {"method": "wanda", "sparsity": 0.25, "storage": "dense"},
@@ -116,7 +121,7 @@ def test_a_crashed_job_resumes_to_the_uninterrupted_bytes(name, tmp_path, calib,
     assert canonical_manifest(read_manifest(out)) == canonical_manifest(read_manifest(reference))
 
 
-def test_resume_of_another_job_is_refused(tmp_path, calib, tiny_factory, monkeypatch, run_cli):
+def test_ctrl_c_keeps_finished_blocks_and_a_resume_of_another_job_is_refused(tmp_path, calib, tiny_factory, monkeypatch, run_cli):
     llama = tiny_factory("llama")
     model = tmp_path / "model"
     llama.model.save_pretrained(model)
@@ -126,24 +131,40 @@ def test_resume_of_another_job_is_refused(tmp_path, calib, tiny_factory, monkeyp
     recipe_b = tmp_path / "b.json"
     recipe_b.write_text(json.dumps(_recipe(STEPS["gptq"], calib, seed=5).to_dict()))
     out = tmp_path / "out"
-    from slimformer.models import load_model
+    work = work_dir_for(out)
 
-    loaded = load_model(str(model))
-    assert _compress_and_save(loaded, Recipe.from_file(recipe_a), out, work=work_dir_for(out), crash_after=1, monkeypatch=monkeypatch) is None
-    journal = (work_dir_for(out) / "journal.json").read_bytes()
+    original_save = JobCheckpoint.save
+
+    def save_then_interrupt(self, *args, **kwargs):
+        original_save(self, *args, **kwargs)
+        if len(self.saved_units) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(JobCheckpoint, "save", save_then_interrupt)
+    code, _, err = run_cli("compress", model, "--recipe", recipe_a, "--out", out, "--no-eval", "--quiet")
+    monkeypatch.undo()
+    assert code == 2 and "2 finished blocks are kept" in err and "--resume" in err, err
+    assert not out.exists() and len(list(work.rglob("block-*.safetensors"))) == 2
+    journal = (work / "journal.json").read_bytes()
+
     code, _, err = run_cli("compress", model, "--recipe", recipe_b, "--out", out, "--resume", "--no-eval", "--quiet")
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("slimformer: error:")]
     assert len(lines) == 1 and "belongs to another job (its recipe differs" in lines[0] and "; " in lines[0], err
-    assert (work_dir_for(out) / "journal.json").read_bytes() == journal, "a refused resume must not touch the work folder"
-    assert not out.exists()
-    # the Python API raises the same error type
+    assert (work / "journal.json").read_bytes() == journal, "a refused resume must not touch the work folder"
+    assert len(list(work.rglob("block-*.safetensors"))) == 2 and not out.exists()
+    # the Python API raises the same error type (here: another model)
     with pytest.raises(ResumeError, match="its model differs"):
-        compress(copy.deepcopy(llama), Recipe.from_file(recipe_a), work_dir=work_dir_for(out), resume=True)
-    # the right recipe resumes and finishes; the work folder is gone afterwards
+        compress(copy.deepcopy(llama), Recipe.from_file(recipe_a), work_dir=work, resume=True)
+
+    restored: list[str] = []
+    original_restore = JobCheckpoint.restore
+    monkeypatch.setattr(JobCheckpoint, "restore", lambda self, unit, *a: (restored.append(unit), original_restore(self, unit, *a))[1])
     code, _, err = run_cli("compress", model, "--recipe", recipe_a, "--out", out, "--resume", "--no-eval", "--quiet")
     assert code == 0, err
-    assert not work_dir_for(out).exists()
+    assert restored == ["block-00000", "block-00001"] and not work.exists()
+    reference = _compress_and_save(llama, Recipe.from_file(recipe_a), tmp_path / "reference")
+    assert _sha(out / WEIGHTS_NAME) == _sha(reference / WEIGHTS_NAME)
 
 
 def test_stale_temporaries_and_work_folders_are_cleaned(tmp_path, calib, tiny_folder, run_cli):
@@ -187,6 +208,9 @@ def deep_llama_folder(tmp_path_factory):
     return folder
 
 
+SLOW_SAVE = 0.8
+
+
 class _Runner:
     """The fork runner (tests/fork_runner.py) as a subprocess."""
 
@@ -198,8 +222,9 @@ class _Runner:
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fork_runner.py")), str(warm_model)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
         assert json.loads(self.proc.stdout.readline())["ready"]
 
-    def run(self, argv: list[str], kill_after: float | None = None) -> dict:
-        self.proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "kill_after": kill_after, "log": str(self.log)}) + "\n")
+    def run(self, argv: list[str], kill_after: float | None = None, slow_save: float = 0.0, kill_when: list[str] | None = None) -> dict:
+        request = {"argv": [str(a) for a in argv], "kill_after": kill_after, "log": str(self.log), "slow_save": slow_save, "kill_when": kill_when}
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
@@ -225,7 +250,9 @@ def test_kill_at_random_moments_then_resume(tmp_path, calib, deep_llama_folder):
     t_start = time.perf_counter()
     try:
         args = ["compress", deep_llama_folder, "--recipe", recipe, "--no-eval", "--quiet"]
-        ref = runner.run(args + ["--out", tmp_path / "reference"])
+        # the output's weights file is written, then the child waits SLOW_SAVE s before the rest
+        # of the folder: about a fifth of the kills land while the output is being written
+        ref = runner.run(args + ["--out", tmp_path / "reference"], slow_save=SLOW_SAVE)
         assert ref["rc"] == 0, (tmp_path / "runs.log").read_text()[-3000:]
         expected = _sha(tmp_path / "reference" / WEIGHTS_NAME)
         duration = ref["seconds"]
@@ -233,14 +260,19 @@ def test_kill_at_random_moments_then_resume(tmp_path, calib, deep_llama_folder):
         out = tmp_path / "runs" / "out"
         work = work_dir_for(out)
         rng = random.Random(20261130)
-        kills = completions = resumed_completions = 0
+        kills = completions = resumed_completions = kills_while_writing = 0
         kills_with_blocks_done: list[int] = []
         while kills < kills_wanted:
             assert time.perf_counter() - t_start < 240, f"only {kills} kills in 240 s"
             blocks_before = len(list(work.rglob("block-*.safetensors"))) if work.is_dir() else 0
-            result = runner.run(args + ["--out", out, "--force", "--resume"], kill_after=rng.uniform(0.0, duration))
+            if kills % 4 == 3:  # a random moment while the output folder is being written
+                result = runner.run(args + ["--out", out, "--force", "--resume"], kill_after=rng.uniform(0.0, SLOW_SAVE), slow_save=SLOW_SAVE,
+                                    kill_when=[str(out.parent / ".out.partial-*" / WEIGHTS_NAME), str(out / WEIGHTS_NAME)])
+            else:  # a random moment of the whole run
+                result = runner.run(args + ["--out", out, "--force", "--resume"], kill_after=rng.uniform(0.0, duration), slow_save=SLOW_SAVE)
             if result["killed"]:
                 kills += 1
+                kills_while_writing += result["triggered"]
                 kills_with_blocks_done.append(len(list(work.rglob("block-*.safetensors"))) if work.is_dir() else 0)
                 if completions:  # a previous complete output is replaced in one step: never absent
                     _check_output(out, expected)
@@ -262,7 +294,8 @@ def test_kill_at_random_moments_then_resume(tmp_path, calib, deep_llama_folder):
     assert kills == kills_wanted
     assert resumed_completions >= 1 or final_resumed(kills_with_blocks_done), "no run resumed from checkpointed blocks"
     assert any(0 < n < 9 for n in kills_with_blocks_done), f"no kill landed between block checkpoints: {kills_with_blocks_done}"
-    print(f"\n{kills} kills, {completions} completed runs ({resumed_completions} resumed from checkpoints), uninterrupted run {duration:.2f} s, "
+    assert kills_while_writing >= 3, f"only {kills_while_writing} kills landed while the output was written"
+    print(f"\n{kills} kills ({kills_while_writing} while the output was written), {completions} completed runs ({resumed_completions} resumed from checkpoints), uninterrupted run {duration:.2f} s, "
           f"blocks checkpointed at each kill {kills_with_blocks_done}, total {time.perf_counter() - t_start:.1f} s")
 
 

@@ -161,6 +161,7 @@ class JobCheckpoint:
             else:
                 if not resume:
                     log.warning("removing the work folder of an unfinished job, %s (pass resume to continue it instead)", folder)
+                journal.unlink(missing_ok=True)  # first: a kill while clearing leaves no journal
                 for child in folder.iterdir():  # keep the folder (and its lock) itself
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         else:
