@@ -42,7 +42,6 @@ STEPS = {
     "adadim": [{"method": "adadim", "bits": 4, "group_size": 32}],
     "svd-llm": [{"method": "svd-llm", "rank": 8}],
     "asvd": [{"method": "asvd", "params_ratio": 0.8}],
-    "smoothquant": [{"method": "smoothquant", "n_grid": 4, "samples": 64}],
     "rtn+eora": [{"method": "rtn", "bits": 3, "group_size": 32}, {"method": "eora", "rank": 4}],
     # two resumable steps and a plain one: a killed second step replays the first from its checkpoints
     "wanda+gptq+rtn": [
@@ -208,7 +207,7 @@ def deep_llama_folder(tmp_path_factory):
     return folder
 
 
-SLOW_SAVE = 0.8
+SLOW_SAVE = 0.5
 
 
 class _Runner:
@@ -250,8 +249,8 @@ def test_kill_at_random_moments_then_resume(tmp_path, calib, deep_llama_folder):
     t_start = time.perf_counter()
     try:
         args = ["compress", deep_llama_folder, "--recipe", recipe, "--no-eval", "--quiet"]
-        # the output's weights file is written, then the child waits SLOW_SAVE s before the rest
-        # of the folder: about a fifth of the kills land while the output is being written
+        # each child waits SLOW_SAVE s after writing the output's weights file, before the rest of
+        # the folder: a window that every fourth kill aims at (and random ones may hit)
         ref = runner.run(args + ["--out", tmp_path / "reference"], slow_save=SLOW_SAVE)
         assert ref["rc"] == 0, (tmp_path / "runs.log").read_text()[-3000:]
         expected = _sha(tmp_path / "reference" / WEIGHTS_NAME)

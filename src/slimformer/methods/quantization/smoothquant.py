@@ -44,7 +44,6 @@ class SmoothQuantConfig(MethodConfig, ModuleSelection):
     paper = "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large Language Models (Xiao et al., 2023)"
     summary = "W8A8 linears on the int8 matrix units, activation outliers migrated into the weights (per-layer searched strength)"
     requires_calibration = True
-    resumable = True
 
     alpha: float | None = None
     n_grid: int = 10
@@ -106,9 +105,9 @@ def smooth_layer(weight: torch.Tensor, act_absmax: torch.Tensor, samples: torch.
 @register_method(SmoothQuantConfig)
 def apply_smoothquant(loaded, config: SmoothQuantConfig, ctx) -> dict:
     modules = select_modules(loaded, config, types=(torch.nn.Linear,))
-    kernels = ctx.layer_record("kernels")
-    alphas = ctx.layer_record("alpha")
-    grids = ctx.layer_record("activation_grid")
+    kernels: dict[str, str] = {}
+    alphas: dict[str, float] = {}
+    grids: dict[str, str] = {}
     act_grids = {"symmetric": (True,), "asymmetric": (False,), "search": (True, False)}[config.activation_grid]
     for name, module, stats in blockwise(loaded, ctx, modules, hessian=False, desc="smoothquant", keep_samples=config.samples):
         w = module.weight.detach().float()
