@@ -1,6 +1,6 @@
 """Command line: a thin layer over the Python API.
 
-    slimformer compress [MODEL] --recipe RECIPE --out DIR [--force]
+    slimformer compress [MODEL] --recipe RECIPE --out DIR [--force] [--resume]
     slimformer eval MODEL_OR_DIR [--against ORIGINAL] [--json]
     slimformer methods
     slimformer report DIR [--out DIR]
@@ -47,10 +47,12 @@ def cmd_compress(args) -> int:
     from slimformer.compress import compress
     from slimformer.evaluate import evaluate
     from slimformer.evaluate.report import markdown_table, row_of
-    from slimformer.io.serialization import prepare_output_dir, read_manifest, save_compressed
+    from slimformer.io.serialization import clean_stale_temporaries, prepare_output_dir, read_manifest, save_compressed
+    from slimformer.methods.checkpoint import remove_work_dir, work_dir_for
     from slimformer.models import load_model
     from slimformer.recipe import Recipe
 
+    clean_stale_temporaries(args.out)
     prepare_output_dir(args.out, args.force)
     if args.model not in (None, "default") and Path(args.model).exists():
         source, out = Path(args.model).resolve(), Path(args.out).resolve()
@@ -63,17 +65,42 @@ def cmd_compress(args) -> int:
     if original.manifest is not None:
         raise SlimformerError(f"{args.model} is already a compressed folder", "compress the original model instead")
     model = copy.deepcopy(original)
-    _status(f"applying recipe {recipe.name!r} ({len(recipe.steps)} steps)")
-    compress(model, recipe, progress=not args.quiet)
-    evaluation = None
-    if not args.no_eval:
-        _status("evaluating against the original on held-out text")
-        evaluation = evaluate(original, model, settings, progress=not args.quiet, execution=_execution(args))
-        _warn_quality_gap(evaluation)
-    out = save_compressed(model, args.out, evaluation=evaluation, force=args.force)
+    work = work_dir_for(args.out)
+    if work.is_dir() and not args.resume:
+        print(f"slimformer: warning: removing the work folder {work} of an unfinished job (pass --resume to continue it)", file=sys.stderr)
+    _status(f"applying recipe {recipe.name!r} ({len(recipe.steps)} steps){' (resuming)' if args.resume and work.is_dir() else ''}")
+    try:
+        compress(model, recipe, progress=not args.quiet, work_dir=work, resume=args.resume)
+        evaluation = None
+        if not args.no_eval:
+            _status("evaluating against the original on held-out text")
+            evaluation = evaluate(original, model, settings, progress=not args.quiet, execution=_execution(args))
+            _warn_quality_gap(evaluation)
+        out = save_compressed(model, args.out, evaluation=evaluation, force=args.force)
+    except (SlimformerError, KeyboardInterrupt) as exc:
+        _keep_or_remove_work_dir(work, exc)
+        raise
+    remove_work_dir(work)
     _status(f"wrote {out}")
     print(markdown_table([row_of(Path(args.out).name, read_manifest(out))]), end="")
     return 0
+
+
+def _keep_or_remove_work_dir(work: Path, exc: BaseException) -> None:
+    """After a failed compress: keep the work folder when it holds finished blocks (and say how
+    to resume), else remove it, so that nothing is left behind."""
+    from slimformer.errors import ResumeError
+    from slimformer.methods.checkpoint import finished_units, remove_work_dir
+
+    if isinstance(exc, ResumeError):
+        return  # another job's folder, or a busy one: not ours to touch
+    n = finished_units(work)
+    if not n:
+        remove_work_dir(work)
+        return
+    if isinstance(exc, KeyboardInterrupt):
+        raise InterruptedRunError(f"interrupted before the output was complete ({n} finished blocks are kept in {work})", "run the same command with --resume to continue") from None
+    print(f"slimformer: warning: {n} finished blocks are kept in {work}: fix the problem and run the same command with --resume to continue", file=sys.stderr)
 
 
 def cmd_eval(args) -> int:
@@ -365,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="recipe file (.yaml/.yml/.json); see recipes/")
     p.add_argument("--out", required=True, help="output folder for the compressed model")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--resume", action="store_true", help="continue a killed job from its last finished block (its work folder .OUT.work beside --out); same bytes as an uninterrupted run")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation against the original")
     p.add_argument("--eval-texts", type=int, default=None, help="number of held-out texts to evaluate on")
     p.add_argument("--eval-source", default=None, help="evaluation text source (built-in name or .txt/.jsonl)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -13,7 +14,8 @@ from slimformer.models.loading import LoadedModel, max_positions
 from slimformer.recipe import Recipe
 
 
-def compress(loaded: LoadedModel, recipe: Recipe, progress: bool = False, preflight: bool = True) -> LoadedModel:
+def compress(loaded: LoadedModel, recipe: Recipe, progress: bool = False, preflight: bool = True,
+             work_dir: str | os.PathLike | None = None, resume: bool = False) -> LoadedModel:
     """Apply every step of ``recipe`` to ``loaded`` in place and return it.
 
     Each step's record (what it touched, which kernel each layer got, dropped layers, measured
@@ -28,6 +30,22 @@ def compress(loaded: LoadedModel, recipe: Recipe, progress: bool = False, prefli
     ctx.weights = getattr(loaded, "streamed_weights", None)
     if preflight:
         check_fits(estimate_peak(loaded, recipe, ctx))
+    job = None
+    if work_dir is not None:
+        from slimformer.methods.checkpoint import JobCheckpoint, job_identity
+
+        job = JobCheckpoint.open(work_dir, job_identity(loaded, recipe), resume)
+        ctx.checkpoint = job
+    try:
+        _apply_steps(loaded, recipe, ctx)
+    finally:
+        if job is not None:
+            job.close()
+    loaded.recipe = recipe.to_dict()
+    return loaded
+
+
+def _apply_steps(loaded: LoadedModel, recipe: Recipe, ctx: CompressionContext) -> None:
     if ctx.weights is not None and any(s.requires_original_weights for s in recipe.steps):
         materialize_all(loaded)
     if any(step.requires_original_weights for step in recipe.steps):
@@ -36,7 +54,10 @@ def compress(loaded: LoadedModel, recipe: Recipe, progress: bool = False, prefli
             for name, module in loaded.model.named_modules()
             if isinstance(module, torch.nn.Linear)
         }
-    for step in recipe.steps:
+    for index, step in enumerate(recipe.steps):
+        ctx.layer_records = {}
+        if ctx.checkpoint is not None:
+            ctx.checkpoint.begin_step(index, step)
         if ctx.weights is not None and step.name not in STREAMABLE_METHODS:
             materialize_all(loaded)
         t0 = time.perf_counter()
@@ -44,5 +65,3 @@ def compress(loaded: LoadedModel, recipe: Recipe, progress: bool = False, prefli
         loaded.applied.append({"step": step.to_dict(), "seconds": round(time.perf_counter() - t0, 3), **record})
     if ctx.weights is not None:
         materialize_all(loaded)  # blocks no step selected
-    loaded.recipe = recipe.to_dict()
-    return loaded

@@ -53,3 +53,8 @@ def did_you_mean(word, choices) -> str:
         return ""
     close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class ResumeError(SlimformerError):
+    """A job that cannot be resumed: its work folder belongs to another recipe or model, is in
+    use by a running job, or is unreadable."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import glob
 import json
 import os
 import shutil
@@ -50,6 +51,29 @@ def library_versions() -> dict[str, str]:
     from slimformer import __version__
 
     return {"slimformer": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "safetensors": safetensors.__version__}
+
+
+def canonical_safetensors_header(path: Path) -> None:
+    """Rewrite, in place, the header of a safetensors file with its metadata keys sorted.
+
+    The safetensors writer keeps the metadata in a hash map, so their order (and the file's
+    bytes) changes from one write to the next; sorted, the same tensors always give the same
+    file. Only applied when the header re-serialises to exactly the writer's bytes."""
+    import struct
+
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        raw = f.read(size)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or list(meta) == sorted(meta):
+            return
+        if json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode() != raw.rstrip(b" "):
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        f.seek(8)
+        f.write(new.ljust(size, b" "))
 
 
 def unique_state_dict(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -118,6 +142,15 @@ def build_manifest(loaded: LoadedModel, aliases: dict[str, str], evaluation: dic
     }
 
 
+def canonical_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest without what differs between two runs of the same job: the creation time,
+    each step's duration and the evaluation (its latencies are measured). Same recipe, seed and
+    model give the same canonical manifest and the same weights file, byte for byte."""
+    out = {k: v for k, v in manifest.items() if k not in ("created", "evaluation")}
+    out["applied"] = [{k: v for k, v in step.items() if k != "seconds"} for step in manifest.get("applied") or []]
+    return out
+
+
 def prepare_output_dir(out_dir: str | os.PathLike, force: bool) -> Path:
     """Check that ``out_dir`` may be written (before any work is done)."""
     out = Path(out_dir)
@@ -141,15 +174,81 @@ def output_write_error(out: Path, exc: OSError) -> OutputWriteError:
     return OutputWriteError(f"cannot write {out}: {reason} (nothing was kept)", "choose an --out in a writable folder")
 
 
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+STALE_LEGACY_SECONDS = 24 * 3600
+
+
+def clean_stale_temporaries(out: str | os.PathLike) -> list[Path]:
+    """Remove what killed runs left beside ``out``: ``.NAME.partial-PID-*`` (an unfinished
+    output) and ``.NAME.old-PID-*`` (a replaced output not yet deleted) whose process ``PID`` is
+    gone; such folders without a process id (older versions) once a day old. Returns what was
+    removed. A live run's temporaries are left alone."""
+    import time
+
+    out = Path(out)
+    removed: list[Path] = []
+    if not out.parent.is_dir():
+        return removed
+    for kind in ("partial", "old"):
+        prefix = f".{out.name}.{kind}-"
+        for path in out.parent.glob(f"{glob.escape(prefix)}*"):
+            head = path.name[len(prefix):].split("-", 1)[0]
+            if head.isdigit() and "-" in path.name[len(prefix):]:
+                stale = not _process_alive(int(head))
+            else:
+                try:
+                    stale = time.time() - path.lstat().st_mtime > STALE_LEGACY_SECONDS
+                except OSError:
+                    continue
+            if not stale:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system
+    cannot, so the caller falls back to two renames."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def write_atomically(out: Path, force: bool, write) -> Path:
     """Call ``write(tmp_dir)`` on a temporary folder beside ``out``, then move it into place.
 
-    On any error the temporary folder is removed and ``out`` is left as it was.
+    On any error the temporary folder is removed and ``out`` is left as it was. A previous
+    ``out`` is swapped for the new one in one step where the system allows it (Linux), so a
+    killed process leaves either the previous complete folder or the new complete one (else
+    there is an instant with neither). Temporaries of killed runs are removed first
+    (:func:`clean_stale_temporaries`); the temporary names carry the process id for that.
     """
     prepare_output_dir(out, force)
+    clean_stale_temporaries(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     except OSError as exc:
         raise output_write_error(out, exc) from exc
     umask = os.umask(0)
@@ -163,8 +262,10 @@ def write_atomically(out: Path, force: bool, write) -> Path:
         for path in tmp.rglob("*"):
             if path.is_file():
                 os.chmod(path, 0o666 & ~umask)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        if out.is_dir() and not out.is_symlink() and _exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the previous output
+        elif out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
             os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -186,6 +287,7 @@ def save_compressed(loaded: LoadedModel, out_dir: str | os.PathLike, evaluation:
         with stored_form(loaded):  # the recipe's dtypes, whatever the planner runs it in here
             tensors, aliases = unique_state_dict(loaded.model)
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=SAFETENSORS_METADATA)
+            canonical_safetensors_header(tmp / WEIGHTS_NAME)
             loaded.model.config.save_pretrained(tmp)
             if loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(tmp)

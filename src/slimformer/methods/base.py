@@ -38,6 +38,10 @@ class MethodConfig:
     version: ClassVar[int] = 1
     requires_calibration: ClassVar[bool] = False
     requires_original_weights: ClassVar[bool] = False  # e.g. error compensation of a quantized model
+    # A killed job resumes this step from its last finished block (see methods/checkpoint.py):
+    # the method changes the model only through blockwise's layers and keeps its per-layer
+    # record in ctx.layer_record.
+    resumable: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         """Type-tagged, versioned plain dictionary (JSON/YAML safe)."""

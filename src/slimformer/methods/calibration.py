@@ -77,7 +77,19 @@ class CompressionContext:
         # Bytes of cached activations kept in memory before spilling to disk (offload=auto);
         # None: a quarter of the available memory.
         self.activation_budget: int | None = None
+        # The job's per-block checkpoints (slimformer.methods.checkpoint.JobCheckpoint), set by
+        # compress() when it is given a work folder; blockwise saves and restores through it.
+        self.checkpoint: Any = None
+        # Per-layer record entries of the current step (see layer_record), reset per step.
+        self.layer_records: dict[str, dict] = {}
         self._batches: list[dict[str, torch.Tensor]] | None = None
+
+    def layer_record(self, key: str) -> dict:
+        """A dict ``{layer name: value}`` of the current step's record (e.g. ``"kernels"``):
+        values written here for a block's layers are checkpointed with the block and put back
+        when a resumed job restores it, so a resumable method builds its per-layer record here.
+        Values must be JSON-safe (numbers, strings, lists)."""
+        return self.layer_records.setdefault(key, {})
 
     def batches(self, tokenizer) -> list[dict[str, torch.Tensor]]:
         """Tokenized calibration batches: dicts of ``input_ids``/``attention_mask`` (batch, seq)."""
@@ -502,11 +514,13 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
     One pass through depth: block inputs are captured once, each block runs on its cached inputs
     once per stage to collect statistics and once more (compressed) to produce the next block's
     inputs, so the cost is linear in depth. With ``ctx.weights`` set, each block's weights are
-    loaded from disk just before it is calibrated (streamed weights).
+    loaded from disk just before it is calibrated (streamed weights). With ``ctx.checkpoint``
+    active (a resumable step of a job with a work folder), each finished block is checkpointed,
+    and blocks a killed run already finished are restored instead of calibrated (their layers
+    are not yielded; their record entries come back through ``ctx.layer_record``).
     """
     adapter = loaded.adapter
     model = loaded.model
-    batches = ctx.batches(loaded.tokenizer)
     blocks = list(adapter.blocks())
     remaining = dict(selected)
     per_block: list[list[str]] = []
@@ -519,11 +533,34 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
     tail = list(remaining)
     last = len(blocks) - 1 if tail else max((i for i, names in enumerate(per_block) if names), default=-1)
     bar = tqdm(total=len(selected), desc=desc, disable=not ctx.progress, unit="layer")
+    # Per-block checkpoints of a resumable job: finished blocks are restored, not recomputed.
+    job = ctx.checkpoint if ctx.checkpoint is not None and ctx.checkpoint.active else None
+    done = [bool(job is not None and names and job.has(_unit(i))) for i, names in enumerate(per_block)]
+    tail_done = bool(tail) and job is not None and job.has("tail")
 
     def materialize(i: int) -> None:
         if ctx.weights is not None:
             ctx.weights.materialize(adapter.block_prefix(i), blocks[i])
 
+    def restore(i: int) -> None:
+        job.restore(_unit(i), model, ctx.layer_records)
+        bar.update(len(per_block[i]))
+
+    if all(d or not names for d, names in zip(done, per_block)) and (tail_done or not tail):
+        # Every unit of this step is checkpointed: restore them, no calibration run at all.
+        for i in range(len(blocks)):
+            if done[i]:
+                materialize(i)
+                restore(i)
+        if tail:
+            if ctx.weights is not None:
+                ctx.weights.materialize("", model)
+            job.restore("tail", model, ctx.layer_records)
+            bar.update(len(tail))
+        bar.close()
+        return
+
+    batches = ctx.batches(loaded.tokenizer)
     store = open_activation_store(loaded, ctx, batches)
     try:
         if last >= 0:
@@ -534,7 +571,9 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
             materialize(i)
             block = blocks[i]
             names = per_block[i]
-            if names:
+            if done[i]:
+                restore(i)
+            elif names:
                 modules = {n: model.get_submodule(n) for n in names}
                 stages = _block_stages(block, modules, store.get(0), calls[0][i]) if sequential else [names]
                 for stage in stages:
@@ -544,6 +583,8 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
                             raise ConfigError(f"calibration never reached {n}", "check that the calibration text is not empty")
                         yield n, model.get_submodule(n), stats
                         bar.update(1)
+                if job is not None:  # every layer of the block is replaced by now
+                    job.save(_unit(i), model, [adapter.block_prefix(i)], names, ctx.layer_records)
             if i < last or tail:
                 with torch.no_grad():
                     for b in range(len(batches)):
@@ -551,12 +592,23 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
         if tail:
             if ctx.weights is not None:
                 ctx.weights.materialize("", model)  # e.g. an output head left on disk
-            stats = _tail_statistics(model, adapter, {n: model.get_submodule(n) for n in tail}, store, batches, hessian, keep_samples, as_tuple)
-            for n in tail:
-                if stats.count[n] == 0:
-                    raise ConfigError(f"calibration never reached {n}", "check that the calibration text is not empty")
-                yield n, model.get_submodule(n), stats
-                bar.update(1)
+            if tail_done:
+                job.restore("tail", model, ctx.layer_records)
+                bar.update(len(tail))
+            else:
+                stats = _tail_statistics(model, adapter, {n: model.get_submodule(n) for n in tail}, store, batches, hessian, keep_samples, as_tuple)
+                for n in tail:
+                    if stats.count[n] == 0:
+                        raise ConfigError(f"calibration never reached {n}", "check that the calibration text is not empty")
+                    yield n, model.get_submodule(n), stats
+                    bar.update(1)
+                if job is not None:
+                    job.save("tail", model, tail, tail, ctx.layer_records)
     finally:
         store.close()
         bar.close()
+
+
+def _unit(i: int) -> str:
+    """The checkpoint unit of block ``i``."""
+    return f"block-{i:05d}"

@@ -30,6 +30,7 @@ class ASVDConfig(LowRankConfig):
     paper = "ASVD: Activation-aware Singular Value Decomposition for Compressing Large Language Models (Yuan et al., 2023)"
     summary = "SVD of the weight with columns scaled by input-activation magnitudes, scaling folded back"
     requires_calibration = True
+    resumable = True
 
     alpha: float = 0.5
 
@@ -51,7 +52,7 @@ def asvd_factors(weight: torch.Tensor, mean_abs: torch.Tensor, rank: int, alpha:
 def apply_asvd(loaded, config: ASVDConfig, ctx) -> dict:
     modules = select_modules(loaded, config, types=(nn.Linear,))
     check_ranks_shrink(config, modules)
-    ranks = {}
+    ranks = ctx.layer_record("ranks")
     for name, module, stats in blockwise(loaded, ctx, modules, hessian=False, desc="asvd"):
         A, B = asvd_factors(module.weight.detach(), stats.abs_sum[name] / stats.count[name], config.rank_for(*module.weight.shape), config.alpha)
         ranks[name] = replace_by_factors(loaded, name, module, A, B).rank

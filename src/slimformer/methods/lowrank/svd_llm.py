@@ -31,6 +31,7 @@ class SVDLLMConfig(LowRankConfig):
     paper = "SVD-LLM: Truncation-aware Singular Value Decomposition for Large Language Model Compression (Wang et al., 2025)"
     summary = "SVD of the weight in the whitened input space (Cholesky of X^T X): least output error at a rank"
     requires_calibration = True
+    resumable = True
 
     damp: float = 1e-4
 
@@ -66,7 +67,7 @@ def svd_llm_factors(weight: torch.Tensor, hessian: torch.Tensor, rank: int, damp
 def apply_svd_llm(loaded, config: SVDLLMConfig, ctx) -> dict:
     modules = select_modules(loaded, config, types=(nn.Linear,))
     check_ranks_shrink(config, modules)
-    ranks = {}
+    ranks = ctx.layer_record("ranks")
     for name, module, stats in blockwise(loaded, ctx, modules, hessian=True, desc="svd-llm"):
         A, B = svd_llm_factors(module.weight.detach(), stats.hessian[name] / stats.count[name], config.rank_for(*module.weight.shape), config.damp)
         ranks[name] = replace_by_factors(loaded, name, module, A, B).rank

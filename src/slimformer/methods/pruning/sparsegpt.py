@@ -41,6 +41,7 @@ class SparseGPTConfig(PruningConfig):
     paper = "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot (Frantar & Alistarh, 2023)"
     summary = "OBS pruning with inverse-Hessian weight updates, unstructured or N:M, optionally joint with quantization"
     requires_calibration = True
+    resumable = True
 
     damp: float = 0.01
     block_size: int = 128
@@ -129,7 +130,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 def apply_sparsegpt(loaded, config: SparseGPTConfig, ctx) -> dict:
     modules = select_modules(loaded, config, types=(nn.Linear,))
     check_nm_width(config, modules)
-    sparsity: dict[str, float] = {}
+    sparsity = ctx.layer_record("sparsity")
     for name, module, stats in blockwise(loaded, ctx, modules, hessian=True, desc="sparsegpt"):
         pruned, keep, scale, zero = sparsegpt_prune(
             module.weight, stats.hessian[name] / stats.count[name], config.sparsity, config.nm,

@@ -28,13 +28,14 @@ class WandaConfig(PruningConfig):
     paper = "A Simple and Effective Pruning Approach for Large Language Models (Sun et al., 2024)"
     summary = "zero weights with the smallest |weight| x input-activation norm, per output row or N:M"
     requires_calibration = True
+    resumable = True
 
 
 @register_method(WandaConfig)
 def apply_wanda(loaded, config: WandaConfig, ctx) -> dict:
     modules = select_modules(loaded, config, types=(nn.Linear,))
     check_nm_width(config, modules)
-    sparsity: dict[str, float] = {}
+    sparsity = ctx.layer_record("sparsity")
     for name, module, stats in blockwise(loaded, ctx, modules, hessian=False, desc="wanda"):
         norm = torch.sqrt(stats.sq_norm[name])
         scores = module.weight.detach().abs() * norm.unsqueeze(0)

@@ -45,6 +45,7 @@ class AdaDimConfig(WeightQuantConfig):
     paper = "Rethinking Channel Dimensions to Isolate Outliers for Low-bit Weight Quantization of Large Language Models (Heo et al., 2024)"
     summary = "per layer, groups along input or output channels, whichever reconstructs the layer's calibration outputs better"
     requires_calibration = True
+    resumable = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -183,8 +184,8 @@ def adadim_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, grou
 def apply_adadim(loaded, config: AdaDimConfig, ctx) -> dict:
     modules = select_modules(loaded, config, types=(torch.nn.Linear,))
     check_group_size(config.name, modules, config.group_size)
-    kernels: dict[str, str] = {}
-    orientation: dict[str, str] = {}
+    kernels = ctx.layer_record("kernels")
+    orientation = ctx.layer_record("orientation")
     for name, module, stats in blockwise(loaded, ctx, modules, hessian=True, desc="adadim"):
         H = stats.hessian[name] / stats.count[name]
         chosen, (codes, scale, zero), _ = adadim_quantize(module.weight, H, config.bits, config.group_size, config.symmetric)

@@ -50,6 +50,7 @@ class AWQConfig(WeightQuantConfig):
     paper = "AWQ: Activation-aware Weight Quantization for On-Device LLM Compression and Acceleration (Lin et al., 2024)"
     summary = "activation-aware per-input-channel weight scales (stored, applied to the input) plus range clipping, searched on calibration data"
     requires_calibration = True
+    resumable = True
 
     search: str = "scale+clip"
     n_grid: int = 20
@@ -197,8 +198,8 @@ def awq_quantize(
 def apply_awq(loaded, config: AWQConfig, ctx) -> dict:
     modules = select_modules(loaded, config, types=(torch.nn.Linear,))
     check_group_size(config.name, modules, config.group_size)
-    kernels: dict[str, str] = {}
-    alphas: dict[str, float] = {}
+    kernels = ctx.layer_record("kernels")
+    alphas = ctx.layer_record("alpha")
     for name, module, stats in blockwise(loaded, ctx, modules, hessian=True, desc="awq"):
         n = stats.count[name]
         H = stats.hessian[name] / n

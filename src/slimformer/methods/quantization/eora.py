@@ -58,6 +58,7 @@ class EoRAConfig(MethodConfig, ModuleSelection):
     paper = "EoRA: Training-free Compensation for Compressed LLM with Eigenspace Low-Rank Approximation (Liu et al., 2024)"
     summary = "low-rank compensation of quantization/pruning error in the eigenspace of the layer inputs (run after rtn/gptq/pruning)"
     requires_calibration = True
+    resumable = True
     requires_original_weights = True
 
     rank: int | None = None
@@ -335,8 +336,8 @@ def apply_eora(loaded, config: EoRAConfig, ctx) -> dict:
             "eora: no selected layer differs from its original weight: there is no error to compensate",
             "put eora after a quantization or pruning step in the same recipe (e.g. gptq, then eora)",
         )
-    kernels: dict[str, str] = {}
-    ranks: dict[str, int] = {}
+    kernels = ctx.layer_record("kernels")
+    ranks = ctx.layer_record("ranks")
     for name, module, stats in blockwise(loaded, ctx, changed, hessian=True, desc="eora"):
         delta = originals[name] - _inner_weight(module)
         rows, cols = delta.shape

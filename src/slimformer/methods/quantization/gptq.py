@@ -39,6 +39,7 @@ class GPTQConfig(WeightQuantConfig):
     paper = "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers (Frantar et al., 2023)"
     summary = "second-order (inverse-Hessian) error compensation of quantized weights on calibration data"
     requires_calibration = True
+    resumable = True
 
     act_order: bool = True
     damp: float = 0.01
@@ -152,7 +153,7 @@ def quantize_linear_gptq(module: torch.nn.Linear, hessian: torch.Tensor, bits: i
 def apply_gptq(loaded, config: GPTQConfig, ctx) -> dict:
     modules = select_modules(loaded, config, types=(torch.nn.Linear,))
     check_group_size(config.name, modules, config.group_size)
-    kernels: dict[str, str] = {}
+    kernels = ctx.layer_record("kernels")
     for name, module, stats in blockwise(loaded, ctx, modules, hessian=True, desc="gptq", sequential=config.true_sequential):
         new = quantize_linear_gptq(
             module, stats.hessian[name] / stats.count[name], config.bits, config.group_size, config.symmetric,
