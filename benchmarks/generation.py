@@ -262,9 +262,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--name", default="generation")
     ap.add_argument("--rewrite", action="store_true", help="only rewrite the table and plot from the saved JSON")
+    ap.add_argument("--decode-from-log", default=None, help="with --rewrite: recompute decode tok/s from this run's log")
+    ap.add_argument("--first-pass", type=int, default=1, help="with --decode-from-log: ignore earlier passes")
+    ap.add_argument("--drop", nargs="*", default=[], help="with --decode-from-log: KIND:INDEX@PASS jobs to ignore (e.g. a compiling run)")
     args = ap.parse_args(argv)
     if args.rewrite:
-        write(json.loads((Path(args.out) / f"{args.name}.json").read_text()), Path(args.out), args.name)
+        result = json.loads((Path(args.out) / f"{args.name}.json").read_text())
+        if args.decode_from_log:
+            decode_from_log(result, Path(args.decode_from_log), args.first_pass, args.drop)
+            (Path(args.out) / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=float))
+        write(result, Path(args.out), args.name)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -395,6 +402,43 @@ def main(argv=None) -> int:
     return 0
 
 
+def decode_from_log(result: dict, log: Path, first_pass: int, drop: list[str] = ()) -> None:
+    """Recompute the decode tok/s medians (batch 1), the ratios to HF fp32 and the speculation
+    speed-ups from the per-job lines of the run's log, keeping passes >= ``first_pass`` (e.g. to
+    drop a pass whose first long prompts included compiling the decode step for a new cache
+    length). Acceptance, identity of outputs, prefill and TTFT stay as the run measured them."""
+    import re
+
+    med = statistics.median
+    pat = re.compile(r"^\[(\d+)\] (.+?)\s{2,}(\S.*?)\s+(chat|summarise|code|batch8)\s+(\d+) decode ([\d.]+|nan) tok/s")
+    runs: dict[tuple, list[float]] = {}
+    for line in log.read_text().splitlines():
+        m = pat.match(line)
+        if m and int(m.group(1)) >= first_pass and f"{m.group(4)}:{m.group(5)}@{m.group(1)}" not in drop:
+            name, mode = m.group(2).strip(), m.group(3).strip()
+            runs.setdefault((name, None if mode == "-" else mode, m.group(4)), []).append(float(m.group(6)))
+    known = {(r["weights"], None if r["speculation"] == "none" else r["speculation"]) for r in result["rows"]}
+    for name, mode in sorted({(n, md) for (n, md, _k) in runs} - known, key=str):  # e.g. llama.cpp rows of later passes
+        result["rows"].append({"config": name + (f" + {mode}" if mode else ""), "weights": name, "speculation": mode or "none",
+                               "per_kind": {k: {} for (n, md, k) in runs if n == name and md == mode and k != "batch8"}})
+    for row in result["rows"]:
+        name, mode = row["weights"], None if row["speculation"] == "none" else row["speculation"]
+        b1 = [v for (n, md, k), vs in runs.items() if n == name and md == mode and k != "batch8" for v in vs]
+        if b1:
+            row["decode_tps_b1"] = med(b1)
+        for kind, entry in row.get("per_kind", {}).items():
+            mine = runs.get((name, mode, kind))
+            if mine:
+                entry["decode_tps"] = med(mine)
+                if mode and runs.get((name, None, kind)):
+                    entry["speedup"] = entry["decode_tps"] / med(runs[(name, None, kind)])
+    hf = next(r for r in result["rows"] if r["config"] == "HF generate fp32")["decode_tps_b1"]
+    for row in result["rows"]:
+        row["decode_vs_hf_fp32"] = row["decode_tps_b1"] / hf if row.get("decode_tps_b1") else None
+    result["decode_passes"] = (f"decode figures recomputed from the run's log (passes >= {first_pass}"
+                               + (f"; left out: {', '.join(drop)}, runs that included compiling the decode step for a new cache length" if drop else "") + ")")
+
+
 def finish(args, records, prompts, variants, hf, loads, started, chat_outputs) -> None:
     rows = summarise(records, prompts, variants, hf)
     extra = json.loads(Path(args.extra_rows).read_text()) if args.extra_rows else []
@@ -495,7 +539,7 @@ def write(result: dict, out: Path, name: str) -> None:
         f"Decode step compiled: {', '.join(f'{k}: {v}' for k, v in result['compiled'].items()) if isinstance(result['compiled'], dict) else result['compiled']}. "
         f"Medians over prompts and {result.get('passes_done', result['repeats'])} interleaved passes"
         f"{' (llama.cpp rows from pass ' + str(result['llama_cpp_from_pass']) + ' on: its build finished during the run)' if (result.get('llama_cpp_from_pass') or 1) > 1 else ''}; "
-        f"{result['seconds'] / 60:.0f} min.",
+        f"{result['seconds'] / 60:.0f} min{'; ' + result['decode_passes'] if result.get('decode_passes') else ''}.",
         "",
         "SmolLM2-135M-Instruct's linears were stored as Q4_1 (4-bit, g32, fp16 scale and minimum) and its embedding as Q8_0:",
         "the 'original' already lies on a 4-bit grid; our 4-bit rows re-round it to our own grid.",
