@@ -3,6 +3,7 @@ runtime (static cache, compiled decode step, packed 8/4-bit weights) with and wi
 speculation, on held-out prompts of three kinds.
 
     python benchmarks/generation.py [--model smollm2] [--new-tokens 48] [--repeats 3]
+        [--int4-folder FOLDER] [--llamacpp LABEL=FILE.gguf ...] [--configs NAME ...]
         [--extra-rows rows.json] [--no-compile] [--out benchmarks/results]
 
 Prompt kinds: ``chat`` (questions through the chat template), ``summarise`` (summarise or
@@ -17,6 +18,13 @@ greedy outputs are identical.
 Caveat: SmolLM2's linears were shipped as Q4_1 (4-bit, groups of 32, fp16 scale and minimum),
 the embedding as Q8_0: the "original" already lies on a 4-bit grid, and our 4-bit rows re-round
 those weights onto our own grid (integer zero points, bfloat16 scales).
+
+``--llamacpp LABEL=FILE``: llama.cpp on a GGUF file, run by a worker process in the llama.cpp
+venv (``benchmarks/llamacpp_worker.py``; llama.cpp never shares a process with torch) and
+interleaved job by job with the torch runs, on the same prompt token ids (batch 1 only).
+``--int4-folder``: a slimformer folder used as the 4-bit row (e.g. the GPTQ w4 g32 model whose
+Q4_0 export ``benchmarks/gguf_export.py`` makes, so ours and llama.cpp run the same weights);
+without it the 4-bit row is round-to-nearest w4 g32 asymmetric.
 
 ``--extra-rows FILE``: a JSON list of rows measured elsewhere (e.g. llama.cpp in its own
 process) with at least ``config`` and ``decode_tps_b1``; they are added to the table, the JSON
@@ -44,6 +52,7 @@ sys.path.insert(0, str(ROOT.parent / "src"))
 from slimformer.data import TextSpec, load_texts  # noqa: E402
 from slimformer.models import load_model  # noqa: E402
 from slimformer.runtime import GenerationConfig, TextGenerator  # noqa: E402
+from slimformer.runtime.generation import CACHE_LEN_MULTIPLE  # noqa: E402
 from slimformer.runtime.speculative import SpeculationConfig  # noqa: E402
 
 CHAT_QUESTIONS = (
@@ -143,12 +152,16 @@ def quantized(base, bits: int):
 
 def weight_mb(model: torch.nn.Module) -> float:
     from slimformer.methods.quantization.modules import QuantizedModule
+    from slimformer.runtime.execution import planned_forward_of
 
     seen, total = set(), 0
     for module in model.modules():
         tensors = list(module._parameters.values()) + list(module._buffers.values())
         if isinstance(module, QuantizedModule):
             tensors += list(getattr(module, "_runtime", {}).values())
+        planned = planned_forward_of(module)
+        if planned is not None:  # run-time copies the execution planner holds (e.g. a bf16 weight)
+            tensors += list(planned.forms.values())
         for t in tensors:
             if t is None or t.data_ptr() in seen:
                 continue
@@ -178,6 +191,55 @@ def machine() -> dict:
     }
 
 
+class LlamaCppWorker:
+    """A ``benchmarks/llamacpp_worker.py`` process in the llama.cpp venv, driven over pipes."""
+
+    def __init__(self, python: str, threads: int) -> None:
+        import subprocess
+
+        self.threads = threads
+        env = dict(os.environ)
+        if os.environ.get("LLAMACPP_PYTHONPATH"):  # e.g. a llama_cpp package assembled from a build folder
+            env["PYTHONPATH"] = os.environ["LLAMACPP_PYTHONPATH"]
+        self.proc = subprocess.Popen([python, str(ROOT / "llamacpp_worker.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.version = None
+
+    def ask(self, **request) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the llama.cpp worker exited (see its stderr above)")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply
+
+    def load(self, name: str, path: str) -> None:
+        self.version = self.ask(op="load", name=name, path=path, threads=self.threads, n_ctx=2048).get("version")
+
+    def close(self) -> None:
+        try:
+            self.ask(op="quit")
+        except (RuntimeError, BrokenPipeError, json.JSONDecodeError):
+            pass
+        self.proc.wait(timeout=30)
+
+
+def run_llamacpp(worker: LlamaCppWorker, name: str, gen: TextGenerator, prompts: list[tuple[str, bool]], new_tokens: int) -> dict:
+    """llama.cpp on the same prompt token ids as ours (batch 1; greedy argmax)."""
+    ids, _mask = gen.encode([prompts[0][0]], chat=prompts[0][1])
+    reply = worker.ask(op="generate", name=name, ids=ids[0].tolist(), new_tokens=new_tokens)
+    return {
+        "ttft_s": reply["prefill_s"], "prefill_tps": ids.shape[1] / reply["prefill_s"],
+        "decode_tps": (new_tokens - 1) / reply["decode_s"], "tokens": [reply["tokens"]], "peak_rss_mb": float("nan"),
+    }
+
+
+INT8 = "ours int8 (rtn w8, head 8)"
+PLAN = {"memory": "balanced", "activations": "float32", "decode_tokens": 1, "batch_tokens": 64, "split_tokens": 8, "repeats": 3}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -185,81 +247,196 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="measured passes (after a short warm-up of every configuration)")
     ap.add_argument("--per-kind", type=int, default=2, help="prompts per kind")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--chat-tokens", type=int, default=48, help="new tokens of the README chat answers")
+    ap.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads; default: torch's")
+    ap.add_argument("--chat-tokens", type=int, default=48, help="new tokens of the README chat answers (0: skip them; see generation_chat.py)")
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help="weight configurations to run (default: all): HF-fp32 HF-bf16 fp32 bf16 int8 int4")
     ap.add_argument("--spec-on", nargs="+", default=["ours fp32"], help="configurations run with each speculation mode")
+    ap.add_argument("--spec-modes", nargs="+", default=["prompt-lookup", "self", "draft"])
     ap.add_argument("--exit-layer", type=int, default=8, help="blocks of the self-speculation draft")
+    ap.add_argument("--int4-folder", default=None, help="slimformer folder used as the 4-bit row (default: rtn w4 g32)")
+    ap.add_argument("--llamacpp", nargs="*", default=[], help="LABEL=FILE.gguf run by llama.cpp, interleaved")
+    ap.add_argument("--llamacpp-python", default=os.environ.get("LLAMACPP_PYTHON", "/work/venvs/llamacpp/bin/python"))
+    ap.add_argument("--no-batch8", action="store_true")
     ap.add_argument("--extra-rows", default=None, help="JSON list of rows measured in another process (llama.cpp)")
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--name", default="generation")
+    ap.add_argument("--rewrite", action="store_true", help="only rewrite the table and plot from the saved JSON")
+    ap.add_argument("--decode-from-log", default=None, help="with --rewrite: recompute decode tok/s from this run's log")
+    ap.add_argument("--first-pass", type=int, default=1, help="with --decode-from-log: ignore earlier passes")
+    ap.add_argument("--drop", nargs="*", default=[], help="with --decode-from-log: KIND:INDEX@PASS jobs to ignore (e.g. a compiling run)")
     args = ap.parse_args(argv)
+    if args.rewrite:
+        result = json.loads((Path(args.out) / f"{args.name}.json").read_text())
+        if args.decode_from_log:
+            decode_from_log(result, Path(args.decode_from_log), args.first_pass, args.drop)
+            (Path(args.out) / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=float))
+        write(result, Path(args.out), args.name)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     compile_flag = False if args.no_compile else None
     started = time.time()
     loads = [os.getloadavg()]
+    wanted = set(args.configs or ["HF-fp32", "HF-bf16", "fp32", "bf16", "int8", "int4"])
 
     base = load_model(args.model)
     prompts = build_prompts(args.per_kind)
-    variants: dict[str, TextGenerator] = {
-        "ours fp32": TextGenerator(base, compile=compile_flag),
-        "ours bf16": TextGenerator(base, dtype=torch.bfloat16, compile=compile_flag),
-        "ours int8 (rtn w8, head 8)": TextGenerator(quantized(base, 8), compile=compile_flag),
-        "ours int4 (rtn w4 g32, head 8)": TextGenerator(quantized(base, 4), compile=compile_flag),
-    }
-    hf_bf16 = copy.deepcopy(base.model).to(torch.bfloat16)
-    hf = {"HF generate fp32": base.model, "HF generate bf16": hf_bf16}
+    if args.int4_folder:
+        int4_name = "ours int4 (gptq w4 g32 sym, head Q8_0)"
+        # The planner times each layer format for decode (1 row) and prefill-sized batches (64 rows);
+        # inputs under 8 rows (a decode step, a speculative verify step) take the decode path.
+        int4_model = load_model(args.int4_folder, execution=PLAN)
+    else:
+        int4_name = "ours int4 (rtn w4 g32, head 8)"
+        int4_model = quantized(base, 4) if "int4" in wanted else None
+    args.int4_name = int4_name
+    variants: dict[str, TextGenerator] = {"ours fp32": TextGenerator(base, compile=compile_flag)}
+    if "bf16" in wanted:
+        variants["ours bf16"] = TextGenerator(base, dtype=torch.bfloat16, compile=compile_flag)
+    if "int8" in wanted:
+        variants[INT8] = TextGenerator(quantized(base, 8), compile=compile_flag)
+    if int4_model is not None:
+        variants[int4_name] = TextGenerator(int4_model, compile=compile_flag)
+    hf = {"HF generate fp32": base.model}
+    if "HF-bf16" in wanted:
+        hf["HF generate bf16"] = copy.deepcopy(base.model).to(torch.bfloat16)
     ref = variants["ours fp32"]
-    draft_model = variants["ours int4 (rtn w4 g32, head 8)"].loaded
-    spec_modes = {
+    worker = None
+    llama: dict[str, str] = {}
+
+    def start_llamacpp() -> None:
+        """Start the llama.cpp worker and load its files (None when llama.cpp cannot be imported
+        yet, e.g. still building: retried before each pass, and its rows cover the passes after)."""
+        nonlocal worker
+        if not args.llamacpp or worker is not None:
+            return
+        try:
+            w = LlamaCppWorker(args.llamacpp_python, torch.get_num_threads())
+            for item in args.llamacpp:
+                label, path = item.split("=", 1)
+                w.load(f"llama.cpp {label}", path)
+                llama[f"llama.cpp {label}"] = path
+        except (RuntimeError, OSError, json.JSONDecodeError) as exc:
+            print(f"llama.cpp not available yet: {exc}", flush=True)
+            llama.clear()
+            return
+        worker = w
+        args.llamacpp_version = w.version
+        args.llamacpp_from_pass = len(loads)
+
+    args.llamacpp_version = None
+    start_llamacpp()
+    draft_model = variants[int4_name].loaded if int4_name in variants else None
+    all_modes = {
         "prompt-lookup": lambda: SpeculationConfig("prompt-lookup", num_draft=6, ngram=3),
         f"self (first {args.exit_layer} blocks)": lambda: SpeculationConfig("self", exit_layer=args.exit_layer, num_draft=3),
         "draft (int4 copy)": lambda: SpeculationConfig("draft", draft=draft_model, num_draft=4),
     }
-    spec_targets = tuple(args.spec_on)
+    spec_modes = {k: v for k, v in all_modes.items() if k.split(" ")[0] in args.spec_modes and (draft_model or not k.startswith("draft"))}
+    spec_targets = tuple(n for n in args.spec_on if n in variants)
 
     # Every (configuration, prompt) pair; all are run once per pass, interleaved.
-    jobs = []
-    for kind, items in prompts.items():
-        for i, item in enumerate(items):
-            for name in hf:
-                jobs.append((name, None, kind, i, [item]))
-            for name in variants:
-                jobs.append((name, None, kind, i, [item]))
-            for name in spec_targets:
-                for mode in spec_modes:
-                    if mode.startswith("self") and kind == "code":
-                        continue
-                    jobs.append((name, mode, kind, i, [item]))
-    batch8 = [p for items in prompts.values() for p in items if p[1]][:8]
-    batch8 = (batch8 * 8)[:8]
-    for name in ("HF generate fp32", "ours fp32", "ours bf16", "ours int8 (rtn w8, head 8)", "ours int4 (rtn w4 g32, head 8)"):
-        jobs.append((name, None, "batch8", 0, batch8))
+    def make_jobs() -> list:
+        jobs = []
+        for kind, items in prompts.items():
+            for i, item in enumerate(items):
+                for name in list(hf) + list(variants) + list(llama):
+                    jobs.append((name, None, kind, i, [item]))
+                for name in spec_targets:
+                    for mode in spec_modes:
+                        if mode.startswith("self") and kind == "code":
+                            continue
+                        jobs.append((name, mode, kind, i, [item]))
+        if not args.no_batch8:
+            batch8 = [p for items in prompts.values() for p in items if p[1]][:8]
+            batch8 = (batch8 * 8)[:8]
+            for name in ["HF generate fp32"] + list(variants):
+                jobs.append((name, None, "batch8", 0, batch8))
+        return jobs
+
+    jobs = make_jobs()
+
+    def run(name, mode, items, n):
+        if name in hf:
+            out = run_hf(hf[name], ref, items, n)
+            out["peak_rss_mb"] = float("nan")
+            return out
+        if name in llama:
+            return run_llamacpp(worker, name, ref, items, n)
+        return run_ours(variants[name], items, n, spec_modes[mode]() if mode else None)
 
     # Warm-up: every configuration once on a short generation (first-call allocations, compilation).
     seen = set()
-    for name, mode, kind, i, items in jobs:
-        if (name, mode, len(items)) not in seen:
-            seen.add((name, mode, len(items)))
-            if name in hf:
-                run_hf(hf[name], ref, items, 2)
-            else:
-                run_ours(variants[name], items, 2 + (4 if mode else 0), spec_modes[mode]() if mode else None)
-    chat_outputs = readme_chat(variants, args)
+
+    def warm_up() -> None:
+        for name, mode, kind, i, items in jobs:
+            # The compiled step is specialised to the static cache's length (prompt + new tokens,
+            # rounded up to CACHE_LEN_MULTIPLE): warm up every length bucket the passes will use.
+            width = ref.encode([items[0][0]], chat=items[0][1])[0].shape[1]
+            bucket = -(-(width + args.new_tokens) // CACHE_LEN_MULTIPLE)
+            if (name, mode, len(items), bucket) not in seen:
+                seen.add((name, mode, len(items), bucket))
+                t0 = time.time()
+                run(name, mode, items, args.new_tokens)  # the very cache length the passes use
+                print(f"warm-up {name} {mode or ''} batch {len(items)}: {time.time() - t0:.1f} s", flush=True)
+
+    warm_up()
+    chat_outputs = readme_chat(variants, args) if args.chat_tokens > 0 else []
     records: dict[tuple, list[dict]] = {}
     for rep in range(1, args.repeats + 1):
+        if args.llamacpp and worker is None:
+            start_llamacpp()
+            if worker is not None:
+                jobs = make_jobs()
+                warm_up()
         for job in jobs:
             name, mode, kind, i, items = job
-            if name in hf:
-                out = run_hf(hf[name], ref, items, args.new_tokens)
-                out["peak_rss_mb"] = float("nan")
-            else:
-                out = run_ours(variants[name], items, args.new_tokens, spec_modes[mode]() if mode else None)
-            if rep > 0:
-                records.setdefault((name, mode, kind, i), []).append(out)
-            print(f"[{rep}] {name:32s} {mode or '-':28s} {kind:9s} {i} decode {out['decode_tps']:.1f} tok/s", flush=True)
+            out = run(name, mode, items, args.new_tokens)
+            records.setdefault((name, mode, kind, i), []).append(out)
+            print(f"[{rep}] {name:40s} {mode or '-':24s} {kind:9s} {i} decode {out['decode_tps']:.1f} tok/s", flush=True)
         loads.append(os.getloadavg())
-        if rep < args.repeats:  # partial results after each pass
-            finish(args, records, prompts, variants, hf, loads, started, chat_outputs)
-    finish(args, records, prompts, variants, hf, loads, started, chat_outputs)
+        finish(args, records, prompts, variants, hf, loads, started, chat_outputs)
+    if worker:
+        worker.close()
     return 0
+
+
+def decode_from_log(result: dict, log: Path, first_pass: int, drop: list[str] = ()) -> None:
+    """Recompute the decode tok/s medians (batch 1), the ratios to HF fp32 and the speculation
+    speed-ups from the per-job lines of the run's log, keeping passes >= ``first_pass`` (e.g. to
+    drop a pass whose first long prompts included compiling the decode step for a new cache
+    length). Acceptance, identity of outputs, prefill and TTFT stay as the run measured them."""
+    import re
+
+    med = statistics.median
+    pat = re.compile(r"^\[(\d+)\] (.+?)\s{2,}(\S.*?)\s+(chat|summarise|code|batch8)\s+(\d+) decode ([\d.]+|nan) tok/s")
+    runs: dict[tuple, list[float]] = {}
+    for line in log.read_text().splitlines():
+        m = pat.match(line)
+        if m and int(m.group(1)) >= first_pass and f"{m.group(4)}:{m.group(5)}@{m.group(1)}" not in drop:
+            name, mode = m.group(2).strip(), m.group(3).strip()
+            runs.setdefault((name, None if mode == "-" else mode, m.group(4)), []).append(float(m.group(6)))
+    known = {(r["weights"], None if r["speculation"] == "none" else r["speculation"]) for r in result["rows"]}
+    for name, mode in sorted({(n, md) for (n, md, _k) in runs} - known, key=str):  # e.g. llama.cpp rows of later passes
+        result["rows"].append({"config": name + (f" + {mode}" if mode else ""), "weights": name, "speculation": mode or "none",
+                               "per_kind": {k: {} for (n, md, k) in runs if n == name and md == mode and k != "batch8"}})
+    for row in result["rows"]:
+        name, mode = row["weights"], None if row["speculation"] == "none" else row["speculation"]
+        b1 = [v for (n, md, k), vs in runs.items() if n == name and md == mode and k != "batch8" for v in vs]
+        if b1:
+            row["decode_tps_b1"] = med(b1)
+        for kind, entry in row.get("per_kind", {}).items():
+            mine = runs.get((name, mode, kind))
+            if mine:
+                entry["decode_tps"] = med(mine)
+                if mode and runs.get((name, None, kind)):
+                    entry["speedup"] = entry["decode_tps"] / med(runs[(name, None, kind)])
+    hf = next(r for r in result["rows"] if r["config"] == "HF generate fp32")["decode_tps_b1"]
+    for row in result["rows"]:
+        row["decode_vs_hf_fp32"] = row["decode_tps_b1"] / hf if row.get("decode_tps_b1") else None
+    result["decode_passes"] = (f"decode figures recomputed from the run's log (passes >= {first_pass}"
+                               + (f"; left out: {', '.join(drop)}, runs that included compiling the decode step for a new cache length" if drop else "") + ")")
 
 
 def finish(args, records, prompts, variants, hf, loads, started, chat_outputs) -> None:
@@ -272,9 +449,13 @@ def finish(args, records, prompts, variants, hf, loads, started, chat_outputs) -
         row["decode_vs_hf_fp32"] = row["decode_tps_b1"] / ref_tps if row.get("decode_tps_b1") else None
     result = {
         "machine": machine(), "load_average": loads, "model": args.model, "new_tokens": args.new_tokens,
-        "repeats": args.repeats, "compiled": not args.no_compile and variants["ours fp32"].compile,
+        "repeats": args.repeats, "compiled": {n: g.compile for n, g in variants.items()},
+        "llama_cpp_version": getattr(args, "llamacpp_version", None), "passes_done": len(loads) - 1,
+        "llama_cpp_from_pass": getattr(args, "llamacpp_from_pass", None),
         "rows": rows + extra, "readme_chat": chat_outputs, "seconds": time.time() - started,
         "prompts": {k: [p[:200] for p, _ in v] for k, v in prompts.items()},
+        "same_bits_pairs": [(o, l) for o, l in ((args.int4_name, "llama.cpp Q4_0 (our GPTQ export)"), (INT8, "llama.cpp Q8_0 (our RTN export)"),
+                                                  (args.int4_name, "llama.cpp Q4_1 (source file)"))],
     }
     write(result, Path(args.out), args.name)
 
@@ -284,6 +465,7 @@ def summarise(records, prompts, variants, hf) -> list[dict]:
     acceptance, identity of outputs with the same weights without speculation, speed-up per kind."""
     med = statistics.median
     names = list(hf) + list(variants)
+    names += sorted({n for (n, _m, _k, _i) in records} - set(names))
     rows = []
     configs = sorted({(n, m) for (n, m, _k, _i) in records}, key=lambda c: (names.index(c[0]), c[1] or ""))
     for name, mode in configs:
@@ -326,8 +508,13 @@ def readme_chat(variants, args) -> list[dict]:
     out = []
     for prompt in README_CHAT_PROMPTS:
         entry = {"prompt": prompt}
-        for label, name in (("original", "ours fp32"), ("4-bit", "ours int4 (rtn w4 g32, head 8)")):
+        for label, name in (("original", "ours fp32"), ("4-bit", args.int4_name)):
+            if name not in variants:
+                continue
             entry[label] = variants[name].generate(prompt, GenerationConfig(max_new_tokens=args.chat_tokens), chat=True).texts[0]
+        if "4-bit" in entry:
+            entry["same"] = entry["4-bit"] == entry["original"]
+        entry["4-bit model"] = args.int4_name
         out.append(entry)
     return out
 
@@ -341,12 +528,18 @@ def write(result: dict, out: Path, name: str) -> None:
     (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=float))
     m = result["machine"]
     loads = result["load_average"]
+    passes = ", ".join(f"{x[0]:.1f}" for x in loads)
     lines = [
         f"# Generation speed: {result['model']} (greedy, {result['new_tokens']} new tokens)",
         "",
-        f"CPU: {m['cpu']}; flags: {', '.join(m['flags']) or 'none of avx512/amx'}; {m['threads']} threads; torch {m['torch']}; "
-        f"load average (1 min) {loads[0][0]:.1f} at start, {loads[-1][0]:.1f} at end (a shared, busy machine: compare ratios, "
-        f"measured interleaved in one run). Decode step compiled: {result['compiled']}. Medians over prompts and {result['repeats']} passes.",
+        f"CPU: {m['cpu']}; flags: {', '.join(m['flags']) or 'none of avx512/amx'}; {m['threads']} threads; torch {m['torch']}"
+        f"{'; llama.cpp (llama-cpp-python) ' + result['llama_cpp_version'] if result.get('llama_cpp_version') else ''}. "
+        f"Load average (1 min) at the start and after each pass: {passes} on 2 cores shared with other engineers' jobs"
+        f"{' (**taken under load**: absolute tokens/s are shares of a contended CPU; compare ratios, measured interleaved in one run)' if max(x[0] for x in loads) > 2.5 else ''}. "
+        f"Decode step compiled: {', '.join(f'{k}: {v}' for k, v in result['compiled'].items()) if isinstance(result['compiled'], dict) else result['compiled']}. "
+        f"Medians over prompts and {result.get('passes_done', result['repeats'])} interleaved passes"
+        f"{' (llama.cpp rows from pass ' + str(result['llama_cpp_from_pass']) + ' on: its build finished during the run)' if (result.get('llama_cpp_from_pass') or 1) > 1 else ''}; "
+        f"{result['seconds'] / 60:.0f} min{'; ' + result['decode_passes'] if result.get('decode_passes') else ''}.",
         "",
         "SmolLM2-135M-Instruct's linears were stored as Q4_1 (4-bit, g32, fp16 scale and minimum) and its embedding as Q8_0:",
         "the 'original' already lies on a 4-bit grid; our 4-bit rows re-round it to our own grid.",
@@ -367,10 +560,20 @@ def write(result: dict, out: Path, name: str) -> None:
             continue
         for kind, e in r.get("per_kind", {}).items():
             lines.append(f"| {r['config']} | {kind} | {e['acceptance']:.0%} | {e['decode_tps']:.1f} | {e['speedup']:.2f}× | {'yes' if e['identical'] else 'NO'} |")
-    lines += ["", "## README chat prompts, greedy (original vs our 4-bit rtn w4 g32 + 8-bit head)", ""]
+    by_name = {r["config"]: r for r in result["rows"]}
+    pairs = [(o, l) for o, l in result.get("same_bits_pairs", []) if o in by_name and l in by_name]
+    if pairs:
+        lines += ["", "## Ours against llama.cpp at the same bits (decode tok/s, batch 1, same run)", "",
+                  "| ours | llama.cpp | ours tok/s | llama.cpp tok/s | ours / llama.cpp |", "|---|---|---|---|---|"]
+        for o, l in pairs:
+            a, b = by_name[o]["decode_tps_b1"], by_name[l]["decode_tps_b1"]
+            lines.append(f"| {o} | {l} | {a:.1f} | {b:.1f} | {a / b:.2f}× |")
+    if result["readme_chat"]:
+        lines += ["", f"## README chat prompts, greedy ({result['readme_chat'][0].get('4-bit model', '4-bit')} vs the original)", ""]
     for e in result["readme_chat"]:
-        lines += [f"**{e['prompt']}**", "", f"- original: {e['original']!r}", f"- 4-bit: {e['4-bit']!r}", ""]
-    lines += ["Prompts (first 200 characters):", ""]
+        lines += [f"**{e['prompt']}**", "", f"- original: {e['original']!r}", f"- 4-bit: {e.get('4-bit')!r}",
+                  f"- identical: {'yes' if e.get('same') else 'no'}", ""]
+    lines += ["", "Prompts (first 200 characters):", ""]
     for kind, ps in result["prompts"].items():
         for p in ps:
             lines.append(f"- {kind}: `{p[:120].replace(chr(10), ' ').replace('`', '')}`")

@@ -212,7 +212,7 @@ def measure(args) -> dict:
     helper = Path(__file__).resolve().parent / "gguf_export_llamacpp.py"
     cmd = [LLAMACPP_PYTHON, str(helper), "--work", str(WORK_DIR), "--source", str(source_gguf()),
            "--threads", str(args.threads), "--rounds", str(args.rounds), "--new-tokens", str(args.new_tokens),
-           "--texts", str(args.texts), "--max-tokens", str(args.max_tokens)]
+           "--texts", str(args.texts), "--max-tokens", str(args.max_tokens)] + (["--only", *args.only] if args.only else [])
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     meas = json.loads((WORK_DIR / "llamacpp.json").read_text())
@@ -476,7 +476,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--only", nargs="*", default=None, help="prepare only these variants")
+    parser.add_argument("--only", nargs="*", default=None, help="prepare (or measure in llama.cpp) only these variants")
     args = parser.parse_args()
     if args.stage in ("all", "prepare"):
         prepare(args)

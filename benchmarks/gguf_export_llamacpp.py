@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--texts", type=int, default=None, help="use only the first N sequences of each kind")
     p.add_argument("--max-tokens", type=int, default=None, help="truncate each sequence to N tokens")
+    p.add_argument("--only", nargs="*", default=None, help="measure only these files (the source is always measured)")
     args = p.parse_args()
     work, source = Path(args.work), Path(args.source)
     prep = json.loads((work / "prepare.json").read_text())
@@ -86,6 +87,8 @@ def main() -> None:
         if not out.exists():
             requantize(source, out, gguf_type, args.threads)
         files[f"llama.cpp-{gguf_type}"] = (out, "llama-quantize --allow-requantize")
+    if args.only:
+        files = {k: v for k, v in files.items() if k in args.only or k == "source (Q4_1 file)"}
     print("files:", {k: str(v[0]) for k, v in files.items()}, flush=True)
 
     def load(path: Path, logits_all: bool) -> llama_cpp.Llama:
@@ -126,7 +129,7 @@ def main() -> None:
         }
     # ----- our files against our model's own logits ---------------------------------------------
     match = {}
-    for name in prep["variants"]:
+    for name in [n for n in prep["variants"] if n in models]:
         ours = np.load(work / f"{name}.logits.npy")
         diffs, agree, count = [], 0, 0
         for i, ids in enumerate(tokens["check"]):
@@ -138,7 +141,7 @@ def main() -> None:
         alld = np.concatenate([d.reshape(-1) for d in diffs])
         match[name] = {"max_abs": float(alld.max()), "mean_abs": float(alld.mean()), "top1": agree / count}
     # the source file against the float evaluation of its exact weights (our kept model)
-    if "ours-kept-Q4_1" in prep["variants"]:
+    if "ours-kept-Q4_1" in models:
         ours = np.load(work / "ours-kept-Q4_1.logits.npy")
         diffs = [np.abs(logits(models[ref_name], ids) - ours[i][: len(ids)]).reshape(-1) for i, ids in enumerate(tokens["check"])]
         allr = np.concatenate(diffs)

@@ -266,3 +266,21 @@ def test_tied_weights_stay_tied_through_an_activation_switch_and_back(tiny_facto
     assert model_output(model, batch).dtype == torch.float32
     remove_plan(model)
     assert emb.weight is head.weight and emb.weight.dtype == torch.bfloat16
+
+
+def test_a_planned_layer_traces_in_one_graph_and_still_rebuilds_when_eager():
+    """torch.compile(fullgraph=True) of a planned layer (the compiled decode step traces through
+    it) gives the eager result; eager calls still rebuild the forms after an in-place write."""
+    torch.manual_seed(0)
+    q = quantize_module_rtn(nn.Linear(128, 96), 4, 32, False)
+    planned = ex.install_planned_forward(q, "dequant-bf16-widen", "unpack-fp32", 8)
+    x = torch.randn(1, 3, 128)
+    compiled = torch.compile(lambda t: q(t), fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), q(x))
+        before = q(x)
+        q.storage_key().add_(1)  # an in-place write of the stored codes
+        after = q(x)
+    assert planned.version == ex.weight_version(q)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, planned.run("unpack-fp32", x), atol=0.05, rtol=0.02)

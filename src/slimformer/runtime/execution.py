@@ -155,7 +155,10 @@ class PlannedForward:
 
     def run(self, path: str, x: torch.Tensor) -> torch.Tensor:
         m = self.module
-        if self.version != weight_version(m):
+        # A tensor's in-place version counter cannot be read inside a compiled graph (torch.compile
+        # of the decode step): there the forms built before compiling are used; eager calls rebuild
+        # them after an in-place write of the stored weight.
+        if not torch.compiler.is_compiling() and self.version != weight_version(m):
             self.build()
         if path == "native":
             if isinstance(m, QuantizedModule):
