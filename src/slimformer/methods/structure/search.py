@@ -155,3 +155,32 @@ def sublayer_parameters(adapter, index: int, kind: str) -> int:
 
 def block_parameters(adapter, index: int) -> int:
     return sum(p.numel() for p in adapter.blocks()[index].parameters())
+
+
+class Shortlist:
+    """Which candidates a greedy search re-scores at each step.
+
+    ``size=None``: every candidate, every step (the papers' search: O(depth) candidates, each
+    a forward from its block on, so O(depth^2) block passes per step). ``size=k``: the first
+    step scores every candidate; later steps re-score only the ``k`` candidates whose removal
+    cost least when last scored (cost = loss increase over the model as it was then), and the
+    step removes the best of those freshly scored: O(k * depth) block passes per step, linear
+    in depth. Candidates are hashable keys that survive index shifts (e.g. ``(id(block), kind)``).
+    """
+
+    def __init__(self, size: int | None) -> None:
+        self.size = size
+        self.cost: dict = {}
+
+    def pick(self, candidates: list) -> list:
+        """The candidates (a subset of ``candidates``, in their order) to score this step."""
+        if self.size is None or not self.cost or len(candidates) <= self.size:
+            return list(candidates)
+        unseen = [c for c in candidates if c not in self.cost]
+        seen = sorted((c for c in candidates if c in self.cost), key=self.cost.__getitem__)
+        chosen = set(unseen) | set(seen[: max(self.size - len(unseen), 0)])
+        return [c for c in candidates if c in chosen]
+
+    def record(self, candidate, loss: float, base: float) -> None:
+        """``loss``: the calibration loss with ``candidate`` removed; ``base``: without."""
+        self.cost[candidate] = loss - base
