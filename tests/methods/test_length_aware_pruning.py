@@ -8,7 +8,7 @@ import torch
 
 from slimformer.compress import compress
 from slimformer.errors import ConfigError
-from slimformer.methods import TokenPruningConfig
+from slimformer.methods import CalibrationSettings, TokenPruningConfig, WidthSlimConfig
 from slimformer.recipe import Recipe
 
 SHORT = "Raise ValueError if negative."
@@ -51,3 +51,12 @@ def test_constant_schedule_still_cuts_short_texts(tiny_factory):
 def test_bad_schedule_settings_are_refused(bad):
     with pytest.raises(ConfigError):
         TokenPruningConfig(**bad)
+
+
+def test_pruning_runs_on_a_width_slimmed_model(tiny_factory):
+    bert = tiny_factory("bert")
+    compress(bert, Recipe(steps=[WidthSlimConfig(flops_ratio=0.5, head_ratio=0.5), TokenPruningConfig(keep_ratio=0.5, layers=(0,), schedule="length", min_tokens=8)],
+                         calibration=CalibrationSettings(n_samples=8, max_length=32, batch_size=4)))
+    batch = _batch(bert, [SHORT, LONG])
+    out, stats = bert.embed(batch, return_stats=True)
+    assert torch.isfinite(out).all() and stats.tokens_per_layer[1] < stats.tokens_per_layer[0]

@@ -78,9 +78,10 @@ def attention_importance(runner, layer: int, hidden: torch.Tensor, sizes: torch.
     nxt = blocks[min(layer + 1, len(blocks) - 1)]
     attn = getattr(nxt, runner.adapter.spec.attention)
     q_proj, k_proj = runner.adapter.query_key(attn)
-    heads = runner.model.config.num_attention_heads
     rows, T, dim = hidden.shape
-    hd = dim // heads
+    n_heads = runner.model.config.num_attention_heads
+    hd = dim // n_heads
+    heads = getattr(k_proj, "out_features", n_heads * hd) // hd  # fewer than the config says after width slimming
     k = k_proj(hidden).float().view(rows, T, heads, hd).transpose(1, 2)  # (rows, heads, T, hd)
     queries = hidden[:, :1] if score == "cls" else hidden
     q = q_proj(queries).float().view(rows, queries.shape[1], heads, hd).transpose(1, 2)
