@@ -167,6 +167,8 @@ def test_every_method_on_every_architecture(tiny, step, fast_calibration, tmp_pa
         assert torch.isfinite(embedding).all() and embedding.shape == (batch["input_ids"].shape[0], tiny.model.config.hidden_size)
         if config.name == "early-exit":
             assert set(record["exit_fidelity"]) == set(record["layers"])
+        elif config.name == "costeff":
+            assert set(record["confidence"]) == set(record["exit_layers"]) and record["training"]["steps"] == config.steps
         else:
             assert stats.tokens_per_layer[-1] < stats.tokens_per_layer[0]
     else:  # pragma: no cover - a new family must add its check

@@ -10,12 +10,13 @@ from slimformer.methods.quantization import CastConfig, GPTQConfig, RTNConfig
 from slimformer.methods.pruning import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from slimformer.methods.structure import BlockPrunerConfig, ShortGPTConfig, SLEBConfig, SublayerDropConfig, WidthSlimConfig
 from slimformer.methods.lowrank import ASVDConfig, LQLoRAConfig, SVDConfig, SVDLLMConfig
-from slimformer.methods.dynamic import EarlyExitConfig, TokenMergingConfig, TokenPruningConfig
+from slimformer.methods.dynamic import CostEffConfig, EarlyExitConfig, TokenMergingConfig, TokenPruningConfig
 
 __all__ = [
     "ASVDConfig",
     "CalibrationSettings",
     "CastConfig",
+    "CostEffConfig",
     "EarlyExitConfig",
     "CompressionContext",
     "GPTQConfig",

@@ -1,5 +1,6 @@
 """Dynamic (run-time) methods for encoders: early exit, token merging, token pruning."""
 
+from slimformer.methods.dynamic.costeff import CostEffConfig, install_costeff_exits
 from slimformer.methods.dynamic.early_exit import EarlyExitConfig, install_early_exit, set_exit_rule
 from slimformer.methods.dynamic.runtime import DynamicEncoder, DynamicSettings, ExitHeads, RunStats
 from slimformer.methods.dynamic.token_merging import TokenMergingConfig, install_token_merging
@@ -9,6 +10,7 @@ from slimformer.models.loading import register_dynamic_runner
 register_dynamic_runner(DynamicEncoder)
 
 __all__ = [
+    "CostEffConfig",
     "DynamicEncoder",
     "DynamicSettings",
     "EarlyExitConfig",
@@ -33,5 +35,7 @@ def reinstall(loaded, configs: list[dict]) -> None:
             install_early_exit(loaded, config)
         elif isinstance(config, TokenMergingConfig):
             install_token_merging(loaded, config)
+        elif isinstance(config, CostEffConfig):
+            install_costeff_exits(loaded, config)
         elif isinstance(config, TokenPruningConfig):
             install_token_pruning(loaded, config)

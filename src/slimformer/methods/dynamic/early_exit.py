@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.dynamic.base import check_layers, require_encoder, settings_of
+from slimformer.methods.dynamic.confidence import fit_confidence, held_back_rows
 from slimformer.methods.dynamic.rules import RULES, make_rule
 from slimformer.methods.dynamic.runtime import DynamicEncoder, ExitHeads
 
@@ -27,7 +28,11 @@ class EarlyExitConfig(MethodConfig):
     """Exits after ``layers`` (default: every block but the last), trained for ``train_steps``
     full-batch Adam steps at ``lr``; the exit ``rule`` (``similarity``: MuE, consecutive exits
     agree with cosine >= ``threshold``; ``patience``: that for ``patience`` exits in a row;
-    ``confidence``: prediction entropy <= ``threshold``, for classifier heads) sets the trade-off."""
+    ``confidence``: prediction entropy <= ``threshold``, for classifier heads; ``predicted``: the
+    exit's learned, calibrated prediction of its own cosine to the final embedding >= ``threshold``)
+    sets the trade-off. ``learned_confidence`` fits those predictions (implied by ``predicted``),
+    so the rule can be switched to ``predicted`` later; exits and confidence heads then train on
+    two thirds of the calibration rows and the calibration uses the other third."""
 
     name = "early-exit"
     family = "dynamic"
@@ -41,9 +46,14 @@ class EarlyExitConfig(MethodConfig):
     patience: int = 2
     train_steps: int = 300
     lr: float = 0.001
+    learned_confidence: bool = False
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
+        if not isinstance(self.learned_confidence, bool):
+            raise ConfigError(f"early-exit: learned_confidence={self.learned_confidence!r} must be true or false", "use learned_confidence: true")
+        if self.rule == "predicted":
+            self.learned_confidence = True
         if self.rule not in RULES:
             raise ConfigError(f"early-exit: unknown rule {self.rule!r}", f"use one of {list(RULES)}")
         if not is_int_at_least(self.patience, 1):
@@ -67,11 +77,11 @@ def install_early_exit(loaded, config: EarlyExitConfig, heads: ExitHeads | None 
         raise ConfigError("early-exit: the confidence rule needs classifier exits; an embedding has no posterior", "use rule: similarity or rule: patience")
     layers = exit_layers(loaded, config)
     if heads is None:
-        heads = ExitHeads(layers, loaded.model.config.hidden_size)
+        heads = ExitHeads(layers, loaded.model.config.hidden_size, confidence=config.learned_confidence)
     loaded.model.slimformer_exits = heads
     settings = settings_of(loaded)
     settings.exits = heads
-    settings.rule = make_rule(config.rule, config.threshold, config.patience)
+    settings.rule = make_rule(config.rule, config.threshold, config.patience, heads)
     settings.configs.append(config.to_dict())
     return heads
 
@@ -84,16 +94,21 @@ def set_exit_rule(loaded, rule: str = "similarity", threshold: float = 0.99, pat
         raise ConfigError("the model has no exits", "apply an early-exit step first")
     if rule == "confidence":
         raise ConfigError("early-exit: the confidence rule needs classifier exits; an embedding has no posterior", "use rule: similarity or rule: patience")
-    settings.rule = make_rule(rule, threshold, patience)
+    if rule not in RULES:
+        raise ConfigError(f"early-exit: unknown rule {rule!r}", f"use one of {list(RULES)}")
+    if rule == "predicted" and not getattr(settings.exits, "has_confidence", False):
+        raise ConfigError("early-exit: the predicted rule needs exits with learned confidence", "train the exits with learned_confidence: true")
+    settings.rule = make_rule(rule, threshold, patience, settings.exits)
     for config in settings.configs:
-        if config.get("method") == EarlyExitConfig.name:
+        if config.get("method") in (EarlyExitConfig.name, "costeff"):
             config.update(rule=rule, threshold=threshold, patience=patience)
 
 
-def train_exits(loaded, heads: ExitHeads, batches: list[dict], steps: int, lr: float) -> dict[int, float]:
-    """Fit each exit to the final embedding (cosine distillation), backbone frozen; the token
-    reduction already installed is active while features are collected. Returns each exit's
-    mean cosine to the final embedding on the calibration text after training."""
+def train_exits(loaded, heads: ExitHeads, batches: list[dict], steps: int, lr: float, rows: torch.Tensor | None = None) -> dict[int, float]:
+    """Fit each exit to the final embedding (cosine distillation), backbone frozen, on the
+    calibration rows selected by ``rows`` (bool (N,), default all); the token reduction already
+    installed is active while features are collected. Returns each exit's mean cosine to the
+    final embedding on the calibration text after training."""
     settings = settings_of(loaded)
     saved = settings.exits
     settings.exits = None
@@ -107,6 +122,7 @@ def train_exits(loaded, heads: ExitHeads, batches: list[dict], steps: int, lr: f
     finally:
         settings.exits = saved
     target = torch.cat(finals)
+    fit = rows if rows is not None else torch.ones(target.shape[0], dtype=torch.bool)
     fidelity: dict[int, float] = {}
     for layer in heads.layers:
         x = torch.cat([p[layer] for p in per_layer])
@@ -116,7 +132,7 @@ def train_exits(loaded, heads: ExitHeads, batches: list[dict], steps: int, lr: f
             head.requires_grad_(True)
             opt = torch.optim.Adam(head.parameters(), lr=lr)
             for _ in range(steps):
-                loss = 1 - F.cosine_similarity(head(x), target, dim=-1).mean()
+                loss = 1 - F.cosine_similarity(head(x[fit]), target[fit], dim=-1).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -130,7 +146,16 @@ def train_exits(loaded, heads: ExitHeads, batches: list[dict], steps: int, lr: f
 def apply_early_exit(loaded, config: EarlyExitConfig, ctx) -> dict:
     require_encoder(loaded, "early-exit")
     heads = install_early_exit(loaded, config)
-    fidelity = train_exits(loaded, heads, ctx.batches(loaded.tokenizer), config.train_steps, config.lr)
+    batches = ctx.batches(loaded.tokenizer)
+    rows = None
+    if config.learned_confidence:
+        n = sum(int(b["input_ids"].shape[0]) for b in batches)
+        held = held_back_rows(n)
+        rows = ~held if held.sum() >= 4 and (~held).sum() >= 4 else None
+    fidelity = train_exits(loaded, heads, batches, config.train_steps, config.lr, rows)
+    record = {"layers": heads.layers, "exit_fidelity": fidelity}
+    if config.learned_confidence:
+        record["confidence"] = fit_confidence(loaded, heads, batches)
     dtype = next(loaded.model.parameters()).dtype
     heads.to(dtype)
-    return {"layers": heads.layers, "exit_fidelity": fidelity}
+    return record

@@ -58,10 +58,37 @@ class ConfidenceRule:
         return entropy <= self.threshold
 
 
-RULES = ("similarity", "patience", "confidence")
+class PredictedCosineRule:
+    """Learned confidence: each exit predicts its own cosine to the final embedding (a head on the
+    exit's output, its agreement with the previous exit and the input's length, calibrated by
+    isotonic regression on held-back calibration rows; see ``ExitHeads``); exit when the
+    predicted cosine >= ``threshold``, so the threshold is the expected cosine of what exits.
+    After the learned exit-confidence of BERxiT (Xin et al., 2021) and CALM (Schuster et al., 2022)."""
+
+    def __init__(self, threshold: float, exits) -> None:
+        if exits is None or not getattr(exits, "has_confidence", False):
+            raise ValueError("the predicted rule needs exits with confidence heads")
+        self.threshold = threshold
+        self.exits = exits
+
+    def predicted(self, layer: int, output: torch.Tensor, state: dict) -> torch.Tensor:
+        prev = state.get("previous")
+        state["previous"] = output
+        tokens = state.get("tokens")
+        if tokens is None:
+            tokens = torch.zeros(output.shape[0])
+        return self.exits.predicted_cos(layer, output, prev, tokens)
+
+    def decide(self, layer: int, output: torch.Tensor, state: dict) -> torch.Tensor:
+        return self.predicted(layer, output, state) >= self.threshold
 
 
-def make_rule(name: str, threshold: float, patience: int):
+RULES = ("similarity", "patience", "confidence", "predicted")
+
+
+def make_rule(name: str, threshold: float, patience: int, exits=None):
+    if name == "predicted":
+        return PredictedCosineRule(threshold, exits)
     if name == "similarity":
         return SimilarityRule(threshold)
     if name == "patience":

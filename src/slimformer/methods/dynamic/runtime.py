@@ -43,15 +43,29 @@ class RunStats:
 
 class ExitHeads(nn.Module):
     """One exit head per chosen block: maps that block's pooled hidden state (rows, dim) into the
-    final embedding space (rows, dim). Stored as ``model.slimformer_exits`` so it is saved."""
+    final embedding space (rows, dim). Stored as ``model.slimformer_exits`` so it is saved.
 
-    def __init__(self, layers: list[int], dim: int) -> None:
+    With ``confidence``, each exit also predicts its own cosine to the final embedding: a linear
+    head on ``confidence_features`` (rows, dim + 3) gives a raw score, and a monotone
+    piecewise-linear map (``knots`` points per exit, buffers ``calib_x``/``calib_y`` (exits, knots),
+    fitted by isotonic regression on held-back calibration rows) turns it into the expected cosine."""
+
+    def __init__(self, layers: list[int], dim: int, confidence: bool = False, knots: int = 32) -> None:
         super().__init__()
         self.layers = list(layers)
         self.heads = nn.ModuleDict({str(l): nn.Linear(dim, dim) for l in layers})
         for head in self.heads.values():
             nn.init.eye_(head.weight)
             nn.init.zeros_(head.bias)
+        self.has_confidence = confidence
+        if confidence:
+            self.confidence = nn.ModuleDict({str(l): nn.Linear(dim + 3, 1) for l in layers})
+            for head in self.confidence.values():
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+            grid = torch.linspace(-1.0, 1.0, knots).repeat(len(layers), 1)
+            self.register_buffer("calib_x", grid.clone())
+            self.register_buffer("calib_y", grid.clone())
 
     def has(self, layer: int) -> bool:
         return str(layer) in self.heads
@@ -59,6 +73,40 @@ class ExitHeads(nn.Module):
     def forward(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
         head = self.heads[str(layer)]
         return head(pooled.to(head.weight.dtype))
+
+    @staticmethod
+    def confidence_features(output: torch.Tensor, previous: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+        """Features (rows, dim + 3) of an exit's output (rows, dim): its direction, its cosine to
+        the previous exit's output (rows, dim; 0 with a flag when there is none) and the input's
+        log length (``tokens`` (rows,) real tokens)."""
+        out = output.float()
+        n = out.shape[0]
+        if previous is None:
+            agree, flag = torch.zeros(n, 1), torch.zeros(n, 1)
+        else:
+            agree, flag = torch.nn.functional.cosine_similarity(out, previous.float(), dim=-1).unsqueeze(-1), torch.ones(n, 1)
+        length = torch.log1p(tokens.float()).unsqueeze(-1) / 5.0
+        return torch.cat([torch.nn.functional.normalize(out, dim=-1), agree, flag, length], -1)
+
+    def raw_confidence(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """Uncalibrated score (rows,) of features (rows, dim + 3)."""
+        head = self.confidence[str(layer)]
+        return head(features.to(head.weight.dtype)).squeeze(-1).float()
+
+    def calibrate(self, layer: int, raw: torch.Tensor) -> torch.Tensor:
+        """Expected cosine (rows,) of raw scores (rows,): the exit's monotone piecewise-linear map,
+        constant beyond its end knots."""
+        i = self.layers.index(layer)
+        x, y = self.calib_x[i].float(), self.calib_y[i].float()
+        r = raw.float().clamp(float(x[0]), float(x[-1]))
+        j = torch.searchsorted(x, r.contiguous()).clamp(1, x.numel() - 1)
+        x0, x1, y0, y1 = x[j - 1], x[j], y[j - 1], y[j]
+        t = ((r - x0) / (x1 - x0).clamp(min=1e-12)).clamp(0, 1)
+        return y0 + t * (y1 - y0)
+
+    def predicted_cos(self, layer: int, output: torch.Tensor, previous: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+        """Expected cosine (rows,) of this exit's output (rows, dim) to the final embedding."""
+        return self.calibrate(layer, self.raw_confidence(layer, self.confidence_features(output, previous, tokens)))
 
 
 def pool(hidden: torch.Tensor, sizes: torch.Tensor, mode: str) -> torch.Tensor:
@@ -163,7 +211,7 @@ class DynamicEncoder:
         rows_per_layer: list[int] = []
         flops = 0.0
         collected: list[torch.Tensor] = []
-        rule_state: dict = {}
+        rule_state: dict = {"tokens": attention_mask.sum(1).to(torch.float32)}  # per-row state, filtered as rows leave
         exits, rule = self.settings.exits, self.settings.rule
         last = len(blocks) - 1
         for index, block in enumerate(blocks):

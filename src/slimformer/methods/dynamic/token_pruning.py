@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.dynamic.base import check_layers, require_encoder, settings_of
 from slimformer.methods.dynamic.token_reduction import TokenPruner
@@ -15,7 +15,9 @@ class TokenPruningConfig(MethodConfig):
     """After each block in ``layers``, keep the ``keep_ratio`` most important tokens of each
     input; importance is the [CLS] query's attention (``score: cls``) or the mean attention over
     queries (``score: mean``) of the next block. Several layers give a staged, pyramid-like
-    schedule (PyramidDrop)."""
+    schedule (PyramidDrop). ``schedule: length`` makes the rate length-aware: an input of ``n``
+    tokens loses ``(1 - keep_ratio) * (n - min_tokens)`` of them (none at or below
+    ``min_tokens``), so short texts are not gutted and long ones are shortened most."""
 
     name = "token-pruning"
     family = "dynamic"
@@ -25,8 +27,14 @@ class TokenPruningConfig(MethodConfig):
     keep_ratio: float = 0.7
     layers: tuple[int, ...] = (1, 3)
     score: str = "cls"
+    schedule: str = "constant"
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "length"):
+            raise ConfigError(f"token-pruning: schedule={self.schedule!r} is unknown", "use schedule: constant or schedule: length")
+        if not is_int_at_least(self.min_tokens, 0):
+            raise ConfigError(f"token-pruning: min_tokens={self.min_tokens!r} must be a non-negative integer", "use e.g. min_tokens: 32")
         self.layers = tuple(self.layers)
         if isinstance(self.keep_ratio, bool) or not 0 < self.keep_ratio <= 1:
             raise ConfigError(f"token-pruning: keep_ratio={self.keep_ratio!r} must be in (0, 1]", "use e.g. keep_ratio: 0.7")
@@ -40,7 +48,7 @@ def install_token_pruning(loaded, config: TokenPruningConfig) -> None:
     check_layers("token-pruning", config.layers, loaded.adapter.num_layers())
     settings = settings_of(loaded)
     for layer in config.layers:
-        settings.reducers.setdefault(layer, []).append(TokenPruner(config.keep_ratio, config.score))
+        settings.reducers.setdefault(layer, []).append(TokenPruner(config.keep_ratio, config.score, config.schedule, config.min_tokens))
     settings.configs.append(config.to_dict())
 
 

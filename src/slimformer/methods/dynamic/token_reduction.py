@@ -78,9 +78,10 @@ def attention_importance(runner, layer: int, hidden: torch.Tensor, sizes: torch.
     nxt = blocks[min(layer + 1, len(blocks) - 1)]
     attn = getattr(nxt, runner.adapter.spec.attention)
     q_proj, k_proj = runner.adapter.query_key(attn)
-    heads = runner.model.config.num_attention_heads
     rows, T, dim = hidden.shape
-    hd = dim // heads
+    n_heads = runner.model.config.num_attention_heads
+    hd = dim // n_heads
+    heads = getattr(k_proj, "out_features", n_heads * hd) // hd  # fewer than the config says after width slimming
     k = k_proj(hidden).float().view(rows, T, heads, hd).transpose(1, 2)  # (rows, heads, T, hd)
     queries = hidden[:, :1] if score == "cls" else hidden
     q = q_proj(queries).float().view(rows, queries.shape[1], heads, hd).transpose(1, 2)
@@ -93,14 +94,24 @@ def attention_importance(runner, layer: int, hidden: torch.Tensor, sizes: torch.
 
 
 class TokenPruner:
-    """Reducer keeping ``keep_ratio`` of each row's tokens, by attention importance."""
+    """Reducer keeping ``keep_ratio`` of each row's tokens, by attention importance.
 
-    def __init__(self, keep_ratio: float, score: str) -> None:
+    ``schedule="constant"``: every row keeps ``keep_ratio`` of the batch's (padded) width.
+    ``schedule="length"`` (length-aware): a row of ``n`` real tokens loses
+    ``round((1 - keep_ratio) * max(0, n - min_tokens))`` of them, so texts of up to
+    ``min_tokens`` tokens are untouched and the longer a text, the larger the share removed; the
+    rows of a batch then keep different counts (the dropped slots become padding, size 0)."""
+
+    def __init__(self, keep_ratio: float, score: str, schedule: str = "constant", min_tokens: int = 0) -> None:
         self.keep_ratio = keep_ratio
         self.score = score
+        self.schedule = schedule
+        self.min_tokens = min_tokens
 
     def reduce(self, runner, layer: int, hidden, sizes, protect):
         rows, T, _ = hidden.shape
+        if self.schedule == "length":
+            return self._reduce_by_length(runner, layer, hidden, sizes, protect)
         keep_n = max(int(protect.sum(1).max()) + 1, int(round(T * self.keep_ratio)))
         if keep_n >= T:
             return hidden, sizes, protect
@@ -108,3 +119,21 @@ class TokenPruner:
         importance = importance.masked_fill(sizes == 0, NEG).masked_fill(protect, float("inf"))
         keep = importance.topk(keep_n, dim=1).indices.sort(dim=1).values
         return _gather_tokens(hidden, keep), sizes.gather(1, keep), protect.gather(1, keep)
+
+    def _reduce_by_length(self, runner, layer: int, hidden, sizes, protect):
+        rows, T, _ = hidden.shape
+        real = (sizes > 0).sum(1)
+        removed = torch.round((1 - self.keep_ratio) * (real - self.min_tokens).clamp(min=0).float()).long()
+        keep_row = torch.maximum(real - removed, protect.sum(1) + 1).clamp(max=T)  # (rows,)
+        width = int(keep_row.max()) if rows else 0
+        if width >= T and bool((keep_row >= real).all()):
+            return hidden, sizes, protect
+        importance = attention_importance(runner, layer, hidden, sizes, self.score)
+        importance = importance.masked_fill(sizes == 0, NEG).masked_fill(protect, float("inf"))
+        top = importance.topk(width, dim=1).indices  # (rows, width), most important first
+        ok = torch.arange(width)[None, :] < keep_row[:, None]
+        position = torch.where(ok, top, top + T)  # dropped slots sort after the kept ones
+        order = position.argsort(dim=1)
+        keep, ok = top.gather(1, order), ok.gather(1, order)
+        new_sizes = sizes.gather(1, keep) * ok
+        return _gather_tokens(hidden, keep), new_sizes, protect.gather(1, keep) & ok
