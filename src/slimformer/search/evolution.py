@@ -20,7 +20,6 @@ With ``generations: 0`` the search returns that allocation.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from tqdm.auto import tqdm
 
 from slimformer.methods.quantization.mixed_precision import allocate_bits
 from slimformer.search.fitness import ORIGINAL
+from slimformer.search.journal import append_record as _append
+from slimformer.search.journal import read_records as _read_journal
 from slimformer.search.space import EvolutionSettings
 
 
@@ -109,25 +110,6 @@ class EvolutionResult:
     fitness: float
     generations: int
     history: list[dict] = field(default_factory=list)  # per generation: best fitness so far, evaluations
-
-
-def _read_journal(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill: everything before it stands
-            break
-    return records
-
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def evolve(pool, costs: list[list[int]], budget: int, start: list[int], settings: EvolutionSettings,

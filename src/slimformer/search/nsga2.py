@@ -19,7 +19,6 @@ with the same front as an uninterrupted run; a generation cut by a kill is redon
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from slimformer.errors import ConfigError, is_int_at_least
+from slimformer.search.journal import append_record as _append
+from slimformer.search.journal import read_records as _read_journal
 
 GENERATION_KEY = "NSGAIISampler:generation"
 
@@ -74,25 +75,6 @@ def non_dominated(points: list[dict]) -> list[dict]:
     return out
 
 
-def _read_journal(path: Path | None) -> list[dict]:
-    if path is None or not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill: the generations before it stand
-            break
-    return records
-
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def pareto_search(pool, costs: list[list[int]], settings: ParetoSettings, journal: str | os.PathLike | None = None,
                   progress: bool = False) -> ParetoResult:
     """Run NSGA-II over per-unit levels; ``costs[u][k]``: the cost of unit ``u`` at level ``k``;
@@ -104,7 +86,7 @@ def pareto_search(pool, costs: list[list[int]], settings: ParetoSettings, journa
     n_units = len(costs)
     dists = {f"u{u:04d}": CategoricalDistribution(list(range(len(costs[u])))) for u in range(n_units)}
     jpath = Path(journal) if journal is not None else None
-    records = _read_journal(jpath)
+    records = _read_journal(jpath) if jpath is not None else []
     if records and records[0].get("units") != [len(c) for c in costs]:
         raise ValueError("the journal belongs to a search over other units")
 
