@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from slimformer.methods.dynamic.base import check_layers, require_encoder, setti
 from slimformer.methods.dynamic.confidence import fit_confidence, held_back_rows, pooled_states
 from slimformer.methods.dynamic.rules import RULES, make_rule
 from slimformer.methods.dynamic.runtime import DynamicEncoder, DynamicSettings, ExitHeads
+from slimformer.methods.structure.distill import optimizer_step, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -244,20 +244,12 @@ def joint_train(loaded, heads: ExitHeads, batches: list[dict], targets: list[tor
                     continue
                 parts = step_losses(runner, heads, batches[j], targets[j], teacher_layers[j] if teacher_layers else None, fit_rows[j])
                 loss = total_loss(parts, weights, config)
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optim.step()
-                sched.step()
-                history.append(float(loss.detach()))
+                history.append(optimizer_step(loss, optim, sched, params))
                 bar.update(1)
                 bar.set_postfix(loss=f"{history[-1]:.4f}")
                 if path is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
-                    tmp = path.with_name(path.name + ".tmp")
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save({"fingerprint": key, "step": step + 1, "model": model.state_dict(), "optim": optim.state_dict(), "sched": sched.state_dict(),
-                                "generator": gen.get_state(), "order": list(order), "history": history}, tmp)
-                    os.replace(tmp, path)
+                    save_checkpoint(path, {"fingerprint": key, "step": step + 1, "model": model.state_dict(), "optim": optim.state_dict(),
+                                           "sched": sched.state_dict(), "generator": gen.get_state(), "order": list(order), "history": history})
     finally:
         bar.close()
         for p, f in zip(params, flags):

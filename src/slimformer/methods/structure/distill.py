@@ -28,6 +28,24 @@ from slimformer.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def optimizer_step(loss: torch.Tensor, optim, sched, params, max_norm: float = 1.0) -> float:
+    """One clipped optimiser step on ``loss``; returns the loss value."""
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optim.step()
+    sched.step()
+    return float(loss.detach())
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write a training checkpoint atomically (temporary name, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def _outputs(model, batch: dict, causal: bool) -> torch.Tensor:
     if causal:
         return model(**batch, use_cache=False).logits
@@ -113,20 +131,12 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
             j = order.pop()
             batch = batches[j]
             value = distillation_loss(_outputs(student, batch, causal), targets[j](), batch["attention_mask"], loss)
-            optim.zero_grad(set_to_none=True)
-            value.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
-            sched.step()
-            history.append(float(value.detach()))
+            history.append(optimizer_step(value, optim, sched, params))
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]:.4f}")
             if path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-                tmp = path.with_name(path.name + ".tmp")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"fingerprint": key, "steps": steps, "step": step + 1, "student": student.state_dict(), "optim": optim.state_dict(),
-                            "sched": sched.state_dict(), "generator": gen.get_state(), "order": list(order)}, tmp)
-                os.replace(tmp, path)
+                save_checkpoint(path, {"fingerprint": key, "steps": steps, "step": step + 1, "student": student.state_dict(), "optim": optim.state_dict(),
+                                       "sched": sched.state_dict(), "generator": gen.get_state(), "order": list(order)})
     finally:
         bar.close()
         for p, f in zip(params, flags):
