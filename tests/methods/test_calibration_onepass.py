@@ -122,14 +122,55 @@ def test_block_forwards_are_linear_in_depth(tiny_factory):
         ctx = CompressionContext(CalibrationSettings(**CALIB))
         n_batches = len(ctx.batches(loaded.tokenizer))
         counts = _count_block_calls(loaded, lambda: _gptq_run(loaded, blockwise(loaded, ctx, _selected(loaded, False), True, "t", sequential=True)))
-        # per block: stage detection (1) + 4 stages x batches + one advancing pass; block 0 also
-        # runs once to learn its output type; the last block is not advanced (nothing after it)
-        per_block = 1 + 4 * n_batches + n_batches
-        assert counts[0] == per_block + 1
+        # per block: 4 stages x batches + one advancing pass; block 0 also runs once to learn its
+        # output type and once to find its stages (the other blocks reuse them); the last block
+        # is not advanced (nothing after it)
+        per_block = 4 * n_batches + n_batches
+        assert counts[0] == per_block + 2
         assert counts[1:-1] == [per_block] * (depth - 2)
         assert counts[-1] == per_block - n_batches
         totals[depth] = sum(counts)
-    assert totals[8] - totals[4] == 4 * (1 + 5 * n_batches)  # each extra block costs the same
+    assert totals[8] - totals[4] == 4 * 5 * n_batches  # each extra block costs the same
+
+
+def test_finished_stages_are_replayed_not_recomputed(tiny_factory, monkeypatch):
+    """True-sequential GPTQ runs each linear layer once per batch to collect its statistics and
+    once more (compressed) to record its output; later stages and the advancing pass replay the
+    recorded outputs. Without room for the recordings (spilled activations) every stage re-runs
+    the block up to its layers, and the result is bit-identical."""
+    import torch.nn.functional as F
+
+    calls = {"n": 0}
+    real_linear = F.linear
+
+    def counting_linear(*args, **kwargs):
+        calls["n"] += 1
+        return real_linear(*args, **kwargs)
+
+    loaded = tiny_factory("llama")
+    other = copy.deepcopy(loaded)
+    depth = loaded.adapter.num_layers()
+    ctx = CompressionContext(CalibrationSettings(**CALIB, offload="memory"))
+    nb = len(ctx.batches(loaded.tokenizer))
+    per_block = len(loaded.adapter.linear_layers(0))
+    assert per_block == 7  # q, k, v, o, gate, up, down in four stages
+    monkeypatch.setattr(F, "linear", counting_linear)
+    got = _gptq_run(loaded, blockwise(loaded, ctx, _selected(loaded, False), True, "t", sequential=True))
+    replayed = calls["n"]
+    calls["n"] = 0
+    spilled = CompressionContext(CalibrationSettings(**CALIB, offload="disk"))
+    want = _gptq_run(other, blockwise(other, spilled, _selected(other, False), True, "t", sequential=True))
+    rerun = calls["n"]
+    monkeypatch.setattr(F, "linear", real_linear)
+    # statistics + recording, per block; block 0 also runs whole once to learn its output type
+    # and once to find its stages
+    assert replayed == depth * 2 * per_block * nb + 2 * per_block
+    # re-running: stages see 3, 4, 6 and 7 layers, and the advancing pass all 7 (not after the last block)
+    assert rerun == depth * ((3 + 4 + 6 + 7) * nb + per_block * nb) - per_block * nb + 2 * per_block
+    for name in want:
+        assert torch.equal(got[name][0], want[name][0]), name
+    batch = ctx.batches(loaded.tokenizer)[0]
+    assert torch.equal(_output(loaded, batch), _output(other, batch))
 
 
 def test_spilled_activations_give_identical_results(tiny_factory, tmp_path):

@@ -72,9 +72,9 @@ def test_estimate_is_within_25_percent_of_the_measured_peak():
     assert 0.75 * measured <= estimated <= 1.25 * measured, (measured, out["estimate"])
 
 
-def _recipe(**calibration) -> Recipe:
+def _recipe(true_sequential: bool = True, **calibration) -> Recipe:
     return Recipe.from_dict({"slimformer_recipe": 1, "name": "r", "calibration": {"n_samples": 16, "max_length": 48, "batch_size": 8, **calibration},
-                             "steps": [{"method": "gptq", "bits": 4, "group_size": 16}]})
+                             "steps": [{"method": "gptq", "bits": 4, "group_size": 16, "true_sequential": true_sequential}]})
 
 
 def test_estimate_grows_with_calibration_and_shrinks_with_spilling(tiny_factory):
@@ -91,10 +91,12 @@ def test_estimate_grows_with_calibration_and_shrinks_with_spilling(tiny_factory)
 def test_a_job_that_cannot_fit_is_refused_before_any_work(tiny_factory, monkeypatch):
     loaded = tiny_factory("llama")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
-    estimate = estimate_peak(loaded, _recipe())
+    # (one stage per block: with true_sequential the recorded stage outputs are dropped when
+    # memory is short, so the job adapts instead of being refused; see the test below)
+    estimate = estimate_peak(loaded, _recipe(False))
     monkeypatch.setenv("SLIMFORMER_MEMORY_LIMIT", str(estimate.additional_bytes - 1))
     with pytest.raises(InsufficientMemoryError) as err:
-        compress(loaded, _recipe())
+        compress(loaded, _recipe(False))
     message = str(err.value)
     assert "\n" not in message and "MiB" in message and "; " in message
     assert any(s in message for s in ("calibration.n_samples", "calibration.max_length", "calibration.batch_size", "offload"))
@@ -115,3 +117,20 @@ def test_the_refusal_names_the_setting_of_the_largest_part():
     with pytest.raises(InsufficientMemoryError, match="stream"):
         check_fits(model, available=50)
     check_fits(acts, available=105)
+
+
+def test_recorded_stage_outputs_are_counted_only_while_they_fit(tiny_factory, monkeypatch):
+    from slimformer.methods.calibration import CompressionContext, replay_bytes
+
+    loaded = tiny_factory("llama")
+    recipe = _recipe()
+    ctx = CompressionContext(recipe.calibration)
+    ctx.activation_budget = 10**12
+    roomy = estimate_peak(loaded, recipe, ctx)
+    batches = ctx.batches(loaded.tokenizer)
+    block0 = {n: m for n, m in loaded.adapter.linear_layers(0).items()}
+    assert roomy.parts["stage_outputs"] == replay_bytes(batches, block0) > 0
+    tight = CompressionContext(recipe.calibration)
+    tight.activation_budget = replay_bytes(batches, block0) - 1
+    assert estimate_peak(loaded, recipe, tight).parts["stage_outputs"] == 0
+    assert estimate_peak(loaded, _recipe(False), ctx).parts["stage_outputs"] == 0

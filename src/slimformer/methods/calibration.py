@@ -12,6 +12,7 @@ hidden states stay in memory while they fit a budget, else one file per batch is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -92,11 +93,18 @@ class CompressionContext:
         return self.layer_records.setdefault(key, {})
 
     def batches(self, tokenizer) -> list[dict[str, torch.Tensor]]:
-        """Tokenized calibration batches: dicts of ``input_ids``/``attention_mask`` (batch, seq)."""
+        """Tokenized calibration batches: dicts of ``input_ids``/``attention_mask`` (batch, seq).
+
+        Documents are grouped by length (longest first) before batching, so a batch pads its
+        documents to a similar length: statistics summed over valid tokens are the same as for
+        any grouping, and the forward passes of calibration do not compute padding (with the
+        mixed default text, about a third of the positions of randomly grouped batches)."""
         if self._batches is None:
             s = self.calibration
             texts = load_texts(TextSpec(source=s.source, split="calibration", n=s.n_samples, seed=s.seed))
             max_length = min(s.max_length, self.max_positions or s.max_length)
+            lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+            texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: -lengths[i])]
             self._batches = [
                 dict(tokenizer(texts[i : i + s.batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
                 for i in range(0, len(texts), s.batch_size)
@@ -163,25 +171,39 @@ class InputStatistics:
         self.count: dict[str, int] = {name: 0 for name in modules}
         self.mask: torch.Tensor | None = None
         self._handles: list = []
+        self._previous: tuple | None = None  # (input tensor, layer name, its batch statistics)
+        self._leader: dict[str, str] = {}
 
     def set_batch(self, batch: dict) -> None:
         self.mask = batch.get("attention_mask")
+        self._previous = None
+
+    def input_leader(self, name: str) -> str:
+        """The first layer whose input was the very same tensor as ``name``'s in every batch (its
+        statistics are then identical to ``name``'s); ``name`` itself when there is none."""
+        return self._leader.get(name, name)
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, _output) -> None:
-            x = inputs[0].detach()
-            if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
-                x = x[self.mask.bool()]
-            x = x.reshape(-1, x.shape[-1]).float()
+            source = inputs[0]
+            previous = self._previous
+            if previous is not None and previous[0] is source:
+                # same input tensor as the layer called just before (q/k/v, gate/up): reuse its
+                # per-batch statistics instead of recomputing x^T x
+                leader, parts = previous[1], previous[2]
+            else:
+                leader, parts = name, self._batch_statistics(source)
+                self._previous = (source, name, parts)
+            seen = self._leader.get(name)
+            self._leader[name] = leader if seen is None or seen == leader else name
+            x, h, sq, ab, am = parts
+            if leader != name and name not in self.sq_norm:  # a follower's first values: its own tensors
+                h, sq, ab, am = (None if h is None else h.clone()), sq.clone(), ab.clone(), am.clone()
             self.count[name] += x.shape[0]
             if self.want_hessian:
-                h = x.t() @ x
                 self.hessian[name] = self.hessian[name] + h if name in self.hessian else h
-            sq = (x * x).sum(0)
             self.sq_norm[name] = self.sq_norm[name] + sq if name in self.sq_norm else sq
-            ab = x.abs().sum(0)
             self.abs_sum[name] = self.abs_sum[name] + ab if name in self.abs_sum else ab
-            am = x.abs().amax(0)
             self.absmax[name] = torch.maximum(self.absmax[name], am) if name in self.absmax else am
             if self.keep_samples:
                 kept = self.samples.get(name, x[:0])
@@ -189,6 +211,15 @@ class InputStatistics:
                     self.samples[name] = torch.cat([kept, x[: self.keep_samples - kept.shape[0]]])
 
         return hook
+
+    def _batch_statistics(self, source: torch.Tensor) -> tuple:
+        """``(x, x^T x, sum x^2, sum |x|, max |x|)`` of one input (valid tokens only, float32)."""
+        x = source.detach()
+        if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+            x = x[self.mask.bool()]
+        x = x.reshape(-1, x.shape[-1]).float()
+        h = x.t() @ x if self.want_hessian else None
+        return x, h, (x * x).sum(0), x.abs().sum(0), x.abs().amax(0)
 
     def __enter__(self) -> "InputStatistics":
         for name, module in self.modules.items():
@@ -440,12 +471,16 @@ class _StopWhenAllRan:
         self._handles.clear()
 
 
-def _block_statistics(block, modules, store, calls, layer, batches, hessian, keep_samples) -> InputStatistics:
+def _block_statistics(block, modules, store, calls, layer, batches, hessian, keep_samples, replay: "_StageReplay | None" = None) -> InputStatistics:
     """Statistics of ``modules`` (inside ``block``) over every batch, running only the block on
-    its cached inputs and stopping as soon as all of ``modules`` ran."""
+    its cached inputs and stopping as soon as all of ``modules`` ran. With ``replay``, layers of
+    earlier stages return their recorded outputs and the inputs of ``modules`` are kept."""
     stats = InputStatistics(modules, hessian=hessian, keep_samples=keep_samples)
-    with stats, _StopWhenAllRan(modules) as stop, torch.no_grad():
+    capture = replay.capturing(modules) if replay is not None else contextlib.nullcontext()
+    with stats, capture, _StopWhenAllRan(modules) as stop, torch.no_grad():
         for b, batch in enumerate(batches):
+            if replay is not None:
+                replay.batch = b
             stats.set_batch(batch)
             stop.reset()
             try:
@@ -562,6 +597,7 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
 
     batches = ctx.batches(loaded.tokenizer)
     store = open_activation_store(loaded, ctx, batches)
+    stage_plans: dict[tuple[str, ...], list[list[str]]] = {}
     try:
         if last >= 0:
             materialize(0)
@@ -573,22 +609,55 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
             names = per_block[i]
             if done[i]:
                 restore(i)
+                if i < last or tail:
+                    _run_to_next_block(block, store, calls, i, len(batches))
             elif names:
                 modules = {n: model.get_submodule(n) for n in names}
-                stages = _block_stages(block, modules, store.get(0), calls[0][i]) if sequential else [names]
-                for stage in stages:
-                    stats = _block_statistics(block, {n: model.get_submodule(n) for n in stage}, store, calls, i, batches, hessian, keep_samples)
-                    for n in stage:
-                        if stats.count[n] == 0:
-                            raise ConfigError(f"calibration never reached {n}", "check that the calibration text is not empty")
-                        yield n, model.get_submodule(n), stats
-                        bar.update(1)
-                if job is not None:  # every layer of the block is replaced by now
-                    job.save(_unit(i), model, [adapter.block_prefix(i)], names, ctx.layer_records)
-            if i < last or tail:
-                with torch.no_grad():
-                    for b in range(len(batches)):
-                        store.put(b, run_block(block, store.get(b), calls[b][i]).detach())
+                if sequential:
+                    # blocks of one model share their structure: found by running block i once,
+                    # reused for every later block with the same layer names
+                    prefix = adapter.block_prefix(i) + "."
+                    local = tuple(n[len(prefix):] for n in names)
+                    if local not in stage_plans:
+                        found = _block_stages(block, modules, store.get(0), calls[0][i])
+                        stage_plans[local] = [[n[len(prefix):] for n in stage] for stage in found]
+                    stages = [[prefix + n for n in stage] for stage in stage_plans[local]]
+                else:
+                    stages = [names]
+                replay = _StageReplay.if_it_fits(block, modules, store, batches, ctx) if len(stages) > 1 else None
+                dense = _DenseWhileCalibrating(block)
+                try:
+                    for stage in stages:
+                        if replay is not None:  # earlier stages' layers return their recorded outputs
+                            replay.swap_in()
+                        else:  # layers compressed by the earlier stages run from one dequantized copy
+                            dense.swap_in()
+                        stats = _block_statistics(block, {n: model.get_submodule(n) for n in stage}, store, calls, i, batches, hessian, keep_samples, replay)
+                        dense.swap_out()
+                        if replay is not None:
+                            replay.swap_out()
+                        for n in stage:
+                            if stats.count[n] == 0:
+                                raise ConfigError(f"calibration never reached {n}", "check that the calibration text is not empty")
+                            yield n, model.get_submodule(n), stats
+                            bar.update(1)
+                        if replay is not None:
+                            replay.record(stage)
+                    if job is not None:  # every layer of the block is replaced by now
+                        job.save(_unit(i), model, [adapter.block_prefix(i)], names, ctx.layer_records)
+                    if i < last or tail:
+                        if replay is not None:
+                            replay.swap_in()
+                        else:
+                            dense.swap_in()
+                        _run_to_next_block(block, store, calls, i, len(batches), replay)
+                finally:
+                    dense.swap_out()
+                    if replay is not None:
+                        replay.swap_out()
+                        replay.clear()
+            elif i < last or tail:
+                _run_to_next_block(block, store, calls, i, len(batches))
         if tail:
             if ctx.weights is not None:
                 ctx.weights.materialize("", model)  # e.g. an output head left on disk
@@ -607,6 +676,175 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
     finally:
         store.close()
         bar.close()
+
+
+def _run_to_next_block(block: nn.Module, store: ActivationStore, calls: list[list[BlockCall]], i: int, n_batches: int, replay: "_StageReplay | None" = None) -> None:
+    """Replace the cached inputs of block ``i`` by its outputs (the inputs of block ``i + 1``)."""
+    with torch.no_grad():
+        for b in range(n_batches):
+            if replay is not None:
+                replay.batch = b
+            store.put(b, run_block(block, store.get(b), calls[b][i]).detach())
+
+
+class _ReplayedLinear(nn.Module):
+    """Stands in for a layer of a finished stage: returns its output recorded for the current
+    batch (the layer applied once to the very input it receives again), so later stages and the
+    block's final forward do not recompute it."""
+
+    def __init__(self, replay: "_StageReplay", name: str) -> None:
+        super().__init__()
+        self.replay = replay
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.replay.outputs[self.name][self.replay.batch]
+        if out.shape[:-1] != x.shape[:-1]:
+            raise RuntimeError(f"replayed output of {self.name} does not match its input {tuple(x.shape)}")
+        return out
+
+
+class _StageReplay:
+    """GPTQ's "true sequential" order without re-running finished stages.
+
+    While stage ``k`` of a block is calibrated, the inputs of its layers are kept per batch
+    (one tensor per distinct input: q, k and v share one); once the caller replaced the layers,
+    each is applied once to those inputs and its outputs are recorded. Stage ``k + 1`` and the
+    block's final forward then run with the finished layers replaced by :class:`_ReplayedLinear`:
+    the outputs are the ones a re-run would compute (same inputs, same layer), but every linear
+    layer of the block runs once per batch instead of once per later stage. Only used while the
+    recorded tensors fit the in-memory activation budget (:meth:`if_it_fits`).
+    """
+
+    def __init__(self, block: nn.Module, prefix_of: dict[str, str]) -> None:
+        self.block = block
+        self.local = prefix_of  # model name -> name inside the block
+        self.outputs: dict[str, list[torch.Tensor]] = {}
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self.batch = 0
+        self.swapped: dict[str, nn.Module] = {}
+
+    @classmethod
+    def if_it_fits(cls, block: nn.Module, modules: dict[str, nn.Module], store: ActivationStore, batches: list[dict], ctx) -> "_StageReplay | None":
+        if store.spilled:
+            return None
+        need = replay_bytes(batches, modules)
+        budget = ctx.activation_budget if ctx.activation_budget is not None else _available_bytes() // 4
+        if need > budget:
+            return None
+        names = {id(m): n for n, m in block.named_modules()}
+        return cls(block, {full: names[id(m)] for full, m in modules.items()})
+
+    @contextlib.contextmanager
+    def capturing(self, modules: dict[str, nn.Module]):
+        """Keep the input (batch, seq, in) of each of ``modules`` for the current batch."""
+        handles = []
+        for n, m in modules.items():
+            self.inputs[n] = []
+
+            def hook(_m, inputs, _o, n=n):
+                if len(self.inputs[n]) == self.batch:
+                    self.inputs[n].append(inputs[0].detach())
+
+            handles.append(m.register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def record(self, stage: list[str]) -> None:
+        """Apply the (now replaced) layers of ``stage`` to their kept inputs; drop the inputs."""
+        with torch.no_grad():
+            for n in stage:
+                module = self.block.get_submodule(self.local[n])
+                if _unpacks_per_call(module):
+                    module = _DenseLinear(module.dequantized_weight(), getattr(module, "bias", None))
+                self.outputs[n] = [module(x) for x in self.inputs.pop(n)]
+        self.inputs.clear()
+
+    def swap_in(self) -> None:
+        for n in self.outputs:
+            local = self.local[n]
+            self.swapped[local] = self.block.get_submodule(local)
+            _set_child(self.block, local, _ReplayedLinear(self, n))
+
+    def swap_out(self) -> None:
+        for local, module in self.swapped.items():
+            _set_child(self.block, local, module)
+        self.swapped.clear()
+
+    def clear(self) -> None:
+        self.outputs.clear()
+        self.inputs.clear()
+
+
+def replay_bytes(batches: list[dict], modules: dict[str, nn.Module]) -> int:
+    """Bytes :class:`_StageReplay` holds at most for one block: every layer's output (float32)
+    and the widest stage input, for every calibration token (padded)."""
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+    outs = sum(int(getattr(m, "out_features", 0)) for m in modules.values())
+    widest = max((int(getattr(m, "in_features", 0)) for m in modules.values()), default=0)
+    return tokens * (outs + widest) * 4
+
+
+def _available_bytes() -> int:
+    from slimformer.methods.memory import available_memory_bytes
+
+    return available_memory_bytes()
+
+
+class _DenseLinear(nn.Module):
+    """Stands in for a compressed linear layer while its block is calibrated: the same
+    numerics (the layer's dequantized float weight), dequantized once instead of per call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+class _DenseWhileCalibrating:
+    """Swaps the compressed linear layers of ``block`` that unpack their codes on every call
+    (``kernel == "unpack"``, float activations) for :class:`_DenseLinear` stand-ins and back. A block's stages and its final
+    forward run several times over every calibration batch; unpacking codes on each call cost
+    more than the matrix product on narrow layers. Stand-ins are dropped with the block."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        self.dense: dict[str, _DenseLinear] = {}
+        self.swapped: dict[str, nn.Module] = {}
+
+    def swap_in(self) -> None:
+        for name, module in list(self.block.named_modules()):
+            if name and _unpacks_per_call(module):
+                key = (name, id(module))
+                if name not in self.dense or self.dense[name].source != key:
+                    stand_in = _DenseLinear(module.dequantized_weight(), getattr(module, "bias", None))
+                    stand_in.source = key
+                    self.dense[name] = stand_in
+                self.swapped[name] = module
+                _set_child(self.block, name, self.dense[name])
+
+    def swap_out(self) -> None:
+        for name, module in self.swapped.items():
+            _set_child(self.block, name, module)
+        self.swapped.clear()
+
+
+def _unpacks_per_call(module: nn.Module) -> bool:
+    """A compressed linear whose forward is exactly ``linear(x, dequantized_weight(), bias)``."""
+    return (getattr(module, "kernel", None) == "unpack" and getattr(module, "act_bits", None) is None
+            and hasattr(module, "dequantized_weight") and hasattr(module, "in_features"))
+
+
+def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
 def _unit(i: int) -> str:

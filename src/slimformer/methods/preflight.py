@@ -26,7 +26,8 @@ class MemoryEstimate:
     ``parts``: ``model`` (weights resident during the job: the whole model, or with streamed
     weights its non-block parts plus the compressed blocks), ``block`` (one block's float weights
     while it is worked on, streamed only), ``activations`` (cached block inputs, or with spilling
-    one batch in and one out), ``block_forward`` (transients of one block's forward on one
+    one batch in and one out), ``stage_outputs`` (outputs of a block's finished stages recorded
+    by true-sequential calibration, only while they fit the activation budget), ``block_forward`` (transients of one block's forward on one
     batch), ``statistics`` (Hessians and input statistics of the layers calibrated together),
     ``method`` (the method's working set for one layer, e.g. GPTQ's inverse Hessian),
     ``head_logits``, ``teacher_logits``, ``original_weights``. The transient parts
@@ -90,7 +91,7 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
     Uses the model's geometry (block weights, widths, vocabulary), the tokenized calibration
     batches (their exact token counts) and each step's layer selection.
     """
-    from slimformer.methods.calibration import CompressionContext, activation_bytes, _is_causal
+    from slimformer.methods.calibration import CompressionContext, _is_causal, activation_bytes, replay_bytes
 
     model = loaded.model
     adapter = loaded.adapter
@@ -113,7 +114,7 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
     heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1))
     elem = model.get_input_embeddings().weight.element_size()
     calibrated = [s for s in recipe.steps if s.requires_calibration]
-    parts = {k: 0 for k in ("model", "block", "activations", "block_forward", "statistics", "method", "head_logits", "teacher_logits", "original_weights")}
+    parts = {k: 0 for k in ("model", "block", "activations", "stage_outputs", "block_forward", "statistics", "method", "head_logits", "teacher_logits", "original_weights")}
     settings: dict = {"streamed": streamed, "offload": recipe.calibration.offload}
     if streamed:
         compressed = 0
@@ -142,7 +143,7 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
         # one block on one batch: residual stream copies, q/k/v/attention, MLP intermediates,
         # attention scores (batch, heads, seq, seq) when the attention path materialises them
         parts["block_forward"] = tok_max * (8 * hidden + 3 * inter) * 4 + batch_max * heads * seq_max * seq_max * 4
-        stats = method = head = teacher = 0
+        stats = method = head = teacher = replay = 0
         for step in calibrated:
             selected = _selected_linears(loaded, step)
             sequential = bool(getattr(step, "true_sequential", False))
@@ -150,9 +151,12 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
             for i in range(len(blocks)):
                 prefix = adapter.block_prefix(i) + "."
                 names = [n for n in selected if n.startswith(prefix)]
-                for group in _stage_groups(names, sequential):
-                    if not group:
-                        continue
+                groups = [g for g in _stage_groups(names, sequential) if g]
+                if len(groups) > 1 and not spill:  # finished stages' outputs are recorded when they fit
+                    need = replay_bytes(batches, {n: selected[n] for n in names})
+                    if need <= budget:
+                        replay = max(replay, need)
+                for group in groups:
                     widths = [selected[n].in_features for n in group]
                     group_stats = sum((w * w * 4 if uses_hessian else 0) + 4 * w * 4 for w in widths)
                     # the masked float copy of a batch's inputs and the x^T x product being added
@@ -170,7 +174,7 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
                 head = max(head, tok_max * vocab * 4)
             if getattr(step, "requires_teacher_logits", False):
                 teacher = max(teacher, settings["tokens"] * vocab * 4)
-        parts.update(statistics=stats, method=method, head_logits=head, teacher_logits=teacher)
+        parts.update(statistics=stats, method=method, head_logits=head, teacher_logits=teacher, stage_outputs=replay)
     if any(s.requires_original_weights for s in recipe.steps):
         parts["original_weights"] = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
     return MemoryEstimate(parts={k: int(v) for k, v in parts.items()}, resident=resident if not streamed else outside, settings=settings)
@@ -178,6 +182,7 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
 
 _FIXES = {
     "activations": "lower calibration.n_samples or calibration.max_length, or set calibration.offload: disk",
+    "stage_outputs": "lower calibration.n_samples or calibration.max_length (or set calibration.offload: disk: stages are then re-run)",
     "block_forward": "lower calibration.batch_size or calibration.max_length",
     "statistics": "lower calibration.max_length, or calibrate fewer layers at once (true_sequential: true)",
     "method": "quantize fewer or narrower layers in one step (include/exclude patterns)",

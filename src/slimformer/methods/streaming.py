@@ -67,7 +67,10 @@ class StreamedWeights:
         for (name, old), key in zip(missing, keys):
             owner_name, _, attr = name.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
-            value = tensors[key].to(old.dtype)
+            # A copy, not a view of the memory-mapped file: a view would keep the file's mapping
+            # (and every page of it the forward touched) resident after the block's float
+            # weights are replaced, so memory would grow with depth.
+            value = tensors.pop(key).to(old.dtype, copy=True)
             if isinstance(old, nn.Parameter):
                 setattr(owner, attr, nn.Parameter(value, requires_grad=False))
             else:
