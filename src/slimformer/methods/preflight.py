@@ -165,9 +165,14 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
                     stats = max(stats, group_stats)
             for n, m in selected.items():
                 d_in, d_out = m.in_features, m.out_features
-                # inverse-Hessian chain in float64 (H, its damped copy or Cholesky factor, the
-                # inverse / upper factor) plus float32 weight copies and codes
-                work = (3 * d_in * d_in * 8 if uses_hessian else 0) + 4 * d_in * d_out * 4
+                if step.name == "gptq":
+                    # float32 inverse-Hessian chain, two (in, in) matrices at a time, then the
+                    # factor beside the column-major weight copy, its codes and the result
+                    work = 2 * d_in * d_in * 4 + 2 * d_in * d_out * 4 + 2 * d_in * d_out
+                else:
+                    # inverse-Hessian chain in float64 (H, its damped copy or Cholesky factor, the
+                    # inverse / upper factor) plus float32 weight copies and codes
+                    work = (3 * d_in * d_in * 8 if uses_hessian else 0) + 4 * d_in * d_out * 4
                 method = max(method, work)
             head_mod = adapter.head()
             if head_mod is not None and head_mod[0] in selected and _is_causal(model):

@@ -72,16 +72,44 @@ class PreparedHessian:
     act_order: bool
 
 
-def prepare_hessian(hessian: torch.Tensor, act_order: bool = True, damp: float = 0.01) -> PreparedHessian:
-    """Column order, dead columns and inverse factor of ``hessian`` (in, in)."""
-    H = hessian.detach().double().clone()
+def prepare_hessian(hessian: torch.Tensor, act_order: bool = True, damp: float = 0.01, scale: float = 1.0) -> PreparedHessian:
+    """Column order, dead columns and inverse factor of ``scale * hessian`` (in, in) (pass a
+    sum of x x^T and ``scale = 1 / tokens`` to skip a temporary mean).
+
+    Float32, as in the GPTQ reference implementation, with at most two (in, in) matrices alive
+    at a time (the Hessian of a 14k-wide down projection is 0.8 GB in float32); damping grows
+    tenfold while a factorisation fails, and a float64 chain is the last resort.
+    """
+    H = hessian.detach().float() * scale  # a new tensor: the caller's stays as it is
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    diag = torch.diag(H)
+    diag = torch.diag(H).clone()
     perm = torch.argsort(diag, descending=True) if act_order else torch.arange(H.shape[0])
-    H = H[perm][:, perm]
-    hinv = _inverse_hessian_cholesky(H, damp)
-    return PreparedHessian(perm, dead, hinv, diag.float(), act_order)
+    if act_order:
+        H = H.index_select(0, perm)
+        H = H.index_select(1, perm)
+    mean_diag = float(diag.mean())
+    added = 0.0
+    hinv = None
+    for attempt in range(6):
+        target = damp * 10**attempt * mean_diag
+        H.diagonal().add_(target - added)
+        added = target
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) != 0:
+            continue
+        L = torch.cholesky_inverse(L)  # the inverse Hessian (the factor is dropped)
+        U, info = torch.linalg.cholesky_ex(L, upper=True)
+        del L
+        if int(info) == 0:
+            hinv = U
+            break
+    del H
+    if hinv is None:  # float32 could not factor it even with heavy damping: float64
+        H64 = (hessian.detach().double() * scale)[perm][:, perm]
+        H64[dead[perm], dead[perm]] = 1.0
+        hinv = _inverse_hessian_cholesky(H64, damp)
+    return PreparedHessian(perm, dead, hinv.contiguous(), diag, act_order)
 
 
 def gptq_quantize(
@@ -120,13 +148,14 @@ def gptq_quantize(
         zero = torch.empty(rows, cols // g)
         if block_size % g:
             block_size = g * max(1, block_size // g)
-    # Column-major working copies: row j of ``wt`` is column perm[j] of the weight.
-    wt = np.ascontiguousarray(W[:, perm].numpy().T)
+    # Column-major working copy: row j of ``wt`` is column perm[j] of the weight.
+    wt = np.ascontiguousarray(W.numpy().T[perm.numpy()])
+    del W
     hinv = prepared.hinv.numpy()
     group_of = (perm // g).numpy()
-    st = np.ascontiguousarray(scale.numpy().T[group_of]) if static else np.empty((cols, rows), np.float32)
-    zt = np.ascontiguousarray(zero.numpy().T[group_of]) if static else np.empty((cols, rows), np.float32)
-    qt = np.empty((cols, rows), np.float32)
+    scale_t = np.ascontiguousarray(scale.numpy().T)  # (groups, rows): row group_of[j] serves column j
+    zero_t = np.ascontiguousarray(zero.numpy().T)
+    qt = np.empty((cols, rows), np.uint8)
     qmax = float(2**bits - 1)
     wt_torch, hinv_torch = torch.from_numpy(wt), torch.from_numpy(hinv)  # the same memory
     for i1 in range(0, cols, block_size):
@@ -139,10 +168,8 @@ def gptq_quantize(
             col = i1 + i
             if not static and col % g == 0:  # dynamic groups: columns in order, params from the updated weights
                 s_g, z_g = grid.grid_params(torch.from_numpy(np.ascontiguousarray(w1[i : i + g].T)), bits, None, symmetric)
-                scale[:, col // g], zero[:, col // g] = s_g[:, 0], z_g[:, 0]
-                st[col : col + g] = s_g[:, 0].numpy()
-                zt[col : col + g] = z_g[:, 0].numpy()
-            w, s, z = w1[i], st[col], zt[col]
+                scale_t[col // g], zero_t[col // g] = s_g[:, 0].numpy(), z_g[:, 0].numpy()
+            w, s, z = w1[i], scale_t[group_of[col]], zero_t[group_of[col]]
             q = np.clip(np.rint(w / s) + z, 0.0, qmax)
             qt[col] = q
             err = (w - (q - z) * s) / hinv[col, col]
@@ -151,8 +178,9 @@ def gptq_quantize(
                 w1_torch[i + 1 :].addr_(hinv_torch[col, col + 1 : i2], err1_torch[i], alpha=-1.0)
         if i2 < cols:
             wt_torch[i2:].sub_(hinv_torch[i1:i2, i2:].t() @ err1_torch)
-    codes = torch.from_numpy(qt.T).to(torch.uint8)
-    return codes[:, torch.argsort(perm)].contiguous(), scale, zero
+    if not static:
+        scale, zero = torch.from_numpy(scale_t.T.copy()), torch.from_numpy(zero_t.T.copy())
+    return torch.from_numpy(qt[torch.argsort(perm).numpy()].T.copy()), scale, zero
 
 
 def _inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -193,7 +221,7 @@ def apply_gptq(loaded, config: GPTQConfig, ctx) -> dict:
         leader = stats.input_leader(name)
         if leader == name or leader not in prepared:
             prepared.clear()  # one stage's inverse at a time
-            prepared[leader] = prepare_hessian(stats.hessian[name] / stats.count[name], config.act_order, config.damp)
+            prepared[leader] = prepare_hessian(stats.hessian[name], config.act_order, config.damp, scale=1.0 / stats.count[name])
         new = quantize_linear_gptq(
             module, prepared[leader], config.bits, config.group_size, config.symmetric,
             config.act_order, config.damp, config.block_size, config.act_bits, config.clip_search,
