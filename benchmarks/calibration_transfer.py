@@ -57,6 +57,11 @@ TARGET = {"embedding_cosine_mean": 0.985, "retrieval_agreement_at_10": 0.88}
 SETTINGS = [
     ("calibration stdlib-docs (previous default)", {"source": "stdlib-docs"}, {}),
     ("calibration mix (new default)", {}, {}),
+    # candidates, compared on the dev set only (same size: every setting keeps bits and groups)
+    ("mix, 512 samples", {"n_samples": 512}, {}),
+    ("mix, 512 samples x 256 tokens", {"n_samples": 512, "max_length": 256}, {}),
+    ("mix, damp 0.05", {}, {"damp": 0.05}),
+    ("mix, no bias correction", {}, {"bias_correction": False}),
 ]
 
 

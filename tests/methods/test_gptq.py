@@ -88,3 +88,24 @@ def test_gptq_clip_search_lowers_output_error():
         codes, scale, zero = gptq_quantize(W, H, 3, 32, symmetric=False, act_order=True, clip_search=clip)
         errs[clip] = float((X @ (W - grid.dequantize_codes(codes, scale, zero)).t()).pow(2).mean())
     assert errs[True] < errs[False]
+
+
+def test_bias_correction_removes_the_mean_output_error_and_lowers_the_mse():
+    from slimformer.methods.quantization.gptq import correct_bias, quantize_linear_gptq
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    X = torch.randn(2000, 64) * 0.5 + torch.linspace(-2, 2, 64)  # inputs with a strong mean
+    H = X.t() @ X / X.shape[0]
+    plain = quantize_linear_gptq(layer, H, 3, 16, symmetric=False)
+    corrected = quantize_linear_gptq(layer, H, 3, 16, symmetric=False)
+    correct_bias(corrected, layer.weight, X.mean(0))
+    with torch.no_grad():
+        ref = layer(X)
+        err_plain, err_corr = plain(X) - ref, corrected(X) - ref
+    assert err_corr.mean(0).abs().max() < 1e-4  # no mean shift left on the calibration inputs
+    assert err_plain.mean(0).abs().max() > 10 * err_corr.mean(0).abs().max()
+    # the MSE drops by exactly the squared mean shift (up to float rounding)
+    drop = (err_plain.pow(2).mean(0) - err_corr.pow(2).mean(0)).sum()
+    torch.testing.assert_close(drop, err_plain.mean(0).pow(2).sum(), rtol=1e-3, atol=1e-6)
+    assert torch.equal(plain.qweight, corrected.qweight)  # the codes are untouched

@@ -154,7 +154,8 @@ class InputStatistics:
     """Accumulates statistics of the inputs of linear layers, over valid (non-padding) tokens.
 
     ``hessian[name]``: ``sum x x^T`` (in, in) float32 and ``count[name]`` the number of tokens;
-    ``sq_norm[name]``: ``sum x_j^2``, ``abs_sum[name]``: ``sum |x_j|`` and ``absmax[name]``:
+    ``sq_norm[name]``: ``sum x_j^2``, ``abs_sum[name]``: ``sum |x_j|``, ``sum[name]``: ``sum x_j``
+    and ``absmax[name]``:
     ``max |x_j|`` per input feature (in,); with ``keep_samples`` > 0, ``samples[name]``: the
     first ``keep_samples`` input rows (tokens, in) float32. Use as a context manager.
     """
@@ -168,6 +169,7 @@ class InputStatistics:
         self.hessian: dict[str, torch.Tensor] = {}
         self.sq_norm: dict[str, torch.Tensor] = {}
         self.abs_sum: dict[str, torch.Tensor] = {}
+        self.sum: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {name: 0 for name in modules}
         self.mask: torch.Tensor | None = None
         self._handles: list = []
@@ -196,14 +198,15 @@ class InputStatistics:
                 self._previous = (source, name, parts)
             seen = self._leader.get(name)
             self._leader[name] = leader if seen is None or seen == leader else name
-            x, h, sq, ab, am = parts
+            x, h, sq, ab, am, total = parts
             if leader != name and name not in self.sq_norm:  # a follower's first values: its own tensors
-                h, sq, ab, am = (None if h is None else h.clone()), sq.clone(), ab.clone(), am.clone()
+                h, sq, ab, am, total = (None if h is None else h.clone()), sq.clone(), ab.clone(), am.clone(), total.clone()
             self.count[name] += x.shape[0]
             if self.want_hessian:
                 self.hessian[name] = self.hessian[name] + h if name in self.hessian else h
             self.sq_norm[name] = self.sq_norm[name] + sq if name in self.sq_norm else sq
             self.abs_sum[name] = self.abs_sum[name] + ab if name in self.abs_sum else ab
+            self.sum[name] = self.sum[name] + total if name in self.sum else total
             self.absmax[name] = torch.maximum(self.absmax[name], am) if name in self.absmax else am
             if self.keep_samples:
                 kept = self.samples.get(name, x[:0])
@@ -213,13 +216,13 @@ class InputStatistics:
         return hook
 
     def _batch_statistics(self, source: torch.Tensor) -> tuple:
-        """``(x, x^T x, sum x^2, sum |x|, max |x|)`` of one input (valid tokens only, float32)."""
+        """``(x, x^T x, sum x^2, sum |x|, max |x|, sum x)`` of one input (valid tokens only, float32)."""
         x = source.detach()
         if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
             x = x[self.mask.bool()]
         x = x.reshape(-1, x.shape[-1]).float()
         h = x.t() @ x if self.want_hessian else None
-        return x, h, (x * x).sum(0), x.abs().sum(0), x.abs().amax(0)
+        return x, h, (x * x).sum(0), x.abs().sum(0), x.abs().amax(0), x.sum(0)
 
     def __enter__(self) -> "InputStatistics":
         for name, module in self.modules.items():
