@@ -109,3 +109,31 @@ def test_bias_correction_removes_the_mean_output_error_and_lowers_the_mse():
     drop = (err_plain.pow(2).mean(0) - err_corr.pow(2).mean(0)).sum()
     torch.testing.assert_close(drop, err_plain.mean(0).pow(2).sum(), rtol=1e-3, atol=1e-6)
     assert torch.equal(plain.qweight, corrected.qweight)  # the codes are untouched
+
+
+def test_compression_holds_only_the_stored_form_until_the_first_forward(tiny_factory, fast_calibration):
+    """GPTQ's layers build their kernel's run-time tensors (e.g. the int4 packed weight) at their
+    first forward, not during the job: a job's memory holds the stored codes of the layers it
+    finished, and the lazily prepared model computes what an eagerly prepared copy computes."""
+    import copy
+
+    from slimformer.compress import compress
+    from slimformer.methods.quantization.modules import QuantizedLinear
+    from slimformer.recipe import Recipe
+
+    loaded = tiny_factory("llama")
+    recipe = Recipe.from_dict({"slimformer_recipe": 1, "name": "g", "calibration": fast_calibration.__dict__,
+                               "steps": [{"method": "gptq", "bits": 4, "group_size": 32}]})
+    compress(loaded, recipe)
+    layers = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and all(m.runtime_nbytes() == 0 for m in layers)
+    assert any(m.kernel != "unpack" for m in layers)  # a kernel with a run-time form was chosen
+    eager = copy.deepcopy(loaded.model)
+    for m in eager.modules():
+        if isinstance(m, QuantizedLinear):
+            m.prepare()
+    ids = torch.randint(0, loaded.model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        lazy_out, eager_out = loaded.model(ids).logits, eager(ids).logits
+    assert torch.equal(lazy_out, eager_out)
+    assert all(m.runtime_nbytes() > 0 for m in layers if m.kernel != "unpack")

@@ -612,8 +612,13 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
             names = per_block[i]
             if done[i]:
                 restore(i)
-                if i < last or tail:
-                    _run_to_next_block(block, store, calls, i, len(batches))
+                if i < last or tail:  # as the uninterrupted job ran it: compressed layers as dense products
+                    dense = _DenseWhileCalibrating(block)
+                    dense.swap_in()
+                    try:
+                        _run_to_next_block(block, store, calls, i, len(batches))
+                    finally:
+                        dense.swap_out()
             elif names:
                 modules = {n: model.get_submodule(n) for n in names}
                 if sequential:
@@ -812,10 +817,10 @@ class _DenseLinear(nn.Module):
 
 
 class _DenseWhileCalibrating:
-    """Swaps the compressed linear layers of ``block`` that unpack their codes on every call
-    (``kernel == "unpack"``, float activations) for :class:`_DenseLinear` stand-ins and back. A block's stages and its final
-    forward run several times over every calibration batch; unpacking codes on each call cost
-    more than the matrix product on narrow layers. Stand-ins are dropped with the block."""
+    """Swaps the compressed linear layers of ``block`` (float activations) for
+    :class:`_DenseLinear` stand-ins and back. A block's stages and its final forward run several
+    times over every calibration batch; unpacking codes on each call cost more than the matrix
+    product on narrow layers. Stand-ins are dropped with the block."""
 
     def __init__(self, block: nn.Module) -> None:
         self.block = block
@@ -840,9 +845,13 @@ class _DenseWhileCalibrating:
 
 
 def _unpacks_per_call(module: nn.Module) -> bool:
-    """A compressed linear whose forward is exactly ``linear(x, dequantized_weight(), bias)``."""
-    return (getattr(module, "kernel", None) == "unpack" and getattr(module, "act_bits", None) is None
-            and hasattr(module, "dequantized_weight") and hasattr(module, "in_features"))
+    """A compressed linear layer with float activations: it stands for ``linear(x, W, bias)``
+    with ``W = dequantized_weight()`` (its kernel computes that product, up to the kernel's
+    rounding). Calibration runs such layers as that exact product: later layers are calibrated
+    on the stored numerics, and no kernel's run-time form is built during the job."""
+    return (getattr(module, "act_bits", None) is None and hasattr(module, "dequantized_weight")
+            and hasattr(module, "in_features") and isinstance(getattr(module, "kernel", None), str)
+            and not isinstance(module, (_DenseLinear, _ReplayedLinear)))
 
 
 def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -103,6 +103,8 @@ class AWQLinear(QuantizedLinear):
     def compute(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
         if kernel == "unpack":  # this path uses dequantized_weight(): 1/s is folded in
             return super().compute(x, kernel)
+        if "inv_input_scale" not in self._runtime:  # built lazily (see QuantizedLinear.from_codes)
+            self.prepare()
         return super().compute(x * self._runtime["inv_input_scale"].to(x.dtype), kernel)
 
     def describe(self) -> dict:

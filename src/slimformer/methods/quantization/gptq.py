@@ -211,7 +211,7 @@ def quantize_linear_gptq(module: torch.nn.Linear, hessian: torch.Tensor | Prepar
     """The GPTQ-quantized replacement of ``module`` given its mean input Hessian (in, in) or its
     :func:`prepare_hessian` form."""
     codes, scale, zero = gptq_quantize(module.weight, hessian, bits, group_size, symmetric, act_order, damp, block_size, clip_search)
-    new = QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, module.bias, act_bits=act_bits)
+    new = QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, module.bias, act_bits=act_bits, prepare=False)
     new.set_compute_dtype(module.weight.dtype)
     return new
 
@@ -244,4 +244,5 @@ def correct_bias(new: QuantizedLinear, weight: torch.Tensor, input_mean: torch.T
     lowers its mean squared output error by exactly the square of that shift."""
     shift = (weight.detach().float() - new.dequantized_weight()) @ input_mean.float()
     new.bias.add_(shift)
-    new.prepare()
+    if new._runtime:  # run-time forms built already carry the bias separately; rebuild anyway
+        new.prepare()

@@ -311,16 +311,20 @@ class QuantizedLinear(PackedWeight):
         bias: torch.Tensor | None,
         act_bits: int | None = None,
         act_symmetric: bool = True,
+        prepare: bool = True,
     ) -> "QuantizedLinear":
         """Build from codes (out, in) uint8, ``scale``/``zero`` (out, groups) and ``bias`` (out,);
         ``act_bits=8`` asks for int8 activations (W8A8) where the layout allows it, quantized per
-        token with a symmetric or (``act_symmetric=False``) asymmetric grid."""
+        token with a symmetric or (``act_symmetric=False``) asymmetric grid. With
+        ``prepare=False`` the kernel's run-time tensors are built at the first forward instead
+        (a compression job then holds only the stored form of the layers it finished)."""
         out_features, in_features = codes.shape
         module = cls(in_features, out_features, bits, group_size, symmetric, bias is not None, act_bits=act_bits, act_symmetric=act_symmetric)
         module._store(codes, scale, zero)
         if bias is not None:
             module.bias.copy_(bias.detach().float())
-        module.prepare()
+        if prepare:
+            module.prepare()
         return module
 
     @classmethod
@@ -397,6 +401,9 @@ class QuantizedLinear(PackedWeight):
         """``x`` (..., in_features) -> (..., out_features) in ``x.dtype`` through ``kernel``
         (one of the kernels made ready)."""
         rt = self._runtime
+        if kernel != "unpack" and not rt:  # built lazily (see from_codes)
+            self.prepare()
+            rt = self._runtime
         if kernel == "unpack":
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
