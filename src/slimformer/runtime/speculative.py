@@ -9,8 +9,9 @@ Drafters:
   context (Saxena 2023, "Prompt Lookup Decoding"; CopySpec, Dumitru et al. 2025). Of all earlier
   occurrences of the last token, the one whose preceding tokens agree longest with the end of the
   context is copied (the latest among equals); a match shorter than ``min_ngram`` tokens drafts
-  nothing and the step is a plain one-token step (on SmolLM2 a one-token match is followed by
-  the model's choice 23-33% of the time: verifying it costs more than it saves). When the copied
+  nothing and the step is a plain one-token step (on SmolLM2 the token after a one-token match
+  is the model's choice 23-33% of the time, after a two-token match 54-61%, after three 70-77%:
+  verifying a short match costs more than it saves). When the copied
   span runs into the end of the context, the draft continues periodically (a repetition loop
   is drafted in full). Free to draft; pays off when the output repeats the input (summarise,
   extract, edit code);
@@ -30,12 +31,16 @@ each new shape costs a compilation (about 90 s for SmolLM2 on one AVX2 core). Wi
 length plus one after a rejection, doubled after a full acceptance, at least the match length)
 and the verify width is the next of the buckets 2, 3, 5, 9, ... up to ``num_draft + 1``.
 
-Why not longer drafts by default: on a CPU a verify step of q tokens is compute bound (SmolLM2,
-fp32, one AVX2 core: q = 5, 9, 17 cost 1.8, 2.0, 2.8 one-token steps), so a draft pays only when
-most of it is accepted. The defaults (``num_draft`` 6, ``min_ngram`` 2, fixed width) were chosen
-by replaying greedy outputs of summarise/extract and code prompts from the *calibration* split
-(``benchmarks/generation_speculation.py --split calibration``) against that cost, never on the
-evaluation prompts the benchmarks report.
+Why not longer drafts by default: on a CPU a verify step of q tokens costs far more than a
+one-token step (SmolLM2, fp32, one AVX2 core, compiled: q = 2, 5, 9, 17 cost 1.5-1.9, 1.8, 2.0,
+2.8 one-token steps: the one-token step is a matrix-vector product bound by reading the weights,
+a wider one a small matrix product that MKL runs far below the core's peak), so a draft pays only
+when most of it is accepted, and a short match is rarely followed by the model. The defaults
+(``num_draft`` 6, ``min_ngram`` 3, fixed width) were chosen on summarise/extract prompts from the
+*calibration* split (``benchmarks/generation_speculation.py --split calibration --variants ...``,
+``benchmarks/results/generation_speculation_tuning.md``: ``min_ngram`` 3 beat 2 on 5 of 6 prompts;
+``num_draft`` 4 or 8 and ``adaptive`` did not beat 6), never on the evaluation prompts the
+benchmarks report.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class SpeculationConfig:
     mode: str = "prompt-lookup"
     num_draft: int | None = None
     ngram: int = 16
-    min_ngram: int = 2
+    min_ngram: int = 3
     adaptive: bool = False
     exit_layer: int | None = None
     draft: Any = None
@@ -77,7 +82,7 @@ class SpeculationConfig:
         if not is_int_at_least(self.num_draft, 1):
             raise ConfigError(f"num_draft={self.num_draft!r} must be an integer >= 1", "pass e.g. num_draft=4")
         if not (is_int_at_least(self.min_ngram, 1) and is_int_at_least(self.ngram, self.min_ngram)):
-            raise ConfigError(f"ngram={self.ngram!r}, min_ngram={self.min_ngram!r} must satisfy 1 <= min_ngram <= ngram", "pass e.g. ngram=16, min_ngram=2")
+            raise ConfigError(f"ngram={self.ngram!r}, min_ngram={self.min_ngram!r} must satisfy 1 <= min_ngram <= ngram", "pass e.g. ngram=16, min_ngram=3")
         if not isinstance(self.adaptive, bool):
             raise ConfigError(f"adaptive={self.adaptive!r} must be True or False", "pass adaptive=True or adaptive=False")
         if self.exit_layer is not None and not is_int_at_least(self.exit_layer, 1):
