@@ -56,7 +56,8 @@ def run(gen: TextGenerator, prompt: tuple[str, bool], new_tokens: int, spec: Spe
     config = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False, speculation=spec)
     result = gen.generate(prompt[0], config, chat=prompt[1])
     s = result.stats
-    return {"decode_tps": s.decode_tokens_per_s, "prompt_tokens": s.prompt_tokens, "tokens": result.tokens[0], "speculation": s.speculation}
+    return {"decode_tps": s.decode_tokens_per_s, "decode_s": s.decode_s, "decode_steps": s.decode_steps, "prompt_tokens": s.prompt_tokens,
+            "tokens": result.tokens[0], "speculation": s.speculation}
 
 
 def main(argv=None) -> int:
@@ -111,6 +112,11 @@ def main(argv=None) -> int:
                     else:
                         out["speedup"] = out["decode_tps"] / plain["decode_tps"]
                         out["identical"] = out["tokens"] == plain["tokens"]
+                        # what one verify step cost, in one-token steps of the plain run of this prompt
+                        one = plain["decode_s"] / plain["decode_steps"]
+                        st = out["speculation"]
+                        verifies = st["verify_steps"] - st["plain_steps"]
+                        out["verify_cost"] = (out["decode_s"] - st["plain_steps"] * one) / (verifies * one) if verifies else None
                     records.append(out)
                     extra = f" x{out['speedup']:.2f} acc {out['speculation']['acceptance_rate']:.0%}" if spec else ""
                     print(f"[{rep}] {kind:9s} {i} {name:10s} {out['decode_tps']:.2f} tok/s{extra}", flush=True)
@@ -145,13 +151,14 @@ def summarise(records: list[dict], prompts: dict, configs: dict, args) -> dict:
                 "tokens_per_step": med((len(r["tokens"]) - 1) / max(r["speculation"]["verify_steps"], 1) for r in mine),
                 "plain_step_share": sum(s["plain_steps"] for s in stats) / max(sum(s["verify_steps"] for s in stats), 1),
                 "identical": all(r["identical"] for r in mine),
+                "verify_cost": med([r["verify_cost"] for r in mine if r["verify_cost"] is not None] or [float("nan")]),
                 "per_prompt_speedup": [med(r["speedup"] for r in mine if (r["kind"], r["prompt"]) == (m, i)) for m in members for i in range(len(prompts[m]))],
             })
     return {
         "model": args.model, "split": args.split, "new_tokens": args.new_tokens, "passes": args.passes, "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows, "compiled": True,
         "prompts": {k: [p[:200] for p, _ in v] for k, v in prompts.items()},
-        "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in records],
+        "runs": records,
     }
 
 
@@ -170,17 +177,18 @@ def write(result: dict, out: Path, name: str) -> None:
         "",
         "Speed-up: median over prompts and passes of (prompt-lookup tokens/s) / (plain tokens/s of the same prompt in the same pass). "
         "Acceptance: accepted / drafted tokens. Tokens per step: new tokens per forward of the model (median). "
-        "Plain steps: share of steps with no draft (no match of >= min_ngram tokens).",
+        "Plain steps: share of steps with no draft (no match of >= min_ngram tokens). "
+        "Verify cost: time of one verify step in one-token steps of the plain run of the same prompt (median; from the runs' decode times).",
         "",
         "SmolLM2-135M-Instruct's linears were stored as Q4_1 (4-bit g32) and its embedding as Q8_0; these runs use the dequantized fp32 weights.",
         "",
-        "| kind | variant | settings | acceptance | tokens/step | plain steps | plain tok/s | lookup tok/s | speed-up (min–max) | outputs identical |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| kind | variant | settings | acceptance | tokens/step | plain steps | verify cost | plain tok/s | lookup tok/s | speed-up (min–max) | outputs identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         s = r["settings"]
         settings = f"k={s['num_draft']}, n={s['min_ngram']}..{s['ngram']}{', adaptive' if s['adaptive'] else ''}"
-        lines.append(f"| {r['kind']} | {r['variant']} | {settings} | {r['acceptance']:.0%} | {r['tokens_per_step']:.2f} | {r['plain_step_share']:.0%} | "
+        lines.append(f"| {r['kind']} | {r['variant']} | {settings} | {r['acceptance']:.0%} | {r['tokens_per_step']:.2f} | {r['plain_step_share']:.0%} | {r['verify_cost']:.2f} | "
                      f"{r['plain_tps']:.2f} | {r['lookup_tps']:.2f} | **{r['speedup']:.2f}×** ({r['speedup_min']:.2f}–{r['speedup_max']:.2f}) | "
                      f"{'yes' if r['identical'] else 'NO'} ({r['runs']} runs) |")
     lines += ["", "Per-prompt speed-ups (median over passes):", ""]
