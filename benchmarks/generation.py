@@ -70,10 +70,11 @@ README_CHAT_PROMPTS = (
 
 # ----- prompts ------------------------------------------------------------------------------------
 
-def build_prompts(per_kind: int) -> dict[str, list[tuple[str, bool]]]:
-    """``kind -> [(text, chat)]``: held-out passages and code, never used for tuning."""
-    passages = [t for t in load_texts(TextSpec(source="pydoc-topics", split="evaluation", n=40, seed=3)) if 500 < len(t) < 1400]
-    code = [t for t in load_texts(TextSpec(source="stdlib-source", split="evaluation", n=80, seed=3)) if t.lstrip().startswith("def ") and 300 < len(t)]
+def build_prompts(per_kind: int, split: str = "evaluation") -> dict[str, list[tuple[str, bool]]]:
+    """``kind -> [(text, chat)]``: held-out passages and code (``split="evaluation"``), never used
+    for tuning; ``split="calibration"`` gives prompts of the same kinds to tune settings on."""
+    passages = [t for t in load_texts(TextSpec(source="pydoc-topics", split=split, n=40, seed=3)) if 500 < len(t) < 1400]
+    code = [t for t in load_texts(TextSpec(source="stdlib-source", split=split, n=80, seed=3)) if t.lstrip().startswith("def ") and 300 < len(t)]
     instructions = (
         "Summarise the passage above in two sentences, reusing its wording.",
         "Extract the first three sentences of the passage above, word for word.",
@@ -329,7 +330,7 @@ def main(argv=None) -> int:
     start_llamacpp()
     draft_model = variants[int4_name].loaded if int4_name in variants else None
     all_modes = {
-        "prompt-lookup": lambda: SpeculationConfig("prompt-lookup", num_draft=6, ngram=3),
+        "prompt-lookup": lambda: SpeculationConfig("prompt-lookup"),
         f"self (first {args.exit_layer} blocks)": lambda: SpeculationConfig("self", exit_layer=args.exit_layer, num_draft=3),
         "draft (int4 copy)": lambda: SpeculationConfig("draft", draft=draft_model, num_draft=4),
     }

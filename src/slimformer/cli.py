@@ -256,7 +256,7 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--no-compile", action="store_true", help="run the decode step eagerly (also: SLIMFORMER_COMPILE=0)")
     p.add_argument("--speculate", choices=("prompt-lookup", "self", "draft"), default=None, help="lossless speculative decoding (greedy)")
     p.add_argument("--draft", default=None, help="draft model for --speculate draft (e.g. a 2-bit compressed folder)")
-    p.add_argument("--num-draft", type=int, default=4, help="tokens drafted per verify step")
+    p.add_argument("--num-draft", type=int, default=None, help="most tokens drafted per verify step (default: 6 for prompt-lookup, 4 for self and draft)")
     p.add_argument("--exit-layer", type=int, default=None, help="blocks used by the --speculate self draft")
     p.add_argument("--json", action="store_true", help="print texts and measurements as JSON")
     p.set_defaults(func=cmd_generate)

@@ -8,7 +8,7 @@ from test_generation import CAUSAL, lively
 
 from slimformer.errors import ConfigError
 from slimformer.runtime import GenerationConfig, TextGenerator
-from slimformer.runtime.speculative import SpeculationConfig, lookup_proposal, self_draft_model
+from slimformer.runtime.speculative import SpeculationConfig, _LookupDrafter, lookup_proposal, self_draft_model
 
 REPEATS = "def foo(x): return x + 1\ndef bar(y): return y * 2\ndef foo(x): return"
 
@@ -22,7 +22,8 @@ def test_every_drafter_reproduces_plain_greedy_decoding(family):
     other = lively(family, seed=5)  # an unrelated draft: most drafts rejected
     for spec in (
         SpeculationConfig("prompt-lookup", num_draft=4),
-        SpeculationConfig("prompt-lookup", num_draft=2, ngram=1),
+        SpeculationConfig("prompt-lookup", num_draft=2, ngram=1, min_ngram=1),
+        SpeculationConfig("prompt-lookup", num_draft=8, min_ngram=1, adaptive=True),
         SpeculationConfig("self", exit_layer=2, num_draft=3),
         SpeculationConfig("draft", draft=loaded, num_draft=4),
         SpeculationConfig("draft", draft=other, num_draft=3),
@@ -44,11 +45,44 @@ def test_speculation_stops_like_plain_decoding():
     assert spec.finish == ["eos"] and spec.tokens[0] == plain.tokens[0][:stop_at]
 
 
-def test_prompt_lookup_copies_what_followed_the_last_ngram():
+def test_prompt_lookup_copies_what_followed_the_longest_match():
     context = [1, 2, 3, 4, 5, 9, 2, 3, 4, 7, 8, 2, 3]
-    assert lookup_proposal(context, 3, ngram=2, min_ngram=1) == [4, 7, 8]  # latest match of (2, 3)
+    assert lookup_proposal(context, 3, ngram=2, min_ngram=1) == [4, 7, 8]  # (2, 3) twice: the latest
+    # (9, 2, 3) agrees over 3 tokens with the end, the later (2, 3) over 2: the longer one wins
+    context = [1, 2, 3, 4, 5, 9, 2, 3, 6, 6, 7, 2, 3, 0, 0, 9, 2, 3]
+    assert lookup_proposal(context, 2, ngram=8, min_ngram=1) == [6, 6]
+    assert lookup_proposal(context, 2, ngram=2, min_ngram=1) == [0, 0]  # capped at 2: the latest of equals
     assert lookup_proposal([1, 2, 3], 3, ngram=2, min_ngram=1) == []
-    assert lookup_proposal([5, 6, 5], 4, ngram=3, min_ngram=1) == [6, 5]
+    # the copy reaches the end of the context: it continues periodically (a repetition loop)
+    assert lookup_proposal([5, 6, 5], 4, ngram=3, min_ngram=1) == [6, 5, 6, 5]
+    assert lookup_proposal([7, 1, 2, 3, 1, 2, 3], 5, ngram=4, min_ngram=2) == [1, 2, 3, 1, 2]
+    # a match shorter than min_ngram drafts nothing
+    assert lookup_proposal([5, 6, 5], 4, ngram=3, min_ngram=2) == []
+    assert lookup_proposal([4, 5, 6, 9, 5, 6], 2, ngram=3, min_ngram=2) == [9, 5]
+
+
+def test_prompt_lookup_without_a_match_takes_plain_steps():
+    gen = TextGenerator(lively("llama"), compile=False)
+    config = dict(max_new_tokens=12, stop_at_eos=False)
+    plain = gen.generate("a b c d", GenerationConfig(**config))
+    got = gen.generate("a b c d", GenerationConfig(speculation=SpeculationConfig(ngram=16, min_ngram=16), **config))
+    stats = got.stats.speculation
+    assert got.tokens == plain.tokens
+    assert stats["drafted"] == 0 and stats["plain_steps"] == stats["verify_steps"] == 11
+
+
+def test_adaptive_draft_length_follows_acceptance():
+    drafter = _LookupDrafter(SpeculationConfig(num_draft=8, min_ngram=1, ngram=1, adaptive=True))
+    context = list(range(20)) + [0]  # token 0 seen once: a one-token match, then 19 tokens to copy
+    assert drafter.propose(context, 8) == [1, 2, 3, 4] and drafter.width(4, 8) == 4
+    drafter.accepted(4, 8)  # all accepted: twice as long
+    assert drafter.propose(context, 8) == list(range(1, 9)) and drafter.width(8, 8) == 8
+    drafter.accepted(2, 8)  # rejected at the third: the accepted length plus one
+    assert drafter.propose(context, 8) == [1, 2, 3] and drafter.width(3, 8) == 4  # padded to a bucket
+    drafter.accepted(0, 8)
+    assert drafter.propose(context, 8) == [1] and drafter.width(1, 8) == 1
+    fixed = _LookupDrafter(SpeculationConfig(num_draft=6, min_ngram=1))
+    assert fixed.propose(context, 6) == [1, 2, 3, 4, 5, 6] and fixed.width(2, 6) == 6
 
 
 def test_self_draft_shares_weights_and_drops_blocks():
@@ -69,6 +103,11 @@ def test_speculation_settings_are_checked():
         GenerationConfig(temperature=0.7, speculation=SpeculationConfig())
     with pytest.raises(ConfigError, match="mode"):
         SpeculationConfig("medusa")
+    with pytest.raises(ConfigError, match="min_ngram"):
+        SpeculationConfig(ngram=2, min_ngram=3)
+    with pytest.raises(ConfigError, match="adaptive"):
+        SpeculationConfig(adaptive="yes")
+    assert SpeculationConfig().num_draft == 6 and SpeculationConfig("self").num_draft == 4
     with pytest.raises(ConfigError, match="draft model"):
         SpeculationConfig("draft")
     gen = TextGenerator(lively("llama"), compile=False)

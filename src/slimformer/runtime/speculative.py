@@ -5,9 +5,16 @@ plain greedy output; only the number of full-model forwards changes.
 
 Drafters:
 
-- ``prompt-lookup``: copy the tokens that followed the latest earlier occurrence of the last
-  n-gram of the context (Saxena 2023, "Prompt Lookup Decoding"; CopySpec, Dumitru et al. 2025).
-  Free to draft; pays off when the output repeats the input (summarise, extract, edit code);
+- ``prompt-lookup``: copy the tokens that followed an earlier occurrence of the end of the
+  context (Saxena 2023, "Prompt Lookup Decoding"; CopySpec, Dumitru et al. 2025). Of all earlier
+  occurrences of the last token, the one whose preceding tokens agree longest with the end of the
+  context is copied (the latest among equals); a match shorter than ``min_ngram`` tokens drafts
+  nothing and the step is a plain one-token step (on SmolLM2 the token after a one-token match
+  is the model's choice 23-33% of the time, after a two-token match 54-61%, after three 70-77%:
+  verifying a short match costs more than it saves). When the copied
+  span runs into the end of the context, the draft continues periodically (a repetition loop
+  is drafted in full). Free to draft; pays off when the output repeats the input (summarise,
+  extract, edit code);
 - ``self``: the model's own first ``exit_layer`` blocks plus its final norm and head (early-exit
   self-speculation, LayerSkip: Elhoushi et al. 2024). The draft shares the weights (no copy); it
   keeps its own KV cache for those blocks. Exits trained by self-distillation are not done here:
@@ -18,7 +25,22 @@ Drafters:
 
 A rejected draft token's cache entry is dropped by moving the static cache's length back
 (``crop``); shapes never change. The verify step has a fixed width (``num_draft + 1``; a shorter
-lookup proposal is padded), so the compiled step sees two shapes only (1 and ``num_draft + 1``).
+lookup proposal is padded), so the compiled step sees two shapes only (1 and ``num_draft + 1``):
+each new shape costs a compilation (about 90 s for SmolLM2 on one AVX2 core). With
+``adaptive=True`` (prompt lookup) the draft length follows the acceptance (cut to the accepted
+length plus one after a rejection, doubled after a full acceptance, at least the match length)
+and the verify width is the next of the buckets 2, 3, 5, 9, ... up to ``num_draft + 1``.
+
+Why not longer drafts by default: on a CPU a verify step of q tokens costs far more than a
+one-token step (SmolLM2, fp32, one AVX2 core, compiled: q = 2, 5, 9, 17 cost 1.5-1.9, 1.8, 2.0,
+2.8 one-token steps: the one-token step is a matrix-vector product bound by reading the weights,
+a wider one a small matrix product that MKL runs far below the core's peak), so a draft pays only
+when most of it is accepted, and a short match is rarely followed by the model. The defaults
+(``num_draft`` 6, ``min_ngram`` 3, fixed width) were chosen on summarise/extract prompts from the
+*calibration* split (``benchmarks/generation_speculation.py --split calibration --variants ...``,
+``benchmarks/results/generation_speculation_tuning.md``: ``min_ngram`` 3 beat 2 on 5 of 6 prompts;
+``num_draft`` 4 or 8 and ``adaptive`` did not beat 6), never on the evaluation prompts the
+benchmarks report.
 """
 
 from __future__ import annotations
@@ -37,25 +59,32 @@ MODES = ("prompt-lookup", "self", "draft")
 
 @dataclass
 class SpeculationConfig:
-    """``mode``: one of ``MODES``; ``num_draft``: tokens proposed per verify step; ``ngram`` /
-    ``min_ngram``: longest and shortest context n-gram searched (prompt-lookup); ``exit_layer``:
-    blocks of the model used by the ``self`` draft (default: a quarter of them); ``draft``: the
-    draft ``LoadedModel`` (``draft`` mode)."""
+    """``mode``: one of ``MODES``; ``num_draft``: most tokens proposed per verify step (None: 6
+    for prompt lookup, 4 for model drafts); ``ngram`` / ``min_ngram``: longest context match
+    compared and shortest match drafted from (prompt-lookup); ``adaptive``: draft length follows
+    the acceptance, verify widths in power-of-two buckets (prompt-lookup); ``exit_layer``: blocks
+    of the model used by the ``self`` draft (default: a quarter of them); ``draft``: the draft
+    ``LoadedModel`` (``draft`` mode)."""
 
     mode: str = "prompt-lookup"
-    num_draft: int = 4
-    ngram: int = 3
-    min_ngram: int = 1
+    num_draft: int | None = None
+    ngram: int = 16
+    min_ngram: int = 3
+    adaptive: bool = False
     exit_layer: int | None = None
     draft: Any = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"speculation mode {self.mode!r} is unknown", f"use one of {list(MODES)}")
+        if self.num_draft is None:
+            self.num_draft = 6 if self.mode == "prompt-lookup" else 4
         if not is_int_at_least(self.num_draft, 1):
             raise ConfigError(f"num_draft={self.num_draft!r} must be an integer >= 1", "pass e.g. num_draft=4")
         if not (is_int_at_least(self.min_ngram, 1) and is_int_at_least(self.ngram, self.min_ngram)):
-            raise ConfigError(f"ngram={self.ngram!r}, min_ngram={self.min_ngram!r} must satisfy 1 <= min_ngram <= ngram", "pass e.g. ngram=3, min_ngram=1")
+            raise ConfigError(f"ngram={self.ngram!r}, min_ngram={self.min_ngram!r} must satisfy 1 <= min_ngram <= ngram", "pass e.g. ngram=16, min_ngram=3")
+        if not isinstance(self.adaptive, bool):
+            raise ConfigError(f"adaptive={self.adaptive!r} must be True or False", "pass adaptive=True or adaptive=False")
         if self.exit_layer is not None and not is_int_at_least(self.exit_layer, 1):
             raise ConfigError(f"exit_layer={self.exit_layer!r} must be an integer >= 1", "pass e.g. exit_layer=8")
         if self.mode == "draft" and self.draft is None:
@@ -67,35 +96,79 @@ class SpeculationConfig:
 
 
 def lookup_proposal(context: list[int], k: int, ngram: int, min_ngram: int) -> list[int]:
-    """Up to ``k`` tokens that followed the latest earlier occurrence of the context's last
-    n-gram (longest n first, from ``ngram`` down to ``min_ngram``); [] when none matches."""
-    ctx = torch.tensor(context, dtype=torch.long)
-    n_ctx = len(context)
-    for n in range(min(ngram, n_ctx - 1), min_ngram - 1, -1):
-        windows = ctx[: n_ctx - 1].unfold(0, n, 1) if n_ctx - 1 >= n else None  # all n-grams ending before the last token
-        if windows is None:
-            continue
-        hits = (windows == ctx[n_ctx - n:]).all(-1).nonzero().flatten()
-        if len(hits):
-            start = int(hits[-1]) + n
-            follow = context[start:start + k]
-            if follow:
-                return follow
-    return []
+    """Up to ``k`` tokens that followed the earlier occurrence of the context's last token whose
+    preceding tokens agree longest (up to ``ngram``) with the end of the context (the latest of
+    equally long ones); continued periodically where the copy reaches the end of the context;
+    [] when the longest agreement is shorter than ``min_ngram``."""
+    return LookupIndex(ngram).proposal(context, k, min_ngram)[0]
+
+
+class LookupIndex:
+    """Where each token occurs in a growing context, to find the longest match of its end.
+
+    ``proposal`` indexes the tokens appended since the last call (the context only grows), then
+    compares at most ``MAX_CANDIDATES`` most recent occurrences of the last token.
+    """
+
+    MAX_CANDIDATES = 512
+
+    def __init__(self, ngram: int) -> None:
+        self.ngram = ngram
+        self.positions: dict[int, list[int]] = {}
+        self.indexed = 0
+
+    def proposal(self, context: list[int], k: int, min_ngram: int) -> tuple[list[int], int]:
+        """``(draft, match length)``: the draft (up to ``k`` tokens) and how many tokens of the
+        context's end its source agrees with (0 and [] when under ``min_ngram``)."""
+        n_ctx = len(context)
+        for p in range(self.indexed, n_ctx - 1):  # an occurrence needs a token after it
+            self.positions.setdefault(context[p], []).append(p)
+        self.indexed = max(self.indexed, n_ctx - 1)
+        if n_ctx < 2 or k < 1:
+            return [], 0
+        best, best_len = -1, 0
+        for p in reversed(self.positions.get(context[-1], [])[-self.MAX_CANDIDATES:]):
+            length = 1
+            while length < self.ngram and length <= p and context[p - length] == context[n_ctx - 1 - length]:
+                length += 1
+            if length > best_len:
+                best, best_len = p, length
+                if length == self.ngram:
+                    break
+        if best_len < min_ngram:
+            return [], 0
+        draft: list[int] = []
+        for i in range(best + 1, best + 1 + k):  # past the end: copy the draft itself (a loop)
+            draft.append(context[i] if i < n_ctx else draft[i - n_ctx])
+        return draft, best_len
 
 
 class _LookupDrafter:
     def __init__(self, spec: SpeculationConfig) -> None:
         self.spec = spec
+        self.index = LookupIndex(spec.ngram)
+        self.size = spec.num_draft if not spec.adaptive else min(4, spec.num_draft)
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, needed: int) -> None:
         pass
 
     def propose(self, context: list[int], k: int) -> list[int]:
-        return lookup_proposal(context, k, self.spec.ngram, self.spec.min_ngram)
+        if not self.spec.adaptive:
+            return self.index.proposal(context, k, self.spec.min_ngram)[0]
+        draft, length = self.index.proposal(context, k, self.spec.min_ngram)
+        self.last = len(draft[: max(self.size, length)])
+        return draft[: self.last]
+
+    def width(self, real: int, k: int) -> int:
+        """Draft tokens the verify step carries for a ``real``-token draft: ``k``, or with
+        ``adaptive`` the next power of two (capped at ``k``), so few shapes are compiled."""
+        if not self.spec.adaptive:
+            return k
+        return min(k, 1 << max(real - 1, 0).bit_length())
 
     def accepted(self, n: int, k: int) -> None:
-        pass
+        if self.spec.adaptive:
+            self.size = min(k, 2 * self.last) if n >= self.last else max(1, n + 1)
 
 
 class _ModelDrafter:
@@ -122,6 +195,9 @@ class _ModelDrafter:
             self.in_cache += 1
             out.append(int(logits.argmax(-1)))
         return out
+
+    def width(self, real: int, k: int) -> int:
+        return k
 
     def accepted(self, n: int, k: int) -> None:
         """The cache holds the first k-1 drafts; keep those among the n accepted."""
@@ -171,8 +247,9 @@ def _drafter_for(gen: TextGenerator, spec: SpeculationConfig):
 
 def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_mask: torch.Tensor, config, accept, is_done) -> tuple[dict, dict]:
     """Greedy speculative generation of one prompt ``input_ids`` (1, T); calls ``accept(token)``
-    for each new token until ``is_done()``. Returns ``(timing, stats)``: stats hold the verify
-    steps, drafted and accepted tokens and the acceptance rate."""
+    for each new token until ``is_done()``. Returns ``(timing, stats)``: stats hold the steps
+    (``verify_steps``, of which ``plain_steps`` had no draft), drafted and accepted tokens and the
+    acceptance rate."""
     spec: SpeculationConfig = config.speculation
     k = spec.num_draft
     needed = input_ids.shape[1] + config.max_new_tokens + k + 2
@@ -186,25 +263,27 @@ def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_
     drafter.start(input_ids, attention_mask, needed)
     context = input_ids[0][attention_mask[0].bool()].tolist() + [token]
     accept(token)
-    steps = drafted = accepted = 0
+    steps = drafted = accepted = plain = 0
     while not is_done():
         draft = drafter.propose(context, k)
         steps += 1
         if not draft:
+            plain += 1
             logits = gen.run_step(cache, torch.tensor([[token]]), key_valid, next_pos)[:, -1]
             token = int(logits.argmax(-1))
             context.append(token)
             accept(token)
             continue
         real = len(draft)
-        padded = draft + [draft[-1]] * (k - real)
+        width = drafter.width(real, k)
+        padded = draft + [draft[-1]] * (width - real)
         logits = gen.run_step(cache, torch.tensor([[token] + padded]), key_valid, next_pos)[0]
         target = logits.argmax(-1).tolist()
         n = 0
         while n < real and draft[n] == target[n]:
             n += 1
         new = draft[:n] + [target[n]]
-        rejected = k - n
+        rejected = width - n
         if rejected:
             cache.crop(-rejected)
             next_pos.sub_(rejected)
@@ -220,7 +299,7 @@ def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_
     end = time.perf_counter()
     kv_bytes = cache.nbytes() + (drafter.cache.nbytes() if hasattr(drafter, "cache") else 0)
     stats = {
-        "mode": spec.mode, "num_draft": k, "verify_steps": steps, "drafted": drafted, "accepted": accepted,
+        "mode": spec.mode, "num_draft": k, "verify_steps": steps, "plain_steps": plain, "drafted": drafted, "accepted": accepted,
         "acceptance_rate": accepted / drafted if drafted else 0.0,
     }
     return {"prefill_end": prefill_end, "end": end, "steps": steps, "kv_bytes": kv_bytes}, stats
