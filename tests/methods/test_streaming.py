@@ -32,14 +32,17 @@ def test_streamed_gptq_is_bit_identical_and_holds_one_float_block(tiny_factory, 
     # in memory: everything outside the blocks except an untied output head (loaded at the end)
     assert [n for n, p in outside if p.is_meta] == ([head[0] + ".weight"] if family == "llama" else [])
 
-    seen = []
+    seen, alive = [], []
     weights = streamed.streamed_weights
     original = weights.materialize
+    float_linears = {n: m for n, m in streamed.model.named_modules() if isinstance(m, nn.Linear) and any(n.startswith(adapter.block_prefix(i) + ".") for i in range(len(blocks)))}
 
     def watching(prefix, module):
         if any(module is b for b in blocks) and any(p.is_meta for p in module.parameters()):  # a block load, not a repeat
             float_blocks = [i for i, b in enumerate(blocks) if any(isinstance(m, nn.Linear) and not m.weight.is_meta for m in b.modules())]
             seen.append(float_blocks)
+            # the float layers replaced so far hold no tensor (the step's selection still names them)
+            alive.append(sum(1 for m in float_linears.values() if m.weight is not None and not m.weight.is_meta))
         return original(prefix, module)
 
     weights.materialize = watching
@@ -48,6 +51,7 @@ def test_streamed_gptq_is_bit_identical_and_holds_one_float_block(tiny_factory, 
     compress(loaded, recipe)
     # before loading a block, no other block holds float linears (earlier ones are quantized)
     assert len(seen) == len(blocks) and all(f == [] for f in seen)
+    assert alive == [0] * len(blocks)
     assert not is_streamed(streamed.model)
     a, b = streamed.model.state_dict(), loaded.model.state_dict()
     assert set(a) == set(b)

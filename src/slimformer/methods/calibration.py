@@ -651,6 +651,10 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
                             bar.update(1)
                         if replay is not None:
                             replay.record(stage)
+                        if ctx.weights is not None:  # streamed: the replaced float layers leave memory now
+                            for n in stage:
+                                if model.get_submodule(n) is not modules[n]:
+                                    _drop_tensors(modules[n])
                     if job is not None:  # every layer of the block is replaced by now
                         job.save(_unit(i), model, [adapter.block_prefix(i)], names, ctx.layer_records)
                     if i < last or tail:
@@ -852,6 +856,16 @@ def _unpacks_per_call(module: nn.Module) -> bool:
     return (getattr(module, "act_bits", None) is None and hasattr(module, "dequantized_weight")
             and hasattr(module, "in_features") and isinstance(getattr(module, "kernel", None), str)
             and not isinstance(module, (_DenseLinear, _ReplayedLinear)))
+
+
+def _drop_tensors(module: nn.Module) -> None:
+    """Forget the float weights of a layer the caller replaced (its own parameters and buffers,
+    not those of submodules): the step's selection still names the old module, and with streamed
+    weights every finished block's float weights would otherwise stay in memory to the end."""
+    for name in list(module._parameters):
+        module._parameters[name] = None
+    for name in list(module._buffers):
+        module._buffers[name] = None
 
 
 def _set_child(root: nn.Module, name: str, module: nn.Module) -> None:
