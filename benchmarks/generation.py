@@ -574,12 +574,17 @@ def write(result: dict, out: Path, name: str) -> None:
     for e in result["readme_chat"]:
         lines += [f"**{e['prompt']}**", "", f"- original: {e['original']!r}", f"- 4-bit: {e.get('4-bit')!r}",
                   f"- identical: {'yes' if e.get('same') else 'no'}", ""]
-    lines += ["", "Prompts (first 200 characters):", ""]
-    for kind, ps in result["prompts"].items():
+    write_with_prompts(lines, result["prompts"], out, name, result, plot)
+
+
+def write_with_prompts(lines: list[str], prompts: dict[str, list[str]], out: Path, name: str, result: dict, plot_fn) -> None:
+    """Append the prompts (first 120 characters) to ``lines``, write ``name``.md and its plot."""
+    lines += ["", "Prompts (first 120 characters):", ""]
+    for kind, ps in prompts.items():
         for p in ps:
             lines.append(f"- {kind}: `{p[:120].replace(chr(10), ' ').replace('`', '')}`")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    plot(result, out / f"{name}.png")
+    plot_fn(result, out / f"{name}.png")
 
 
 def plot(result: dict, path: Path) -> None:

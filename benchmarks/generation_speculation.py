@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "src"))
 sys.path.insert(0, str(ROOT))
 
-from generation import build_prompts, machine  # noqa: E402
+from generation import build_prompts, machine, write_with_prompts  # noqa: E402
 
 from slimformer.models import load_model  # noqa: E402
 from slimformer.runtime import GenerationConfig, TextGenerator  # noqa: E402
@@ -194,12 +194,7 @@ def write(result: dict, out: Path, name: str) -> None:
     lines += ["", "Per-prompt speed-ups (median over passes):", ""]
     for r in result["rows"]:
         lines.append(f"- {r['kind']} / {r['variant']}: " + ", ".join(f"{x:.2f}×" for x in r["per_prompt_speedup"]))
-    lines += ["", "Prompts (first 120 characters):", ""]
-    for kind, ps in result["prompts"].items():
-        for p in ps:
-            lines.append(f"- {kind}: `{p[:120].replace(chr(10), ' ').replace('`', '')}`")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    plot(result, out / f"{name}.png")
+    write_with_prompts(lines, result["prompts"], out, name, result, plot)
 
 
 def plot(result: dict, path: Path) -> None:

@@ -644,11 +644,7 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
                         dense.swap_out()
                         if replay is not None:
                             replay.swap_out()
-                        for n in stage:
-                            if stats.count[n] == 0:
-                                raise ConfigError(f"calibration never reached {n}", "check that the calibration text is not empty")
-                            yield n, model.get_submodule(n), stats
-                            bar.update(1)
+                        yield from _layers_with(model, stage, stats, bar)
                         if replay is not None:
                             replay.record(stage)
                         if ctx.weights is not None:  # streamed: the replaced float layers leave memory now
@@ -678,16 +674,21 @@ def blockwise(loaded, ctx: CompressionContext, selected: dict[str, nn.Module], h
                 bar.update(len(tail))
             else:
                 stats = _tail_statistics(model, adapter, {n: model.get_submodule(n) for n in tail}, store, batches, hessian, keep_samples, as_tuple)
-                for n in tail:
-                    if stats.count[n] == 0:
-                        raise ConfigError(f"calibration never reached {n}", "check that the calibration text is not empty")
-                    yield n, model.get_submodule(n), stats
-                    bar.update(1)
+                yield from _layers_with(model, tail, stats, bar)
                 if job is not None:
                     job.save("tail", model, tail, tail, ctx.layer_records)
     finally:
         store.close()
         bar.close()
+
+
+def _layers_with(model: nn.Module, names: list[str], stats: InputStatistics, bar) -> Iterator[tuple[str, nn.Module, InputStatistics]]:
+    """Yield ``(name, module, stats)`` for ``names`` (each must have seen calibration tokens)."""
+    for n in names:
+        if stats.count[n] == 0:
+            raise ConfigError(f"calibration never reached {n}", "check that the calibration text is not empty")
+        yield n, model.get_submodule(n), stats
+        bar.update(1)
 
 
 def _run_to_next_block(block: nn.Module, store: ActivationStore, calls: list[list[BlockCall]], i: int, n_batches: int, replay: "_StageReplay | None" = None) -> None:

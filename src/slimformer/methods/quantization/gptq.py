@@ -37,7 +37,8 @@ class GPTQConfig(WeightQuantConfig):
     ``bias_correction`` (layers that have a bias absorb the mean output shift the quantization
     error causes on the calibration inputs, ``(W - W_q) E[x]``, as in Nagel et al., 2019,
     "Data-Free Quantization Through Weight Equalization and Bias Correction"; layers without a
-    bias are left as they are)."""
+    bias are left as they are; off by default: on MiniLM's dev text it did not help, see
+    benchmarks/results/calibration_transfer.md)."""
 
     name = "gptq"
     family = "quantization"
@@ -51,7 +52,7 @@ class GPTQConfig(WeightQuantConfig):
     block_size: int = 128
     true_sequential: bool = True
     clip_search: bool = False
-    bias_correction: bool = True
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
