@@ -55,13 +55,14 @@ TARGET = {"embedding_cosine_mean": 0.985, "retrieval_agreement_at_10": 0.88}
 
 # (name, calibration overrides, gptq overrides): every setting keeps the recipe's size.
 SETTINGS = [
-    ("calibration stdlib-docs (previous default)", {"source": "stdlib-docs"}, {}),
-    ("calibration mix (new default)", {}, {}),
-    # candidates, compared on the dev set only (same size: every setting keeps bits and groups)
-    ("mix, 512 samples", {"n_samples": 512}, {}),
+    ("calibration stdlib-docs, 128 samples (default before stop 8)", {"source": "stdlib-docs", "n_samples": 128}, {}),
+    ("mix, 128 samples (default until now)", {"n_samples": 128}, {}),
+    ("mix, 512 samples (default recipe now: best on dev)", {}, {}),
+    # other candidates, compared on the dev set only (same size: every setting keeps bits and groups)
     ("mix, 512 samples x 256 tokens", {"n_samples": 512, "max_length": 256}, {}),
-    ("mix, damp 0.05", {}, {"damp": 0.05}),
-    ("mix, no bias correction", {}, {"bias_correction": False}),
+    ("mix, damp 0.05", {"n_samples": 128}, {"damp": 0.05}),
+    ("mix, 128 samples, bias correction", {"n_samples": 128}, {"bias_correction": True}),
+    ("mix, 512 samples, bias correction", {"n_samples": 512}, {"bias_correction": True}),
 ]
 
 
