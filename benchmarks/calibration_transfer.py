@@ -60,6 +60,7 @@ SETTINGS = [
     ("mix, 512 samples (default recipe now: best on dev)", {}, {}),
     # other candidates, compared on the dev set only (same size: every setting keeps bits and groups)
     ("mix, 512 samples x 256 tokens", {"n_samples": 512, "max_length": 256}, {}),
+    ("mix, 1024 samples", {"n_samples": 1024}, {}),
     ("mix, damp 0.05", {"n_samples": 128}, {"damp": 0.05}),
     ("mix, 128 samples, bias correction", {"n_samples": 128}, {"bias_correction": True}),
     ("mix, 512 samples, bias correction", {"n_samples": 512}, {"bias_correction": True}),
