@@ -76,46 +76,40 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slimformer" / "text"
 
 
-def _disk_cached(name: str, files: list[Path]):
-    """Decorator: keep a source's documents in a JSON file keyed by the files they come from
-    (paths, sizes, modification times) and the Python version, so a later job does not parse
-    the same sources again. A missing, stale or unreadable cache is rebuilt; an unwritable
-    cache folder only costs the parse."""
+def _disk_cached(name: str, files: list[Path], build) -> tuple[str, ...]:
+    """``build()``'s documents, kept in a JSON file keyed by the files they come from (paths,
+    sizes, modification times) and the Python version, so a later job does not parse the same
+    sources again. A missing, stale or unreadable cache is rebuilt; an unwritable cache folder
+    only costs the parse."""
     import sys
 
-    def wrap(build):
-        def cached() -> tuple[str, ...]:
-            h = hashlib.sha256(sys.version.encode())
-            for f in files:
-                try:
-                    st = f.stat()
-                except OSError:
-                    continue
-                h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-            path = _cache_dir() / f"{name}-{h.hexdigest()[:24]}.json"
-            try:
-                return tuple(json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, ValueError):
-                pass
-            docs = build()
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(list(docs)), encoding="utf-8")
-                os.replace(tmp, path)
-            except OSError:
-                logger.debug("text cache %s not written", path)
-            return docs
-
-        return cached
-
-    return wrap
+    h = hashlib.sha256(sys.version.encode())
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    path = _cache_dir() / f"{name}-{h.hexdigest()[:24]}.json"
+    try:
+        return tuple(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass
+    docs = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(list(docs)), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        logger.debug("text cache %s not written", path)
+    return docs
 
 
 @functools.lru_cache(maxsize=None)
 def _stdlib_docstrings() -> tuple[str, ...]:
     """Docstrings of the standard library (parsed once per Python installation, then cached)."""
-    return _disk_cached("stdlib-docs", _stdlib_files())(_parse_stdlib_docstrings)()
+    return _disk_cached("stdlib-docs", _stdlib_files(), _parse_stdlib_docstrings)
 
 
 def _parse_stdlib_docstrings() -> tuple[str, ...]:

@@ -771,8 +771,8 @@ class _StageReplay:
         with torch.no_grad():
             for n in stage:
                 module = self.block.get_submodule(self.local[n])
-                if _unpacks_per_call(module):
-                    module = _DenseLinear(module.dequantized_weight(), getattr(module, "bias", None))
+                if _runs_as_dense_product(module):
+                    module = _DenseLinear.of(module)
                 self.outputs[n] = [module(x) for x in self.inputs.pop(n)]
         self.inputs.clear()
 
@@ -816,6 +816,11 @@ class _DenseLinear(nn.Module):
         self.weight = weight
         self.bias = bias
 
+    @classmethod
+    def of(cls, module: nn.Module) -> "_DenseLinear":
+        """The dense product ``module`` stands for (see :func:`_runs_as_dense_product`)."""
+        return cls(module.dequantized_weight(), getattr(module, "bias", None))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, self.weight.to(x.dtype), bias)
@@ -829,19 +834,16 @@ class _DenseWhileCalibrating:
 
     def __init__(self, block: nn.Module) -> None:
         self.block = block
-        self.dense: dict[str, _DenseLinear] = {}
+        self.dense: dict[str, tuple[nn.Module, _DenseLinear]] = {}  # name -> (layer, its stand-in)
         self.swapped: dict[str, nn.Module] = {}
 
     def swap_in(self) -> None:
         for name, module in list(self.block.named_modules()):
-            if name and _unpacks_per_call(module):
-                key = (name, id(module))
-                if name not in self.dense or self.dense[name].source != key:
-                    stand_in = _DenseLinear(module.dequantized_weight(), getattr(module, "bias", None))
-                    stand_in.source = key
-                    self.dense[name] = stand_in
+            if name and _runs_as_dense_product(module):
+                if name not in self.dense or self.dense[name][0] is not module:
+                    self.dense[name] = (module, _DenseLinear.of(module))
                 self.swapped[name] = module
-                _set_child(self.block, name, self.dense[name])
+                _set_child(self.block, name, self.dense[name][1])
 
     def swap_out(self) -> None:
         for name, module in self.swapped.items():
@@ -849,7 +851,7 @@ class _DenseWhileCalibrating:
         self.swapped.clear()
 
 
-def _unpacks_per_call(module: nn.Module) -> bool:
+def _runs_as_dense_product(module: nn.Module) -> bool:
     """A compressed linear layer with float activations: it stands for ``linear(x, W, bias)``
     with ``W = dequantized_weight()`` (its kernel computes that product, up to the kernel's
     rounding). Calibration runs such layers as that exact product: later layers are calibrated

@@ -222,14 +222,15 @@ def apply_gptq(loaded, config: GPTQConfig, ctx) -> dict:
     modules = select_modules(loaded, config, types=(torch.nn.Linear,))
     check_group_size(config.name, modules, config.group_size)
     kernels = ctx.layer_record("kernels")
-    prepared: dict[str, PreparedHessian] = {}  # per statistics leader: layers reading the same input share it
+    prepared, prepared_for = None, None  # layers reading the same input share one inverse Hessian
     for name, module, stats in blockwise(loaded, ctx, modules, hessian=True, desc="gptq", sequential=config.true_sequential):
         leader = stats.input_leader(name)
-        if leader == name or leader not in prepared:
-            prepared.clear()  # one stage's inverse at a time
-            prepared[leader] = prepare_hessian(stats.hessian[name], config.act_order, config.damp, scale=1.0 / stats.count[name])
+        if leader != prepared_for:
+            prepared = None  # the previous stage's inverse goes before the next is built
+            prepared = prepare_hessian(stats.hessian[name], config.act_order, config.damp, scale=1.0 / stats.count[name])
+            prepared_for = leader
         new = quantize_linear_gptq(
-            module, prepared[leader], config.bits, config.group_size, config.symmetric,
+            module, prepared, config.bits, config.group_size, config.symmetric,
             config.act_order, config.damp, config.block_size, config.act_bits, config.clip_search,
         )
         if config.bias_correction and new.bias is not None:
@@ -244,6 +245,4 @@ def correct_bias(new: QuantizedLinear, weight: torch.Tensor, input_mean: torch.T
     expected output error of the quantized layer on the calibration inputs becomes zero, which
     lowers its mean squared output error by exactly the square of that shift."""
     shift = (weight.detach().float() - new.dequantized_weight()) @ input_mean.float()
-    new.bias.add_(shift)
-    if new._runtime:  # run-time forms built already carry the bias separately; rebuild anyway
-        new.prepare()
+    new.bias.add_(shift)  # every kernel reads the bias buffer itself: no run-time form to rebuild
