@@ -5,7 +5,7 @@ Python API::
     import slimformer
     original = slimformer.load("default")                  # or a folder / hub id
     model = slimformer.load("default")
-    recipe = slimformer.Recipe.from_file("recipes/gptq-w4g64-emb8.yaml")
+    recipe = slimformer.Recipe.from_file("recipes/gptq-w4g32-v8-emb8.yaml")
     slimformer.compress(model, recipe)
     result = slimformer.evaluate(original, model)
     slimformer.save(model, "out/minilm-w4", evaluation=result)

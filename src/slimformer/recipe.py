@@ -1,10 +1,10 @@
 """Recipes: a versioned, type-tagged chain of methods plus calibration settings (YAML or JSON).
 
     slimformer_recipe: 1
-    name: gptq-w4g64-emb8
-    calibration: {source: mix, n_samples: 128, max_length: 128}
+    name: gptq-w4g32-emb8
+    calibration: {source: mix, n_samples: 512, max_length: 128}
     steps:
-      - {method: gptq, bits: 4, group_size: 64}
+      - {method: gptq, bits: 4, group_size: 32}
       - {method: rtn, bits: 8, group_size: null, targets: [embedding]}
 """
 
