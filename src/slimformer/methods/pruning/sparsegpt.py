@@ -26,7 +26,7 @@ from slimformer.methods.base import register_method
 from slimformer.methods.calibration import blockwise
 from slimformer.methods.pruning.base import PruningConfig, check_nm_width, store_pruned
 from slimformer.methods.quantization import grid
-from slimformer.methods.quantization.gptq import _inverse_hessian_cholesky
+from slimformer.methods.quantization.gptq import prepare_hessian
 from slimformer.methods.selection import select_modules
 
 
@@ -68,11 +68,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     """
     W = weight.detach().float().clone()
     rows, cols = W.shape
-    H = hessian.detach().double().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    Hinv = _inverse_hessian_cholesky(H, damp)
+    prepared = prepare_hessian(hessian, act_order=False, damp=damp)  # float32, at most two (in, in) alive
+    W[:, prepared.dead] = 0.0
+    Hinv = prepared.hinv
     g = grid.effective_group_size(cols, group_size)
     if bits is not None and group_size is not None and block_size % g:
         block_size = g * max(1, block_size // g)

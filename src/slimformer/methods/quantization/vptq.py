@@ -29,7 +29,7 @@ from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, ModuleSelection, register_method
 from slimformer.methods.calibration import blockwise
 from slimformer.methods.quantization.codebook_modules import VQLinear
-from slimformer.methods.quantization.gptq import _inverse_hessian_cholesky
+from slimformer.methods.quantization.gptq import prepare_hessian
 from slimformer.methods.selection import select_modules
 from slimformer.models.adapters import set_submodule
 
@@ -104,18 +104,18 @@ def vptq_quantize(
     nvec = cols // d
     if hessian is None:
         hessian_weighted = error_feedback = False
-        H = None
+        hdiag = None
     else:
-        H = hessian.detach().double().clone()
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1.0
+        prepared = prepare_hessian(hessian, act_order=False, damp=damp) if error_feedback else None
+        dead = torch.diag(hessian) == 0
+        hdiag = torch.diag(hessian).float().masked_fill(dead, 1.0)  # the diagonal is all the weighting reads
         W[:, dead] = 0.0
     scales = None
     if row_scale:
         rms = W.pow(2).mean(1).sqrt()
         scales = torch.where(rms > 0, rms, torch.ones_like(rms)).to(torch.bfloat16).float()
         W = W / scales.unsqueeze(1)
-    h = torch.diag(H).float() if hessian_weighted else torch.ones(cols)
+    h = hdiag if hessian_weighted else torch.ones(cols)
     h = h / h.mean()
     row_w = scales.pow(2) / scales.pow(2).mean() if scales is not None else torch.ones(rows)
     weights = (row_w.view(rows, 1, 1) * h.view(1, nvec, d)).reshape(-1, d)
@@ -131,7 +131,7 @@ def vptq_quantize(
     if not error_feedback:
         return codebooks, indices, scales
 
-    U = _inverse_hessian_cholesky(H, damp)
+    U = prepared.hinv
     blocks = torch.arange(nvec) * d
     diag_blocks = torch.stack([U[b : b + d, b : b + d] for b in blocks.tolist()])
     A = torch.linalg.inv(diag_blocks)  # (nvec, d, d): A_j = U_jj^-1, upper triangular
