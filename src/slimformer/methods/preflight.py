@@ -176,6 +176,9 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
                     # float32 inverse-Hessian chain, two (in, in) matrices at a time, then the
                     # factor beside the column-major weight copy, its codes and the result
                     work = 2 * d_in * d_in * 4 + 2 * d_in * d_out * 4 + 2 * d_in * d_out
+                elif step.name in ("sparsegpt", "vptq"):
+                    # the same float32 chain (gptq.prepare_hessian) plus float32 weight copies
+                    work = 2 * d_in * d_in * 4 + 4 * d_in * d_out * 4
                 else:
                     # inverse-Hessian chain in float64 (H, its damped copy or Cholesky factor, the
                     # inverse / upper factor) plus float32 weight copies and codes
