@@ -431,7 +431,7 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
          f"<= {meta['evaluation']['max_length']} tokens each. Searches calibrate on {meta['search_calibration']['n_samples']} documents of "
          f"`{meta['search_calibration']['source']}` (calibration split) of <= {meta['search_calibration']['max_length']} tokens (small: every candidate costs a partial forward pass on this CPU). "
          "Decode: greedy generation of 32 tokens, batch 1 (s/token, includes a 9-token prefill); prefill: one forward of 64 tokens. "
-         "SLEB 8 blocks is the first 8 removals of the 15-block greedy search; BlockPruner stops at the first step whose removed parameters reach those of 8 average blocks.", "",
+         "SLEB re-scores every remaining block at every step (the paper's greedy search); BlockPruner re-scores a shortlist after its first step and stops at the first step whose removed parameters reach those of 8 average blocks.", "",
          "| setting | blocks | params | bytes | FLOPs (fwd) | ppl | ppl increase | KL | top-1 | calibration-text ppl | decode speed-up | prefill speed-up |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
