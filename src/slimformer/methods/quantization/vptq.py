@@ -106,9 +106,9 @@ def vptq_quantize(
         hessian_weighted = error_feedback = False
         hdiag = None
     else:
-        prepared = prepare_hessian(hessian, act_order=False, damp=damp) if error_feedback else None
-        dead = torch.diag(hessian) == 0
-        hdiag = torch.diag(hessian).float().masked_fill(dead, 1.0)  # the diagonal is all the weighting reads
+        hdiag = torch.diag(hessian).float()  # the diagonal is all the weighting reads
+        dead = hdiag == 0
+        hdiag = hdiag.masked_fill(dead, 1.0)
         W[:, dead] = 0.0
     scales = None
     if row_scale:
@@ -131,7 +131,7 @@ def vptq_quantize(
     if not error_feedback:
         return codebooks, indices, scales
 
-    U = prepared.hinv
+    U = prepare_hessian(hessian, act_order=False, damp=damp).hinv  # built only now: not held through the k-means
     blocks = torch.arange(nvec) * d
     diag_blocks = torch.stack([U[b : b + d, b : b + d] for b in blocks.tolist()])
     A = torch.linalg.inv(diag_blocks)  # (nvec, d, d): A_j = U_jj^-1, upper triangular
