@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/slimformer compress --recipe recipes/gptq-w4g32-v8-emb8.yaml --out runs/demo --force
+	$(VENV)/bin/slimformer compress --recipe recipes/gptq-w4g32-v8-emb8.yaml --out runs/demo --force --compile
 	$(VENV)/bin/slimformer report runs/demo
 
 test: setup

@@ -74,7 +74,7 @@ def cmd_compress(args) -> int:
         evaluation = None
         if not args.no_eval:
             _status("evaluating against the original on held-out text")
-            evaluation = evaluate(original, model, settings, progress=not args.quiet, execution=_execution(args))
+            evaluation = evaluate(original, model, settings, progress=not args.quiet, execution=_execution(args), compile=args.compile)
             _warn_quality_gap(evaluation)
         out = save_compressed(model, args.out, evaluation=evaluation, force=args.force)
     except (SlimformerError, KeyboardInterrupt) as exc:
@@ -118,7 +118,7 @@ def cmd_eval(args) -> int:
         original = load_model(model.manifest["base_model"])
     else:
         original = model
-    result = evaluate(original, model, settings, progress=not args.quiet, execution=_execution(args))
+    result = evaluate(original, model, settings, progress=not args.quiet, execution=_execution(args), compile=args.compile)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -383,6 +383,13 @@ def _add_memory_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_compile_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--compile", action="store_true",
+        help="also time the compressed model compiled (torch.compile, Inductor): kept for the timing only if it agrees with eager and is faster; compile seconds are reported",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimformer", description="Make transformer models smaller and faster, and measure what it costs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -399,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_trust_remote_code(p)
     _add_memory_option(p)
+    _add_compile_option(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("eval", help="evaluate a compressed folder against its original (or any model)")
@@ -410,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _add_trust_remote_code(p)
     _add_memory_option(p)
+    _add_compile_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("search", help="search per-layer bit widths under budgets (EvoPress); writes models, front.json and front.png")

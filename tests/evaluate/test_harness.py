@@ -65,3 +65,29 @@ def test_evaluate_reports_quality_cost_and_kernels(tiny_factory):
     assert cost["size_ratio"] < 0.6  # linears at 8 bits, embeddings still fp32 in this tiny model
     assert cost["speedup"] > 0 and cost["latency_batch"] == [4, 32]
     assert sum(result["kernels"].values()) == 16
+
+
+def test_compiled_timing_agrees_with_eager_and_is_taken_off_afterwards(tiny_factory):
+    """``compile=``: the compressed model is compiled on the latency batch, its output checked
+    against eager, and the model is eager again after the evaluation (its quality was measured
+    eagerly)."""
+    from slimformer.errors import ConfigError
+    from slimformer.evaluate.report import row_of
+
+    original = tiny_factory("bert")
+    compressed = compress(copy.deepcopy(original), Recipe(steps=[RTNConfig(bits=8, group_size=None, symmetric=True)]))
+    plain = evaluate(original, compressed, FAST)
+    result = evaluate(original, compressed, FAST, compile="aot_eager")
+    assert "compile" not in plain
+    report = result["compile"]
+    assert report["backend"] == "aot_eager" and report["compile_seconds"] > 0
+    assert report["max_abs_diff"] <= 1e-3 * 10  # agreed with eager (the output scale is O(1..10))
+    assert (report["speedup"] is not None) == report["compiled"]
+    if not report["compiled"]:
+        assert report["reason"] == "not faster than eager on the example batch"
+    assert "forward" not in compressed.model.__dict__  # eager again
+    assert result["quality"] == plain["quality"]  # quality is always measured eagerly
+    row = row_of("m", {"evaluation": result})
+    assert ("timed compiled (aot_eager" in row["kernels"]) == report["compiled"]
+    with pytest.raises(ConfigError, match="not a compiler backend"):
+        evaluate(original, compressed, FAST, compile="tensorrt")

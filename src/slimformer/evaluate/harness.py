@@ -83,7 +83,7 @@ def plan_for_evaluation(original: LoadedModel, compressed: LoadedModel, executio
     plan_execution(compressed, settings)
 
 
-def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSettings | None = None, progress: bool = False, cache: dict | None = None, execution="auto") -> dict:
+def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSettings | None = None, progress: bool = False, cache: dict | None = None, execution="auto", compile: bool | str = False) -> dict:
     """Quality of ``compressed`` against ``original`` on held-out text, and both models' cost
     measured in the same run. Returns a JSON-ready dict with ``quality``, ``cost``, ``kernels``
     (execution path counts) and the ``settings`` used.
@@ -92,9 +92,15 @@ def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSetti
     the original's reference embeddings are computed once and kept there. ``execution``: the
     execution planner's settings for ``compressed`` (see ``slimformer.load``; ``"off"``: the
     capability-chosen kernels); the plan (paths per layer and what the alternatives measured
-    on this machine) is returned under ``execution``.
+    on this machine) is returned under ``execution``. ``compile``: also time ``compressed``
+    compiled (``True``/``"inductor"``: ``torch.compile`` with Inductor; ``"aot_eager"``: graph
+    capture only) — it is compiled on the latency batch after the quality measurement, kept for
+    the timing only if its output agrees with eager and it is faster, and taken off again; what
+    happened (compile seconds, eager and compiled medians, largest difference) is returned under
+    ``compile``. The original is always timed as loaded (eager).
     """
     settings = settings or EvalSettings()
+    backend = _compile_backend(compile)
     check_comparable(original, compressed)
     plan_for_evaluation(original, compressed, execution)
     texts = load_texts(TextSpec(source=settings.source, split="evaluation", n=settings.n_texts, seed=settings.seed))
@@ -106,10 +112,17 @@ def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSetti
     quality = _quality_on(original, compressed, texts, settings, settings.n_queries, progress, cache)
     transfer = transfer_quality(original, compressed, settings, quality, progress, cache)
     batch = latency_batch(original, settings)
-    cost = compare_cost(
-        original.model, compressed.model, inference(original, batch), inference(compressed, batch),
-        list(batch["input_ids"].shape), settings.latency_repeats, settings.latency_warmup,
-    )
+    compiled = _compile_for_timing(compressed, batch, backend) if backend and compressed is not original else None
+    try:
+        cost = compare_cost(
+            original.model, compressed.model, inference(original, batch), inference(compressed, batch),
+            list(batch["input_ids"].shape), settings.latency_repeats, settings.latency_warmup,
+        )
+    finally:
+        if compiled is not None:
+            from slimformer.runtime.compile import uncompile_model
+
+            uncompile_model(compressed)
     if compressed.kind == "encoder" and compressed.dynamic is not None and compressed.dynamic.active():
         quality["dynamic"] = dynamic_statistics(compressed, texts, settings)
     return {
@@ -120,7 +133,27 @@ def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSetti
         "execution": compressed.execution.summary() if compressed.execution is not None else None,
         "settings": dataclasses.asdict(settings),
         **({"transfer": transfer} if transfer is not None else {}),
+        **({"compile": compiled} if compiled is not None else {}),
     }
+
+
+def _compile_backend(compile: bool | str | None) -> str | None:
+    """``evaluate``'s ``compile`` argument as a ``torch.compile`` backend (None: no compiling)."""
+    if not compile:
+        return None
+    backend = "inductor" if compile is True else str(compile)
+    if backend not in ("inductor", "aot_eager"):
+        raise ConfigError(f"compile={compile!r} is not a compiler backend", "use True ('inductor') or 'aot_eager'")
+    return backend
+
+
+def _compile_for_timing(compressed: LoadedModel, batch: dict, backend: str) -> dict:
+    """Compile ``compressed`` on the latency ``batch`` with ``backend`` (see :func:`evaluate`);
+    the :class:`~slimformer.runtime.compile.CompileReport` as a dict with its ``speedup`` over eager."""
+    from slimformer.runtime.compile import compile_model
+
+    report = compile_model(compressed, batch, backend=backend)
+    return {**dataclasses.asdict(report), "backend": backend, "speedup": report.speedup if report.compiled else None}
 
 
 def _quality_on(original: LoadedModel, compressed: LoadedModel, texts: list[str], settings: EvalSettings, n_queries: int, progress: bool, cache: dict | None) -> dict:

@@ -46,7 +46,7 @@ def row_of(name: str, manifest: dict) -> dict:
         "kl": q.get("kl_divergence"),
         "top1": q.get("top1_agreement"),
         "speedup": c.get("speedup"),
-        "kernels": _execution(manifest, q),
+        "kernels": _execution(manifest, q, ev.get("compile")),
         "other": _other_kind(ev.get("transfer")),
     }
 
@@ -65,13 +65,19 @@ def _other_kind(transfer: dict | None) -> str:
     return text + (" ⚠ large gap" if transfer.get("large_gap") else "")
 
 
-def _execution(manifest: dict, quality: dict) -> str:
+def _execution(manifest: dict, quality: dict, compiled: dict | None = None) -> str:
     text = ", ".join(f"{k}×{v}" for k, v in sorted((manifest.get("kernels") or {}).items())) or "float"
     if manifest.get("dtype") and manifest["dtype"] != "float32":
         text += f" ({manifest['dtype']})"
     plan = manifest.get("execution")
     if plan:
         text += f"; planned on {plan['machine'].get('cpu')} ({plan['settings'].get('memory')}), {plan['activations']} activations"
+    if compiled:
+        if compiled.get("compiled"):
+            text += (f"; timed compiled ({compiled['backend']}: {compiled['speedup']:.2f}× over eager, "
+                     f"compile {compiled['compile_seconds']:.0f} s, max diff {compiled['max_abs_diff']:.1e})")
+        else:
+            text += f"; timed eager (compiling was tried: {compiled.get('reason')})"
     dyn = quality.get("dynamic")
     if dyn:
         text += f"; dynamic: {dyn['mean_layers_run']:.2f} blocks/input, FLOPs ×{dyn['flops_ratio']:.2f}"
