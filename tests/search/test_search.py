@@ -293,3 +293,58 @@ def test_joint_space_removes_sublayers_within_a_byte_budget(tiny_factory, tmp_pa
     blocks_gone = 4 - model.adapter.num_layers()
     assert sum(len(b.get("removed", [])) for b in structure.values()) + 2 * blocks_gone == len(removed)
     assert len(entry["bits"]) == len(db.units) - sum(len(u.linears) for u in units if f"{u.block}.{u.kind}" in removed)
+
+
+def test_structure_only_space_removes_sublayers_and_keeps_the_rest_exactly(tiny_factory, tmp_path):
+    """``bits: []`` with ``keep`` and ``drop``: a pure structure search under a parameter budget.
+    Nothing is quantized (no level files), the kept layers are the original's bit for bit, the
+    removed ones are gone from the saved model."""
+    from slimformer.io.serialization import load_compressed
+    from slimformer.search.units import DROP, KEEP, build_units
+
+    loaded = tiny_factory("llama")
+    levels = QuantizationLevels(bits=(), drop=("attention", "mlp"), keep=True)
+    space = SearchSpace(levels, EvolutionSettings(generations=3, offspring=4, stages=((2, 1), (1, 2))), CAL)
+    db = build_database(loaded, space, tmp_path / "db")
+    assert db.level_bits == () and not list((tmp_path / "db").glob("*.safetensors"))
+    units = build_units(loaded, db, levels)
+    assert all(u.levels == (DROP, KEEP) and u.keep_bits == 32 for u in units)
+    out = search(loaded, space, [Budget("params", 0.5)], tmp_path / "s", eval_texts=8, eval_max_length=48)
+    entry = out.front["budgets"]["params=0.5"]
+    assert entry["within_budget"] and entry["searched"]["params_kept"] <= 0.5 and entry["searched"]["removed_sublayers"]
+    assert set(entry["bits"].values()) == {KEEP} and entry["searched"]["code_bits_per_weight"] == pytest.approx(32 * entry["searched"]["params_kept"])
+    model = load_compressed(tmp_path / "s" / "params=0.5" / "model")
+    removed = set(entry["searched"]["removed_sublayers"])
+    original = dict(loaded.model.named_parameters())
+    kept = dict(model.model.named_parameters())
+    assert sum(p.numel() for p in kept.values()) < sum(p.numel() for p in original.values())
+    blocks = [i for i in range(4) if not {f"{i}.attention", f"{i}.mlp"} <= removed]  # a block without both sub-layers is gone
+    assert model.adapter.num_layers() == len(blocks)
+    for name, p in kept.items():  # every surviving weight is the original's, bit for bit
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"]:
+            parts[2] = str(blocks[int(parts[2])])
+            assert not any(f"{parts[2]}.{kind}" in removed and parts[3] == mod for kind, mod in (("attention", "self_attn"), ("mlp", "mlp")))
+        assert torch.equal(p, original[".".join(parts)]), name
+
+
+def test_keep_level_and_params_budget_costs(tiny_factory, tmp_path):
+    from slimformer.search.units import KEEP, build_units, costs_of
+
+    loaded = tiny_factory("llama")
+    levels = QuantizationLevels(bits=(2, 4), group_size=32, keep=True)
+    space = SearchSpace(levels, EvolutionSettings(generations=0), CAL)
+    db = build_database(loaded, space, tmp_path / "db")
+    units = build_units(loaded, db, levels)
+    assert all(u.levels == (2, 4, KEEP) for u in units)
+    costs, limit = costs_of(units, db, levels, Budget("bits", 8.0))
+    n = [db.shapes[u.linears[0]][0] * db.shapes[u.linears[0]][1] for u in units]
+    assert costs == [[2 * w, 4 * w, 32 * w] for w in n] and limit == 8 * sum(n)
+    costs, limit = costs_of(units, db, levels, Budget("params", 0.75))
+    assert costs == [[w, w, w] for w in n] and limit == int(0.75 * sum(n))
+    with pytest.raises(ConfigError, match="at most 1"):
+        Budget.parse("params=1.5")
+    with pytest.raises(ConfigError, match="bits: \\[\\] only with keep"):
+        QuantizationLevels(bits=(), drop=("mlp",))
+    # a space without keep has the fingerprint it had before the keep level existed
+    assert "keep" not in SearchSpace(QuantizationLevels()).to_dict()["space"]

@@ -80,7 +80,7 @@ class LevelDatabase:
         return self.module(unit, bits).dequantized_weight()
 
     def nbytes(self) -> int:
-        return sum(os.path.getsize(self.folder / _file_name(u)) for u in self.units)
+        return sum(os.path.getsize(self.folder / _file_name(u)) for u in self.units if self.level_bits)
 
 
 def _relative_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor | None) -> float:
@@ -143,6 +143,8 @@ def build_database(loaded, space: SearchSpace, folder: str | os.PathLike, ctx: C
         if u in old.get("descriptions", {}):
             index["descriptions"][u], index["errors"][u] = old["descriptions"][u], old["errors"].get(u, {})
     todo = {u: m for u, m in modules.items() if u not in done or u not in index["descriptions"]}
+    if not lv.bits:  # a pure structure search: nothing to quantize, no calibration pass
+        todo = {}
     if todo:
         if lv.quantizer == "gptq":
             for name, module, stats in blockwise(loaded, ctx, todo, hessian=True, desc="level database"):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from slimformer.search.database import LevelDatabase
-from slimformer.search.units import DROP, Unit
+from slimformer.search.units import DROP, KEEP, Unit
 
 ORIGINAL = -1  # "level" of a layer that keeps its original weight (used by sensitivity probes)
 
@@ -106,6 +106,7 @@ class Evaluator:
             return
         for unit, level in zip(self.units, levels):
             bits = None if level == ORIGINAL else unit.levels[level]
+            bits = None if bits == KEEP else bits
             self._mute(unit, bits == DROP)
             if bits != DROP:
                 for name in unit.linears:

@@ -44,7 +44,7 @@ from slimformer.search.fitness import Evaluator, reference_outputs
 from slimformer.search.nsga2 import pareto_search, spread
 from slimformer.search.pool import LocalPool, RayPool
 from slimformer.search.space import Budget, SearchSpace
-from slimformer.search.units import DROP, Unit, build_units, costs_of
+from slimformer.search.units import DROP, KEEP, Unit, build_units, costs_of
 
 STATE_NAME = "search.json"
 
@@ -88,7 +88,7 @@ def searched_recipe(space: SearchSpace, bits_of: dict[str, int], label: str, rem
     layers (and the removed sub-layers, noted in the description)."""
     lv = space.levels
     steps = []
-    for bits in sorted(set(bits_of.values())):
+    for bits in sorted(set(bits_of.values()) - {KEEP}):
         names = sorted(n for n, b in bits_of.items() if b == bits)
         step = {"method": lv.quantizer, "version": 1, "bits": bits, "group_size": lv.group_size, "symmetric": lv.symmetric,
                 "targets": list(lv.targets), "include": names, "exclude": []}
@@ -105,7 +105,8 @@ def assemble(loaded, db: LevelDatabase, bits_of: dict[str, int], removed: list[t
     model.model = copy.deepcopy(loaded.model)
     model.applied = list(loaded.applied)
     for unit, bits in bits_of.items():
-        set_submodule(model.model, unit, db.module(unit, bits))
+        if bits != KEEP:  # a kept layer stays the original's
+            set_submodule(model.model, unit, db.module(unit, bits))
     adapter = model.adapter
     for block, kind in sorted(removed, reverse=True):  # from the last block: indices stay valid when a block goes
         adapter.remove_sublayer(block, kind)
@@ -113,7 +114,8 @@ def assemble(loaded, db: LevelDatabase, bits_of: dict[str, int], removed: list[t
 
 
 def choice(units: list[Unit], levels: list[int]) -> tuple[dict[str, int], list[tuple[int, str]]]:
-    """Per searched linear its width, and the removed (block, kind) sub-layers, of a candidate."""
+    """Per searched linear its width (``KEEP``: its original weights), and the removed (block,
+    kind) sub-layers, of a candidate."""
     bits_of: dict[str, int] = {}
     removed: list[tuple[int, str]] = []
     for unit, level in zip(units, levels):
@@ -181,13 +183,16 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
     n_queries = max(1, min(16, len(texts) // 4))
     checker = pool.evaluator if isinstance(pool, LocalPool) else Evaluator(loaded, db, batches, reference, units=units)
     n_weights = sum(r * c for r, c in shapes.values())
+    keep_bits = {n: u.keep_bits for u in units for n in u.linears}
 
     def point(levels: list[int]) -> dict:
         q = _held_out_quality(loaded, checker, levels, texts, eval_max_length, n_queries)
         bits_of, removed = choice(units, levels)
-        code_bits = sum(shapes[n][0] * shapes[n][1] * b for n, b in bits_of.items()) / n_weights
-        stored = sum(space.levels.stored_bits(*shapes[n], b) for n, b in bits_of.items())
+        width = {n: keep_bits[n] if b == KEEP else b for n, b in bits_of.items()}
+        code_bits = sum(shapes[n][0] * shapes[n][1] * b for n, b in width.items()) / n_weights
+        stored = sum(shapes[n][0] * shapes[n][1] * keep_bits[n] if b == KEEP else space.levels.stored_bits(*shapes[n], b) for n, b in bits_of.items())
         return {"code_bits_per_weight": code_bits, "stored_bits_per_weight": stored / n_weights, "stored_bytes": stored // 8,
+                "params_kept": sum(shapes[n][0] * shapes[n][1] for n in bits_of) / n_weights,
                 "removed_sublayers": [f"{b}.{k}" for b, k in removed], "distortion": _distortion_of(q), "quality": q}
 
     front: dict = {"model": source, "kind": loaded.kind, "space": space.to_dict(), "held_out": {"source": eval_source, "texts": len(texts), "max_length": eval_max_length},
@@ -245,17 +250,19 @@ def plot_front(front: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    uni = sorted(front["uniform"].values(), key=lambda p: p["code_bits_per_weight"])
-    ax.plot([p["code_bits_per_weight"] for p in uni], [p["distortion"] for p in uni], "o--", color="grey", label="uniform")
+    structure_only = not front["space"]["space"].get("bits")  # bits: [] -- which sub-layers to remove
+    x = "params_kept" if structure_only else "code_bits_per_weight"
+    uni = sorted(front["uniform"].values(), key=lambda p: p[x])
+    ax.plot([p[x] for p in uni], [p["distortion"] for p in uni], "o--", color="grey", label="uniform")
     for name, style in (("dp", "s"), ("searched", "*")):
-        pts = sorted((b[name] for b in front["budgets"].values()), key=lambda p: p["code_bits_per_weight"])
-        ax.plot([p["code_bits_per_weight"] for p in pts], [p["distortion"] for p in pts], style + "-", ms=9 if style == "*" else 6,
+        pts = sorted((b[name] for b in front["budgets"].values()), key=lambda p: p[x])
+        ax.plot([p[x] for p in pts], [p["distortion"] for p in pts], style + "-", ms=9 if style == "*" else 6,
                 label="DP allocation" if name == "dp" else "EvoPress search")
     members = (front.get("pareto") or {}).get("members") or []
     if members:
-        ax.plot([p["code_bits_per_weight"] for p in members], [p["distortion"] for p in members], "^:", color="C3", label="NSGA-II front")
+        ax.plot([p[x] for p in members], [p["distortion"] for p in members], "^:", color="C3", label="NSGA-II front")
     ax.set_yscale("log")
-    ax.set_xlabel("average code bits per weight (searched layers)")
+    ax.set_xlabel("fraction of the searched weights kept" if structure_only else "average code bits per weight (searched layers)")
     ax.set_ylabel("KL to original (held-out)" if front["kind"] == "causal-lm" else "1 - mean cosine (held-out)")
     ax.set_title(f"search front: {Path(front['model']).name}")
     ax.grid(True, alpha=0.3)

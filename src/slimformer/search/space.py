@@ -11,10 +11,16 @@ A *search space* (``SearchSpace``) is read from a YAML/JSON file::
 Every selected linear layer is one *unit*; its *levels* are the bit widths in ``space.bits``
 (index 0 = fewest bits). With ``drop: [attention, mlp]`` the space is joint: each attention and
 each MLP sub-layer of a block is one unit, whose linears share a width, with one more level
-below the fewest bits: the sub-layer removed (it then costs nothing). A *budget* (``Budget``) bounds the summed cost of the chosen levels:
+below the fewest bits: the sub-layer removed (it then costs nothing). With ``keep: true`` every
+unit has one more level above the most bits: its original weights, not quantized (costed at
+their element size, 32 bits for float32). ``bits: []`` with ``keep: true`` and ``drop`` is a
+pure structure search: which sub-layers to remove, the rest left as they are.
+
+A *budget* (``Budget``) bounds the summed cost of the chosen levels:
 ``bits`` = average bits of the integer codes per weight over the units (the group scales and
-zero points are the same at every level and are reported separately), or ``bytes`` = stored
-bytes of the units including their scales and zero points.
+zero points are the same at every level and are reported separately), ``bytes`` = stored
+bytes of the units including their scales and zero points, or ``params`` = the fraction of the
+units' weights kept (removed sub-layers count nothing, every other level its weights).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from slimformer.methods.base import ModuleSelection
 from slimformer.methods.quantization import grid
 
 SPACE_VERSION = 1
-BUDGET_KINDS = ("bits", "bytes")
+BUDGET_KINDS = ("bits", "bytes", "params")
 _TOP_KEYS = ("slimformer_search", "name", "description", "calibration", "space", "search", "pareto")
 SCALE_BITS = 16  # bfloat16 scale per group, as stored
 ZERO_BITS = 8  # uint8 zero point per group (asymmetric grids)
@@ -52,7 +58,8 @@ class QuantizationLevels(ModuleSelection):
     """Per-layer quantization levels: ``bits`` (the widths a layer may get), one grid
     (``group_size``, ``symmetric``) for all, the ``quantizer`` that fills the level database
     (``gptq``: second-order compensation on the original model's calibration inputs; ``rtn``),
-    and GPTQ's ``damp``."""
+    GPTQ's ``damp``, the sub-layers that may be removed (``drop``), and whether a layer may
+    keep its original weights (``keep``)."""
 
     name = "search space"
     bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -61,6 +68,7 @@ class QuantizationLevels(ModuleSelection):
     quantizer: str = "gptq"
     damp: float = 0.01
     drop: tuple[str, ...] = ()
+    keep: bool = False
 
     def __post_init__(self) -> None:
         self._validate_selection(allowed=("linear", "head"))
@@ -69,8 +77,10 @@ class QuantizationLevels(ModuleSelection):
         if not isinstance(self.drop, (list, tuple)) or any(d not in ("attention", "mlp") for d in self.drop):
             raise ConfigError(f"search space: drop={self.drop!r} must list sub-layers to consider removing", "write e.g. drop: [attention, mlp] (or leave it out)")
         self.drop = tuple(dict.fromkeys(self.drop))
-        if isinstance(self.bits, int) or not self.bits:
-            raise ConfigError(f"search space: bits={self.bits!r} must be a non-empty list", "write e.g. bits: [2, 3, 4, 8]")
+        if not isinstance(self.keep, bool):
+            raise ConfigError(f"search space: keep={self.keep!r} must be true or false", "write keep: true to let layers keep their original weights")
+        if isinstance(self.bits, int) or self.bits is None or (not self.bits and not (self.keep and self.drop)):
+            raise ConfigError(f"search space: bits={self.bits!r} must be a non-empty list", "write e.g. bits: [2, 3, 4, 8] (bits: [] only with keep: true and drop: [...], a pure structure search)")
         bad = [b for b in self.bits if isinstance(b, bool) or b not in grid.SUPPORTED_BITS]
         if bad:
             raise ConfigError(f"search space: bit width {bad[0]!r} is not supported", f"use widths from {list(grid.SUPPORTED_BITS)}")
@@ -140,6 +150,8 @@ class SearchSpace:
 
     def to_dict(self) -> dict[str, Any]:
         lv = dataclasses.asdict(self.levels)
+        if not lv["keep"]:
+            del lv["keep"]  # a space without the keep level has the same fingerprint as before it existed
         return {
             "slimformer_search": SPACE_VERSION,
             "name": self.name,
@@ -201,6 +213,8 @@ class Budget:
             raise ConfigError(f"unknown budget {self.kind!r}{_closest(self.kind, BUDGET_KINDS)}", f"use one of {list(BUDGET_KINDS)}, e.g. --budget bits=3.0")
         if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value) or self.value <= 0:
             raise ConfigError(f"budget {self.kind}={self.value!r} must be a positive number", "write e.g. --budget bits=3.0")
+        if self.kind == "params" and self.value > 1:
+            raise ConfigError(f"budget params={self.value!r} is the fraction of the weights kept and must be at most 1", "write e.g. --budget params=0.75 (25% removed)")
 
     @classmethod
     def parse(cls, text: str) -> "Budget":
@@ -223,7 +237,10 @@ def unit_costs(shapes: list[tuple[int, int]], levels: QuantizationLevels, budget
 
     ``bits``: code bits (rows * cols * b); the budget is ``value * total weights``.
     ``bytes``: stored bits (packed codes + scales + zero points); the budget is ``8 * value``.
+    ``params``: weights (rows * cols at every width); the budget is ``value * total weights``.
     """
+    if budget.kind == "params":
+        return [[r * c for _ in levels.bits] for r, c in shapes], int(math.floor(budget.value * sum(r * c for r, c in shapes) + 1e-9))
     if budget.kind == "bits":
         costs = [[r * c * b for b in levels.bits] for r, c in shapes]
         return costs, int(math.floor(budget.value * sum(r * c for r, c in shapes) + 1e-9))
