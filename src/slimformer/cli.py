@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="search per-layer bit widths under budgets (EvoPress); writes models, front.json and front.png")
     p.add_argument("model", nargs="?", default=None, help="model folder, .gguf, hub id or 'default'")
     p.add_argument("--space", required=True, help="search space file (.yaml/.json); see recipes/search/")
-    p.add_argument("--budget", action="append", default=None, help="KIND=VALUE, e.g. bits=3.0 (average code bits per weight) , bytes=40e6 or params=0.75 (fraction of the weights kept); repeat to trace a front")
+    p.add_argument("--budget", action="append", default=None, help="KIND=VALUE, e.g. bits=3.0 (average code bits per weight), bytes=40e6 or params=0.75 (fraction of the weights kept); repeat to trace a front")
     p.add_argument("--pareto", action="store_true", help="also search the whole quality/bits front at once (NSGA-II, the space file's 'pareto' settings)")
     p.add_argument("--out", required=True, help="search folder (resumed when it holds the same search)")
     p.add_argument("--generations", type=int, default=None, help="override the space file's generations")
