@@ -165,11 +165,15 @@ def cmd_evopress(threads: int, generations: int | None) -> None:
     """EvoPress over sub-layers (``recipes/search/sublayers.yaml``): which attention and MLP
     sub-layers to remove so that at most 22 of 30 blocks' linear weights are kept (8 blocks'
     worth removed, as SLEB and ShortGPT), on the same calibration text as SLEB; starts from the
-    DP allocation of single sub-layer KL sensitivities. Writes the searched removal set and the
-    DP's (the one-shot choice) as records; the search folder resumes from its journal."""
+    better (calibration KL on the last stage's batches) of the DP allocation of single sub-layer
+    KL sensitivities and SLEB's 8 blocks (when its search record exists). Writes the searched
+    removal set and the DP's (the one-shot choice) as records; the search folder resumes from
+    its journal."""
     import dataclasses
 
     from slimformer.search import Budget, SearchSpace, search
+    from slimformer.search.database import build_database
+    from slimformer.search.units import build_units, levels_for
 
     torch.set_num_threads(threads)
     loaded = load_smollm2()
@@ -180,7 +184,16 @@ def cmd_evopress(threads: int, generations: int | None) -> None:
     budget = Budget("params", (n - N25) / n)
     t0 = time.perf_counter()
     mach0 = machine()
-    outcome = search(loaded, space, [budget], ROOT / "runs" / "bench-structure-evopress", eval_texts=16, save_models=False, progress=sys.stderr.isatty())
+    folder = ROOT / "runs" / "bench-structure-evopress"
+    seeds = {}
+    if _search_path("sleb").is_file():
+        import tempfile
+
+        sleb = json.loads(_search_path("sleb").read_text())["removal_order"][:N25]
+        with tempfile.TemporaryDirectory() as tmp:  # a structure-only level database holds no tensors: just the units
+            db = build_database(loaded, space, tmp)
+            seeds["sleb"] = levels_for(build_units(loaded, db, space.levels), {(b, k) for b in sleb for k in ("attention", "mlp")})
+    outcome = search(loaded, space, [budget], folder, eval_texts=16, save_models=False, progress=sys.stderr.isatty(), seeds=seeds)
     entry = outcome.front["budgets"][budget.label]
 
     def order(point: dict) -> list:
@@ -188,7 +201,7 @@ def cmd_evopress(threads: int, generations: int | None) -> None:
 
     out = {"method": "evopress", "space": space.to_dict(), "budget": budget.label, "calibration": SEARCH_CAL, "seconds": time.perf_counter() - t0,
            "removal_order": order(entry["searched"]), "dp_removal_order": order(entry["dp"]), "params_kept": entry["searched"]["params_kept"],
-           "calibration_fitness": entry["searched_calibration_fitness"], "history": entry["history"], "generations": entry["generations"],
+           "calibration_fitness": entry["searched_calibration_fitness"], "history": entry["history"], "generations": entry["generations"], "starts": entry["starts"],
            "held_out_search_front": {"dp": entry["dp"]["quality"], "searched": entry["searched"]["quality"]},
            "complete": True, "machine_at_start": mach0, "machine": machine(), "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -299,7 +312,8 @@ def _variant_specs(searches: dict) -> list[tuple[str, object]]:
         c = ev["calibration"]
         kept = ev["params_kept"]
         specs.append((f"sub-layer KL sensitivity, one-shot ({len(ev['dp_removal_order'])} sub-layers; EvoPress's start)", lambda m, o=ev["dp_removal_order"]: _replay(m, o)))
-        specs.append((f"evopress {len(ev['removal_order'])} sub-layers ({1 - kept:.1%} of the linear weights; {ev['generations']} generations, {c['n_samples']}x{c['max_length']} tokens)",
+        start = (ev.get("starts") or {}).get("chosen", "dp")
+        specs.append((f"evopress {len(ev['removal_order'])} sub-layers ({1 - kept:.1%} of the linear weights; {ev['generations']} generations from the {start} start, {c['n_samples']}x{c['max_length']} tokens)",
                       lambda m, o=ev["removal_order"]: _replay(m, o)))
     if "blockpruner" in searches:
         bp = searches["blockpruner"]

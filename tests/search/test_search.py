@@ -300,7 +300,7 @@ def test_structure_only_space_removes_sublayers_and_keeps_the_rest_exactly(tiny_
     Nothing is quantized (no level files), the kept layers are the original's bit for bit, the
     removed ones are gone from the saved model."""
     from slimformer.io.serialization import load_compressed
-    from slimformer.search.units import DROP, KEEP, build_units
+    from slimformer.search.units import DROP, KEEP, build_units, levels_for
 
     loaded = tiny_factory("llama")
     levels = QuantizationLevels(bits=(), drop=("attention", "mlp"), keep=True)
@@ -309,8 +309,18 @@ def test_structure_only_space_removes_sublayers_and_keeps_the_rest_exactly(tiny_
     assert db.level_bits == () and not list((tmp_path / "db").glob("*.safetensors"))
     units = build_units(loaded, db, levels)
     assert all(u.levels == (DROP, KEEP) and u.keep_bits == 32 for u in units)
-    out = search(loaded, space, [Budget("params", 0.5)], tmp_path / "s", eval_texts=8, eval_max_length=48)
+    # seeds: a start over the budget is not scored; one within it is scored against the DP start
+    everything = levels_for(units, {(b, k) for b in range(4) for k in ("attention", "mlp")})
+    three_mlps = levels_for(units, {(0, "mlp"), (1, "mlp"), (2, "mlp")})
+    assert everything == [0] * len(units) and sum(three_mlps) == len(units) - 3
+    out = search(loaded, space, [Budget("params", 0.5)], tmp_path / "s", eval_texts=8, eval_max_length=48,
+                 seeds={"nothing-kept": everything, "three-mlps": three_mlps, "over": [1] * len(units)})
     entry = out.front["budgets"]["params=0.5"]
+    starts = entry["starts"]
+    assert starts["over"] is None and starts["nothing-kept"] >= 0 and starts["chosen"] in ("dp", "nothing-kept", "three-mlps")
+    chosen = starts[starts["chosen"]]
+    assert chosen == min(v for k, v in starts.items() if k != "chosen" and v is not None)
+    assert entry["searched_calibration_fitness"] <= chosen + 1e-12  # evolution never ends worse than its start
     assert entry["within_budget"] and entry["searched"]["params_kept"] <= 0.5 and entry["searched"]["removed_sublayers"]
     assert set(entry["bits"].values()) == {KEEP} and entry["searched"]["code_bits_per_weight"] == pytest.approx(32 * entry["searched"]["params_kept"])
     model = load_compressed(tmp_path / "s" / "params=0.5" / "model")

@@ -129,9 +129,15 @@ def choice(units: list[Unit], levels: list[int]) -> tuple[dict[str, int], list[t
 
 def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.PathLike, ray: str | None = None,
            workers: int = 2, eval_source: str = "stdlib-docs", eval_texts: int = 64, eval_max_length: int = 256,
-           force: bool = False, progress: bool = False, save_models: bool = True, pareto: bool = False) -> SearchOutcome:
+           force: bool = False, progress: bool = False, save_models: bool = True, pareto: bool = False,
+           seeds: dict[str, list[int]] | None = None) -> SearchOutcome:
     """Search each budget's best per-layer levels (and with ``pareto`` the NSGA-II front over all
-    costs); write models, ``front.json`` and ``front.png``."""
+    costs); write models, ``front.json`` and ``front.png``.
+
+    ``seeds``: other starting candidates by name (level indices per unit, e.g. from
+    :func:`~slimformer.search.units.levels_for` with another method's removal set); per budget,
+    those within it are scored with the DP allocation on the last stage's batches and the best
+    of them starts the evolution (EvoPress can only improve on its start)."""
     if not budgets and not pareto:
         raise ConfigError("no budget given", "pass at least one --budget, e.g. --budget bits=3.0, or --pareto for the whole front")
     t0 = time.perf_counter()
@@ -170,8 +176,9 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
             dp = dp_allocation(sens, costs, limit)
             folder = out / budget.label
             folder.mkdir(exist_ok=True)
-            evo = evolve(pool, costs, limit, dp, space.evolution, journal=folder / "journal.jsonl", progress=progress)
-            results[budget.label] = {"budget": budget, "costs": costs, "limit": limit, "dp": dp, "evo": evo}
+            start, starts = _best_start(pool, dp, seeds or {}, costs, limit, space.evolution.stages[-1][1])
+            evo = evolve(pool, costs, limit, start, space.evolution, journal=folder / "journal.jsonl", progress=progress)
+            results[budget.label] = {"budget": budget, "costs": costs, "limit": limit, "dp": dp, "evo": evo, "starts": starts}
         if pareto:
             (out / "pareto").mkdir(exist_ok=True)
             bit_costs, _ = costs_of(units, db, space.levels, Budget("bits", 1.0))
@@ -207,6 +214,7 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
             "dp_calibration_fitness": None, "searched_calibration_fitness": evo.fitness,
             "within_budget": total_cost(evo.levels, r["costs"]) <= r["limit"] and total_cost(r["dp"], r["costs"]) <= r["limit"],
             "generations": evo.generations, "history": evo.history, "bits": bits_of, "removed_sublayers": [f"{b}.{k}" for b, k in removed],
+            "starts": r["starts"],
         }
         front["budgets"][label] = entry
         if save_models:
@@ -227,6 +235,18 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
     plot_front(front, out / "front.png")
     _write_json(out / STATE_NAME, {"space": space.to_dict(), "source": source, "complete": True})
     return SearchOutcome(out, front, front["seconds"])
+
+
+def _best_start(pool, dp: list[int], seeds: dict[str, list[int]], costs: list[list[int]], limit: int, n_batches: int) -> tuple[list[int], dict]:
+    """The DP allocation or the best seed within the budget (scored on ``n_batches``), and what
+    each candidate start scored (``None``: over the budget, not scored)."""
+    names = ["dp"] + [n for n, s in seeds.items() if total_cost(s, costs) <= limit and list(s) != dp]
+    if len(names) == 1:
+        return dp, {"chosen": "dp", **{n: None for n in seeds}}
+    candidates = [dp] + [list(seeds[n]) for n in names[1:]]
+    scores = pool.score(candidates, n_batches)
+    best = min(range(len(names)), key=lambda i: (scores[i], i))
+    return candidates[best], {"chosen": names[best], **{n: None for n in seeds}, **dict(zip(names, scores))}
 
 
 def _save_searched(loaded, db: LevelDatabase, space: SearchSpace, units: list[Unit], levels: list[int], label: str, measured: dict, folder: Path) -> None:

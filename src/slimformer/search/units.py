@@ -82,3 +82,20 @@ def costs_of(units: list[Unit], db, space: QuantizationLevels, budget: Budget) -
         costs.append([0 if bits == DROP else sum(kept(unit, l) if bits == KEEP else per_linear[index[l]][pos[bits]] for l in unit.linears)
                       for bits in unit.levels])
     return costs, limit
+
+
+def levels_for(units: list[Unit], removed: set[tuple[int, str]] = frozenset(), bits: dict[str, int] | None = None) -> list[int]:
+    """A candidate in level indices: the (block, kind) sub-layers in ``removed`` at ``DROP``,
+    linears named in ``bits`` at that width (a unit takes its first linear's), every other unit
+    at its highest level (``KEEP`` where the space has it)."""
+    out = []
+    for unit in units:
+        if (unit.block, unit.kind) in removed:
+            if DROP not in unit.levels:
+                raise ConfigError(f"{unit.name} cannot be removed in this search space", "add its kind to drop:")
+            out.append(unit.levels.index(DROP))
+        elif bits and unit.linears[0] in bits:
+            out.append(unit.levels.index(bits[unit.linears[0]]))
+        else:
+            out.append(len(unit.levels) - 1)
+    return out
