@@ -150,9 +150,12 @@ def _compile_backend(compile: bool | str | None) -> str | None:
 def _compile_for_timing(compressed: LoadedModel, batch: dict, backend: str) -> dict:
     """Compile ``compressed`` on the latency ``batch`` with ``backend`` (see :func:`evaluate`);
     the :class:`~slimformer.runtime.compile.CompileReport` as a dict with its ``speedup`` over eager."""
-    from slimformer.runtime.compile import compile_model
+    from slimformer.runtime.compile import CompileReport, compile_model
 
-    report = compile_model(compressed, batch, backend=backend)
+    if compressed.kind == "encoder" and compressed.dynamic is not None and compressed.dynamic.active():
+        report = CompileReport(False, reason="the dynamic runtime runs the blocks itself, not the compiled forward")
+    else:
+        report = compile_model(compressed, batch, backend=backend)
     return {**dataclasses.asdict(report), "backend": backend, "speedup": report.speedup if report.compiled else None}
 
 
