@@ -240,7 +240,7 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
 def _best_start(pool, dp: list[int], seeds: dict[str, list[int]], costs: list[list[int]], limit: int, n_batches: int) -> tuple[list[int], dict]:
     """The DP allocation or the best seed within the budget (scored on ``n_batches``), and what
     each candidate start scored (``None``: over the budget, not scored)."""
-    names = ["dp"] + [n for n, s in seeds.items() if total_cost(s, costs) <= limit and list(s) != dp]
+    names = ["dp"] + [n for n, s in seeds.items() if total_cost(s, costs) <= limit]
     if len(names) == 1:
         return dp, {"chosen": "dp", **{n: None for n in seeds}}
     candidates = [dp] + [list(seeds[n]) for n in names[1:]]
