@@ -172,8 +172,7 @@ def cmd_evopress(threads: int, generations: int | None) -> None:
     import dataclasses
 
     from slimformer.search import Budget, SearchSpace, search
-    from slimformer.search.database import build_database
-    from slimformer.search.units import build_units, levels_for
+    from slimformer.search.units import levels_for
 
     torch.set_num_threads(threads)
     loaded = load_smollm2()
@@ -187,12 +186,8 @@ def cmd_evopress(threads: int, generations: int | None) -> None:
     folder = ROOT / "runs" / "bench-structure-evopress"
     seeds = {}
     if _search_path("sleb").is_file():
-        import tempfile
-
-        sleb = json.loads(_search_path("sleb").read_text())["removal_order"][:N25]
-        with tempfile.TemporaryDirectory() as tmp:  # a structure-only level database holds no tensors: just the units
-            db = build_database(loaded, space, tmp)
-            seeds["sleb"] = levels_for(build_units(loaded, db, space.levels), {(b, k) for b in sleb for k in ("attention", "mlp")})
+        removed = {(b, k) for b in json.loads(_search_path("sleb").read_text())["removal_order"][:N25] for k in ("attention", "mlp")}
+        seeds["sleb"] = lambda units: levels_for(units, removed)
     outcome = search(loaded, space, [budget], folder, eval_texts=16, save_models=False, progress=sys.stderr.isatty(), seeds=seeds)
     entry = outcome.front["budgets"][budget.label]
 

@@ -123,7 +123,7 @@ def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSetti
             from slimformer.runtime.compile import uncompile_model
 
             uncompile_model(compressed)
-    if compressed.kind == "encoder" and compressed.dynamic is not None and compressed.dynamic.active():
+    if _runs_dynamic(compressed):
         quality["dynamic"] = dynamic_statistics(compressed, texts, settings)
     return {
         "kind": compressed.kind,
@@ -135,6 +135,11 @@ def evaluate(original: LoadedModel, compressed: LoadedModel, settings: EvalSetti
         **({"transfer": transfer} if transfer is not None else {}),
         **({"compile": compiled} if compiled is not None else {}),
     }
+
+
+def _runs_dynamic(loaded: LoadedModel) -> bool:
+    """An encoder whose blocks run through the dynamic runtime (early exit, token reduction)."""
+    return loaded.kind == "encoder" and loaded.dynamic is not None and loaded.dynamic.active()
 
 
 def _compile_backend(compile: bool | str | None) -> str | None:
@@ -152,7 +157,7 @@ def _compile_for_timing(compressed: LoadedModel, batch: dict, backend: str) -> d
     the :class:`~slimformer.runtime.compile.CompileReport` as a dict with its ``speedup`` over eager."""
     from slimformer.runtime.compile import CompileReport, compile_model
 
-    if compressed.kind == "encoder" and compressed.dynamic is not None and compressed.dynamic.active():
+    if _runs_dynamic(compressed):
         report = CompileReport(False, reason="the dynamic runtime runs the blocks itself, not the compiled forward")
     else:
         report = compile_model(compressed, batch, backend=backend)

@@ -80,7 +80,9 @@ class LevelDatabase:
         return self.module(unit, bits).dequantized_weight()
 
     def nbytes(self) -> int:
-        return sum(os.path.getsize(self.folder / _file_name(u)) for u in self.units if self.level_bits)
+        if not self.level_bits:  # a structure-only database stores no layers
+            return 0
+        return sum(os.path.getsize(self.folder / _file_name(u)) for u in self.units)
 
 
 def _relative_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor | None) -> float:
@@ -142,9 +144,8 @@ def build_database(loaded, space: SearchSpace, folder: str | os.PathLike, ctx: C
     for u in done:  # finished layers of an interrupted build: keep their records
         if u in old.get("descriptions", {}):
             index["descriptions"][u], index["errors"][u] = old["descriptions"][u], old["errors"].get(u, {})
-    todo = {u: m for u, m in modules.items() if u not in done or u not in index["descriptions"]}
-    if not lv.bits:  # a pure structure search: nothing to quantize, no calibration pass
-        todo = {}
+    # a pure structure search (no widths) has nothing to quantize and needs no calibration pass
+    todo = {u: m for u, m in modules.items() if lv.bits and (u not in done or u not in index["descriptions"])}
     if todo:
         if lv.quantizer == "gptq":
             for name, module, stats in blockwise(loaded, ctx, todo, hessian=True, desc="level database"):

@@ -105,8 +105,7 @@ class Evaluator:
                 self._set_layer(unit, int(level))
             return
         for unit, level in zip(self.units, levels):
-            bits = None if level == ORIGINAL else unit.levels[level]
-            bits = None if bits == KEEP else bits
+            bits = None if level == ORIGINAL or unit.levels[level] == KEEP else unit.levels[level]
             self._mute(unit, bits == DROP)
             if bits != DROP:
                 for name in unit.linears:

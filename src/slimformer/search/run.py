@@ -30,6 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -130,12 +131,13 @@ def choice(units: list[Unit], levels: list[int]) -> tuple[dict[str, int], list[t
 def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.PathLike, ray: str | None = None,
            workers: int = 2, eval_source: str = "stdlib-docs", eval_texts: int = 64, eval_max_length: int = 256,
            force: bool = False, progress: bool = False, save_models: bool = True, pareto: bool = False,
-           seeds: dict[str, list[int]] | None = None) -> SearchOutcome:
+           seeds: dict[str, list[int] | Callable[[list[Unit]], list[int]]] | None = None) -> SearchOutcome:
     """Search each budget's best per-layer levels (and with ``pareto`` the NSGA-II front over all
     costs); write models, ``front.json`` and ``front.png``.
 
-    ``seeds``: other starting candidates by name (level indices per unit, e.g. from
-    :func:`~slimformer.search.units.levels_for` with another method's removal set); per budget,
+    ``seeds``: other starting candidates by name: level indices per unit, or a function of the
+    search's units that returns them (e.g. ``lambda units: levels_for(units, removed)`` with
+    another method's removal set, see :func:`~slimformer.search.units.levels_for`); per budget,
     those within it are scored with the DP allocation on the last stage's batches and the best
     of them starts the evolution (EvoPress can only improve on its start)."""
     if not budgets and not pareto:
@@ -170,13 +172,14 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
         else:
             sens = sensitivities(pool, [len(u.levels) for u in units], n_batches=space.evolution.stages[0][1], progress=progress)
             _write_json(sens_path, {"units": [u.name for u in units], "levels": [list(u.levels) for u in units], "sensitivity": sens})
+        seeds = {n: s(units) if callable(s) else list(s) for n, s in (seeds or {}).items()}
         results = {}
         for budget in budgets:
             costs, limit = costs_of(units, db, space.levels, budget)
             dp = dp_allocation(sens, costs, limit)
             folder = out / budget.label
             folder.mkdir(exist_ok=True)
-            start, starts = _best_start(pool, dp, seeds or {}, costs, limit, space.evolution.stages[-1][1])
+            start, starts = _best_start(pool, dp, seeds, costs, limit, space.evolution.stages[-1][1])
             evo = evolve(pool, costs, limit, start, space.evolution, journal=folder / "journal.jsonl", progress=progress)
             results[budget.label] = {"budget": budget, "costs": costs, "limit": limit, "dp": dp, "evo": evo, "starts": starts}
         if pareto:
@@ -243,7 +246,7 @@ def _best_start(pool, dp: list[int], seeds: dict[str, list[int]], costs: list[li
     names = ["dp"] + [n for n, s in seeds.items() if total_cost(s, costs) <= limit]
     if len(names) == 1:
         return dp, {"chosen": "dp", **{n: None for n in seeds}}
-    candidates = [dp] + [list(seeds[n]) for n in names[1:]]
+    candidates = [dp] + [seeds[n] for n in names[1:]]
     scores = pool.score(candidates, n_batches)
     best = min(range(len(names)), key=lambda i: (scores[i], i))
     return candidates[best], {"chosen": names[best], **{n: None for n in seeds}, **dict(zip(names, scores))}

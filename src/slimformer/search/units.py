@@ -37,11 +37,11 @@ def build_units(loaded, db, space: QuantizationLevels) -> list[Unit]:
     """The units of ``space`` over the database's linears, in model order."""
     keep = (KEEP,) if space.keep else ()
 
-    def bits_of(name: str) -> int:
+    def element_bits(name: str) -> int:
         return loaded.model.get_submodule(name).weight.element_size() * 8
 
     if not space.drop:
-        return [Unit(u, (u,), tuple(db.level_bits) + keep, keep_bits=bits_of(u)) for u in db.units]
+        return [Unit(u, (u,), tuple(db.level_bits) + keep, keep_bits=element_bits(u)) for u in db.units]
     adapter = loaded.adapter
     if adapter.spec.family == "bert":
         raise ConfigError("search space: dropping sub-layers is searched on pre-norm decoders (Llama, Qwen2, GPT-2)", "leave out drop: for encoders")
@@ -56,8 +56,8 @@ def build_units(loaded, db, space: QuantizationLevels) -> list[Unit]:
                 continue
             claimed.update(linears)
             levels = ((DROP,) if kind in space.drop else ()) + tuple(db.level_bits) + keep
-            units.append(Unit(roots[0], linears, levels, i, kind, bits_of(linears[0])))
-    units += [Unit(u, (u,), tuple(db.level_bits) + keep, keep_bits=bits_of(u)) for u in db.units if u not in claimed]
+            units.append(Unit(roots[0], linears, levels, i, kind, element_bits(linears[0])))
+    units += [Unit(u, (u,), tuple(db.level_bits) + keep, keep_bits=element_bits(u)) for u in db.units if u not in claimed]
     if not db.level_bits and any(len(u.levels) < 2 for u in units):
         raise ConfigError("search space: with bits: [] every searched layer must be removable", "add its sub-layer kind to drop: or give bits")
     return units
