@@ -249,6 +249,36 @@ def test_compiled_forward_agrees_with_eager_and_falls_back(tiny_factory):
     assert "forward" not in model.model.__dict__
 
 
+def test_compile_is_kept_only_when_the_median_interleaved_ratio_is_above_one(tiny_factory, monkeypatch):
+    """The keep decision is the median of per-round eager/compiled ratios of interleaved
+    rounds (a load change between two blocks of timings cannot decide it)."""
+    import slimformer.runtime.compile as comp
+
+    calls = []
+
+    def eager_then_compiled(first, second, repeats):
+        calls.append(repeats)
+        return 1.0, 1.0, ratio
+
+    monkeypatch.setattr(comp, "interleaved_times", eager_then_compiled)
+    model = tiny_factory("bert")
+    batch = sample_batch(model)
+    ratio = 0.97
+    report = comp.compile_model(model, batch, backend="eager", dynamic=False)
+    assert not report.compiled and "0.97x" in report.reason and "forward" not in model.model.__dict__
+    ratio = 1.05
+    report = comp.compile_model(model, batch, backend="eager", dynamic=False)
+    assert report.compiled and report.speedup == 1.05 and calls == [5, 5]
+    comp.uncompile_model(model)
+
+    order = []
+    a = lambda: order.append("a")  # noqa: E731
+    b = lambda: order.append("b")  # noqa: E731
+    monkeypatch.undo()
+    comp.interleaved_times(a, b, 4)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then alternating order
+
+
 def test_tied_weights_stay_tied_through_an_activation_switch_and_back(tiny_factory, tmp_path):
     from slimformer.methods.quantization.cast import cast_model
 

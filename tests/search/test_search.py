@@ -293,6 +293,14 @@ def test_joint_space_removes_sublayers_within_a_byte_budget(tiny_factory, tmp_pa
     blocks_gone = 4 - model.adapter.num_layers()
     assert sum(len(b.get("removed", [])) for b in structure.values()) + 2 * blocks_gone == len(removed)
     assert len(entry["bits"]) == len(db.units) - sum(len(u.linears) for u in units if f"{u.block}.{u.kind}" in removed)
+    # The structure levels store nothing in the database: the bits-only space's database is
+    # reused as it is (same fingerprint), while other widths or calibration make another one.
+    from slimformer.search.database import database_key
+
+    bits_only = SearchSpace(QuantizationLevels(bits=(2, 4, 8), group_size=32), space.evolution, CAL)
+    assert database_key("m", space) == database_key("m", bits_only)
+    assert build_database(loaded, bits_only, tmp_path / "db").index["key"] == db.index["key"]
+    assert database_key("m", SearchSpace(QuantizationLevels(bits=(2, 4), group_size=32, drop=("mlp",)), space.evolution, CAL)) != database_key("m", space)
 
 
 def test_structure_only_space_removes_sublayers_and_keeps_the_rest_exactly(tiny_factory, tmp_path):

@@ -40,9 +40,12 @@ def _file_name(unit: str) -> str:
 
 
 def database_key(source: str, space: SearchSpace) -> str:
-    """A fingerprint of what the database depends on: the model, the levels, the calibration."""
+    """A fingerprint of what the database depends on: the model, the quantized levels, the
+    calibration. The structure levels (``drop``, ``keep``) store nothing here, so a joint space
+    reuses the database of its bits-only space (whose fingerprint is unchanged: ``drop: []``)."""
     d = space.to_dict()
-    payload = json.dumps({"v": DB_VERSION, "source": source, "space": d["space"], "calibration": d["calibration"]}, sort_keys=True)
+    levels = {k: v for k, v in d["space"].items() if k != "keep"} | {"drop": []}
+    payload = json.dumps({"v": DB_VERSION, "source": source, "space": levels, "calibration": d["calibration"]}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
