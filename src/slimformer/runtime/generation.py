@@ -260,7 +260,9 @@ class TextGenerator:
 
             model = copy.deepcopy(model)
             cast_model(model, dtype)
-        self.model = model.eval()
+        from slimformer.runtime.attention import with_decode_attention
+
+        self.model = with_decode_attention(model.eval())  # same weights; matmul attention for few-token steps
         self.dtype = model_dtype(self.model)
         self.cache_kwarg = _cache_kwarg(self.model)
         self.compile = compile_enabled(compile)

@@ -40,12 +40,15 @@ def total_cost(levels: list[int], costs: list[list[int]]) -> int:
 
 
 def mutate(parent: list[int], costs: list[list[int]], budget: int, rng: random.Random, max_switches: int, tries: int = 64) -> list[int]:
-    """A child of ``parent`` by budget-preserving level switches: each switch lowers one unit's
-    level by one and raises another's by one, and is kept only if the cost stays <= ``budget``.
+    """A child of ``parent`` by budget-preserving level switches: each switch raises one unit by
+    one level and lowers other units, chosen at random, one level each until the cost is back
+    within ``budget`` (one of them when units are of equal size, as in EvoPress).
 
-    Units differ in size, so a switch can leave part of the budget unused; the child then spends
-    it by raising random units one level while they fit (EvoPress's switches keep the total
-    constant because its units are equal; this keeps children on the budget's edge)."""
+    Units differ in size (an MLP sub-layer holds three times an attention one's weights), so a
+    switch may need several lowered units to pay for one raised, and may leave part of the
+    budget unused; the child then spends it by raising random units one level while they fit.
+    Trading one unit for one could never change how many units are dropped, and so never reach
+    e.g. "one MLP kept, three attention sub-layers dropped instead"."""
     child = list(parent)
     cost = total_cost(child, costs)
     n_units = len(child)
@@ -53,14 +56,20 @@ def mutate(parent: list[int], costs: list[list[int]], budget: int, rng: random.R
         return child
     for _ in range(rng.randint(1, max_switches)):
         for _ in range(tries):
-            down, up = rng.sample(range(n_units), 2)
-            if child[down] == 0 or child[up] == len(costs[up]) - 1:
+            up = rng.randrange(n_units)
+            if child[up] == len(costs[up]) - 1:
                 continue
-            new_cost = cost - costs[down][child[down]] + costs[down][child[down] - 1] - costs[up][child[up]] + costs[up][child[up] + 1]
-            if new_cost <= budget:
-                child[down] -= 1
-                child[up] += 1
-                cost = new_cost
+            trial = list(child)
+            trial[up] += 1
+            new_cost = cost - costs[up][child[up]] + costs[up][trial[up]]
+            for down in rng.sample(range(n_units), n_units):
+                if new_cost <= budget:
+                    break
+                if down != up and trial[down] > 0:
+                    new_cost += costs[down][trial[down] - 1] - costs[down][trial[down]]
+                    trial[down] -= 1
+            if new_cost <= budget and trial != child:
+                child, cost = trial, new_cost
                 break
     for u in rng.sample(range(n_units), n_units):
         if child[u] < len(costs[u]) - 1:
