@@ -87,6 +87,20 @@ def test_mutation_can_trade_one_large_unit_for_several_small_ones():
     assert 2 in counts and 4 in counts  # e.g. 1 MLP + 3 attention sub-layers dropped
 
 
+def test_levels_equal_to_the_original_are_probed_once():
+    """``original``: levels that leave a unit as in the original (KEEP) all give the original
+    model, scored once instead of once per unit."""
+
+    class KeepTopPool(QuadraticPool):
+        def _err(self, u, k):
+            return 0.0 if k in (-1, 3) else super()._err(u, k)  # level 3 = the original weights
+
+    full, fewer = KeepTopPool(8, 4), KeepTopPool(8, 4)
+    expected = sensitivities(full, 8, 4)
+    got = sensitivities(fewer, 8, 4, original=[{3}] * 8)
+    assert got == expected and (full.calls, fewer.calls) == (32, 8 * 3 + 1)
+
+
 def test_zero_generations_returns_the_dp_allocation():
     costs, sizes = _costs()
     budget = int(3.0 * sum(sizes))

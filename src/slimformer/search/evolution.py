@@ -84,27 +84,39 @@ def uniform_levels(n_units: int, level: int) -> list[int]:
     return [level] * n_units
 
 
-def sensitivities(pool, level_counts: list[int] | int, n_levels: int | None = None, n_batches: int = 1, progress: bool = False) -> list[list[float]]:
+def sensitivities(pool, level_counts: list[int] | int, n_levels: int | None = None, n_batches: int = 1, progress: bool = False,
+                  original: list[set[int]] | None = None) -> list[list[float]]:
     """Per unit and level: the distortion when only that unit is at that level (others original).
 
-    ``level_counts``: the number of levels of each unit (or a unit count, with ``n_levels`` each)."""
+    ``level_counts``: the number of levels of each unit (or a unit count, with ``n_levels`` each).
+    ``original``: per unit, the levels that leave it as in the original (e.g. ``KEEP``): those
+    candidates all equal the original model, which is scored once for them."""
     if isinstance(level_counts, int):
         level_counts = [n_levels] * level_counts
     base = [ORIGINAL] * len(level_counts)
-    candidates = []
+    original = original or [set() for _ in level_counts]
+    candidates = [base] if any(original) else []
     for u, n in enumerate(level_counts):
         for k in range(n):
-            c = list(base)
-            c[u] = k
-            candidates.append(c)
+            if k not in original[u]:
+                c = list(base)
+                c[u] = k
+                candidates.append(c)
     scores: list[float] = []
     chunk = max(1, 4 * getattr(pool, "workers", 1))
     for i in tqdm(range(0, len(candidates), chunk), desc="sensitivity probes", disable=not progress, unit="chunk"):
         scores.extend(pool.score(candidates[i : i + chunk], n_batches))
+    base_score = scores.pop(0) if any(original) else None
     out, at = [], 0
-    for n in level_counts:
-        out.append(scores[at : at + n])
-        at += n
+    for u, n in enumerate(level_counts):
+        row = []
+        for k in range(n):
+            if k in original[u]:
+                row.append(base_score)
+            else:
+                row.append(scores[at])
+                at += 1
+        out.append(row)
     return out
 
 

@@ -170,7 +170,8 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
         if sens_path.is_file():
             sens = json.loads(sens_path.read_text())["sensitivity"]
         else:
-            sens = sensitivities(pool, [len(u.levels) for u in units], n_batches=space.evolution.stages[0][1], progress=progress)
+            keep = [{k for k, w in enumerate(u.levels) if w == KEEP} for u in units]
+            sens = sensitivities(pool, [len(u.levels) for u in units], n_batches=space.evolution.stages[0][1], progress=progress, original=keep)
             _write_json(sens_path, {"units": [u.name for u in units], "levels": [list(u.levels) for u in units], "sensitivity": sens})
         seeds = {n: s(units) if callable(s) else list(s) for n, s in (seeds or {}).items()}
         results = {}
