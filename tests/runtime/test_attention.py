@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimformer.runtime.attention import MAX_DECODE_QUERIES, decode_attention, with_decode_attention
+from slimformer.runtime.attention import MAX_DECODE_QUERIES, decode_attention
+from slimformer.runtime.generation import TextGenerator
 
 
 def _reference(query, key, value, mask):
@@ -37,7 +38,7 @@ def test_decode_attention_equals_sdpa_with_repeated_heads(q, boolean):
 def test_a_decode_attention_view_shares_the_weights_and_gives_the_same_logits(tiny_factory):
     loaded = tiny_factory("llama")
     model = loaded.model.eval()
-    view = with_decode_attention(model)
+    view = TextGenerator(loaded, compile=False).model
     assert view is not model and view.config._attn_implementation == "slimformer_decode"
     assert model.config._attn_implementation != "slimformer_decode"  # the user's model is untouched
     assert all(a.data_ptr() == b.data_ptr() for a, b in zip(model.parameters(), view.parameters()))

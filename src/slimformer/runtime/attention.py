@@ -9,7 +9,7 @@ float32 softmax; inside the compiled decode step Inductor fuses the mask, scale 
 Longer inputs (prefill) go to transformers' SDPA function unchanged.
 
 Registered with transformers' ``AttentionInterface`` as ``"slimformer_decode"``; use
-:func:`with_decode_attention` to get a view of a model (sharing every weight) that uses it.
+:func:`use_decode_attention` to switch a model (or a weight-sharing view of it) to it.
 """
 
 from __future__ import annotations
@@ -51,17 +51,14 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 AttentionInterface.register(NAME, decode_attention)
 
 
-def with_decode_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` itself if it cannot switch attention functions, else a view of it (same
-    weights, no copy; see ``generation.shared_copy``) whose attention layers use
-    :func:`decode_attention`."""
-    from slimformer.runtime.generation import shared_copy
-
+def use_decode_attention(model: torch.nn.Module) -> bool:
+    """Switch ``model``'s attention layers to :func:`decode_attention` (in place; pass a
+    weight-sharing view such as ``generation.shared_copy(model)`` to leave the user's model
+    alone). Returns False, changing nothing, for models that cannot switch attention functions."""
     if not hasattr(model, "set_attn_implementation") or getattr(model.config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return model
-    view = shared_copy(model)
+        return False
     try:
-        view.set_attn_implementation(NAME)
+        model.set_attn_implementation(NAME)
     except (ValueError, ImportError, AttributeError):
-        return model
-    return view
+        return False
+    return True

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from slimformer.errors import ConfigError, is_int_at_least
+from slimformer.runtime.attention import use_decode_attention
 from slimformer.runtime.sampling import SamplingConfig, next_tokens
 from slimformer.runtime.static_cache import StaticKVCache
 
@@ -260,9 +261,8 @@ class TextGenerator:
 
             model = copy.deepcopy(model)
             cast_model(model, dtype)
-        from slimformer.runtime.attention import with_decode_attention
-
-        self.model = with_decode_attention(model.eval())  # same weights; matmul attention for few-token steps
+        view = shared_copy(model.eval())  # same weights; matmul attention for few-token steps
+        self.model = view if use_decode_attention(view) else model
         self.dtype = model_dtype(self.model)
         self.cache_kwarg = _cache_kwarg(self.model)
         self.compile = compile_enabled(compile)
