@@ -84,7 +84,8 @@ def test_compiled_timing_agrees_with_eager_and_is_taken_off_afterwards(tiny_fact
     assert report["max_abs_diff"] <= 1e-3 * 10  # agreed with eager (the output scale is O(1..10))
     assert (report["speedup"] is not None) == report["compiled"]
     if not report["compiled"]:
-        assert report["reason"] == "not faster than eager on the example batch"
+        assert report["reason"].startswith("not faster than eager on the example batch (median of 5 interleaved rounds: ")
+        assert report["ratio"] <= 1.0
     assert "forward" not in compressed.model.__dict__  # eager again
     assert result["quality"] == plain["quality"]  # quality is always measured eagerly
     row = row_of("m", {"evaluation": result})
