@@ -68,7 +68,7 @@ def mutate(parent: list[int], costs: list[list[int]], budget: int, rng: random.R
                 if down != up and trial[down] > 0:
                     new_cost += costs[down][trial[down] - 1] - costs[down][trial[down]]
                     trial[down] -= 1
-            if new_cost <= budget and trial != child:
+            if new_cost <= budget:
                 child, cost = trial, new_cost
                 break
     for u in rng.sample(range(n_units), n_units):
@@ -93,31 +93,21 @@ def sensitivities(pool, level_counts: list[int] | int, n_levels: int | None = No
     candidates all equal the original model, which is scored once for them."""
     if isinstance(level_counts, int):
         level_counts = [n_levels] * level_counts
-    base = [ORIGINAL] * len(level_counts)
     original = original or [set() for _ in level_counts]
-    candidates = [base] if any(original) else []
-    for u, n in enumerate(level_counts):
-        for k in range(n):
-            if k not in original[u]:
-                c = list(base)
-                c[u] = k
-                candidates.append(c)
+
+    def probe(u: int, k: int) -> tuple[int, ...]:
+        c = [ORIGINAL] * len(level_counts)
+        if k not in original[u]:
+            c[u] = k
+        return tuple(c)
+
+    distinct = list(dict.fromkeys(probe(u, k) for u, n in enumerate(level_counts) for k in range(n)))
     scores: list[float] = []
     chunk = max(1, 4 * getattr(pool, "workers", 1))
-    for i in tqdm(range(0, len(candidates), chunk), desc="sensitivity probes", disable=not progress, unit="chunk"):
-        scores.extend(pool.score(candidates[i : i + chunk], n_batches))
-    base_score = scores.pop(0) if any(original) else None
-    out, at = [], 0
-    for u, n in enumerate(level_counts):
-        row = []
-        for k in range(n):
-            if k in original[u]:
-                row.append(base_score)
-            else:
-                row.append(scores[at])
-                at += 1
-        out.append(row)
-    return out
+    for i in tqdm(range(0, len(distinct), chunk), desc="sensitivity probes", disable=not progress, unit="chunk"):
+        scores.extend(pool.score([list(c) for c in distinct[i : i + chunk]], n_batches))
+    score_of = dict(zip(distinct, scores))
+    return [[score_of[probe(u, k)] for k in range(n)] for u, n in enumerate(level_counts)]
 
 
 def dp_allocation(sens: list[list[float]], costs: list[list[int]], budget: int) -> list[int]:
