@@ -151,6 +151,16 @@ def quantized(base, bits: int):
     return model
 
 
+def planned(loaded):
+    """``loaded`` with the execution planner's choice per layer on this machine (see ``PLAN``)."""
+    from slimformer.runtime.planner import PlanSettings, plan_execution
+
+    plan = plan_execution(loaded, PlanSettings(**PLAN))
+    paths = sorted({(v["decode"], v["batch"]) for v in plan.layers.values()})
+    print(f"planned {len(plan.layers)} layers in {plan.seconds:.1f} s: (decode, batch) paths {paths}", flush=True)
+    return loaded
+
+
 def weight_mb(model: torch.nn.Module) -> float:
     from slimformer.methods.quantization.modules import QuantizedModule
     from slimformer.runtime.execution import planned_forward_of
@@ -252,7 +262,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chat-tokens", type=int, default=48, help="new tokens of the README chat answers (0: skip them; see generation_chat.py)")
     ap.add_argument("--configs", nargs="+", default=None,
                     help="weight configurations to run (default: all): HF-fp32 HF-bf16 fp32 bf16 int8 int4")
-    ap.add_argument("--spec-on", nargs="+", default=["ours fp32"], help="configurations run with each speculation mode")
+    ap.add_argument("--spec-on", nargs="+", default=["ours fp32", INT8], help="configurations run with each speculation mode")
     ap.add_argument("--spec-modes", nargs="+", default=["prompt-lookup", "self", "draft"])
     ap.add_argument("--exit-layer", type=int, default=8, help="blocks of the self-speculation draft")
     ap.add_argument("--int4-folder", default=None, help="slimformer folder used as the 4-bit row (default: rtn w4 g32)")
@@ -290,13 +300,13 @@ def main(argv=None) -> int:
         int4_model = load_model(args.int4_folder, execution=PLAN)
     else:
         int4_name = "ours int4 (rtn w4 g32, head 8)"
-        int4_model = quantized(base, 4) if "int4" in wanted else None
+        int4_model = planned(quantized(base, 4)) if "int4" in wanted else None
     args.int4_name = int4_name
     variants: dict[str, TextGenerator] = {"ours fp32": TextGenerator(base, compile=compile_flag)}
     if "bf16" in wanted:
         variants["ours bf16"] = TextGenerator(base, dtype=torch.bfloat16, compile=compile_flag)
     if "int8" in wanted:
-        variants[INT8] = TextGenerator(quantized(base, 8), compile=compile_flag)
+        variants[INT8] = TextGenerator(planned(quantized(base, 8)), compile=compile_flag)
     if int4_model is not None:
         variants[int4_name] = TextGenerator(int4_model, compile=compile_flag)
     hf = {"HF generate fp32": base.model}

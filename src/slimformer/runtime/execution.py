@@ -54,6 +54,7 @@ PATHS: dict[str, PathInfo] = {
     "int8-widen-fp32": PathInfo("exact", "int8", 1.0, "int8 weights widened per call to float32"),
     "int8-widen-bf16": PathInfo("bf16", "int8", 1.0, "int8 weights widened per call to bfloat16"),
     "int4pack": PathInfo("bf16", "int4pack", 0.5, "int4 codes, torch int4pack CPU kernel (bf16 activations)"),
+    "packed-fp32": PathInfo("exact", None, 0.0, "stored 4/8-bit codes read in place by slimformer's kernel, float32 arithmetic"),
     "unpack": PathInfo("exact", None, 0.0, "dequantized per call in the activation dtype, nothing held"),
     "native": PathInfo("exact", None, 0.0, "the module's own forward (its format's unpack path)"),
     "dequant-fp32": PathInfo("exact", "fp32", 4.0, "dequantized once into a cached float32 weight"),

@@ -31,7 +31,11 @@ numerics (each selectable by name through :meth:`QuantizedLinear.use_kernels`):
   and int8 weight codes, multiplied by a float32 / bfloat16 GEMM instead of ``torch._int_mm``
   (int8 codes are exact in both; float32 accumulation; the bf16 output of the bf16 GEMM rounds
   the accumulator to 8 significant bits). On CPUs whose int8 GEMM is slow (no VNNI/AMX) or
-  whose bf16 GEMM is faster than its int8 one (AMX), the same numbers come out sooner.
+  whose bf16 GEMM is faster than its int8 one (AMX), the same numbers come out sooner;
+- ``packed-fp32`` (4- and 8-bit, group size a multiple of 32): slimformer's own kernel
+  (:mod:`slimformer.kernels`) reads the stored codes, scales and zero points in place and
+  computes in float32 (exact); nothing is held beyond the stored buffers. Built for few rows
+  (decoding, speculative verification): the weight bytes, not the arithmetic, bound those.
 
 ``QuantizedEmbedding`` stores the table row-wise packed and dequantizes only the gathered rows.
 """
@@ -45,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimformer import kernels as kernels_lib
 from slimformer.methods.quantization import grid
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-KERNELS = ("int8-dynamic", "int8pack", "int4pack", "unpack", "int8-widen-fp32", "int8-widen-bf16", "w8a8-fp32", "w8a8-bf16")
+KERNELS = ("int8-dynamic", "int8pack", "int4pack", "unpack", "int8-widen-fp32", "int8-widen-bf16", "w8a8-fp32", "w8a8-bf16", "packed-fp32")
 INT8_FORM_KERNELS = ("int8-dynamic", "int8pack", "int8-widen-fp32", "int8-widen-bf16", "w8a8-fp32", "w8a8-bf16")
 W8A8_KERNELS = ("int8-dynamic", "w8a8-fp32", "w8a8-bf16")
 INT8_UNPACK_MIN_TOKENS = 64
@@ -349,6 +354,9 @@ class QuantizedLinear(PackedWeight):
             kernels += ["int8-widen-fp32", "int8-widen-bf16"]
         if choose_kernel(self.bits, self.group_size, self.in_features, self.out_features) == "int4pack":
             kernels.append("int4pack")
+        if kernels_lib.supports(self.bits, grid.effective_group_size(self.in_features, self.group_size), self.in_features) \
+                and kernels_lib.packed_linear_available():
+            kernels.append("packed-fp32")
         kernels.append("unpack")
         return tuple(kernels)
 
@@ -401,7 +409,7 @@ class QuantizedLinear(PackedWeight):
         """``x`` (..., in_features) -> (..., out_features) in ``x.dtype`` through ``kernel``
         (one of the kernels made ready)."""
         rt = self._runtime
-        if kernel != "unpack" and not rt:  # built lazily (see from_codes)
+        if kernel not in ("unpack", "packed-fp32") and not rt:  # built lazily (see from_codes)
             self.prepare()
             rt = self._runtime
         if kernel == "unpack":
@@ -409,6 +417,10 @@ class QuantizedLinear(PackedWeight):
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        if kernel == "packed-fp32":  # the stored buffers themselves: nothing held
+            y = kernels_lib.packed_linear(x2.float().contiguous(), self.qweight, self.scales, self.zeros, self.bits,
+                                          grid.effective_group_size(self.in_features, self.group_size), self.bias)
+            return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         if kernel in W8A8_KERNELS:
             xq, sx, x_offset = fused_quantize_activations(x2, self.act_symmetric)
             if kernel == "int8-dynamic":

@@ -1,0 +1,139 @@
+"""slimformer's own CPU kernels, compiled on the machine that runs them.
+
+One operator so far, ``torch.ops.slimformer.packed_linear`` (``packed_linear.cpp``): a few-row
+linear (decoding, speculative verification) computed straight from the packed 4- or 8-bit codes,
+bf16 scales and uint8 zero points that :class:`~slimformer.methods.quantization.modules.QuantizedLinear`
+stores, in float32 arithmetic. It reads half (8-bit) or a quarter (4-bit) of the bytes of a bf16
+weight and holds nothing beyond the stored buffers. PyTorch's own int4/int8 CPU kernels compute
+in bf16 and, on CPUs without AMX, are several times slower than a float GEMM; whether this kernel
+is faster than the alternatives *here* is for the execution planner to measure.
+
+The source is compiled with the system C++ compiler against the installed torch (AVX2 + FMA; no
+``-march=native``) into ``$SLIMFORMER_KERNEL_CACHE`` (else ``$XDG_CACHE_HOME/slimformer/kernels``,
+else ``~/.cache/slimformer/kernels``), keyed by a hash of the source, the flags and the torch
+version, and loaded with ``torch.ops.load_library`` (about 15 s the first time on 2 cores, then
+instant). Where there is no compiler, no AVX2, or the build fails, :func:`packed_linear_available`
+is False (the reason in :func:`unavailable_reason`) and the layer keeps its other paths.
+``SLIMFORMER_KERNELS=0`` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("packed_linear.cpp")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-w"]
+CHUNK = 32  # the kernel's group-size granularity (columns per inner step)
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("SLIMFORMER_KERNEL_CACHE"):
+        return Path(os.environ["SLIMFORMER_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "slimformer" / "kernels"
+
+
+def _cpu_supports() -> str | None:
+    """None when this CPU runs the AVX2 build, else the reason it does not."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not an x86-64 CPU ({platform.machine()})"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return f"the CPU lacks AVX2 (torch reports {capability})"
+    return None
+
+
+def _build(target: Path) -> None:
+    """Compile the source into ``target`` (written to a temporary name, then moved into place)."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (install g++)")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libdirs = cpp_extension.library_paths()
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [compiler, *FLAGS, abi, *includes, str(SOURCE), "-o", tmp,
+           *[f"-L{p}" for p in libdirs], *[f"-Wl,-rpath,{p}" for p in libdirs], "-lc10", "-ltorch_cpu"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def library_path() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+    return cache_dir() / f"packed_linear-{key}.so"
+
+
+def load() -> bool:
+    """Build (once per machine and torch) and load the kernels; True when they are usable."""
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        reason = "turned off (SLIMFORMER_KERNELS=0)" if os.environ.get("SLIMFORMER_KERNELS", "1") == "0" else _cpu_supports()
+        if reason is None:
+            try:
+                path = library_path()
+                if not path.exists():
+                    _build(path)
+                torch.ops.load_library(str(path))
+                _register_fake()
+            except (OSError, RuntimeError) as exc:
+                reason = str(exc).splitlines()[0][:200]
+        _state["ok"] = reason is None
+        _state["reason"] = reason
+        return reason is None
+
+
+def packed_linear_available() -> bool:
+    return load()
+
+
+def unavailable_reason() -> str | None:
+    load()
+    return _state.get("reason")  # type: ignore[return-value]
+
+
+def supports(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether the kernel takes this layout (capability of the layout only)."""
+    return bits in (4, 8) and group_size % CHUNK == 0 and in_features % group_size == 0
+
+
+def _register_fake() -> None:
+    if _state.get("fake"):
+        return
+
+    @torch.library.register_fake("slimformer::packed_linear")
+    def _(x, qweight, scales, zeros, bits, group_size, bias):
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
+    _state["fake"] = True
+
+
+def packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (rows, in) float32 contiguous, ``qweight`` (out, in*bits/8) uint8, ``scales``
+    (out, groups) bf16, ``zeros`` (out, groups) uint8 or None (implicit ``2**(bits-1)``), ``bias``
+    (out,) float32 or None -> (rows, out) float32. Call :func:`load` first."""
+    return torch.ops.slimformer.packed_linear(x, qweight, scales, zeros, bits, group_size, bias)

@@ -1,0 +1,89 @@
+"""slimformer's packed-code kernel (``torch.ops.slimformer.packed_linear``): the stored 4/8-bit
+codes, bf16 scales and zero points give the dequantize reference's product within float32
+rounding for every row count, layout and bias; layouts it cannot take are refused by name; the
+compiled graph calls it and agrees with eager."""
+
+import platform
+
+import pytest
+import torch
+
+from slimformer import kernels
+from slimformer.methods.quantization import QuantizedLinear, grid
+
+
+def _layer(bits, group_size, symmetric, out=96, inp=192, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = grid.num_groups(inp, group_size)
+    codes = torch.randint(0, 2**bits, (out, inp), generator=g, dtype=torch.uint8)
+    scale = torch.rand(out, groups, generator=g) * 0.02 + 1e-3
+    zero = torch.randint(0, 2**bits, (out, groups), generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    return QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, b)
+
+
+def test_the_kernel_builds_on_an_x86_cpu_with_avx2():
+    """Where the CPU can run it, the build must succeed (no silent fallback on CI machines)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        assert not kernels.packed_linear_available() and kernels.unavailable_reason()
+        return
+    assert kernels.packed_linear_available(), kernels.unavailable_reason()
+
+
+needs_kernel = pytest.mark.skipif(not kernels.packed_linear_available(), reason="no AVX2 CPU (asserted by the test above)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, False), (4, 64, True), (8, None, True), (8, 32, False), (4, None, False)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+def test_packed_kernel_equals_the_dequantized_product(bits, group_size, symmetric, rows):
+    layer = _layer(bits, group_size, symmetric)
+    assert "packed-fp32" in layer.available_kernels()
+    layer.use_kernels("packed-fp32")
+    x = torch.randn(rows, 192, generator=torch.Generator().manual_seed(1))
+    ref = x.double() @ layer.dequantized_weight().double().t() + layer.bias.double()
+    y = layer(x)
+    assert y.dtype == torch.float32 and y.shape == (rows, 96)
+    assert float((y.double() - ref).norm() / ref.norm()) < 2e-6
+    # Leading dimensions and bf16 activations pass through like any linear.
+    y3 = layer(x.reshape(1, rows, 192).bfloat16())
+    assert y3.dtype == torch.bfloat16 and y3.shape == (1, rows, 96)
+
+
+@needs_kernel
+def test_without_bias_and_symmetric_zero_point_default():
+    layer = _layer(4, 32, True, bias=False)
+    layer.use_kernels("packed-fp32")
+    x = torch.randn(2, 192)
+    ref = x.double() @ layer.dequantized_weight().double().t()
+    assert float((layer(x).double() - ref).norm() / ref.norm()) < 2e-6
+
+
+def test_layouts_the_kernel_cannot_take_are_not_offered():
+    assert not kernels.supports(3, 32, 192)  # 3-bit codes straddle bytes
+    assert not kernels.supports(4, 16, 192)  # groups narrower than one 32-column step
+    assert not kernels.supports(4, 64, 160)  # group size does not divide the width
+    assert "packed-fp32" not in _layer(3, 32, False).available_kernels()
+    assert "packed-fp32" not in _layer(4, 16, False).available_kernels()
+
+
+@needs_kernel
+def test_the_operator_refuses_a_bad_layout_with_a_message():
+    layer = _layer(4, 32, False)
+    with pytest.raises(RuntimeError, match="group size must be a multiple of 32"):
+        kernels.packed_linear(torch.randn(1, 192), layer.qweight, layer.scales, layer.zeros, 4, 16, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.packed_linear(torch.randn(1, 192).double(), layer.qweight, layer.scales, layer.zeros, 4, 32, None)
+
+
+@needs_kernel
+def test_compiled_graph_calls_the_kernel_and_agrees_with_eager():
+    layer = _layer(8, None, True)
+    layer.use_kernels("packed-fp32")
+
+    def f(x):
+        return torch.nn.functional.silu(layer(x)) * 2
+
+    x = torch.randn(1, 192)
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(x), f(x))
