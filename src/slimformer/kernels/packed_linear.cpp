@@ -3,9 +3,11 @@
 // optional zero points (N, G) uint8 (implicit 2^(bits-1) when absent), W[n, k] = (q - z) * s.
 //
 // 4-bit rows pack two codes per byte, the low nibble first (column 2j in the low nibble of byte j).
-// Arithmetic is float32 throughout: per group, sum_k q_k x_k (exact products of small integers and
-// x, fused multiply-adds), then * s, minus z * s * sum_k x_k. Each output row n is independent, so
-// output channels are split across the intra-op threads.
+// Arithmetic is float32 throughout. One row of x with several groups per channel: each code is
+// dequantized in registers, fma(q, s, -z*s), and multiplied into running sums. Otherwise: per
+// group, sum_k q_k x_k (fused multiply-adds), then * s, minus z * s * sum_k x_k (the group sums of
+// x computed once per call), with channels in pairs when several rows share a pass. Output
+// channels are split across the intra-op threads.
 //
 // x (M, K) float32 contiguous; output (M, N) float32. Requirements (checked): bits 4 or 8, the group
 // size a multiple of 32 dividing K. Built for AVX2 + FMA (x86-64); see slimformer/kernels/__init__.py.
@@ -98,6 +100,30 @@ inline void channel(const float* x, int64_t K, const uint8_t* q, const uint16_t*
     }
   }
   for (int m = 0; m < MT; ++m) out[m * N] = hsum(tot[m]) - zacc[m] + b;
+}
+
+// One row of x, one output channel, many groups (group size < K): the codes are dequantized in
+// registers, fma(q, s, -z*s), and multiplied straight into four running sums, so no per-group
+// reduction or zero-point term is needed (at g32 those cost as much as the products).
+template <int BITS>
+inline void channel_dequant(const float* x, const uint8_t* q, const uint16_t* s, const uint8_t* z, float zdefault,
+                            int64_t gs, int64_t groups, float* out, float b) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const uint8_t* qc = q;
+  const float* xc = x;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float sc = bf16_bits_to_float(s[g]);
+    const __m256 vs = _mm256_set1_ps(sc), vzs = _mm256_set1_ps(-(z ? float(z[g]) : zdefault) * sc);
+    for (int64_t c = 0; c < gs; c += kChunk, qc += kChunk * BITS / 8, xc += kChunk) {
+      __m256 c0, c1, c2, c3;
+      load_chunk<BITS>(qc, c0, c1, c2, c3);
+      acc[0] = _mm256_fmadd_ps(_mm256_fmadd_ps(c0, vs, vzs), _mm256_loadu_ps(xc), acc[0]);
+      acc[1] = _mm256_fmadd_ps(_mm256_fmadd_ps(c1, vs, vzs), _mm256_loadu_ps(xc + 8), acc[1]);
+      acc[2] = _mm256_fmadd_ps(_mm256_fmadd_ps(c2, vs, vzs), _mm256_loadu_ps(xc + 16), acc[2]);
+      acc[3] = _mm256_fmadd_ps(_mm256_fmadd_ps(c3, vs, vzs), _mm256_loadu_ps(xc + 24), acc[3]);
+    }
+  }
+  *out = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + b;
 }
 
 // Two output channels (rows n and n + 1 of W) for MT rows of x: every x block loaded is used by
@@ -234,7 +260,12 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
       const float b0 = bp ? bp[n] : 0.f, b1 = (bp && pair) ? bp[n + 1] : 0.f;
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
         const int mt = int(std::min<int64_t>(kRowTile, M - m0));
-        if (pair) {
+        if (M == 1 && G > 1) {
+          if (bits == 4)
+            channel_dequant<4>(xr.data(), qp + n * row_bytes, sp + n * G, zp ? zp + n * G : nullptr, zdefault, group_size, G, op + n, b0);
+          else
+            channel_dequant<8>(xr.data(), qp + n * row_bytes, sp + n * G, zp ? zp + n * G : nullptr, zdefault, group_size, G, op + n, b0);
+        } else if (pair) {
           PairFn fn = bits == 4 ? pair_fn<4>(mt) : pair_fn<8>(mt);
           fn(xr.data() + m0 * K, K, qp + n * row_bytes, row_bytes, sp + n * G, zp ? zp + n * G : nullptr, zdefault,
              group_size, xsum.data() + m0 * G, G, op + m0 * N + n, N, b0, b1);
