@@ -248,6 +248,7 @@ def run_llamacpp(worker: LlamaCppWorker, name: str, gen: TextGenerator, prompts:
 
 
 INT8 = "ours int8 (rtn w8, head 8)"
+GGUF_KEPT = "ours Q4_1 blocks kept (source file, head Q8_0)"
 PLAN = {"memory": "balanced", "activations": "float32", "decode_tokens": 1, "batch_tokens": 64, "split_tokens": 8, "repeats": 3}
 
 
@@ -261,7 +262,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads; default: torch's")
     ap.add_argument("--chat-tokens", type=int, default=48, help="new tokens of the README chat answers (0: skip them; see generation_chat.py)")
     ap.add_argument("--configs", nargs="+", default=None,
-                    help="weight configurations to run (default: all): HF-fp32 HF-bf16 fp32 bf16 int8 int4")
+                    help="weight configurations to run (default: all): HF-fp32 HF-bf16 fp32 bf16 int8 int4 gguf "
+                         "(gguf: the source file's own Q4_1/Q8_0 blocks kept, the same weights llama.cpp runs)")
     ap.add_argument("--spec-on", nargs="+", default=["ours fp32", INT8], help="configurations run with each speculation mode")
     ap.add_argument("--spec-modes", nargs="+", default=["prompt-lookup", "self", "draft"])
     ap.add_argument("--exit-layer", type=int, default=8, help="blocks of the self-speculation draft")
@@ -289,7 +291,7 @@ def main(argv=None) -> int:
     compile_flag = False if args.no_compile else None
     started = time.time()
     loads = [os.getloadavg()]
-    wanted = set(args.configs or ["HF-fp32", "HF-bf16", "fp32", "bf16", "int8", "int4"])
+    wanted = set(args.configs or ["HF-fp32", "HF-bf16", "fp32", "bf16", "int8", "int4", "gguf"])
 
     base = load_model(args.model)
     prompts = build_prompts(args.per_kind)
@@ -309,6 +311,12 @@ def main(argv=None) -> int:
         variants[INT8] = TextGenerator(planned(quantized(base, 8)), compile=compile_flag)
     if int4_model is not None:
         variants[int4_name] = TextGenerator(int4_model, compile=compile_flag)
+    if "gguf" in wanted and (args.model == "smollm2" or str(args.model).endswith(".gguf")):
+        from slimformer.io.gguf_import import load_gguf
+        from slimformer.models.gguf import smollm2_path
+
+        source = smollm2_path() if args.model == "smollm2" else args.model
+        variants[GGUF_KEPT] = TextGenerator(planned(load_gguf(source, keep_quantized=True)), compile=compile_flag)
     hf = {"HF generate fp32": base.model}
     if "HF-bf16" in wanted:
         hf["HF generate bf16"] = copy.deepcopy(base.model).to(torch.bfloat16)
@@ -466,7 +474,8 @@ def finish(args, records, prompts, variants, hf, loads, started, chat_outputs) -
         "rows": rows + extra, "readme_chat": chat_outputs, "seconds": time.time() - started,
         "prompts": {k: [p[:200] for p, _ in v] for k, v in prompts.items()},
         "same_bits_pairs": [(o, l) for o, l in ((args.int4_name, "llama.cpp Q4_0 (our GPTQ export)"), (INT8, "llama.cpp Q8_0 (our RTN export)"),
-                                                  (args.int4_name, "llama.cpp Q4_1 (source file)"))],
+                                                  (args.int4_name, "llama.cpp Q4_1 (source file)"),
+                                                  (GGUF_KEPT, "llama.cpp Q4_1 (source file)"))],
     }
     write(result, Path(args.out), args.name)
 

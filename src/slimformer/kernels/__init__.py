@@ -3,7 +3,9 @@
 One operator so far, ``torch.ops.slimformer.packed_linear`` (``packed_linear.cpp``): a few-row
 linear (decoding, speculative verification) computed straight from the packed 4- or 8-bit codes,
 bf16 scales and uint8 zero points that :class:`~slimformer.methods.quantization.modules.QuantizedLinear`
-stores, in float32 arithmetic. It reads half (8-bit) or a quarter (4-bit) of the bytes of a bf16
+stores (and from GGUF's Q8_0 / Q4_0 / Q4_1 blocks as
+:class:`~slimformer.methods.quantization.gguf_blocks.GGUFBlockLinear` holds them: fp16 scales,
+fp16 minima), in float32 arithmetic. It reads half (8-bit) or a quarter (4-bit) of the bytes of a bf16
 weight and holds nothing beyond the stored buffers. PyTorch's own int4/int8 CPU kernels compute
 in bf16 and, on CPUs without AMX, are several times slower than a float GEMM; whether this kernel
 is faster than the alternatives *here* is for the execution planner to measure.
@@ -81,9 +83,18 @@ def _build(target: Path) -> None:
             os.unlink(tmp)
 
 
+def library_key() -> str:
+    """Hash of the source, the flags and the torch version: names the build (and the plans timed with it)."""
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+
+
 def library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
-    return cache_dir() / f"packed_linear-{key}.so"
+    return cache_dir() / f"packed_linear-{library_key()}.so"
+
+
+def version() -> str:
+    """``library_key()`` when the kernels are usable here, else ``"none"``."""
+    return library_key() if load() else "none"
 
 
 def load() -> bool:
@@ -125,15 +136,17 @@ def _register_fake() -> None:
         return
 
     @torch.library.register_fake("slimformer::packed_linear")
-    def _(x, qweight, scales, zeros, bits, group_size, bias):
+    def _(x, qweight, scales, zeros, mins, bits, group_size, bias):
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
     _state["fake"] = True
 
 
 def packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                  bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bits: int, group_size: int, bias: torch.Tensor | None = None, mins: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` (rows, in) float32 contiguous, ``qweight`` (out, in*bits/8) uint8, ``scales``
-    (out, groups) bf16, ``zeros`` (out, groups) uint8 or None (implicit ``2**(bits-1)``), ``bias``
-    (out,) float32 or None -> (rows, out) float32. Call :func:`load` first."""
-    return torch.ops.slimformer.packed_linear(x, qweight, scales, zeros, bits, group_size, bias)
+    (out, groups) bf16 or fp16, and per group either ``zeros`` (out, groups) uint8 — or None for
+    the implicit ``2**(bits-1)`` — giving ``W = (q - z) * s``, or ``mins`` (out, groups) fp16 giving
+    ``W = q * s + m`` (GGUF's Q4_1); ``bias`` (out,) float32 or None -> (rows, out) float32. Call
+    :func:`load` first."""
+    return torch.ops.slimformer.packed_linear(x, qweight, scales, zeros, mins, bits, group_size, bias)

@@ -1,12 +1,15 @@
 // slimformer::packed_linear -- y = x W^T + b for few rows of x (decoding, speculative verification),
-// computed straight from slimformer's packed storage: codes (N, K*bits/8) uint8, scales (N, G) bf16,
-// optional zero points (N, G) uint8 (implicit 2^(bits-1) when absent), W[n, k] = (q - z) * s.
+// computed straight from slimformer's packed storage: codes (N, K*bits/8) uint8, scales (N, G) bf16
+// or fp16, and per group either integer zero points (N, G) uint8 (implicit 2^(bits-1) when absent),
+// W[n, k] = (q - z) * s, or float minima (N, G) fp16 (GGUF's Q4_1), W[n, k] = q * s + m. With the
+// implicit zero point the same arithmetic covers GGUF's Q4_0 ((q - 8) d) and Q8_0 ((q + 128) - 128) d).
 //
 // 4-bit rows pack two codes per byte, the low nibble first (column 2j in the low nibble of byte j).
-// Arithmetic is float32 throughout. One row of x with several groups per channel: each code is
-// dequantized in registers, fma(q, s, -z*s), and multiplied into running sums. Otherwise: per
-// group, sum_k q_k x_k (fused multiply-adds), then * s, minus z * s * sum_k x_k (the group sums of
-// x computed once per call), with channels in pairs when several rows share a pass. Output
+// Arithmetic is float32 throughout; write each group's weights as q * s + o (o = -z * s, or the
+// minimum m). One row of x with several groups per channel: each code is dequantized in registers,
+// fma(q, s, o), and multiplied into running sums. Otherwise: per group, sum_k q_k x_k (fused
+// multiply-adds), then * s, plus o * sum_k x_k (the group sums of x computed once per call), with
+// channels in pairs when several rows share a pass. Output
 // channels are split across the intra-op threads.
 //
 // x (M, K) float32 contiguous; output (M, N) float32. Requirements (checked): bits 4 or 8, the group
@@ -33,6 +36,24 @@ inline float bf16_bits_to_float(uint16_t v) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+
+inline float half_bits_to_float(uint16_t v) { return _cvtsh_ss(v); }
+
+// Scale and offset of group g: W = q * scale + offset.
+struct GroupParams {
+  const uint16_t* s;  // scales, bf16 or fp16 bits
+  bool half;          // fp16 scales
+  const uint8_t* z;   // integer zero points or nullptr
+  const uint16_t* m;  // fp16 minima or nullptr
+  float zdefault;
+  inline void get(int64_t g, float& sc, float& off) const {
+    sc = half ? half_bits_to_float(s[g]) : bf16_bits_to_float(s[g]);
+    off = m ? half_bits_to_float(m[g]) : -(z ? float(z[g]) : zdefault) * sc;
+  }
+  inline GroupParams row(int64_t n, int64_t G) const {
+    return {s + n * G, half, z ? z + n * G : nullptr, m ? m + n * G : nullptr, zdefault};
+  }
+};
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -62,16 +83,17 @@ inline void load_chunk(const uint8_t* q, __m256& c0, __m256& c1, __m256& c2, __m
 
 // One output channel for MT rows of x. ``x`` is laid out so that the four code vectors of a chunk
 // meet four consecutive 8-float blocks (4-bit: even columns then odd columns of the chunk).
-// Two independent accumulator chains per row (four for a single row) hide the FMA latency.
+// Per group: sum_k q_k x_k in two independent accumulator chains per row (four for a single row,
+// hiding the FMA latency), then * scale, plus offset * (group sum of x).
 template <int BITS, int MT>
-inline void channel(const float* x, int64_t K, const uint8_t* q, const uint16_t* s, const uint8_t* z, float zdefault,
-                    int64_t gs, const float* xsum, int64_t groups, float* out, int64_t N, float b) {
+inline void channel(const float* x, int64_t K, const uint8_t* q, const GroupParams& gp, int64_t gs,
+                    const float* xsum, int64_t groups, float* out, int64_t N, float b) {
   constexpr int A = MT == 1 ? 4 : 2;
   __m256 tot[MT];
-  float zacc[MT];
+  float oacc[MT];
   for (int m = 0; m < MT; ++m) {
     tot[m] = _mm256_setzero_ps();
-    zacc[m] = 0.f;
+    oacc[m] = 0.f;
   }
   const uint8_t* qc = q;
   for (int64_t g = 0; g < groups; ++g) {
@@ -89,38 +111,52 @@ inline void channel(const float* x, int64_t K, const uint8_t* q, const uint16_t*
         acc[m][3 % A] = _mm256_fmadd_ps(c3, _mm256_loadu_ps(xm + 24), acc[m][3 % A]);
       }
     }
-    const float sc = bf16_bits_to_float(s[g]);
-    const float zs = (z ? float(z[g]) : zdefault) * sc;
+    float sc, off;
+    gp.get(g, sc, off);
     const __m256 vs = _mm256_set1_ps(sc);
     for (int m = 0; m < MT; ++m) {
       __m256 a = acc[m][0];
       for (int i = 1; i < A; ++i) a = _mm256_add_ps(a, acc[m][i]);
       tot[m] = _mm256_fmadd_ps(a, vs, tot[m]);
-      zacc[m] += zs * xsum[m * groups + g];
+      oacc[m] += off * xsum[m * groups + g];
     }
   }
-  for (int m = 0; m < MT; ++m) out[m * N] = hsum(tot[m]) - zacc[m] + b;
+  for (int m = 0; m < MT; ++m) out[m * N] = hsum(tot[m]) + oacc[m] + b;
 }
 
-// One row of x, one output channel, many groups (group size < K): the codes are dequantized in
-// registers, fma(q, s, -z*s), and multiplied straight into four running sums, so no per-group
-// reduction or zero-point term is needed (at g32 those cost as much as the products).
+using ChannelFn = void (*)(const float*, int64_t, const uint8_t*, const GroupParams&, int64_t, const float*, int64_t,
+                           float*, int64_t, float);
+
 template <int BITS>
-inline void channel_dequant(const float* x, const uint8_t* q, const uint16_t* s, const uint8_t* z, float zdefault,
-                            int64_t gs, int64_t groups, float* out, float b) {
+ChannelFn channel_fn(int mt) {
+  switch (mt) {
+    case 1: return channel<BITS, 1>;
+    case 2: return channel<BITS, 2>;
+    case 3: return channel<BITS, 3>;
+    default: return channel<BITS, 4>;
+  }
+}
+
+// One row of x, one output channel, several groups: the codes are dequantized in registers,
+// fma(q, scale, offset), and multiplied straight into four running sums, so no per-group
+// reduction is needed (at 32-wide groups it costs as much as the products).
+template <int BITS>
+inline void channel_dequant(const float* x, const uint8_t* q, const GroupParams& gp, int64_t gs, int64_t groups,
+                            float* out, float b) {
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   const uint8_t* qc = q;
   const float* xc = x;
   for (int64_t g = 0; g < groups; ++g) {
-    const float sc = bf16_bits_to_float(s[g]);
-    const __m256 vs = _mm256_set1_ps(sc), vzs = _mm256_set1_ps(-(z ? float(z[g]) : zdefault) * sc);
+    float sc, off;
+    gp.get(g, sc, off);
+    const __m256 vs = _mm256_set1_ps(sc), vo = _mm256_set1_ps(off);
     for (int64_t c = 0; c < gs; c += kChunk, qc += kChunk * BITS / 8, xc += kChunk) {
       __m256 c0, c1, c2, c3;
       load_chunk<BITS>(qc, c0, c1, c2, c3);
-      acc[0] = _mm256_fmadd_ps(_mm256_fmadd_ps(c0, vs, vzs), _mm256_loadu_ps(xc), acc[0]);
-      acc[1] = _mm256_fmadd_ps(_mm256_fmadd_ps(c1, vs, vzs), _mm256_loadu_ps(xc + 8), acc[1]);
-      acc[2] = _mm256_fmadd_ps(_mm256_fmadd_ps(c2, vs, vzs), _mm256_loadu_ps(xc + 16), acc[2]);
-      acc[3] = _mm256_fmadd_ps(_mm256_fmadd_ps(c3, vs, vzs), _mm256_loadu_ps(xc + 24), acc[3]);
+      acc[0] = _mm256_fmadd_ps(_mm256_fmadd_ps(c0, vs, vo), _mm256_loadu_ps(xc), acc[0]);
+      acc[1] = _mm256_fmadd_ps(_mm256_fmadd_ps(c1, vs, vo), _mm256_loadu_ps(xc + 8), acc[1]);
+      acc[2] = _mm256_fmadd_ps(_mm256_fmadd_ps(c2, vs, vo), _mm256_loadu_ps(xc + 16), acc[2]);
+      acc[3] = _mm256_fmadd_ps(_mm256_fmadd_ps(c3, vs, vo), _mm256_loadu_ps(xc + 24), acc[3]);
     }
   }
   *out = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + b;
@@ -141,14 +177,15 @@ inline __m256 codes_block(const uint8_t* q, int i) {
 }
 
 template <int BITS, int MT>
-inline void channel_pair(const float* x, int64_t K, const uint8_t* q, int64_t row_bytes, const uint16_t* s, const uint8_t* z,
-                         float zdefault, int64_t gs, const float* xsum, int64_t groups, float* out, int64_t N, float b0, float b1) {
+inline void channel_pair(const float* x, int64_t K, const uint8_t* q, int64_t row_bytes, const GroupParams& gp0,
+                         const GroupParams& gp1, int64_t gs, const float* xsum, int64_t groups, float* out, int64_t N,
+                         float b0, float b1) {
   __m256 tot[MT][2];
-  float zacc[MT][2];
+  float oacc[MT][2];
   for (int m = 0; m < MT; ++m)
     for (int h = 0; h < 2; ++h) {
       tot[m][h] = _mm256_setzero_ps();
-      zacc[m][h] = 0.f;
+      oacc[m][h] = 0.f;
     }
   const uint8_t* q0 = q;
   const uint8_t* q1 = q + row_bytes;
@@ -166,23 +203,22 @@ inline void channel_pair(const float* x, int64_t K, const uint8_t* q, int64_t ro
       }
     }
     for (int h = 0; h < 2; ++h) {
-      const int64_t gi = h * groups + g;
-      const float sc = bf16_bits_to_float(s[gi]);
-      const float zs = (z ? float(z[gi]) : zdefault) * sc;
+      float sc, off;
+      (h ? gp1 : gp0).get(g, sc, off);
       const __m256 vs = _mm256_set1_ps(sc);
       for (int m = 0; m < MT; ++m) {
         tot[m][h] = _mm256_fmadd_ps(acc[m][h], vs, tot[m][h]);
-        zacc[m][h] += zs * xsum[m * groups + g];
+        oacc[m][h] += off * xsum[m * groups + g];
       }
     }
   }
   for (int m = 0; m < MT; ++m) {
-    out[m * N] = hsum(tot[m][0]) - zacc[m][0] + b0;
-    out[m * N + 1] = hsum(tot[m][1]) - zacc[m][1] + b1;
+    out[m * N] = hsum(tot[m][0]) + oacc[m][0] + b0;
+    out[m * N + 1] = hsum(tot[m][1]) + oacc[m][1] + b1;
   }
 }
 
-using PairFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, const uint16_t*, const uint8_t*, float, int64_t,
+using PairFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, const GroupParams&, const GroupParams&, int64_t,
                         const float*, int64_t, float*, int64_t, float, float);
 
 template <int BITS>
@@ -195,34 +231,27 @@ PairFn pair_fn(int mt) {
   }
 }
 
-using ChannelFn = void (*)(const float*, int64_t, const uint8_t*, const uint16_t*, const uint8_t*, float, int64_t,
-                           const float*, int64_t, float*, int64_t, float);
-
-template <int BITS>
-ChannelFn channel_fn(int mt) {
-  switch (mt) {
-    case 1: return channel<BITS, 1>;
-    case 2: return channel<BITS, 2>;
-    case 3: return channel<BITS, 3>;
-    default: return channel<BITS, 4>;
-  }
-}
-
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                         const c10::optional<at::Tensor>& zeros, int64_t bits, int64_t group_size,
-                         const c10::optional<at::Tensor>& bias) {
+                         const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& mins, int64_t bits,
+                         int64_t group_size, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(bits == 4 || bits == 8, "packed_linear: bits must be 4 or 8, got ", bits);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "packed_linear: x must be a contiguous (rows, in) float32 tensor");
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "packed_linear: codes must be contiguous uint8");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(), "packed_linear: scales must be contiguous bfloat16");
+  const bool half = scales.scalar_type() == at::kHalf;
+  TORCH_CHECK((half || scales.scalar_type() == at::kBFloat16) && scales.is_contiguous(), "packed_linear: scales must be contiguous bfloat16 or float16");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
   TORCH_CHECK(group_size % kChunk == 0 && K % group_size == 0, "packed_linear: the group size must be a multiple of 32 dividing the width");
   const int64_t G = K / group_size, row_bytes = K * bits / 8;
   TORCH_CHECK(qweight.size(1) == row_bytes && scales.size(0) == N && scales.size(1) == G, "packed_linear: codes/scales shapes do not match x");
-  const uint8_t* zp = nullptr;
+  TORCH_CHECK(!(zeros.has_value() && mins.has_value()), "packed_linear: pass zero points or minima, not both");
+  GroupParams gp{reinterpret_cast<const uint16_t*>(scales.data_ptr()), half, nullptr, nullptr, float(1 << (bits - 1))};
   if (zeros.has_value()) {
     TORCH_CHECK(zeros->scalar_type() == at::kByte && zeros->is_contiguous() && zeros->size(0) == N && zeros->size(1) == G, "packed_linear: zero points must be contiguous (out, groups) uint8");
-    zp = zeros->data_ptr<uint8_t>();
+    gp.z = zeros->data_ptr<uint8_t>();
+  }
+  if (mins.has_value()) {
+    TORCH_CHECK(mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->size(0) == N && mins->size(1) == G, "packed_linear: minima must be contiguous (out, groups) float16");
+    gp.m = reinterpret_cast<const uint16_t*>(mins->data_ptr());
   }
   const float* bp = nullptr;
   if (bias.has_value()) {
@@ -249,30 +278,31 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   at::Tensor out = at::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<c10::BFloat16>());
-  const float zdefault = float(1 << (bits - 1));
-  // One row of x: one channel at a time (four accumulator chains). Several rows: channels in
-  // pairs, rows in tiles of kRowTile (the weight rows stay in L1 across the tiles).
+  // One row of x: one channel at a time. Several rows: channels in pairs, rows in tiles of
+  // kRowTile (the weight rows stay in L1 across the tiles).
   const int64_t step = M == 1 ? 1 : 2;
   at::parallel_for(0, (N + step - 1) / step, 8, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin * step; n < std::min(end * step, N); n += step) {
       const bool pair = step == 2 && n + 1 < N;
       const float b0 = bp ? bp[n] : 0.f, b1 = (bp && pair) ? bp[n + 1] : 0.f;
+      const GroupParams g0 = gp.row(n, G);
+      const uint8_t* qn = qp + n * row_bytes;
+      if (M == 1 && G > 1) {
+        if (bits == 4)
+          channel_dequant<4>(xr.data(), qn, g0, group_size, G, op + n, b0);
+        else
+          channel_dequant<8>(xr.data(), qn, g0, group_size, G, op + n, b0);
+        continue;
+      }
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
         const int mt = int(std::min<int64_t>(kRowTile, M - m0));
-        if (M == 1 && G > 1) {
-          if (bits == 4)
-            channel_dequant<4>(xr.data(), qp + n * row_bytes, sp + n * G, zp ? zp + n * G : nullptr, zdefault, group_size, G, op + n, b0);
-          else
-            channel_dequant<8>(xr.data(), qp + n * row_bytes, sp + n * G, zp ? zp + n * G : nullptr, zdefault, group_size, G, op + n, b0);
-        } else if (pair) {
+        if (pair) {
+          const GroupParams g1 = gp.row(n + 1, G);
           PairFn fn = bits == 4 ? pair_fn<4>(mt) : pair_fn<8>(mt);
-          fn(xr.data() + m0 * K, K, qp + n * row_bytes, row_bytes, sp + n * G, zp ? zp + n * G : nullptr, zdefault,
-             group_size, xsum.data() + m0 * G, G, op + m0 * N + n, N, b0, b1);
+          fn(xr.data() + m0 * K, K, qn, row_bytes, g0, g1, group_size, xsum.data() + m0 * G, G, op + m0 * N + n, N, b0, b1);
         } else {
           ChannelFn fn = bits == 4 ? channel_fn<4>(mt) : channel_fn<8>(mt);
-          fn(xr.data() + m0 * K, K, qp + n * row_bytes, sp + n * G, zp ? zp + n * G : nullptr, zdefault, group_size,
-             xsum.data() + m0 * G, G, op + m0 * N + n, N, b0);
+          fn(xr.data() + m0 * K, K, qn, g0, group_size, xsum.data() + m0 * G, G, op + m0 * N + n, N, b0);
         }
       }
     }
@@ -283,7 +313,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
 }  // namespace
 
 TORCH_LIBRARY(slimformer, m) {
-  m.def("packed_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, int group_size, Tensor? bias) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? mins, int bits, int group_size, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(slimformer, CPU, m) { m.impl("packed_linear", &packed_linear); }

@@ -90,8 +90,8 @@ def candidate_paths(module: nn.Module, act_dtype: torch.dtype) -> list[str]:
     if isinstance(module, QuantizedModule):
         if isinstance(module, QuantizedLinear):
             native = list(module.available_kernels())
-        else:
-            native = ["native"]
+        else:  # other formats: their forward, and the packed-code kernel where they offer it
+            native = ["native"] + (["packed-fp32"] if hasattr(module, "packed_forward") and module.packed_kernel_ok() else [])
         if is_w8a8(module):  # int8 activations are part of the stored numerics: no dense float path
             return native
         return native + list(GENERIC_PATHS)
@@ -167,6 +167,8 @@ class PlannedForward:
             return F.linear(x, m.weight, m.bias)
         if isinstance(m, QuantizedLinear) and path in m._ready:
             return m.compute(x, path)
+        if path == "packed-fp32" and hasattr(m, "packed_forward"):
+            return m.packed_forward(x)
         b32 = self.forms_bias.get(torch.float32)
         if path == "dequant-fp32":
             return F.linear(x.float(), self.forms["fp32"], b32).to(x.dtype)

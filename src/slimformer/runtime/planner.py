@@ -481,7 +481,7 @@ def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool 
                 dname = str(dtype).replace("torch.", "")
                 if dname not in entry["measured"]:
                     ckey = (f"{fkey}|act={dname}|decode={settings.decode_tokens}|batch={settings.batch_tokens}"
-                            f"|split={settings.split_tokens}|kernels={int(kernels_lib.packed_linear_available())}")
+                            f"|split={settings.split_tokens}|kernels={kernels_lib.version()}")
                     measured = cache.get(ckey) if cache is not None else None
                     if measured is None:
                         measured = measure_format(module, dtype, settings)

@@ -14,7 +14,10 @@ for operation, so ``dequantized_weight()`` equals ``gguf.quants.dequantize`` of 
 bit for bit. These are what a GGUF's quantized tensors become when a GGUF is loaded with
 ``keep_quantized`` (see ``slimformer.io.gguf_import``), and what ``slimformer.io.gguf_export``
 writes back byte for byte. Forward passes dequantize this layer's weight per call (``unpack``
-path): memory holds the packed blocks only.
+path): memory holds the packed blocks only. ``GGUFBlockLinear.packed_forward`` runs the same
+blocks through slimformer's packed-code kernel (:mod:`slimformer.kernels`; float32 arithmetic,
+one rounding per dequantized weight where ggml's takes two), which the execution planner offers as
+the ``packed-fp32`` path.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slimformer import kernels as kernels_lib
 from slimformer.methods.quantization import grid
 from slimformer.methods.quantization.modules import QuantizedModule, register_quantized_module, tensor_bits
 
@@ -179,6 +183,18 @@ class GGUFBlockLinear(GGUFBlockWeight):
         w = self.dequantized_weight().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, w, bias)
+
+    def packed_kernel_ok(self) -> bool:
+        """Whether :meth:`packed_forward` can run here (the kernel built on this machine)."""
+        return kernels_lib.supports(self.bits, BLOCK, self.in_features) and kernels_lib.packed_linear_available()
+
+    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks read in place by slimformer's kernel: ``x`` (..., in) -> (..., out) in ``x.dtype``.
+        Q4_0 and Q8_0 use the kernel's implicit zero point (8, 128), Q4_1 its fp16 minima."""
+        shape = x.shape
+        y = kernels_lib.packed_linear(x.reshape(-1, self.in_features).float().contiguous(), self.qweight, self.scales, None,
+                                      self.bits, BLOCK, self.bias, mins=getattr(self, "mins", None))
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, gguf_type={self.gguf_type}, bias={self.bias is not None}"
