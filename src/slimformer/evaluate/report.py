@@ -128,7 +128,8 @@ def markdown_table(rows: list[dict]) -> str:
         "Planned (the execution planner timed the alternatives on the machine named; decode|batch where they differ): "
         "dequant-bf16 / dequant-fp32 = dequantized once into a cached bf16 / fp32 weight; dequant-bf16-widen = that bf16 copy "
         "widened per call for an fp32 GEMM; unpack-fp32 = dequantized per call in fp32; int8-widen-fp32/bf16 = int8 weights "
-        "widened per call; w8a8-fp32/bf16 = W8A8 codes multiplied on the float units; widen-fp32 / native-bf16 = a plain bf16 "
+        "widened per call; w8a8-fp32/bf16 = W8A8 codes multiplied on the float units; packed-fp32 = the stored 4/8-bit codes "
+        "read in place by slimformer's kernel, float32 arithmetic; widen-fp32 / native-bf16 = a plain bf16 "
         "linear widened per call / run in bf16."
     )
     return "\n".join(lines) + "\n"
