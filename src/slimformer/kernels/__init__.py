@@ -74,7 +74,10 @@ def _build(target: Path) -> None:
     cmd = [compiler, *FLAGS, abi, *includes, str(SOURCE), "-o", tmp,
            *[f"-L{p}" for p in libdirs], *[f"-Wl,-rpath,{p}" for p in libdirs], "-lc10", "-ltorch_cpu"]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise RuntimeError(f"no C++ compiler at {compiler} (install g++ or set CXX)") from None
         if done.returncode:
             raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
         os.replace(tmp, target)
