@@ -44,6 +44,8 @@ from slimformer.runtime.speculative import SpeculationConfig  # noqa: E402
 
 VARIANTS = {
     "default": {},  # the library's defaults (num_draft 6, min_ngram 2, ngram 16, fixed width)
+    "k2": {"num_draft": 2},
+    "k3": {"num_draft": 3},
     "k4": {"num_draft": 4},
     "k8": {"num_draft": 8},
     "min3": {"min_ngram": 3},
@@ -70,13 +72,20 @@ def main(argv=None) -> int:
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--weights", default="fp32", choices=("fp32", "int8"),
+                    help="int8: rtn w8 per channel (head 8-bit), planned: decode through the packed-code kernel")
     ap.add_argument("--out", default=str(ROOT / "results"))
     ap.add_argument("--name", default="generation_speculation")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
     loads = [os.getloadavg()]
-    gen = TextGenerator(load_model(args.model))
+    base = load_model(args.model)
+    if args.weights == "int8":
+        from generation import planned, quantized
+
+        base = planned(quantized(base, 8))
+    gen = TextGenerator(base)
     built = build_prompts(args.per_kind, split=args.split)
     # generation.py's "summarise" kind alternates two instructions: paraphrase, and copy word for word
     built["extract"] = [p for p in built["summarise"] if p[0].endswith("word for word.")]
@@ -155,7 +164,7 @@ def summarise(records: list[dict], prompts: dict, configs: dict, args) -> dict:
                 "per_prompt_speedup": [med(r["speedup"] for r in mine if (r["kind"], r["prompt"]) == (m, i)) for m in members for i in range(len(prompts[m]))],
             })
     return {
-        "model": args.model, "split": args.split, "new_tokens": args.new_tokens, "passes": args.passes, "threads": torch.get_num_threads(),
+        "model": args.model, "weights": args.weights, "split": args.split, "new_tokens": args.new_tokens, "passes": args.passes, "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows, "compiled": True,
         "prompts": {k: [p[:200] for p, _ in v] for k, v in prompts.items()},
         "runs": records,
@@ -180,7 +189,9 @@ def write(result: dict, out: Path, name: str) -> None:
         "Plain steps: share of steps with no draft (no match of >= min_ngram tokens). "
         "Verify cost: time of one verify step in one-token steps of the plain run of the same prompt (median; from the runs' decode times).",
         "",
-        "SmolLM2-135M-Instruct's linears were stored as Q4_1 (4-bit g32) and its embedding as Q8_0; these runs use the dequantized fp32 weights.",
+        "SmolLM2-135M-Instruct's linears were stored as Q4_1 (4-bit g32) and its embedding as Q8_0; "
+        + ("these runs use the dequantized fp32 weights." if result.get("weights", "fp32") == "fp32" else
+           "these runs use 8-bit round-to-nearest weights (per channel, head 8-bit), decoded through slimformer's packed-code kernel."),
         "",
         "| kind | variant | settings | acceptance | tokens/step | plain steps | verify cost | plain tok/s | lookup tok/s | speed-up (min–max) | outputs identical |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
