@@ -314,3 +314,24 @@ def test_a_planned_layer_traces_in_one_graph_and_still_rebuilds_when_eager():
     assert planned.version == ex.weight_version(q)
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, planned.run("unpack-fp32", x), atol=0.05, rtol=0.02)
+
+
+def test_decode_timing_streams_over_independent_copies_of_the_layer(tmp_path):
+    """Decode runs go over copies that share no storage with the layer or each other (so each call
+    reads its weights from memory, as in a decode step), at most MAX_STREAM_COPIES of them, and
+    every copy computes what the layer computes."""
+    from slimformer.runtime.planner import MAX_STREAM_COPIES, STREAM_BYTES, _stream_copies
+
+    torch.manual_seed(0)
+    q = quantize_module_rtn(nn.Linear(128, 96), 8, None, True)
+    pf = ex.PlannedForward(q, "unpack-fp32", "unpack-fp32", 8, also=("dequant-fp32",))
+    copies = _stream_copies(pf)
+    per_copy = q.qweight.numel() + q.scales.numel() * 2 + pf.nbytes() + q.runtime_nbytes()
+    assert len(copies) == min(MAX_STREAM_COPIES, -(-STREAM_BYTES // per_copy))
+    assert copies[0] is pf
+    ptrs = {c.module.qweight.data_ptr() for c in copies} | {c.forms["fp32"].data_ptr() for c in copies}
+    assert len(ptrs) == 2 * len(copies)
+    x = torch.randn(1, 128)
+    for c in copies[1:]:
+        assert torch.equal(c.run("dequant-fp32", x), pf.run("dequant-fp32", x))
+        assert ex.planned_forward_of(c.module) is None

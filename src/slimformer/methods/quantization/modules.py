@@ -35,7 +35,8 @@ numerics (each selectable by name through :meth:`QuantizedLinear.use_kernels`):
 - ``packed-fp32`` (4- and 8-bit, group size a multiple of 32): slimformer's own kernel
   (:mod:`slimformer.kernels`) reads the stored codes, scales and zero points in place and
   computes in float32 (exact); nothing is held beyond the stored buffers. Built for few rows
-  (decoding, speculative verification): the weight bytes, not the arithmetic, bound those.
+  (decoding, speculative verification), where reading the weights is most of the work (8-bit
+  codes; 4-bit codes on a 2-core AVX2 CPU are bound by their unpacking arithmetic instead).
 
 ``QuantizedEmbedding`` stores the table row-wise packed and dequantizes only the gathered rows.
 """
