@@ -140,15 +140,19 @@ ChannelFn channel_fn(int mt) {
 // One row of x, one output channel, several groups: the codes are dequantized in registers,
 // fma(q, scale, offset), and multiplied straight into four running sums, so no per-group
 // reduction is needed (at 32-wide groups it costs as much as the products).
-template <int BITS>
+template <int BITS, bool HALF, bool MINS>
 inline void channel_dequant(const float* x, const uint8_t* q, const GroupParams& gp, int64_t gs, int64_t groups,
                             float* out, float b) {
+  const uint16_t* s = gp.s;
+  const uint8_t* z = gp.z;
+  const uint16_t* mn = gp.m;
+  const float zdefault = gp.zdefault;
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   const uint8_t* qc = q;
   const float* xc = x;
   for (int64_t g = 0; g < groups; ++g) {
-    float sc, off;
-    gp.get(g, sc, off);
+    const float sc = HALF ? half_bits_to_float(s[g]) : bf16_bits_to_float(s[g]);
+    const float off = MINS ? half_bits_to_float(mn[g]) : -(z ? float(z[g]) : zdefault) * sc;
     const __m256 vs = _mm256_set1_ps(sc), vo = _mm256_set1_ps(off);
     for (int64_t c = 0; c < gs; c += kChunk, qc += kChunk * BITS / 8, xc += kChunk) {
       __m256 c0, c1, c2, c3;
@@ -160,6 +164,16 @@ inline void channel_dequant(const float* x, const uint8_t* q, const GroupParams&
     }
   }
   *out = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + b;
+}
+
+using DequantFn = void (*)(const float*, const uint8_t*, const GroupParams&, int64_t, int64_t, float*, float);
+
+// The single-row kernel specialised for the scale format (bf16 / fp16) and offset kind (integer
+// zero points / fp16 minima), so the per-group reads carry no run-time branches.
+template <int BITS>
+DequantFn dequant_fn(bool half, bool mins) {
+  if (mins) return half ? channel_dequant<BITS, true, true> : channel_dequant<BITS, false, true>;
+  return half ? channel_dequant<BITS, true, false> : channel_dequant<BITS, false, false>;
 }
 
 // Two output channels (rows n and n + 1 of W) for MT rows of x: every x block loaded is used by
@@ -281,6 +295,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   // One row of x: one channel at a time. Several rows: channels in pairs, rows in tiles of
   // kRowTile (the weight rows stay in L1 across the tiles).
   const int64_t step = M == 1 ? 1 : 2;
+  const DequantFn dequant = bits == 4 ? dequant_fn<4>(half, gp.m != nullptr) : dequant_fn<8>(half, gp.m != nullptr);
   at::parallel_for(0, (N + step - 1) / step, 8, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin * step; n < std::min(end * step, N); n += step) {
       const bool pair = step == 2 && n + 1 < N;
@@ -288,10 +303,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
       const GroupParams g0 = gp.row(n, G);
       const uint8_t* qn = qp + n * row_bytes;
       if (M == 1 && G > 1) {
-        if (bits == 4)
-          channel_dequant<4>(xr.data(), qn, g0, group_size, G, op + n, b0);
-        else
-          channel_dequant<8>(xr.data(), qn, g0, group_size, G, op + n, b0);
+        dequant(xr.data(), qn, g0, group_size, G, op + n, b0);
         continue;
       }
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
