@@ -24,7 +24,10 @@ venv (``benchmarks/llamacpp_worker.py``; llama.cpp never shares a process with t
 interleaved job by job with the torch runs, on the same prompt token ids (batch 1 only).
 ``--int4-folder``: a slimformer folder used as the 4-bit row (e.g. the GPTQ w4 g32 model whose
 Q4_0 export ``benchmarks/gguf_export.py`` makes, so ours and llama.cpp run the same weights);
-without it the 4-bit row is round-to-nearest w4 g32 asymmetric.
+without it the 4-bit row is round-to-nearest w4 g32 asymmetric. The 8/4-bit rows are planned
+(``PLAN``: decode through whichever path the planner times fastest here, e.g. slimformer's
+packed-code kernel). ``gguf``: the source file's own quantized blocks kept as they are (Q4_1
+linears, Q8_0 head for SmolLM2), the very weights llama.cpp runs.
 
 ``--extra-rows FILE``: a JSON list of rows measured elsewhere (e.g. llama.cpp in its own
 process) with at least ``config`` and ``decode_tps_b1``; they are added to the table, the JSON
