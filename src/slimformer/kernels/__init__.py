@@ -153,3 +153,11 @@ def packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     ``W = q * s + m`` (GGUF's Q4_1); ``bias`` (out,) float32 or None -> (rows, out) float32. Call
     :func:`load` first."""
     return torch.ops.slimformer.packed_linear(x, qweight, scales, zeros, mins, bits, group_size, bias)
+
+
+def packed_linear_nd(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     bits: int, group_size: int, bias: torch.Tensor | None = None, mins: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`packed_linear` for ``x`` (..., in) of any float dtype: output (..., out) in ``x.dtype``
+    (computed in float32)."""
+    y = packed_linear(x.reshape(-1, x.shape[-1]).float().contiguous(), qweight, scales, zeros, bits, group_size, bias, mins=mins)
+    return y.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)

@@ -208,10 +208,15 @@ def _stored_nbytes(module: nn.Module) -> int:
     return module.weight.numel() * module.weight.element_size()
 
 
+def _held_bytes(module: nn.Module, planned_bytes: int) -> int:
+    """Stored buffers + kernel forms + ``planned_bytes`` of a dispatcher's dense copies."""
+    runtime = module.runtime_nbytes() if isinstance(module, QuantizedModule) else 0
+    return _stored_nbytes(module) + runtime + planned_bytes
+
+
 def held_bytes_per_weight(module: nn.Module) -> float:
     """Measured bytes the layer holds per weight: stored buffers, kernel forms, planned copies."""
-    runtime = module.runtime_nbytes() if isinstance(module, QuantizedModule) else 0
-    return (_stored_nbytes(module) + runtime + ex.planned_nbytes(module)) / _weights(module)
+    return _held_bytes(module, ex.planned_nbytes(module)) / _weights(module)
 
 
 def _probe_input(module: nn.Module, rows: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -255,7 +260,7 @@ def _stream_copies(pf: ex.PlannedForward) -> list[ex.PlannedForward]:
     """``pf`` and independent copies of its layer (all paths ready), enough that one round over
     them touches ``STREAM_BYTES`` of run-time forms (at most ``MAX_STREAM_COPIES``)."""
     m = pf.module
-    per_copy = _stored_nbytes(m) + (m.runtime_nbytes() if isinstance(m, QuantizedModule) else 0) + pf.nbytes()
+    per_copy = _held_bytes(m, pf.nbytes())
     copies = [pf]
     for _ in range(min(MAX_STREAM_COPIES, math.ceil(STREAM_BYTES / max(per_copy, 1))) - 1):
         c = copy.deepcopy(m)

@@ -191,10 +191,7 @@ class GGUFBlockLinear(GGUFBlockWeight):
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The blocks read in place by slimformer's kernel: ``x`` (..., in) -> (..., out) in ``x.dtype``.
         Q4_0 and Q8_0 use the kernel's implicit zero point (8, 128), Q4_1 its fp16 minima."""
-        shape = x.shape
-        y = kernels_lib.packed_linear(x.reshape(-1, self.in_features).float().contiguous(), self.qweight, self.scales, None,
-                                      self.bits, BLOCK, self.bias, mins=getattr(self, "mins", None))
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return kernels_lib.packed_linear_nd(x, self.qweight, self.scales, None, self.bits, BLOCK, self.bias, mins=self.mins)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, gguf_type={self.gguf_type}, bias={self.bias is not None}"

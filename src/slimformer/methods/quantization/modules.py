@@ -416,12 +416,11 @@ class QuantizedLinear(PackedWeight):
         if kernel == "unpack":
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        if kernel == "packed-fp32":  # the stored buffers themselves: nothing held
+            return kernels_lib.packed_linear_nd(x, self.qweight, self.scales, self.zeros, self.bits,
+                                                grid.effective_group_size(self.in_features, self.group_size), self.bias)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if kernel == "packed-fp32":  # the stored buffers themselves: nothing held
-            y = kernels_lib.packed_linear(x2.float().contiguous(), self.qweight, self.scales, self.zeros, self.bits,
-                                          grid.effective_group_size(self.in_features, self.group_size), self.bias)
-            return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         if kernel in W8A8_KERNELS:
             xq, sx, x_offset = fused_quantize_activations(x2, self.act_symmetric)
             if kernel == "int8-dynamic":
