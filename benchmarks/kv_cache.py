@@ -125,9 +125,10 @@ def evict_ratio_for(target, bits=None, group=128, window=32, head_dim=64, rotate
 def our_methods(targets):
     specs = {}
     for t in targets:
-        for m in ("snapkv", "h2o", "tova", "knorm", "streaming-llm"):
+        for m in ("snapkv", "h2o", "tova", "knorm", "streaming-llm", "information"):
             specs[f"{m} @{t}x"] = {"method": m, "ratio": evict_ratio_for(t)}
-        for bits, scorer, rotate in ((4, "h2o", False), (4, "snapkv", False), (2, "h2o", False), (2, "h2o", True)):
+        for bits, scorer, rotate in ((4, "h2o", False), (4, "snapkv", False), (4, "information", False), (2, "h2o", False),
+                                     (2, "information", False), (2, "h2o", True)):
             r = evict_ratio_for(t, bits=bits, rotate=rotate)
             if r > 0.97:
                 continue
@@ -139,7 +140,9 @@ def our_methods(targets):
 
 
 # pass key: a subset (time: one-token forwards take 1-2 s on the shared machine)
-PASSKEY_METHODS = ("snapkv @8x", "tova @8x", "h2o+kivi4 @8x", "h2o+kivi2 @8x", "kivi2", "h2o+kivi4 @16x", "h2o+kivi2 @16x")
+PASSKEY_METHODS = ("snapkv @8x", "tova @8x", "h2o+kivi4 @8x", "h2o+kivi2 @8x", "kivi2", "h2o+kivi4 @16x", "h2o+kivi2 @16x",
+                   "snapkv+kivi4 @8x", "information @8x", "information+kivi4 @8x", "information @16x", "information+kivi4 @16x",
+                   "information+kivi2 @16x")
 
 
 def stage_ours():

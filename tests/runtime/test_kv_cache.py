@@ -22,6 +22,7 @@ EVICTING = [
     {"method": "snapkv", "ratio": 0.7, "budget": "pyramid"},
     {"method": "h2o", "ratio": 0.5},
     {"method": "snapkv", "ratio": 0.5, "bits": 4, "group": 16, "window": 8},
+    {"method": "information", "ratio": 0.6, "bits": 4, "group": 16, "window": 8},
 ]
 
 
@@ -174,7 +175,8 @@ def test_quantized_cache_attends_within_tolerance(tiny_factory):
     assert errors[8] < errors[4] < errors[2] and errors[8] < 1e-2
 
 
-@pytest.mark.parametrize("spec", [{"method": "snapkv", "ratio": 0.5}, {"method": "rotatekv", "bits": 2, "group": 16, "window": 8}])
+@pytest.mark.parametrize("spec", [{"method": "snapkv", "ratio": 0.5}, {"method": "rotatekv", "bits": 2, "group": 16, "window": 8},
+                                  {"method": "information", "ratio": 0.5, "window": 8}])
 @torch.no_grad()
 def test_works_through_generate(tiny_factory, spec):
     loaded = tiny_factory("llama")
@@ -221,3 +223,103 @@ def test_cli_kv_eval_against_the_full_cache(tmp_path, tiny_factory, run_cli):
     assert result["{method: kivi, bits: 4, group: 16, window: 8}"]["ratio"] > 2.0
     code, _, err = run_cli("kv-eval", tmp_path / "m", "--cache", "{method: snapkv, ratio: 2}")
     assert code == 2 and err.startswith("slimformer: error: snapkv: ratio must be in [0, 1)") and err.count("\n") == 1
+
+
+@torch.no_grad()
+def test_self_information_equals_the_model_log_probabilities(tiny_factory):
+    """token_information from the final hidden states equals -log p of each token under the
+    model's own logits, across two forwards (the first forward's last state predicts the next)."""
+    from slimformer.runtime.kv.base import FIRST_TOKEN_INFORMATION, token_information
+
+    loaded = tiny_factory("llama")
+    model, ids = loaded.model.eval(), _ids(30)
+    out = model(ids, output_hidden_states=True)
+    logp = out.logits.float().log_softmax(-1)
+    expected = -logp[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+    hidden = out.hidden_states[-1]
+    whole = token_information(model.lm_head, hidden, ids, chunk=7)
+    assert whole[0, 0] == FIRST_TOKEN_INFORMATION
+    torch.testing.assert_close(whole[0, 1:], expected, atol=1e-5, rtol=1e-5)
+    resumed = token_information(model.lm_head, hidden[:, 12:], ids[:, 12:], previous=hidden[:, 11], chunk=5)
+    torch.testing.assert_close(resumed, whole[:, 12:], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_information_keeps_the_least_predictable_entries(tiny_factory):
+    """attention_share 0, kernel 1: each layer keeps exactly the entries of highest self-information
+    (plus the window), evicting after the forward, in prefill and every decode step."""
+    from slimformer.runtime.kv.base import token_information
+
+    loaded = tiny_factory("llama")
+    model, ids = loaded.model.eval(), _ids(48)
+    out = model(ids, output_hidden_states=True)
+    info = token_information(model.lm_head, out.hidden_states[-1], ids).to(torch.float16).float()
+    ref = DynamicCache(config=model.config)
+    model(ids, cache=ref)
+    cache = kv_cache(loaded, {"method": "information", "ratio": 0.5, "attention_share": 0.0, "kernel": 1, "window": 4, "fp_dtype": "model"})
+    with cache.attach(loaded):
+        _forward(model, cache, ids, 0)
+        for layer, full in zip(cache.layers, ref.layers):
+            kept = layer.kept_indices[0, 0]
+            assert layer.get_seq_length() == 24 and set(range(44, 48)) <= set(kept.tolist())
+            evicted = torch.ones(48, dtype=torch.bool)
+            evicted[kept] = False
+            chosen = kept[kept < 44]  # 20 entries chosen by score, none below an evicted one (float16 ties aside)
+            assert info[0, chosen].min() >= info[0, evicted].max() - 1e-2
+            torch.testing.assert_close(layer.information[0, 0].float(), info[0, kept], atol=1e-2, rtol=1e-3)
+            assert torch.equal(layer.keys, full.keys[:, :, kept])
+        for i in range(5):
+            _forward(model, cache, ids[:, i : i + 1], 48 + i)
+            assert all(layer.get_seq_length() == math.ceil(0.5 * (49 + i)) for layer in cache.layers)
+    assert cache.aux_nbytes > 0
+
+
+@torch.no_grad()
+def test_information_share_joins_both_selections(tiny_factory):
+    """With attention_share 0.5 the kept set contains the top quarter of each score list (as
+    their ranks say), and ratio 0 is the identity."""
+    from slimformer.runtime.kv.base import ScoreInputs
+    from slimformer.runtime.kv.information import InformationConfig
+
+    g = torch.Generator().manual_seed(1)
+    t, keep = 40, 20
+    info, attn = torch.rand(1, 2, t, generator=g), torch.rand(1, 2, 3, t, generator=g)
+    cfg = InformationConfig(ratio=0.5, kernel=1)
+    scores = cfg.score(ScoreInputs(torch.zeros(1, 2, t, 4), torch.zeros(1, 2, t, 4), attn, None, t, info, keep))
+    kept = set(scores[0, 0].topk(keep).indices.tolist())
+    assert set(info[0, 0].topk(10).indices.tolist()) <= kept
+    assert set(attn[0, 0].sum(0).topk(10).indices.tolist()) <= kept
+    loaded = tiny_factory("qwen2")
+    model, ids = loaded.model.eval(), _ids(30)
+    ref_cache, cache = DynamicCache(config=model.config), kv_cache(loaded, {"method": "information", "ratio": 0.0, "fp_dtype": "model"})
+    with cache.attach(loaded):
+        for start, chunk in ((0, ids[:, :20]), (20, ids[:, 20:21]), (21, ids[:, 21:26])):
+            assert torch.equal(_forward(model, ref_cache, chunk, start), _forward(model, cache, chunk, start))
+    with pytest.raises(ConfigError, match="attach"):
+        fresh = kv_cache(loaded, {"method": "information", "ratio": 0.5})
+        model(ids, cache=fresh)
+        model(ids[:, :1], cache=fresh)
+
+
+@torch.no_grad()
+def test_replayed_prefill_equals_the_forward_and_resumes_a_shared_prefix(tiny_factory):
+    """The evaluation's recorded prefill, replayed into an information cache, keeps what prefilling
+    through the forward keeps; a prefill resumed from a shared prefix records the same
+    self-information as one run from scratch."""
+    from slimformer.evaluate.kv_cache import record_prefill, replay
+
+    loaded = tiny_factory("llama")
+    model, ids = loaded.model.eval(), _ids(50)
+    spec = {"method": "information", "ratio": 0.5, "window": 4, "fp_dtype": "model"}
+    direct = kv_cache(loaded, spec)
+    with direct.attach(loaded):
+        _forward(model, direct, ids, 0)
+    whole = record_prefill(model, ids)
+    replayed = replay(model, spec, whole)
+    for a, b in zip(direct.layers, replayed.layers):
+        assert torch.equal(a.kept_indices, b.kept_indices)
+        torch.testing.assert_close(a.keys, b.keys)
+    other = torch.cat([ids[:, :30], _ids(20, seed=1)], dim=1)
+    resumed = record_prefill(model, ids, previous=record_prefill(model, other))
+    torch.testing.assert_close(resumed.information, whole.information, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(resumed.keys[3], whole.keys[3], atol=1e-5, rtol=1e-5)

@@ -23,13 +23,16 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from slimformer.models.adapters import ArchitectureAdapter
 from slimformer.runtime.kv import KVCache, kv_cache
+from slimformer.runtime.kv.base import token_information
 
 
 @dataclass
 class Prefill:
     """Per-layer ``keys``/``values`` ``(b, h, n, d)`` and ``queries`` ``(b, hq, n, d)`` of a
-    prefill, the logits of its last position ``(b, vocab)`` and the token ids ``(b, n)``."""
+    prefill, the logits of its last position ``(b, vocab)``, the token ids ``(b, n)``, each
+    token's self-information ``(b, n)`` and the final hidden state of the last position ``(b, hidden)``."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -37,6 +40,12 @@ class Prefill:
     last_logits: torch.Tensor
     input_ids: torch.Tensor
     mass: list[torch.Tensor] | None = None  # accumulated attention per layer (computed once, on demand)
+    information: torch.Tensor | None = None
+    last_hidden: torch.Tensor | None = None
+    hiddens: torch.Tensor | None = None  # (b, n, hidden) final hidden states (to resume a shared prefix)
+
+    def last_hidden_at(self, position: int) -> torch.Tensor:
+        return self.hiddens[:, position]
 
 
 @torch.no_grad()
@@ -59,11 +68,24 @@ def record_prefill(model, input_ids: torch.Tensor, previous: Prefill | None = No
             layer.recent_queries = q[:, :, :common]
             layer.seen = common
     pos = torch.arange(common, input_ids.shape[1]).unsqueeze(0)
-    with recorder.attach(model):
-        out = model(input_ids[:, common:], cache=recorder, position_ids=pos, use_cache=True)
+    adapter = ArchitectureAdapter(model)
+    final: list[torch.Tensor] = []
+    grab = adapter.base().register_forward_hook(lambda m, a, out: final.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+    try:
+        with recorder.attach(model):
+            out = model(input_ids[:, common:], cache=recorder, position_ids=pos, use_cache=True, logits_to_keep=1)
+    finally:
+        grab.remove()
+    hidden = final[0]
+    resumed = previous is not None and common > 0
+    info = token_information(adapter.head()[1], hidden, input_ids[:, common:], previous.last_hidden_at(common - 1) if resumed else None)
+    if resumed:
+        info = torch.cat([previous.information[:, :common], info], dim=1)
+    hiddens = hidden if not resumed else torch.cat([previous.hiddens[:, :common], hidden], dim=1)
     return Prefill(
         [l.keys for l in recorder.layers], [l.values for l in recorder.layers],
         [l.recent_queries for l in recorder.layers], out.logits[:, -1].float(), input_ids,
+        information=info, last_hidden=hidden[:, -1], hiddens=hiddens,
     )
 
 
@@ -97,12 +119,12 @@ def replay(model, spec, prefill: Prefill):
         if cache.config.accumulates:
             layer.precomputed_mass = prefill.mass[i].clone()
         layer.update(prefill.keys[i], prefill.values[i])
+    if cache.config.needs_information:
+        cache.end_forward(prefill.information, prefill.last_hidden)
     return cache
 
 
 def _attentions(model):
-    from slimformer.models.adapters import ArchitectureAdapter
-
     adapter = ArchitectureAdapter(model)
     return [adapter.attention(i) for i in range(adapter.num_layers())]
 

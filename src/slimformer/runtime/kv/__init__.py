@@ -10,5 +10,6 @@ from slimformer.runtime.kv import knorm  # noqa: F401
 from slimformer.runtime.kv import tova  # noqa: F401
 from slimformer.runtime.kv import snapkv  # noqa: F401
 from slimformer.runtime.kv import h2o  # noqa: F401
+from slimformer.runtime.kv import information  # noqa: F401
 
 __all__ = ["KVCache", "KVCacheLayer", "KVConfig", "ScoreInputs", "kv_cache", "kv_config_from_dict", "kv_methods", "register_kv"]

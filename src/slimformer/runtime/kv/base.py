@@ -18,7 +18,14 @@ kept), and ``KVCacheLayer`` does the rest (kvpress's shape, moved into the cache
   query projection's output and the rotary embedding of each attention module, so scores are
   computed from the cached keys and the current queries here, without eager attention) and
   aligns each layer's attention mask to that layer's own cache length; hooks are removed in
-  ``finally``.
+  ``finally``;
+- methods that score entries by what the model could not predict (``needs_information``: the
+  self-information ``-log p(token | context)`` of each cached token) cannot evict inside a layer,
+  because the token's probability is known only once the forward has reached the output. Their
+  layers append during the forward; a hook on the base model's output computes the chunk's
+  self-information (the output head applied to its final hidden states, in chunks of 256
+  positions) and ``KVCache.end_forward`` then evicts every layer to its budget. A prefill chunk
+  is therefore held in full until the end of its forward (prefill in chunks to bound it).
 
 The same ``KVCache`` object serves Hugging Face ``generate`` (pass ``cache=``) and a plain decode
 loop (pass explicit ``position_ids``: after eviction ``get_seq_length`` is the number of entries
@@ -70,6 +77,7 @@ class KVConfig:
     version: ClassVar[int] = 1
     query_window: ClassVar[int] = 0  # how many recent queries score() needs (0: none)
     accumulates: ClassVar[bool] = False  # score() needs attention mass accumulated over all queries
+    needs_information: ClassVar[bool] = False  # score() needs each token's self-information (evicts after the forward)
 
     ratio: float = 0.0
     window: int = 32
@@ -132,7 +140,10 @@ class ScoreInputs:
     (summed over the query heads of each KV head), or ``None`` when the method needs no queries;
     ``accumulated``: ``(batch, kv_heads, tokens)`` attention mass each entry received from every
     query so far (only for methods that accumulate), else ``None``;
-    ``seen``: tokens seen by this layer so far.
+    ``seen``: tokens seen by this layer so far;
+    ``information``: ``(batch, kv_heads, tokens)`` self-information ``-log p(token | context)`` of
+    each entry's token in nats (only for methods that need it), else ``None``;
+    ``keep``: how many entries the eviction keeps.
     """
 
     keys: torch.Tensor
@@ -140,6 +151,8 @@ class ScoreInputs:
     attention: torch.Tensor | None
     accumulated: torch.Tensor | None
     seen: int
+    information: torch.Tensor | None = None
+    keep: int = 0
 
 
 _KV_REGISTRY: dict[str, type[KVConfig]] = {}
@@ -229,6 +242,7 @@ class KVCacheLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.quantized: list[tuple[PackedTensor, PackedTensor]] = []
         self.accumulated: torch.Tensor | None = None
+        self.information: torch.Tensor | None = None  # (b, h, n) float16, aligned with the entries held
         self.recent_queries: torch.Tensor | None = None
         self.pending_queries: torch.Tensor | None = None  # set by the hooks, consumed by update
         self.precomputed_mass: torch.Tensor | None = None  # (b, h, t) accumulated mass of these queries, if known
@@ -274,6 +288,8 @@ class KVCacheLayer(CacheLayerMixin):
         self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
         if self.accumulated is not None:
             self.accumulated = self.accumulated[..., :-n]
+        if self.information is not None:
+            self.information = self.information[..., :-n]
         self.seen -= n
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -298,8 +314,9 @@ class KVCacheLayer(CacheLayerMixin):
 
     @property
     def aux_nbytes(self) -> int:
-        """Bytes of scoring state (accumulated attention, recent queries), kept apart from KV bytes."""
-        return sum(t.numel() * t.element_size() for t in (self.accumulated, self.recent_queries) if t is not None)
+        """Bytes of scoring state (accumulated attention, recent queries, self-information), kept
+        apart from KV bytes."""
+        return sum(t.numel() * t.element_size() for t in (self.accumulated, self.recent_queries, self.information) if t is not None)
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored entries ``(b, h, n, d)`` in the model's dtype, oldest first."""
@@ -353,6 +370,11 @@ class KVCacheLayer(CacheLayerMixin):
         cfg = self.config
         q_len = key_states.shape[-2]
         had = self.get_seq_length()
+        if cfg.needs_information and had != (0 if self.information is None else self.information.shape[-1]):
+            raise ConfigError(
+                f"{cfg.name} scores entries by self-information but the cache saw no model output",
+                "use the cache inside `with cache.attach(model):` (or slimformer.runtime.kv.kv_cache)",
+            )
         if had:
             old_k, old_v = self._dequantized()
             all_k = torch.cat([old_k, key_states], dim=-2)
@@ -383,15 +405,34 @@ class KVCacheLayer(CacheLayerMixin):
         new_v = value_states.to(self.store_dtype)
         stored = had + q_len
         slack = cfg.step - 1 if had else 0
-        if cfg.evicts and stored > self.budget() + slack:
+        if cfg.evicts and not cfg.needs_information and stored > self.budget() + slack:
             if cfg.query_window:
                 attention = attention_mass(self.recent_queries, all_k, self.scaling)
             self._evict(all_k, all_v, attention)
         else:
             self.keys = torch.cat([self.keys, new_k], dim=-2)
             self.values = torch.cat([self.values, new_v], dim=-2)
-        self._flush()
+        if not cfg.needs_information:  # those evict (and then quantize) in end_forward
+            self._flush()
         return all_k, all_v
+
+    def end_forward(self, information: torch.Tensor) -> None:
+        """For ``needs_information`` methods, after the forward: record the self-information
+        ``(batch, q)`` of the ``q`` tokens this forward appended, evict to the budget, quantize."""
+        cfg = self.config
+        b, q = information.shape
+        h = self.keys.shape[1]
+        info = information.to(torch.float16).unsqueeze(1).expand(b, h, q)
+        self.information = info.contiguous() if self.information is None else torch.cat([self.information, info], dim=-1)
+        stored = self.get_seq_length()
+        if stored != self.information.shape[-1]:
+            raise ValueError(f"layer {self.layer_idx}: {stored} entries but self-information for {self.information.shape[-1]}")
+        slack = cfg.step - 1 if self.seen > q else 0
+        if stored > self.budget() + slack:
+            all_k, all_v = self._dequantized()
+            attention = attention_mass(self.recent_queries, all_k, self.scaling) if cfg.query_window else None
+            self._evict(all_k, all_v, attention)
+        self._flush()
 
     def _evict(self, all_k: torch.Tensor, all_v: torch.Tensor, attention: torch.Tensor | None) -> None:
         """Keep the top-scored ``budget()`` entries of each KV head (sinks and window forced), in
@@ -399,7 +440,7 @@ class KVCacheLayer(CacheLayerMixin):
         cfg = self.config
         t = all_k.shape[-2]
         keep = self.budget()
-        scores = cfg.score(ScoreInputs(all_k, all_v, attention, self.accumulated, self.seen)).float()
+        scores = cfg.score(ScoreInputs(all_k, all_v, attention, self.accumulated, self.seen, self.information, keep)).float()
         scores = scores.clone()
         if cfg.sinks:
             scores[..., : cfg.sinks] = float("inf")
@@ -411,6 +452,8 @@ class KVCacheLayer(CacheLayerMixin):
         kept_v = all_v.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, all_v.shape[-1])).to(self.store_dtype)
         if self.accumulated is not None:
             self.accumulated = self.accumulated.gather(2, idx)
+        if self.information is not None:
+            self.information = self.information.gather(2, idx)
         self.quantized = []
         self.keys, self.values = kept_k, kept_v
         self.kept_indices = idx  # (b, h, keep): positions in this update's ``all_k`` (for tests)
@@ -436,6 +479,14 @@ class KVCache(Cache):
     def seen_tokens(self) -> int:
         return self.layers[0].seen
 
+    def end_forward(self, information: torch.Tensor, last_hidden: torch.Tensor | None = None) -> None:
+        """After a forward (``needs_information`` methods): ``information`` ``(batch, q)`` is the
+        self-information of the forward's ``q`` tokens; ``last_hidden`` ``(batch, hidden)`` the
+        final hidden state of its last position, which predicts the next forward's first token."""
+        for layer in self.layers:
+            layer.end_forward(information)
+        self.last_hidden = last_hidden
+
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return -1
 
@@ -449,6 +500,8 @@ class KVCache(Cache):
         adapter = ArchitectureAdapter(hf)
         needs_queries = bool(self.config.query_window or self.config.accumulates)
         handles = []
+        if self.config.needs_information:
+            handles += self._information_hooks(adapter)
         try:
             for i, layer in enumerate(self.layers):
                 attn = adapter.attention(i)
@@ -462,6 +515,59 @@ class KVCache(Cache):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _information_hooks(self, adapter) -> list:
+        """Hooks on the base model: its input ids in, its final hidden states out -> the tokens'
+        self-information through the output head, then ``end_forward``."""
+        head = adapter.head()
+        if head is None:
+            raise ConfigError(f"{self.config.name} needs the model's output head to score tokens", "use a causal language model")
+        head_module, base = head[1], adapter.base()
+        seen: dict[str, torch.Tensor] = {}
+
+        def pre(module, args, kwargs):
+            if kwargs.get("cache", kwargs.get("past_key_values")) is not self:
+                return  # a forward over another cache (hooks see every forward while attached)
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                raise ConfigError(f"{self.config.name} needs token ids, the model was given embeddings", "call the model with input_ids")
+            seen["ids"] = ids
+
+        def post(module, args, kwargs, output):
+            if "ids" not in seen:
+                return
+            hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            with torch.no_grad():
+                info = token_information(head_module, hidden, seen.pop("ids"), getattr(self, "last_hidden", None))
+            self.end_forward(info, hidden[:, -1].detach())
+
+        return [base.register_forward_pre_hook(pre, with_kwargs=True), base.register_forward_hook(post, with_kwargs=True)]
+
+
+FIRST_TOKEN_INFORMATION = 1e4  # nats: a sequence's first token has no context, so nothing predicts it
+
+
+def token_information(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
+                      previous: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
+    """Self-information ``-log p(x_i | x_<i)`` in nats of each token ``(batch, q)``.
+
+    ``hidden`` ``(batch, q, hidden)``: final hidden states of ``input_ids`` ``(batch, q)``;
+    position ``i - 1`` predicts token ``i``; ``previous`` ``(batch, hidden)`` is the last hidden
+    state before this chunk (it predicts token 0), else token 0 gets ``FIRST_TOKEN_INFORMATION``.
+    The head runs on ``chunk`` positions at a time (the vocabulary-sized logits are never all held).
+    """
+    b, q, _ = hidden.shape
+    states = hidden if previous is None else torch.cat([previous.unsqueeze(1).to(hidden.dtype), hidden], dim=1)
+    targets = input_ids[:, 1:] if previous is None else input_ids
+    out = []
+    for start in range(0, targets.shape[1], chunk):
+        logits = head(states[:, start : start + min(chunk, targets.shape[1] - start)]).float()
+        logp = logits.log_softmax(-1)
+        out.append(-logp.gather(-1, targets[:, start : start + logits.shape[1]].unsqueeze(-1)).squeeze(-1))
+    info = torch.cat(out, dim=1) if out else hidden.new_zeros((b, 0), dtype=torch.float32)
+    if previous is None:
+        info = torch.cat([info.new_full((b, 1), FIRST_TOKEN_INFORMATION), info], dim=1)
+    return info
 
 
 def _pre_hook(layer: KVCacheLayer, needs_queries: bool):
