@@ -4,7 +4,7 @@
     slimformer eval MODEL_OR_DIR [--against ORIGINAL] [--json]
     slimformer methods
     slimformer report DIR [--out DIR]
-    slimformer generate MODEL (--prompt TEXT ... | --chat [TEXT]) [--max-new-tokens N] [--speculate MODE]
+    slimformer generate MODEL (--prompt TEXT ... | --chat [TEXT]) [--max-new-tokens N] [--speculate MODE] [--kv-cache STEP]
     slimformer kv-eval MODEL --cache STEP [--cache STEP ...] [--prefix N]
     slimformer search [MODEL] --space SPACE --budget bits=3.0 [--budget ...] --out DIR [--ray local|auto|ADDRESS]
     slimformer export MODEL --format gguf --type Q8_0|Q4_0|Q4_1 [--out FILE] [--force]
@@ -192,6 +192,7 @@ def cmd_generate(args) -> int:
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, stop=tuple(args.stop or ()), speculation=speculation,
+        kv_cache=_cache_step(args.kv_cache, "--kv-cache") if args.kv_cache else None,
     )
     loaded = load_model(args.model)
     generator = TextGenerator(loaded, dtype=dtype, compile=False if args.no_compile else None)
@@ -258,25 +259,31 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--draft", default=None, help="draft model for --speculate draft (e.g. a 2-bit compressed folder)")
     p.add_argument("--num-draft", type=int, default=None, help="most tokens drafted per verify step (default: 6 for prompt-lookup, 4 for self and draft)")
     p.add_argument("--exit-layer", type=int, default=None, help="blocks used by the --speculate self draft")
+    p.add_argument("--kv-cache", default=None, help="compress the KV cache with this recipe step, e.g. '{method: information, ratio: 0.75, bits: 4}'")
     p.add_argument("--json", action="store_true", help="print texts and measurements as JSON")
     p.set_defaults(func=cmd_generate)
-def cmd_kv_eval(args) -> int:
-    """Continuation perplexity/KL over a compressed prefix cache, against the full cache."""
+def _cache_step(text: str, flag: str):
+    """A KV-cache config from a YAML/JSON recipe step given on the command line."""
     import yaml
 
+    from slimformer.errors import ConfigError
+    from slimformer.runtime.kv import kv_config_from_dict
+
+    try:
+        step = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{flag} {text!r} is not YAML/JSON", f"write e.g. {flag} '{{method: snapkv, ratio: 0.75}}'") from exc
+    return kv_config_from_dict(step)
+
+
+def cmd_kv_eval(args) -> int:
+    """Continuation perplexity/KL over a compressed prefix cache, against the full cache."""
     from slimformer.data import TextSpec, load_texts
     from slimformer.errors import ConfigError
     from slimformer.evaluate.kv_cache import continuation_quality
     from slimformer.models import load_model
-    from slimformer.runtime.kv import kv_config_from_dict
 
-    specs = {}
-    for text in args.cache:
-        try:
-            step = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--cache {text!r} is not YAML/JSON", "write e.g. --cache '{method: snapkv, ratio: 0.75}'") from exc
-        specs[text] = kv_config_from_dict(step)
+    specs = {text: _cache_step(text, "--cache") for text in args.cache}
     loaded = load_model(args.model)
     if loaded.kind != "causal-lm":
         raise ConfigError(f"{args.model} is not a causal language model", "KV-cache compression needs a decoder (e.g. Llama, Qwen2)")

@@ -150,3 +150,22 @@ def test_compiled_step_equals_eager(monkeypatch):
 def test_compile_off_switch(monkeypatch):
     monkeypatch.setenv("SLIMFORMER_COMPILE", "0")
     assert TextGenerator(lively("llama"), compile=True).compile is False
+
+
+@pytest.mark.parametrize("family", ("llama", "qwen2"))
+def test_generation_over_a_compressed_kv_cache(family):
+    """A KV-cache recipe in GenerationConfig: ratio 0 at model precision gives the static cache's
+    tokens exactly; an evicting, quantizing recipe holds the budget's entries and fewer bytes."""
+    loaded = lively(family)
+    gen = TextGenerator(loaded, compile=False)
+    prompt = PROMPTS[1] * 3
+    plain = gen.generate(prompt, GenerationConfig(max_new_tokens=12, stop_at_eos=False))
+    same = gen.generate(prompt, GenerationConfig(max_new_tokens=12, stop_at_eos=False, kv_cache={"method": "h2o", "ratio": 0.0, "fp_dtype": "model"}))
+    assert same.tokens == plain.tokens
+    small = gen.generate(prompt, GenerationConfig(max_new_tokens=12, stop_at_eos=False,
+                                                  kv_cache={"method": "information", "ratio": 0.5, "bits": 4, "group": 16, "window": 8}))
+    assert len(small.tokens[0]) == 12 and small.stats.kv_cache_mb < 0.5 * same.stats.kv_cache_mb  # same tokens, float32 and whole
+    with pytest.raises(ConfigError, match="one prompt at a time"):
+        gen.generate(PROMPTS, GenerationConfig(max_new_tokens=4, kv_cache={"method": "snapkv", "ratio": 0.5}))
+    with pytest.raises(ConfigError, match="unknown KV-cache method"):
+        GenerationConfig(kv_cache={"method": "nope"})

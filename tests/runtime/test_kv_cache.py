@@ -323,3 +323,17 @@ def test_replayed_prefill_equals_the_forward_and_resumes_a_shared_prefix(tiny_fa
     resumed = record_prefill(model, ids, previous=record_prefill(model, other))
     torch.testing.assert_close(resumed.information, whole.information, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(resumed.keys[3], whole.keys[3], atol=1e-5, rtol=1e-5)
+
+
+def test_cli_generate_with_a_kv_cache_recipe(tmp_path, tiny_factory, run_cli):
+    import json
+
+    loaded = tiny_factory("llama")
+    loaded.model.save_pretrained(tmp_path / "m")
+    loaded.tokenizer.save_pretrained(tmp_path / "m")
+    code, out, err = run_cli("generate", tmp_path / "m", "--prompt", "def f(x): return x " * 8, "--max-new-tokens", "5", "--no-compile",
+                             "--kv-cache", "{method: snapkv, ratio: 0.5}", "--json")
+    assert code == 0, err
+    assert json.loads(out)["stats"]["new_tokens"] == 5
+    code, _, err = run_cli("generate", tmp_path / "m", "--prompt", "x", "--kv-cache", "{method: snapkv, ratio: [1]}")
+    assert code == 2 and err.startswith("slimformer: error: snapkv: ratio must be in [0, 1)") and err.count("\n") == 1

@@ -125,7 +125,10 @@ def decode_n(step: Callable, model: torch.nn.Module, cache: StaticKVCache, first
 class GenerationConfig:
     """What to generate: ``max_new_tokens``; sampling (``temperature`` 0 = greedy, ``top_k``,
     ``top_p``, ``seed``); stop rules (``stop`` strings, ``stop_at_eos``); ``speculation``: a
-    ``speculative.SpeculationConfig`` (greedy only, batch 1; lossless) or None."""
+    ``speculative.SpeculationConfig`` (greedy only, batch 1; lossless) or None; ``kv_cache``: a
+    KV-cache recipe step (``{"method": "information", "ratio": 0.75, "bits": 4}``, see
+    ``runtime.kv``) or None: the prompt is prefilled into that compressed cache and every step
+    attends over it (eager steps, one prompt at a time; the reported KV bytes are the cache's)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -135,6 +138,7 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
     speculation: object | None = None
+    kv_cache: object | None = None
 
     def __post_init__(self) -> None:
         if not is_int_at_least(self.max_new_tokens, 1):
@@ -147,6 +151,12 @@ class GenerationConfig:
         self.sampling = SamplingConfig(self.temperature, self.top_k, self.top_p, self.seed)
         if self.speculation is not None and not self.sampling.greedy:
             raise ConfigError("speculative decoding is lossless only for greedy decoding", "use temperature=0 or drop the speculation")
+        if self.kv_cache is not None:
+            from slimformer.runtime.kv import kv_config_from_dict
+
+            self.kv_cache = kv_config_from_dict(self.kv_cache)
+            if self.speculation is not None:
+                raise ConfigError("speculative decoding over a compressed KV cache is not supported", "drop either the speculation or the KV-cache recipe")
 
 
 @dataclass
@@ -414,6 +424,8 @@ class TextGenerator:
         batch, width = input_ids.shape
         if config.speculation is not None and batch != 1:
             raise ConfigError(f"speculative decoding runs one prompt at a time (got {batch})", "generate the prompts one by one, or drop the speculation")
+        if config.kv_cache is not None and batch != 1:
+            raise ConfigError(f"a compressed KV cache runs one prompt at a time (got {batch})", "generate the prompts one by one, or drop the KV-cache recipe")
         streams = [_RowText(self.tokenizer, config.stop) for _ in range(batch)]
         finish = ["length"] * batch
         done = [False] * batch
@@ -437,6 +449,9 @@ class TextGenerator:
             if config.speculation is not None:
                 timing, spec_stats = config.speculation.run(self, input_ids, attention_mask, config, lambda tok: accept(0, tok), lambda: done[0])
                 cache_bytes = timing.pop("kv_bytes")
+            elif config.kv_cache is not None:
+                spec_stats = {}
+                timing, cache_bytes = self._generate_compressed(input_ids, attention_mask, config, lambda tok: accept(0, tok), lambda: done[0])
             else:
                 spec_stats = {}
                 cache, key_valid = self.cache_for(batch, width + config.max_new_tokens)
@@ -475,6 +490,29 @@ class TextGenerator:
             peak_rss_mb=peak.peak_mb, kv_cache_mb=cache_bytes / 2**20, compiled=self.compile, speculation=spec_stats,
         )
         return GenerationResult([s.text for s in streams], [s.tokens for s in streams], finish, stats)
+
+    def _generate_compressed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
+                             accept: Callable[[int], None], finished: Callable[[], bool]) -> tuple[dict, int]:
+        """One prompt ``(1, T)`` through a ``runtime.kv`` compressed cache: prefill, then one token a
+        step with explicit positions (after eviction the cache holds fewer entries than tokens seen)."""
+        from slimformer.runtime.kv import KVCache
+
+        ids = input_ids[:, attention_mask[0].bool()]
+        cache = KVCache(config.kv_cache, self.model.config.num_hidden_layers)
+        generator = config.sampling.make_generator()
+        n = ids.shape[1]
+        with torch.no_grad(), cache.attach(self.model):
+            out = self.model(ids, position_ids=torch.arange(n).unsqueeze(0), use_cache=True, logits_to_keep=1, **{self.cache_kwarg: cache})
+            token = next_tokens(out.logits[:, -1].float(), config.sampling, generator)
+            first = time.perf_counter()
+            accept(int(token[0]))
+            steps = 0
+            while not finished():
+                out = self.model(token[:, None], position_ids=torch.tensor([[n + steps]]), use_cache=True, **{self.cache_kwarg: cache})
+                token = next_tokens(out.logits[:, -1].float(), config.sampling, generator)
+                steps += 1
+                accept(int(token[0]))
+        return {"prefill_end": first, "end": time.perf_counter(), "steps": steps}, cache.nbytes
 
 
 class _RowText:
