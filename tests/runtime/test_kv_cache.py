@@ -240,7 +240,7 @@ def test_self_information_equals_the_model_log_probabilities(tiny_factory):
     whole = token_information(model.lm_head, hidden, ids, chunk=7)
     assert whole[0, 0] == FIRST_TOKEN_INFORMATION
     torch.testing.assert_close(whole[0, 1:], expected, atol=1e-5, rtol=1e-5)
-    resumed = token_information(model.lm_head, hidden[:, 12:], ids[:, 12:], previous=hidden[:, 11], chunk=5)
+    resumed = token_information(model.lm_head, hidden[:, 12:], ids[:, 12:], previous_logp=logp[:, 11], chunk=5)
     torch.testing.assert_close(resumed, whole[:, 12:], atol=1e-5, rtol=1e-5)
 
 

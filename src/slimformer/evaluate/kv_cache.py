@@ -32,7 +32,7 @@ from slimformer.runtime.kv.base import token_information
 class Prefill:
     """Per-layer ``keys``/``values`` ``(b, h, n, d)`` and ``queries`` ``(b, hq, n, d)`` of a
     prefill, the logits of its last position ``(b, vocab)``, the token ids ``(b, n)``, each
-    token's self-information ``(b, n)`` and the final hidden state of the last position ``(b, hidden)``."""
+    token's self-information ``(b, n)`` and the final hidden states ``(b, n, hidden)``."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -41,11 +41,7 @@ class Prefill:
     input_ids: torch.Tensor
     mass: list[torch.Tensor] | None = None  # accumulated attention per layer (computed once, on demand)
     information: torch.Tensor | None = None
-    last_hidden: torch.Tensor | None = None
-    hiddens: torch.Tensor | None = None  # (b, n, hidden) final hidden states (to resume a shared prefix)
-
-    def last_hidden_at(self, position: int) -> torch.Tensor:
-        return self.hiddens[:, position]
+    hiddens: torch.Tensor | None = None  # final hidden states (to resume a shared prefix)
 
 
 @torch.no_grad()
@@ -78,14 +74,16 @@ def record_prefill(model, input_ids: torch.Tensor, previous: Prefill | None = No
         grab.remove()
     hidden = final[0]
     resumed = previous is not None and common > 0
-    info = token_information(adapter.head()[1], hidden, input_ids[:, common:], previous.last_hidden_at(common - 1) if resumed else None)
+    head = adapter.head()[1]
+    before = head(previous.hiddens[:, common - 1]).float().log_softmax(-1) if resumed else None
+    info = token_information(head, hidden, input_ids[:, common:], before)
     if resumed:
         info = torch.cat([previous.information[:, :common], info], dim=1)
     hiddens = hidden if not resumed else torch.cat([previous.hiddens[:, :common], hidden], dim=1)
     return Prefill(
         [l.keys for l in recorder.layers], [l.values for l in recorder.layers],
         [l.recent_queries for l in recorder.layers], out.logits[:, -1].float(), input_ids,
-        information=info, last_hidden=hidden[:, -1], hiddens=hiddens,
+        information=info, hiddens=hiddens,
     )
 
 
@@ -120,7 +118,7 @@ def replay(model, spec, prefill: Prefill):
             layer.precomputed_mass = prefill.mass[i].clone()
         layer.update(prefill.keys[i], prefill.values[i])
     if cache.config.needs_information:
-        cache.end_forward(prefill.information, prefill.last_hidden)
+        cache.end_forward(prefill.information, prefill.last_logits.log_softmax(-1))
     return cache
 
 

@@ -471,21 +471,24 @@ class KVCache(Cache):
         """Bytes of key/value storage held by all layers (measured from the tensors kept)."""
         return sum(layer.nbytes for layer in self.layers)
 
-    @property
-    def aux_nbytes(self) -> int:
-        return sum(layer.aux_nbytes for layer in self.layers)
 
     @property
     def seen_tokens(self) -> int:
         return self.layers[0].seen
 
-    def end_forward(self, information: torch.Tensor, last_hidden: torch.Tensor | None = None) -> None:
+    @property
+    def aux_nbytes(self) -> int:
+        logp = getattr(self, "last_logp", None)
+        return sum(layer.aux_nbytes for layer in self.layers) + (0 if logp is None else logp.numel() * logp.element_size())
+
+    def end_forward(self, information: torch.Tensor, last_logp: torch.Tensor | None = None) -> None:
         """After a forward (``needs_information`` methods): ``information`` ``(batch, q)`` is the
-        self-information of the forward's ``q`` tokens; ``last_hidden`` ``(batch, hidden)`` the
-        final hidden state of its last position, which predicts the next forward's first token."""
+        self-information of the forward's ``q`` tokens; ``last_logp`` ``(batch, vocab)`` the
+        log-probabilities from its last position, which score the next forward's first token."""
         for layer in self.layers:
             layer.end_forward(information)
-        self.last_hidden = last_hidden
+        if last_logp is not None:
+            self.last_logp = last_logp
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return -1
@@ -517,8 +520,10 @@ class KVCache(Cache):
                 handle.remove()
 
     def _information_hooks(self, adapter) -> list:
-        """Hooks on the base model: its input ids in, its final hidden states out -> the tokens'
-        self-information through the output head, then ``end_forward``."""
+        """Hooks on the base model (its input ids in, its final hidden states out -> the tokens'
+        self-information, then ``end_forward``) and on the output head (the last position's
+        log-probabilities, kept to score the next forward's first token: a decode step computes
+        no extra head output)."""
         head = adapter.head()
         if head is None:
             raise ConfigError(f"{self.config.name} needs the model's output head to score tokens", "use a causal language model")
@@ -534,40 +539,45 @@ class KVCache(Cache):
             seen["ids"] = ids
 
         def post(module, args, kwargs, output):
-            if "ids" not in seen:
+            if seen.get("ids") is None:
                 return
             hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
             with torch.no_grad():
-                info = token_information(head_module, hidden, seen.pop("ids"), getattr(self, "last_hidden", None))
-            self.end_forward(info, hidden[:, -1].detach())
+                info = token_information(head_module, hidden, seen["ids"], getattr(self, "last_logp", None))
+            self.end_forward(info)
 
-        return [base.register_forward_pre_hook(pre, with_kwargs=True), base.register_forward_hook(post, with_kwargs=True)]
+        def head_out(module, args, output):
+            if seen.pop("ids", None) is not None:
+                self.last_logp = output[:, -1].detach().float().log_softmax(-1)
+
+        return [base.register_forward_pre_hook(pre, with_kwargs=True), base.register_forward_hook(post, with_kwargs=True),
+                head_module.register_forward_hook(head_out)]
 
 
 FIRST_TOKEN_INFORMATION = 1e4  # nats: a sequence's first token has no context, so nothing predicts it
 
 
 def token_information(head: torch.nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor,
-                      previous: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
+                      previous_logp: torch.Tensor | None = None, chunk: int = 256) -> torch.Tensor:
     """Self-information ``-log p(x_i | x_<i)`` in nats of each token ``(batch, q)``.
 
     ``hidden`` ``(batch, q, hidden)``: final hidden states of ``input_ids`` ``(batch, q)``;
-    position ``i - 1`` predicts token ``i``; ``previous`` ``(batch, hidden)`` is the last hidden
-    state before this chunk (it predicts token 0), else token 0 gets ``FIRST_TOKEN_INFORMATION``.
-    The head runs on ``chunk`` positions at a time (the vocabulary-sized logits are never all held).
+    position ``i - 1`` predicts token ``i`` (the head runs on positions ``0 .. q-2``, ``chunk``
+    at a time, so the vocabulary-sized logits are never all held); ``previous_logp``
+    ``(batch, vocab)``: log-probabilities from the position before this chunk (they score token
+    0), else token 0 gets ``FIRST_TOKEN_INFORMATION``.
     """
     b, q, _ = hidden.shape
-    states = hidden if previous is None else torch.cat([previous.unsqueeze(1).to(hidden.dtype), hidden], dim=1)
-    targets = input_ids[:, 1:] if previous is None else input_ids
     out = []
-    for start in range(0, targets.shape[1], chunk):
-        logits = head(states[:, start : start + min(chunk, targets.shape[1] - start)]).float()
-        logp = logits.log_softmax(-1)
-        out.append(-logp.gather(-1, targets[:, start : start + logits.shape[1]].unsqueeze(-1)).squeeze(-1))
-    info = torch.cat(out, dim=1) if out else hidden.new_zeros((b, 0), dtype=torch.float32)
-    if previous is None:
-        info = torch.cat([info.new_full((b, 1), FIRST_TOKEN_INFORMATION), info], dim=1)
-    return info
+    if previous_logp is not None:
+        out.append(-previous_logp.float().gather(-1, input_ids[:, :1]))
+    else:
+        out.append(torch.full((b, 1), FIRST_TOKEN_INFORMATION))
+    for start in range(0, q - 1, chunk):
+        stop = min(start + chunk, q - 1)
+        logp = head(hidden[:, start:stop]).float().log_softmax(-1)
+        out.append(-logp.gather(-1, input_ids[:, start + 1 : stop + 1].unsqueeze(-1)).squeeze(-1))
+    return torch.cat(out, dim=1)
 
 
 def _pre_hook(layer: KVCacheLayer, needs_queries: bool):
