@@ -7,6 +7,7 @@ the background, and be assembled with ``report``):
     python benchmarks/kv_cache.py ours     # our methods: continuation ppl/KL, pass-key accuracy
     python benchmarks/kv_cache.py peers    # kvpress presses + QuantizedCache, in /work/venvs/kvpress
     python benchmarks/kv_cache.py speed    # decode tokens/s and KV bytes against context length
+    python benchmarks/kv_cache.py bitstream  # CacheGen-style coded caches: bytes, coding time, quality
     python benchmarks/kv_cache.py report   # kv_cache.md / .json / .png
 
 The model is the GGUF SmolLM2-135M-Instruct (Q4_1 linears, dequantized to float32 to run), saved
@@ -180,6 +181,57 @@ def stage_ours():
     out.write_text(json.dumps(result, indent=1))
 
 
+BITSTREAMS = {  # name -> (eviction step before coding or None, delta bits)
+    "bitstream 4-bit": (None, 4), "bitstream 3-bit": (None, 3), "bitstream 2-bit": (None, 2),
+    "information @2x + bitstream 3-bit": ({"method": "information", "ratio": 0.5}, 3),
+    "information @4x + bitstream 4-bit": ({"method": "information", "ratio": 0.75}, 4),
+}
+
+
+def stage_bitstream():
+    """CacheGen-style bitstreams of the perplexity documents' prefix caches (alone, or of what an
+    eviction kept): measured stream bytes, coding time, and the continuation over the decoded cache."""
+    from transformers import DynamicCache
+
+    from slimformer.evaluate.kv_cache import _run, kv_bytes, record_prefill, replay
+    from slimformer.runtime.kv.bitstream import BitstreamConfig, cache_layers, decode_kv, encode_kv
+
+    inputs = json.loads((PARTS / "inputs.json").read_text())
+    model, _ = load_model()
+    result = {"machine_start": machine(), "ppl": {}, "timing": {}}
+    for doc in inputs["ppl"]:
+        prefix, cont = torch.tensor([doc["prefix"]]), torch.tensor([doc["continuation"]])
+        prefill = record_prefill(model, prefix)
+        full16 = kv_bytes(replay(model, None, prefill))[0]  # 2 bytes an element, every token
+        ref = None
+        with torch.no_grad():
+            for name, (evict, bits) in {"full": (None, None), **BITSTREAMS}.items():
+                if bits is None:
+                    layers = list(zip(prefill.keys, prefill.values))
+                    stored = full16
+                else:
+                    layers = cache_layers(replay(model, evict, prefill)) if evict else list(zip(prefill.keys, prefill.values))
+                    start = time.perf_counter()
+                    data = encode_kv(layers, BitstreamConfig(bits=bits))
+                    mid = time.perf_counter()
+                    layers = decode_kv(data)
+                    end = time.perf_counter()
+                    stored = len(data)
+                    t = result["timing"].setdefault(name, {"encode_s": [], "decode_s": [], "mb_16bit": []})
+                    t["encode_s"].append(mid - start); t["decode_s"].append(end - mid); t["mb_16bit"].append(full16 / 2**20)
+                cache = DynamicCache(config=model.config)
+                for i, (k, v) in enumerate(layers):
+                    cache.update(k.to(model.dtype), v.to(model.dtype), i)
+                logits = _run(model, cache, cont, prefix.shape[1]).logits.float()
+                logp = torch.cat([prefill.last_logits.unsqueeze(1), logits[:, :-1]], dim=1).log_softmax(-1)
+                nll = -logp.gather(-1, cont.unsqueeze(-1)).squeeze(-1).mean().item()
+                ref = logp if ref is None else ref
+                agg = result["ppl"].setdefault(name, {"nll": [], "kl": [], "ratio": []})
+                agg["nll"].append(nll); agg["kl"].append((ref.exp() * (ref - logp)).sum(-1).mean().item()); agg["ratio"].append(full16 / stored)
+                print(name, round(full16 / stored, 2), round(math.exp(nll), 3), flush=True)
+        (PARTS / "bitstream.json").write_text(json.dumps(result, indent=1))
+
+
 def stage_peers():
     log = open(PARTS / "peers.log", "w")
     subprocess.run([PEER_PYTHON, str(ROOT / "kv_cache_peers.py"), str(PARTS / "inputs.json"), str(PARTS / "peers.json")], check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -246,6 +298,7 @@ def spec_needs_hooks(spec):
 def stage_report():
     ours = json.loads((PARTS / "ours.json").read_text())
     peers = json.loads((PARTS / "peers.json").read_text()) if (PARTS / "peers.json").exists() else None
+    bitstream = json.loads((PARTS / "bitstream.json").read_text()) if (PARTS / "bitstream.json").exists() else None
     speed = json.loads((PARTS / "speed.json").read_text()) if (PARTS / "speed.json").exists() else None
     rows = []
 
@@ -266,6 +319,10 @@ def stage_report():
     full_pk_ours = ours["passkey"].get("full", {}).get("correct", 0)
     for name, v in ours["ppl"].items():
         add("slimformer", name, v, ours["passkey"].get(name) if n_ours else None, fp_ours, full_pk_ours, max(n_ours, 1))
+    if bitstream:  # same documents, same model: the full cache's perplexity is the same number
+        for name, v in bitstream["ppl"].items():
+            if name != "full":
+                add("slimformer", name, v, None, full_of(bitstream), 0, 1)
     if peers:
         n_peers = peers.get("passkey_cases_done", 0)
         fp_peers = full_of(peers)
@@ -278,7 +335,8 @@ def stage_report():
             "passkey_cases": {"ours": n_ours, "peers": peers.get("passkey_cases_done", 0) if peers else 0},
             "full_passkey": {"ours": full_pk_ours, "peers": peers["passkey"]["full"]["correct"] if peers else None},
             "peer_versions": peers.get("versions") if peers else None,
-            "peer_replay_check_max_abs_diff": peers.get("replay_check_max_abs_diff") if peers else None, "speed": speed}
+            "peer_replay_check_max_abs_diff": peers.get("replay_check_max_abs_diff") if peers else None, "speed": speed,
+            "bitstream_timing": bitstream.get("timing") if bitstream else None}
     (RESULTS / "kv_cache.json").write_text(json.dumps(data, indent=1))
     write_markdown(data)
     plot(data)
@@ -313,6 +371,13 @@ def write_markdown(data):
             b = min(c, key=lambda r: r["ppl"])
             return f"{b['method']} ({b['ratio']:.2f}x): {b['ppl_delta_pct']:+.2f}%, " + ("" if b["passkey_rel"] is None else f"{100 * b['passkey_rel']:.0f}%")
         lines.append(f"| {t}x | {best('slimformer')} | {best('peer')} |")
+    if data.get("bitstream_timing"):
+        lines += ["", "## Bitstreams (CacheGen-style: anchor + deltas per chunk of 16 tokens, per-channel ANS coding)", "",
+                  "Rows named `bitstream` store the cache as one coded stream (for storage or transfer; decoded before use); the ratio counts the whole stream "
+                  "(header, scales, frequency tables, coded words).", "",
+                  "| stream | encode s | decode s | 16-bit cache MiB |", "|---|---:|---:|---:|"]
+        for name, t in data["bitstream_timing"].items():
+            lines.append(f"| {name} | {sum(t['encode_s']) / len(t['encode_s']):.2f} | {sum(t['decode_s']) / len(t['decode_s']):.2f} | {sum(t['mb_16bit']) / len(t['mb_16bit']):.1f} |")
     lines += ["", "## Pass key at each ratio", "",
               f"Accuracy relative to the full cache on the same cases (ours: {data['passkey_cases']['ours']} cases, peers: {data['passkey_cases']['peers']}); "
               "the target asks >= 90% at 8x and >= 75% at 16x.", "",
@@ -364,4 +429,5 @@ def plot(data):
 
 if __name__ == "__main__":
     stage = sys.argv[1] if len(sys.argv) > 1 else "report"
-    {"inputs": stage_inputs, "ours": stage_ours, "peers": stage_peers, "speed": stage_speed, "report": stage_report}[stage]()
+    {"inputs": stage_inputs, "ours": stage_ours, "peers": stage_peers, "speed": stage_speed, "bitstream": stage_bitstream,
+     "report": stage_report}[stage]()
