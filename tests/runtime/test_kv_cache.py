@@ -337,3 +337,18 @@ def test_cli_generate_with_a_kv_cache_recipe(tmp_path, tiny_factory, run_cli):
     assert json.loads(out)["stats"]["new_tokens"] == 5
     code, _, err = run_cli("generate", tmp_path / "m", "--prompt", "x", "--kv-cache", "{method: snapkv, ratio: [1]}")
     assert code == 2 and err.startswith("slimformer: error: snapkv: ratio must be in [0, 1)") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_packed_blocks_concatenate_exactly(axis):
+    """A quantized cache keeps one growing block: concatenated blocks dequantize to the blocks'
+    dequantizations side by side, with the bytes of both."""
+    from slimformer.runtime.kv.storage import concat_tokens
+
+    g = torch.Generator().manual_seed(3)
+    a, b = quantize(torch.randn(1, 2, 32, 16, generator=g), 4, 8 if axis == "channel" else 16, axis), quantize(torch.randn(1, 2, 16, 16, generator=g), 4, 8 if axis == "channel" else 16, axis)
+    joined = concat_tokens(a, b)
+    assert joined.tokens == 48 and joined.nbytes == a.nbytes + b.nbytes
+    assert torch.equal(dequantize(joined), torch.cat([dequantize(a), dequantize(b)], dim=2))
+    with pytest.raises(ValueError):
+        concat_tokens(a, quantize(torch.randn(1, 2, 16, 16, generator=g), 2, 16, "token"))

@@ -45,7 +45,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from slimformer.errors import ConfigError, is_int_at_least
-from slimformer.runtime.kv.storage import PACKABLE_BITS, PackedTensor, dequantize, hadamard, quantize
+from slimformer.runtime.kv.storage import PACKABLE_BITS, PackedTensor, concat_tokens, dequantize, hadamard, quantize
 
 BUDGETS = ("uniform", "pyramid")
 FP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "model": None}
@@ -353,7 +353,10 @@ class KVCacheLayer(CacheLayerMixin):
         if n <= 0:
             return
         pk, pv = self._quantize_block(self.keys[..., :n, :], self.values[..., :n, :])
-        self.quantized.append((pk, pv))
+        if self.quantized:  # one growing block: one dequantization pass per step
+            (qk, qv), = self.quantized
+            pk, pv = concat_tokens(qk, pk), concat_tokens(qv, pv)
+        self.quantized = [(pk, pv)]
         self.keys, self.values = self.keys[..., n:, :], self.values[..., n:, :]
 
     # -- the write path --------------------------------------------------------------------------

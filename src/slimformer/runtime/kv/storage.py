@@ -69,6 +69,17 @@ class PackedTensor:
         return self.shape[2]
 
 
+def concat_tokens(first: PackedTensor, second: PackedTensor) -> PackedTensor:
+    """One ``PackedTensor`` holding ``first``'s tokens then ``second``'s (same bits, group, axis,
+    heads and head_dim): codes, scales and zeros are all laid out token-major, so a cache keeps
+    one block per layer and dequantizes it in one pass per step instead of one per block."""
+    if (first.bits, first.group, first.axis) != (second.bits, second.group, second.axis) or first.shape[:2] + first.shape[3:] != second.shape[:2] + second.shape[3:]:
+        raise ValueError("cannot concatenate packed blocks of different formats or shapes")
+    b, h, t, d = first.shape
+    return PackedTensor(torch.cat([first.codes, second.codes], dim=2), torch.cat([first.scale, second.scale], dim=2),
+                        torch.cat([first.zero, second.zero], dim=2), first.bits, first.group, first.axis, (b, h, t + second.shape[2], d))
+
+
 def _grouped(x: torch.Tensor, group: int, axis: str) -> torch.Tensor:
     b, h, t, d = x.shape
     if axis == "token":  # (b, h, t/g, g, d): statistics over the g tokens of each channel
