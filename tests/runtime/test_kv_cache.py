@@ -352,3 +352,20 @@ def test_packed_blocks_concatenate_exactly(axis):
     assert torch.equal(dequantize(joined), torch.cat([dequantize(a), dequantize(b)], dim=2))
     with pytest.raises(ValueError):
         concat_tokens(a, quantize(torch.randn(1, 2, 16, 16, generator=g), 2, 16, "token"))
+
+
+@torch.no_grad()
+def test_decode_eviction_never_requantizes_stored_entries(tiny_factory):
+    """Evict+quantize while decoding: the codes quantized at prefill stay bit for bit (eviction
+    chooses among full-precision entries), and the cache still holds its budget."""
+    loaded = tiny_factory("llama")
+    model, ids = loaded.model.eval(), _ids(80)
+    cache = kv_cache(loaded, {"method": "h2o", "ratio": 0.5, "bits": 4, "group": 8, "window": 4})
+    with cache.attach(loaded):
+        _forward(model, cache, ids[:, :64], 0)
+        before = [layer.quantized[0][0].codes.clone() for layer in cache.layers]
+        for i in range(16):
+            _forward(model, cache, ids[:, 64 + i : 65 + i], 64 + i)
+    for layer, codes in zip(cache.layers, before):
+        assert torch.equal(layer.quantized[0][0].codes[:, :, : codes.shape[2]], codes)
+        assert layer.get_seq_length() == math.ceil(0.5 * 80)

@@ -439,25 +439,30 @@ class KVCacheLayer(CacheLayerMixin):
 
     def _evict(self, all_k: torch.Tensor, all_v: torch.Tensor, attention: torch.Tensor | None) -> None:
         """Keep the top-scored ``budget()`` entries of each KV head (sinks and window forced), in
-        their original order; everything is rebuilt from ``all_k``/``all_v`` ``(b, h, t, d)``."""
+        their original order. Entries already quantized (the first ``nq`` of ``all_k``/``all_v``
+        ``(b, h, t, d)``) are kept as they are: re-quantizing dequantized values would compound
+        their error at every step, so eviction chooses among the full-precision entries, and the
+        quantized part shrinks only when a prefill compresses before anything is quantized."""
         cfg = self.config
         t = all_k.shape[-2]
+        nq = self.quantized[0][0].tokens if self.quantized else 0
         keep = self.budget()
         scores = cfg.score(ScoreInputs(all_k, all_v, attention, self.accumulated, self.seen, self.information, keep)).float()
         scores = scores.clone()
+        scores[..., :nq] = float("inf")
         if cfg.sinks:
             scores[..., : cfg.sinks] = float("inf")
         if cfg.window:
             scores[..., max(0, t - cfg.window) :] = float("inf")
-        idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # (b, h, keep)
-        gather = idx.unsqueeze(-1).expand(-1, -1, -1, all_k.shape[-1])
-        kept_k = all_k.gather(2, gather).to(self.store_dtype)
-        kept_v = all_v.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, all_v.shape[-1])).to(self.store_dtype)
+        keep = min(t, max(keep, int(torch.isinf(scores[0, 0]).sum())))
+        idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # (b, h, keep); the first nq are 0..nq-1
+        fp_idx = idx[..., nq:]
+        kept_k = all_k.gather(2, fp_idx.unsqueeze(-1).expand(-1, -1, -1, all_k.shape[-1])).to(self.store_dtype)
+        kept_v = all_v.gather(2, fp_idx.unsqueeze(-1).expand(-1, -1, -1, all_v.shape[-1])).to(self.store_dtype)
         if self.accumulated is not None:
             self.accumulated = self.accumulated.gather(2, idx)
         if self.information is not None:
             self.information = self.information.gather(2, idx)
-        self.quantized = []
         self.keys, self.values = kept_k, kept_v
         self.kept_indices = idx  # (b, h, keep): positions in this update's ``all_k`` (for tests)
 
