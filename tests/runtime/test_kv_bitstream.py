@@ -25,7 +25,7 @@ def _layers(n: int, smooth: bool, seed: int = 0, num_layers: int = 3):
     return out
 
 
-@pytest.mark.parametrize("bits,chunk,n", [(4, 16, 200), (2, 8, 37), (3, 1, 50), (6, 64, 20)])
+@pytest.mark.parametrize("bits,chunk,n", [(4, 16, 200), (2, 8, 37), (3, 1, 50), (6, 64, 20), (4, 16, 300)])
 def test_round_trip_within_the_delta_step(bits, chunk, n):
     layers = _layers(n, smooth=True)
     data = encode_kv(layers, BitstreamConfig(bits=bits, chunk=chunk))
@@ -92,3 +92,15 @@ def test_bad_settings_and_bad_bytes():
             BitstreamConfig(**bad)
     with pytest.raises(ConfigError, match="magic"):
         decode_kv(b"not a stream at all")
+
+
+def test_an_outlier_coarsens_only_its_own_step_block():
+    layers = _layers(256, smooth=True, num_layers=1)
+    k, v = layers[0]
+    k = k.clone()
+    k[0, 0, 5, 3] += 50.0  # one outlier in the first 128-token block of one channel
+    data = encode_kv([(k, v)], BitstreamConfig(bits=4, step_tokens=128))
+    (bound, _), = max_abs_error([(k, v)], data)
+    (k2, _), = decode_kv(data)
+    assert ((k - k2).abs() <= bound + 1e-6).all()
+    assert bound[0, 0, :128, 3].max() > 10 * bound[0, 0, 128:, 3].max()

@@ -6,7 +6,8 @@ CacheGen's three observations, each used here:
 - **token-wise locality**: neighbouring tokens' keys/values are close, so each chunk of ``chunk``
   tokens is stored as one *anchor* (its first token, ``anchor_bits`` per element, per-channel
   scale and zero) plus every token's *delta* to the reconstructed anchor, quantized
-  symmetrically with one step per channel;
+  symmetrically with one step per channel per ``step_tokens`` tokens (a step set by the whole
+  sequence would let one outlier coarsen every token of its channel);
 - **layer-wise sensitivity**: errors in shallow layers propagate through the rest, so the first
   ``early_fraction`` of the layers get ``early_extra_bits`` more bits for their deltas;
 - **arithmetic coding with per-channel distributions**: the delta symbols of each (layer,
@@ -40,11 +41,13 @@ MAGIC = b"SFKV1"
 @dataclass
 class BitstreamConfig:
     """``bits``: delta bits (2-8); ``anchor_bits``: anchor bits (4-8); ``chunk``: tokens per anchor;
-    ``early_fraction``/``early_extra_bits``: the first layers' extra delta bits."""
+    ``step_tokens``: tokens sharing one delta step per channel; ``early_fraction``/
+    ``early_extra_bits``: the first layers' extra delta bits."""
 
     bits: int = 4
     anchor_bits: int = 8
     chunk: int = 16
+    step_tokens: int = 128
     early_fraction: float = 1 / 3
     early_extra_bits: int = 1
 
@@ -55,8 +58,9 @@ class BitstreamConfig:
                 raise ConfigError(f"bitstream: {key} must be an integer in [{lo}, {hi}], got {value!r}", f"write e.g. {key}: {lo + 2 if key != 'early_extra_bits' else 1}")
         if self.bits + self.early_extra_bits > 8:
             raise ConfigError(f"bitstream: bits + early_extra_bits = {self.bits + self.early_extra_bits} exceeds 8", "lower early_extra_bits")
-        if not is_int_at_least(self.chunk, 1):
-            raise ConfigError(f"bitstream: chunk must be an integer >= 1, got {self.chunk!r}", "write e.g. chunk: 16")
+        for key in ("chunk", "step_tokens"):
+            if not is_int_at_least(getattr(self, key), 1):
+                raise ConfigError(f"bitstream: {key} must be an integer >= 1, got {getattr(self, key)!r}", f"write e.g. {key}: {16 if key == 'chunk' else 128}")
         f = self.early_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
             raise ConfigError(f"bitstream: early_fraction must be in [0, 1], got {f!r}", "write e.g. early_fraction: 0.33")
@@ -148,8 +152,11 @@ def _encode_tensor(x: torch.Tensor, delta_bits: int, cfg: BitstreamConfig) -> tu
     anchor_hat = asym * ascale.float() + azero.float()
     delta = xs - anchor_hat.repeat_interleave(cfg.chunk, dim=1)[:, :n]
     qmax = (1 << (delta_bits - 1)) - 1
-    step = _fp16_at_least((delta.abs().amax(1, keepdim=True) / qmax).clamp_min(1e-8))
-    dsym = (torch.round(delta / step.float()).clamp_(-qmax, qmax) + qmax).to(torch.int64).numpy()
+    blocks = -(-n // cfg.step_tokens)
+    span = torch.nn.functional.pad(delta.abs(), (0, blocks * cfg.step_tokens - n)).reshape(-1, blocks, cfg.step_tokens).amax(-1)
+    step = _fp16_at_least((span / qmax).clamp_min(1e-8))  # (C, blocks)
+    per_token = step.float().repeat_interleave(cfg.step_tokens, dim=1)[:, :n]
+    dsym = (torch.round(delta / per_token).clamp_(-qmax, qmax) + qmax).to(torch.int64).numpy()
     asym_np = asym.to(torch.int64).numpy()
     group = _table_group(b * h * d, n, 2 * qmax + 1, delta_bits)
     dcounts = _counts(dsym, 2 * qmax + 1, group)
@@ -170,7 +177,8 @@ def _decode_tensor(entry: dict, arrays: list[np.ndarray], cfg: BitstreamConfig) 
     anchor_hat = asym * torch.from_numpy(ascale).float() + torch.from_numpy(azero).float()
     qmax = (1 << (entry["delta_bits"] - 1)) - 1
     dsym = torch.from_numpy(_decode_rows(dwords, dcounts, c, n, entry["table_group"])).float() - qmax
-    xs = anchor_hat.repeat_interleave(cfg.chunk, dim=1)[:, :n] + dsym * torch.from_numpy(step).float()
+    per_token = torch.from_numpy(step).float().repeat_interleave(cfg.step_tokens, dim=1)[:, :n]
+    xs = anchor_hat.repeat_interleave(cfg.chunk, dim=1)[:, :n] + dsym * per_token
     return xs.reshape(b, h, d, n).permute(0, 1, 3, 2).contiguous()
 
 
@@ -213,7 +221,7 @@ def decode_kv(data: bytes) -> list[tuple[torch.Tensor, torch.Tensor]]:
             pos += nbytes
         b, h, n, d = entry["shape"]
         c = b * h * d
-        arrays[0], arrays[1], arrays[2] = arrays[0].reshape(c, 1), arrays[1].reshape(c, 1), arrays[2].reshape(c, 1)
+        arrays[0], arrays[1], arrays[2] = arrays[0].reshape(c, 1), arrays[1].reshape(c, 1), arrays[2].reshape(c, -1)
         arrays[3] = arrays[3].reshape(-(-c // entry["table_group"]), -1)
         arrays[4] = arrays[4].reshape(1, -1)
         tensors.append(_decode_tensor(entry, arrays, cfg).to(dtype))
@@ -221,17 +229,19 @@ def decode_kv(data: bytes) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def max_abs_error(layers: list[tuple[torch.Tensor, torch.Tensor]], data: bytes) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The bound on ``|x - decoded|`` per channel: half of each channel's delta step, shaped
-    ``(batch, kv_heads, 1, head_dim)`` per layer and tensor (read back from the stream)."""
+    """The bound on ``|x - decoded|``: half of each element's delta step, shaped like the input
+    ``(batch, kv_heads, tokens, head_dim)`` per layer and tensor (read back from the stream)."""
     (size,) = struct.unpack("<I", data[len(MAGIC) : len(MAGIC) + 4])
     start = len(MAGIC) + 4
     header = json.loads(data[start : start + size])
     pos = start + size
+    step_tokens = header["config"]["step_tokens"]
     bounds = []
     for entry in header["tensors"]:
         sizes = entry["sizes"]
         step = np.frombuffer(data[pos + sizes[0] + sizes[1] : pos + sizes[0] + sizes[1] + sizes[2]], dtype=np.float16)
         pos += sum(sizes)
         b, h, n, d = entry["shape"]
-        bounds.append(torch.from_numpy(step.astype(np.float32)).reshape(b, h, d, 1).permute(0, 1, 3, 2) * 0.5)
+        per_token = torch.from_numpy(step.astype(np.float32)).reshape(b * h * d, -1).repeat_interleave(step_tokens, dim=1)[:, :n]
+        bounds.append(per_token.reshape(b, h, d, n).permute(0, 1, 3, 2) * 0.5)
     return [(bounds[i], bounds[i + 1]) for i in range(0, len(bounds), 2)]
