@@ -152,7 +152,7 @@ def stage_ours():
     inputs = json.loads((PARTS / "inputs.json").read_text())
     model, tok = load_model()
     specs = our_methods(inputs["targets"])
-    result = {"machine_start": machine(), "specs": specs, "ppl": {}, "passkey": {}}
+    result = {"machine_start": machine(), "specs": specs, "ppl": {}, "passkey": {}, "settings": inputs["settings"]}
     out = PARTS / "ours.json"
     if os.environ.get("KV_REUSE_PPL") == "1":  # keep a finished perplexity stage, rerun the pass key
         result["ppl"] = json.loads(out.read_text())["ppl"]
@@ -176,6 +176,7 @@ def stage_ours():
             agg["correct"] += int(case["answer"] in text)
             agg["ratio"].append(full / max(measured, 1))
         result["passkey_cases_done"] = ci + 1
+        result["passkey_context_tokens"] = len(case["context"])
         out.write_text(json.dumps(result, indent=1))
     result["machine_end"] = machine()
     out.write_text(json.dumps(result, indent=1))
@@ -303,6 +304,7 @@ def stage_report():
     rows = []
 
     def add(source, name, ppl, pk, full_ppl, full_pk, n_cases):
+        pk = pk if pk and pk.get("ratio") else None  # a method the pass-key stage did not run
         nll = sum(ppl["nll"]) / len(ppl["nll"])
         ratio = sum(ppl["ratio"]) / len(ppl["ratio"])
         rows.append({"source": source, "method": name, "ratio": ratio, "ppl": math.exp(nll),
@@ -330,9 +332,10 @@ def stage_report():
         for name, v in peers["ppl"].items():
             if v["nll"] and name != "full":
                 add("peer", name, v, peers["passkey"].get(name) if n_peers else None, fp_peers, full_pk_peers, max(n_peers, 1))
-    settings = json.loads((PARTS / "inputs.json").read_text())["settings"]  # as the run used them
+    settings = ours["settings"]  # as the run used them
     data = {"machine": ours.get("machine_end") or ours.get("machine_start"), "settings": settings, "rows": rows,
             "passkey_cases": {"ours": n_ours, "peers": peers.get("passkey_cases_done", 0) if peers else 0},
+            "passkey_context_tokens": ours.get("passkey_context_tokens"),
             "full_passkey": {"ours": full_pk_ours, "peers": peers["passkey"]["full"]["correct"] if peers else None},
             "peer_versions": peers.get("versions") if peers else None,
             "peer_replay_check_max_abs_diff": peers.get("replay_check_max_abs_diff") if peers else None, "speed": speed,
@@ -350,7 +353,7 @@ def write_markdown(data):
              "Model: SmolLM2-135M-Instruct from its GGUF file (linears on a 4-bit g32 asymmetric grid, run dequantized in float32). "
              f"Perplexity: {data['settings']['ppl_docs']} samples of held-out `pydoc-topics` documents concatenated to a {data['settings']['ppl_prefix']}-token prefix, "
              f"continuation of {data['settings']['ppl_continuation']} tokens scored teacher-forced over the compressed prefix cache. "
-             f"Pass key: {data['passkey_cases']['ours']} cases (ours) / {data['passkey_cases']['peers']} (peers) of ~{data['settings']['passkey_tokens']} tokens, key at evenly spread depths, "
+             f"Pass key: {data['passkey_cases']['ours']} cases (ours) / {data['passkey_cases']['peers']} (peers) of {data.get('passkey_context_tokens') or '~' + str(data['settings']['passkey_tokens'])} tokens, key at evenly spread depths, "
              f"context prefilled into the cache, then the question and {data['settings']['new_tokens']} greedy tokens over the compressed cache; "
              f"full cache: {data['full_passkey']['ours']}/{data['passkey_cases']['ours']} (ours' run), {data['full_passkey']['peers']}/{data['passkey_cases']['peers']} (peers' run).", "",
              "Ratio = bytes of a 16-bit full cache of the same tokens / bytes held (measured from the tensors kept; peers: see kv_cache_peers.py). "
