@@ -422,10 +422,10 @@ def plot(data):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for src, marker in (("slimformer", "o"), ("peer", "x")):
         rows = [r for r in data["rows"] if r["source"] == src and r["method"] != "full"]
-        axes[0].scatter([r["ratio"] for r in rows], [r["ppl_delta_pct"] for r in rows], marker=marker, label=src)
+        axes[0].scatter([r["ratio"] for r in rows], [max(r["kl"], 1e-5) for r in rows], marker=marker, label=src)
         rows = [r for r in rows if r["passkey_rel"] is not None]
         axes[1].scatter([r["ratio"] for r in rows], [100 * r["passkey_rel"] for r in rows], marker=marker, label=src)
-    axes[0].set(xscale="log", yscale="symlog", xlabel="KV bytes ratio (vs 16-bit full cache)", ylabel="continuation ppl increase %")
+    axes[0].set(xscale="log", yscale="log", xlabel="KV bytes ratio (vs 16-bit full cache)", ylabel="KL from the full cache (continuation tokens)")
     axes[1].set(xscale="log", xlabel="KV bytes ratio (vs 16-bit full cache)", ylabel="pass-key accuracy, % of full cache")
     for ax in axes:
         ax.legend()
