@@ -8,6 +8,7 @@ the background, and be assembled with ``report``):
     python benchmarks/kv_cache.py peers    # kvpress presses + QuantizedCache, in /work/venvs/kvpress
     python benchmarks/kv_cache.py speed    # decode tokens/s and KV bytes against context length
     python benchmarks/kv_cache.py bitstream  # CacheGen-style coded caches: bytes, coding time, quality
+    python benchmarks/kv_cache.py passkey-long  # the pass key again at ~8k tokens
     python benchmarks/kv_cache.py report   # kv_cache.md / .json / .png
 
 The model is the GGUF SmolLM2-135M-Instruct (Q4_1 linears, dequantized to float32 to run), saved
@@ -147,7 +148,7 @@ PASSKEY_METHODS = ("snapkv+kivi4 @8x", "kivi2", "information @8x", "information+
 def stage_ours():
     from tqdm import tqdm
 
-    from slimformer.evaluate.kv_cache import answer, continuation_quality, kv_bytes, record_prefill, replay
+    from slimformer.evaluate.kv_cache import continuation_quality
 
     inputs = json.loads((PARTS / "inputs.json").read_text())
     model, tok = load_model()
@@ -162,8 +163,18 @@ def stage_ours():
             agg = result["ppl"].setdefault(name, {"nll": [], "kl": [], "ratio": []})
             agg["nll"].append(v["nll"]); agg["kl"].append(v["kl"]); agg["ratio"].append(v["ratio"])
         out.write_text(json.dumps(result, indent=1))
+    run_passkey(model, tok, inputs["passkey"], specs, result, out)
+
+
+def run_passkey(model, tok, cases, specs, result, out):
+    """The pass-key cases through the full cache and PASSKEY_METHODS; ``result`` written to ``out``
+    after every case (a run stopped early keeps what it finished)."""
+    from tqdm import tqdm
+
+    from slimformer.evaluate.kv_cache import answer, kv_bytes, record_prefill, replay
+
     prev = None
-    for ci, case in enumerate(tqdm(inputs["passkey"], desc="pass-key cases")):
+    for ci, case in enumerate(tqdm(cases, desc="pass-key cases")):
         ctx, q = torch.tensor([case["context"]]), torch.tensor([case["question"]])
         prev = record_prefill(model, ctx, prev)
         for name, spec in {"full": None, **specs}.items():
@@ -180,6 +191,22 @@ def stage_ours():
         out.write_text(json.dumps(result, indent=1))
     result["machine_end"] = machine()
     out.write_text(json.dumps(result, indent=1))
+
+
+def stage_passkey_long():
+    """The pass key again at the model's longest context (KV_LONG_TOKENS, default 8,300 tokens of
+    text: about 8,000 tokens, inside SmolLM2's 8,192 positions with the question and answer)."""
+    from slimformer.evaluate.kv_cache import passkey_cases
+
+    inputs = json.loads((PARTS / "inputs.json").read_text())
+    model, tok = load_model()
+    length = int(os.environ.get("KV_LONG_TOKENS", 8300))
+    cases = passkey_cases(tok, SETTINGS["passkey_cases"], length)
+    order = sorted(range(len(cases)), key=lambda i: int(format(i, "05b")[::-1], 2))
+    cases = [{"context": tok(cases[i]["context"])["input_ids"], "question": tok(cases[i]["question"], add_special_tokens=False)["input_ids"],
+              "answer": cases[i]["answer"], "depth": cases[i]["depth"]} for i in order]
+    result = {"machine_start": machine(), "passkey": {}}
+    run_passkey(model, tok, cases, our_methods(inputs["targets"]), result, PARTS / "passkey_long.json")
 
 
 BITSTREAMS = {  # name -> (eviction step before coding or None, delta bits)
@@ -300,6 +327,7 @@ def stage_report():
     ours = json.loads((PARTS / "ours.json").read_text())
     peers = json.loads((PARTS / "peers.json").read_text()) if (PARTS / "peers.json").exists() else None
     bitstream = json.loads((PARTS / "bitstream.json").read_text()) if (PARTS / "bitstream.json").exists() else None
+    long = json.loads((PARTS / "passkey_long.json").read_text()) if (PARTS / "passkey_long.json").exists() else None
     speed = json.loads((PARTS / "speed.json").read_text()) if (PARTS / "speed.json").exists() else None
     rows = []
 
@@ -339,7 +367,7 @@ def stage_report():
             "full_passkey": {"ours": full_pk_ours, "peers": peers["passkey"]["full"]["correct"] if peers else None},
             "peer_versions": peers.get("versions") if peers else None,
             "peer_replay_check_max_abs_diff": peers.get("replay_check_max_abs_diff") if peers else None, "speed": speed,
-            "bitstream_timing": bitstream.get("timing") if bitstream else None}
+            "bitstream_timing": bitstream.get("timing") if bitstream else None, "passkey_long": long}
     (RESULTS / "kv_cache.json").write_text(json.dumps(data, indent=1))
     write_markdown(data)
     plot(data)
@@ -398,6 +426,14 @@ def write_markdown(data):
             b = max(c, key=lambda r: (r["passkey_rel"], -r["kl"]))
             return f"{b['method']} ({b['ratio']:.2f}x): {100 * b['passkey_rel']:.0f}%"
         lines.append(f"| {t}x | {best_pk('slimformer')} | {best_pk('peer')} |")
+    long = data.get("passkey_long")
+    if long and long.get("passkey_cases_done"):
+        n, full = long["passkey_cases_done"], long["passkey"]["full"]["correct"]
+        lines += ["", f"## Pass key at {long['passkey_context_tokens']} tokens", "",
+                  f"{n} cases, same construction; full cache {full}/{n}.", "", "| method | KV ratio | correct | vs full |", "|---|---:|---:|---:|"]
+        for name, v in long["passkey"].items():
+            ratio = sum(v["ratio"]) / len(v["ratio"])
+            lines.append(f"| {name} | {ratio:.2f} | {v['correct']}/{n} | {100 * v['correct'] / max(full, 1):.0f}% |")
     if data.get("speed"):
         lines += ["", "## Decode speed and KV memory against context length", "",
                   f"Greedy decode, one token a step, medians of {data['settings']['speed_new_tokens']} interleaved steps after 2 warm-up steps; KV bytes measured (full cache as run, float32).", "",
@@ -438,4 +474,4 @@ def plot(data):
 if __name__ == "__main__":
     stage = sys.argv[1] if len(sys.argv) > 1 else "report"
     {"inputs": stage_inputs, "ours": stage_ours, "peers": stage_peers, "speed": stage_speed, "bitstream": stage_bitstream,
-     "report": stage_report}[stage]()
+     "passkey-long": stage_passkey_long, "report": stage_report}[stage]()
