@@ -262,6 +262,8 @@ def _add_generate_parser(sub) -> None:
     p.add_argument("--kv-cache", default=None, help="compress the KV cache with this recipe step, e.g. '{method: information, ratio: 0.75, bits: 4}'")
     p.add_argument("--json", action="store_true", help="print texts and measurements as JSON")
     p.set_defaults(func=cmd_generate)
+
+
 def _cache_step(text: str, flag: str):
     """A KV-cache config from a YAML/JSON recipe step given on the command line."""
     import yaml
