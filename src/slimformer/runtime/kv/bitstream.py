@@ -203,16 +203,20 @@ def encode_kv(layers: list[tuple[torch.Tensor, torch.Tensor]], config: Bitstream
     return out.getvalue()
 
 
-def decode_kv(data: bytes) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer ``(keys, values)`` from ``encode_kv``'s bytes, in the dtype they were encoded from."""
+def _read_header(data: bytes) -> tuple[dict, int]:
+    """The stream's JSON header and the offset where its arrays begin."""
     if data[: len(MAGIC)] != MAGIC:
         raise ConfigError("not a slimformer KV bitstream (bad magic bytes)", "pass bytes written by encode_kv")
     (size,) = struct.unpack("<I", data[len(MAGIC) : len(MAGIC) + 4])
     start = len(MAGIC) + 4
-    header = json.loads(data[start : start + size])
+    return json.loads(data[start : start + size]), start + size
+
+
+def decode_kv(data: bytes) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer ``(keys, values)`` from ``encode_kv``'s bytes, in the dtype they were encoded from."""
+    header, pos = _read_header(data)
     cfg = BitstreamConfig(**header["config"])
     dtype = getattr(torch, header["dtype"])
-    pos = start + size
     tensors = []
     for entry in header["tensors"]:
         arrays = []
@@ -231,10 +235,7 @@ def decode_kv(data: bytes) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def max_abs_error(layers: list[tuple[torch.Tensor, torch.Tensor]], data: bytes) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The bound on ``|x - decoded|``: half of each element's delta step, shaped like the input
     ``(batch, kv_heads, tokens, head_dim)`` per layer and tensor (read back from the stream)."""
-    (size,) = struct.unpack("<I", data[len(MAGIC) : len(MAGIC) + 4])
-    start = len(MAGIC) + 4
-    header = json.loads(data[start : start + size])
-    pos = start + size
+    header, pos = _read_header(data)
     step_tokens = header["config"]["step_tokens"]
     bounds = []
     for entry in header["tensors"]:
