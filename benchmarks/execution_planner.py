@@ -35,6 +35,7 @@ from slimformer.evaluate.harness import latency_batch
 from slimformer.evaluate.quality import _tokenize
 from slimformer.methods.quantization.cast import cast_model
 from slimformer.io.serialization import kernel_summary
+from slimformer.runtime.compile import compile_model
 from slimformer.runtime.machine import describe_machine, machine_line
 from slimformer.runtime.planner import PlanSettings, plan_execution, plan_table
 
@@ -69,6 +70,7 @@ def main() -> int:
                              "no calibration; its quality is rtn's, not smoothquant's)")
     parser.add_argument("--skip-unplanned-w8a8", action="store_true", help="do not time the W8A8 model on its capability-chosen _int_mm path")
     parser.add_argument("--memories", default="balanced,fast", help="memory policies to plan with")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled (Inductor, frozen weights) variants")
     parser.add_argument("--lean-corpus", action="store_true",
                         help="corpus timings only for fp32 (padded and bucketed) and the planned models (bucketed): a saturated machine")
     args = parser.parse_args()
@@ -87,14 +89,34 @@ def main() -> int:
             {"method": "cast", "dtype": "bfloat16"}]})
     recipes = {
         w8a8_label: w8a8_recipe,
-        "4-bit g64 + emb8 (demo layout, rtn)": slimformer.Recipe.from_dict({"slimformer_recipe": 1, "name": "rtn-w4g64-emb8", "calibration": calib,
-                                                                             "steps": [{"method": "rtn", "bits": 4, "group_size": 64}, EMB8]}),
+        "8-bit weights, bf16 activations (recipes/w8-bf16.yaml)": slimformer.Recipe.from_file(Path(__file__).resolve().parents[1] / "recipes" / "w8-bf16.yaml"),
+        "4-bit demo (recipes/gptq-w4g32-v8-emb8.yaml)": slimformer.Recipe.from_file(Path(__file__).resolve().parents[1] / "recipes" / "gptq-w4g32-v8-emb8.yaml"),
     }
+    if args.quick:  # no GPTQ: the demo's layout with rtn codes
+        del recipes["4-bit demo (recipes/gptq-w4g32-v8-emb8.yaml)"]
+        recipes["4-bit, the demo's layout with rtn codes (quick)"] = slimformer.Recipe.from_dict({"slimformer_recipe": 1, "name": "rtn-w4g32-emb8", "calibration": calib,
+                                                                                                  "steps": [{"method": "rtn", "bits": 4, "group_size": 32}, EMB8]})
     variants: dict[str, slimformer.LoadedModel] = {"fp32": original}
     bf16 = copy.deepcopy(original)
     cast_model(bf16.model, torch.bfloat16)
     variants["bf16 cast"] = bf16
     plans = {}
+    compiled_reports = {}
+    fixed = latency_batch(original, settings)
+    fixed = {k: (v[: args.fixed_rows] if isinstance(v, torch.Tensor) else v) for k, v in fixed.items()}
+
+    def add_compiled(label: str, model) -> None:
+        """``model`` compiled (Inductor, frozen weights) on the fixed batch, if it agrees and pays."""
+        report = compile_model(model, fixed)
+        compiled_reports[label] = {"compiled": report.compiled, "compile_s": report.compile_seconds, "speedup_over_eager": report.speedup, "reason": report.reason}
+        log(f"compiled {label}: {compiled_reports[label]}")
+        if report.compiled:
+            variants[label] = model
+
+    if not args.no_compile:
+        bf16c = copy.deepcopy(original)
+        cast_model(bf16c.model, torch.bfloat16)
+        add_compiled("bf16 cast, compiled", bf16c)
     for label, recipe in recipes.items():
         log(f"compressing {label}")
         model = copy.deepcopy(original)
@@ -108,8 +130,11 @@ def main() -> int:
             log(f"planned {label} memory={memory} in {time.time() - t0:.1f}s: {plan.activations}, {plan.counts()}")
             variants[f"{label}, planned ({memory})"] = planned
             plans[f"{label}, planned ({memory})"] = plan.summary()
-    fixed = latency_batch(original, settings)
-    fixed = {k: (v[: args.fixed_rows] if isinstance(v, torch.Tensor) else v) for k, v in fixed.items()}
+            if memory == "balanced" and not args.no_compile:
+                again = copy.deepcopy(model)
+                plan_execution(again, PlanSettings(memory=memory, batch_tokens=args.plan_tokens, repeats=2 if args.quick else 3))
+                add_compiled(f"{label}, planned ({memory}), compiled", again)
+                plans[f"{label}, planned ({memory}), compiled"] = plans[f"{label}, planned ({memory})"]
     texts = load_texts(TextSpec(source=settings.source, split="evaluation", n=settings.n_texts, seed=settings.seed))
     padded_batches = [_tokenize(original, texts[i : i + 32], 128) for i in range(0, len(texts), 32)]
     lengths = [len(x) for x in original.tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
@@ -182,7 +207,7 @@ def main() -> int:
         "machine": machine, "load_during_timing": loads, "repeats": args.repeats,
         "fixed_batch": list(fixed["input_ids"].shape), "corpus_texts": len(texts),
         "corpus_real_tokens": int(sum(lengths)), "corpus_padded_positions": int(sum(b["input_ids"].numel() for b in padded_batches)),
-        "rows": rows, "plans": plans, "seconds": time.time() - t_start,
+        "rows": rows, "plans": plans, "compiled": compiled_reports, "seconds": time.time() - t_start,
     }
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
@@ -205,7 +230,18 @@ def main() -> int:
             f"| {r['variant']} | {r['size_ratio']:.3f} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | {r['resident_mb']:.1f} | {r['fixed_s'] * 1e3:.0f} | "
             f"{r['fixed_speedup']:.2f}× | {r['fixed_gflops']:.1f} | {_x(r['corpus_padded_speedup'])} | {_x(r['corpus_bucketed_speedup'])} | {r['activations'] or '–'} | {ex} |"
         )
+    best_plain = max((r for r in rows if r["variant"] in ("fp32", "bf16 cast")), key=lambda r: r["fixed_speedup"])
+    lines += ["", f"- 'compiled' = that model's forward compiled by Inductor with frozen weights (`slimformer.runtime.compile`), kept only if it agrees with eager within its dtype's rounding and is faster: "
+              + "; ".join(f"{k}: {'kept' if v['compiled'] else 'not kept (' + str(v['reason']) + ')'}, {v['speedup_over_eager']:.2f}× over eager, compile {v['compile_s']:.0f} s" for k, v in compiled_reports.items()) + "."]
+    lines += ["", "## Done-when lines of the planner issue (fixed 32×128 batch, this run)", ""]
+    for r in rows:
+        if r["variant"] in ("fp32", "bf16 cast", "bf16 cast, compiled"):
+            continue
+        verdict = "not slower" if r["fixed_speedup"] >= best_plain["fixed_speedup"] * 0.97 else "SLOWER"
+        lines.append(f"- {r['variant']}: {r['fixed_speedup']:.2f}× fp32 (size {r['size_ratio']:.3f}, cos {r['cos_mean']:.4f}); {verdict} than the faster of fp32 and a plain bf16 cast ({best_plain['variant']}, {best_plain['fixed_speedup']:.2f}×; 3% noise allowance)")
     for name, summary in plans.items():
+        if name.endswith(", compiled"):
+            continue
         lines += ["", f"## {name}: paths measured on this machine", "", plan_table(summary)]
     (RESULTS / f"execution_planner{suffix}.md").write_text("\n".join(lines) + "\n")
     import matplotlib

@@ -109,3 +109,34 @@ def test_tied_embedding_and_head_quantized_together_are_stored_once(tiny_factory
     assert again.model.lm_head.qweight is again.model.model.embed_tokens.qweight
     batch = sample_batch(model)
     assert torch.equal(model_output(again, batch), model_output(model, batch))
+
+
+def test_auxiliary_weights_are_quantized_stored_smaller_and_round_trip(tiny_factory, tmp_path):
+    """``targets: [auxiliary]`` reaches BERT's position/token-type embeddings and pooler (outside
+    the blocks, not the token table), stores them as 8-bit codes and reloads them bit for bit."""
+    model = tiny_factory("bert")
+    names = set(model.adapter.auxiliary_modules())
+    assert names == {"embeddings.position_embeddings", "embeddings.token_type_embeddings", "pooler.dense"}
+    batch = sample_batch(model)
+    before = model_output(model, batch)
+    fp32_bytes = sum(m.weight.numel() * 4 for m in model.adapter.auxiliary_modules().values())
+    compress(model, Recipe(steps=[RTNConfig(bits=8, group_size=None, symmetric=True, targets=("auxiliary",))]))
+    assert model.adapter.auxiliary_modules() == {}  # all replaced by quantized modules
+    after = model_output(model, batch)
+    assert (after - before).abs().max() < 0.05 * before.abs().max()
+    folder = save_compressed(model, tmp_path / "m")
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        stored = [f.get_tensor(k) for k in f.keys() if k.startswith(("embeddings.position", "embeddings.token_type", "pooler.dense.")) and not k.endswith("bias")]
+    held = sum(t.numel() * t.element_size() for t in stored)
+    assert held < 0.3 * fp32_bytes
+    again = load_compressed(folder)
+    assert torch.equal(model_output(again, batch), after)
+
+
+def test_methods_that_need_activations_refuse_the_auxiliary_target():
+    from slimformer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown target 'auxiliary'"):
+        GPTQConfig(bits=4, targets=("auxiliary",))

@@ -335,3 +335,49 @@ def test_decode_timing_streams_over_independent_copies_of_the_layer(tmp_path):
     for c in copies[1:]:
         assert torch.equal(c.run("dequant-fp32", x), pf.run("dequant-fp32", x))
         assert ex.planned_forward_of(c.module) is None
+
+
+def test_inductor_with_freezing_compiles_a_bf16_model_that_agrees_within_bf16_rounding(tiny_factory):
+    """The real path of ``make demo``: Inductor with frozen weights on a bf16 model. The compiled
+    output agrees with eager within ``agreement_tolerance(bfloat16)`` and is as close to the
+    float32 model as eager is (fused kernels round elsewhere, not worse)."""
+    from slimformer.methods.quantization.cast import cast_model
+    from slimformer.runtime.compile import agreement_tolerance, compile_model, uncompile_model
+
+    model = tiny_factory("bert")
+    batch = sample_batch(model)
+    exact = model_output(model, batch)
+    cast_model(model.model, torch.bfloat16)
+    eager = model_output(model, batch).float()
+    report = compile_model(model, batch, repeats=1, keep_if_slower=True)
+    assert report.compiled, report.reason
+    compiled = model_output(model, batch).float()
+    assert agreement_tolerance(torch.bfloat16) == 2.0**-5 and agreement_tolerance(torch.float32) == 1e-3
+    assert 0 < report.max_abs_diff and (compiled - eager).norm() <= 2.0**-5 * eager.norm()
+    assert (compiled - exact).norm() <= 1.25 * (eager - exact).norm()  # no less accurate than eager
+    uncompile_model(model)
+
+
+@pytest.mark.parametrize("dtype, error", [(torch.float32, 1.01), (torch.bfloat16, 1.05)])
+def test_a_compiled_forward_that_disagrees_beyond_its_dtype_s_rounding_is_not_installed(tiny_factory, monkeypatch, dtype, error):
+    """A 1% error in a float32 model, a 5% error in a bf16 one: refused."""
+    import slimformer.runtime.compile as comp
+    from slimformer.methods.quantization.cast import cast_model
+
+    model = tiny_factory("bert")
+    cast_model(model.model, dtype)
+    batch = sample_batch(model)
+    real_compile = torch.compile
+
+    def off_by_one_percent(fn, **kwargs):
+        compiled = real_compile(fn, **{**kwargs, "backend": "eager", "options": None})
+
+        def run(*args, **kw):
+            out = compiled(*args, **kw)
+            out.last_hidden_state.mul_(error)
+            return out
+        return run
+
+    monkeypatch.setattr(comp.torch, "compile", off_by_one_percent)
+    report = comp.compile_model(model, batch, repeats=1, keep_if_slower=True, dynamic=False)
+    assert not report.compiled and "differs from eager" in report.reason and "forward" not in model.model.__dict__

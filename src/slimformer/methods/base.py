@@ -21,6 +21,9 @@ from typing import Any, Callable, ClassVar
 from slimformer.errors import ConfigError, did_you_mean
 
 TARGET_KINDS = ("linear", "embedding", "head")
+# Also selectable by the methods that need no activations (rtn): the weights outside the blocks
+# that are neither the token-embedding table nor the head (position embeddings, a pooler).
+AUXILIARY = "auxiliary"
 
 @dataclass
 class MethodConfig:
@@ -56,7 +59,9 @@ class ModuleSelection:
     """Which weights a method touches.
 
     ``targets``: kinds of module — ``linear`` (the linear layers inside the transformer blocks),
-    ``embedding`` (the token-embedding table), ``head`` (the output projection, e.g. ``lm_head``).
+    ``embedding`` (the token-embedding table), ``head`` (the output projection, e.g. ``lm_head``)
+    and, for ``rtn``, ``auxiliary`` (every other weight outside the blocks: BERT's position and
+    token-type embeddings and its pooler).
     ``include`` / ``exclude``: ``fnmatch`` patterns on fully-qualified module names
     (e.g. ``"*.attention.*"``); a module is selected if it matches a target kind, matches some
     ``include`` pattern (when any are given) and matches no ``exclude`` pattern.
@@ -203,6 +208,7 @@ __all__ = [
     "MethodConfig",
     "ModuleSelection",
     "TARGET_KINDS",
+    "AUXILIARY",
     "apply_method",
     "method_from_dict",
     "register_method",

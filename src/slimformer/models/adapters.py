@@ -142,7 +142,7 @@ class ArchitectureAdapter:
         return self.qualified_names()[id(module)], module
 
     def modules_of_kind(self, kind: str) -> dict[str, nn.Module]:
-        """Modules for a selection target kind: ``linear``, ``embedding`` or ``head``."""
+        """Modules for a selection target kind: ``linear``, ``embedding``, ``head`` or ``auxiliary``."""
         if kind == "linear":
             return self.linear_layers()
         if kind == "embedding":
@@ -151,7 +151,22 @@ class ArchitectureAdapter:
         if kind == "head":
             head = self.head()
             return {} if head is None else {head[0]: head[1]}
+        if kind == "auxiliary":
+            return self.auxiliary_modules()
         raise ValueError(kind)
+
+    def auxiliary_modules(self) -> dict[str, nn.Module]:
+        """Weight-holding modules outside the blocks that are neither the token-embedding table
+        nor the head: BERT's position and token-type embeddings and its pooler, for example."""
+        inside = {id(m) for block in self.blocks() for m in block.modules()}
+        inside.add(id(self.embedding()[1]))
+        head = self.head()
+        if head is not None:
+            inside.add(id(head[1]))
+        return {
+            name: m for name, m in self.model.named_modules()
+            if id(m) not in inside and isinstance(getattr(m, "_parameters", {}).get("weight"), torch.Tensor) and m.weight.dim() == 2
+        }
 
     # ----- structural edits -----------------------------------------------------------------
     def drop_blocks(self, indices: list[int]) -> None:

@@ -84,24 +84,34 @@ def interleaved_times(first, second, repeats: int) -> tuple[float, float, float]
 
 
 @torch.no_grad()
-def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float = 1e-3, keep_if_slower: bool = False, dynamic: bool = True, backend: str = "inductor") -> CompileReport:
+def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | None = None, keep_if_slower: bool = False, dynamic: bool = True, backend: str = "inductor", freezing: bool = True) -> CompileReport:
     """Compile ``loaded.model``'s forward, warm it up on ``example`` (a tokenized batch),
-    compare with eager (max abs difference <= ``tolerance`` relative to the output's scale),
+    compare with eager (:func:`disagreement` <= ``tolerance``),
     time both (``repeats`` interleaved rounds after a warm-up call of each), and install it if
     it agrees and (unless ``keep_if_slower``) the median of the rounds' eager/compiled ratios
     is above 1. ``backend``: ``torch.compile``'s (``inductor``: generated C++
     kernels; ``aot_eager``: the same graph capture without code generation, for quick checks).
+    ``tolerance`` (None: by the output's dtype, :func:`agreement_tolerance`). ``freezing``
+    (Inductor): weights become constants of the graph, so oneDNN prepacks them for the matrix
+    units and folds what depends only on them; the compiled forward must not be used after the
+    weights change (compile again).
     Returns the :class:`CompileReport`. Measured: a 4-layer tiny BERT took 369 s to compile
     cold on a heavily loaded 2-core AMD EPYC (AVX2), agreed with eager to 7e-7 and ran 1.36x
-    faster; compile time is reported, never hidden in a latency figure."""
+    faster; MiniLM cast to bf16 on a 2-core Xeon with AMX: 14 s, 1.3x over eager with freezing
+    (1.07x without); compile time is reported, never hidden in a latency figure."""
     model = loaded.model
     uncompile_model(loaded)
     if os.environ.get("SLIMFORMER_COMPILE", "1") == "0":
         return CompileReport(False, reason="SLIMFORMER_COMPILE=0")
     eager = model.forward
-    reference = _output(eager(**example)).float()
+    reference = _output(eager(**example))
+    dtype = reference.dtype
+    if tolerance is None:
+        tolerance = agreement_tolerance(dtype)
+    reference = reference.float()
+    options = {"freezing": True} if freezing and backend == "inductor" else None
     try:
-        compiled = torch.compile(eager, dynamic=dynamic, backend=backend)
+        compiled = torch.compile(eager, dynamic=dynamic, backend=backend, options=options)
         t0 = time.perf_counter()
         out = _output(compiled(**example)).float()
         compile_s = time.perf_counter() - t0
@@ -110,8 +120,10 @@ def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float = 1e
     scale = float(reference.abs().max().clamp_min(1e-6))
     diff = float((out - reference).abs().max())
     report = CompileReport(False, compile_s, max_abs_diff=diff)
-    if diff > tolerance * scale:
-        report.reason = f"compiled output differs from eager by {diff:.3g} (scale {scale:.3g})"
+    off = disagreement(out, reference, dtype)
+    if off > tolerance:
+        measure = "relative RMS" if dtype in (torch.bfloat16, torch.float16) else "of the output's scale"
+        report.reason = f"compiled output differs from eager by {off:.3g} {measure} (allowed {tolerance:.3g}; largest difference {diff:.3g}, scale {scale:.3g})"
         return report
     report.eager_seconds, report.compiled_seconds, ratio = interleaved_times(lambda: eager(**example), lambda: compiled(**example), repeats)
     report.ratio = ratio
@@ -122,6 +134,25 @@ def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float = 1e
     report.compiled = True
     loaded.compiled = report
     return report
+
+
+def agreement_tolerance(dtype: torch.dtype) -> float:
+    """Largest compiled-vs-eager difference, relative to the output, that is rounding and not a
+    fault. float32 outputs: 1e-3 of the output's largest magnitude, element by element.
+    16-bit outputs: 2^-5 of the output's norm (relative root-mean-square difference), because
+    fused kernels round at other points than eager's and in bfloat16 (8 significant bits) that
+    alone moves outputs as much as the cast itself did. Measured with Inductor and frozen weights:
+    a tiny random BERT in bf16 differs from eager by 0.79% RMS (eager from float32: 0.70%,
+    compiled from float32: 0.51%); MiniLM by 0.8% of its scale at the largest element."""
+    return 2.0**-5 if dtype in (torch.bfloat16, torch.float16) else 1e-3
+
+
+def disagreement(out: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> float:
+    """How far ``out`` is from ``reference`` in the measure :func:`agreement_tolerance` bounds
+    for outputs of ``dtype``: relative RMS for 16-bit, max abs / max magnitude for float32."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return float((out - reference).norm() / reference.norm().clamp_min(1e-12))
+    return float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
 
 
 def uncompile_model(loaded) -> None:

@@ -8,11 +8,12 @@ Weight-Only Quantization for LLMs"). The token-embedding table is quantized row-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
 from slimformer.errors import ConfigError, is_int_at_least
-from slimformer.methods.base import MethodConfig, ModuleSelection, register_method
+from slimformer.methods.base import AUXILIARY, TARGET_KINDS, MethodConfig, ModuleSelection, register_method
 from slimformer.methods.quantization import grid
 from slimformer.methods.quantization.modules import QuantizedEmbedding, QuantizedLinear
 from slimformer.methods.selection import check_group_size, select_modules
@@ -32,9 +33,10 @@ class WeightQuantConfig(MethodConfig, ModuleSelection):
     group_size: int | None = 128
     symmetric: bool = False
     activations: str = "float"
+    selectable: ClassVar[tuple[str, ...]] = TARGET_KINDS
 
     def __post_init__(self) -> None:
-        self._validate_selection()
+        self._validate_selection(allowed=self.selectable)
         if isinstance(self.bits, bool) or self.bits not in grid.SUPPORTED_BITS:
             raise ConfigError(f"{self.name}: bits={self.bits!r} is not supported", f"use bits in {list(grid.SUPPORTED_BITS)}")
         if self.group_size is not None and not is_int_at_least(self.group_size, 1):
@@ -59,6 +61,7 @@ class RTNConfig(WeightQuantConfig):
 
     name = "rtn"
     family = "quantization"
+    selectable = TARGET_KINDS + (AUXILIARY,)  # needs no activations: any weight outside the blocks too
     paper = "FineQuant: Unlocking Efficiency with Fine-Grained Weight-Only Quantization for LLMs (Kim et al., 2023)"
     summary = "round-to-nearest integer weights, 8/4/3/2 bits, per-channel or group-wise; embeddings row-wise"
 
