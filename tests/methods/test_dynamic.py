@@ -126,14 +126,29 @@ def test_merging_conserves_token_mass_and_keeps_special_tokens():
     assert h2.shape == (3, 8, 8)
     assert torch.equal(s2.sum(1), sizes.sum(1)), "merging keeps every original token's weight"
     assert torch.equal(p2.sum(1), protect.sum(1)), "special tokens are never merged away"
-    # The padded row removes its padding (set A) before merging real tokens: fewer real merges.
+    # Every row merges its r best real tokens; the padded row (3 mergeable A tokens: 0 and 8 are
+    # special) merges all 3 and gives up its A-set padding slot as the 4th removed column.
     assert int((s2[0] > 0).sum()) == 12 - 4
-    assert int((s2[1] > 0).sum()) == 9 - 4 + 1
+    assert int((s2[1] > 0).sum()) == 9 - 3
+    assert int((s2[1] == 0).sum()) == 2  # of its 3 padding slots, the B-set ones stay
     # Size-weighted mean of the merged sequence equals the mean of the original real tokens.
     for row in range(3):
         before = (hidden[row] * sizes[row, :, None]).sum(0) / sizes[row].sum()
         after = (h2[row] * s2[row, :, None]).sum(0) / s2[row].sum()
         assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_a_text_merged_by_tome_embeds_the_same_alone_and_in_a_padded_batch(bert):
+    """ToMe merges r real tokens of every row, whatever its padding: padding no longer absorbs a
+    short text's merges when it shares a batch with longer ones (it used to be removed first)."""
+    compress(bert, Recipe(steps=[TokenMergingConfig(r=2)]))
+    bert.bucketing = False  # one padded batch, as a caller's own batching would give
+    together = bert.embed(_batch(bert))
+    alone = [bert.embed(_batch(bert, (t,)))[0] for t in TEXTS]
+    lengths = _batch(bert)["attention_mask"].sum(1)
+    assert int(lengths.min()) < int(lengths.max())  # the batch really pads its short texts
+    for i, a in enumerate(alone):
+        assert torch.allclose(together[i], a, atol=1e-5), f"text {i} changed with its batch-mates"
 
 
 def test_padding_does_not_change_an_input_s_embedding(bert):

@@ -11,7 +11,9 @@ of the [CLS] query (VTC-CLS, "[CLS] Attention is All You Need for Training-Free 
 Compression") or the mean attention over all queries, and drops the rest; the per-layer
 schedule is constant or staged (PyramidDrop).
 
-Special tokens are never merged or pruned; padding (size 0) is removed first, for free.
+Special tokens are never merged or pruned. ToMe merges r real tokens of every row whatever its
+padding (a text's output does not depend on its batch-mates); constant-ratio pruning keeps a
+share of the batch's padded width, so there padding (size 0) goes first.
 """
 
 from __future__ import annotations
@@ -30,15 +32,18 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def bipartite_merge(hidden: torch.Tensor, sizes: torch.Tensor, protect: torch.Tensor, r: int):
-    """Merge ``r`` tokens per row by bipartite soft matching.
+    """Merge ``r`` real tokens per row by bipartite soft matching.
 
     hidden (rows, T, dim), sizes (rows, T) float (0 = padding), protect (rows, T) bool ->
-    the same with T - r tokens. Padding tokens are removed before any real token is merged.
+    the same with T - k tokens. Every row merges its ``r`` best-matched real tokens (fewer only
+    if it has fewer unprotected real tokens in its A set), whatever padding it has, so a text's
+    output does not depend on the batch it runs in; the k - r further slots a row gives up are
+    its padding (k = the smallest r + padding count of any row's A set, so no row loses a real
+    token beyond its r).
     """
     rows, T, dim = hidden.shape
     a, b = torch.arange(0, T, 2), torch.arange(1, T, 2)
-    r = min(r, len(a) - int(protect[:, a].sum(1).max()) if rows else 0)
-    if r <= 0:
+    if not rows or r <= 0 or not len(b):
         return hidden, sizes, protect
     xa, xb = hidden[:, a], hidden[:, b]
     sa, sb = sizes[:, a], sizes[:, b]
@@ -46,19 +51,27 @@ def bipartite_merge(hidden: torch.Tensor, sizes: torch.Tensor, protect: torch.Te
     scores = F.normalize(xa.float(), dim=-1) @ F.normalize(xb.float(), dim=-1).transpose(1, 2)  # (rows, Ta, Tb)
     scores = scores.masked_fill(((sb == 0) | pb)[:, None, :], NEG)
     best, best_dst = scores.max(-1)  # (rows, Ta)
-    best = best.masked_fill(pa, NEG).masked_fill((sa == 0) & ~pa, float("inf"))
-    order = best.argsort(dim=-1, descending=True)
-    src, keep = order[:, :r], order[:, r:]
+    mergeable = (sa > 0) & ~pa & torch.isfinite(best)  # real, unprotected, with a real B partner
+    padding = (sa == 0) & ~pa
+    k = int((mergeable.sum(1).clamp(max=r) + padding.sum(1)).min())
+    if k <= 0:
+        return hidden, sizes, protect
+    # Mergeable real tokens (cosine in [-1, 1], lifted to [2, 4]) rank before padding (0); the rest last.
+    rank = torch.where(mergeable, best.float() + 3.0, torch.where(padding, 0.0, NEG))
+    order = rank.argsort(dim=-1, descending=True, stable=True)
+    src, keep = order[:, :k], order[:, k:]
     dst = best_dst.gather(1, src)
     src_size = sa.gather(1, src)
     weighted = (xb.float() * sb.unsqueeze(-1)).scatter_add(1, dst.unsqueeze(-1).expand(-1, -1, dim), _gather_tokens(xa, src).float() * src_size.unsqueeze(-1))
     sb_new = sb.scatter_add(1, dst, src_size)
     xb_new = torch.where(sb_new.unsqueeze(-1) > 0, weighted / sb_new.clamp(min=1e-9).unsqueeze(-1), xb.float()).to(hidden.dtype)
-    return (
-        torch.cat([_gather_tokens(xa, keep), xb_new], 1),
-        torch.cat([sa.gather(1, keep), sb_new], 1),
-        torch.cat([pa.gather(1, keep), pb], 1),
-    )
+    hidden = torch.cat([_gather_tokens(xa, keep), xb_new], 1)
+    sizes = torch.cat([sa.gather(1, keep), sb_new], 1)
+    protect = torch.cat([pa.gather(1, keep), pb], 1)
+    # Padding to the end (real tokens keep their order), so the next split into A and B sets
+    # sees the same real sequence as the row would alone.
+    last = (sizes == 0).to(torch.int8).argsort(dim=1, stable=True)
+    return _gather_tokens(hidden, last), sizes.gather(1, last), protect.gather(1, last)
 
 
 class TokenMerger:
