@@ -95,15 +95,21 @@ EXIT_RULES = {  # model -> list of (rule, threshold) evaluated
     "costeff-w75": [("none", 2.0), ("predicted", 0.97), ("predicted", 0.95)],
 }
 PRUNE = {"keep_ratio": 0.6, "layers": (1, 3), "score": "cls"}  # applied at run time (not trained with)
-PRUNED = {  # (base model, schedule) -> rules
+PRUNED = {  # (base model, schedule[, keep ratio]) -> rules
     ("original", "constant"): [("none", 2.0)],
     ("original", "length"): [("none", 2.0)],
     ("costeff-w75", "length"): [("none", 2.0)],
+    # static + dynamic: the original cast to bf16 (no training), pruned at run time
+    ("bf16", "constant"): [("none", 2.0)],
+    ("bf16", "length"): [("none", 2.0)],
+    ("bf16", "length", 0.4): [("none", 2.0)],
 }
 MIN_TOKENS = 32
 
 
 def _family(name: str) -> str:
+    if name.startswith("bf16"):
+        return "bf16 cast (+ token pruning)"
     if name.startswith("exit-frozen"):
         return "exits, frozen backbone"
     if name.startswith("slim75-frozen"):
@@ -113,7 +119,7 @@ def _family(name: str) -> str:
     return "token pruning"
 
 
-def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False) -> int:
+def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16: bool = True, stem: str = "costeff") -> int:
     import copy
     import datetime as _dt
 
@@ -144,12 +150,19 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False) -> i
             continue
         for rule, t in rules:
             configs.append((name if rule == "none" else f"{name} {rule}@{t}", name, None, rule, t))
-    for (base, schedule), rules in PRUNED.items():
+    if bf16:
+        from slimformer.methods.quantization.cast import cast_model
+
+        models["bf16"] = copy.deepcopy(original)
+        cast_model(models["bf16"].model, torch.bfloat16)
+        configs.append(("bf16", "bf16", None, "none", 2.0))
+    for (base, schedule, *ratio), rules in PRUNED.items():
         if base not in models:
             continue
-        key = f"{base}+prune-{schedule}"
+        keep = ratio[0] if ratio else PRUNE["keep_ratio"]
+        key = f"{base}+prune-{schedule}" + (f"-keep{keep:g}" if ratio else "")
         m = copy.deepcopy(models[base])
-        install_token_pruning(m, TokenPruningConfig(**PRUNE, schedule=schedule, min_tokens=MIN_TOKENS if schedule == "length" else 0))
+        install_token_pruning(m, TokenPruningConfig(**{**PRUNE, "keep_ratio": keep}, schedule=schedule, min_tokens=MIN_TOKENS if schedule == "length" else 0))
         models[key] = m
         for rule, t in rules:
             configs.append((key if rule == "none" else f"{key} {rule}@{t}", key, schedule, rule, t))
@@ -206,7 +219,7 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False) -> i
                              "loss_after": r.get("training", {}).get("loss_after"), "held_back_after": r.get("training", {}).get("held_back_after"),
                              "width": r.get("width", {}).get("block_flops_ratio"), "confidence": r.get("confidence")} for k, r in records.items()},
             "machine_line": machine_line(machine)}
-    stem = "costeff" + ("_quick" if quick else "")
+    stem = stem + ("_quick" if quick else "")
     cm.write_text_atomic(RESULTS / f"{stem}.md", markdown(meta, rows))
     cm.write_text_atomic(RESULTS / f"{stem}.json", json.dumps({"meta": meta, "results": rows}, indent=2, default=str) + "\n")
     plot(rows, RESULTS / f"{stem}.png")
@@ -236,7 +249,7 @@ def markdown(meta, rows) -> str:
         f"- cos = mean embedding cosine to the fp32 original, per source; gap = |cos {a} − cos {b}|; top-10 = retrieval agreement@10; "
         "layers = mean blocks run per input over both sources.",
         f"- Speed: wall time to encode the whole mixed-length held-out corpus (both sources, {2 * meta['n_texts']} documents, length-sorted batches of 32, "
-        f"padding-free buckets), fp32, {meta['threads']} threads, one warm-up pass per setting (which also counts the blocks run) then the median of {meta['repeats']} interleaved rounds of every setting in one run; "
+        f"padding-free buckets), float32 (bfloat16 for the `bf16` rows), {meta['threads']} threads, one warm-up pass per setting (which also counts the blocks run) then the median of {meta['repeats']} interleaved rounds of every setting in one run; "
         f"speed-up = original time / setting time. Load average before / after timing: {meta['loadavg_timing'][0]} / {meta['loadavg_timing'][1]}"
         + (" — taken under load (shared 2-core machine): ratios are noisy." if meta['loadavg_timing'][0][0] > 2.5 else "."),
         f"- Machine: {meta['machine_line']}. Run {meta['started']} UTC, {meta['minutes']:.1f} min.",
@@ -247,7 +260,8 @@ def markdown(meta, rows) -> str:
         "isotonic-calibrated confidence ≥ t (t = expected cosine); `similarity@t` = MuE consecutive-exit agreement; `patience` = 2 agreeing exits; "
         "no rule = full depth. `+prune-constant` / `+prune-length`: token pruning after blocks 1 and 3 keeping "
         f"{meta['prune']['keep_ratio']:.0%} by [CLS] attention, constant or length-aware (inputs ≤ {meta['prune']['min_tokens']} tokens untouched); "
-        "applied at run time, not trained with.",
+        "applied at run time, not trained with (`-keep0.4`: keeping 40%). `bf16` = the original cast to bfloat16 (weights and activations; no training), "
+        "the static half of a static + dynamic combination.",
         "",
         f"| setting | family | cos {a} | cos {b} | gap | worst cos | top-10 {a} | top-10 {b} | layers | speed-up |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -283,7 +297,7 @@ def plot(rows, path: Path) -> None:
 
     a, b = HELD_OUT
     fig, ax = plt.subplots(figsize=(11, 7))
-    colors = {"exits, frozen backbone": "tab:blue", "COST-EFF joint training": "tab:purple", "slim 75%, frozen (before joint training)": "tab:green",
+    colors = {"bf16 cast (+ token pruning)": "tab:orange", "exits, frozen backbone": "tab:blue", "COST-EFF joint training": "tab:purple", "slim 75%, frozen (before joint training)": "tab:green",
               "token pruning": "tab:brown", "original": "tab:red"}
     for fam, color in colors.items():
         pts = [r for r in rows if r["family"] == fam]
@@ -315,6 +329,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="eval smoke test on 10 documents per source (results/costeff_quick.*)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median) after one warm-up round")
     parser.add_argument("--n-texts", type=int, default=128, help="held-out documents per source")
+    parser.add_argument("--stem", default="costeff", help="results/<stem>.{md,json,png} (e.g. a run on another machine, beside the committed table)")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16-cast rows (static + dynamic, no training)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     names = args.only.split(",") if args.only else list(VARIANTS)
@@ -322,8 +338,8 @@ def main(argv=None) -> int:
         train(names)
         return 0
     if args.quick:
-        return evaluate_all(repeats=1, n_texts=10, quick=True)
-    return evaluate_all(repeats=args.repeats, n_texts=args.n_texts)
+        return evaluate_all(repeats=1, n_texts=10, quick=True, bf16=not args.no_bf16, stem=args.stem)
+    return evaluate_all(repeats=args.repeats, n_texts=args.n_texts, bf16=not args.no_bf16, stem=args.stem)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def markdown(meta, rows) -> str:
         f"{s['max_length']} tokens), the first {s['n_queries']} as queries for top-10 agreement. Calibration (exit training, "
         f"{CALIBRATION['n_samples']} documents) never sees them.",
         "- **speedup fixed**: the `evaluate` batch of 32×128 tokens; **speedup corpus**: encoding the whole mixed-length "
-        "held-out corpus in batches of 32 (padding to each batch's longest), both as fp32 latency / variant latency, medians of "
+        "held-out corpus in batches of 32 (each run by `embed` as length buckets, the fp32 original too), both as fp32 latency / variant latency, medians of "
         "interleaved runs in this process. Layers = mean blocks run per input (6 = no exit); FLOPs = estimated block FLOPs actually "
         "run / full model on the same padded batches.",
         "- Exits: one linear exit per block 0–4, trained by self-distillation (cosine to the model's own final embedding, backbone "

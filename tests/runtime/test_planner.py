@@ -349,9 +349,13 @@ def test_inductor_with_freezing_compiles_a_bf16_model_that_agrees_within_bf16_ro
     exact = model_output(model, batch)
     cast_model(model.model, torch.bfloat16)
     eager = model_output(model, batch).float()
-    report = compile_model(model, batch, repeats=1, keep_if_slower=True)
-    assert report.compiled, report.reason
-    compiled = model_output(model, batch).float()
+    assert model.execution is None  # not planned with memory: fast, so not frozen unless asked
+    report = compile_model(model, batch, repeats=1, keep_if_slower=True, freezing=True)
+    assert report.compiled and report.frozen, report.reason
+    with torch.profiler.profile() as prof:
+        compiled = model_output(model, batch).float()
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # oneDNN bf16 (AVX-512 BF16 / AMX): prepacked linears
+        assert any("mkldnn::_linear_pointwise" in e.key for e in prof.key_averages())
     assert agreement_tolerance(torch.bfloat16) == 2.0**-5 and agreement_tolerance(torch.float32) == 1e-3
     assert 0 < report.max_abs_diff and (compiled - eager).norm() <= 2.0**-5 * eager.norm()
     assert (compiled - exact).norm() <= 1.25 * (eager - exact).norm()  # no less accurate than eager
@@ -370,7 +374,7 @@ def test_a_compiled_forward_that_disagrees_beyond_its_dtype_s_rounding_is_not_in
     real_compile = torch.compile
 
     def off_by_one_percent(fn, **kwargs):
-        compiled = real_compile(fn, **{**kwargs, "backend": "eager", "options": None})
+        compiled = real_compile(fn, **{**kwargs, "backend": "eager"})
 
         def run(*args, **kw):
             out = compiled(*args, **kw)
@@ -381,3 +385,20 @@ def test_a_compiled_forward_that_disagrees_beyond_its_dtype_s_rounding_is_not_in
     monkeypatch.setattr(comp.torch, "compile", off_by_one_percent)
     report = comp.compile_model(model, batch, repeats=1, keep_if_slower=True, dynamic=False)
     assert not report.compiled and "differs from eager" in report.reason and "forward" not in model.model.__dict__
+
+
+def test_weights_are_frozen_by_default_only_under_memory_fast():
+    """Frozen weights hold oneDNN's packed copies beside the model's own: the default freezes only
+    what the user planned with ``memory: fast``."""
+    from types import SimpleNamespace
+
+    from slimformer.runtime.compile import freezes
+
+    def planned(memory):
+        return SimpleNamespace(execution=SimpleNamespace(settings=SimpleNamespace(memory=memory)))
+
+    assert freezes(planned("fast"), None, "inductor")
+    assert not freezes(planned("balanced"), None, "inductor") and not freezes(planned("packed"), None, "inductor")
+    assert not freezes(SimpleNamespace(execution=None), None, "inductor")
+    assert freezes(planned("balanced"), True, "inductor") and not freezes(planned("fast"), False, "inductor")
+    assert not freezes(planned("fast"), True, "aot_eager")  # graph capture only: nothing to freeze

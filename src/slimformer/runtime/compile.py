@@ -26,9 +26,11 @@ class CompileReport:
     """``compiled``: whether the compiled forward is installed; ``compile_seconds``: the first
     (compiling) call; ``eager_seconds``/``compiled_seconds``: medians on the example batch;
     ``ratio``: median over interleaved rounds of eager / compiled seconds (the decision);
-    ``max_abs_diff``: largest output difference to eager; ``reason``: why it was not kept."""
+    ``max_abs_diff``: largest output difference to eager; ``reason``: why it was not kept;
+    ``frozen``: compiled with frozen weights."""
 
     compiled: bool
+    frozen: bool = False
     compile_seconds: float = 0.0
     eager_seconds: float = 0.0
     compiled_seconds: float = 0.0
@@ -46,19 +48,33 @@ class CompileReport:
 class _CompiledForward:
     """Calls the compiled forward; on any compiler error falls back to eager for good."""
 
-    def __init__(self, compiled, eager) -> None:
+    def __init__(self, compiled, eager, frozen: bool = False) -> None:
         self.compiled = compiled
         self.eager = eager
+        self.frozen = frozen
         self.failed: str | None = None
 
     def __call__(self, *args, **kwargs):
         if self.failed is None:
             try:
-                return self.compiled(*args, **kwargs)
+                with _inductor_freezing(self.frozen):  # a recompile (new shape) freezes too
+                    return self.compiled(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly
                 self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                 warnings.warn(f"slimformer: compiled forward failed ({self.failed}); running eagerly", stacklevel=2)
         return self.eager(*args, **kwargs)
+
+
+def _inductor_freezing(on: bool):
+    """Inductor's ``freezing`` for the compilations inside (set globally for the call: passing
+    it in ``torch.compile(options=...)`` did not freeze, measured on torch 2.13)."""
+    import contextlib
+
+    if not on:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)
 
 
 def _output(out) -> torch.Tensor:
@@ -84,7 +100,7 @@ def interleaved_times(first, second, repeats: int) -> tuple[float, float, float]
 
 
 @torch.no_grad()
-def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | None = None, keep_if_slower: bool = False, dynamic: bool = True, backend: str = "inductor", freezing: bool = True) -> CompileReport:
+def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | None = None, keep_if_slower: bool = False, dynamic: bool = True, backend: str = "inductor", freezing: bool | None = None) -> CompileReport:
     """Compile ``loaded.model``'s forward, warm it up on ``example`` (a tokenized batch),
     compare with eager (:func:`disagreement` <= ``tolerance``),
     time both (``repeats`` interleaved rounds after a warm-up call of each), and install it if
@@ -92,13 +108,19 @@ def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | No
     is above 1. ``backend``: ``torch.compile``'s (``inductor``: generated C++
     kernels; ``aot_eager``: the same graph capture without code generation, for quick checks).
     ``tolerance`` (None: by the output's dtype, :func:`agreement_tolerance`). ``freezing``
-    (Inductor): weights become constants of the graph, so oneDNN prepacks them for the matrix
-    units and folds what depends only on them; the compiled forward must not be used after the
-    weights change (compile again).
+    (Inductor): weights become constants of the graph, which oneDNN prepacks for the matrix
+    units (bf16 linears become ``mkldnn._linear_pointwise``); the compiled forward must not be
+    used after the weights change (compile again). It holds those packed copies beside the
+    model's own weights (MiniLM's 4-bit demo model, each compiled in a fresh process: +74 MB of
+    resident memory against an unfrozen compile, ~7 bytes per linear weight), so ``None``
+    freezes only a model planned with
+    ``memory: fast``; ``True`` / ``False`` decide.
     Returns the :class:`CompileReport`. Measured: a 4-layer tiny BERT took 369 s to compile
     cold on a heavily loaded 2-core AMD EPYC (AVX2), agreed with eager to 7e-7 and ran 1.36x
-    faster; MiniLM cast to bf16 on a 2-core Xeon with AMX: 14 s, 1.3x over eager with freezing
-    (1.07x without); compile time is reported, never hidden in a latency figure."""
+    faster. MiniLM planned to bf16 paths on a 2-core Xeon with AMX: 8-28 s, 1.05x (4-bit and
+    8-bit weight-only) to 1.26x (W8A8: its activation quantization fuses) over eager, and a
+    plain bf16 cast 0.97x (not kept): there the GEMMs stay oneDNN calls and only the
+    elementwise work fuses. Compile time is reported, never hidden in a latency figure."""
     model = loaded.model
     uncompile_model(loaded)
     if os.environ.get("SLIMFORMER_COMPILE", "1") == "0":
@@ -109,31 +131,44 @@ def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | No
     if tolerance is None:
         tolerance = agreement_tolerance(dtype)
     reference = reference.float()
-    options = {"freezing": True} if freezing and backend == "inductor" else None
+    frozen = freezes(loaded, freezing, backend)
     try:
-        compiled = torch.compile(eager, dynamic=dynamic, backend=backend, options=options)
+        compiled = torch.compile(eager, dynamic=dynamic, backend=backend)
         t0 = time.perf_counter()
-        out = _output(compiled(**example)).float()
+        with _inductor_freezing(frozen):
+            out = _output(compiled(**example)).float()
         compile_s = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - no compiler here, unsupported op, ...
         return CompileReport(False, reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
     scale = float(reference.abs().max().clamp_min(1e-6))
     diff = float((out - reference).abs().max())
-    report = CompileReport(False, compile_s, max_abs_diff=diff)
+    report = CompileReport(False, frozen, compile_s, max_abs_diff=diff)
     off = disagreement(out, reference, dtype)
     if off > tolerance:
         measure = "relative RMS" if dtype in (torch.bfloat16, torch.float16) else "of the output's scale"
         report.reason = f"compiled output differs from eager by {off:.3g} {measure} (allowed {tolerance:.3g}; largest difference {diff:.3g}, scale {scale:.3g})"
         return report
-    report.eager_seconds, report.compiled_seconds, ratio = interleaved_times(lambda: eager(**example), lambda: compiled(**example), repeats)
+    installed = _CompiledForward(compiled, eager, frozen)
+    report.eager_seconds, report.compiled_seconds, ratio = interleaved_times(lambda: eager(**example), lambda: installed(**example), repeats)
     report.ratio = ratio
     if ratio <= 1.0 and not keep_if_slower:
         report.reason = f"not faster than eager on the example batch (median of {repeats} interleaved rounds: {ratio:.2f}x)"
         return report
-    model.forward = _CompiledForward(compiled, eager)
+    model.forward = installed
     report.compiled = True
     loaded.compiled = report
     return report
+
+
+def freezes(loaded, freezing: bool | None, backend: str) -> bool:
+    """Whether :func:`compile_model` freezes the weights: only with Inductor; ``None`` = only
+    for a model planned with ``memory: fast`` (the packed copies are held beside the weights)."""
+    if backend != "inductor":
+        return False
+    if freezing is None:
+        plan = getattr(loaded, "execution", None)
+        return plan is not None and plan.settings.memory == "fast"
+    return bool(freezing)
 
 
 def agreement_tolerance(dtype: torch.dtype) -> float:
