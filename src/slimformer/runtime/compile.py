@@ -132,6 +132,7 @@ def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | No
         tolerance = agreement_tolerance(dtype)
     reference = reference.float()
     frozen = freezes(loaded, freezing, backend)
+    _trace_batch_paths(model, dynamic)
     try:
         compiled = torch.compile(eager, dynamic=dynamic, backend=backend)
         t0 = time.perf_counter()
@@ -139,6 +140,7 @@ def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | No
             out = _output(compiled(**example)).float()
         compile_s = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - no compiler here, unsupported op, ...
+        _trace_batch_paths(model, False)
         return CompileReport(False, reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
     scale = float(reference.abs().max().clamp_min(1e-6))
     diff = float((out - reference).abs().max())
@@ -147,12 +149,14 @@ def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | No
     if off > tolerance:
         measure = "relative RMS" if dtype in (torch.bfloat16, torch.float16) else "of the output's scale"
         report.reason = f"compiled output differs from eager by {off:.3g} {measure} (allowed {tolerance:.3g}; largest difference {diff:.3g}, scale {scale:.3g})"
+        _trace_batch_paths(model, False)
         return report
     installed = _CompiledForward(compiled, eager, frozen)
     report.eager_seconds, report.compiled_seconds, ratio = interleaved_times(lambda: eager(**example), lambda: installed(**example), repeats)
     report.ratio = ratio
     if ratio <= 1.0 and not keep_if_slower:
         report.reason = f"not faster than eager on the example batch (median of {repeats} interleaved rounds: {ratio:.2f}x)"
+        _trace_batch_paths(model, False)
         return report
     model.forward = installed
     report.compiled = True
@@ -190,8 +194,20 @@ def disagreement(out: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype)
     return float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
 
 
+def _trace_batch_paths(model, on: bool) -> None:
+    """Planned layers take their batch path inside a dynamic-shape graph (no guard on the row
+    count, see ``PlannedForward.__call__``)."""
+    from slimformer.runtime.execution import planned_forward_of
+
+    for module in model.modules():
+        planned = planned_forward_of(module)
+        if planned is not None:
+            planned.batch_when_traced = on
+
+
 def uncompile_model(loaded) -> None:
     """Back to the eager forward."""
+    _trace_batch_paths(loaded.model, False)
     loaded.model.__dict__.pop("forward", None)
     if hasattr(loaded, "compiled"):
         loaded.compiled = None

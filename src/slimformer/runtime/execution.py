@@ -117,6 +117,7 @@ class PlannedForward:
         self.batch = batch
         self.split_rows = split_rows
         self.also = tuple(also)  # further paths made ready (the planner times them all at once)
+        self.batch_when_traced = False  # set by runtime.compile for dynamic-shape whole-model graphs
         self.forms: dict[str, torch.Tensor] = {}
         self.version = -1
         self.build()
@@ -151,6 +152,11 @@ class PlannedForward:
         return sum(t.numel() * t.element_size() for t in self.forms.values())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_when_traced and torch.compiler.is_compiling():
+            # A whole forward compiled with dynamic shapes (runtime.compile): comparing the
+            # symbolic row count would guard on it and recompile for every bucket shape crossing
+            # ``split_rows``; both paths compute the same stored numbers, so take the batch one.
+            return self.run(self.batch, x)
         rows = x.numel() // max(1, x.shape[-1])
         return self.run(self.decode if rows < self.split_rows else self.batch, x)
 
