@@ -316,6 +316,30 @@ def test_a_planned_layer_traces_in_one_graph_and_still_rebuilds_when_eager():
     torch.testing.assert_close(after, planned.run("unpack-fp32", x), atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("batch_when_traced", [False, True])
+def test_a_dynamic_shape_graph_takes_the_batch_path_without_guarding_on_the_row_count(batch_when_traced):
+    """A whole encoder compiled with dynamic shapes (runtime.compile) sets ``batch_when_traced``:
+    then row counts on both sides of ``split_rows`` share one graph, computed by the batch path;
+    without it the comparison guards and a new bucket shape recompiles."""
+    torch.manual_seed(0)
+    q = quantize_module_rtn(nn.Linear(64, 32), 4, 32, False)
+    planned = ex.install_planned_forward(q, "unpack-fp32", "dequant-fp32", 8)
+    planned.batch_when_traced = batch_when_traced
+    frames = []
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda t: q(t), backend=backend, dynamic=True)
+    with torch.no_grad():
+        for rows in (16, 4, 12, 3):  # above and below split_rows=8
+            x = torch.randn(rows, 64)
+            expected = planned.run("dequant-fp32" if batch_when_traced or rows >= 8 else "unpack-fp32", x)
+            torch.testing.assert_close(compiled(x), expected)
+    assert len(frames) == (1 if batch_when_traced else 2)
+
+
 def test_decode_timing_streams_over_independent_copies_of_the_layer(tmp_path):
     """Decode runs go over copies that share no storage with the layer or each other (so each call
     reads its weights from memory, as in a decode step), at most MAX_STREAM_COPIES of them, and
