@@ -113,14 +113,14 @@ def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | No
     used after the weights change (compile again). It holds those packed copies beside the
     model's own weights (MiniLM's 4-bit demo model, each compiled in a fresh process: +74 MB of
     resident memory against an unfrozen compile, ~7 bytes per linear weight), so ``None``
-    freezes only a model planned with
-    ``memory: fast``; ``True`` / ``False`` decide.
+    freezes only a model planned with ``memory: fast``; ``True`` / ``False`` decide.
     Returns the :class:`CompileReport`. Measured: a 4-layer tiny BERT took 369 s to compile
     cold on a heavily loaded 2-core AMD EPYC (AVX2), agreed with eager to 7e-7 and ran 1.36x
-    faster. MiniLM planned to bf16 paths on a 2-core Xeon with AMX: 8-28 s, 1.05x (4-bit and
-    8-bit weight-only) to 1.26x (W8A8: its activation quantization fuses) over eager, and a
-    plain bf16 cast 0.97x (not kept): there the GEMMs stay oneDNN calls and only the
-    elementwise work fuses. Compile time is reported, never hidden in a latency figure."""
+    faster. MiniLM planned to bf16 paths on a 2-core Xeon with AMX
+    (benchmarks/results/execution_planner.md): not frozen, 2-4 s and 1.04-1.08x over eager for
+    4-bit and 8-bit weight-only models (only elementwise work fuses), 1.60x for W8A8 (its
+    activation quantization fuses); frozen, 9-25 s and 1.26-1.53x (a plain bf16 cast 1.28x).
+    Compile time is reported, never hidden in a latency figure."""
     model = loaded.model
     uncompile_model(loaded)
     if os.environ.get("SLIMFORMER_COMPILE", "1") == "0":
