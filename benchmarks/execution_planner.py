@@ -1,9 +1,10 @@
 """Execution planner benchmark: what the planner chose on this machine and what it bought.
 
-On MiniLM: fp32 (Hugging Face), a plain bf16 cast, and compressed models (8-bit W8A8 of
-recipes/w8a8-smoothquant.yaml, the 4-bit linears + 8-bit embedding layout of the demo) each run
-with their capability-chosen kernels ("unplanned") and with the execution planner's choice
-(memory balanced, and fast), on the fixed 32x128 batch and on the whole mixed-length held-out
+On MiniLM: fp32 (Hugging Face), a plain bf16 cast (also compiled with frozen weights), and
+compressed models (8-bit W8A8 of recipes/w8a8-smoothquant.yaml, 8-bit weights with bf16
+activations of recipes/w8-bf16.yaml, the 4-bit demo recipe) each run with their
+capability-chosen kernels ("unplanned"), with the execution planner's choice (memory balanced,
+and fast), and compiled (balanced; fast with frozen weights), on the fixed 32x128 batch and on the whole mixed-length held-out
 corpus (batches of 32, padded to the longest vs. sorted by length and bucketed). Every latency
 is a median of interleaved runs in this one process; the machine (CPU, flags, load) and the
 measured matmul ceilings are recorded, and each variant's achieved FLOP/s is reported against
