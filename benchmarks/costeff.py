@@ -270,6 +270,8 @@ def markdown(meta, rows) -> str:
         lines.append(f"| {r['name']} | {r['family']} | {r[a]['cos_mean']:.4f} | {r[b]['cos_mean']:.4f} | {r['gap']:.4f} | "
                      f"{min(r[a]['cos_min'], r[b]['cos_min']):.3f} | {r[a]['top10']:.3f} | {r[b]['top10']:.3f} | {r['mean_layers']:.2f} | {r['speedup']:.2f}× |")
     lines += ["", "Training (loss = 1 − cos to the original's final embedding, training rows; held-back rows for the final layer):", ""]
+    if not meta["training"]:
+        lines.append("- no trained model was present in this run (`costeff.py train` writes them; this table has the untrained rows only)")
     for k, t in meta["training"].items():
         if t.get("loss_before"):
             before = ", ".join(f"{n} {v:.3f}→{t['loss_after'][n]:.3f}" for n, v in t["loss_before"].items())
