@@ -154,19 +154,22 @@ def main() -> int:
     fixed = latency_batch(original, settings)
     fixed = {k: (v[: args.fixed_rows] if isinstance(v, torch.Tensor) else v) for k, v in fixed.items()}
 
-    def add_compiled(label: str, model, freezing=None) -> None:
-        """``model`` compiled (Inductor; weights frozen under memory: fast) on the fixed batch, if it agrees and pays."""
+    def add_compiled(label: str, model, freezing=None) -> str:
+        """``model`` compiled (Inductor; weights frozen under memory: fast) on the fixed batch, if
+        it agrees and pays; returns the variant's name (``label``, compiled, and frozen or not)."""
         report = compile_model(model, fixed, freezing=freezing)
+        label = f"{label}, compiled" + (" (frozen)" if report.frozen else "")
         compiled_reports[label] = {"compiled": report.compiled, "frozen": report.frozen, "compile_s": report.compile_seconds, "speedup_over_eager": report.speedup,
                                    "reason": report.reason}
         log(f"compiled {label}: {compiled_reports[label]}")
         if report.compiled:
             variants[label] = model
+        return label
 
     if not args.no_compile:
         bf16c = copy.deepcopy(original)
         cast_model(bf16c.model, torch.bfloat16)
-        add_compiled("bf16 cast, compiled (frozen)", bf16c, freezing=True)
+        add_compiled("bf16 cast", bf16c, freezing=True)
     for label, recipe in recipes.items():
         log(f"compressing {label}")
         model = copy.deepcopy(original)
@@ -183,8 +186,7 @@ def main() -> int:
             if not args.no_compile:
                 again = copy.deepcopy(model)
                 plan_execution(again, PlanSettings(memory=memory, batch_tokens=args.plan_tokens, repeats=2 if args.quick else 3))
-                name = f"{label}, planned ({memory}), compiled" + (" (frozen)" if memory == "fast" else "")
-                add_compiled(name, again)
+                name = add_compiled(f"{label}, planned ({memory})", again)
                 plans[name] = plans[f"{label}, planned ({memory})"]
     texts = load_texts(TextSpec(source=settings.source, split="evaluation", n=settings.n_texts, seed=settings.seed))
     padded_batches = [_tokenize(original, texts[i : i + 32], 128) for i in range(0, len(texts), 32)]

@@ -133,6 +133,16 @@ def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | No
     reference = reference.float()
     frozen = freezes(loaded, freezing, backend)
     _trace_batch_paths(model, dynamic)
+    report = _compile_checked(model, eager, example, reference, dtype, tolerance, frozen, repeats, keep_if_slower, dynamic, backend)
+    if report.compiled:
+        loaded.compiled = report
+    else:
+        _trace_batch_paths(model, False)
+    return report
+
+
+def _compile_checked(model, eager, example, reference, dtype, tolerance, frozen, repeats, keep_if_slower, dynamic, backend) -> CompileReport:
+    """The compile, agreement check, timing and installation of :func:`compile_model`."""
     try:
         compiled = torch.compile(eager, dynamic=dynamic, backend=backend)
         t0 = time.perf_counter()
@@ -140,27 +150,23 @@ def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | No
             out = _output(compiled(**example)).float()
         compile_s = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - no compiler here, unsupported op, ...
-        _trace_batch_paths(model, False)
         return CompileReport(False, reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
     scale = float(reference.abs().max().clamp_min(1e-6))
     diff = float((out - reference).abs().max())
     report = CompileReport(False, frozen, compile_s, max_abs_diff=diff)
     off = disagreement(out, reference, dtype)
     if off > tolerance:
-        measure = "relative RMS" if dtype in (torch.bfloat16, torch.float16) else "of the output's scale"
+        measure = "relative RMS" if _is_16bit(dtype) else "of the output's scale"
         report.reason = f"compiled output differs from eager by {off:.3g} {measure} (allowed {tolerance:.3g}; largest difference {diff:.3g}, scale {scale:.3g})"
-        _trace_batch_paths(model, False)
         return report
     installed = _CompiledForward(compiled, eager, frozen)
     report.eager_seconds, report.compiled_seconds, ratio = interleaved_times(lambda: eager(**example), lambda: installed(**example), repeats)
     report.ratio = ratio
     if ratio <= 1.0 and not keep_if_slower:
         report.reason = f"not faster than eager on the example batch (median of {repeats} interleaved rounds: {ratio:.2f}x)"
-        _trace_batch_paths(model, False)
         return report
     model.forward = installed
     report.compiled = True
-    loaded.compiled = report
     return report
 
 
@@ -183,13 +189,17 @@ def agreement_tolerance(dtype: torch.dtype) -> float:
     alone moves outputs as much as the cast itself did. Measured with Inductor and frozen weights:
     a tiny random BERT in bf16 differs from eager by 0.79% RMS (eager from float32: 0.70%,
     compiled from float32: 0.51%); MiniLM by 0.8% of its scale at the largest element."""
-    return 2.0**-5 if dtype in (torch.bfloat16, torch.float16) else 1e-3
+    return 2.0**-5 if _is_16bit(dtype) else 1e-3
+
+
+def _is_16bit(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
 
 
 def disagreement(out: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype) -> float:
     """How far ``out`` is from ``reference`` in the measure :func:`agreement_tolerance` bounds
     for outputs of ``dtype``: relative RMS for 16-bit, max abs / max magnitude for float32."""
-    if dtype in (torch.bfloat16, torch.float16):
+    if _is_16bit(dtype):
         return float((out - reference).norm() / reference.norm().clamp_min(1e-12))
     return float((out - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
 
