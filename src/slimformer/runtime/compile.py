@@ -125,6 +125,15 @@ def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | No
     uncompile_model(loaded)
     if os.environ.get("SLIMFORMER_COMPILE", "1") == "0":
         return CompileReport(False, reason="SLIMFORMER_COMPILE=0")
+    settings = getattr(loaded, "dynamic", None)
+    if settings is not None and settings.active():
+        _trace_batch_paths(model, dynamic)
+        report = _compile_segments(loaded, settings, example, tolerance, repeats, keep_if_slower, dynamic, backend, freezes(loaded, freezing, backend))
+        if report.compiled:
+            loaded.compiled = report
+        else:
+            _trace_batch_paths(model, False)
+        return report
     eager = model.forward
     reference = _output(eager(**example))
     dtype = reference.dtype
@@ -166,6 +175,92 @@ def _compile_checked(model, eager, example, reference, dtype, tolerance, frozen,
         report.reason = f"not faster than eager on the example batch (median of {repeats} interleaved rounds: {ratio:.2f}x)"
         return report
     model.forward = installed
+    report.compiled = True
+    return report
+
+
+def _segment_fn(blocks):
+    from slimformer.methods.dynamic.runtime import run_blocks
+
+    def segment(hidden, mask):
+        return run_blocks(blocks, hidden, mask)
+
+    return segment
+
+
+def _compile_segments(loaded, settings, example, tolerance, repeats, keep_if_slower, dynamic, backend, frozen) -> CompileReport:
+    """:func:`compile_model` for a model with dynamic settings (exits, token reduction), which
+    runs its blocks through the dynamic runtime, not through ``model.forward``: each run of blocks
+    between two reduction or exit points (``block_segments``) becomes one compiled graph, the
+    reducers, exit heads and rules between them stay eager. Each segment is checked against eager
+    on the inputs an eager pass over the example gives it; the whole embedding is timed both ways
+    on the example, and the segments are installed in ``settings.compiled`` if all agree and the
+    compiled pass is faster."""
+    import torch._dynamo
+
+    from slimformer.methods.dynamic.runtime import block_segments
+
+    blocks = loaded.adapter.blocks()
+    spans = block_segments(settings, len(blocks))
+    # one code object (``segment``) serves every span and bucket shape: Dynamo's limit of graphs
+    # per code object must cover them, or later ones silently run eager
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 8 * len(spans) + 8))
+    # each segment is checked against eager on the same input (the inputs it gets in an eager
+    # pass over the example): end to end, a rounding difference can flip a discrete choice (a
+    # pruned token, an exit) and move one output far without any fault in the compiled graph
+    recorded: dict = {}
+
+    def recorder(span, eager):
+        def record(hidden, mask):
+            out = eager(hidden, mask)
+            recorded.setdefault(span, (hidden, mask, out))
+            return out
+
+        return record
+
+    eager_segments = {span: _segment_fn(blocks[span[0]:span[1]]) for span in spans}
+    settings.compiled = {span: recorder(span, fn) for span, fn in eager_segments.items()}
+    try:
+        loaded.embed(example)
+    finally:
+        settings.compiled = {}
+    installed, off, worst, diff, dtype = {}, 0.0, None, 0.0, None
+    t0 = time.perf_counter()
+    try:
+        for span, eager in eager_segments.items():
+            installed[span] = _CompiledForward(torch.compile(eager, dynamic=dynamic, backend=backend), eager, frozen)
+            if span not in recorded:  # every row exited before it on the example
+                continue
+            hidden, mask, reference = recorded[span]
+            with _inductor_freezing(frozen):
+                out = installed[span].compiled(hidden, mask)
+            dtype = reference.dtype
+            span_off = disagreement(out.float(), reference.float(), dtype)
+            diff = max(diff, float((out.float() - reference.float()).abs().max()))
+            if span_off >= off:
+                off, worst = span_off, span
+    except Exception as exc:  # noqa: BLE001 - no compiler here, unsupported op, ...
+        return CompileReport(False, reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    compile_s = time.perf_counter() - t0
+    report = CompileReport(False, frozen, compile_s, max_abs_diff=diff)
+    if tolerance is None:
+        tolerance = agreement_tolerance(dtype or torch.float32)
+    if off > tolerance:
+        measure = "relative RMS" if _is_16bit(dtype) else "of the output's scale"
+        report.reason = f"compiled blocks {worst[0]}..{worst[1] - 1} differ from eager by {off:.3g} {measure} (allowed {tolerance:.3g}; largest difference {diff:.3g})"
+        return report
+
+    def run(segments):
+        settings.compiled = segments
+        return loaded.embed(example)
+
+    report.eager_seconds, report.compiled_seconds, report.ratio = interleaved_times(lambda: run({}), lambda: run(installed), repeats)
+    settings.compiled = {}
+    if report.ratio <= 1.0 and not keep_if_slower:
+        report.reason = f"not faster than eager on the example batch (median of {repeats} interleaved rounds: {report.ratio:.2f}x)"
+        return report
+    settings.compiled = installed
     report.compiled = True
     return report
 
@@ -219,5 +314,8 @@ def uncompile_model(loaded) -> None:
     """Back to the eager forward."""
     _trace_batch_paths(loaded.model, False)
     loaded.model.__dict__.pop("forward", None)
+    settings = getattr(loaded, "dynamic", None)
+    if settings is not None:
+        settings.compiled = {}
     if hasattr(loaded, "compiled"):
         loaded.compiled = None

@@ -26,6 +26,9 @@ class DynamicSettings:
     reducers: dict[int, list] = field(default_factory=dict)
     proportional_attention: bool = True
     configs: list[dict] = field(default_factory=list)  # for the manifest
+    # (start, end) -> fn(hidden, mask) -> hidden running blocks start..end-1, installed by
+    # ``slimformer.runtime.compile.compile_model`` (compiled segments); empty: eager
+    compiled: dict = field(default_factory=dict, repr=False)
 
     def active(self) -> bool:
         return self.exits is not None or bool(self.reducers)
@@ -127,6 +130,30 @@ def special_token_mask(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return torch.isin(input_ids, torch.tensor(sorted(ids), dtype=input_ids.dtype))
 
 
+def block_segments(settings: DynamicSettings, num_layers: int, every_block: bool = False) -> list[tuple[int, int]]:
+    """The runs ``[start, end)`` of blocks with nothing between them: a segment ends after a
+    block that has a token reducer or an exit head (and after every block with ``every_block``),
+    so shapes only change at segment boundaries and each segment can be one compiled graph."""
+    exits = settings.exits
+    cuts = {i for i in settings.reducers if 0 <= i < num_layers}
+    if exits is not None:
+        cuts |= {i for i in range(num_layers - 1) if exits.has(i)}
+    out, start = [], 0
+    for i in range(num_layers):
+        if every_block or i in cuts or i == num_layers - 1:
+            out.append((start, i + 1))
+            start = i + 1
+    return out
+
+
+def run_blocks(blocks, hidden: torch.Tensor, mask) -> torch.Tensor:
+    """Hidden states (rows, tokens, dim) through ``blocks`` in order with one attention ``mask``."""
+    for block in blocks:
+        output = block(hidden, attention_mask=mask)
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+    return hidden
+
+
 def _block_flops(tokens: torch.Tensor, dim: int, ffn: int) -> float:
     """Multiply-add x2 of one encoder block for rows with ``tokens`` real tokens each."""
     t = tokens.float()
@@ -214,15 +241,18 @@ class DynamicEncoder:
         rule_state: dict = {"tokens": attention_mask.sum(1).to(torch.float32)}  # per-row state, filtered as rows leave
         exits, rule = self.settings.exits, self.settings.rule
         last = len(blocks) - 1
-        for index, block in enumerate(blocks):
+        compiled = self.settings.compiled
+        for start, end in block_segments(self.settings, len(blocks), every_block=collect_layers):
             real = (sizes > 0).sum(1)
-            tokens_per_layer.append(float(real.float().mean()) if len(rows) else 0.0)
-            rows_per_layer.append(len(rows))
-            flops += _block_flops(torch.full_like(real, sizes.shape[1]), dim, ffn)
+            for _ in range(start, end):  # shapes do not change inside a segment
+                tokens_per_layer.append(float(real.float().mean()) if len(rows) else 0.0)
+                rows_per_layer.append(len(rows))
+                flops += _block_flops(torch.full_like(real, sizes.shape[1]), dim, ffn)
             mask = self._mask(hidden, attention_mask, sizes if merged else None)
-            output = block(hidden, attention_mask=mask)
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
-            layers_run[rows] += 1
+            segment = compiled.get((start, end))
+            hidden = segment(hidden, mask) if segment is not None else run_blocks(blocks[start:end], hidden, mask)
+            layers_run[rows] += end - start
+            index = end - 1
             for reducer in self.settings.reducers.get(index, []):
                 hidden, sizes, protect = reducer.reduce(self, index, hidden, sizes, protect)
                 merged = True
