@@ -39,12 +39,15 @@ def encode(loaded: LoadedModel, texts: list[str], max_length: int = 128, batch_s
     if not texts:
         return torch.zeros(0, loaded.model.config.hidden_size)
     limit = min(max_length, max_positions(loaded) or max_length)
-    lengths = [len(ids) for ids in loaded.tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]]
+    # tokenized once: the lengths order the batches, and each batch is padded from these ids
+    encoded = loaded.tokenizer(list(texts), truncation=True, max_length=limit)
+    encoded.pop("token_type_ids", None)
+    lengths = [len(ids) for ids in encoded["input_ids"]]
     order = length_order(lengths) if getattr(loaded, "bucketing", True) else list(range(len(texts)))
-    ordered = [texts[i] for i in order]
     out = []
-    for i in tqdm(range(0, len(ordered), batch_size), desc=desc, disable=not progress, unit="batch"):
-        batch = _tokenize(loaded, ordered[i : i + batch_size], max_length)
+    for i in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, unit="batch"):
+        rows = order[i : i + batch_size]
+        batch = dict(loaded.tokenizer.pad({key: [values[r] for r in rows] for key, values in encoded.items()}, return_tensors="pt"))
         out.append(F.normalize(loaded.embed(batch), dim=-1))
     return restore_order(torch.cat(out), order)
 
