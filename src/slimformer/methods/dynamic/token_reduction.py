@@ -95,13 +95,17 @@ def attention_importance(runner, layer: int, hidden: torch.Tensor, sizes: torch.
     n_heads = runner.model.config.num_attention_heads
     hd = dim // n_heads
     heads = getattr(k_proj, "out_features", n_heads * hd) // hd  # fewer than the config says after width slimming
-    k = k_proj(hidden).float().view(rows, T, heads, hd).transpose(1, 2)  # (rows, heads, T, hd)
-    queries = hidden[:, :1] if score == "cls" else hidden
-    q = q_proj(queries).float().view(rows, queries.shape[1], heads, hd).transpose(1, 2)
-    logits = q @ k.transpose(-1, -2) / hd**0.5 + torch.where(sizes > 0, sizes.clamp(min=1e-9).log(), torch.full_like(sizes, NEG))[:, None, None, :]
-    probs = logits.softmax(-1)  # (rows, heads, Q, T)
+    bias = torch.where(sizes > 0, sizes.clamp(min=1e-9).log(), torch.full_like(sizes, NEG))  # (rows, T)
+    k = k_proj(hidden).view(rows, T, heads, hd)  # in the model's dtype: one GEMM
     if score == "cls":
-        return probs[:, :, 0].mean(1)
+        # one query per row: a broadcast product, not a batched matmul of transposed copies
+        q = q_proj(hidden[:, 0].contiguous()).float().view(rows, 1, heads, hd)
+        logits = (k.float() * q).sum(-1) / hd**0.5 + bias[:, :, None]  # (rows, T, heads)
+        return logits.softmax(1).mean(-1)
+    k = k.float().transpose(1, 2)  # (rows, heads, T, hd)
+    q = q_proj(hidden).float().view(rows, T, heads, hd).transpose(1, 2)
+    logits = q @ k.transpose(-1, -2) / hd**0.5 + bias[:, None, None, :]
+    probs = logits.softmax(-1)  # (rows, heads, Q, T)
     qmask = (sizes > 0).float()[:, None, :, None]
     return (probs * qmask).sum((1, 2)) / qmask.sum((1, 2)).clamp(min=1)
 
