@@ -89,13 +89,13 @@ def train(names) -> None:
 # ---------------------------------------------------------------- evaluation
 
 EXIT_RULES = {  # model -> list of (rule, threshold) evaluated
-    "exit-frozen": [("similarity", 0.95), ("predicted", 0.95)],
+    "exit-frozen": [("similarity", 0.95), ("predicted", 0.95), ("predicted", 0.9), ("predicted", 0.85)],
     "costeff-w100": [("predicted", 0.95)],
     "slim75-frozen": [("none", 2.0)],
     "costeff-w75": [("none", 2.0), ("predicted", 0.97), ("predicted", 0.95)],
 }
 PRUNE = {"keep_ratio": 0.6, "layers": (1, 3), "score": "cls"}  # applied at run time (not trained with)
-PRUNED = {  # (base model, schedule[, keep ratio]) -> rules
+PRUNED = {  # (base model, schedule[, keep ratio[, layers]]) -> rules
     ("original", "constant"): [("none", 2.0)],
     ("original", "length"): [("none", 2.0)],
     ("costeff-w75", "length"): [("none", 2.0)],
@@ -103,11 +103,22 @@ PRUNED = {  # (base model, schedule[, keep ratio]) -> rules
     ("bf16", "constant"): [("none", 2.0)],
     ("bf16", "length"): [("none", 2.0)],
     ("bf16", "length", 0.4): [("none", 2.0)],
+    ("bf16", "length", 0.5, (2,)): [("none", 2.0)],
 }
+# the pruning rate chosen on training text, not on the held-out sources: the setting with the
+# fewest block tokens whose embeddings on the calibration documents keep cos >= 0.985 and top-10 >= 0.9
+CALIBRATED_GRID = [(layers, keep) for layers in ((1, 3), (2,), (3,)) for keep in (0.4, 0.5, 0.6, 0.7)]
+CALIBRATED_FLOOR = {"cos": 0.985, "top10": 0.9}
+# static + dynamic, compiled: these bf16 models again with their blocks compiled by Inductor with
+# frozen weights (the whole forward for `bf16`, the runs of blocks between pruning points for the
+# pruned ones), compiled on a batch of training text before anything is timed
+COMPILED = ("bf16", "bf16+prune-length", "bf16+prune-length-keep0.5-after2", "bf16+prune-length-keep0.4", "bf16+prune-calibrated")
 MIN_TOKENS = 32
 
 
 def _family(name: str) -> str:
+    if name.startswith("bf16") and name.endswith(" compiled"):
+        return "bf16 compiled (+ token pruning)"
     if name.startswith("bf16"):
         return "bf16 cast (+ token pruning)"
     if name.startswith("exit-frozen"):
@@ -119,7 +130,7 @@ def _family(name: str) -> str:
     return "token pruning"
 
 
-def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16: bool = True, stem: str = "costeff") -> int:
+def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16: bool = True, stem: str = "costeff", compile_models: bool = True) -> int:
     import copy
     import datetime as _dt
 
@@ -156,16 +167,50 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
         models["bf16"] = copy.deepcopy(original)
         cast_model(models["bf16"].model, torch.bfloat16)
         configs.append(("bf16", "bf16", None, "none", 2.0))
-    for (base, schedule, *ratio), rules in PRUNED.items():
+    for (base, schedule, *extra), rules in PRUNED.items():
         if base not in models:
             continue
-        keep = ratio[0] if ratio else PRUNE["keep_ratio"]
-        key = f"{base}+prune-{schedule}" + (f"-keep{keep:g}" if ratio else "")
+        keep = extra[0] if extra else PRUNE["keep_ratio"]
+        layers = extra[1] if len(extra) > 1 else PRUNE["layers"]
+        key = f"{base}+prune-{schedule}" + (f"-keep{keep:g}" if extra else "") + (f"-after{'-'.join(map(str, layers))}" if len(extra) > 1 else "")
         m = copy.deepcopy(models[base])
-        install_token_pruning(m, TokenPruningConfig(**{**PRUNE, "keep_ratio": keep}, schedule=schedule, min_tokens=MIN_TOKENS if schedule == "length" else 0))
+        install_token_pruning(m, TokenPruningConfig(**{**PRUNE, "keep_ratio": keep, "layers": layers}, schedule=schedule, min_tokens=MIN_TOKENS if schedule == "length" else 0))
         models[key] = m
         for rule, t in rules:
             configs.append((key if rule == "none" else f"{key} {rule}@{t}", key, schedule, rule, t))
+    calibrated = {}
+    if bf16:
+        cal_texts = [json.loads(line)["text"] for line in calibration_file().read_text().splitlines()]
+        calibrated = calibrated_pruning(models["bf16"], original, cal_texts if not quick else cal_texts[::10])
+        chosen = calibrated["chosen"]
+        log(f"pruning chosen on training text: {chosen}")
+        if chosen is not None:
+            m = copy.deepcopy(models["bf16"])
+            install_token_pruning(m, TokenPruningConfig(**{**PRUNE, "keep_ratio": chosen["keep"], "layers": tuple(chosen["layers"])}, schedule="length", min_tokens=MIN_TOKENS))
+            models["bf16+prune-calibrated"] = m
+            configs.append(("bf16+prune-calibrated", "bf16+prune-calibrated", "length", "none", 2.0))
+    compile_reports = {}
+    if bf16 and compile_models:
+        import torch._dynamo.config as dynamo_config
+
+        from slimformer.runtime.compile import compile_model
+
+        # every compiled model here shares the same code objects: room for all their graphs
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 128)
+        cal_texts = [json.loads(line)["text"] for line in calibration_file().read_text().splitlines()]
+        example = _tokenize(original, cal_texts[:: max(1, len(cal_texts) // 32)][:32], 128)
+        for key in COMPILED:
+            if key not in models:
+                continue
+            m = copy.deepcopy(models[key])
+            report = compile_model(m, example, freezing=True)
+            compile_reports[key] = {"compiled": report.compiled, "seconds": report.compile_seconds, "ratio_on_example": report.ratio, "reason": report.reason}
+            log(f"{key} compiled: {report.compiled} in {report.compile_seconds:.1f} s, {report.ratio or 0:.2f}x on the example ({report.reason or 'kept'})")
+            if not report.compiled:
+                continue
+            models[f"{key} compiled"] = m
+            schedule = "length" if "prune-length" in key else None
+            configs.append((f"{key} compiled", f"{key} compiled", schedule, "none", 2.0))
 
     def setting(key, rule, t):
         m = models[key]
@@ -190,6 +235,11 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
         rows.append(row)
         log(f"{label}: cos {row[HELD_OUT[0]]['cos_mean']:.4f} / {row[HELD_OUT[1]]['cos_mean']:.4f} top10 {row[HELD_OUT[0]]['top10']:.3f} / "
             f"{row[HELD_OUT[1]]['top10']:.3f}")
+    oracle = {}
+    if "exit-frozen" in models:
+        set_exit_rule(models["exit-frozen"], "similarity", 2.0)
+        oracle = {s: exit_oracle(models["exit-frozen"], original, texts[s]) for s in HELD_OUT}
+        log(f"exit oracle: {json.dumps(oracle)}")
     # speed: the whole mixed-length held-out corpus (both sources), length-sorted batches of 32,
     # every setting timed in the same interleaved rounds, medians
     torch.set_num_threads(int(os.environ.get("COSTEFF_THREADS", "2")))
@@ -213,7 +263,7 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
     meta = {"started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "minutes": (time.perf_counter() - start) / 60,
             "machine": machine, "threads": torch.get_num_threads(), "loadavg_timing": [load_before, load_after], "repeats": repeats,
             "n_texts": n_texts, "n_queries": n_queries, "held_out": HELD_OUT, "train_sources": TRAIN_SOURCES,
-            "n_calibration": N_CAL_PER_SOURCE * len(TRAIN_SOURCES), "prune": {**PRUNE, "min_tokens": MIN_TOKENS},
+            "n_calibration": N_CAL_PER_SOURCE * len(TRAIN_SOURCES), "prune": {**PRUNE, "min_tokens": MIN_TOKENS}, "compiled": compile_reports, "exit_oracle": oracle, "calibrated_pruning": calibrated,
             "variants": {k: [c.to_dict() for c in v] for k, v in VARIANTS.items()},
             "training": {k: {"seconds": r.get("train_seconds"), "loss_before": r.get("training", {}).get("loss_before"),
                              "loss_after": r.get("training", {}).get("loss_after"), "held_back_after": r.get("training", {}).get("held_back_after"),
@@ -225,6 +275,81 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
     plot(rows, RESULTS / f"{stem}.png")
     log(f"wrote {RESULTS}/{stem}.{{md,json,png}}")
     return 0
+
+
+def block_token_share(lengths: list[int], layers: tuple[int, ...], keep: float, n_blocks: int = 6) -> float:
+    """Share of the full model's block tokens that length-aware pruning after ``layers`` keeps."""
+    total = kept = 0
+    for n in lengths:
+        cur = n
+        for block in range(n_blocks):
+            kept += cur
+            total += n
+            if block in layers:
+                cur -= round((1 - keep) * max(0, cur - MIN_TOKENS))
+    return kept / total
+
+
+def calibrated_pruning(model, original, texts: list[str]) -> dict:
+    """The length-aware pruning setting of ``CALIBRATED_GRID`` with the fewest block tokens whose
+    quality on ``texts`` (training text) stays above ``CALIBRATED_FLOOR``; every candidate's
+    figures are returned for the record."""
+    import copy
+
+    from slimformer.evaluate.quality import encoder_quality, encoder_reference
+    from slimformer.methods import TokenPruningConfig
+    from slimformer.methods.dynamic import install_token_pruning
+
+    n_queries = len(texts) // 5
+    reference = encoder_reference(original, texts, n_queries, 128, 32)
+    lengths = [len(ids) for ids in original.tokenizer(texts, truncation=True, max_length=128)["input_ids"]]
+    candidates = []
+    for layers, keep in CALIBRATED_GRID:
+        m = copy.deepcopy(model)
+        install_token_pruning(m, TokenPruningConfig(keep_ratio=keep, layers=layers, score=PRUNE["score"], schedule="length", min_tokens=MIN_TOKENS))
+        q = encoder_quality(original, m, texts, n_queries, 128, 32, reference=reference)
+        candidates.append({"layers": list(layers), "keep": keep, "cos": q["embedding_cosine_mean"], "top10": q["retrieval_agreement_at_10"],
+                           "token_share": block_token_share(lengths, layers, keep)})
+    ok = [c for c in candidates if c["cos"] >= CALIBRATED_FLOOR["cos"] and c["top10"] >= CALIBRATED_FLOOR["top10"]]
+    chosen = min(ok, key=lambda c: c["token_share"]) if ok else None
+    return {"chosen": chosen, "candidates": candidates, "floor": CALIBRATED_FLOOR, "n_texts": len(texts)}
+
+
+@torch.no_grad()
+def exit_oracle(model, original, texts: list[str], floor: float = 0.97) -> dict:
+    """The most any exit rule could save with ``model``'s exits: per input, the cosine of every
+    exit (and of the full depth, 1 by definition against the model's own final layer; measured
+    against the fp32 original here) to the original's embedding; then each input is sent to the
+    exit a perfect, input-by-input rule would pick (a Lagrangian sweep over the multiple-choice
+    knapsack "fewest blocks at mean cos >= floor"). Returns the mean depth and the block-compute
+    bound 6 / depth at the floor, and each exit's mean cosine."""
+    from slimformer.evaluate.quality import encode
+    from slimformer.methods.dynamic.runtime import DynamicEncoder
+
+    heads = model.dynamic.exits
+    layers = heads.layers
+    n_blocks = model.adapter.num_layers()
+    reference = encode(original, texts, 128, 32)
+    cols = []
+    for i in range(0, len(texts), 32):
+        from slimformer.evaluate.quality import _tokenize
+
+        batch = _tokenize(model, texts[i : i + 32], 128)
+        final, pooled = DynamicEncoder(model).embed(batch, collect_layers=True)
+        per_exit = [torch.nn.functional.normalize(heads(k, pooled[k]).float(), dim=-1) for k in layers]
+        cols.append(torch.stack(per_exit + [torch.nn.functional.normalize(final, dim=-1)], 1))  # (rows, exits + 1, dim)
+    emb = torch.cat(cols)
+    cos = (emb * reference[:, None, :]).sum(-1)  # (n, exits + 1)
+    depth = torch.tensor([k + 1 for k in layers] + [n_blocks], dtype=torch.float32)
+    best = {"depth": float(n_blocks), "cos": float(cos[:, -1].mean()), "lambda": None}
+    for lam in torch.logspace(-1, 4, 400).tolist():
+        choice = (depth[None, :] + lam * (1 - cos)).argmin(1)
+        c = float(cos.gather(1, choice[:, None]).mean())
+        d = float(depth[choice].mean())
+        if c >= floor and d < best["depth"]:
+            best = {"depth": d, "cos": c, "lambda": lam}
+    return {"floor": floor, "mean_depth": best["depth"], "mean_cos": best["cos"], "bound": n_blocks / best["depth"],
+            "exit_cos": {str(k): float(cos[:, j].mean()) for j, k in enumerate(layers)}}
 
 
 def cm_interleaved(fns, repeats):
@@ -260,8 +385,16 @@ def markdown(meta, rows) -> str:
         "isotonic-calibrated confidence ≥ t (t = expected cosine); `similarity@t` = MuE consecutive-exit agreement; `patience` = 2 agreeing exits; "
         "no rule = full depth. `+prune-constant` / `+prune-length`: token pruning after blocks 1 and 3 keeping "
         f"{meta['prune']['keep_ratio']:.0%} by [CLS] attention, constant or length-aware (inputs ≤ {meta['prune']['min_tokens']} tokens untouched); "
-        "applied at run time, not trained with (`-keep0.4`: keeping 40%). `bf16` = the original cast to bfloat16 (weights and activations; no training), "
-        "the static half of a static + dynamic combination.",
+        "applied at run time, not trained with (`-keep0.4`: keeping 40%; `-keep0.5-after2`: keeping 50% after block 2 only). `bf16` = the original cast to bfloat16 (weights and activations; no training), "
+        "the static half of a static + dynamic combination. `+prune-calibrated` = the length-aware pruning setting chosen on the training text alone"
+        + (f" (after block(s) {', '.join(map(str, meta['calibrated_pruning']['chosen']['layers']))} keeping {meta['calibrated_pruning']['chosen']['keep']:.0%}: "
+           f"on the {meta['calibrated_pruning']['n_texts']} training documents cos {meta['calibrated_pruning']['chosen']['cos']:.4f}, top-10 {meta['calibrated_pruning']['chosen']['top10']:.3f}, "
+           f"{meta['calibrated_pruning']['chosen']['token_share']:.0%} of the block tokens; the fewest block tokens of {len(meta['calibrated_pruning']['candidates'])} settings "
+           f"with cos ≥ {meta['calibrated_pruning']['floor']['cos']} and top-10 ≥ {meta['calibrated_pruning']['floor']['top10']} there)"
+           if meta.get("calibrated_pruning", {}).get("chosen") else "")
+        + ". `compiled` = that model compiled by Inductor with frozen weights (`compile_model(..., freezing=True)`, on a batch of "
+        "training text): the whole forward for `bf16`, each run of blocks between two pruning points for the pruned ones (pruning itself stays eager)"
+        + (": " + "; ".join(f"`{k}` {v['seconds']:.0f} s to compile" + ("" if v["compiled"] else f", not kept ({v['reason']})") for k, v in meta.get("compiled", {}).items()) if meta.get("compiled") else "") + ".",
         "",
         f"| setting | family | cos {a} | cos {b} | gap | worst cos | top-10 {a} | top-10 {b} | layers | speed-up |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -286,6 +419,10 @@ def markdown(meta, rows) -> str:
     exits_only = [r for r in rows if r["prune"] is None and r["model"] in ("exit-frozen", "costeff-w100")]
     r = best(exits_only, 0.97)
     lines.append(f"- early exit alone (full width, no pruning), cos ≥ 0.97: " + (f"**{r['name']}** — {r['speedup']:.2f}×" if r else "none"))
+    for source, o in meta.get("exit_oracle", {}).items():
+        lines.append(f"  - bound on `{source}`: the `exit-frozen` exits reach mean cos {', '.join(f'{v:.3f}' for v in o['exit_cos'].values())} after blocks "
+                     f"{', '.join(o['exit_cos'])}; a perfect input-by-input rule keeps mean cos ≥ {o['floor']} at {o['mean_depth']:.2f} blocks on average "
+                     f"(cos {o['mean_cos']:.4f}): at most {o['bound']:.2f}× in block compute, before the exit heads' own cost")
     return "\n".join(lines) + "\n"
 
 
@@ -299,7 +436,7 @@ def plot(rows, path: Path) -> None:
 
     a, b = HELD_OUT
     fig, ax = plt.subplots(figsize=(11, 7))
-    colors = {"bf16 cast (+ token pruning)": "tab:orange", "exits, frozen backbone": "tab:blue", "COST-EFF joint training": "tab:purple", "slim 75%, frozen (before joint training)": "tab:green",
+    colors = {"bf16 cast (+ token pruning)": "tab:orange", "bf16 compiled (+ token pruning)": "tab:olive", "exits, frozen backbone": "tab:blue", "COST-EFF joint training": "tab:purple", "slim 75%, frozen (before joint training)": "tab:green",
               "token pruning": "tab:brown", "original": "tab:red"}
     for fam, color in colors.items():
         pts = [r for r in rows if r["family"] == fam]
@@ -333,6 +470,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n-texts", type=int, default=128, help="held-out documents per source")
     parser.add_argument("--stem", default="costeff", help="results/<stem>.{md,json,png} (e.g. a run on another machine, beside the committed table)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16-cast rows (static + dynamic, no training)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled bf16 rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     names = args.only.split(",") if args.only else list(VARIANTS)
@@ -340,8 +478,8 @@ def main(argv=None) -> int:
         train(names)
         return 0
     if args.quick:
-        return evaluate_all(repeats=1, n_texts=10, quick=True, bf16=not args.no_bf16, stem=args.stem)
-    return evaluate_all(repeats=args.repeats, n_texts=args.n_texts, bf16=not args.no_bf16, stem=args.stem)
+        return evaluate_all(repeats=1, n_texts=10, quick=True, bf16=not args.no_bf16, stem=args.stem, compile_models=not args.no_compile)
+    return evaluate_all(repeats=args.repeats, n_texts=args.n_texts, bf16=not args.no_bf16, stem=args.stem, compile_models=not args.no_compile)
 
 
 if __name__ == "__main__":
