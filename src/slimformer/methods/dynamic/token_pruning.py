@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from slimformer.errors import ConfigError, is_int_at_least
@@ -17,7 +18,13 @@ class TokenPruningConfig(MethodConfig):
     queries (``score: mean``) of the next block. Several layers give a staged, pyramid-like
     schedule (PyramidDrop). ``schedule: length`` makes the rate length-aware: an input of ``n``
     tokens loses ``(1 - keep_ratio) * (n - min_tokens)`` of them (none at or below
-    ``min_tokens``), so short texts are not gutted and long ones are shortened most."""
+    ``min_tokens``), so short texts are not gutted and long ones are shortened most.
+
+    ``keep_ratios``: one keep ratio per entry of ``layers`` (instead of ``keep_ratio`` for all).
+    ``target_cos``: choose the per-layer ratios on the calibration text (DiffRate-style, see
+    ``rate_search``): ``layers`` are the candidates, ``keep_ratio`` the lowest ratio allowed, and
+    ratios fall in steps of ``step`` while the calibration embeddings keep a mean cosine of at
+    least ``target_cos`` to the unpruned model's; the chosen ratios are what is saved."""
 
     name = "token-pruning"
     family = "dynamic"
@@ -29,8 +36,22 @@ class TokenPruningConfig(MethodConfig):
     score: str = "cls"
     schedule: str = "constant"
     min_tokens: int = 0
+    keep_ratios: tuple[float, ...] = ()
+    target_cos: float | None = None
+    step: float = 0.1
 
     def __post_init__(self) -> None:
+        self.keep_ratios = tuple(self.keep_ratios)
+        if self.keep_ratios and len(self.keep_ratios) != len(tuple(self.layers)):
+            raise ConfigError(f"token-pruning: {len(self.keep_ratios)} keep_ratios for {len(tuple(self.layers))} layers", "give one keep ratio per layer, e.g. layers: [1, 3] with keep_ratios: [0.8, 0.6]")
+        if any(isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1 for k in self.keep_ratios):
+            raise ConfigError(f"token-pruning: keep_ratios={list(self.keep_ratios)} must each be in (0, 1]", "use e.g. keep_ratios: [0.8, 0.6]")
+        if self.target_cos is not None and (isinstance(self.target_cos, bool) or not isinstance(self.target_cos, (int, float)) or not 0 < self.target_cos < 1):
+            raise ConfigError(f"token-pruning: target_cos={self.target_cos!r} must be in (0, 1)", "use e.g. target_cos: 0.99")
+        if self.target_cos is not None and self.keep_ratios:
+            raise ConfigError("token-pruning: target_cos chooses the keep ratios; keep_ratios fixes them", "give one of target_cos or keep_ratios")
+        if isinstance(self.step, bool) or not isinstance(self.step, (int, float)) or not 0 < self.step < 1:
+            raise ConfigError(f"token-pruning: step={self.step!r} must be in (0, 1)", "use e.g. step: 0.1")
         if self.schedule not in ("constant", "length"):
             raise ConfigError(f"token-pruning: schedule={self.schedule!r} is unknown", "use schedule: constant or schedule: length")
         if not is_int_at_least(self.min_tokens, 0):
@@ -47,13 +68,31 @@ class TokenPruningConfig(MethodConfig):
 def install_token_pruning(loaded, config: TokenPruningConfig) -> None:
     check_layers("token-pruning", config.layers, loaded.adapter.num_layers())
     settings = settings_of(loaded)
-    for layer in config.layers:
-        settings.reducers.setdefault(layer, []).append(TokenPruner(config.keep_ratio, config.score, config.schedule, config.min_tokens))
+    ratios = config.keep_ratios or (config.keep_ratio,) * len(config.layers)
+    for layer, keep in zip(config.layers, ratios):
+        settings.reducers.setdefault(layer, []).append(TokenPruner(keep, config.score, config.schedule, config.min_tokens))
     settings.configs.append(config.to_dict())
 
 
 @register_method(TokenPruningConfig)
 def apply_token_pruning(loaded, config: TokenPruningConfig, ctx) -> dict:
     require_encoder(loaded, "token-pruning")
-    install_token_pruning(loaded, config)
-    return {"layers": list(config.layers), "keep_ratio": config.keep_ratio}
+    if config.target_cos is None:
+        install_token_pruning(loaded, config)
+        return {"layers": list(config.layers), "keep_ratios": list(config.keep_ratios or (config.keep_ratio,) * len(config.layers))}
+    from tqdm.auto import tqdm
+
+    from slimformer.methods.dynamic.rate_search import search_keep_ratios
+
+    check_layers("token-pruning", config.layers, loaded.adapter.num_layers())
+    settings_of(loaded)
+    batches = ctx.batches(loaded.tokenizer)
+    with tqdm(desc="token-pruning rates", unit="trial", disable=not getattr(ctx, "progress", False)) as bar:
+        found = search_keep_ratios(loaded, batches, tuple(config.layers), float(config.target_cos), float(config.keep_ratio), float(config.step),
+                                   config.score, config.schedule, config.min_tokens, progress=bar)
+    layers = tuple(sorted(found["keep"]))
+    if layers:  # what is saved: the chosen ratios, so loading does not search again
+        chosen = dataclasses.replace(config, layers=layers, keep_ratios=tuple(found["keep"][l] for l in layers), target_cos=None)
+        install_token_pruning(loaded, chosen)
+    return {"layers": list(layers), "keep_ratios": [found["keep"][l] for l in layers], "calibration_cos": found["cos"],
+            "flops_ratio": found["flops_ratio"], "target_cos": config.target_cos, "search_path": found["path"]}
