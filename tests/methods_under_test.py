@@ -60,6 +60,6 @@ METHODS = [
     pytest.param({"method": "width-slim", "flops_ratio": 0.75, "gqa": "groups", "distill_steps": 3}, id="width-slim-75pct-gqa-groups-distill"),
     pytest.param({"method": "early-exit", "rule": "predicted", "threshold": 0.9, "train_steps": 20}, id="early-exit-learned-confidence"),
     pytest.param({"method": "token-pruning", "keep_ratio": 0.5, "layers": [0, 1], "schedule": "length", "min_tokens": 8}, id="token-pruning-length-aware"),
-    pytest.param({"method": "token-pruning", "keep_ratio": 0.5, "layers": [0, 1, 2], "target_cos": 0.95, "step": 0.25}, id="token-pruning-rates-searched"),
+    pytest.param({"method": "token-pruning", "keep_ratio": 0.5, "layers": [0, 1, 2], "target_cos": 0.95, "step": 0.25, "cost": "flops"}, id="token-pruning-rates-searched"),
     pytest.param({"method": "costeff", "flops_ratio": 0.75, "steps": 3, "confidence_steps": 5, "exit_warmup_steps": 5}, id="costeff-75pct-joint"),
 ]

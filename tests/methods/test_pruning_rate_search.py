@@ -31,7 +31,7 @@ def test_chosen_rates_keep_the_calibration_floor_and_a_lower_floor_prunes_more(t
     results = {}
     for target in (0.995, 0.9):
         model = tiny_factory("bert")
-        compress(model, Recipe(steps=[TokenPruningConfig(layers=(0, 1, 2), keep_ratio=0.2, target_cos=target, schedule="constant")], calibration=fast_calibration))
+        compress(model, Recipe(steps=[TokenPruningConfig(layers=(0, 1, 2), keep_ratio=0.2, target_cos=target, schedule="constant", cost="flops")], calibration=fast_calibration))
         record = model.applied[-1]
         cos = _calibration_cos(original, model, batches)
         assert cos >= target - 1e-6 and record["calibration_cos"] == pytest.approx(cos, abs=1e-5)
@@ -43,7 +43,7 @@ def test_chosen_rates_keep_the_calibration_floor_and_a_lower_floor_prunes_more(t
 
 def test_the_saved_model_carries_the_chosen_ratios_and_does_not_search_again(tiny_factory, fast_calibration, tmp_path):
     model = tiny_factory("bert")
-    compress(model, Recipe(steps=[TokenPruningConfig(layers=(0, 1, 2), keep_ratio=0.3, target_cos=0.9)], calibration=fast_calibration))
+    compress(model, Recipe(steps=[TokenPruningConfig(layers=(0, 1, 2), keep_ratio=0.3, target_cos=0.9, cost="flops")], calibration=fast_calibration))
     record = model.applied[-1]
     assert record["layers"], "the search pruned nothing at a 0.9 floor"
     saved = model.dynamic.configs[-1]
@@ -55,11 +55,26 @@ def test_the_saved_model_carries_the_chosen_ratios_and_does_not_search_again(tin
     assert torch.allclose(again.embed(batch), model.embed(batch), atol=1e-5)
 
 
+def test_with_measured_cost_a_move_that_saves_no_time_is_not_taken(tiny_factory, fast_calibration, monkeypatch):
+    """Every pass "takes" one second (a fake clock): pruning saves FLOPs but no measured time, so
+    the time objective keeps the model unpruned where the FLOP objective pruned it."""
+    from slimformer.methods.dynamic import rate_search
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(rate_search.time, "perf_counter", lambda: float(next(clock)))
+    model = tiny_factory("bert")
+    compress(model, Recipe(steps=[TokenPruningConfig(layers=(0, 1, 2), keep_ratio=0.3, target_cos=0.5)], calibration=fast_calibration))
+    record = model.applied[-1]
+    assert record["cost"] == "time" and record["layers"] == [] and record["cost_ratio"] == 1.0
+    assert not any(model.dynamic.reducers.values())
+
+
 @pytest.mark.parametrize("kw, fix", [({"keep_ratios": (0.5,), "layers": (1, 2)}, "one keep ratio per layer"),
                                       ({"keep_ratios": (1.5,), "layers": (1,)}, "keep_ratios: [0.8, 0.6]"),
                                       ({"target_cos": 1.2}, "target_cos: 0.99"),
                                       ({"target_cos": 0.99, "keep_ratios": (0.5, 0.5)}, "one of target_cos or keep_ratios"),
-                                      ({"step": 0}, "step: 0.1")])
+                                      ({"step": 0}, "step: 0.1"),
+                                      ({"cost": "latency"}, "cost: time")])
 def test_bad_rate_settings_name_the_fix(kw, fix):
     with pytest.raises(ConfigError) as err:
         TokenPruningConfig(**kw)

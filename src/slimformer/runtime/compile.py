@@ -114,7 +114,9 @@ def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | No
     model's own weights (MiniLM's 4-bit demo model, each compiled in a fresh process: +74 MB of
     resident memory against an unfrozen compile, ~7 bytes per linear weight), so ``None``
     freezes only a model planned with ``memory: fast``; ``True`` / ``False`` decide.
-    Returns the :class:`CompileReport`. Measured: a 4-layer tiny BERT took 369 s to compile
+    A model with dynamic settings (exits, token reduction) runs its blocks through the dynamic
+    runtime, not through ``model.forward``: then each run of blocks between two reduction or exit
+    points is compiled instead (:func:`_compile_segments`). Returns the :class:`CompileReport`. Measured: a 4-layer tiny BERT took 369 s to compile
     cold on a heavily loaded 2-core AMD EPYC (AVX2), agreed with eager to 7e-7 and ran 1.36x
     faster. MiniLM planned to bf16 paths on a 2-core Xeon with AMX
     (benchmarks/results/execution_planner.md): not frozen, 2-4 s and 1.04-1.08x over eager for

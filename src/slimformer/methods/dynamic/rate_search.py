@@ -3,14 +3,24 @@
 DiffRate (Chen et al., 2023, "DiffRate: Differentiable Compression Rate for Efficient Vision
 Transformers") learns each layer's pruning/merging rate under a FLOP budget instead of fixing it
 by hand. This is its discrete, training-free counterpart for our encoders: starting from no
-pruning, lower one candidate layer's keep ratio by one ``step`` at a time — the move that saves
-the most block FLOPs per unit of embedding cosine lost on the calibration text — while the mean
-cosine to the unpruned model's embeddings stays at or above ``target_cos``. Each trial is one
-pass of the dynamic runtime over the calibration batches (FLOPs counted by the runtime), so the
-search costs about ``layers × (1 - floor) / step`` passes per accepted move.
+pruning, lower one candidate layer's keep ratio (by any multiple of ``step``) at a time — the move
+that saves the most cost per unit of embedding cosine lost on the calibration text — while the
+mean cosine to the unpruned model's embeddings stays at or above ``target_cos``.
+
+The cost is measured, not assumed (``cost="time"``, the default): the median wall time of
+``repeats`` passes of the dynamic runtime over the calibration batches on this machine, and a
+move must save at least ``min_gain`` of it. Counting FLOPs alone (``cost="flops"``) favours many
+mild pruning points, and each costs more than its FLOPs: the importance scores, the gather, a
+new attention mask and, compiled, one more graph boundary. Measured on a 2-core Xeon with AMX
+(bf16 MiniLM, 258 documents of training text, floor 0.99): by FLOPs the search pruned after
+blocks 1-4 keeping 80/90/90/90 % (0.84 of the block FLOPs), which, compiled, encoded held-out
+text at 3.55x fp32 against 4.51x without pruning.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +29,10 @@ from slimformer.methods.dynamic.runtime import DynamicEncoder
 from slimformer.methods.dynamic.token_reduction import TokenPruner
 
 
-def _measure(loaded, batches: list[dict], reducers: dict[int, TokenPruner]) -> tuple[list[torch.Tensor], float]:
-    """Embeddings (one (batch, dim) tensor per batch) and block FLOPs with ``reducers`` added to
-    the model's own dynamic settings for the duration of the pass."""
+def _measure(loaded, batches: list[dict], reducers: dict[int, TokenPruner], repeats: int = 0) -> tuple[list[torch.Tensor], float, float]:
+    """Embeddings (one (batch, dim) tensor per batch), block FLOPs and, with ``repeats``, the
+    median seconds of that many further passes, with ``reducers`` added to the model's own
+    dynamic settings for the duration."""
     settings = loaded.dynamic
     saved = {layer: list(r) for layer, r in settings.reducers.items()}
     for layer, reducer in reducers.items():
@@ -33,48 +44,59 @@ def _measure(loaded, batches: list[dict], reducers: dict[int, TokenPruner]) -> t
             emb, stats = runner.embed(batch, return_stats=True)
             out.append(F.normalize(emb, dim=-1))
             flops += stats.flops
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for batch in batches:
+                runner.embed(batch)
+            times.append(time.perf_counter() - t0)
     finally:
         settings.reducers.clear()
         settings.reducers.update(saved)
-    return out, flops
+    return out, flops, statistics.median(times) if times else 0.0
 
 
 def search_keep_ratios(loaded, batches: list[dict], layers: tuple[int, ...], target_cos: float, floor: float, step: float,
-                       score: str, schedule: str, min_tokens: int, progress=None) -> dict:
+                       score: str, schedule: str, min_tokens: int, cost: str = "time", repeats: int = 2, min_gain: float = 0.02,
+                       progress=None) -> dict:
     """Greedy per-layer keep ratios (see the module docstring). Returns ``keep`` (layer -> ratio,
-    only layers that prune), the calibration ``cos`` and ``flops_ratio`` (block FLOPs against no
-    pruning), and the accepted ``path`` of moves."""
+    only layers that prune), the calibration ``cos``, ``cost_ratio`` (the chosen setting's cost
+    against no pruning, in ``cost``'s unit), ``flops_ratio``, and the accepted ``path`` of moves."""
 
     def pruners(keep: dict[int, float]) -> dict[int, TokenPruner]:
         return {l: TokenPruner(k, score, schedule, min_tokens) for l, k in keep.items() if k < 1.0}
 
-    reference, base_flops = _measure(loaded, batches, {})
+    timed = repeats if cost == "time" else 0
+    reference, base_flops, base_time = _measure(loaded, batches, {}, timed)
 
-    def evaluate(keep: dict[int, float]) -> tuple[float, float]:
-        emb, flops = _measure(loaded, batches, pruners(keep))
+    def evaluate(keep: dict[int, float]) -> tuple[float, float, float]:
+        emb, flops, seconds = _measure(loaded, batches, pruners(keep), timed)
         cos = torch.cat([(a * b).sum(-1) for a, b in zip(emb, reference)]).mean()
-        return float(cos), flops / base_flops if base_flops else 1.0
+        flops_ratio = flops / base_flops if base_flops else 1.0
+        return float(cos), (seconds / base_time if cost == "time" and base_time else flops_ratio), flops_ratio
 
     keep = {l: 1.0 for l in layers}
-    cos, flops = 1.0, 1.0
+    cos, current, flops = 1.0, 1.0, 1.0
     path = []
     while True:
         best = None
         for layer in layers:
+            # every lower ratio of this layer, not only the next step: one pruning point has a
+            # fixed cost, so a single mild step may save nothing while a deeper cut does
             lower = round(keep[layer] - step, 6)
-            if lower < floor - 1e-9:
-                continue
-            trial = {**keep, layer: lower}
-            c, f = evaluate(trial)
-            if progress is not None:
-                progress.update(1)
-            if c < target_cos or f >= flops:
-                continue
-            gain = (flops - f) / max(cos - c, 1e-9)
-            if best is None or gain > best[0]:
-                best = (gain, trial, c, f)
+            while lower >= floor - 1e-9:
+                trial = {**keep, layer: lower}
+                c, k, f = evaluate(trial)
+                if progress is not None:
+                    progress.update(1)
+                if c < target_cos:
+                    break  # lower ratios of this layer lose more
+                gain = (current - k) / max(cos - c, 1e-9)
+                if k <= current - min_gain and (best is None or gain > best[0]):
+                    best = (gain, trial, c, k, f)
+                lower = round(lower - step, 6)
         if best is None:
             break
-        _, keep, cos, flops = best
-        path.append({"keep": {str(l): k for l, k in keep.items()}, "cos": cos, "flops_ratio": flops})
-    return {"keep": {l: k for l, k in keep.items() if k < 1.0}, "cos": cos, "flops_ratio": flops, "path": path}
+        _, keep, cos, current, flops = best
+        path.append({"keep": {str(l): k for l, k in keep.items()}, "cos": cos, "cost_ratio": current, "flops_ratio": flops})
+    return {"keep": {l: k for l, k in keep.items() if k < 1.0}, "cos": cos, "cost": cost, "cost_ratio": current, "flops_ratio": flops, "path": path}

@@ -24,7 +24,9 @@ class TokenPruningConfig(MethodConfig):
     ``target_cos``: choose the per-layer ratios on the calibration text (DiffRate-style, see
     ``rate_search``): ``layers`` are the candidates, ``keep_ratio`` the lowest ratio allowed, and
     ratios fall in steps of ``step`` while the calibration embeddings keep a mean cosine of at
-    least ``target_cos`` to the unpruned model's; the chosen ratios are what is saved."""
+    least ``target_cos`` to the unpruned model's; ``cost``: what a move must save, the measured
+    wall time of the calibration passes on this machine (``time``, each move saving at least 2 %)
+    or the runtime's FLOP count (``flops``); the chosen ratios are what is saved."""
 
     name = "token-pruning"
     family = "dynamic"
@@ -39,8 +41,11 @@ class TokenPruningConfig(MethodConfig):
     keep_ratios: tuple[float, ...] = ()
     target_cos: float | None = None
     step: float = 0.1
+    cost: str = "time"
 
     def __post_init__(self) -> None:
+        if self.cost not in ("time", "flops"):
+            raise ConfigError(f"token-pruning: cost={self.cost!r} is unknown", "use cost: time (measured) or cost: flops")
         self.keep_ratios = tuple(self.keep_ratios)
         if self.keep_ratios and len(self.keep_ratios) != len(tuple(self.layers)):
             raise ConfigError(f"token-pruning: {len(self.keep_ratios)} keep_ratios for {len(tuple(self.layers))} layers", "give one keep ratio per layer, e.g. layers: [1, 3] with keep_ratios: [0.8, 0.6]")
@@ -89,10 +94,11 @@ def apply_token_pruning(loaded, config: TokenPruningConfig, ctx) -> dict:
     batches = ctx.batches(loaded.tokenizer)
     with tqdm(desc="token-pruning rates", unit="trial", disable=not getattr(ctx, "progress", False)) as bar:
         found = search_keep_ratios(loaded, batches, tuple(config.layers), float(config.target_cos), float(config.keep_ratio), float(config.step),
-                                   config.score, config.schedule, config.min_tokens, progress=bar)
+                                   config.score, config.schedule, config.min_tokens, cost=config.cost, progress=bar)
     layers = tuple(sorted(found["keep"]))
     if layers:  # what is saved: the chosen ratios, so loading does not search again
         chosen = dataclasses.replace(config, layers=layers, keep_ratios=tuple(found["keep"][l] for l in layers), target_cos=None)
         install_token_pruning(loaded, chosen)
     return {"layers": list(layers), "keep_ratios": [found["keep"][l] for l in layers], "calibration_cos": found["cos"],
-            "flops_ratio": found["flops_ratio"], "target_cos": config.target_cos, "search_path": found["path"]}
+            "flops_ratio": found["flops_ratio"], "cost": found["cost"], "cost_ratio": found["cost_ratio"], "target_cos": config.target_cos,
+            "search_path": found["path"]}
