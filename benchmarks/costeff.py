@@ -381,7 +381,8 @@ def markdown(meta, rows) -> str:
         lines.append(f"- {cond}: " + (f"**{r['name']}** — {r['speedup']:.2f}×, cos {r[a]['cos_mean']:.4f} / {r[b]['cos_mean']:.4f} (gap {r['gap']:.4f}), top-10 {r['top10']:.3f}" if r else "none"))
     exits_only = [r for r in rows if r["prune"] is None and r["model"] in ("exit-frozen", "costeff-w100")]
     r = best(exits_only, 0.97)
-    lines.append("- early exit alone (full width, no pruning), cos ≥ 0.97: " + (f"**{r['name']}** — {r['speedup']:.2f}×" if r else "none"))
+    lines.append("- early exit alone (full width, no pruning), cos ≥ 0.97: " + (f"**{r['name']}** — {r['speedup']:.2f}×, {r['mean_layers']:.2f} blocks per input"
+                                                                              + (" (no input exited: the ratio is timing noise)" if r["mean_layers"] >= 5.999 else "") if r else "none"))
     for source, o in meta.get("exit_oracle", {}).items():
         lines.append(f"  - bound on `{source}`: the `exit-frozen` exits reach mean cos {', '.join(f'{v:.3f}' for v in o['exit_cos'].values())} after blocks "
                      f"{', '.join(o['exit_cos'])}; a perfect input-by-input rule keeps mean cos ≥ {o['floor']} at {o['mean_depth']:.2f} blocks on average "

@@ -116,9 +116,9 @@ def compile_model(loaded, example: dict, repeats: int = 5, tolerance: float | No
     freezes only a model planned with ``memory: fast``; ``True`` / ``False`` decide.
     A model with dynamic settings (exits, token reduction) runs its blocks through the dynamic
     runtime, not through ``model.forward``: then each run of blocks between two reduction or exit
-    points is compiled instead (:func:`_compile_segments`). Returns the :class:`CompileReport`. Measured: a 4-layer tiny BERT took 369 s to compile
-    cold on a heavily loaded 2-core AMD EPYC (AVX2), agreed with eager to 7e-7 and ran 1.36x
-    faster. MiniLM planned to bf16 paths on a 2-core Xeon with AMX
+    points is compiled instead (:func:`_compile_segments`). Returns the :class:`CompileReport`.
+    Measured: a 4-layer tiny BERT took 369 s to compile cold on a heavily loaded 2-core AMD EPYC
+    (AVX2), agreed with eager to 7e-7 and ran 1.36x faster. MiniLM planned to bf16 paths on a 2-core Xeon with AMX
     (benchmarks/results/execution_planner.md): not frozen, 2-4 s and 1.04-1.08x over eager for
     4-bit and 8-bit weight-only models (only elementwise work fuses), 1.60x for W8A8 (its
     activation quantization fuses); frozen, 9-25 s and 1.26-1.53x (a plain bf16 cast 1.28x).
@@ -190,6 +190,29 @@ def _segment_fn(blocks):
     return segment
 
 
+def _segment_inputs(loaded, settings, eager_segments: dict, example: dict) -> dict:
+    """``span -> (hidden, mask, output)``: what each segment got and gave in an eager pass over
+    the example (its first bucket). Each compiled segment is checked against eager on exactly
+    that input: end to end, a rounding difference can flip a discrete choice (a pruned token, an
+    exit) and move one output far without any fault in the compiled graph."""
+    recorded: dict = {}
+
+    def recorder(span, eager):
+        def record(hidden, mask):
+            out = eager(hidden, mask)
+            recorded.setdefault(span, (hidden, mask, out))
+            return out
+
+        return record
+
+    settings.compiled = {span: recorder(span, fn) for span, fn in eager_segments.items()}
+    try:
+        loaded.embed(example)
+    finally:
+        settings.compiled = {}
+    return recorded
+
+
 def _compile_segments(loaded, settings, example, tolerance, repeats, keep_if_slower, dynamic, backend, frozen) -> CompileReport:
     """:func:`compile_model` for a model with dynamic settings (exits, token reduction), which
     runs its blocks through the dynamic runtime, not through ``model.forward``: each run of blocks
@@ -208,25 +231,8 @@ def _compile_segments(loaded, settings, example, tolerance, repeats, keep_if_slo
     # per code object must cover them, or later ones silently run eager
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 8 * len(spans) + 8))
-    # each segment is checked against eager on the same input (the inputs it gets in an eager
-    # pass over the example): end to end, a rounding difference can flip a discrete choice (a
-    # pruned token, an exit) and move one output far without any fault in the compiled graph
-    recorded: dict = {}
-
-    def recorder(span, eager):
-        def record(hidden, mask):
-            out = eager(hidden, mask)
-            recorded.setdefault(span, (hidden, mask, out))
-            return out
-
-        return record
-
     eager_segments = {span: _segment_fn(blocks[span[0]:span[1]]) for span in spans}
-    settings.compiled = {span: recorder(span, fn) for span, fn in eager_segments.items()}
-    try:
-        loaded.embed(example)
-    finally:
-        settings.compiled = {}
+    recorded = _segment_inputs(loaded, settings, eager_segments, example)
     installed, off, worst, diff, dtype = {}, 0.0, None, 0.0, None
     t0 = time.perf_counter()
     try:
@@ -236,10 +242,10 @@ def _compile_segments(loaded, settings, example, tolerance, repeats, keep_if_slo
                 continue
             hidden, mask, reference = recorded[span]
             with _inductor_freezing(frozen):
-                out = installed[span].compiled(hidden, mask)
+                out = installed[span].compiled(hidden, mask).float()
             dtype = reference.dtype
-            span_off = disagreement(out.float(), reference.float(), dtype)
-            diff = max(diff, float((out.float() - reference.float()).abs().max()))
+            span_off = disagreement(out, reference.float(), dtype)
+            diff = max(diff, float((out - reference.float()).abs().max()))
             if span_off >= off:
                 off, worst = span_off, span
     except Exception as exc:  # noqa: BLE001 - no compiler here, unsupported op, ...

@@ -23,10 +23,11 @@ class TokenPruningConfig(MethodConfig):
     ``keep_ratios``: one keep ratio per entry of ``layers`` (instead of ``keep_ratio`` for all).
     ``target_cos``: choose the per-layer ratios on the calibration text (DiffRate-style, see
     ``rate_search``): ``layers`` are the candidates, ``keep_ratio`` the lowest ratio allowed, and
-    ratios fall in steps of ``step`` while the calibration embeddings keep a mean cosine of at
-    least ``target_cos`` to the unpruned model's; ``cost``: what a move must save, the measured
-    wall time of the calibration passes on this machine (``time``, each move saving at least 2 %)
-    or the runtime's FLOP count (``flops``); the chosen ratios are what is saved."""
+    ratios fall by multiples of ``step`` while the calibration embeddings keep a mean cosine of
+    at least ``target_cos`` to the unpruned model's; ``cost``: what a move must save, the wall
+    time of the calibration passes measured on this machine against the current setting
+    (``time``, at least 2 %), or the runtime's FLOP count (``flops``, reproducible anywhere); the
+    chosen ratios are what is saved."""
 
     name = "token-pruning"
     family = "dynamic"
