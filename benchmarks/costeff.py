@@ -281,12 +281,11 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
 @torch.no_grad()
 def exit_oracle(model, original, texts: list[str], floor: float = 0.97) -> dict:
     """The most any exit rule could save with ``model``'s exits: per input, the cosine of every
-    exit (and of the full depth, 1 by definition against the model's own final layer; measured
-    against the fp32 original here) to the original's embedding; then each input is sent to the
-    exit a perfect, input-by-input rule would pick (a Lagrangian sweep over the multiple-choice
-    knapsack "fewest blocks at mean cos >= floor"). Returns the mean depth and the block-compute
-    bound 6 / depth at the floor, and each exit's mean cosine."""
-    from slimformer.evaluate.quality import encode
+    exit's output and of the full-depth output to the original's embedding; then each input is
+    sent to the exit a perfect, input-by-input rule would pick (a Lagrangian sweep over the
+    multiple-choice knapsack "fewest blocks at mean cos >= floor"). Returns the mean depth, the
+    block-compute bound (blocks / mean depth) at the floor, and each exit's mean cosine."""
+    from slimformer.evaluate.quality import _tokenize, encode
     from slimformer.methods.dynamic.runtime import DynamicEncoder
 
     heads = model.dynamic.exits
@@ -295,8 +294,6 @@ def exit_oracle(model, original, texts: list[str], floor: float = 0.97) -> dict:
     reference = encode(original, texts, 128, 32)
     cols = []
     for i in range(0, len(texts), 32):
-        from slimformer.evaluate.quality import _tokenize
-
         batch = _tokenize(model, texts[i : i + 32], 128)
         final, pooled = DynamicEncoder(model).embed(batch, collect_layers=True)
         per_exit = [torch.nn.functional.normalize(heads(k, pooled[k]).float(), dim=-1) for k in layers]
@@ -352,8 +349,9 @@ def markdown(meta, rows) -> str:
         "the static half of a static + dynamic combination. `+prune-searched` = length-aware pruning with per-layer rates chosen by `token-pruning`'s own search "
         "(`target_cos`) on the training text alone"
         + (f" (candidates blocks {', '.join(map(str, meta['searched_pruning']['config']['layers']))}, mean cos ≥ {meta['searched_pruning']['config']['target_cos']} there; "
-           f"chosen: after block(s) {', '.join(map(str, meta['searched_pruning']['layers']))} keeping {', '.join(f'{k:.0%}' for k in meta['searched_pruning']['keep_ratios'])}, "
-           f"calibration cos {meta['searched_pruning']['calibration_cos']:.4f}, {meta['searched_pruning']['flops_ratio']:.0%} of the block FLOPs, "
+           + (f"chosen: after block(s) {', '.join(map(str, meta['searched_pruning']['layers']))} keeping {', '.join(f'{k:.0%}' for k in meta['searched_pruning']['keep_ratios'])}, "
+              if meta['searched_pruning']['layers'] else "chosen: no pruning (no move saved enough), ")
+           + f"calibration cos {meta['searched_pruning']['calibration_cos']:.4f}, {meta['searched_pruning']['flops_ratio']:.0%} of the block FLOPs, "
            f"{meta['searched_pruning']['seconds']:.0f} s of search)" if meta.get("searched_pruning") else "")
         + ". `compiled` = that model compiled by Inductor with frozen weights (`compile_model(..., freezing=True)`, on a batch of "
         "training text): the whole forward for `bf16`, each run of blocks between two pruning points for the pruned ones (pruning itself stays eager)"
