@@ -84,11 +84,13 @@ def test_exited_rows_leave_the_batch(bert, fast_calibration):
 
 
 def test_trained_exits_approach_the_final_embedding(bert, fast_calibration):
-    untrained = copy.deepcopy(bert)
-    compress(untrained, Recipe(steps=[EarlyExitConfig(train_steps=0)], calibration=fast_calibration))
-    compress(bert, Recipe(steps=[EarlyExitConfig(train_steps=150, lr=0.01)], calibration=fast_calibration))
+    untrained, ridge = copy.deepcopy(bert), copy.deepcopy(bert)
+    compress(untrained, Recipe(steps=[EarlyExitConfig(train_steps=0, fit="adam")], calibration=fast_calibration))
+    compress(bert, Recipe(steps=[EarlyExitConfig(train_steps=150, lr=0.01, fit="adam")], calibration=fast_calibration))
+    compress(ridge, Recipe(steps=[EarlyExitConfig()], calibration=fast_calibration))  # fit: ridge
     before, after = untrained.applied[-1]["exit_fidelity"], bert.applied[-1]["exit_fidelity"]
     assert all(after[k] > before[k] for k in before)
+    assert all(ridge.applied[-1]["exit_fidelity"][k] > before[k] for k in before)
 
 
 def test_tome_with_r_zero_is_the_identity(bert, fast_calibration):
