@@ -63,8 +63,8 @@ def calibration_file() -> Path:
     return path
 
 
-def calibration() -> CalibrationSettings:
-    return CalibrationSettings(source=str(calibration_file()), n_samples=len(TRAIN_SOURCES) * N_CAL_PER_SOURCE, max_length=128, batch_size=16)
+def calibration(n_samples: int = len(TRAIN_SOURCES) * N_CAL_PER_SOURCE) -> CalibrationSettings:
+    return CalibrationSettings(source=str(calibration_file()), n_samples=n_samples, max_length=128, batch_size=16)
 
 
 def train(names) -> None:
@@ -183,8 +183,7 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
     if bf16:
         m = copy.deepcopy(models["bf16"])
         t0 = time.perf_counter()
-        compress(m, Recipe(steps=[SEARCHED], calibration=calibration() if not quick else CalibrationSettings(
-            source=str(calibration_file()), n_samples=32, max_length=128, batch_size=16)))
+        compress(m, Recipe(steps=[SEARCHED], calibration=calibration(32) if quick else calibration()))
         searched = {**m.applied[-1], "seconds": time.perf_counter() - t0, "config": SEARCHED.to_dict()}
         log(f"pruning rates searched on training text in {searched['seconds']:.0f} s: {searched['layers']} keep {searched['keep_ratios']}, "
             f"calibration cos {searched['calibration_cos']:.4f}, FLOPs {searched['flops_ratio']:.2f}")

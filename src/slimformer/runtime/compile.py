@@ -13,12 +13,13 @@ system temp folder), so a second process compiles the same graphs much faster ("
 from __future__ import annotations
 
 import os
-import statistics
 import time
 import warnings
 from dataclasses import dataclass
 
 import torch
+
+from slimformer.timing import interleaved_times
 
 
 @dataclass
@@ -60,9 +61,24 @@ class _CompiledForward:
                 with _inductor_freezing(self.frozen):  # a recompile (new shape) freezes too
                     return self.compiled(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly
-                self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                self.failed = exception_line(exc)
                 warnings.warn(f"slimformer: compiled forward failed ({self.failed}); running eagerly", stacklevel=2)
         return self.eager(*args, **kwargs)
+
+
+def exception_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (200 characters at most), for reports and warnings."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
+def allow_graphs(n: int) -> None:
+    """Let Dynamo keep at least ``n`` compiled graphs per code object (``recompile_limit``;
+    ``cache_size_limit`` in older torch): beyond the limit, later shapes silently run eagerly."""
+    import torch._dynamo
+
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n))
 
 
 def _inductor_freezing(on: bool):
@@ -82,21 +98,6 @@ def _output(out) -> torch.Tensor:
         if hasattr(out, key):
             return getattr(out, key)
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def interleaved_times(first, second, repeats: int) -> tuple[float, float, float]:
-    """Time ``first`` and ``second`` alternately ``repeats`` times (after one warm-up call of
-    each), so that a change of machine load hits both alike. Returns the median seconds of
-    each and the median of the per-round ratios ``first / second``."""
-    first()
-    second()
-    a, b = [], []
-    for i in range(repeats):
-        for fn, times in ((first, a), (second, b)) if i % 2 == 0 else ((second, b), (first, a)):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(a), statistics.median(b), statistics.median(x / y for x, y in zip(a, b))
 
 
 @torch.no_grad()
@@ -161,7 +162,7 @@ def _compile_checked(model, eager, example, reference, dtype, tolerance, frozen,
             out = _output(compiled(**example)).float()
         compile_s = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 - no compiler here, unsupported op, ...
-        return CompileReport(False, reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        return CompileReport(False, reason=exception_line(exc))
     scale = float(reference.abs().max().clamp_min(1e-6))
     diff = float((out - reference).abs().max())
     report = CompileReport(False, frozen, compile_s, max_abs_diff=diff)
@@ -221,16 +222,11 @@ def _compile_segments(loaded, settings, example, tolerance, repeats, keep_if_slo
     on the inputs an eager pass over the example gives it; the whole embedding is timed both ways
     on the example, and the segments are installed in ``settings.compiled`` if all agree and the
     compiled pass is faster."""
-    import torch._dynamo
-
     from slimformer.methods.dynamic.runtime import block_segments
 
     blocks = loaded.adapter.blocks()
     spans = block_segments(settings, len(blocks))
-    # one code object (``segment``) serves every span and bucket shape: Dynamo's limit of graphs
-    # per code object must cover them, or later ones silently run eager
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 8 * len(spans) + 8))
+    allow_graphs(8 * len(spans) + 8)  # one code object (``segment``) serves every span and bucket shape
     eager_segments = {span: _segment_fn(blocks[span[0]:span[1]]) for span in spans}
     recorded = _segment_inputs(loaded, settings, eager_segments, example)
     installed, off, worst, diff, dtype = {}, 0.0, None, 0.0, None
@@ -249,7 +245,7 @@ def _compile_segments(loaded, settings, example, tolerance, repeats, keep_if_slo
             if span_off >= off:
                 off, worst = span_off, span
     except Exception as exc:  # noqa: BLE001 - no compiler here, unsupported op, ...
-        return CompileReport(False, reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        return CompileReport(False, reason=exception_line(exc))
     compile_s = time.perf_counter() - t0
     report = CompileReport(False, frozen, compile_s, max_abs_diff=diff)
     if tolerance is None:

@@ -298,10 +298,9 @@ class TextGenerator:
         if not self.compile:
             return forward_step
         if self._compiled is None:
-            import torch._dynamo
+            from slimformer.runtime.compile import allow_graphs
 
-            limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+            allow_graphs(64)
             self._compiled = torch.compile(forward_step, fullgraph=True, dynamic=False)
         return self._compiled
 
@@ -316,8 +315,9 @@ class TextGenerator:
                 except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly
                     if isinstance(exc, (KeyboardInterrupt, MemoryError)):
                         raise
-                    warnings.warn(f"slimformer: torch.compile failed for the decode step ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); running eagerly", stacklevel=2)
+                    from slimformer.runtime.compile import exception_line
+
+                    warnings.warn(f"slimformer: torch.compile failed for the decode step ({exception_line(exc)}); running eagerly", stacklevel=2)
                     self.compile = False
             return forward_step(model, cache, tokens, key_valid, next_pos, self.dtype, self.cache_kwarg)
 

@@ -21,14 +21,13 @@ text at 3.55x fp32 against 4.51x without pruning.
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from slimformer.methods.dynamic.runtime import DynamicEncoder
 from slimformer.methods.dynamic.token_reduction import TokenPruner
+from slimformer.timing import interleaved_times
 
 
 @contextlib.contextmanager
@@ -59,27 +58,15 @@ def _embed_pass(loaded, batches: list[dict], reducers: dict[int, TokenPruner]) -
 
 def _time_ratio(loaded, batches: list[dict], trial: dict[int, TokenPruner], current: dict[int, TokenPruner], repeats: int) -> float:
     """Median over ``repeats`` interleaved rounds of (seconds of a pass with ``trial``) / (seconds
-    of a pass with ``current``), each round in alternating order, so that a change of machine load
-    hits both alike."""
+    of a pass with ``current``); both settings have just run, so no warm-up."""
 
-    def seconds(reducers) -> float:
+    def run(reducers):
         with _reducers_added(loaded, reducers):
             runner = DynamicEncoder(loaded)
-            t0 = time.perf_counter()
             for batch in batches:
                 runner.embed(batch)
-            return time.perf_counter() - t0
 
-    ratios = []
-    for i in range(repeats):
-        if i % 2 == 0:
-            a = seconds(trial)
-            b = seconds(current)
-        else:
-            b = seconds(current)
-            a = seconds(trial)
-        ratios.append(a / b if b > 0 else 1.0)
-    return statistics.median(ratios)
+    return interleaved_times(lambda: run(trial), lambda: run(current), repeats, warmup=False)[2]
 
 
 def search_keep_ratios(loaded, batches: list[dict], layers: tuple[int, ...], target_cos: float, floor: float, step: float,
