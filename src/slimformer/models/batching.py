@@ -7,6 +7,11 @@ in token units); the results are put back in the caller's row order. Because eve
 positions beyond its length were masked anyway, the outputs equal the padded computation up to
 floating-point summation order (tested).
 
+``widths`` (optional, from :func:`slimformer.runtime.alignment.align_widths`): ``widths[w]`` is
+the width a bucket whose longest row has ``w`` tokens is run at — a few masked columns more where
+this machine's attention kernel is measured to be faster at that width (it can be several times
+slower at widths off its block size). The extra columns are masked, so the outputs are unchanged.
+
 Shapes: ``input_ids``/``attention_mask`` (batch, seq); results (batch, ...).
 """
 
@@ -50,23 +55,42 @@ def padded_fraction(attention_mask: torch.Tensor) -> float:
     return 1.0 - float(attention_mask.float().mean()) if attention_mask.numel() else 0.0
 
 
-def run_bucketed(batch: dict, fn: Callable[[dict], torch.Tensor], call_cost: int = CALL_COST_TOKENS) -> torch.Tensor:
-    """``fn`` applied to each length bucket of ``batch`` (tensors (batch, seq) trimmed to the
-    bucket's longest row); returns ``fn``'s per-row results (batch, ...) in the original order.
+def run_width(width: int, widths: tuple[int, ...] | list[int] | None) -> int:
+    """The width to run a batch whose longest row has ``width`` tokens (``widths[width]``, or
+    ``width`` itself where the table does not reach)."""
+    return int(widths[width]) if widths is not None and 0 <= width < len(widths) else width
 
-    A batch without padding is passed through whole.
+
+def widen(batch: dict, width: int) -> dict:
+    """``batch`` with its (rows, seq) tensors padded on the right to ``width`` columns: masked
+    positions (``attention_mask`` 0, ids 0). Unchanged when already that wide."""
+    mask = batch["attention_mask"]
+    extra = width - mask.shape[1]
+    if extra <= 0:
+        return batch
+    return {k: (torch.nn.functional.pad(v, (0, extra)) if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == mask.shape else v)
+            for k, v in batch.items()}
+
+
+def run_bucketed(batch: dict, fn: Callable[[dict], torch.Tensor], call_cost: int = CALL_COST_TOKENS,
+                 widths: tuple[int, ...] | list[int] | None = None) -> torch.Tensor:
+    """``fn`` applied to each length bucket of ``batch`` (tensors (batch, seq) trimmed to the
+    bucket's longest row, then widened to ``widths`` of it when given); returns ``fn``'s per-row
+    results (batch, ...) in the original order.
+
+    A batch without padding is passed through whole (widened when ``widths`` says so).
     """
     mask = batch["attention_mask"]
     lengths = mask.sum(1).tolist()
     if not lengths or min(lengths) == mask.shape[1]:
-        return fn(batch)
+        return fn(widen(batch, run_width(mask.shape[1], widths)))
     buckets = length_buckets([int(x) for x in lengths], call_cost)
     out = None
     for rows in buckets:
         index = torch.tensor(rows, dtype=torch.long)
         width = max(int(lengths[r]) for r in rows)
         sub = {k: (v[index, :width] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == mask.shape else v) for k, v in batch.items()}
-        result = fn(sub)
+        result = fn(widen(sub, run_width(width, widths)))
         if out is None:
             out = result.new_empty((mask.shape[0], *result.shape[1:]))
         out[index] = result

@@ -54,7 +54,9 @@ class LoadedModel:
     they came from, as a dictionary; ``dynamic``: run-time settings (early exit, token
     reduction), or None; ``execution``: the execution plan chosen on this machine
     (``slimformer.runtime.planner.ExecutionPlan``), or None; ``bucketing``: ``embed`` runs
-    a padded batch as length buckets (:mod:`slimformer.models.batching`; False: as given).
+    a padded batch as length buckets (:mod:`slimformer.models.batching`; False: as given);
+    ``padded_widths``: the width to run a batch of each longest length at, measured on this
+    machine (:func:`slimformer.runtime.alignment.align_widths`), or None (its own length).
     """
 
     model: nn.Module
@@ -68,6 +70,7 @@ class LoadedModel:
     dynamic: Any = None
     execution: Any = None
     bucketing: bool = True
+    padded_widths: tuple[int, ...] | None = None
 
     def embed(self, batch: dict, return_stats: bool = False):
         """Sentence embeddings (batch, dim) float32 of a tokenized batch (encoders), through the
@@ -77,7 +80,7 @@ class LoadedModel:
                 raise RuntimeError("the dynamic runtime is not registered; import slimformer.methods")
             return _DYNAMIC_RUNNER(self).embed(batch, return_stats=return_stats)
         from slimformer.models.pooling import pool
-        from slimformer.models.batching import run_bucketed
+        from slimformer.models.batching import run_bucketed, run_width, widen
 
         def run(sub: dict) -> torch.Tensor:
             with torch.no_grad():
@@ -85,7 +88,9 @@ class LoadedModel:
             return pool(hidden, sub["attention_mask"], self.pooling)
 
         # Rows of different lengths run as length buckets: padded positions are not computed.
-        return run_bucketed(batch, run) if self.bucketing else run(batch)
+        if self.bucketing:
+            return run_bucketed(batch, run, widths=self.padded_widths)
+        return run(widen(batch, run_width(batch["attention_mask"].shape[1], self.padded_widths)))
 
     @property
     def adapter(self) -> ArchitectureAdapter:

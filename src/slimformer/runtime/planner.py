@@ -76,7 +76,9 @@ class PlanSettings:
     encoders, decode for causal LMs); ``decode_tokens``/``batch_tokens``: rows timed for each
     regime; ``split_tokens``: inputs with fewer rows take the decode path; ``repeats``: timed
     runs per path (after one warm-up); ``cache``: read and write the on-disk cache;
-    ``cache_dir``: where (None: the default location)."""
+    ``cache_dir``: where (None: the default location); ``widths``: for encoders, also choose
+    the width each batch runs at by measurement (:mod:`slimformer.runtime.alignment`) for
+    inputs of up to ``widths_max_length`` tokens."""
 
     memory: str = "balanced"
     activations: str = "auto"
@@ -87,6 +89,8 @@ class PlanSettings:
     repeats: int = 3
     cache: bool = True
     cache_dir: str | None = None
+    widths: bool = True
+    widths_max_length: int = 128
 
     def __post_init__(self) -> None:
         if self.memory not in MEMORY_LIMITS:
@@ -95,7 +99,7 @@ class PlanSettings:
             raise ConfigError(f"execution activations={self.activations!r} is not supported", f"use one of {list(ACTIVATIONS)}")
         if self.workload is not None and self.workload not in WORKLOADS:
             raise ConfigError(f"execution workload={self.workload!r} is not supported", f"use one of {list(WORKLOADS)}")
-        for name in ("decode_tokens", "batch_tokens", "split_tokens", "repeats"):
+        for name in ("decode_tokens", "batch_tokens", "split_tokens", "repeats", "widths_max_length"):
             if not is_int_at_least(getattr(self, name), 1):
                 raise ConfigError(f"execution {name}={getattr(self, name)!r} must be a positive integer", f"pass e.g. {name}=8")
 
@@ -136,9 +140,9 @@ class PlanCache:
     another signature (copied from another machine, another torch, other thread count) is
     ignored and replaced."""
 
-    def __init__(self, directory: Path, sig: dict) -> None:
+    def __init__(self, directory: Path, sig: dict, prefix: str = "plan") -> None:
         self.sig = sig
-        self.path = Path(directory) / f"plan-{signature_key(sig)}.json"
+        self.path = Path(directory) / f"{prefix}-{signature_key(sig)}.json"
         self.entries: dict[str, dict] = {}
         self.ignored = False
         self.dirty = False
@@ -361,6 +365,7 @@ class ExecutionPlan:
     cached_formats: int = 0
     cache_ignored: bool = False
     cache_file: str | None = None
+    widths: dict | None = None
     _undo: list = field(default_factory=list, repr=False)
 
     def counts(self) -> dict[str, int]:
@@ -385,6 +390,7 @@ class ExecutionPlan:
             "planning_seconds": round(self.seconds, 3),
             "measured_formats": self.measured_formats,
             "cached_formats": self.cached_formats,
+            "widths": self.widths,
             "layers": self.layers,
             "formats": self.formats,
         }
@@ -520,6 +526,12 @@ def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool 
         if pair != ("native", "native") or isinstance(module, QuantizedModule):
             ex.install_planned_forward(module, pair[0], pair[1], settings.split_tokens)
         plan.layers[name] = {"format": fid, "decode": pair[0], "batch": pair[1], "held_bytes_per_weight": round(held_bytes_per_weight(module), 4)}
+    if settings.widths and getattr(loaded, "kind", None) == "encoder":
+        from slimformer.runtime.alignment import align_widths
+
+        found = align_widths(loaded, max_length=settings.widths_max_length, repeats=settings.repeats, cache=settings.cache, cache_dir=settings.cache_dir)
+        plan.widths = {"moved": {str(k): v for k, v in found["moved"].items()}, "max_length": found["max_length"], "cached": found["cached"],
+                       "seconds": round(found["seconds"], 2)}
     plan.seconds = time.perf_counter() - t0
     loaded.execution = plan
     return plan
@@ -534,6 +546,8 @@ def remove_plan(loaded) -> None:
         restore_activations(plan._undo)
         plan._undo = []
     loaded.execution = None
+    if plan is not None and plan.widths is not None:
+        loaded.padded_widths = None
 
 
 @contextlib.contextmanager

@@ -154,6 +154,18 @@ def run_blocks(blocks, hidden: torch.Tensor, mask) -> torch.Tensor:
     return hidden
 
 
+def _widen_state(hidden: torch.Tensor, sizes: torch.Tensor, protect: torch.Tensor, width: int):
+    """Hidden (rows, tokens, dim), sizes and protect (rows, tokens) padded to ``width`` tokens
+    with empty (size 0, masked) columns."""
+    extra = width - sizes.shape[1]
+    if extra <= 0:
+        return hidden, sizes, protect
+    rows = sizes.shape[0]
+    return (torch.cat([hidden, hidden.new_zeros(rows, extra, hidden.shape[-1])], 1),
+            torch.cat([sizes, sizes.new_zeros(rows, extra)], 1),
+            torch.cat([protect, protect.new_zeros(rows, extra)], 1))
+
+
 def _block_flops(tokens: torch.Tensor, dim: int, ffn: int) -> float:
     """Multiply-add x2 of one encoder block for rows with ``tokens`` real tokens each."""
     t = tokens.float()
@@ -168,6 +180,7 @@ class DynamicEncoder:
         self.model = loaded.model
         self.adapter = loaded.adapter
         self.settings: DynamicSettings = getattr(loaded, "dynamic", None) or DynamicSettings()
+        self.widths = getattr(loaded, "padded_widths", None)  # run widths measured on this machine
 
     def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor, sizes: torch.Tensor | None):
         if sizes is not None and not self.settings.proportional_attention:
@@ -190,11 +203,13 @@ class DynamicEncoder:
         A padded batch runs as length buckets (padded positions are not computed, see
         :mod:`slimformer.models.batching`) unless ``loaded.bucketing`` is False or layers are
         collected."""
-        from slimformer.models.batching import length_buckets
+        from slimformer.models.batching import length_buckets, run_width, widen
 
         mask = batch["attention_mask"]
         lengths = [int(x) for x in mask.sum(1).tolist()]
         if collect_layers or not getattr(self.loaded, "bucketing", True) or not lengths or min(lengths) == mask.shape[1]:
+            if not collect_layers:
+                batch = widen(batch, run_width(mask.shape[1], self.widths))
             return self._embed_padded(batch, return_stats, collect_layers)
         out = torch.zeros(mask.shape[0], self.model.config.hidden_size, dtype=torch.float32)
         parts = []
@@ -202,7 +217,7 @@ class DynamicEncoder:
             index = torch.tensor(rows, dtype=torch.long)
             width = max(lengths[r] for r in rows)
             sub = {k: (v[index, :width] if isinstance(v, torch.Tensor) and v.shape == mask.shape else v) for k, v in batch.items()}
-            emb, stats = self._embed_padded(sub, True, False)
+            emb, stats = self._embed_padded(widen(sub, run_width(width, self.widths)), True, False)
             out[index] = emb
             parts.append((index, stats))
         if not return_stats:
@@ -219,6 +234,8 @@ class DynamicEncoder:
         return out, RunStats(layers_run, tokens_per_layer, rows_per_layer, sum(st.flops for _, st in parts))
 
     def _embed_padded(self, batch: dict, return_stats: bool = False, collect_layers: bool = False):
+        from slimformer.models.batching import run_width
+
         input_ids = batch["input_ids"]
         attention_mask = batch["attention_mask"]
         base = self.adapter.base()
@@ -253,9 +270,14 @@ class DynamicEncoder:
             hidden = segment(hidden, mask) if segment is not None else run_blocks(blocks[start:end], hidden, mask)
             layers_run[rows] += end - start
             index = end - 1
-            for reducer in self.settings.reducers.get(index, []):
+            reducers = self.settings.reducers.get(index, [])
+            for reducer in reducers:
                 hidden, sizes, protect = reducer.reduce(self, index, hidden, sizes, protect)
                 merged = True
+            if reducers:
+                if self.widths is not None and not collect_layers:
+                    # the reduced width run at the width this machine runs fastest (masked columns)
+                    hidden, sizes, protect = _widen_state(hidden, sizes, protect, run_width(sizes.shape[1], self.widths))
                 attention_mask = (sizes > 0).long()
             if collect_layers:
                 collected.append(pool(hidden, sizes, mode))
