@@ -26,7 +26,9 @@ class TokenPruningConfig(MethodConfig):
     ratios fall by multiples of ``step`` while the calibration embeddings keep a mean cosine of
     at least ``target_cos`` to the unpruned model's; ``cost``: what a move must save, the wall
     time of the calibration passes measured on this machine against the current setting
-    (``time``, at least 2 %), or the runtime's FLOP count (``flops``, reproducible anywhere); the
+    (``time``, at least 2 %), or the runtime's FLOP count (``flops``, reproducible anywhere);
+    ``target_top10`` (with ``target_cos``): also keep each calibration text's 10 nearest
+    calibration texts, on average, at least this much the same as the unpruned model's; the
     chosen ratios are what is saved."""
 
     name = "token-pruning"
@@ -41,6 +43,7 @@ class TokenPruningConfig(MethodConfig):
     min_tokens: int = 0
     keep_ratios: tuple[float, ...] = ()
     target_cos: float | None = None
+    target_top10: float | None = None
     step: float = 0.1
     cost: str = "time"
 
@@ -54,6 +57,10 @@ class TokenPruningConfig(MethodConfig):
             raise ConfigError(f"token-pruning: keep_ratios={list(self.keep_ratios)} must each be in (0, 1]", "use e.g. keep_ratios: [0.8, 0.6]")
         if self.target_cos is not None and (isinstance(self.target_cos, bool) or not isinstance(self.target_cos, (int, float)) or not 0 < self.target_cos < 1):
             raise ConfigError(f"token-pruning: target_cos={self.target_cos!r} must be in (0, 1)", "use e.g. target_cos: 0.99")
+        if self.target_top10 is not None and (isinstance(self.target_top10, bool) or not isinstance(self.target_top10, (int, float)) or not 0 < self.target_top10 <= 1):
+            raise ConfigError(f"token-pruning: target_top10={self.target_top10!r} must be in (0, 1]", "use e.g. target_top10: 0.9")
+        if self.target_top10 is not None and self.target_cos is None:
+            raise ConfigError("token-pruning: target_top10 is a floor of the rate search, which target_cos starts", "give target_cos too, e.g. target_cos: 0.98")
         if self.target_cos is not None and self.keep_ratios:
             raise ConfigError("token-pruning: target_cos chooses the keep ratios; keep_ratios fixes them", "give one of target_cos or keep_ratios")
         if isinstance(self.step, bool) or not isinstance(self.step, (int, float)) or not 0 < self.step < 1:
@@ -95,11 +102,11 @@ def apply_token_pruning(loaded, config: TokenPruningConfig, ctx) -> dict:
     batches = ctx.batches(loaded.tokenizer)
     with tqdm(desc="token-pruning rates", unit="trial", disable=not getattr(ctx, "progress", False)) as bar:
         found = search_keep_ratios(loaded, batches, tuple(config.layers), float(config.target_cos), float(config.keep_ratio), float(config.step),
-                                   config.score, config.schedule, config.min_tokens, cost=config.cost, progress=bar)
+                                   config.score, config.schedule, config.min_tokens, cost=config.cost, progress=bar, target_top10=config.target_top10)
     layers = tuple(sorted(found["keep"]))
     if layers:  # what is saved: the chosen ratios, so loading does not search again
-        chosen = dataclasses.replace(config, layers=layers, keep_ratios=tuple(found["keep"][l] for l in layers), target_cos=None)
+        chosen = dataclasses.replace(config, layers=layers, keep_ratios=tuple(found["keep"][l] for l in layers), target_cos=None, target_top10=None)
         install_token_pruning(loaded, chosen)
-    return {"layers": list(layers), "keep_ratios": [found["keep"][l] for l in layers], "calibration_cos": found["cos"],
-            "flops_ratio": found["flops_ratio"], "cost": found["cost"], "cost_ratio": found["cost_ratio"], "target_cos": config.target_cos,
+    return {"layers": list(layers), "keep_ratios": [found["keep"][l] for l in layers], "calibration_cos": found["cos"], "calibration_top10": found["top10"],
+            "flops_ratio": found["flops_ratio"], "cost": found["cost"], "cost_ratio": found["cost_ratio"], "target_cos": config.target_cos, "target_top10": config.target_top10,
             "search_path": found["path"]}
