@@ -38,6 +38,7 @@ from slimformer.methods.quantization.cast import cast_model
 from slimformer.io.serialization import kernel_summary
 from slimformer.runtime.compile import compile_model
 from slimformer.runtime.machine import describe_machine, machine_line
+from slimformer.runtime.alignment import align_widths
 from slimformer.runtime.planner import PlanSettings, plan_execution, plan_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,6 +71,9 @@ def markdown(out: dict) -> str:
         f"- fixed = the evaluate batch {out['fixed_batch']}; corpus = {out['corpus_texts']} held-out texts ({out['corpus_real_tokens']} real tokens), batches of 32 padded to their longest ({out['corpus_padded_positions']} positions) vs. sorted by length and bucketed. Speedups are against fp32 on the padded corpus / fixed batch.",
         f"- GFLOP/s = block FLOPs of the real tokens / latency, against the ceilings above (fp32 {c['fp32_flops'] / 1e9:.3g}, bf16 {c['bf16_flops'] / 1e9:.3g}{', int8 %.3g' % (c['int8_ops'] / 1e9) if 'int8_ops' in c else ''} G/s).",
         f"- 'unplanned' = the capability-chosen kernels; 'planned (balanced)' = the planner's choice with at most 2 bytes/weight of run-time copies; 'planned (fast)' = no memory limit. Run took {out['seconds'] / 60:.1f} min.",
+        (f"- 'measured widths' and every planned model: each batch (bucket) runs at the width this machine's block runs fastest per row, a few masked columns wider "
+         f"(`slimformer.runtime.alignment`, part of the plan for encoders): {len(out['widths']['moved'])} of 128 widths move, e.g. "
+         + ", ".join(f"{k}→{v}" for k, v in list(out['widths']['moved'].items())[-6:]) + "." if out.get("widths") else "- no batch widths measured in this run."),
         "",
         "| variant | size | cos mean | cos worst | resident MB | fixed ms | fixed × | fixed GFLOP/s | corpus padded × | corpus bucketed × | activations | execution |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -151,6 +155,7 @@ def main() -> int:
     variants["bf16 cast"] = bf16
     plans = {}
     compiled_reports = {}
+    widths_info: dict = {}
     fixed = latency_batch(original, settings)
     fixed = {k: (v[: args.fixed_rows] if isinstance(v, torch.Tensor) else v) for k, v in fixed.items()}
 
@@ -170,6 +175,14 @@ def main() -> int:
         bf16c = copy.deepcopy(original)
         cast_model(bf16c.model, torch.bfloat16)
         add_compiled("bf16 cast", bf16c, freezing=True)
+        # the same, each batch run at the width the machine's block runs fastest per row
+        # (slimformer.runtime.alignment; the planned models below get it from the planner)
+        bf16w = copy.deepcopy(original)
+        cast_model(bf16w.model, torch.bfloat16)
+        found = align_widths(bf16w, max_length=128)
+        widths_info.update({"moved": {str(k): v for k, v in found["moved"].items()}, "seconds": found["seconds"], "cached": found["cached"]})
+        log(f"batch widths: {len(found['moved'])} of 128 run wider ({found['seconds']:.1f} s, cached {found['cached']})")
+        add_compiled("bf16 cast, measured widths", bf16w, freezing=True)
     for label, recipe in recipes.items():
         log(f"compressing {label}")
         model = copy.deepcopy(original)
@@ -258,7 +271,7 @@ def main() -> int:
         "machine": machine, "load_during_timing": loads, "repeats": args.repeats,
         "fixed_batch": list(fixed["input_ids"].shape), "corpus_texts": len(texts),
         "corpus_real_tokens": int(sum(lengths)), "corpus_padded_positions": int(sum(b["input_ids"].numel() for b in padded_batches)),
-        "rows": rows, "plans": plans, "compiled": compiled_reports, "seconds": time.time() - t_start,
+        "rows": rows, "plans": plans, "compiled": compiled_reports, "widths": widths_info, "seconds": time.time() - t_start,
     }
     RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
