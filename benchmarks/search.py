@@ -64,8 +64,8 @@ def ray_check(loaded, space: SearchSpace, out: Path, budget: Budget, generations
     settings = dataclasses.replace(space.evolution, generations=generations)
     timings, results = {}, {}
     for name in ("in-process", "ray-2-workers"):
-        pool = (LocalPool(loaded, db, batches, reference, threads=1, units=units) if name == "in-process"
-                else RayPool(loaded, db, batches, reference, workers=2, threads=1, units=units))
+        pool = (LocalPool(loaded, db, batches, reference, threads=1, units=units, dtype=space.evolution.dtype) if name == "in-process"
+                else RayPool(loaded, db, batches, reference, workers=2, threads=1, units=units, dtype=space.evolution.dtype))
         t0 = time.perf_counter()
         try:
             results[name] = evolve(pool, costs, limit, start, settings)
@@ -77,7 +77,7 @@ def ray_check(loaded, space: SearchSpace, out: Path, budget: Budget, generations
             "fitness": {"in-process": a.fitness, "ray-2-workers": b.fitness}, "seconds": timings}
 
 
-def markdown(front: dict, info: dict, ray: dict | None, label: str) -> str:
+def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | None = None) -> str:
     causal = front["kind"] == "causal-lm"
     lines = [f"# Per-layer search (EvoPress) on {label}", "",
              f"CPU: {info['cpu']['model']} ({', '.join(info['cpu']['flags'])}), torch threads {info['cpu']['threads']}, load average at start {info['cpu']['loadavg'][0]:.1f}; torch {info['cpu']['torch']}.",
@@ -110,7 +110,14 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str) -> str:
         lines.append(f"- {label_}: held-out {'KL' if causal else '1 - cos'} EvoPress / DP = {ev / dp:.3f}; calibration fitness {entry['searched_calibration_fitness']:.5f} after {entry['history'][-1]['evaluations']} candidate scorings.")
     if ray:
         lines.append(f"- Ray check ({ray['budget']}, {ray['generations']} generations): in-process {ray['seconds']['in-process']:.0f} s, 2 local Ray actors {ray['seconds']['ray-2-workers']:.0f} s; identical result: {ray['identical']}.")
-    lines += ["", f"![front](search_{label}.png)", ""]
+    for label_, entry in front["budgets"].items():
+        bits = label_.split("=")[-1]
+        uniform = front["uniform"].get(str(int(float(bits)))) if float(bits).is_integer() else None
+        if causal and uniform is not None:
+            ev, un, dp = entry["searched"]["distortion"], uniform["quality"]["kl_divergence"], entry["dp"]["distortion"]
+            lines.append(f"- issue line ({label_}): searched KL {ev:.4f} = {ev / un:.2f}x uniform {bits}-bit GPTQ's {un:.4f} (need <= 0.70x) and "
+                         f"{'below' if ev < dp else 'NOT below'} the DP allocation's {dp:.4f}: **{'met' if ev <= 0.7 * un and ev < dp else 'not met'}**")
+    lines += ["", f"![front]({stem or 'search_' + label}.png)", ""]
     return "\n".join(lines)
 
 
@@ -123,6 +130,8 @@ def main() -> int:
     ap.add_argument("--generations", type=int, default=None)
     ap.add_argument("--offspring", type=int, default=None)
     ap.add_argument("--stages", default=None, help="JSON, e.g. [[2,1],[1,4]]")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="what candidates are scored in (held-out numbers stay float32)")
+    ap.add_argument("--stem", default=None, help="results/<stem>.{md,json,png} (default search_<label>)")
     ap.add_argument("--n-samples", type=int, default=None)
     ap.add_argument("--max-length", type=int, default=None)
     ap.add_argument("--eval-texts", type=int, default=64)
@@ -133,7 +142,7 @@ def main() -> int:
     args = ap.parse_args()
     label = args.label or ("minilm" if args.model == "default" else Path(args.model).name)
     space = SearchSpace.from_file(args.space)
-    evo = {k: v for k, v in (("generations", args.generations), ("offspring", args.offspring)) if v is not None}
+    evo = {k: v for k, v in (("generations", args.generations), ("offspring", args.offspring), ("dtype", args.dtype)) if v is not None}
     if args.stages:
         evo["stages"] = json.loads(args.stages)
     cal = {k: v for k, v in (("n_samples", args.n_samples), ("max_length", args.max_length)) if v is not None}
@@ -148,10 +157,11 @@ def main() -> int:
     front = outcome.front
     ray = ray_check(loaded, space, out, budgets[0], args.ray_check) if args.ray_check else None
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"search_{label}.json").write_text(json.dumps({"front": front, "machine": info, "ray_check": ray}, indent=1, default=str))
-    plot_front(front, RESULTS / f"search_{label}.png")
-    (RESULTS / f"search_{label}.md").write_text(markdown(front, info, ray, label))
-    print((RESULTS / f"search_{label}.md").read_text())
+    stem = args.stem or f"search_{label}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"front": front, "machine": info, "ray_check": ray}, indent=1, default=str))
+    plot_front(front, RESULTS / f"{stem}.png")
+    (RESULTS / f"{stem}.md").write_text(markdown(front, info, ray, label, stem))
+    print((RESULTS / f"{stem}.md").read_text())
     return 0
 
 

@@ -275,6 +275,29 @@ def test_evaluator_switches_only_changed_layers_and_restores_originals(tiny_fact
     assert ev.score([-1] * len(db.units), 1) == original
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_bf16_scoring_ranks_levels_as_float32_does_and_leaves_the_original_alone(tiny_factory, tmp_path, family):
+    """Candidates scored in bfloat16 against the float32 original: the scores follow float32's
+    within bf16 rounding (orders of magnitude below the gaps between levels), in the same order."""
+    loaded = tiny_factory(family)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    db = build_database(loaded, _space(), tmp_path / "db")
+    batches = _batches(loaded)
+    reference = reference_outputs(loaded, batches)
+    fp32 = Evaluator(loaded, db, batches, reference)
+    bf16 = Evaluator(loaded, db, batches, reference, dtype="bfloat16")
+    assert next(bf16.loaded.model.parameters()).dtype == torch.bfloat16 and next(loaded.model.parameters()).dtype == torch.float32
+    n = len(db.units)
+    a = [fp32.score([k] * n, 2) for k in range(4)]
+    b = [bf16.score([k] * n, 2) for k in range(4)]
+    assert a[0] > a[1] > a[2] > a[3] and b[0] > b[1] > b[2] > b[3]
+    assert b[1] == pytest.approx(a[1], rel=0.05) and b[2] == pytest.approx(a[2], rel=0.05)
+    assert bf16.score([-1] * n, 2) < 0.1 * a[2]  # bf16 rounding alone: far below a 4-bit level's distortion
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ConfigError, match="dtype: bfloat16"):
+        EvolutionSettings(dtype="float16")
+
+
 def _batches(loaded):
     from slimformer.methods.calibration import CompressionContext
 

@@ -57,17 +57,21 @@ class Evaluator:
     batches; ``reference``: :func:`reference_outputs` on them; ``threads``: torch threads (the
     same everywhere, so that every evaluator computes bit-identical scores);
     ``cache_bytes``: budget for cached dequantized weights; ``units``: the search units a
-    candidate's entries set (default: one per database layer, levels = its widths).
+    candidate's entries set (default: one per database layer, levels = its widths);
+    ``dtype``: the working copy's dtype (``bfloat16``: weights and activations, the reference
+    stays the float32 original's outputs).
     A removed sub-layer is muted by a forward hook that zeroes its output, which in a pre-norm
     block is exactly its removal (the saved model removes it physically).
     """
 
     def __init__(self, loaded, database: LevelDatabase | str, batches: list[dict], reference: list[torch.Tensor],
-                 threads: int | None = None, cache_bytes: int = 1 << 30, units: list[Unit] | None = None) -> None:
+                 threads: int | None = None, cache_bytes: int = 1 << 30, units: list[Unit] | None = None, dtype: str = "float32") -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         self.loaded = copy.copy(loaded)
         self.loaded.model = copy.deepcopy(loaded.model)
+        if dtype != "float32":
+            self.loaded.model.to(getattr(torch, dtype))
         self.db = database if isinstance(database, LevelDatabase) else _open(database)
         self.batches = batches
         self.reference = reference

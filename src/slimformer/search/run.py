@@ -162,8 +162,9 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
     reference = reference_outputs(loaded, batches)
     threads = torch.get_num_threads() if ray is None else 1
     units = build_units(loaded, db, space.levels)
-    pool = (LocalPool(loaded, db, batches, reference, threads=threads, units=units) if ray is None
-            else RayPool(loaded, db, batches, reference, workers, ray, threads=threads, units=units))
+    dtype = space.evolution.dtype
+    pool = (LocalPool(loaded, db, batches, reference, threads=threads, units=units, dtype=dtype) if ray is None
+            else RayPool(loaded, db, batches, reference, workers, ray, threads=threads, units=units, dtype=dtype))
     shapes = {u: db.shapes[u] for u in db.units}
     try:
         sens_path = out / "sensitivity.json"
@@ -192,7 +193,8 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
 
     texts = load_texts(TextSpec(source=eval_source, split="evaluation", n=eval_texts))
     n_queries = max(1, min(16, len(texts) // 4))
-    checker = pool.evaluator if isinstance(pool, LocalPool) else Evaluator(loaded, db, batches, reference, units=units)
+    # the held-out check in float32 whatever the candidates were scored in
+    checker = pool.evaluator if isinstance(pool, LocalPool) and dtype == "float32" else Evaluator(loaded, db, batches, reference, units=units)
     n_weights = sum(r * c for r, c in shapes.values())
     keep_bits = {n: u.keep_bits for u in units for n in u.linears}
 
