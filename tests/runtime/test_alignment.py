@@ -82,6 +82,26 @@ def test_the_sweep_is_cached_per_machine_and_covers_every_width(tiny_factory, tm
     assert "max_length" in str(err.value)
 
 
+def test_the_cache_key_tells_formats_and_planned_paths_apart(tiny_factory, fast_calibration):
+    from slimformer.methods import RTNConfig
+    from slimformer.runtime.alignment import _block_key
+
+    def key(model):
+        return _block_key(model, model.adapter.blocks()[0], 32, 64)
+
+    plain = tiny_factory("bert")
+    eight, four = tiny_factory("bert"), tiny_factory("bert")
+    compress(eight, Recipe(steps=[RTNConfig(bits=8, group_size=None)], calibration=fast_calibration))
+    compress(four, Recipe(steps=[RTNConfig(bits=4, group_size=32)], calibration=fast_calibration))
+    assert len({key(plain), key(eight), key(four)}) == 3
+    before = key(four)
+    from slimformer.runtime.execution import install_planned_forward
+
+    linear = next(m for m in four.adapter.blocks()[0].modules() if type(m).__name__ == "QuantizedLinear")
+    install_planned_forward(linear, "unpack-fp32", "dequant-fp32", 32)
+    assert key(four) != before
+
+
 def test_the_planner_installs_the_widths_for_encoders_and_removing_the_plan_clears_them(tiny_factory, tmp_path):
     model = tiny_factory("bert")
     plan = plan_execution(model, PlanSettings(cache_dir=str(tmp_path), repeats=1, batch_tokens=64, widths_max_length=16))

@@ -37,11 +37,17 @@ from slimformer.runtime.planner import PlanCache, default_cache_dir
 
 
 def _block_key(loaded, block: torch.nn.Module, max_length: int, tokens: int) -> str:
-    """What the timings depend on besides the machine: the block's modules, shapes and dtypes."""
-    params = sorted((name, tuple(p.shape), str(p.dtype)) for name, p in block.named_parameters())
-    kinds = sorted({type(m).__name__ for m in block.modules()})
+    """What the timings depend on besides the machine: the block's modules, the shapes and dtypes
+    of their parameters and buffers (packed codes included), and the planned paths."""
+    from slimformer.runtime.execution import planned_forward_of
+
+    tensors = sorted((name, tuple(t.shape), str(t.dtype)) for name, t in [*block.named_parameters(), *block.named_buffers()])
+    modules = []
+    for name, m in block.named_modules():
+        planned = planned_forward_of(m)
+        modules.append((name, type(m).__name__, (planned.decode, planned.batch) if planned is not None else None))
     attn = getattr(loaded.model.config, "_attn_implementation", None)
-    return json.dumps({"widths": 1, "kinds": kinds, "params": params, "attn": attn, "max_length": max_length, "tokens": tokens})
+    return json.dumps({"widths": 2, "modules": modules, "tensors": tensors, "attn": attn, "max_length": max_length, "tokens": tokens})
 
 
 def _block_call(loaded, block: torch.nn.Module, width: int, tokens: int):
