@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -147,6 +148,22 @@ def test_killed_and_resumed_search_ends_where_an_uninterrupted_one_does(tmp_path
     assert resumed.levels == whole.levels
     assert resumed.fitness == whole.fitness
     assert [h["fitness"] for h in resumed.history] == [h["fitness"] for h in whole.history]
+
+
+def test_more_generations_continue_the_journal_and_equal_a_longer_run(tiny_factory, tmp_path):
+    loaded = tiny_factory("llama")
+    short = search(loaded, _space(generations=2), [Budget("bits", 3.0)], tmp_path / "s", eval_texts=8, eval_max_length=48, save_models=False)
+    first = (tmp_path / "s" / "bits=3" / "journal.jsonl").read_text().splitlines()
+    longer = search(loaded, _space(generations=4), [Budget("bits", 3.0)], tmp_path / "s", eval_texts=8, eval_max_length=48, save_models=False)
+    lines = (tmp_path / "s" / "bits=3" / "journal.jsonl").read_text().splitlines()
+    assert len(first) == 2 and len(lines) == 4 and lines[:2] == first  # continued, not restarted
+    fresh = search(loaded, _space(generations=4), [Budget("bits", 3.0)], tmp_path / "f", eval_texts=8, eval_max_length=48, save_models=False)
+    assert longer.front["budgets"]["bits=3"]["bits"] == fresh.front["budgets"]["bits=3"]["bits"]
+    assert longer.front["budgets"]["bits=3"]["searched_calibration_fitness"] == fresh.front["budgets"]["bits=3"]["searched_calibration_fitness"]
+    assert short.front["budgets"]["bits=3"]["searched_calibration_fitness"] >= longer.front["budgets"]["bits=3"]["searched_calibration_fitness"]
+    other = dataclasses.replace(_space(), levels=dataclasses.replace(_space().levels, group_size=16))
+    with pytest.raises(ConfigError, match="another model or space"):
+        search(loaded, other, [Budget("bits", 3.0)], tmp_path / "s", eval_texts=8, eval_max_length=48, save_models=False)
 
 
 def test_budgets_parse_and_check():

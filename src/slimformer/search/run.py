@@ -57,18 +57,28 @@ class SearchOutcome:
     seconds: float
 
 
+def _search_identity(space: dict | None, source: str | None) -> tuple:
+    """What makes two searches the same one: the model and the space, except the number of
+    generations (more of them continue the journal; fewer end at its last parent)."""
+    if not space:
+        return (None, source)
+    search = {k: v for k, v in (space.get("search") or {}).items() if k != "generations"}
+    return ({**space, "search": search}, source)
+
+
 def _check_folder(out: Path, space: SearchSpace, source: str, force: bool) -> None:
     state = out / STATE_NAME
     if state.is_file():
         saved = json.loads(state.read_text())
-        if (saved.get("space"), saved.get("source")) != (space.to_dict(), source) and not force:
+        same = _search_identity(saved.get("space"), saved.get("source")) == _search_identity(space.to_dict(), source)
+        if not same and not force:
             raise ConfigError(f"{out} holds a search with another model or space", "choose another --out, or pass --force to start over there")
+        if not same:
+            import shutil
+
+            shutil.rmtree(out)
     elif out.exists() and any(out.iterdir()) and not force:
         raise ConfigError(f"output folder {out} exists and is not a search folder", "choose another --out or pass --force")
-    if force and state.is_file() and (json.loads(state.read_text()).get("space"), json.loads(state.read_text()).get("source")) != (space.to_dict(), source):
-        import shutil
-
-        shutil.rmtree(out)
 
 
 def _held_out_quality(original, evaluator: Evaluator, levels: list[int], texts: list[str], max_length: int, n_queries: int) -> dict:
