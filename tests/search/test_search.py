@@ -161,6 +161,9 @@ def test_more_generations_continue_the_journal_and_equal_a_longer_run(tiny_facto
     assert longer.front["budgets"]["bits=3"]["bits"] == fresh.front["budgets"]["bits=3"]["bits"]
     assert longer.front["budgets"]["bits=3"]["searched_calibration_fitness"] == fresh.front["budgets"]["bits=3"]["searched_calibration_fitness"]
     assert short.front["budgets"]["bits=3"]["searched_calibration_fitness"] >= longer.front["budgets"]["bits=3"]["searched_calibration_fitness"]
+    again = search(loaded, _space(generations=2), [Budget("bits", 3.0)], tmp_path / "s", eval_texts=8, eval_max_length=48, save_models=False)
+    assert again.front["budgets"]["bits=3"]["generations"] == 4  # fewer asked: the journal's longer result, said as such
+    assert again.front["budgets"]["bits=3"]["bits"] == longer.front["budgets"]["bits=3"]["bits"]
     other = dataclasses.replace(_space(), levels=dataclasses.replace(_space().levels, group_size=16))
     with pytest.raises(ConfigError, match="another model or space"):
         search(loaded, other, [Budget("bits", 3.0)], tmp_path / "s", eval_texts=8, eval_max_length=48, save_models=False)

@@ -186,7 +186,7 @@ def evolve(pool, costs: list[list[int]], budget: int, start: list[int], settings
                 on_generation(gen, EvolutionResult(parent, fitness, gen + 1, history))
     finally:
         bar.close()
-    return EvolutionResult(parent, fitness, settings.generations, history)
+    return EvolutionResult(parent, fitness, max(settings.generations, first), history)  # a longer journal: its generations
 
 
 def _score_cached(pool, cache: dict, candidates: list[list[int]], n_batches: int) -> list[float]:
