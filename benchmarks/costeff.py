@@ -196,12 +196,10 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
     compile_reports = {}
     widths_report: dict = {}
     if bf16 and compile_models:
-        import torch._dynamo.config as dynamo_config
-
-        from slimformer.runtime.compile import compile_model
+        from slimformer.runtime.compile import allow_graphs, compile_model
 
         # every compiled model here shares the same code objects: room for all their graphs
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 128)
+        allow_graphs(128)
         cal_texts = [json.loads(line)["text"] for line in calibration_file().read_text().splitlines()]
         example = _tokenize(original, cal_texts[:: max(1, len(cal_texts) // 32)][:32], 128)
         for key in COMPILED:

@@ -36,7 +36,7 @@ from slimformer.evaluate.harness import latency_batch
 from slimformer.evaluate.quality import _tokenize
 from slimformer.methods.quantization.cast import cast_model
 from slimformer.io.serialization import kernel_summary
-from slimformer.runtime.compile import compile_model
+from slimformer.runtime.compile import allow_graphs, compile_model
 from slimformer.runtime.machine import describe_machine, machine_line
 from slimformer.runtime.alignment import align_widths
 from slimformer.runtime.planner import PlanSettings, plan_execution, plan_table
@@ -125,9 +125,7 @@ def main() -> int:
     # Every compiled MiniLM here shares one code object (transformers' forward wrapper), and
     # dynamo's recompile limit counts graphs per code object: with seven compiled models in one
     # process the default 8 would send later bucket shapes to eager. One model alone stays far below.
-    import torch._dynamo.config as dynamo_config
-
-    dynamo_config.recompile_limit = 64
+    allow_graphs(64)
     machine = describe_machine()
     log(machine_line(machine))
     settings = EvalSettings(n_texts=args.texts, n_queries=min(64, args.texts // 4))

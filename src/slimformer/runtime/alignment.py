@@ -33,7 +33,7 @@ import torch
 
 from slimformer.errors import ConfigError
 from slimformer.runtime.machine import signature
-from slimformer.runtime.planner import PlanCache, default_cache_dir
+from slimformer.runtime.measurements import PlanCache, default_cache_dir
 
 
 def _block_key(loaded, block: torch.nn.Module, max_length: int, tokens: int) -> str:
@@ -128,10 +128,5 @@ def align_widths(loaded, **kwargs) -> dict:
     found = measure_widths(loaded, **kwargs)
     loaded.padded_widths = found["widths"]
     return found
-
-
-def clear_widths(loaded) -> None:
-    """Run every batch at its own width again."""
-    loaded.padded_widths = None
 
 

@@ -39,28 +39,26 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slimformer import kernels as kernels_lib
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.quantization.modules import QuantizedLinear, QuantizedModule, quantize_activations_per_token
 from slimformer.runtime import execution as ex
-from slimformer.runtime.machine import signature, signature_key
+from slimformer.runtime.machine import signature
+from slimformer.runtime.measurements import PlanCache, default_cache_dir
 
 MEMORY_LIMITS = {"packed": 1.0, "balanced": 2.0, "fast": math.inf}  # run-time bytes per weight
 ACTIVATIONS = ("auto", "float32", "bfloat16", "stored")
 WORKLOADS = ("batch", "decode")
 EXACT_BOUND = 1e-4
 BF16_BOUND = 2e-2
-CACHE_VERSION = 2  # 2: decode timings stream over copies with cold caches
 STREAM_BYTES = 64 << 20  # run-time forms touched per timing round: more than the last-level cache
 MAX_STREAM_COPIES = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -128,52 +126,6 @@ def as_plan_settings(value: Any) -> PlanSettings | None:
     raise ConfigError(f"execution={value!r} is not understood", "pass 'auto', 'off', a memory policy or a dict of planner settings")
 
 
-def default_cache_dir() -> Path:
-    if os.environ.get("SLIMFORMER_PLAN_CACHE"):
-        return Path(os.environ["SLIMFORMER_PLAN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "slimformer" / "plans"
-
-
-class PlanCache:
-    """Measurements of this machine, one JSON file per machine signature. A file recorded on
-    another signature (copied from another machine, another torch, other thread count) is
-    ignored and replaced."""
-
-    def __init__(self, directory: Path, sig: dict, prefix: str = "plan") -> None:
-        self.sig = sig
-        self.path = Path(directory) / f"{prefix}-{signature_key(sig)}.json"
-        self.entries: dict[str, dict] = {}
-        self.ignored = False
-        self.dirty = False
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return
-        if isinstance(data, dict) and data.get("version") == CACHE_VERSION and data.get("signature") == sig:
-            self.entries = dict(data.get("entries") or {})
-        else:
-            self.ignored = True
-
-    def get(self, key: str) -> dict | None:
-        return self.entries.get(key)
-
-    def put(self, key: str, value: dict) -> None:
-        self.entries[key] = value
-        self.dirty = True
-
-    def save(self) -> None:
-        if not self.dirty:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".plan-", dir=self.path.parent)
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"version": CACHE_VERSION, "signature": self.sig, "entries": self.entries}, fh, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-            self.dirty = False
-        except OSError:  # a read-only home: plans still work, they are just not kept
-            pass
 
 
 # ----- layers and their formats ------------------------------------------------------------------

@@ -120,9 +120,11 @@ def search_keep_ratios(loaded, batches: list[dict], layers: tuple[int, ...], tar
                 f = trial_flops / base_flops if base_flops else 1.0
                 if progress is not None:
                     progress.update(1)
-                t = neighbour_agreement(reference_all, torch.cat(emb)) if target_top10 is not None else None
-                if c < target_cos or (t is not None and t < target_top10):
+                if c < target_cos:
                     break  # lower ratios of this layer lose more
+                t = neighbour_agreement(reference_all, torch.cat(emb)) if target_top10 is not None else None
+                if t is not None and t < target_top10:
+                    break
                 # the move's cost against the current setting: measured (interleaved) or counted
                 k = current * (_time_ratio(loaded, batches, pruners(trial), pruners(keep), repeats) if cost == "time" else f / flops)
                 gain = (current - k) / max(cos - c, 1e-9)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from slimformer.models.batching import length_buckets, run_width, widen
+
 
 @dataclass
 class DynamicSettings:
@@ -203,8 +205,6 @@ class DynamicEncoder:
         A padded batch runs as length buckets (padded positions are not computed, see
         :mod:`slimformer.models.batching`) unless ``loaded.bucketing`` is False or layers are
         collected."""
-        from slimformer.models.batching import length_buckets, run_width, widen
-
         mask = batch["attention_mask"]
         lengths = [int(x) for x in mask.sum(1).tolist()]
         if collect_layers or not getattr(self.loaded, "bucketing", True) or not lengths or min(lengths) == mask.shape[1]:
@@ -234,8 +234,6 @@ class DynamicEncoder:
         return out, RunStats(layers_run, tokens_per_layer, rows_per_layer, sum(st.flops for _, st in parts))
 
     def _embed_padded(self, batch: dict, return_stats: bool = False, collect_layers: bool = False):
-        from slimformer.models.batching import run_width
-
         input_ids = batch["input_ids"]
         attention_mask = batch["attention_mask"]
         base = self.adapter.base()
