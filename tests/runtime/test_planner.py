@@ -426,3 +426,60 @@ def test_weights_are_frozen_by_default_only_under_memory_fast():
     assert not freezes(SimpleNamespace(execution=None), None, "inductor")
     assert freezes(planned("balanced"), True, "inductor") and not freezes(planned("fast"), False, "inductor")
     assert not freezes(planned("fast"), True, "aot_eager")  # graph capture only: nothing to freeze
+
+
+def _quantized_with_table(tiny_factory, table_bits=8):
+    model = tiny_factory("bert")
+    compress(model, Recipe(steps=[RTNConfig(bits=4, group_size=32), RTNConfig(bits=table_bits, group_size=None, symmetric=True, targets=["embedding"])]))
+    return model
+
+
+def test_a_dense_embedding_table_gives_the_same_bits_and_its_bytes_are_counted(tiny_factory, tmp_path, monkeypatch):
+    from slimformer.runtime import planner
+
+    model = _quantized_with_table(tiny_factory)
+    tables = planner.planned_embeddings(model.model)
+    assert len(tables) == 1
+    (name, table), = tables.items()
+    # Whatever this machine measures, make the dense table the faster one: the planner must then
+    # install it (under balanced, bf16 activations), and it must change no output bit.
+    real = planner.measure_embedding
+    def dense_faster(module, settings):
+        m = real(module, settings)
+        return {**m, "batch_s": {"gather-dequant": 2.0, "dense": 1.0}}
+    monkeypatch.setattr(planner, "measure_embedding", dense_faster)
+    batch = sample_batch(model)
+    plan = plan_execution(model, _settings(tmp_path, activations="bfloat16", workload="batch", widths=False))
+    entry = plan.embeddings[name]
+    assert entry["measured"]["identical"] and entry["path"] == "dense"
+    planned = ex.planned_forward_of(table)
+    assert isinstance(planned, ex.PlannedEmbedding) and planned.table.dtype == torch.bfloat16
+    ids = torch.arange(table.num_embeddings).reshape(-1, 8)
+    assert torch.equal(table(ids), type(table).forward(table, ids))  # bit-identical rows
+    weights = table.num_embeddings * table.embedding_dim
+    assert planned.nbytes() == 2 * weights
+    assert entry["held_bytes_per_weight"] == pytest.approx((table.stored_bits() // 8 + 2 * weights) / weights, abs=1e-3)
+    with_table = model_output(model, batch)
+    resident = resident_bytes(model.model)
+    ex.remove_planned_forward(table)  # the same plan without the dense table
+    assert torch.equal(model_output(model, batch), with_table)
+    assert resident - resident_bytes(model.model) == 2 * weights
+    # Under packed the table is never dense; a decode workload does not plan tables at all.
+    packed = plan_execution(model, _settings(tmp_path, memory="packed", activations="bfloat16", workload="batch", widths=False))
+    assert packed.embeddings[name]["path"] == "gather-dequant" and ex.planned_forward_of(table) is None
+    decode = plan_execution(model, _settings(tmp_path, activations="bfloat16", workload="decode", widths=False))
+    assert decode.embeddings == {} and ex.planned_forward_of(table) is None
+    remove_plan(model)
+    assert all(ex.planned_forward_of(m) is None for m in model.model.modules())
+
+
+def test_a_dense_table_is_kept_only_when_identical_within_policy_and_clearly_faster():
+    from slimformer.runtime.planner import choose_embedding
+
+    fast = {"identical": True, "batch_s": {"gather-dequant": 1.0, "dense": 0.5}, "dense_bytes_per_weight": 2}
+    assert choose_embedding(fast, "balanced") == "dense"
+    assert choose_embedding(fast, "packed") == "gather-dequant"
+    assert choose_embedding({**fast, "identical": False}, "balanced") == "gather-dequant"
+    assert choose_embedding({**fast, "batch_s": {"gather-dequant": 1.0, "dense": 0.95}}, "balanced") == "gather-dequant"
+    assert choose_embedding({**fast, "dense_bytes_per_weight": 4}, "balanced") == "gather-dequant"
+    assert choose_embedding({**fast, "dense_bytes_per_weight": 4}, "fast") == "dense"

@@ -212,7 +212,46 @@ def remove_planned_forward(module: nn.Module) -> None:
         module.use_kernels(choose_kernel(module.bits, module.group_size, module.in_features, module.out_features, module.act_bits))
 
 
-def planned_forward_of(module: nn.Module) -> PlannedForward | None:
+class PlannedEmbedding:
+    """The forward installed on a ``QuantizedEmbedding`` whose table the planner keeps dense:
+    the stored table dequantized once into the module's compute dtype (``table``
+    (num_embeddings, dim)), rows gathered from it. Input ids (...,) int64 -> (..., dim) in the
+    module's compute dtype, bit-identical to the module's own gather-then-dequantize (each row
+    is dequantized in float32 and rounded to the compute dtype either way)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.table = torch.empty(0)
+        self.version = -1
+        self.build()
+
+    def build(self) -> None:
+        m = self.module
+        self.table = m.dequantized_weight().to(m.compute_dtype).contiguous()
+        self.version = weight_version(m)
+
+    def nbytes(self) -> int:
+        return self.table.numel() * self.table.element_size()
+
+    def label(self) -> str:
+        return f"dense-{str(self.table.dtype).replace('torch.', '')}"
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling() and (self.version != weight_version(self.module) or self.table.dtype != self.module.compute_dtype):
+            self.build()
+        return F.embedding(input_ids, self.table)
+
+
+def install_planned_embedding(module: nn.Module) -> PlannedEmbedding:
+    """Route a ``QuantizedEmbedding``'s forward through a dense :class:`PlannedEmbedding`."""
+    remove_planned_forward(module)
+    planned = PlannedEmbedding(module)
+    module.forward = planned
+    module._slimformer_execution = planned
+    return planned
+
+
+def planned_forward_of(module: nn.Module) -> PlannedForward | PlannedEmbedding | None:
     return module.__dict__.get("_slimformer_execution")
 
 

@@ -24,6 +24,12 @@ the model may run in (float32, bfloat16):
    for the workload (``batch`` for encoders, ``decode`` for causal LMs), among those allowed
    (``activations: auto`` allows both; ``stored`` keeps the dtype the recipe produced).
 
+For encoders (the ``batch`` workload), each quantized embedding table is also offered as a dense
+table in the activation dtype, dequantized once (bit-identical rows, 2 bytes per weight in
+bfloat16: allowed from ``balanced`` on, a float32 table only under ``fast``); it is kept when it
+gathers a batch at least 10 % faster than the stored table's gather-then-dequantize. Decoding
+gathers one row per step, so causal LMs keep their tables packed.
+
 Measurements are cached on disk (``$SLIMFORMER_PLAN_CACHE``, else
 ``$XDG_CACHE_HOME/slimformer/plans``, else ``~/.cache/slimformer/plans``) in one file per
 machine signature (CPU model, flags, torch version and kernel level, threads); a file whose
@@ -141,6 +147,13 @@ def planned_layers(model: nn.Module) -> dict[str, nn.Module]:
         if ex.is_linear_like(m):
             out[name] = m
     return out
+
+
+def planned_embeddings(model: nn.Module) -> dict[str, nn.Module]:
+    """Outermost quantized embedding tables (``QuantizedModule``s with ``num_embeddings``)."""
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedModule)]
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, QuantizedModule) and hasattr(m, "num_embeddings") and not any(n.startswith(q + ".") for q in quantized)}
 
 
 def format_of(module: nn.Module) -> dict:
@@ -273,6 +286,33 @@ def measure_format(module: nn.Module, act_dtype: torch.dtype, settings: PlanSett
     return {"paths": result}
 
 
+@torch.no_grad()
+def measure_embedding(module: nn.Module, settings: PlanSettings) -> dict:
+    """The stored table's own gather-then-dequantize against a dense table in the module's
+    compute dtype (dequantized once), on ``batch_tokens`` random ids: outputs compared for
+    bit equality, times as in :func:`measure_format`."""
+    ids = torch.randint(0, module.num_embeddings, (settings.batch_tokens,), generator=torch.Generator().manual_seed(3))
+    dense = ex.PlannedEmbedding(module)
+    runners = {"gather-dequant": lambda: type(module).forward(module, ids), "dense": lambda: dense(ids)}
+    identical = bool(torch.equal(runners["gather-dequant"](), runners["dense"]()))
+    best = {p: math.inf for p in runners}
+    for round_ in range(settings.repeats + 1):
+        for p, run in runners.items():
+            t0 = time.perf_counter()
+            run()
+            if round_:
+                best[p] = min(best[p], time.perf_counter() - t0)
+    return {"identical": identical, "batch_s": best, "dense_bytes_per_weight": dense.table.element_size()}
+
+
+def choose_embedding(measured: dict, memory: str, min_gain: float = 0.1) -> str:
+    """``dense`` when its table fits ``memory``, it gave the same bits and it saved at least
+    ``min_gain`` of the gather time; else ``gather-dequant``."""
+    t = measured["batch_s"]
+    fits = measured["dense_bytes_per_weight"] <= MEMORY_LIMITS[memory]
+    return "dense" if fits and measured["identical"] and t["dense"] <= (1 - min_gain) * t["gather-dequant"] else "gather-dequant"
+
+
 def choose_paths(measured: dict, module: nn.Module, memory: str) -> tuple[str, str] | None:
     """The (decode, batch) pair with the lowest sum of normalised times whose run-time forms fit
     ``memory``; None when no path passed its parity check."""
@@ -318,6 +358,7 @@ class ExecutionPlan:
     cache_ignored: bool = False
     cache_file: str | None = None
     widths: dict | None = None
+    embeddings: dict[str, dict] = field(default_factory=dict)
     _undo: list = field(default_factory=list, repr=False)
 
     def counts(self) -> dict[str, int]:
@@ -343,6 +384,7 @@ class ExecutionPlan:
             "measured_formats": self.measured_formats,
             "cached_formats": self.cached_formats,
             "widths": self.widths,
+            "embeddings": self.embeddings,
             "layers": self.layers,
             "formats": self.formats,
         }
@@ -461,8 +503,6 @@ def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool 
                 choices[dtype][name] = pair
                 side = pair[1] if regime == "batch_s" else pair[0]
                 totals[dtype] += entry["measured"][dname]["paths"][side][regime]
-    if cache is not None:
-        cache.save()
     feasible = [d for d in allowed if math.isfinite(totals[d])] or [torch.float32]
     act = min(feasible, key=lambda d: totals[d])
     plan.activation_seconds = {str(d).replace("torch.", ""): totals[d] for d in allowed}
@@ -478,6 +518,24 @@ def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool 
         if pair != ("native", "native") or isinstance(module, QuantizedModule):
             ex.install_planned_forward(module, pair[0], pair[1], settings.split_tokens)
         plan.layers[name] = {"format": fid, "decode": pair[0], "batch": pair[1], "held_bytes_per_weight": round(held_bytes_per_weight(module), 4)}
+    if workload == "batch":  # a decode step gathers one row: a dense table would only cost memory
+        with torch.no_grad():
+            for name, module in planned_embeddings(model).items():
+                fkey = json.dumps(format_of(module), sort_keys=True)
+                ckey = f"{fkey}|act={plan.activations}|embedding|batch={settings.batch_tokens}"
+                measured = cache.get(ckey) if cache is not None else None
+                if measured is None:
+                    measured = measure_embedding(module, settings)
+                    if cache is not None:
+                        cache.put(ckey, measured)
+                path = choose_embedding(measured, settings.memory)
+                held = 0
+                if path == "dense":
+                    held = ex.install_planned_embedding(module).nbytes()
+                plan.embeddings[name] = {"path": path, "measured": measured,
+                                         "held_bytes_per_weight": round((module.stored_bits() // 8 + held) / (module.num_embeddings * module.embedding_dim), 4)}
+    if cache is not None:
+        cache.save()
     if settings.widths and getattr(loaded, "kind", None) == "encoder":
         from slimformer.runtime.alignment import align_widths
 
@@ -542,6 +600,11 @@ def plan_table(summary: dict) -> str:
                 d = f"{r['decode_s'] * 1e3:.3f}" if "decode_s" in r else "–"
                 b = f"{r['batch_s'] * 1e3:.2f}" if "batch_s" in r else "–"
                 lines.append(f"| {label} | {entry['layers']} | {dname} | {p} | {err}{'' if r.get('ok') else ' ✗'} | {d} | {b} | {', '.join(sorted(picked))} |")
+    for name, entry in (summary.get("embeddings") or {}).items():
+        m = entry["measured"]
+        for p, t in m["batch_s"].items():
+            err = ("0 (same bits)" if m["identical"] else "differs ✗") if p == "dense" else "0"
+            lines.append(f"| embedding table `{name}` | 1 | {summary['activations']} | {p} | {err} | – | {t * 1e3:.2f} | {'batch' if p == entry['path'] else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -550,10 +613,13 @@ __all__ = [
     "PlanCache",
     "PlanSettings",
     "as_plan_settings",
+    "choose_embedding",
     "choose_paths",
+    "measure_embedding",
     "measure_format",
     "plan_execution",
     "plan_table",
+    "planned_embeddings",
     "planned_layers",
     "planner_enabled",
     "remove_plan",
