@@ -18,6 +18,7 @@ searches' 25% result is the prefix of the 50% search: the same removals in the s
 
     python benchmarks/structure.py search sleb          # 8 blocks, greedy, full re-scoring
     python benchmarks/structure.py search blockpruner   # 8 blocks' worth of parameters
+                                                        # (report also folds SLEB's 8 blocks into their neighbours: fusegpt)
     python benchmarks/structure.py evopress             # EvoPress over sub-layers, same budget
     python benchmarks/structure.py minilm               # width slimming (+ distillation)
     python benchmarks/structure.py report               # SmolLM2 table, plot; merges MiniLM
@@ -68,6 +69,10 @@ BLOCKPRUNER_CAL = SEARCH_CAL
 SLEB_RESCORE = None
 RESCORE = 6
 EVAL = {"source": "pydoc-topics", "n": 16, "max_length": 128, "batch_size": 8}
+# FuseGPT-style folding of SLEB's blocks into their neighbours: one pass through depth, so more
+# calibration text is affordable than for the searches (the same mix, calibration split).
+FUSE_CAL = {"source": "mix", "n_samples": 128, "max_length": 128, "batch_size": 8, "seed": 0}
+FUSE_STEP = {"rank": 16, "steps": 400, "lr": 0.002}
 N25, N50 = 8, 15
 
 
@@ -300,6 +305,10 @@ def _variant_specs(searches: dict) -> list[tuple[str, object]]:
             order = searches["sleb"]["removal_order"][:n]
             c = searches["sleb"]["calibration"]
             specs.append((f"sleb {n} blocks ({label}; searched on {c['n_samples']}x{c['max_length']} tokens)", lambda m, o=order: _replay(m, o)))
+            if n == N25:
+                fc = FUSE_CAL
+                specs.append((f"sleb {n} blocks + fusegpt folding (rank {FUSE_STEP['rank']}, {FUSE_STEP['steps']} steps per host, {fc['n_samples']}x{fc['max_length']} tokens)",
+                              _apply({"method": "fusegpt", "layers": order, **FUSE_STEP}, fc)))
     for n in (N25, N50):
         specs.append((f"attention drop {n} of 30", _apply({"method": "sublayer-drop", "sublayer": "attention", "num_sublayers": n}, sc)))
     if "evopress" in searches:
@@ -337,13 +346,23 @@ def cmd_report(skip_speed: bool = False) -> None:
     b0 = storage_bytes(original.model)
     f0 = forward_flops(original, batches[0])["total"]
     rows = []
+    models: dict = {"original": original}
+
+    def built(name, build):
+        """Each setting built once per run (a fold or a search replay), reused for quality,
+        calibration-text perplexity and speed."""
+        if name not in models:
+            m = copy.deepcopy(original)
+            build(m)
+            models[name] = m
+        return models[name]
+
     for name, build in specs:
         if name not in cache:
             if ref is None:
                 ref = _logprobs(original, batches)
-            m = copy.deepcopy(original)
             t0 = time.perf_counter()
-            build(m)
+            m = built(name, build)
             seconds = time.perf_counter() - t0
             v = {"name": name, "seconds": seconds}
             v["quality"] = causal_metrics(ref, ref if name == "original" else _logprobs(m, batches), targets)
@@ -358,7 +377,6 @@ def cmd_report(skip_speed: bool = False) -> None:
             cache[name] = v
             QUALITY_CACHE.write_text(json.dumps(cache, indent=1, default=str))
             print(name, v["quality"], flush=True)
-            del m
         if "calibration_perplexity" not in cache[name] and (name == "original" or "8 blocks" in name or name.startswith(("blockpruner", "evopress", "sub-layer"))):
             # perplexity on the searches' own calibration text: does a search that wins there
             # also win on the held-out text of another kind?
@@ -366,9 +384,7 @@ def cmd_report(skip_speed: bool = False) -> None:
 
             cal_batches = [{k: v for k, v in b.items() if k in ("input_ids", "attention_mask")}
                            for b in CompressionContext(CalibrationSettings(**SEARCH_CAL)).batches(original.tokenizer)]
-            m = original if name == "original" else copy.deepcopy(original)
-            if name != "original":
-                build(m)
+            m = built(name, build)
             lp = _logprobs(m, cal_batches)
             tg = _targets(cal_batches)
             nll = sum(float(-l.gather(-1, t[:, None]).sum()) for l, t in zip(lp, tg)) / sum(t.numel() for t in tg)
@@ -383,10 +399,7 @@ def cmd_report(skip_speed: bool = False) -> None:
         variants = []
         timed = [(name, build) for name, build in specs if name == "original" or "8 blocks" in name or "blockpruner" in name or "drop 8 " in name or name.startswith("evopress")]
         for name, build in timed:
-            m = original if name == "original" else copy.deepcopy(original)
-            if name != "original":
-                build(m)
-            variants.append({"name": name, "loaded": m})
+            variants.append({"name": name, "loaded": built(name, build)})
         speed(variants, original.tokenizer)
         by_name = {v["name"]: v for v in variants}
         for r in rows:
@@ -394,6 +407,7 @@ def cmd_report(skip_speed: bool = False) -> None:
                 r["decode_s_per_token"] = by_name[r["name"]]["decode_s_per_token"]
                 r["prefill_s"] = by_name[r["name"]]["prefill_s"]
         del variants
+    models.clear()
     mach_after = machine()
     d0 = rows[0].get("decode_s_per_token")
     pf0 = rows[0].get("prefill_s")

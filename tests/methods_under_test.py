@@ -52,6 +52,7 @@ METHODS = [
     pytest.param({"method": "smoothquant", "alpha": 0.5, "activation_grid": "asymmetric"}, id="smoothquant-w8a8-alpha0.5-asym"),
     pytest.param({"method": "sleb", "num_layers": 2}, id="sleb-drop2"),
     pytest.param({"method": "sleb", "fraction": 0.25}, id="sleb-25pct"),
+    pytest.param({"method": "fusegpt", "num_layers": 1, "steps": 4}, id="fusegpt-sleb1-fold4"),
     pytest.param({"method": "sublayer-drop", "sublayer": "attention", "num_sublayers": 2}, id="attention-drop2"),
     pytest.param({"method": "sublayer-drop", "sublayer": "mlp", "fraction": 0.5}, id="mlp-drop-50pct"),
     pytest.param({"method": "blockpruner", "num_sublayers": 3}, id="blockpruner-3-sublayers"),

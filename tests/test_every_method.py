@@ -116,7 +116,7 @@ def _check_structure(loaded, record, config, blocks_before, params_before):
     for i, kind in removed:
         assert adapter.sublayer_removed(kept.index(blocks_before[i]), kind)
         assert not any(True for _ in blocks_before[i].get_submodule(adapter.spec.attention if kind == "attention" else adapter.spec.mlp[-1]).parameters())
-    if config.name in ("sleb", "sublayer-drop", "blockpruner"):
+    if config.name in ("sleb", "fusegpt", "sublayer-drop", "blockpruner"):
         assert dropped or removed, "a structure step must remove something"
     slot = 0
     for index, block in enumerate(blocks_after):

@@ -128,6 +128,70 @@ def test_rescore_shortlist_limits_the_candidates_scored(tiny_factory, method):
     assert short["removal_order"][0] == full["removal_order"][0]
 
 
+def test_fusegpt_hosts_split_each_run_between_its_kept_neighbours():
+    from slimformer.methods.structure.fuse import assign_hosts
+
+    assert assign_hosts(8, [2]) == {0: [], 1: [], 3: [2], 4: [], 5: [], 6: [], 7: []}
+    assert assign_hosts(8, [2, 3, 4]) == {0: [], 1: [2], 5: [3, 4], 6: [], 7: []}
+    assert assign_hosts(8, [0, 1, 7]) == {2: [0, 1], 3: [], 4: [], 5: [], 6: [7]}
+    assert assign_hosts(30, [4, 5, 13, 14, 15, 16, 17, 18])[12] == [13, 14, 15]
+    with pytest.raises(ConfigError, match="cannot remove"):
+        assign_hosts(3, [0, 1, 2])
+
+
+def test_fused_weight_is_the_host_plus_coefficients_times_the_folded_weights():
+    from torch import nn
+
+    from slimformer.methods.structure.fuse import FoldedHost
+
+    torch.manual_seed(0)
+    host, gone = nn.Sequential(nn.Linear(6, 4)), nn.Sequential(nn.Linear(6, 4))
+    w_h, w_r = host[0].weight.detach().clone(), gone[0].weight.detach().clone()
+    folded = FoldedHost(host, [host, gone], rank=2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(folded.weights()["0.weight"], w_h), "A starts at zero: training starts from plain removal"
+    with torch.no_grad():
+        for p in folded.A.values():
+            p.normal_()
+    ch = folded.A["0__0"] @ folded.B["0__0"]
+    cr = folded.A["0__1"] @ folded.B["0__1"]
+    folded.merge()
+    assert torch.allclose(host[0].weight, w_h + ch * w_h + cr * w_r, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_fusegpt_removes_what_sleb_removes_and_lowers_the_output_error(tiny_factory, family):
+    base = tiny_factory(family)
+    batches = CompressionContext(CAL).batches(base.tokenizer)
+    with torch.no_grad():
+        target = [base.model(**b, output_hidden_states=True).hidden_states[-1] for b in batches]
+
+    def error(loaded):
+        with torch.no_grad():
+            outs = [loaded.model(**b, output_hidden_states=True).hidden_states[-1] for b in batches]
+        return sum(float(((o - t)[b["attention_mask"].bool()] ** 2).sum()) for o, t, b in zip(outs, target, batches)) / \
+            sum(float((t[b["attention_mask"].bool()] ** 2).sum()) for t, b in zip(target, batches))
+
+    plain = copy.deepcopy(base)
+    plain.adapter.drop_blocks([1, 2])
+    zero = copy.deepcopy(base)
+    unfolded = _run(zero, method="fusegpt", layers=[1, 2], steps=0)
+    batch = sample_batch(base)
+    assert torch.equal(model_output(zero, batch), model_output(plain, batch)), "no steps: exactly plain removal"
+    fused = copy.deepcopy(base)
+    record = _run(fused, method="fusegpt", layers=[2, 1], steps=48, lr=0.005)
+    assert record["dropped_layers"] == [1, 2] and record["hosts"] == {"0": [1], "3": [2]}
+    assert set(fused.model.state_dict()) == set(plain.model.state_dict())  # the same parameters as plain removal
+    assert sum(p.numel() for p in fused.model.parameters()) == sum(p.numel() for p in plain.model.parameters())
+    assert unfolded["folds"]["0"]["held_out_loss_folded"] == unfolded["folds"]["0"]["held_out_loss_removed"]
+    for fold in record["folds"].values():
+        assert fold["held_out_loss_folded"] <= fold["held_out_loss_removed"]
+    assert error(fused) < 0.97 * error(plain)
+    # SLEB's choice when no blocks are given
+    chosen = _run(copy.deepcopy(base), method="fusegpt", num_layers=1, steps=4)
+    sleb = _run(copy.deepcopy(base), method="sleb", num_layers=1)
+    assert chosen["dropped_layers"] == sleb["dropped_layers"] and chosen["select"] == "sleb"
+
+
 @pytest.mark.parametrize("family", ["bert", "llama", "qwen2", "gpt2"])
 def test_width_slimming_equals_masked_original(tiny_factory, family):
     loaded = tiny_factory(family)
