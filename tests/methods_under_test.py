@@ -58,6 +58,7 @@ METHODS = [
     pytest.param({"method": "blockpruner", "num_sublayers": 3}, id="blockpruner-3-sublayers"),
     pytest.param({"method": "blockpruner", "num_layers": 1}, id="blockpruner-1-block-of-params"),
     pytest.param({"method": "width-slim", "flops_ratio": 0.5}, id="width-slim-50pct-flops"),
+    pytest.param({"method": "width-slim", "flops_ratio": 0.5, "refit": True}, id="width-slim-50pct-flops-refit"),
     pytest.param({"method": "width-slim", "flops_ratio": 0.75, "gqa": "groups", "distill_steps": 3}, id="width-slim-75pct-gqa-groups-distill"),
     pytest.param({"method": "early-exit", "rule": "predicted", "threshold": 0.9, "train_steps": 20}, id="early-exit-learned-confidence"),
     pytest.param({"method": "token-pruning", "keep_ratio": 0.5, "layers": [0, 1], "schedule": "length", "min_tokens": 8}, id="token-pruning-length-aware"),

@@ -216,6 +216,42 @@ def test_width_slimming_equals_masked_original(tiny_factory, family):
     assert flops < 0.6, "the shrunk forward must do about half the block FLOPs"
 
 
+def test_refit_projection_is_the_least_squares_fit_on_the_kept_inputs():
+    from slimformer.methods.structure.width import refit_projection
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 12, generator=g) @ torch.randn(12, 12, generator=g) + 0.3  # correlated, non-centred
+    w, b = torch.randn(5, 12, generator=g), torch.randn(5, generator=g)
+    keep = torch.tensor([0, 2, 3, 7, 8, 11])
+    new_w, new_b = refit_projection(w, b, x.t() @ x, x.sum(0), x.shape[0], keep, damp=1e-9)
+    y = x @ w.t() + b
+    design = torch.cat([x[:, keep], torch.ones(500, 1)], 1).double()
+    solution = torch.linalg.lstsq(design, y.double()).solution  # (k + 1, out)
+    assert torch.allclose(new_w.double(), solution[:-1].t(), atol=1e-4) and torch.allclose(new_b.double(), solution[-1], atol=1e-4)
+    masked = ((x[:, keep] @ w[:, keep].t() + b - y) ** 2).sum()
+    assert ((x[:, keep] @ new_w.t() + new_b - y) ** 2).sum() < 0.5 * masked
+    no_bias, none = refit_projection(w, None, x.t() @ x, x.sum(0), 500, keep, damp=1e-9)
+    assert none is None and no_bias.shape == (5, 6)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_width_refit_brings_the_slimmed_model_closer_to_the_original(tiny_factory, family):
+    original = tiny_factory(family)
+    batch = sample_batch(original)
+    ref = model_output(original, batch)
+    errors = {}
+    for refit in (False, True):
+        m = tiny_factory(family)
+        record = _run(m, method="width-slim", flops_ratio=0.5, refit=refit)
+        assert record["refit"] is refit
+        errors[refit] = _rel_error(model_output(m, batch), ref)
+    assert errors[True] < 0.9 * errors[False], errors
+
+
+def _rel_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
 def test_gqa_groups_mode_shrinks_kv_heads(tiny_factory):
     loaded = tiny_factory("llama")  # 4 query heads, 2 KV heads
     record = _run(loaded, method="width-slim", flops_ratio=0.5, gqa="groups")

@@ -20,6 +20,15 @@ rotary position embeddings, applied per head, are untouched. The widths follow a
 ``head_ratio`` (default: ``flops_ratio``) and the MLP width is solved so that the block meets the
 target; or ``mlp_ratio`` sets it directly. The shrunk model computes exactly what the original
 computes with the removed heads and neurons masked to zero; distillation then recovers accuracy.
+
+With ``refit``, the output projections of the attention and the MLP are instead refitted by least
+squares to what the full-width sub-layer computed on the calibration text (the structured form
+of the OBS update used by SparseGPT/ZipLM-style pruning): for the kept input columns ``K`` of a
+projection ``W`` (with its bias as a constant input column),
+``W_K <- W G[:, K] (G[K, K] + damp I)^-1``, ``G`` the second moments of its inputs (the context
+vectors of every head, or every neuron's activation) on the original model. The kept heads and
+neurons compute the same inputs as before, so the removed ones' contribution is re-expressed
+through their correlation with the kept ones; no gradient step, seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -74,6 +83,8 @@ class WidthSlimConfig(MethodConfig):
     seed: int = 0
     checkpoint: str | None = None
     checkpoint_every: int = 25
+    refit: bool = False
+    refit_damp: float = 0.01
 
     def __post_init__(self) -> None:
         _ratio("flops_ratio", self.flops_ratio, allow_none=False)
@@ -90,6 +101,10 @@ class WidthSlimConfig(MethodConfig):
             raise ConfigError(f"width-slim: distill_steps={self.distill_steps!r} must be a non-negative integer", "use e.g. distill_steps: 200")
         if isinstance(self.distill_lr, bool) or not isinstance(self.distill_lr, (int, float)) or not self.distill_lr > 0:
             raise ConfigError(f"width-slim: distill_lr={self.distill_lr!r} must be a positive number", "use e.g. distill_lr: 1e-4")
+        if not isinstance(self.refit, bool):
+            raise ConfigError(f"width-slim: refit={self.refit!r} must be true or false", "use refit: true")
+        if isinstance(self.refit_damp, bool) or not isinstance(self.refit_damp, (int, float)) or not self.refit_damp > 0:
+            raise ConfigError(f"width-slim: refit_damp={self.refit_damp!r} must be a positive number", "use e.g. refit_damp: 0.01")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"width-slim: seed={self.seed!r} must be an integer", "use e.g. seed: 0")
 
@@ -129,6 +144,30 @@ def choose_heads(scores: torch.Tensor, n_kv: int, ratio: float, mode: str) -> tu
     return q, list(range(n_kv))
 
 
+def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, input_sum: torch.Tensor, count: int,
+                     keep: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least-squares output projection on the kept input columns ``keep`` (k,).
+
+    ``weight`` (out, in), ``bias`` (out,) or None; ``gram`` = sum x x^T (in, in), ``input_sum`` =
+    sum x (in,) over ``count`` tokens. Returns ``(weight (out, k), bias)`` minimising
+    ``E || W x + b - W' x_K - b' ||^2`` (the bias as a constant input; with no bias, none is
+    added), with ``damp`` times the mean diagonal added to the kept block."""
+    w = weight.detach().double()
+    g = gram.double() / max(count, 1)
+    if bias is not None:
+        mean = input_sum.double() / max(count, 1)
+        n = g.shape[0]
+        g = torch.cat([torch.cat([g, mean[:, None]], 1), torch.cat([mean, torch.ones(1, dtype=g.dtype)])[None]], 0)
+        w = torch.cat([w, bias.detach().double()[:, None]], 1)
+        keep = torch.cat([keep, torch.tensor([n])])
+    gkk = g[keep][:, keep]
+    gkk = gkk + damp * gkk.diagonal().mean() * torch.eye(len(keep), dtype=g.dtype)
+    new = torch.linalg.solve(gkk, (w @ g[:, keep]).t()).t()  # (out, k[+1]); G_KK symmetric
+    if bias is None:
+        return new.to(weight.dtype), None
+    return new[:, :-1].to(weight.dtype), new[:, -1].to(bias.dtype)
+
+
 @register_method(WidthSlimConfig)
 def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
     adapter = loaded.adapter
@@ -146,7 +185,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         if not isinstance(module, torch.nn.Linear):
             raise ConfigError(f"width-slim: {names[id(module)]} is not a float linear layer", "apply width-slim before quantization or low-rank steps")
     stats_h = InputStatistics({names[id(m)]: m for m in attn_out.values()}, hessian=True)
-    stats_n = InputStatistics({names[id(m)]: m for m in mlp_out.values()}, hessian=False)
+    stats_n = InputStatistics({names[id(m)]: m for m in mlp_out.values()}, hessian=config.refit)
     with stats_h, stats_n:
         run_batches(model, batches, on_batch=lambda b: (stats_h.set_batch(b), stats_n.set_batch(b)))
     teacher = copy.deepcopy(model) if config.distill_steps > 0 else None
@@ -174,13 +213,26 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         before += full
         after += block_flops_per_token(hidden, hd, len(q_keep), len(kv_keep), len(ins), new_width, config.seq_len)
     for i, p in plan.items():
+        refitted = {}
+        if config.refit:
+            cols = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in p["query_heads"]])
+            for kind, lin, stats, keep in (("attention", attn_out[i], stats_h, cols), ("mlp", mlp_out[i], stats_n, torch.as_tensor(p["mlp_neurons"]))):
+                n = names[id(lin)]
+                refitted[kind] = refit_projection(lin.weight, lin.bias, stats.hessian[n], stats.sum[n], stats.count[n], keep, config.refit_damp)
         adapter.keep_heads(i, p["query_heads"], p["kv_heads"])
         adapter.keep_neurons(i, p["mlp_neurons"])
+        for kind, (w, b) in refitted.items():
+            lin = adapter.attention_linears(adapter.attention(i))[1] if kind == "attention" else adapter.mlp_linears(i)[1]
+            with torch.no_grad():
+                lin.weight.copy_(w)
+                if b is not None:
+                    lin.bias.copy_(b)
     record = {
         "heads": {str(i): [len(p["query_heads"]), len(p["kv_heads"])] for i, p in plan.items()},
         "mlp_widths": {str(i): len(p["mlp_neurons"]) for i, p in plan.items()},
         "kept": {str(i): p for i, p in plan.items()},
         "block_flops_ratio": after / before if before else None,
+        "refit": config.refit,
     }
     if teacher is not None:
         loss = config.distill_loss if config.distill_loss != "auto" else ("kl" if loaded.kind == "causal-lm" else "mse")
