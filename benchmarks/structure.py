@@ -431,7 +431,7 @@ MINILM_CAL = {"source": "stdlib-docs", "n_samples": 64, "max_length": 64, "batch
 MINILM_EVAL = {"n": 100, "n_queries": 25, "max_length": 128, "batch_size": 32}
 
 
-def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str) -> None:
+def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str, refit: bool = False) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cal = {**MINILM_CAL, "n_samples": samples}
     original = load_model()
@@ -440,8 +440,10 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
     settings = []
     for r in ratios:
         pct = f"{r:.0%}"
-        settings.append((f"width {pct} FLOPs", {"method": "width-slim", "flops_ratio": r}))
-        settings.append((f"width {pct} FLOPs + distill", {"method": "width-slim", "flops_ratio": r, "distill_steps": steps, "distill_lr": lr, "distill_loss": loss,
+        how = {"refit": True, "select": "obs"} if refit else {}
+        sel = " (OBS choice + refit)" if refit else ""
+        settings.append((f"width {pct} FLOPs{sel}", {"method": "width-slim", "flops_ratio": r, **how}))
+        settings.append((f"width {pct} FLOPs{sel} + distill", {"method": "width-slim", "flops_ratio": r, **how, "distill_steps": steps, "distill_lr": lr, "distill_loss": loss,
                                                          "checkpoint": f"/tmp/slimformer-width{pct[:-1]}-{tag or 'base'}.ckpt"}))
     batch = dict(original.tokenizer(texts[:16], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
     batch.pop("token_type_ids", None)
@@ -607,6 +609,7 @@ def main() -> None:
     mm.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5])
     mm.add_argument("--tag", default="")
     mm.add_argument("--loss", default="mse", choices=["mse", "mse+cos"])
+    mm.add_argument("--refit", action="store_true", help="heads/neurons chosen by structured OBS and output projections refitted (width-slim select: obs, refit: true)")
     args = parser.parse_args()
     if args.cmd == "search":
         cmd_search(args.method, args.threads)
@@ -617,7 +620,7 @@ def main() -> None:
     elif args.cmd == "table":
         cmd_table()
     else:
-        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss)
+        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit)
 
 
 if __name__ == "__main__":

@@ -234,18 +234,46 @@ def test_refit_projection_is_the_least_squares_fit_on_the_kept_inputs():
     assert none is None and no_bias.shape == (5, 6)
 
 
+def test_obs_removes_the_unit_whose_refitted_loss_is_least_and_honours_gqa_groups():
+    from slimformer.methods.structure.width import obs_heads, obs_removal
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 8, generator=g) @ torch.randn(8, 8, generator=g)
+    w = torch.randn(3, 8, generator=g)
+    gram = x.t() @ x
+    units = [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+    def refitted_error(gone, units=units):
+        keep = [c for u, cols in enumerate(units) if u not in gone for c in cols]
+        sol = torch.linalg.lstsq(x[:, keep].double(), (x @ w.t()).double()).solution
+        return float(((x[:, keep].double() @ sol - (x @ w.t()).double()) ** 2).sum())
+
+    first = obs_removal(w, gram, units, 1, damp=1e-9)
+    assert first == [min(range(4), key=lambda u: refitted_error({u}))]
+    singles = obs_removal(w, gram, [[c] for c in range(8)], 3, damp=1e-9)
+    assert len(set(singles)) == 3
+    assert singles[0] == min(range(8), key=lambda c: refitted_error({c}, [[k] for k in range(8)]))
+    # 4 query heads of dim 2 in 2 KV groups: within-groups keeps one per group
+    proj = torch.nn.Linear(8, 3, bias=False)
+    q, kv = obs_heads(proj, gram, n_kv=2, head_dim=2, ratio=0.5, mode="within-groups", damp=1e-6)
+    assert kv == [0, 1] and len(q) == 2 and {h // 2 for h in q} == {0, 1}
+    q, kv = obs_heads(proj, gram, n_kv=2, head_dim=2, ratio=0.5, mode="groups", damp=1e-6)
+    assert len(kv) == 1 and q == [2 * kv[0], 2 * kv[0] + 1]
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_width_refit_brings_the_slimmed_model_closer_to_the_original(tiny_factory, family):
     original = tiny_factory(family)
     batch = sample_batch(original)
     ref = model_output(original, batch)
     errors = {}
-    for refit in (False, True):
+    for refit, select in ((False, "importance"), (True, "importance"), (True, "obs")):
         m = tiny_factory(family)
-        record = _run(m, method="width-slim", flops_ratio=0.5, refit=refit)
-        assert record["refit"] is refit
-        errors[refit] = _rel_error(model_output(m, batch), ref)
-    assert errors[True] < 0.9 * errors[False], errors
+        record = _run(m, method="width-slim", flops_ratio=0.5, refit=refit, select=select)
+        assert record["refit"] is refit and record["select"] == select
+        errors[refit, select] = _rel_error(model_output(m, batch), ref)
+    assert errors[True, "importance"] < 0.9 * errors[False, "importance"], errors
+    assert errors[True, "obs"] < 0.9 * errors[False, "importance"], errors
 
 
 def _rel_error(a, b):

@@ -28,7 +28,10 @@ projection ``W`` (with its bias as a constant input column),
 ``W_K <- W G[:, K] (G[K, K] + damp I)^-1``, ``G`` the second moments of its inputs (the context
 vectors of every head, or every neuron's activation) on the original model. The kept heads and
 neurons compute the same inputs as before, so the removed ones' contribution is re-expressed
-through their correlation with the kept ones; no gradient step, seconds on a CPU.
+through their correlation with the kept ones; no gradient step, seconds on a CPU. With
+``select: obs`` the heads and neurons themselves are chosen the same way (ZipLM's structured
+OBS: greedily remove the unit whose removal, after the re-fit of the others, costs least, and
+update the inverse second moments), instead of by their importance alone.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from slimformer.methods.calibration import InputStatistics, run_batches
 from slimformer.methods.structure.distill import distill
 
 GQA_MODES = ("within-groups", "groups")
+SELECTIONS = ("importance", "obs")
 LOSSES = ("auto", "mse", "mse+cos", "kl")
 
 
@@ -85,6 +89,7 @@ class WidthSlimConfig(MethodConfig):
     checkpoint_every: int = 25
     refit: bool = False
     refit_damp: float = 0.01
+    select: str = "importance"
 
     def __post_init__(self) -> None:
         _ratio("flops_ratio", self.flops_ratio, allow_none=False)
@@ -101,6 +106,8 @@ class WidthSlimConfig(MethodConfig):
             raise ConfigError(f"width-slim: distill_steps={self.distill_steps!r} must be a non-negative integer", "use e.g. distill_steps: 200")
         if isinstance(self.distill_lr, bool) or not isinstance(self.distill_lr, (int, float)) or not self.distill_lr > 0:
             raise ConfigError(f"width-slim: distill_lr={self.distill_lr!r} must be a positive number", "use e.g. distill_lr: 1e-4")
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"width-slim: select={self.select!r} is not one of {list(SELECTIONS)}", "use select: importance or select: obs")
         if not isinstance(self.refit, bool):
             raise ConfigError(f"width-slim: refit={self.refit!r} must be true or false", "use refit: true")
         if isinstance(self.refit_damp, bool) or not isinstance(self.refit_damp, (int, float)) or not self.refit_damp > 0:
@@ -144,6 +151,75 @@ def choose_heads(scores: torch.Tensor, n_kv: int, ratio: float, mode: str) -> tu
     return q, list(range(n_kv))
 
 
+def obs_removal(weight: torch.Tensor, gram: torch.Tensor, groups: list[list[int]], n_remove: int, damp: float,
+                allowed=None) -> list[int]:
+    """Structured OBS (ZipLM-style): which ``n_remove`` of ``groups`` (lists of input columns of
+    the projection ``weight`` (out, in)) to remove, greedily, each step removing the group whose
+    removal raises ``E||W x - W' x||^2`` least once the remaining columns are re-fitted
+    (cost ``tr(W_S [H^-1]_SS^-1 W_S^T)``), then updating the weight and the inverse of the
+    damped second-moment matrix ``gram`` (in, in) for the removal. ``allowed(removed, g)``: may
+    group ``g`` go after the groups ``removed`` (e.g. grouped-query limits)? Returns the
+    removed group indices in removal order."""
+    w = weight.detach().double().clone()
+    h = gram.double()
+    h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.inv(h)
+    removed: list[int] = []
+    if allowed is None and all(len(g) == 1 for g in groups):  # single columns: vectorised
+        cols = torch.tensor([g[0] for g in groups])
+        gone = torch.zeros(len(groups), dtype=torch.bool)
+        for _ in range(n_remove):
+            cost = (w[:, cols] ** 2).sum(0) / hinv.diagonal()[cols]
+            best = int(cost.masked_fill(gone, float("inf")).argmin())
+            j = int(cols[best])
+            row = hinv[j] / hinv[j, j]
+            w = w - w[:, j : j + 1] * row
+            hinv = hinv - hinv[:, j : j + 1] * row
+            gone[best] = True
+            removed.append(best)
+        return removed
+    alive = set(range(len(groups)))
+    for _ in range(n_remove):
+        best, best_cost = None, None
+        for g in sorted(alive):
+            if allowed is not None and not allowed(removed, g):
+                continue
+            idx = groups[g]
+            block = hinv[idx][:, idx]
+            ws = w[:, idx]
+            cost = float((ws @ torch.linalg.solve(block, ws.t())).diagonal().sum()) if len(idx) > 1 else float((ws[:, 0] ** 2).sum() / block[0, 0])
+            if best_cost is None or cost < best_cost:
+                best, best_cost = g, cost
+        if best is None:
+            break
+        idx = groups[best]
+        block_inv = torch.linalg.inv(hinv[idx][:, idx])
+        w = w - w[:, idx] @ block_inv @ hinv[idx]
+        hinv = hinv - hinv[:, idx] @ block_inv @ hinv[idx]
+        removed.append(best)
+        alive.discard(best)
+    return removed
+
+
+def obs_heads(out_proj: torch.nn.Linear, gram: torch.Tensor, n_kv: int, head_dim: int, ratio: float, mode: str, damp: float) -> tuple[list[int], list[int]]:
+    """Kept ``(query heads, kv heads)`` chosen by structured OBS on the output projection (the
+    same counts as :func:`choose_heads`)."""
+    n_q = out_proj.in_features // head_dim
+    group = n_q // n_kv
+    cols = lambda heads: [c for h in heads for c in range(h * head_dim, (h + 1) * head_dim)]  # noqa: E731
+    if group == 1 or mode == "groups":
+        keep = max(1, int(round(ratio * n_kv)))
+        units = [cols(range(g * group, (g + 1) * group)) for g in range(n_kv)]
+        gone = set(obs_removal(out_proj.weight, gram, units, n_kv - keep, damp))
+        kv = [g for g in range(n_kv) if g not in gone]
+        return [g * group + j for g in kv for j in range(group)], kv
+    per = max(1, int(round(ratio * group)))
+    units = [cols([h]) for h in range(n_q)]
+    allowed = lambda removed, h: sum(1 for r in removed if r // group == h // group) < group - per  # noqa: E731
+    gone = set(obs_removal(out_proj.weight, gram, units, n_q - n_kv * per, damp, allowed))
+    return [h for h in range(n_q) if h not in gone], list(range(n_kv))
+
+
 def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, input_sum: torch.Tensor, count: int,
                      keep: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Least-squares output projection on the kept input columns ``keep`` (k,).
@@ -185,7 +261,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         if not isinstance(module, torch.nn.Linear):
             raise ConfigError(f"width-slim: {names[id(module)]} is not a float linear layer", "apply width-slim before quantization or low-rank steps")
     stats_h = InputStatistics({names[id(m)]: m for m in attn_out.values()}, hessian=True)
-    stats_n = InputStatistics({names[id(m)]: m for m in mlp_out.values()}, hessian=config.refit)
+    stats_n = InputStatistics({names[id(m)]: m for m in mlp_out.values()}, hessian=config.refit or config.select == "obs")
     with stats_h, stats_n:
         run_batches(model, batches, on_batch=lambda b: (stats_h.set_batch(b), stats_n.set_batch(b)))
     teacher = copy.deepcopy(model) if config.distill_steps > 0 else None
@@ -199,7 +275,10 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         full = block_flops_per_token(hidden, hd, n_q, n_kv, len(ins), width, config.seq_len)
         name = names[id(attn_out[i])]
         scores = head_importance(attn_out[i], stats_h.hessian[name], stats_h.count[name], n_q, hd)
-        q_keep, kv_keep = choose_heads(scores, n_kv, head_ratio, config.gqa)
+        if config.select == "obs":
+            q_keep, kv_keep = obs_heads(attn_out[i], stats_h.hessian[name], n_kv, hd, head_ratio, config.gqa, config.refit_damp)
+        else:
+            q_keep, kv_keep = choose_heads(scores, n_kv, head_ratio, config.gqa)
         attn_only = block_flops_per_token(hidden, hd, len(q_keep), len(kv_keep), len(ins), 0, config.seq_len)
         if config.mlp_ratio is not None:
             new_width = config.mlp_ratio * width
@@ -207,8 +286,12 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
             new_width = (config.flops_ratio * full - attn_only) / (2 * hidden * (len(ins) + 1))
         new_width = int(min(width, max(config.round_to, config.round_to * round(new_width / config.round_to))))
         on = names[id(out)]
-        neuron = stats_n.sq_norm[on] / max(stats_n.count[on], 1) * out.weight.detach().float().pow(2).sum(0)
-        keep = sorted(neuron.topk(new_width).indices.tolist())
+        if config.select == "obs":
+            gone = set(obs_removal(out.weight, stats_n.hessian[on], [[j] for j in range(width)], width - new_width, config.refit_damp))
+            keep = [j for j in range(width) if j not in gone]
+        else:
+            neuron = stats_n.sq_norm[on] / max(stats_n.count[on], 1) * out.weight.detach().float().pow(2).sum(0)
+            keep = sorted(neuron.topk(new_width).indices.tolist())
         plan[i] = {"query_heads": q_keep, "kv_heads": kv_keep, "mlp_neurons": keep}
         before += full
         after += block_flops_per_token(hidden, hd, len(q_keep), len(kv_keep), len(ins), new_width, config.seq_len)
@@ -233,6 +316,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         "kept": {str(i): p for i, p in plan.items()},
         "block_flops_ratio": after / before if before else None,
         "refit": config.refit,
+        "select": config.select,
     }
     if teacher is not None:
         loss = config.distill_loss if config.distill_loss != "auto" else ("kl" if loaded.kind == "causal-lm" else "mse")
