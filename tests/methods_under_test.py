@@ -64,4 +64,5 @@ METHODS = [
     pytest.param({"method": "token-pruning", "keep_ratio": 0.5, "layers": [0, 1], "schedule": "length", "min_tokens": 8}, id="token-pruning-length-aware"),
     pytest.param({"method": "token-pruning", "keep_ratio": 0.5, "layers": [0, 1, 2], "target_cos": 0.95, "step": 0.25, "cost": "flops"}, id="token-pruning-rates-searched"),
     pytest.param({"method": "costeff", "flops_ratio": 0.75, "steps": 3, "confidence_steps": 5, "exit_warmup_steps": 5}, id="costeff-75pct-joint"),
+    pytest.param({"method": "costeff", "flops_ratio": 0.75, "width_select": "obs", "width_refit": True, "steps": 2, "confidence_steps": 5}, id="costeff-75pct-obs-refit"),
 ]

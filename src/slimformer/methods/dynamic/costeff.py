@@ -54,7 +54,9 @@ def _number(name: str, value, low: float, high: float, example: str, low_open: b
 @dataclass
 class CostEffConfig(MethodConfig):
     """Width: ``flops_ratio`` of the blocks' FLOPs at ``seq_len`` tokens kept (1.0 = no
-    slimming), or ``head_ratio`` / ``mlp_ratio`` directly, MLP widths multiples of ``round_to``.
+    slimming), or ``head_ratio`` / ``mlp_ratio`` directly, MLP widths multiples of ``round_to``;
+    ``width_select`` / ``width_refit``: width-slim's ``select`` and ``refit`` (heads and neurons
+    chosen by structured OBS, output projections refitted by least squares).
     Exits after ``exit_layers`` (default every block but the last). Joint training: ``steps``
     AdamW steps over the calibration batches, backbone at ``lr`` (``backbone: full`` or
     ``frozen``), exits at ``exit_lr``; loss = sum over exits of w_k (1 - cos(exit_k, teacher))
@@ -77,6 +79,8 @@ class CostEffConfig(MethodConfig):
     mlp_ratio: float | None = None
     seq_len: int = 128
     round_to: int = 16
+    width_select: str = "importance"
+    width_refit: bool = False
     exit_layers: tuple[int, ...] = ()
     exit_weighting: str = "linear"
     final_weight: float = 1.0
@@ -96,6 +100,10 @@ class CostEffConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         self.exit_layers = tuple(self.exit_layers)
+        if self.width_select not in ("importance", "obs"):
+            raise ConfigError(f"costeff: width_select={self.width_select!r} is not one of ['importance', 'obs']", "use width_select: obs")
+        if not isinstance(self.width_refit, bool):
+            raise ConfigError(f"costeff: width_refit={self.width_refit!r} must be true or false", "use width_refit: true")
         _number("flops_ratio", self.flops_ratio, 0.0, 1.0, "0.5", low_open=True)
         for name in ("head_ratio", "mlp_ratio"):
             if getattr(self, name) is not None:
@@ -276,7 +284,7 @@ def apply_costeff(loaded, config: CostEffConfig, ctx) -> dict:
     record: dict = {}
     if config.flops_ratio < 1.0 or config.head_ratio is not None or config.mlp_ratio is not None:
         width = WidthSlimConfig(flops_ratio=config.flops_ratio, head_ratio=config.head_ratio, mlp_ratio=config.mlp_ratio,
-                                seq_len=config.seq_len, round_to=config.round_to)
+                                seq_len=config.seq_len, round_to=config.round_to, select=config.width_select, refit=config.width_refit)
         record["width"] = {k: v for k, v in apply_width_slim(loaded, width, ctx).items() if k != "kept"}
     torch.manual_seed(config.seed)
     heads = install_costeff_exits(loaded, config)
