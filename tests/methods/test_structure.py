@@ -359,3 +359,10 @@ def test_bad_settings_raise():
 def test_sleb_refuses_to_remove_every_block(tiny_factory):
     with pytest.raises(ConfigError, match="at most 3"):
         _run(tiny_factory("llama"), method="sleb", num_layers=4)
+
+
+def test_fusegpt_refuses_blocks_without_float_linears(tiny_factory):
+    loaded = tiny_factory("llama")
+    _run(loaded, method="rtn", bits=8, group_size=None, symmetric=True)
+    with pytest.raises(ConfigError, match="before quantization"):
+        _run(loaded, method="fusegpt", layers=[1], steps=2)
