@@ -366,3 +366,4 @@ def test_fusegpt_refuses_blocks_without_float_linears(tiny_factory):
     _run(loaded, method="rtn", bits=8, group_size=None, symmetric=True)
     with pytest.raises(ConfigError, match="before quantization"):
         _run(loaded, method="fusegpt", layers=[1], steps=2)
+    assert loaded.adapter.num_layers() == 4, "refused before anything was removed"

@@ -188,8 +188,6 @@ def fold(host: nn.Module, removed: list[nn.Module], inputs: list[torch.Tensor], 
     ``host(inputs[b]) ~ targets[b]`` (hidden states (batch, seq, dim)); returns the losses."""
     g = torch.Generator().manual_seed(config.seed)
     folded = FoldedHost(host, [host, *removed], config.rank, g)
-    if not len(folded.A):
-        raise ConfigError("fusegpt: the blocks have no float linear layers to fold", "apply fusegpt before quantization or low-rank steps")
     n = len(inputs)
     n_val = min(n - 1, max(1, round(config.validation * n))) if config.validation > 0 and n > 1 else 0
     train, val = list(range(n - n_val)), list(range(n - n_val, n))
@@ -243,6 +241,8 @@ def apply_fusegpt(loaded, config: FuseGPTConfig, ctx) -> dict:
     model = loaded.model
     total = adapter.num_layers()
     blocks = list(adapter.blocks())
+    if any(not _linears(b) for b in blocks):
+        raise ConfigError("fusegpt: the blocks have no float linear layers to fold", "apply fusegpt before quantization or low-rank steps")
     batches = ctx.batches(loaded.tokenizer)
     if config.layers:
         bad = [i for i in config.layers if i >= total]
