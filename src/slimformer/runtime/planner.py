@@ -138,7 +138,7 @@ def as_plan_settings(value: Any) -> PlanSettings | None:
 
 def planned_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers the planner plans: outermost linear ``QuantizedModule``s and plain
-    ``nn.Linear`` layers outside them (embedding tables are gathered, not planned)."""
+    ``nn.Linear`` layers outside them (embedding tables: :func:`planned_embeddings`)."""
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedModule)]
     out: dict[str, nn.Module] = {}
     for name, m in model.named_modules():
