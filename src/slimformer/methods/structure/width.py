@@ -43,7 +43,7 @@ import torch
 
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
-from slimformer.methods.calibration import InputStatistics, run_batches
+from slimformer.methods.calibration import ActivationStore, InputStatistics, _returns_tuple, capture_block_inputs, run_block, run_batches
 from slimformer.methods.structure.distill import distill
 
 GQA_MODES = ("within-groups", "groups")
@@ -260,24 +260,25 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
     for module in list(attn_out.values()) + list(mlp_out.values()) + [m for i in blocks for m in adapter.mlp_linears(i)[0]]:
         if not isinstance(module, torch.nn.Linear):
             raise ConfigError(f"width-slim: {names[id(module)]} is not a float linear layer", "apply width-slim before quantization or low-rank steps")
-    stats_h = InputStatistics({names[id(m)]: m for m in attn_out.values()}, hessian=True)
-    stats_n = InputStatistics({names[id(m)]: m for m in mlp_out.values()}, hessian=config.refit or config.select == "obs")
-    with stats_h, stats_n:
-        run_batches(model, batches, on_batch=lambda b: (stats_h.set_batch(b), stats_n.set_batch(b)))
     teacher = copy.deepcopy(model) if config.distill_steps > 0 else None
     head_ratio = config.head_ratio if config.head_ratio is not None else config.flops_ratio
-    before = after = 0
+    # OBS choice and refit read the second moments of the projections' inputs: taken block by block
+    # on the model slimmed so far (one pass through depth, as GPTQ does), so each block is fitted
+    # to the inputs it will see; importance alone reads them once from the original model.
+    sequential = config.refit or config.select == "obs"
+    flops = {"before": 0, "after": 0}
     plan: dict[int, dict] = {}
-    for i in blocks:
+
+    def plan_block(i: int, stats_h: InputStatistics, stats_n: InputStatistics) -> dict:
         n_q, n_kv = adapter.attention_heads(i)
         ins, out = adapter.mlp_linears(i)
         width = out.in_features
         full = block_flops_per_token(hidden, hd, n_q, n_kv, len(ins), width, config.seq_len)
         name = names[id(attn_out[i])]
-        scores = head_importance(attn_out[i], stats_h.hessian[name], stats_h.count[name], n_q, hd)
         if config.select == "obs":
             q_keep, kv_keep = obs_heads(attn_out[i], stats_h.hessian[name], n_kv, hd, head_ratio, config.gqa, config.refit_damp)
         else:
+            scores = head_importance(attn_out[i], stats_h.hessian[name], stats_h.count[name], n_q, hd)
             q_keep, kv_keep = choose_heads(scores, n_kv, head_ratio, config.gqa)
         attn_only = block_flops_per_token(hidden, hd, len(q_keep), len(kv_keep), len(ins), 0, config.seq_len)
         if config.mlp_ratio is not None:
@@ -292,10 +293,11 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         else:
             neuron = stats_n.sq_norm[on] / max(stats_n.count[on], 1) * out.weight.detach().float().pow(2).sum(0)
             keep = sorted(neuron.topk(new_width).indices.tolist())
-        plan[i] = {"query_heads": q_keep, "kv_heads": kv_keep, "mlp_neurons": keep}
-        before += full
-        after += block_flops_per_token(hidden, hd, len(q_keep), len(kv_keep), len(ins), new_width, config.seq_len)
-    for i, p in plan.items():
+        flops["before"] += full
+        flops["after"] += block_flops_per_token(hidden, hd, len(q_keep), len(kv_keep), len(ins), new_width, config.seq_len)
+        return {"query_heads": q_keep, "kv_heads": kv_keep, "mlp_neurons": keep}
+
+    def slim_block(i: int, p: dict, stats_h: InputStatistics, stats_n: InputStatistics) -> None:
         refitted = {}
         if config.refit:
             cols = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in p["query_heads"]])
@@ -310,6 +312,37 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
                 lin.weight.copy_(w)
                 if b is not None:
                     lin.bias.copy_(b)
+
+    def statistics(selected: list[int]) -> tuple[InputStatistics, InputStatistics]:
+        return (InputStatistics({names[id(attn_out[i])]: attn_out[i] for i in selected}, hessian=True),
+                InputStatistics({names[id(mlp_out[i])]: mlp_out[i] for i in selected}, hessian=sequential))
+
+    if not sequential:
+        stats_h, stats_n = statistics(blocks)
+        with stats_h, stats_n:
+            run_batches(model, batches, on_batch=lambda b: (stats_h.set_batch(b), stats_n.set_batch(b)))
+        for i in blocks:
+            plan[i] = plan_block(i, stats_h, stats_n)
+        for i, p in plan.items():
+            slim_block(i, p, stats_h, stats_n)
+    else:
+        store = ActivationStore()
+        modules = list(adapter.blocks())
+        calls = capture_block_inputs(model, adapter, batches, store, _returns_tuple(model, modules[0], batches[0]))
+        states = [store.get(b) for b in range(len(batches))]
+        store.close()
+        for i in blocks:
+            stats_h, stats_n = statistics([i])
+            with stats_h, stats_n, torch.no_grad():
+                for b, x in enumerate(states):
+                    stats_h.set_batch(batches[b])
+                    stats_n.set_batch(batches[b])
+                    run_block(modules[i], x, calls[b][i])
+            plan[i] = plan_block(i, stats_h, stats_n)
+            slim_block(i, plan[i], stats_h, stats_n)
+            with torch.no_grad():
+                states = [run_block(modules[i], x, calls[b][i]) for b, x in enumerate(states)]
+    before, after = flops["before"], flops["after"]
     record = {
         "heads": {str(i): [len(p["query_heads"]), len(p["kv_heads"])] for i, p in plan.items()},
         "mlp_widths": {str(i): len(p["mlp_neurons"]) for i, p in plan.items()},
@@ -317,6 +350,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         "block_flops_ratio": after / before if before else None,
         "refit": config.refit,
         "select": config.select,
+        "statistics": "block by block, on the model slimmed so far" if sequential else "one pass of the original model",
     }
     if teacher is not None:
         loss = config.distill_loss if config.distill_loss != "auto" else ("kl" if loaded.kind == "causal-lm" else "mse")
