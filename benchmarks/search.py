@@ -111,12 +111,28 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
     if ray:
         lines.append(f"- Ray check ({ray['budget']}, {ray['generations']} generations): in-process {ray['seconds']['in-process']:.0f} s, 2 local Ray actors {ray['seconds']['ray-2-workers']:.0f} s; identical result: {ray['identical']}.")
     for label_, entry in front["budgets"].items():
-        bits = label_.split("=")[-1]
-        uniform = front["uniform"].get(str(int(float(bits)))) if float(bits).is_integer() else None
-        if causal and uniform is not None:
-            ev, un, dp = entry["searched"]["distortion"], uniform["quality"]["kl_divergence"], entry["dp"]["distortion"]
-            lines.append(f"- issue line ({label_}): searched KL {ev:.4f} = {ev / un:.2f}x uniform {bits}-bit GPTQ's {un:.4f} (need <= 0.70x) and "
-                         f"{'below' if ev < dp else 'NOT below'} the DP allocation's {dp:.4f}: **{'met' if ev <= 0.7 * un and ev < dp else 'not met'}**")
+        if not causal or not label_.startswith("bits="):
+            continue
+        budget = float(label_.split("=")[-1])
+        # the uniform setting to beat: the widest uniform width the budget affords (3.0 -> 3-bit;
+        # 2.5 -> 2-bit, no uniform width lies between)
+        fits = [int(b) for b in front["uniform"] if int(b) <= budget]
+        if not fits:
+            continue
+        ub = max(fits)
+        un = front["uniform"][str(ub)]["quality"]["kl_divergence"]
+        ev, dp = entry["searched"]["distortion"], entry["dp"]["distortion"]
+        extra = ""
+        above = [int(b) for b in front["uniform"] if int(b) > budget]
+        if ub != budget and above:
+            # for a budget between two widths, also the log-interpolated uniform KL at the budget
+            hi = min(above)
+            uh = front["uniform"][str(hi)]["quality"]["kl_divergence"]
+            t = (budget - ub) / (hi - ub)
+            mid = un ** (1 - t) * uh ** t
+            extra = f" (no uniform width lies at {budget:g} bits: uniform {ub}-bit is the one the budget affords; against the log-interpolation of uniform {ub}- and {hi}-bit at {budget:g} bits, {mid:.4f}, it is {ev / mid:.2f}x)"
+        lines.append(f"- issue line ({label_}): searched KL {ev:.4f} = {ev / un:.2f}x uniform {ub}-bit GPTQ's {un:.4f} (need <= 0.70x) and "
+                     f"{'below' if ev < dp else 'NOT below'} the DP allocation's {dp:.4f}: **{'met' if ev <= 0.7 * un and ev < dp else 'not met'}**{extra}")
     lines += ["", f"![front]({stem or 'search_' + label}.png)", ""]
     return "\n".join(lines)
 
