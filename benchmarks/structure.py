@@ -431,9 +431,9 @@ MINILM_CAL = {"source": "stdlib-docs", "n_samples": 64, "max_length": 64, "batch
 MINILM_EVAL = {"n": 100, "n_queries": 25, "max_length": 128, "batch_size": 32}
 
 
-def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str, refit: bool = False) -> None:
+def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str, refit: bool = False, max_length: int | None = None) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    cal = {**MINILM_CAL, "n_samples": samples}
+    cal = {**MINILM_CAL, "n_samples": samples, **({"max_length": max_length} if max_length else {})}
     original = load_model()
     texts = load_texts(TextSpec(source="stdlib-docs", split="evaluation", n=MINILM_EVAL["n"], seed=0))
     ref = encoder_reference(original, texts, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"])
@@ -613,6 +613,7 @@ def main() -> None:
     mm.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5])
     mm.add_argument("--tag", default="")
     mm.add_argument("--loss", default="mse", choices=["mse", "mse+cos"])
+    mm.add_argument("--max-length", type=int, default=None, help="calibration/distillation tokens per document (default MINILM_CAL's)")
     mm.add_argument("--refit", action="store_true", help="heads/neurons chosen by structured OBS and output projections refitted (width-slim select: obs, refit: true)")
     args = parser.parse_args()
     if args.cmd == "search":
@@ -624,7 +625,7 @@ def main() -> None:
     elif args.cmd == "table":
         cmd_table()
     else:
-        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit)
+        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length)
 
 
 if __name__ == "__main__":
