@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.calibration import ActivationStore, BlockCall, _returns_tuple, capture_block_inputs, run_block
-from slimformer.methods.structure.sleb import SLEBConfig, apply_sleb, check_fraction
+from slimformer.methods.structure.sleb import SLEBConfig, apply_sleb, check_block_list, check_blocks_exist, check_fraction
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +70,7 @@ class FuseGPTConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.layers = tuple(self.layers)
-        if self.layers:
-            if not all(is_int_at_least(i, 0) for i in self.layers):
-                raise ConfigError(f"fusegpt: layers={list(self.layers)} must be non-negative block indices", "write e.g. layers: [3, 4]")
-            if len(set(self.layers)) != len(self.layers):
-                raise ConfigError(f"fusegpt: layers={list(self.layers)} repeats an index", "list each block once")
-            self.num_layers = len(self.layers)
-        if not is_int_at_least(self.num_layers, 1):
-            raise ConfigError(f"fusegpt: num_layers={self.num_layers!r} must be a positive integer", "use e.g. num_layers: 2")
+        self.layers, self.num_layers = check_block_list("fusegpt", self.layers, self.num_layers)
         check_fraction("fusegpt", self.fraction)
         for name in ("rank", "steps"):
             if not is_int_at_least(getattr(self, name), 1 if name == "rank" else 0):
@@ -244,10 +236,7 @@ def apply_fusegpt(loaded, config: FuseGPTConfig, ctx) -> dict:
     if any(not _linears(b) for b in blocks):
         raise ConfigError("fusegpt: the blocks have no float linear layers to fold", "apply fusegpt before quantization or low-rank steps")
     batches = ctx.batches(loaded.tokenizer)
-    if config.layers:
-        bad = [i for i in config.layers if i >= total]
-        if bad:
-            raise ConfigError(f"fusegpt: block {bad[0]} does not exist (the model has {total})", f"use indices 0..{total - 1}")
+    check_blocks_exist("fusegpt", config.layers, total)
     # The original model's block-0 inputs and how it calls every block (before anything goes).
     store = ActivationStore()
     calls = capture_block_inputs(model, adapter, batches, store, _returns_tuple(model, blocks[0], batches[0]))

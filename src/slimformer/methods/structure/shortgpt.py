@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from slimformer.errors import ConfigError, is_int_at_least
+from slimformer.errors import ConfigError
 from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.calibration import run_batches
+from slimformer.methods.structure.sleb import check_block_list, check_blocks_exist
 
 
 @dataclass
@@ -33,15 +34,7 @@ class ShortGPTConfig(MethodConfig):
     layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        self.layers = tuple(self.layers)
-        if self.layers:
-            if not all(is_int_at_least(i, 0) for i in self.layers):
-                raise ConfigError(f"shortgpt: layers={list(self.layers)} must be non-negative block indices", "write e.g. layers: [3, 4]")
-            if len(set(self.layers)) != len(self.layers):
-                raise ConfigError(f"shortgpt: layers={list(self.layers)} repeats an index", "list each block once")
-            self.num_layers = len(self.layers)
-        if not is_int_at_least(self.num_layers, 1):
-            raise ConfigError(f"shortgpt: num_layers={self.num_layers!r} must be a positive integer", "use e.g. num_layers: 2")
+        self.layers, self.num_layers = check_block_list("shortgpt", self.layers, self.num_layers)
 
 
 def block_influence(loaded, ctx) -> list[float]:
@@ -84,9 +77,7 @@ def apply_shortgpt(loaded, config: ShortGPTConfig, ctx) -> dict:
             f"drop at most {total - 1}",
         )
     if config.layers:
-        bad = [i for i in config.layers if i >= total]
-        if bad:
-            raise ConfigError(f"shortgpt: block {bad[0]} does not exist (the model has {total})", f"use indices 0..{total - 1}")
+        check_blocks_exist("shortgpt", config.layers, total)
         influence = None
         drop = sorted(config.layers)
     else:

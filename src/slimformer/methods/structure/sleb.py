@@ -33,6 +33,27 @@ def resolve_count(method: str, num: int, fraction: float | None, total: int, wha
     return n
 
 
+def check_block_list(method: str, layers, num_layers) -> tuple[tuple[int, ...], int]:
+    """Validate ``layers`` (block indices, may be empty) and ``num_layers``; returns ``(layers
+    as a tuple, the count to remove)``: ``len(layers)`` when given, else ``num_layers``."""
+    layers = tuple(layers)
+    if layers:
+        if not all(is_int_at_least(i, 0) for i in layers):
+            raise ConfigError(f"{method}: layers={list(layers)} must be non-negative block indices", "write e.g. layers: [3, 4]")
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"{method}: layers={list(layers)} repeats an index", "list each block once")
+        num_layers = len(layers)
+    if not is_int_at_least(num_layers, 1):
+        raise ConfigError(f"{method}: num_layers={num_layers!r} must be a positive integer", "use e.g. num_layers: 2")
+    return layers, num_layers
+
+
+def check_blocks_exist(method: str, layers, total: int) -> None:
+    bad = [i for i in layers if i >= total]
+    if bad:
+        raise ConfigError(f"{method}: block {bad[0]} does not exist (the model has {total})", f"use indices 0..{total - 1}")
+
+
 def check_fraction(method: str, fraction: float | None) -> None:
     if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0):
         raise ConfigError(f"{method}: fraction={fraction!r} must be a number in (0, 1)", "use e.g. fraction: 0.25")
