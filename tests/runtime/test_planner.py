@@ -28,6 +28,7 @@ from slimformer.runtime.planner import (
     held_bytes_per_weight,
     measure_format,
     plan_execution,
+    plan_table,
     reference_output,
     remove_plan,
 )
@@ -467,6 +468,7 @@ def test_a_dense_embedding_table_gives_the_same_bits_and_its_bytes_are_counted(t
     # Under packed the table is never dense; a decode workload does not plan tables at all.
     packed = plan_execution(model, _settings(tmp_path, memory="packed", activations="bfloat16", workload="batch", widths=False))
     assert packed.embeddings[name]["path"] == "gather-dequant" and ex.planned_forward_of(table) is None
+    assert packed.embeddings[name]["measured"] is None and "exceeds memory: packed" in plan_table(packed.summary())
     decode = plan_execution(model, _settings(tmp_path, activations="bfloat16", workload="decode", widths=False))
     assert decode.embeddings == {} and ex.planned_forward_of(table) is None
     remove_plan(model)

@@ -213,11 +213,12 @@ def remove_planned_forward(module: nn.Module) -> None:
 
 
 class PlannedEmbedding:
-    """The forward installed on a ``QuantizedEmbedding`` whose table the planner keeps dense:
-    the stored table dequantized once into the module's compute dtype (``table``
-    (num_embeddings, dim)), rows gathered from it. Input ids (...,) int64 -> (..., dim) in the
-    module's compute dtype, bit-identical to the module's own gather-then-dequantize (each row
-    is dequantized in float32 and rounded to the compute dtype either way)."""
+    """The forward installed on a quantized embedding table the planner keeps dense: the stored
+    table dequantized once into the module's compute dtype (``table`` (num_embeddings, dim)),
+    rows gathered from it. Input ids (...,) int64 -> (..., dim) in the module's compute dtype.
+    For ``QuantizedEmbedding`` it is bit-identical to the module's own gather-then-dequantize
+    (each row dequantized in float32 and rounded to the compute dtype either way); the planner
+    checks the equality for every table format before keeping it."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module

@@ -521,6 +521,12 @@ def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool 
     if workload == "batch":  # a decode step gathers one row: a dense table would only cost memory
         with torch.no_grad():
             for name, module in planned_embeddings(model).items():
+                stored_per_weight = round(module.stored_bits() // 8 / (module.num_embeddings * module.embedding_dim), 4)
+                dense_size = torch.empty(0, dtype=module.compute_dtype).element_size()
+                if dense_size > MEMORY_LIMITS[settings.memory]:  # could never be kept: not built, not timed
+                    plan.embeddings[name] = {"path": "gather-dequant", "measured": None, "held_bytes_per_weight": stored_per_weight,
+                                             "note": f"a dense {plan.activations} table ({dense_size} bytes per entry) exceeds memory: {settings.memory}"}
+                    continue
                 fkey = json.dumps(format_of(module), sort_keys=True)
                 ckey = f"{fkey}|act={plan.activations}|embedding|batch={settings.batch_tokens}"
                 measured = cache.get(ckey) if cache is not None else None
@@ -602,6 +608,9 @@ def plan_table(summary: dict) -> str:
                 lines.append(f"| {label} | {entry['layers']} | {dname} | {p} | {err}{'' if r.get('ok') else ' ✗'} | {d} | {b} | {', '.join(sorted(picked))} |")
     for name, entry in (summary.get("embeddings") or {}).items():
         m = entry["measured"]
+        if m is None:
+            lines.append(f"| embedding table `{name}` | 1 | {summary['activations']} | gather-dequant | 0 | – | – | batch ({entry['note']}) |")
+            continue
         for p, t in m["batch_s"].items():
             err = ("0 (same bits)" if m["identical"] else "differs ✗") if p == "dense" else "0"
             lines.append(f"| embedding table `{name}` | 1 | {summary['activations']} | {p} | {err} | – | {t * 1e3:.2f} | {'batch' if p == entry['path'] else ''} |")
