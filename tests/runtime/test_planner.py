@@ -485,3 +485,18 @@ def test_a_dense_table_is_kept_only_when_identical_within_policy_and_clearly_fas
     assert choose_embedding({**fast, "batch_s": {"gather-dequant": 1.0, "dense": 0.95}}, "balanced") == "gather-dequant"
     assert choose_embedding({**fast, "dense_bytes_per_weight": 4}, "balanced") == "gather-dequant"
     assert choose_embedding({**fast, "dense_bytes_per_weight": 4}, "fast") == "dense"
+
+
+def test_input_scaled_w8a8_layers_pass_the_exact_parity_check(tiny_factory, tmp_path):
+    from slimformer.methods.quantization.awq import AWQLinear
+    from slimformer.methods.quantization.smoothquant import SmoothQuantConfig
+
+    model = tiny_factory("bert")
+    compress(model, Recipe(steps=[SmoothQuantConfig(alpha=0.5)]))
+    layer = next(m for m in model.model.modules() if isinstance(m, AWQLinear) and m.act_bits == 8)
+    assert not torch.all(layer.input_scale == 1), "a smoothing scale must be in play"
+    measured = measure_format(layer, torch.float32, _settings(tmp_path))["paths"]
+    for path, r in measured.items():
+        assert r["ok"], (path, r)
+        if ex.PATHS[path].rounding == "exact":
+            assert r["rel_error"] <= EXACT_BOUND, (path, r)

@@ -199,6 +199,10 @@ def reference_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     w = module.dequantized_weight() if isinstance(module, QuantizedModule) else module.weight
     xd = x.float()
     if ex.is_w8a8(module):
+        input_scale = getattr(module, "input_scale", None)
+        if input_scale is not None:  # AWQ/SmoothQuant layers quantize x / s and hold W diag(s)
+            xd = xd * (1.0 / input_scale.float())
+            w = w * input_scale.float()
         codes, scale, offset = quantize_activations_per_token(xd, module.act_symmetric)
         xd = (codes.double() + (0.0 if offset is None else offset.double())) * scale.double()
     bias = getattr(module, "bias", None)
