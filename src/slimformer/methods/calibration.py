@@ -427,6 +427,18 @@ def capture_block_inputs(model: nn.Module, adapter, batches: list[dict], store: 
     return calls
 
 
+def block_input_states(model: nn.Module, adapter, batches: list[dict]) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
+    """The hidden states entering block 0, one (batch, seq, hidden) tensor per calibration batch
+    and held in memory, and ``calls[b][i]`` as :func:`capture_block_inputs` returns them: for
+    methods that carry their own streams of hidden states through depth."""
+    store = ActivationStore()
+    try:
+        calls = capture_block_inputs(model, adapter, batches, store, _returns_tuple(model, adapter.blocks()[0], batches[0]))
+        return [store.get(b) for b in range(len(batches))], calls
+    finally:
+        store.close()
+
+
 def _block_stages(block: nn.Module, modules: dict[str, nn.Module], hidden: torch.Tensor, call: BlockCall) -> list[list[str]]:
     """Split a block's selected linears into the stages they run in, in execution order (layers
     reading the very same input tensor form one stage), by running the block once on ``hidden``."""

@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
-from slimformer.methods.calibration import ActivationStore, BlockCall, _returns_tuple, capture_block_inputs, run_block
+from slimformer.methods.calibration import BlockCall, block_input_states, run_block
+from slimformer.methods.structure.distill import distillation_loss
 from slimformer.methods.structure.sleb import SLEBConfig, apply_sleb, check_block_list, check_blocks_exist, check_fraction
 
 logger = logging.getLogger(__name__)
@@ -168,12 +169,6 @@ def _call_host(host: nn.Module, weights: dict, hidden: torch.Tensor, call: Block
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _relative_error(y: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    valid = mask.bool()
-    d = y[valid].float() - target[valid].float()
-    return (d**2).sum() / (target[valid].float() ** 2).sum().clamp(min=1e-12)
-
-
 def fold(host: nn.Module, removed: list[nn.Module], inputs: list[torch.Tensor], targets: list[torch.Tensor], calls: list[BlockCall],
          masks: list[torch.Tensor], config: FuseGPTConfig, bar=None) -> dict:
     """Train and merge the coefficients folding ``removed`` into ``host`` so that
@@ -188,7 +183,7 @@ def fold(host: nn.Module, removed: list[nn.Module], inputs: list[torch.Tensor], 
     def loss_on(indices: list[int]) -> float:
         with torch.no_grad():
             w = folded.weights()
-            return sum(float(_relative_error(_call_host(host, w, inputs[b], calls[b]), targets[b], masks[b])) for b in indices) / len(indices)
+            return sum(float(distillation_loss(_call_host(host, w, inputs[b], calls[b]), targets[b], masks[b], "mse")) for b in indices) / len(indices)
 
     flags = [(p, p.requires_grad) for p in host.parameters()]
     for p, _ in flags:
@@ -205,7 +200,7 @@ def fold(host: nn.Module, removed: list[nn.Module], inputs: list[torch.Tensor], 
                 if not order:
                     order = [train[i] for i in torch.randperm(len(train), generator=g).tolist()]
                 b = order.pop()
-                loss = _relative_error(_call_host(host, folded.weights(), inputs[b], calls[b]), targets[b], masks[b])
+                loss = distillation_loss(_call_host(host, folded.weights(), inputs[b], calls[b]), targets[b], masks[b], "mse")
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(folded.parameters(), 1.0)
@@ -238,10 +233,7 @@ def apply_fusegpt(loaded, config: FuseGPTConfig, ctx) -> dict:
     batches = ctx.batches(loaded.tokenizer)
     check_blocks_exist("fusegpt", config.layers, total)
     # The original model's block-0 inputs and how it calls every block (before anything goes).
-    store = ActivationStore()
-    calls = capture_block_inputs(model, adapter, batches, store, _returns_tuple(model, blocks[0], batches[0]))
-    teacher = [store.get(b) for b in range(len(batches))]
-    store.close()
+    teacher, calls = block_input_states(model, adapter, batches)
     if config.layers:
         removed = sorted(config.layers)
         hosts = assign_hosts(total, removed)

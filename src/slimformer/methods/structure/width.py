@@ -43,7 +43,7 @@ import torch
 
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
-from slimformer.methods.calibration import ActivationStore, InputStatistics, _returns_tuple, capture_block_inputs, run_block, run_batches
+from slimformer.methods.calibration import InputStatistics, block_input_states, run_block, run_batches
 from slimformer.methods.structure.distill import distill
 
 GQA_MODES = ("within-groups", "groups")
@@ -326,11 +326,8 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         for i, p in plan.items():
             slim_block(i, p, stats_h, stats_n)
     else:
-        store = ActivationStore()
         modules = list(adapter.blocks())
-        calls = capture_block_inputs(model, adapter, batches, store, _returns_tuple(model, modules[0], batches[0]))
-        states = [store.get(b) for b in range(len(batches))]
-        store.close()
+        states, calls = block_input_states(model, adapter, batches)
         for i in blocks:
             stats_h, stats_n = statistics([i])
             with stats_h, stats_n, torch.no_grad():
