@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from slimformer.models import load_model
 from slimformer.runtime import machine

@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -207,6 +206,74 @@ def cmd_evopress(threads: int, generations: int | None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     _search_path("evopress").write_text(json.dumps(out, indent=1, default=str))
     print("evopress", out["removal_order"], f"{out['seconds']:.0f}s", flush=True)
+
+
+def cmd_neighbourhood(threads: int) -> None:
+    """Why the sub-layer search keeps SLEB's blocks: the parameter-neutral swaps around SLEB's
+    8th block, scored as the search scores (calibration KL on SEARCH_CAL; removed sub-layers
+    muted by a hook that zeroes their output, which in a pre-norm block is their removal) and on
+    the held-out text. Starting from SLEB's first 7 blocks, the 8th block's parameters are spent
+    greedily (by calibration KL) on (a) the best MLP sub-layer and then the best attention one,
+    or (b) the best 4 attention sub-layers (an MLP sub-layer holds 3 attention ones' weights, so
+    both remove exactly SLEB's parameters). Writes ``structure_search_neighbourhood.json``."""
+    torch.set_num_threads(threads)
+    order = json.loads(_search_path("sleb").read_text())["removal_order"][:N25]
+    loaded = load_smollm2()
+    layers = loaded.adapter.blocks()
+    cal = [dict(loaded.tokenizer(t, padding=True, truncation=True, max_length=SEARCH_CAL["max_length"], return_tensors="pt"))
+           for t in _chunks(load_texts(TextSpec(source=SEARCH_CAL["source"], split="calibration", n=SEARCH_CAL["n_samples"], seed=SEARCH_CAL["seed"])), SEARCH_CAL["batch_size"])]
+    for b in cal:
+        b.pop("token_type_ids", None)
+    ev = _eval_batches(loaded)
+    from slimformer.search.fitness import distortion, reference_outputs
+
+    ref_cal, ref_ev, targets = reference_outputs(loaded, cal), _logprobs(loaded, ev), _targets(ev)
+    hooks: list = []
+
+    def mute(removed) -> None:
+        for h in hooks:
+            h.remove()
+        hooks.clear()
+        for i, kind in removed:
+            if kind == "attention":
+                hooks.append(layers[i].self_attn.register_forward_hook(lambda m, a, o: (torch.zeros_like(o[0]),) + tuple(o[1:])))
+            else:
+                hooks.append(layers[i].mlp.register_forward_hook(lambda m, a, o: torch.zeros_like(o)))
+
+    def cal_kl(removed) -> float:
+        mute(removed)
+        parts = [distortion("causal-lm", r, o.float()) for r, o in zip(ref_cal, reference_outputs(loaded, cal))]
+        return sum(p[0] for p in parts) / sum(p[1] for p in parts)
+
+    def greedy(start: list, kinds: list[str]) -> list:
+        cur = list(start)
+        for kind in kinds:
+            scored = sorted((cal_kl(cur + [(i, kind)]), i) for i in range(len(layers)) if (i, kind) not in cur)
+            cur.append((scored[0][1], kind))
+            log_line = f"  + {scored[0][1]}.{kind}: calibration KL {scored[0][0]:.4f} (next best {[f'{i}.{kind} {v:.4f}' for v, i in scored[1:4]]})"
+            print(log_line, flush=True)
+        return cur
+
+    whole = lambda blocks: [(b, k) for b in blocks for k in ("attention", "mlp")]  # noqa: E731
+    t0 = time.perf_counter()
+    sets = {"sleb (8 blocks)": whole(order), "sleb 7 blocks": whole(order[:-1])}
+    sets["sleb 7 blocks + best mlp + best attention"] = greedy(sets["sleb 7 blocks"], ["mlp", "attention"])
+    sets["sleb 7 blocks + best 4 attention"] = greedy(sets["sleb 7 blocks"], ["attention"] * 4)
+    rows = []
+    for name, removed in sets.items():
+        kl = cal_kl(removed)
+        mute(removed)
+        q = causal_metrics(ref_ev, _logprobs(loaded, ev), targets)
+        rows.append({"name": name, "removed": [list(x) for x in removed], "calibration_kl": kl, "quality": q})
+        print(name, f"calibration KL {kl:.4f}", f"held-out ppl {q['perplexity']:.2f}", flush=True)
+    mute([])
+    out = {"sleb_order": order, "search_calibration": SEARCH_CAL, "evaluation": EVAL, "rows": rows, "seconds": time.perf_counter() - t0, "machine": machine(),
+           "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    _search_path("neighbourhood").write_text(json.dumps(out, indent=1, default=str))
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
 
 
 # ----- rebuilding models from search records -------------------------------------------------
@@ -429,20 +496,27 @@ def cmd_report(skip_speed: bool = False) -> None:
 # ----- MiniLM width slimming -----------------------------------------------------------------
 MINILM_CAL = {"source": "stdlib-docs", "n_samples": 64, "max_length": 64, "batch_size": 8, "seed": 0}
 MINILM_EVAL = {"n": 100, "n_queries": 25, "max_length": 128, "batch_size": 32}
+TRANSFER_SOURCES = ("package-docs", "notices")
 
 
-def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str, refit: bool = False, max_length: int | None = None) -> None:
+def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str, refit: bool = False, max_length: int | None = None,
+               source: str | None = None, batch_size: int | None = None, distilled_only: bool = False, head_ratio: float | None = None) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    cal = {**MINILM_CAL, "n_samples": samples, **({"max_length": max_length} if max_length else {})}
+    cal = {**MINILM_CAL, "n_samples": samples, **({"max_length": max_length} if max_length else {}), **({"source": source} if source else {}),
+           **({"batch_size": batch_size} if batch_size else {})}
     original = load_model()
     texts = load_texts(TextSpec(source="stdlib-docs", split="evaluation", n=MINILM_EVAL["n"], seed=0))
     ref = encoder_reference(original, texts, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"])
+    # held-out text of kinds the default mix never holds (package-docs) or holds only in its calibration split (notices)
+    transfer = {s: load_texts(TextSpec(source=s, split="evaluation", n=MINILM_EVAL["n"], seed=0)) for s in TRANSFER_SOURCES}
+    transfer_ref = {s: encoder_reference(original, t, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"]) for s, t in transfer.items()}
     settings = []
     for r in ratios:
         pct = f"{r:.0%}"
-        how = {"refit": True, "select": "obs"} if refit else {}
-        sel = " (OBS choice + refit)" if refit else ""
-        settings.append((f"width {pct} FLOPs{sel}", {"method": "width-slim", "flops_ratio": r, **how}))
+        how = ({"refit": True, "select": "obs"} if refit else {}) | ({"head_ratio": head_ratio} if head_ratio else {})
+        sel = (" (OBS choice + refit)" if refit else "") + (f" (heads kept {head_ratio:.0%})" if head_ratio else "")
+        if not distilled_only:
+            settings.append((f"width {pct} FLOPs{sel}", {"method": "width-slim", "flops_ratio": r, **how}))
         settings.append((f"width {pct} FLOPs{sel} + distill", {"method": "width-slim", "flops_ratio": r, **how, "distill_steps": steps, "distill_lr": lr, "distill_loss": loss,
                                                          "checkpoint": f"/tmp/slimformer-width{pct[:-1]}-{tag or 'base'}.ckpt"}))
     batch = dict(original.tokenizer(texts[:16], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
@@ -456,9 +530,11 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
         compress(m, Recipe(steps=[method_from_dict(step)], calibration=CalibrationSettings(**cal)), progress=True)
         seconds = time.perf_counter() - t0
         q = encoder_quality(original, m, texts, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"], reference=ref)
+        tq = {src: encoder_quality(original, m, t, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"], reference=transfer_ref[src])
+              for src, t in transfer.items()}
         rec = m.applied[-1]
         f = forward_flops(m, batch)
-        rows.append({"name": name, "step": step, "seconds": seconds, "quality": q, "block_flops_ratio_measured": f["blocks"] / f0["blocks"],
+        rows.append({"name": name, "step": step, "seconds": seconds, "quality": q, "transfer_quality": tq, "block_flops_ratio_measured": f["blocks"] / f0["blocks"],
                      "flops_ratio_measured": f["total"] / f0["total"], "parameters": _params(m.model), "parameter_ratio": _params(m.model) / _params(original.model),
                      "storage_bytes": storage_bytes(m.model), "heads": rec["heads"]["0"], "mlp_width": rec["mlp_widths"]["0"], "distillation": rec.get("distillation")})
         models[name] = m
@@ -495,7 +571,7 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
           if meta.get("speed_measured", True) else
           f"Run {meta['started']} (UTC) on {_mach_line(meta['machine_before_speed'])}. SmolLM2 decode/prefill speed NOT measured in this run: the shared CPU "
           "did not finish the interleaved timing before the deadline."), "",
-         f"## SmolLM2-135M-Instruct (30 blocks)", "",
+         "## SmolLM2-135M-Instruct (30 blocks)", "",
          f"Model: {meta['model']}. Held-out text: {meta['evaluation']['n']} documents of `{meta['evaluation']['source']}` (evaluation split), "
          f"<= {meta['evaluation']['max_length']} tokens each. Searches calibrate on {meta['search_calibration']['n_samples']} documents of "
          f"`{meta['search_calibration']['source']}` (calibration split) of <= {meta['search_calibration']['max_length']} tokens (small: every candidate costs a partial forward pass on this CPU). "
@@ -514,7 +590,6 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
         cal = f"{r['calibration_perplexity']:.2f}" if "calibration_perplexity" in r else "-"
         L.append(f"| {r['name']} | {r['blocks']} | {r['parameters']/1e6:.1f}M ({r['parameter_ratio']:.2f}) | {r['storage_bytes']/2**20:.0f} MiB ({r['bytes_ratio']:.2f}) | "
                  f"{r['flops_ratio']:.2f} | {q['perplexity']:.2f} | {r['ppl_increase']:+.2f} | {q['kl']:.3f} | {q['top1_agreement']:.3f} | {cal} | {dec} | {pf} |")
-    by = {r["name"]: r for r in rows}
     sg = next((r for r in rows if r["name"].startswith(f"shortgpt {N25} ")), None)
     L.append("")
     L.append("Decode and prefill speed are measured for the original and the 25% settings only (interleaved in one process, medians of 5).")
@@ -535,22 +610,46 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
             ok = all(ev["quality"]["perplexity"] < x["quality"]["perplexity"] for x in (sg, sl) if x is not None)
             L.append(f"- search line (#14): the EvoPress sub-layer set has ppl {ev['quality']['perplexity']:.2f} against {', '.join(beats)}; "
                      f"params {ev['parameter_ratio']:.3f}: **{'beats both' if ok else 'does not beat both'}**")
+    if _search_path("neighbourhood").is_file():
+        nb = json.loads(_search_path("neighbourhood").read_text())
+        L += ["", "### Around SLEB's set: the parameter-neutral sub-layer swaps (`structure.py neighbourhood`)", "",
+              "From SLEB's first 7 blocks, the 8th block's parameters spent greedily (by the search's calibration KL) on sub-layers instead "
+              "(an MLP sub-layer holds 3 attention sub-layers' weights; every row removes exactly SLEB's parameters but `sleb 7 blocks`):", "",
+              "| removed | calibration KL (search fitness) | held-out ppl | held-out KL |", "|---|---|---|---|"]
+        for r in nb["rows"]:
+            extra = [f"{b}.{k}" for b, k in r["removed"][2 * (N25 - 1):]] if r["name"].startswith("sleb 7 blocks +") else []
+            L.append(f"| {r['name']}{' (' + ', '.join(extra) + ')' if extra else ''} | {r['calibration_kl']:.4f} | {r['quality']['perplexity']:.2f} | {r['quality']['kl']:.3f} |")
+        base = nb["rows"][0]
+        swaps = [r for r in nb["rows"] if r["name"].startswith("sleb 7 blocks +")]
+        if all(r["calibration_kl"] > base["calibration_kl"] for r in swaps):
+            held = "and on held-out text" if all(r["quality"]["perplexity"] > base["quality"]["perplexity"] for r in swaps) else "though not on every held-out figure"
+            L += ["", f"Every swap scores worse than SLEB's whole block on the search's own fitness ({held}), which is why the sub-layer "
+                  "search started from SLEB's set keeps it: on this model removing a block's attention and MLP together costs less than spreading the same parameters over sub-layers."]
+        else:
+            L += ["", "A swap scores better than SLEB's set on the search's fitness: the sub-layer search has room the 20-generation run did not find."]
     for k, s in meta["searches"].items():
         L.append("")
         L.append(f"- {k} search: {s['seconds']/60:.1f} min; removal order (original indices) {s['removal_order']}; CPU load during it {', '.join(f'{x:.1f}' for x in s['machine']['loadavg'])} (at the end).")
     for mini in minilm or []:
         L += ["", f"## MiniLM (all-MiniLM-L6-v2) width slimming{' (' + mini['tag'] + ')' if mini.get('tag') else ''}", "",
               f"Held-out: {mini['evaluation']['n']} documents of stdlib-docs (evaluation split), {mini['evaluation']['n_queries']} of them as queries. "
-              f"Calibration / distillation: {mini['calibration']['n_samples']} documents of the calibration split, <= {mini['calibration']['max_length']} tokens, batches of {mini['calibration']['batch_size']}; "
+              f"Calibration / distillation: {mini['calibration']['n_samples']} documents of `{mini['calibration']['source']}` (calibration split), <= {mini['calibration']['max_length']} tokens, batches of {mini['calibration']['batch_size']}; "
               f"distillation {mini['distill_steps']} steps, AdamW lr {mini['distill_lr']} (cosine decay), loss: {LOSS_TEXT[mini.get('distill_loss', 'mse')]}. "
               f"Speed: batch {mini['latency_batch'][0]} x {mini['latency_batch'][1]} tokens, original {mini['original_latency_s']*1000:.0f} ms; {_mach_line(mini['machine_before_speed'])}.", "",
               "| setting | heads/layer | MLP width | block FLOPs | params | mean cos | min cos | top-10 | speed-up | distill loss before -> after | time |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
+        srcs = sorted({k for r in mini["rows"] for k in r.get("transfer_quality", {})})
+        if srcs:
+            L[-2] = L[-2].replace("| speed-up |", "".join(f"| cos {k} " for k in srcs) + "| speed-up |")
+            L[-1] = L[-1] + "---|" * len(srcs)
+            L[-4] += (f" Also measured on the evaluation splits of {', '.join(f'`{k}`' for k in srcs)} ({mini['evaluation']['n']} documents each; "
+                      "`package-docs` is a kind no calibration text holds, `notices` one the default mix holds in its calibration split).")
         for r in mini["rows"]:
             q, d = r["quality"], r.get("distillation")
+            tq = "".join(f"{r['transfer_quality'][k]['embedding_cosine_mean']:.4f} | " for k in srcs) if srcs else ""
             dl = f"{d['loss_before']:.4f} -> {d['loss_after']:.4f}" if d else "-"
             L.append(f"| {r['name']} | {r['heads'][0]} of 12 | {r['mlp_width']} of 1536 | {r['block_flops_ratio_measured']:.2f} | {r['parameters']/1e6:.1f}M ({r['parameter_ratio']:.2f}) | "
-                     f"{q['embedding_cosine_mean']:.4f} | {q['embedding_cosine_min']:.4f} | {q['retrieval_agreement_at_10']:.3f} | {r['speedup']:.2f}x | {dl} | {r['seconds']:.0f} s |")
+                     f"{q['embedding_cosine_mean']:.4f} | {q['embedding_cosine_min']:.4f} | {q['retrieval_agreement_at_10']:.3f} | {tq}{r['speedup']:.2f}x | {dl} | {r['seconds']:.0f} s |")
     (RESULTS / "structure.md").write_text("\n".join(L) + "\n")
 
 
@@ -603,6 +702,8 @@ def main() -> None:
     e = sub.add_parser("evopress")
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--generations", type=int, default=None)
+    nb = sub.add_parser("neighbourhood")
+    nb.add_argument("--threads", type=int, default=2)
     r = sub.add_parser("report")
     r.add_argument("--skip-speed", action="store_true")
     sub.add_parser("table")
@@ -614,18 +715,24 @@ def main() -> None:
     mm.add_argument("--tag", default="")
     mm.add_argument("--loss", default="mse", choices=["mse", "mse+cos"])
     mm.add_argument("--max-length", type=int, default=None, help="calibration/distillation tokens per document (default MINILM_CAL's)")
+    mm.add_argument("--source", default=None, help="calibration/distillation text (default MINILM_CAL's, stdlib-docs; 'mix' = the varied default mix)")
+    mm.add_argument("--batch-size", type=int, default=None)
+    mm.add_argument("--head-ratio", type=float, default=None, help="fraction of heads kept (default: the FLOPs ratio); the MLP width meets the FLOPs target")
+    mm.add_argument("--distilled-only", action="store_true", help="skip the rows without distillation")
     mm.add_argument("--refit", action="store_true", help="heads/neurons chosen by structured OBS and output projections refitted (width-slim select: obs, refit: true)")
     args = parser.parse_args()
     if args.cmd == "search":
         cmd_search(args.method, args.threads)
     elif args.cmd == "evopress":
         cmd_evopress(args.threads, args.generations)
+    elif args.cmd == "neighbourhood":
+        cmd_neighbourhood(args.threads)
     elif args.cmd == "report":
         cmd_report(args.skip_speed)
     elif args.cmd == "table":
         cmd_table()
     else:
-        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length)
+        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length, args.source, args.batch_size, args.distilled_only, args.head_ratio)
 
 
 if __name__ == "__main__":
