@@ -20,7 +20,11 @@ searches' 25% result is the prefix of the 50% search: the same removals in the s
     python benchmarks/structure.py search blockpruner   # 8 blocks' worth of parameters
                                                         # (report also folds SLEB's 8 blocks into their neighbours: fusegpt)
     python benchmarks/structure.py evopress             # EvoPress over sub-layers, same budget
+    python benchmarks/structure.py neighbourhood        # sub-layer swaps around SLEB's 8th block
     python benchmarks/structure.py minilm               # width slimming (+ distillation)
+    python benchmarks/structure.py minilm --refit --head-ratio 0.75 --source mix --samples 2656 \
+        --max-length 128 --batch-size 16 --steps 3000 --lr 2e-4 --loss mse+cos --ratios 0.5 \
+        --distilled-only --tag mix-long-h75            # the long-distillation row (~25 min)
     python benchmarks/structure.py report               # SmolLM2 table, plot; merges MiniLM
     python benchmarks/structure.py table                # rewrite table/plot from the stored JSON
 """
