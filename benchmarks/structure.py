@@ -223,7 +223,7 @@ def cmd_neighbourhood(threads: int) -> None:
     torch.set_num_threads(threads)
     order = json.loads(_search_path("sleb").read_text())["removal_order"][:N25]
     loaded = load_smollm2()
-    layers = loaded.adapter.blocks()
+    adapter = loaded.adapter
     cal = [dict(loaded.tokenizer(t, padding=True, truncation=True, max_length=SEARCH_CAL["max_length"], return_tensors="pt"))
            for t in _chunks(load_texts(TextSpec(source=SEARCH_CAL["source"], split="calibration", n=SEARCH_CAL["n_samples"], seed=SEARCH_CAL["seed"])), SEARCH_CAL["batch_size"])]
     for b in cal:
@@ -234,15 +234,16 @@ def cmd_neighbourhood(threads: int) -> None:
     ref_cal, ref_ev, targets = reference_outputs(loaded, cal), _logprobs(loaded, ev), _targets(ev)
     hooks: list = []
 
+    def zero(_m, _inputs, output):
+        return (torch.zeros_like(output[0]),) + tuple(output[1:]) if isinstance(output, tuple) else torch.zeros_like(output)
+
     def mute(removed) -> None:
         for h in hooks:
             h.remove()
         hooks.clear()
         for i, kind in removed:
-            if kind == "attention":
-                hooks.append(layers[i].self_attn.register_forward_hook(lambda m, a, o: (torch.zeros_like(o[0]),) + tuple(o[1:])))
-            else:
-                hooks.append(layers[i].mlp.register_forward_hook(lambda m, a, o: torch.zeros_like(o)))
+            for module in [adapter.attention(i)] if kind == "attention" else adapter.mlp(i):
+                hooks.append(module.register_forward_hook(zero))
 
     def cal_kl(removed) -> float:
         mute(removed)
@@ -252,7 +253,7 @@ def cmd_neighbourhood(threads: int) -> None:
     def greedy(start: list, kinds: list[str]) -> list:
         cur = list(start)
         for kind in kinds:
-            scored = sorted((cal_kl(cur + [(i, kind)]), i) for i in range(len(layers)) if (i, kind) not in cur)
+            scored = sorted((cal_kl(cur + [(i, kind)]), i) for i in range(adapter.num_layers()) if (i, kind) not in cur)
             cur.append((scored[0][1], kind))
             log_line = f"  + {scored[0][1]}.{kind}: calibration KL {scored[0][0]:.4f} (next best {[f'{i}.{kind} {v:.4f}' for v, i in scored[1:4]]})"
             print(log_line, flush=True)
