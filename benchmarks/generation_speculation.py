@@ -3,6 +3,8 @@ acceptance, decode tokens/s, speed-up and identity of the outputs per prompt kin
 
     OMP_NUM_THREADS=1 python benchmarks/generation_speculation.py [--split evaluation]
         [--variants default] [--per-kind 4] [--passes 2] [--new-tokens 48] [--name NAME]
+    python benchmarks/generation_speculation.py --bound-from NAME   # no timing: the oracle bound
+        # of any copying drafter on NAME's plain outputs, appended to NAME.json/.md
 
 Prompts are those of ``benchmarks/generation.py`` (chat questions; summarise or extract a
 passage of pydoc-topics given in the prompt; continue a function of the standard library), from
@@ -142,7 +144,9 @@ def bound_from(name: str, out: Path, model: str) -> int:
                            "| kind | prompts | drafts of 6 | drafts of any length | after a 1-token match | after a 2-token match | after a 3-token match |",
                            "|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {b['prompts']} | {b['k6']:.2f} | {b['unbounded']:.2f} | {b['k6_after1']:.2f} | {b['k6_after2']:.2f} | {b['k6_after3']:.2f} |" for k, b in bound.items()]
-    md.write_text("\n".join(lines) + "\n")
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, md)
     for k, b in bound.items():
         print(k, b, flush=True)
     return 0
