@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.structure.search import RemovalScorer, Shortlist, block_parameters, sublayer_parameters
-from slimformer.methods.structure.sleb import check_fraction
+from slimformer.methods.structure.sleb import check_fraction, check_rescore
 from slimformer.methods.structure.sublayer_drop import SUBLAYER_KINDS
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,7 @@ class BlockPrunerConfig(MethodConfig):
             raise ConfigError(f"blockpruner: num_layers={self.num_layers!r} must be a positive integer", "use e.g. num_layers: 8")
         if self.num_layers is not None and self.param_fraction is not None:
             raise ConfigError("blockpruner: both num_layers and param_fraction are set", "give one budget")
-        if self.rescore is not None and not is_int_at_least(self.rescore, 1):
-            raise ConfigError(f"blockpruner: rescore={self.rescore!r} must be a positive integer or null", "use e.g. rescore: 8, or null to re-score every sub-block")
+        check_rescore("blockpruner", self.rescore, "sub-block")
 
 
 @register_method(BlockPrunerConfig)

@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.calibration import BlockCall, block_input_states, run_block
-from slimformer.methods.structure.distill import distillation_loss
-from slimformer.methods.structure.sleb import SLEBConfig, apply_sleb, check_block_list, check_blocks_exist, check_fraction
+from slimformer.methods.structure.distill import distillation_loss, optimizer_step
+from slimformer.methods.structure.sleb import SLEBConfig, apply_sleb, check_block_list, check_blocks_exist, check_fraction, check_rescore
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ class FuseGPTConfig(MethodConfig):
             raise ConfigError(f"fusegpt: lr={self.lr!r} must be a number in (0, 1)", "use e.g. lr: 0.002")
         if isinstance(self.validation, bool) or not isinstance(self.validation, (int, float)) or not 0 <= self.validation < 1:
             raise ConfigError(f"fusegpt: validation={self.validation!r} must be a number in [0, 1)", "use e.g. validation: 0.125")
-        if self.rescore is not None and not is_int_at_least(self.rescore, 1):
-            raise ConfigError(f"fusegpt: rescore={self.rescore!r} must be a positive integer or null", "use e.g. rescore: 8")
+        check_rescore("fusegpt", self.rescore)
 
 
 def assign_hosts(total: int, removed: list[int]) -> dict[int, list[int]]:
@@ -191,7 +190,8 @@ def fold(host: nn.Module, removed: list[nn.Module], inputs: list[torch.Tensor], 
     try:
         before = loss_on(held_out)
         best, best_state, best_step = before, {k: v.detach().clone() for k, v in folded.state_dict().items()}, 0
-        optim = torch.optim.AdamW(folded.parameters(), lr=config.lr, weight_decay=0.0)
+        params = list(folded.parameters())
+        optim = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / max(config.steps, 1))))
         order: list[int] = []
         every = max(1, config.steps // 8)
@@ -200,12 +200,7 @@ def fold(host: nn.Module, removed: list[nn.Module], inputs: list[torch.Tensor], 
                 if not order:
                     order = [train[i] for i in torch.randperm(len(train), generator=g).tolist()]
                 b = order.pop()
-                loss = distillation_loss(_call_host(host, folded.weights(), inputs[b], calls[b]), targets[b], masks[b], "mse")
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(folded.parameters(), 1.0)
-                optim.step()
-                sched.step()
+                optimizer_step(distillation_loss(_call_host(host, folded.weights(), inputs[b], calls[b]), targets[b], masks[b], "mse"), optim, sched, params)
                 if bar is not None:
                     bar.update(1)
                 if step % every == 0 or step == config.steps:

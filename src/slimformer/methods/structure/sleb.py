@@ -59,6 +59,12 @@ def check_fraction(method: str, fraction: float | None) -> None:
         raise ConfigError(f"{method}: fraction={fraction!r} must be a number in (0, 1)", "use e.g. fraction: 0.25")
 
 
+def check_rescore(method: str, rescore: int | None, candidates: str = "block") -> None:
+    """``rescore``: None (re-score every candidate at every step) or a positive shortlist size."""
+    if rescore is not None and not is_int_at_least(rescore, 1):
+        raise ConfigError(f"{method}: rescore={rescore!r} must be a positive integer or null", f"use e.g. rescore: 8, or null to re-score every {candidates}")
+
+
 @dataclass
 class SLEBConfig(MethodConfig):
     """``num_layers``: how many blocks to remove, or ``fraction`` of the blocks (rounded).
@@ -81,8 +87,7 @@ class SLEBConfig(MethodConfig):
         if not is_int_at_least(self.num_layers, 1):
             raise ConfigError(f"sleb: num_layers={self.num_layers!r} must be a positive integer", "use e.g. num_layers: 2")
         check_fraction("sleb", self.fraction)
-        if self.rescore is not None and not is_int_at_least(self.rescore, 1):
-            raise ConfigError(f"sleb: rescore={self.rescore!r} must be a positive integer or null", "use e.g. rescore: 8, or null to re-score every block")
+        check_rescore("sleb", self.rescore)
 
 
 @register_method(SLEBConfig)
