@@ -175,3 +175,43 @@ def test_fused_w8a8_helpers_equal_their_eager_definitions():
     acc = torch.randint(-50000, 50000, (70, 24), dtype=torch.int32)
     args = (acc, torch.rand(24), torch.rand(70, 1), torch.rand(70, 1), torch.randn(24), torch.randn(70, 1), torch.randn(24), torch.randn(24), torch.bfloat16)
     assert torch.allclose(fused_rescale(*args).float(), rescale_int8_product(*args).float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("w_symmetric,a_symmetric", [(True, True), (False, False)])
+def test_w8a8_float_paths_compute_the_integer_product(w_symmetric, a_symmetric):
+    """w8a8-fp32 and w8a8-bf16 multiply the same int8 codes as _int_mm on the float units: fp32
+    equals the exact integer reference to float32 rounding, bf16 to its output's bf16 rounding;
+    both hold only the int8 codes (1 byte per weight) and per-row vectors."""
+    torch.manual_seed(1)
+    linear = nn.Linear(96, 40)
+    q = quantize_module_rtn(linear, 8, None, w_symmetric, act_bits=8)
+    q.act_symmetric = a_symmetric
+    x = torch.randn(2, 7, 96)
+    from slimformer.methods.quantization.modules import quantize_activations_per_token
+
+    xq, sx, offset = quantize_activations_per_token(x.reshape(-1, 96), a_symmetric)
+    xd = (xq.double() + (0.0 if offset is None else offset.double())) * sx.double()
+    w_codes = q.codes().double() - 128  # int8 codes; asymmetric weights add (128 - zp) * s on the float input's row sums
+    ref = xd @ (w_codes * q.scales[:, :1].double()).t() + linear.bias.double()
+    if not w_symmetric:
+        ref = ref + x.reshape(-1, 96).double().sum(-1, keepdim=True) * ((128 - q.zero_points()[:, 0].double()) * q.scales[:, 0].double())
+    ref = ref.reshape(2, 7, 40)
+    q.use_kernels("w8a8-fp32")
+    assert torch.allclose(q(x).double(), ref, rtol=1e-5, atol=1e-5)
+    q.use_kernels("w8a8-bf16")
+    assert q.runtime_nbytes() == 96 * 40 + 40 * (10 if w_symmetric else 14)  # codes; scales (bf16 + f32), row sums (+ offsets, f32)
+    err = ((q(x).double() - ref).norm() / ref.norm()).item()
+    assert err < 2 ** -8  # the bf16 GEMM output's rounding, no more
+
+
+def test_fused_w8a8_float_product_equals_its_eager_definition():
+    from slimformer.methods.quantization.modules import fused_w8a8_float_product, w8a8_float_product
+
+    torch.manual_seed(0)
+    x = torch.randn(33, 64).to(torch.bfloat16)
+    w = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
+    ws = torch.rand(24) * 0.01
+    rowsum = w.float().sum(1) * ws
+    for symmetric, w_offset, gemm in ((True, None, torch.bfloat16), (False, torch.randn(24), torch.float32)):
+        args = (x, w, gemm, ws, rowsum, w_offset, torch.randn(24), symmetric, torch.float32)
+        assert torch.allclose(fused_w8a8_float_product(*args), w8a8_float_product(*args), rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from slimformer.runtime.machine import signature_key
 
-CACHE_VERSION = 3  # 2: decode timings stream over copies with cold caches; 3: W8A8 parity of input-scaled layers
+CACHE_VERSION = 4  # 2: decode timings stream over copies with cold caches; 3: W8A8 parity of input-scaled layers; 4: W8A8 float paths fused
 
 
 def default_cache_dir() -> Path:

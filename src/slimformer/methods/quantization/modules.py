@@ -31,7 +31,9 @@ numerics (each selectable by name through :meth:`QuantizedLinear.use_kernels`):
   and int8 weight codes, multiplied by a float32 / bfloat16 GEMM instead of ``torch._int_mm``
   (int8 codes are exact in both; float32 accumulation; the bf16 output of the bf16 GEMM rounds
   the accumulator to 8 significant bits). On CPUs whose int8 GEMM is slow (no VNNI/AMX) or
-  whose bf16 GEMM is faster than its int8 one (AMX), the same numbers come out sooner;
+  whose bf16 GEMM is faster than its int8 one (AMX), the same numbers come out sooner. The
+  activation quantization, the widening, the GEMM and the rescale are one compiled function, so
+  quantizing costs one pass over the input and rescaling one over the output;
 - ``packed-fp32`` (4- and 8-bit, group size a multiple of 32): slimformer's own kernel
   (:mod:`slimformer.kernels`) reads the stored codes, scales and zero points in place and
   computes in float32 (exact); nothing is held beyond the stored buffers. Built for few rows
@@ -149,6 +151,20 @@ def choose_kernel(bits: int, group_size: int | None, in_features: int, out_featu
     return "unpack"
 
 
+def activation_codes(xf: torch.Tensor, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The per-token int8 grid of float32 ``xf`` (tokens, features), codes still held as float32
+    integers (overwriting ``xf``): ``(codes, scale, offset)`` as in
+    :func:`quantize_activations_per_token`, which casts these codes to int8."""
+    if symmetric:
+        scale = xf.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
+        return xf.mul_(scale.reciprocal()).round_(), scale, None
+    lo = xf.amin(dim=1, keepdim=True).clamp_max_(0.0)
+    hi = xf.amax(dim=1, keepdim=True).clamp_min_(0.0)
+    scale = (hi - lo).clamp_min_(1e-12).div_(255.0)
+    zero = torch.round(-lo / scale)  # code of 0.0 on the unsigned grid [0, 255]
+    return xf.mul_(scale.reciprocal()).round_().add_(zero - 128.0).clamp_(-128, 127), scale, 128.0 - zero
+
+
 def quantize_activations_per_token(x: torch.Tensor, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Int8 codes of ``x`` (tokens, features) with one scale (and zero point) per token.
 
@@ -159,16 +175,8 @@ def quantize_activations_per_token(x: torch.Tensor, symmetric: bool = True) -> t
     matters for one-sided activations (e.g. after GELU).
     """
     # One float32 working copy, then in-place passes (allocations dominate at these sizes).
-    xf = x.to(torch.float32, copy=True)
-    if symmetric:
-        scale = xf.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
-        return xf.mul_(scale.reciprocal()).round_().to(torch.int8), scale, None
-    lo = xf.amin(dim=1, keepdim=True).clamp_max_(0.0)
-    hi = xf.amax(dim=1, keepdim=True).clamp_min_(0.0)
-    scale = (hi - lo).clamp_min_(1e-12).div_(255.0)
-    zero = torch.round(-lo / scale)  # code of 0.0 on the unsigned grid [0, 255]
-    codes = xf.mul_(scale.reciprocal()).round_().add_(zero - 128.0).clamp_(-128, 127).to(torch.int8)
-    return codes, scale, 128.0 - zero
+    codes, scale, offset = activation_codes(x.to(torch.float32, copy=True), symmetric)
+    return codes.to(torch.int8), scale, offset
 
 
 def rescale_int8_product(acc: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor, x_offset: torch.Tensor | None,
@@ -212,8 +220,24 @@ class _Fused:
         return self.fn(*args)
 
 
+def w8a8_float_product(x: torch.Tensor, w_int8: torch.Tensor, gemm_dtype: torch.dtype, w_scale: torch.Tensor, w_rowsum: torch.Tensor,
+                       w_offset: torch.Tensor | None, bias: torch.Tensor | None, act_symmetric: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A W8A8 product on the float units: ``x`` (tokens, in) quantized per token to the int8 grid
+    (the same codes as :func:`quantize_activations_per_token`), activation and weight codes
+    ``w_int8`` (out, in) widened to ``gemm_dtype`` (float32 or bfloat16: int8 codes are exact in
+    both) and multiplied (exact products, float32 accumulation; a bfloat16 GEMM rounds its output
+    to bf16), rescaled as :func:`rescale_int8_product`. One function so that the compiler fuses
+    the quantization into one pass before the GEMM and the rescale into one after it, and the
+    int8 codes never exist as a separate tensor."""
+    codes, x_scale, x_offset = activation_codes(x.to(torch.float32, copy=True), act_symmetric)
+    acc = F.linear(codes.to(gemm_dtype), w_int8.to(gemm_dtype)).float()
+    x_sum = x.float().sum(-1, keepdim=True) if w_offset is not None else None
+    return rescale_int8_product(acc, w_scale, x_scale, x_offset, w_rowsum, x_sum, w_offset, bias, dtype)
+
+
 fused_quantize_activations = _Fused(quantize_activations_per_token)
 fused_rescale = _Fused(rescale_int8_product)
+fused_w8a8_float_product = _Fused(w8a8_float_product)
 
 
 class PackedWeight(QuantizedModule):
@@ -381,12 +405,13 @@ class QuantizedLinear(PackedWeight):
                 raise ValueError(f"unknown kernel {k!r}; choose from {KERNELS}")
         if ready & set(INT8_FORM_KERNELS):
             codes = self.codes().to(torch.int16)
-            rt["w_int8"] = (codes - 128).to(torch.int8).contiguous()
+            w_int8 = (codes - 128).to(torch.int8).contiguous()
             rt["scales"] = self.scales[:, 0].contiguous()
             if ready & set(W8A8_KERNELS):
                 rt["scales_f32"] = rt["scales"].float()
                 # Asymmetric activations add offset_t * sum_k w_int8[n, k] * s_n per token t.
-                rt["w_rowsum"] = rt["w_int8"].sum(1, dtype=torch.int32).float() * rt["scales_f32"]
+                rt["w_rowsum"] = w_int8.sum(1, dtype=torch.int32).float() * rt["scales_f32"]
+            rt["w_int8"] = w_int8
             if not self.symmetric:
                 # w = (q - zp) s = (q_int8 + 128 - zp) s: the kernel applies q_int8 * s, the rest is rank 1.
                 rt["offset"] = ((128.0 - self.zero_points()[:, 0]) * self.scales[:, 0].float()).contiguous()
@@ -421,13 +446,13 @@ class QuantizedLinear(PackedWeight):
                                                 grid.effective_group_size(self.in_features, self.group_size), self.bias)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if kernel in W8A8_KERNELS:
+        if kernel in ("w8a8-fp32", "w8a8-bf16"):  # the same integer product on the float units
+            gemm = torch.float32 if kernel == "w8a8-fp32" else torch.bfloat16
+            y = fused_w8a8_float_product(x2, rt["w_int8"], gemm, rt["scales_f32"], rt["w_rowsum"], rt.get("offset"), self.bias, self.act_symmetric, x.dtype)
+            return y.reshape(*shape[:-1], self.out_features)
+        if kernel == "int8-dynamic":
             xq, sx, x_offset = fused_quantize_activations(x2, self.act_symmetric)
-            if kernel == "int8-dynamic":
-                acc = torch._int_mm(xq, rt["w_int8"].t())
-            else:  # the same integer product on the float units (int8 codes are exact in fp32 and bf16)
-                dt = torch.float32 if kernel == "w8a8-fp32" else torch.bfloat16
-                acc = F.linear(xq.to(dt), rt["w_int8"].to(dt)).float()  # float32 in: one compiled rescale for both
+            acc = torch._int_mm(xq, rt["w_int8"].t())
             x_sum = x2.float().sum(-1, keepdim=True) if "offset" in rt else None
             y = fused_rescale(acc, rt["scales_f32"], sx, x_offset, rt["w_rowsum"], x_sum, rt.get("offset"), self.bias, x.dtype)
             return y.reshape(*shape[:-1], self.out_features)
