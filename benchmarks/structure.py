@@ -566,7 +566,8 @@ def _mach_line(m: dict) -> str:
     return f"{m['cpu']} ({flags}), {m['cpu_count']} cores, torch {m['torch']} with {m['torch_threads']} threads, load average {', '.join(f'{x:.1f}' for x in m['loadavg'])}"
 
 
-LOSS_TEXT = {"mse": "relative MSE of the final hidden states", "mse+cos": "relative MSE of the final hidden states + (1 - cos) of the mean-pooled embeddings"}
+LOSS_TEXT = {"mse": "relative MSE of the final hidden states", "mse+cos": "relative MSE of the final hidden states + (1 - cos) of the mean-pooled embeddings",
+             "mse+cos+layers": "relative MSE of the final hidden states + (1 - cos) of the mean-pooled embeddings + the mean relative MSE of the five earlier blocks' outputs (layer-wise)"}
 
 
 def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
@@ -718,7 +719,7 @@ def main() -> None:
     mm.add_argument("--samples", type=int, default=MINILM_CAL["n_samples"])
     mm.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5])
     mm.add_argument("--tag", default="")
-    mm.add_argument("--loss", default="mse", choices=["mse", "mse+cos"])
+    mm.add_argument("--loss", default="mse", choices=["mse", "mse+cos", "mse+cos+layers"])
     mm.add_argument("--max-length", type=int, default=None, help="calibration/distillation tokens per document (default MINILM_CAL's)")
     mm.add_argument("--source", default=None, help="calibration/distillation text (default MINILM_CAL's, stdlib-docs; 'mix' = the varied default mix)")
     mm.add_argument("--batch-size", type=int, default=None)

@@ -320,6 +320,28 @@ def test_distillation_lowers_loss_and_resumes(tiny_factory, tmp_path, monkeypatc
     assert torch.allclose(model_output(resumed, batch), model_output(straight, batch), atol=1e-6)
 
 
+def test_layerwise_distillation_loss_adds_every_earlier_block(tiny_factory):
+    """``mse+cos+layers``: the final layer's ``mse+cos`` plus the mean relative error of the
+    earlier blocks' outputs, zero for identical models; width-slim trains with it and refuses it
+    for causal LMs before any work."""
+    from slimformer.errors import ConfigError
+
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    want = distill_module.distillation_loss(s[-1], t[-1], mask, "mse+cos") + 0.5 * sum(
+        distill_module.distillation_loss(s[i], t[i], mask, "mse") for i in range(2))
+    assert torch.allclose(distill_module.distillation_loss(s, t, mask, "mse+cos+layers"), want)
+    assert float(distill_module.distillation_loss(t, t, mask, "mse+cos+layers")) == pytest.approx(0.0, abs=1e-6)
+    loaded = tiny_factory("bert")
+    record = _run(loaded, method="width-slim", flops_ratio=0.5, distill_steps=12, distill_lr=1e-4, distill_loss="mse+cos+layers")
+    d = record["distillation"]
+    assert d["loss"] == "mse+cos+layers" and d["loss_after"] < d["loss_before"]
+    with pytest.raises(ConfigError, match="for encoders"):
+        _run(tiny_factory("llama"), method="width-slim", flops_ratio=0.5, distill_steps=2, distill_loss="mse+cos+layers")
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_generation_with_cache_after_attention_removal(tiny_factory, family):
     loaded = tiny_factory(family)

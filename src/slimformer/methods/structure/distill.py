@@ -4,7 +4,10 @@ Used by width slimming (COST-EFF's recovery step, shortened to CPU minutes). The
 slimmed model, the teacher the model before slimming; the loss is the relative squared error of
 the final hidden states over valid tokens (encoders, ``mse``) or the KL divergence of the
 next-token distributions (causal LMs, ``kl``); for embedding models ``mse+cos`` adds the cosine
-distance of the mean-pooled sentence embeddings. AdamW with a cosine-decayed learning rate,
+distance of the mean-pooled sentence embeddings, and ``mse+cos+layers`` adds the mean relative
+squared error of every earlier block's output as well (layer-wise distillation, as in TinyBERT
+and CoFi: width slimming keeps the hidden size, so the student's blocks can be matched to the
+teacher's one for one; the teacher's hidden states are recomputed each step, not cached). AdamW with a cosine-decayed learning rate,
 batches drawn in a seeded order; progress on a tqdm bar; a checkpoint file (student weights,
 optimizer state, step, sampler state) is written every ``checkpoint_every`` steps and a run
 with the same checkpoint path resumes from it.
@@ -46,17 +49,31 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def _outputs(model, batch: dict, causal: bool) -> torch.Tensor:
+LAYER_LOSSES = ("mse+cos+layers",)
+
+
+def _outputs(model, batch: dict, causal: bool, layers: bool = False) -> torch.Tensor:
+    """Logits (causal), the final hidden states (batch, seq, dim), or with ``layers`` every
+    block's output stacked (blocks, batch, seq, dim), the last being the final hidden states."""
     if causal:
         return model(**batch, use_cache=False).logits
+    if layers:
+        return torch.stack(model(**batch, output_hidden_states=True).hidden_states[1:])
     return model(**batch).last_hidden_state
 
 
 def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mask: torch.Tensor, loss: str) -> torch.Tensor:
     """Loss over valid tokens ``mask`` (batch, seq): ``mse`` (relative squared error of hidden
     states (batch, seq, dim)), ``mse+cos`` (that plus ``1 - cos`` of the mean-pooled sentence
-    embeddings, the quantity an embedding model is judged by) or ``kl`` (KL(teacher || student) per token of logits
-    (batch, seq, vocab))."""
+    embeddings, the quantity an embedding model is judged by), ``mse+cos+layers`` (outputs
+    (blocks, batch, seq, dim): ``mse+cos`` of the last plus the mean relative squared error of
+    the others) or ``kl`` (KL(teacher || student) per token of logits (batch, seq, vocab))."""
+    if loss in LAYER_LOSSES:
+        final = distillation_loss(student_out[-1], teacher_out[-1], mask, "mse+cos")
+        if student_out.shape[0] == 1:
+            return final
+        inner = torch.stack([distillation_loss(s_l, t_l, mask, "mse") for s_l, t_l in zip(student_out[:-1], teacher_out[:-1])])
+        return final + inner.mean()
     valid = mask.bool()
     s = student_out[valid].float()
     t = teacher_out[valid].float()
@@ -76,7 +93,7 @@ def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mask
 def calibration_loss(student, teacher_outputs, batches: list[dict], causal: bool, loss: str) -> float:
     total = 0.0
     for batch, target in zip(batches, teacher_outputs):
-        total += float(distillation_loss(_outputs(student, batch, causal), target(), batch["attention_mask"], loss))
+        total += float(distillation_loss(_outputs(student, batch, causal, loss in LAYER_LOSSES), target(), batch["attention_mask"], loss))
     return total / max(len(batches), 1)
 
 
@@ -86,13 +103,20 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
 
     Returns ``{"loss_before", "loss_after"}`` (mean calibration loss over all batches) and the
     first/last step losses. Teacher outputs of encoders are cached (batch, seq, dim); those of
-    causal LMs (batch, seq, vocab) are recomputed per step.
+    causal LMs (batch, seq, vocab) and the per-block ones of ``mse+cos+layers`` are recomputed
+    per step (memory bounded by one batch, not by the calibration set).
     """
     if not batches:
         raise ConfigError("distillation has no calibration batches", "raise calibration.n_samples")
-    if causal:
+    if loss in LAYER_LOSSES and causal:
+        raise ConfigError(f"distillation loss {loss!r} is for encoders", "use kl for causal language models")
+    layers = loss in LAYER_LOSSES
+    if causal or layers:
         def target_of(b):
-            return lambda: _outputs(teacher, b, True).detach()
+            def target():
+                with torch.no_grad():
+                    return _outputs(teacher, b, causal, layers).detach()
+            return target
         targets = [target_of(b) for b in batches]
     else:
         with torch.no_grad():
@@ -130,7 +154,7 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
                 order = torch.randperm(len(batches), generator=gen).tolist()
             j = order.pop()
             batch = batches[j]
-            value = distillation_loss(_outputs(student, batch, causal), targets[j](), batch["attention_mask"], loss)
+            value = distillation_loss(_outputs(student, batch, causal, layers), targets[j](), batch["attention_mask"], loss)
             history.append(optimizer_step(value, optim, sched, params))
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]:.4f}")

@@ -48,7 +48,7 @@ from slimformer.methods.structure.distill import distill
 
 GQA_MODES = ("within-groups", "groups")
 SELECTIONS = ("importance", "obs")
-LOSSES = ("auto", "mse", "mse+cos", "kl")
+LOSSES = ("auto", "mse", "mse+cos", "mse+cos+layers", "kl")
 
 
 def _ratio(name: str, value, allow_none: bool = True) -> None:
@@ -65,8 +65,8 @@ class WidthSlimConfig(MethodConfig):
     target); ``gqa``: ``within-groups`` or ``groups``; ``round_to``: MLP widths are multiples of
     it; ``distill_steps`` > 0: distil from the original (``distill_lr``, ``distill_loss``:
     ``auto`` = ``mse`` of hidden states for encoders, ``kl`` of logits for causal LMs;
-    ``mse+cos`` adds the cosine distance of mean-pooled embeddings) on the
-    calibration batches, seeded by ``seed``, resumable from ``checkpoint`` (a file path, written
+    ``mse+cos`` adds the cosine distance of mean-pooled embeddings, ``mse+cos+layers`` (encoders)
+    every earlier block's output too) on the calibration batches, seeded by ``seed``, resumable from ``checkpoint`` (a file path, written
     every ``checkpoint_every`` steps)."""
 
     name = "width-slim"
@@ -255,6 +255,8 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
     blocks = [i for i in range(adapter.num_layers()) if not (adapter.sublayer_removed(i, "attention") or adapter.sublayer_removed(i, "mlp"))]
     if len(blocks) != adapter.num_layers():
         raise ConfigError("width-slim: some blocks have a removed sub-layer", "apply width-slim before sub-layer removal")
+    if config.distill_steps > 0 and config.distill_loss == "mse+cos+layers" and loaded.kind == "causal-lm":
+        raise ConfigError("width-slim: distill_loss mse+cos+layers is for encoders", "use distill_loss: auto (kl) for a causal language model")
     attn_out = {i: adapter.attention_linears(adapter.attention(i))[1] for i in blocks}
     mlp_out = {i: adapter.mlp_linears(i)[1] for i in blocks}
     for module in list(attn_out.values()) + list(mlp_out.values()) + [m for i in blocks for m in adapter.mlp_linears(i)[0]]:
