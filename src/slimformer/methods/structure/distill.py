@@ -7,8 +7,8 @@ next-token distributions (causal LMs, ``kl``); for embedding models ``mse+cos`` 
 distance of the mean-pooled sentence embeddings, and ``mse+cos+layers`` adds the mean relative
 squared error of every earlier block's output as well (layer-wise distillation, as in TinyBERT
 and CoFi: width slimming keeps the hidden size, so the student's blocks can be matched to the
-teacher's one for one; the teacher's hidden states are recomputed each step, not cached). AdamW with a cosine-decayed learning rate,
-batches drawn in a seeded order; progress on a tqdm bar; a checkpoint file (student weights,
+teacher's one for one; the teacher's hidden states are recomputed each step, not cached).
+AdamW with a cosine-decayed learning rate, batches drawn in a seeded order; progress on a tqdm bar; a checkpoint file (student weights,
 optimizer state, step, sampler state) is written every ``checkpoint_every`` steps and a run
 with the same checkpoint path resumes from it.
 """

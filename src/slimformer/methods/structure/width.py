@@ -66,8 +66,8 @@ class WidthSlimConfig(MethodConfig):
     it; ``distill_steps`` > 0: distil from the original (``distill_lr``, ``distill_loss``:
     ``auto`` = ``mse`` of hidden states for encoders, ``kl`` of logits for causal LMs;
     ``mse+cos`` adds the cosine distance of mean-pooled embeddings, ``mse+cos+layers`` (encoders)
-    every earlier block's output too) on the calibration batches, seeded by ``seed``, resumable from ``checkpoint`` (a file path, written
-    every ``checkpoint_every`` steps)."""
+    every earlier block's output too) on the calibration batches, seeded by ``seed``, resumable
+    from ``checkpoint`` (a file path, written every ``checkpoint_every`` steps)."""
 
     name = "width-slim"
     family = "structure"
