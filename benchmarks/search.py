@@ -107,6 +107,9 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
     lines.append("")
     for label_, entry in front["budgets"].items():
         dp, ev = entry["dp"]["distortion"], entry["searched"]["distortion"]
+        if not entry["history"]:  # generations: 0, the DP allocation alone
+            lines.append(f"- {label_}: no generations run: the searched model is the DP allocation (calibration fitness {entry['searched_calibration_fitness']:.5f}).")
+            continue
         lines.append(f"- {label_}: held-out {'KL' if causal else '1 - cos'} EvoPress / DP = {ev / dp:.3f}; calibration fitness {entry['searched_calibration_fitness']:.5f} after {entry['history'][-1]['evaluations']} candidate scorings.")
     if ray:
         lines.append(f"- Ray check ({ray['budget']}, {ray['generations']} generations): in-process {ray['seconds']['in-process']:.0f} s, 2 local Ray actors {ray['seconds']['ray-2-workers']:.0f} s; identical result: {ray['identical']}.")

@@ -192,7 +192,7 @@ def test_search_space_file_errors_name_the_fix(tmp_path):
     bad.write_text("slimformer_search: 1\nsearch: {stages: [[1, 2], [2, 4]]}\n")
     with pytest.raises(ConfigError, match="keep no more"):
         SearchSpace.from_file(bad)
-    bad.write_text("slimformer_search: 1\nspace: {bits: [5]}\n")
+    bad.write_text("slimformer_search: 1\nspace: {bits: [9]}\n")
     with pytest.raises(ConfigError, match="not supported"):
         SearchSpace.from_file(bad)
     with pytest.raises(ConfigError, match="does not exist"):
@@ -440,3 +440,30 @@ def test_keep_level_and_params_budget_costs(tiny_factory, tmp_path):
         QuantizationLevels(bits=(), drop=("mlp",))
     # a space without keep has the fingerprint it had before the keep level existed
     assert "keep" not in SearchSpace(QuantizationLevels()).to_dict()["space"]
+
+
+def test_search_levels_may_use_any_packed_width():
+    """5-, 6- and 7-bit levels: GPTQ packs them to exactly ceil(cols * bits / 8) bytes a row,
+    they round-trip through their description, and each bit divides the Hessian-weighted
+    error by about 4 (a uniform grid's rule, which --allocation-bound extrapolates with)."""
+    from torch import nn
+
+    from slimformer.methods.quantization.gptq import quantize_linear_gptq
+    from slimformer.methods.quantization.modules import QuantizedLinear
+
+    space = SearchSpace.from_dict({"slimformer_search": 1, "space": {"bits": [2, 3, 4, 5, 6, 8]}})
+    assert space.levels.bits == (2, 3, 4, 5, 6, 8)
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+    x = torch.randn(512, 128)
+    hessian = x.t() @ x / 512
+    errors = []
+    for bits in (4, 5, 6, 7):
+        q = quantize_linear_gptq(linear, hessian, bits, 64, False, damp=0.01)
+        assert q.qweight.shape == (64, 128 * bits // 8)
+        again = QuantizedLinear.from_description(q.describe())
+        again.load_state_dict(q.state_dict())
+        assert torch.equal(again.dequantized_weight(), q.dequantized_weight())
+        d = (q.dequantized_weight() - linear.weight.detach()) @ x.t()
+        errors.append(float(d.pow(2).sum() / (linear.weight.detach() @ x.t()).pow(2).sum()))
+    assert all(2.5 < a / b < 6 for a, b in zip(errors, errors[1:]))

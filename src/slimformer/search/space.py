@@ -81,9 +81,9 @@ class QuantizationLevels(ModuleSelection):
             raise ConfigError(f"search space: keep={self.keep!r} must be true or false", "write keep: true to let layers keep their original weights")
         if isinstance(self.bits, int) or self.bits is None or (not self.bits and not (self.keep and self.drop)):
             raise ConfigError(f"search space: bits={self.bits!r} must be a non-empty list", "write e.g. bits: [2, 3, 4, 8] (bits: [] only with keep: true and drop: [...], a pure structure search)")
-        bad = [b for b in self.bits if isinstance(b, bool) or b not in grid.SUPPORTED_BITS]
+        bad = [b for b in self.bits if isinstance(b, bool) or b not in grid.PACKED_BITS]
         if bad:
-            raise ConfigError(f"search space: bit width {bad[0]!r} is not supported", f"use widths from {list(grid.SUPPORTED_BITS)}")
+            raise ConfigError(f"search space: bit width {bad[0]!r} is not supported", f"use widths from {list(grid.PACKED_BITS)}")
         self.bits = tuple(sorted(set(self.bits)))
         if self.group_size is not None and not is_int_at_least(self.group_size, 1):
             raise ConfigError(f"search space: group_size={self.group_size!r} must be a positive integer or null", "write e.g. group_size: 64")

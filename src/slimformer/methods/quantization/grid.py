@@ -20,6 +20,10 @@ import math
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+# Widths the packed format stores exactly (any width packs as a bit stream, :func:`pack_codes`)
+# and unpacks per call; the per-layer search offers them as levels. The methods' own configs
+# keep to SUPPORTED_BITS, the widths with kernels and GGUF types.
+PACKED_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
 def num_groups(cols: int, group_size: int | None) -> int:
