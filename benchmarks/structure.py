@@ -224,12 +224,11 @@ def cmd_neighbourhood(threads: int) -> None:
     order = json.loads(_search_path("sleb").read_text())["removal_order"][:N25]
     loaded = load_smollm2()
     adapter = loaded.adapter
-    cal = [dict(loaded.tokenizer(t, padding=True, truncation=True, max_length=SEARCH_CAL["max_length"], return_tensors="pt"))
-           for t in _chunks(load_texts(TextSpec(source=SEARCH_CAL["source"], split="calibration", n=SEARCH_CAL["n_samples"], seed=SEARCH_CAL["seed"])), SEARCH_CAL["batch_size"])]
-    for b in cal:
-        b.pop("token_type_ids", None)
-    ev = _eval_batches(loaded)
+    from slimformer.methods import CompressionContext
     from slimformer.search.fitness import distortion, reference_outputs
+
+    cal = CompressionContext(CalibrationSettings(**SEARCH_CAL)).batches(loaded.tokenizer)  # the search's own batches
+    ev = _eval_batches(loaded)
 
     ref_cal, ref_ev, targets = reference_outputs(loaded, cal), _logprobs(loaded, ev), _targets(ev)
     hooks: list = []
@@ -275,10 +274,6 @@ def cmd_neighbourhood(threads: int) -> None:
     out = {"sleb_order": order, "search_calibration": SEARCH_CAL, "evaluation": EVAL, "rows": rows, "seconds": time.perf_counter() - t0, "machine": machine(),
            "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     _search_path("neighbourhood").write_text(json.dumps(out, indent=1, default=str))
-
-
-def _chunks(items: list, n: int) -> list[list]:
-    return [items[i : i + n] for i in range(0, len(items), n)]
 
 
 # ----- rebuilding models from search records -------------------------------------------------
@@ -566,8 +561,9 @@ def _mach_line(m: dict) -> str:
     return f"{m['cpu']} ({flags}), {m['cpu_count']} cores, torch {m['torch']} with {m['torch_threads']} threads, load average {', '.join(f'{x:.1f}' for x in m['loadavg'])}"
 
 
-LOSS_TEXT = {"mse": "relative MSE of the final hidden states", "mse+cos": "relative MSE of the final hidden states + (1 - cos) of the mean-pooled embeddings",
-             "mse+cos+layers": "relative MSE of the final hidden states + (1 - cos) of the mean-pooled embeddings + the mean relative MSE of the five earlier blocks' outputs (layer-wise)"}
+LOSS_TEXT = {"mse": "relative MSE of the final hidden states"}
+LOSS_TEXT["mse+cos"] = LOSS_TEXT["mse"] + " + (1 - cos) of the mean-pooled embeddings"
+LOSS_TEXT["mse+cos+layers"] = LOSS_TEXT["mse+cos"] + " + the mean relative MSE of the five earlier blocks' outputs (layer-wise)"
 
 
 def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
@@ -637,19 +633,17 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
         L.append("")
         L.append(f"- {k} search: {s['seconds']/60:.1f} min; removal order (original indices) {s['removal_order']}; CPU load during it {', '.join(f'{x:.1f}' for x in s['machine']['loadavg'])} (at the end).")
     for mini in minilm or []:
+        srcs = sorted({k for r in mini["rows"] for k in r.get("transfer_quality", {})})
+        also = (f" Also measured on the evaluation splits of {', '.join(f'`{k}`' for k in srcs)} ({mini['evaluation']['n']} documents each; "
+                "`package-docs` is a kind no calibration text holds, `notices` one the default mix holds in its calibration split).") if srcs else ""
+        columns = ["setting", "heads/layer", "MLP width", "block FLOPs", "params", "mean cos", "min cos", "top-10", *(f"cos {k}" for k in srcs),
+                   "speed-up", "distill loss before -> after", "time"]
         L += ["", f"## MiniLM (all-MiniLM-L6-v2) width slimming{' (' + mini['tag'] + ')' if mini.get('tag') else ''}", "",
               f"Held-out: {mini['evaluation']['n']} documents of stdlib-docs (evaluation split), {mini['evaluation']['n_queries']} of them as queries. "
               f"Calibration / distillation: {mini['calibration']['n_samples']} documents of `{mini['calibration']['source']}` (calibration split), <= {mini['calibration']['max_length']} tokens, batches of {mini['calibration']['batch_size']}; "
               f"distillation {mini['distill_steps']} steps, AdamW lr {mini['distill_lr']} (cosine decay), loss: {LOSS_TEXT[mini.get('distill_loss', 'mse')]}. "
-              f"Speed: batch {mini['latency_batch'][0]} x {mini['latency_batch'][1]} tokens, original {mini['original_latency_s']*1000:.0f} ms; {_mach_line(mini['machine_before_speed'])}.", "",
-              "| setting | heads/layer | MLP width | block FLOPs | params | mean cos | min cos | top-10 | speed-up | distill loss before -> after | time |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-        srcs = sorted({k for r in mini["rows"] for k in r.get("transfer_quality", {})})
-        if srcs:
-            L[-2] = L[-2].replace("| speed-up |", "".join(f"| cos {k} " for k in srcs) + "| speed-up |")
-            L[-1] = L[-1] + "---|" * len(srcs)
-            L[-4] += (f" Also measured on the evaluation splits of {', '.join(f'`{k}`' for k in srcs)} ({mini['evaluation']['n']} documents each; "
-                      "`package-docs` is a kind no calibration text holds, `notices` one the default mix holds in its calibration split).")
+              f"Speed: batch {mini['latency_batch'][0]} x {mini['latency_batch'][1]} tokens, original {mini['original_latency_s']*1000:.0f} ms; {_mach_line(mini['machine_before_speed'])}.{also}", "",
+              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for r in mini["rows"]:
             q, d = r["quality"], r.get("distillation")
             tq = "".join(f"{r['transfer_quality'][k]['embedding_cosine_mean']:.4f} | " for k in srcs) if srcs else ""
