@@ -50,7 +50,7 @@ def ray_check(loaded, space: SearchSpace, out: Path, budget: Budget, generations
     from slimformer.search.evolution import dp_allocation
     from slimformer.search.fitness import reference_outputs
     from slimformer.search.pool import LocalPool, RayPool
-    from slimformer.search.units import build_units, costs_of
+    from slimformer.search.units import build_units, costs_of, drop_groups
 
     db = LevelDatabase(out / "levels", json.loads((out / "levels" / "index.json").read_text()))
     ctx = CompressionContext(space.calibration)
@@ -60,7 +60,8 @@ def ray_check(loaded, space: SearchSpace, out: Path, budget: Budget, generations
     sens = json.loads((out / "sensitivity.json").read_text())["sensitivity"]
     units = build_units(loaded, db, space.levels)
     costs, limit = costs_of(units, db, space.levels, budget)
-    start = dp_allocation(sens, costs, limit)
+    groups = drop_groups(units)
+    start = dp_allocation(sens, costs, limit, groups)
     settings = dataclasses.replace(space.evolution, generations=generations)
     timings, results = {}, {}
     for name in ("in-process", "ray-2-workers"):
@@ -68,7 +69,7 @@ def ray_check(loaded, space: SearchSpace, out: Path, budget: Budget, generations
                 else RayPool(loaded, db, batches, reference, workers=2, threads=1, units=units, dtype=space.evolution.dtype))
         t0 = time.perf_counter()
         try:
-            results[name] = evolve(pool, costs, limit, start, settings)
+            results[name] = evolve(pool, costs, limit, start, settings, groups=groups)
         finally:
             pool.close()
         timings[name] = time.perf_counter() - t0
@@ -77,7 +78,7 @@ def ray_check(loaded, space: SearchSpace, out: Path, budget: Budget, generations
             "fitness": {"in-process": a.fitness, "ray-2-workers": b.fitness}, "seconds": timings}
 
 
-def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | None = None) -> str:
+def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | None = None, compare: dict | None = None) -> str:
     causal = front["kind"] == "causal-lm"
     lines = [f"# Per-layer search (EvoPress) on {label}", "",
              f"CPU: {info['cpu']['model']} ({', '.join(info['cpu']['flags'])}), torch threads {info['cpu']['threads']}, load average at start {info['cpu']['loadavg'][0]:.1f}; torch {info['cpu']['torch']}.",
@@ -101,10 +102,20 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
 
     for bits, p in front["uniform"].items():
         lines.append(row(f"uniform {bits}-bit GPTQ", p))
+    def removed(p: dict) -> str:
+        gone = p.get("removed_sublayers") or []
+        return f", {len(gone)} sub-layers removed" if gone else ""
+
     for label_, entry in front["budgets"].items():
-        lines.append(row(f"{label_}: DP allocation (single-layer sensitivities)", entry["dp"]))
-        lines.append(row(f"{label_}: EvoPress ({entry['generations']} generations)", entry["searched"]))
+        lines.append(row(f"{label_}: DP allocation (single-layer sensitivities){removed(entry['dp'])}", entry["dp"]))
+        lines.append(row(f"{label_}: EvoPress ({entry['generations']} generations){removed(entry['searched'])}", entry["searched"]))
     lines.append("")
+    for label_, entry in front["budgets"].items():
+        for name in ("dp", "searched"):
+            gone = entry[name].get("removed_sublayers") or []
+            if gone:
+                lines.append(f"- {label_}, {'DP allocation' if name == 'dp' else 'EvoPress'}: removed {', '.join(gone)} "
+                             f"(stored {entry[name]['stored_bytes'] / 1e6:.2f} MB of the searched layers, params kept {entry[name]['params_kept']:.3f}).")
     for label_, entry in front["budgets"].items():
         dp, ev = entry["dp"]["distortion"], entry["searched"]["distortion"]
         if not entry["history"]:  # generations: 0, the DP allocation alone
@@ -136,8 +147,35 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
             extra = f" (no uniform width lies at {budget:g} bits: uniform {ub}-bit is the one the budget affords; against the log-interpolation of uniform {ub}- and {hi}-bit at {budget:g} bits, {mid:.4f}, it is {ev / mid:.2f}x)"
         lines.append(f"- issue line ({label_}): searched KL {ev:.4f} = {ev / un:.2f}x uniform {ub}-bit GPTQ's {un:.4f} (need <= 0.70x) and "
                      f"{'below' if ev < dp else 'NOT below'} the DP allocation's {dp:.4f}: **{'met' if ev <= 0.7 * un and ev < dp else 'not met'}**{extra}")
+    if compare:
+        lines += compare_lines(front, compare, causal)
     lines += ["", f"![front]({stem or 'search_' + label}.png)", ""]
     return "\n".join(lines)
+
+
+def compare_lines(front: dict, compare: dict, causal: bool) -> list[str]:
+    """This (joint) search against another run's (the bits-only search) at equal stored bytes of
+    the searched layers: the issue line "a joint space at a fixed byte budget beats the best
+    single-method search at that budget"."""
+    other = compare["front"]
+    name = "KL" if causal else "1 - cos"
+    out = ["", f"Against `{compare['stem']}` (the bits-only search on the same level database, calibration and held-out text), "
+           "at the same stored bytes of the searched layers:", ""]
+    for label_, entry in front["budgets"].items():
+        mine = entry["searched"]
+        limit = float(label_.split("=")[1]) if label_.startswith("bytes=") else mine["stored_bytes"]
+        same = [(l, e) for l, e in other["budgets"].items() if abs(e["searched"]["stored_bytes"] - limit) <= 0.001 * limit]
+        if not same:
+            out.append(f"- {label_}: no budget of `{compare['stem']}` spends the same bytes")
+            continue
+        l2, e2 = same[0]
+        a, b = mine["distortion"], e2["searched"]["distortion"]
+        dpa, dpb = entry["dp"]["distortion"], e2["dp"]["distortion"]
+        out.append(f"- issue line ({label_} = {l2} of the bits-only space, {mine['stored_bytes'] / 1e6:.2f} vs {e2['searched']['stored_bytes'] / 1e6:.2f} MB): "
+                   f"joint search held-out {name} {a:.4f} vs bits-only search {b:.4f} ({a / b:.3f}x, {entry['generations']} vs {e2['generations']} generations); "
+                   f"DP allocations {dpa:.4f} vs {dpb:.4f}: **{'met' if a < b else 'not met'}** (the joint space beats the best single-method search at that budget; "
+                   "a structure-only search cannot reach it: the float originals of these layers are ~10x the budget)")
+    return out
 
 
 def _predicted(sens: list[list[float]], weights: list[int], bits: list[int], budget_bits: float) -> tuple[float, dict]:
@@ -238,6 +276,7 @@ def main() -> int:
     ap.add_argument("--eval-source", default="stdlib-docs")
     ap.add_argument("--ray-check", type=int, default=0, help="generations of the in-process vs Ray comparison (0: skip)")
     ap.add_argument("--note", default="")
+    ap.add_argument("--compare-with", default=None, help="results/<stem>.json of another search (e.g. the bits-only one) to compare with at equal stored bytes")
     ap.add_argument("--fresh", action="store_true", help="delete the search folder first")
     ap.add_argument("--allocation-bound", action="store_true",
                     help="no search: from the stored sensitivities of runs/bench-search-<label>, what the DP allocation predicts at each budget")
@@ -264,7 +303,10 @@ def main() -> int:
     stem = args.stem or f"search_{label}"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"front": front, "machine": info, "ray_check": ray}, indent=1, default=str))
     plot_front(front, RESULTS / f"{stem}.png")
-    (RESULTS / f"{stem}.md").write_text(markdown(front, info, ray, label, stem))
+    compare = None
+    if args.compare_with:
+        compare = {"stem": args.compare_with, "front": json.loads((RESULTS / f"{args.compare_with}.json").read_text())["front"]}
+    (RESULTS / f"{stem}.md").write_text(markdown(front, info, ray, label, stem, compare))
     print((RESULTS / f"{stem}.md").read_text())
     return 0
 

@@ -88,6 +88,88 @@ def test_mutation_can_trade_one_large_unit_for_several_small_ones():
     assert 2 in counts and 4 in counts  # e.g. 1 MLP + 3 attention sub-layers dropped
 
 
+def _grouped_costs():
+    """Two drop groups (an "attention" of 3 linears of size 2, an "MLP" of 2 linears of size 3)
+    and two plain units; levels: 0 = removed (grouped units) or 2 bits, then 2/4/8 bits."""
+    groups = [(0, 1, 2), (3, 4)]
+    sizes = [2, 2, 2, 3, 3, 4, 4]
+    costs = [[0] + [s * b for b in (2, 4, 8)] if u < 5 else [s * b for b in (2, 4, 8)] for u, s in enumerate(sizes)]
+    return groups, sizes, costs
+
+
+def test_grouped_mutation_moves_drop_groups_whole_and_keeps_the_budget():
+    """Units of a drop group reach and leave level 0 only together, and the bytes a removed
+    sub-layer frees are spent on other units (so the children differ from bits-only moves)."""
+    groups, sizes, costs = _grouped_costs()
+    budget = total_cost([1, 1, 1, 1, 1, 0, 0], costs) + 8  # all at 2 bits, a little slack
+    parent = [1, 1, 1, 1, 1, 0, 0]
+    rng = random.Random(0)
+    seen_dropped, seen_restored = set(), 0
+    for _ in range(500):
+        child = mutate(parent, costs, budget, rng, max_switches=3, groups=groups)
+        assert total_cost(child, costs) <= budget
+        for g in groups:  # consistent: the whole group at 0 or none of it
+            assert len({child[u] == 0 for u in g}) == 1, child
+        dropped = tuple(g for g in groups if child[g[0]] == 0)
+        seen_dropped.add(dropped)
+        if parent[0] == 0 and child[0] != 0:
+            seen_restored += 1
+        parent = child
+    assert ((0, 1, 2),) in seen_dropped and ((3, 4),) in seen_dropped and seen_restored > 0
+    # without groups the draws are those of the plain mutation
+    a, b = random.Random(3), random.Random(3)
+    c0, _ = _costs()
+    start = [1] * len(c0)
+    budget = total_cost(start, c0)
+    assert [mutate(start, c0, budget, a, 3) for _ in range(20)] == [mutate(start, c0, budget, b, 3, groups=()) for _ in range(20)]
+
+
+def test_grouped_dp_is_the_exact_optimum_over_consistent_candidates():
+    """The DP over drop groups as whole items equals brute force over every consistent
+    candidate (a group removed whole or not at all) for several budgets."""
+    import itertools
+
+    groups, sizes, costs = _grouped_costs()
+    rng = random.Random(5)
+    sens = []
+    for u in range(len(costs)):
+        widths = sorted((rng.uniform(0.1, 3.0) for _ in range(3)), reverse=True)
+        sens.append(([0.0] if u < 5 else []) + widths)
+    drop_cost = {0: 2.5, 3: 1.2}
+    for g in groups:  # a removal's sensitivity, as every member's level-0 probe measures it
+        for u in g:
+            sens[u][0] = drop_cost[g[0]]
+
+    def value(c):
+        total = 0.0
+        for g in groups:
+            total += drop_cost[g[0]] if c[g[0]] == 0 else sum(sens[u][c[u]] for u in g)
+        return total + sum(sens[u][c[u]] for u in (5, 6))
+
+    consistent = [c for c in itertools.product(*(range(len(r)) for r in costs)) if all(len({c[u] == 0 for u in g}) == 1 for g in groups)]
+    for budget in (20, 28, 40, 60, 90):
+        fits = [c for c in consistent if total_cost(list(c), costs) <= budget]
+        best = min(value(c) for c in fits)
+        dp = dp_allocation(sens, costs, budget, groups)
+        assert tuple(dp) in fits and value(dp) == pytest.approx(best)
+    # the tightest budget can only be met by removing sub-layers, which the DP then does
+    assert dp_allocation(sens, costs, 20, groups)[0] == 0 or dp_allocation(sens, costs, 20, groups)[3] == 0
+
+
+def test_grouped_sensitivity_probes_remove_the_whole_group_once():
+    class Recording(QuadraticPool):
+        def score(self, candidates, n_batches):
+            self.seen = getattr(self, "seen", []) + [tuple(c) for c in candidates]
+            return super().score(candidates, n_batches)
+
+    pool = Recording(7, 4)
+    sens = sensitivities(pool, [4, 4, 4, 4, 4, 3, 3], groups=[(0, 1, 2), (3, 4)])
+    drops = [c for c in pool.seen if 0 in c]
+    assert (0, 0, 0, -1, -1, -1, -1) in drops and (-1, -1, -1, 0, 0, -1, -1) in drops
+    assert not any(c.count(0) == 1 and (c.index(0) < 5) for c in drops)  # never one member alone
+    assert sens[0][0] == sens[1][0] == sens[2][0] and sens[3][0] == sens[4][0]
+
+
 def test_levels_equal_to_the_original_are_probed_once():
     """``original``: levels that leave a unit as in the original (KEEP) all give the original
     model, scored once instead of once per unit."""
@@ -343,17 +425,23 @@ def test_cli_search_on_a_model_folder_and_its_bad_input(tmp_path, tiny_folder, r
         assert not (tmp_path / "bad").exists()
 
 
-def test_joint_space_removes_sublayers_within_a_byte_budget(tiny_factory, tmp_path):
+@pytest.mark.parametrize("shared_width", [False, True])
+def test_joint_space_removes_sublayers_within_a_byte_budget(tiny_factory, tmp_path, shared_width):
     from slimformer.io.serialization import load_compressed
-    from slimformer.search.units import DROP, build_units
+    from slimformer.search.units import DROP, build_units, drop_groups
 
     loaded = tiny_factory("llama")
-    levels = QuantizationLevels(bits=(2, 4, 8), group_size=32, drop=("attention", "mlp"))
+    levels = QuantizationLevels(bits=(2, 4, 8), group_size=32, drop=("attention", "mlp"), shared_width=shared_width)
     space = SearchSpace(levels, EvolutionSettings(generations=3, offspring=4, stages=((2, 1), (1, 2))), CAL)
     db = build_database(loaded, space, tmp_path / "db")
     units = build_units(loaded, db, levels)
-    assert len(units) == 2 * 4 and all(u.levels[0] == DROP for u in units)
+    assert all(u.levels[0] == DROP for u in units)
     assert sorted(n for u in units for n in u.linears) == sorted(db.units)
+    if shared_width:  # one unit per sub-layer, its linears sharing a width
+        assert len(units) == 2 * 4 and drop_groups(units) == []
+    else:  # one unit per linear; the 4 + 3 linears of each block's sub-layers are its drop groups
+        assert len(units) == len(db.units) == 7 * 4
+        assert sorted(len(g) for g in drop_groups(units)) == [3] * 4 + [4] * 4
     # A byte budget below the smallest all-2-bit model forces some sub-layers out.
     two_bit = sum(levels.stored_bits(*db.shapes[u], 2) for u in db.units) // 8
     label = f"bytes={two_bit * 0.8:g}"

@@ -44,7 +44,7 @@ def database_key(source: str, space: SearchSpace) -> str:
     calibration. The structure levels (``drop``, ``keep``) store nothing here, so a joint space
     reuses the database of its bits-only space (whose fingerprint is unchanged: ``drop: []``)."""
     d = space.to_dict()
-    levels = {k: v for k, v in d["space"].items() if k != "keep"} | {"drop": []}
+    levels = {k: v for k, v in d["space"].items() if k not in ("keep", "shared_width")} | {"drop": []}
     payload = json.dumps({"v": DB_VERSION, "source": source, "space": levels, "calibration": d["calibration"]}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 

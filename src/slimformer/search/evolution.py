@@ -20,6 +20,8 @@ With ``generations: 0`` the search returns that allocation.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -39,7 +41,24 @@ def total_cost(levels: list[int], costs: list[list[int]]) -> int:
     return sum(costs[u][k] for u, k in enumerate(levels))
 
 
-def mutate(parent: list[int], costs: list[list[int]], budget: int, rng: random.Random, max_switches: int, tries: int = 64) -> list[int]:
+def _move(levels: list[int], unit: int, up: bool, costs: list[list[int]], group_of: dict[int, tuple[int, ...]]) -> int:
+    """Move ``unit`` one level up or down in place and return the change in cost. A unit of a
+    drop group (level 0 = the sub-layer removed) leaves or enters level 0 with its whole group."""
+    group = group_of.get(unit)
+    if group is not None and (levels[unit] == 0 if up else levels[unit] == 1):
+        target = 1 if up else 0
+        delta = sum(costs[m][target] - costs[m][levels[m]] for m in group)
+        for m in group:
+            levels[m] = target
+        return delta
+    new = levels[unit] + (1 if up else -1)
+    delta = costs[unit][new] - costs[unit][levels[unit]]
+    levels[unit] = new
+    return delta
+
+
+def mutate(parent: list[int], costs: list[list[int]], budget: int, rng: random.Random, max_switches: int, tries: int = 64,
+           groups: list[tuple[int, ...]] = ()) -> list[int]:
     """A child of ``parent`` by budget-preserving level switches: each switch raises one unit by
     one level and lowers other units, chosen at random, one level each until the cost is back
     within ``budget`` (one of them when units are of equal size, as in EvoPress).
@@ -48,7 +67,14 @@ def mutate(parent: list[int], costs: list[list[int]], budget: int, rng: random.R
     switch may need several lowered units to pay for one raised, and may leave part of the
     budget unused; the child then spends it by raising random units one level while they fit.
     Trading one unit for one could never change how many units are dropped, and so never reach
-    e.g. "one MLP kept, three attention sub-layers dropped instead"."""
+    e.g. "one MLP kept, three attention sub-layers dropped instead".
+
+    ``groups``: drop groups (:func:`~slimformer.search.units.drop_groups`), units whose level 0
+    removes one sub-layer together: lowering one of them from its lowest width removes the
+    sub-layer (every member goes to 0 and frees its cost) and raising one from 0 restores it
+    (every member at its lowest width), so a child is consistent when its parent is. Without
+    groups the random draws are those of the plain mutation."""
+    group_of = {u: g for g in groups for u in g}
     child = list(parent)
     cost = total_cost(child, costs)
     n_units = len(child)
@@ -60,22 +86,22 @@ def mutate(parent: list[int], costs: list[list[int]], budget: int, rng: random.R
             if child[up] == len(costs[up]) - 1:
                 continue
             trial = list(child)
-            trial[up] += 1
-            new_cost = cost - costs[up][child[up]] + costs[up][trial[up]]
+            new_cost = cost + _move(trial, up, True, costs, group_of)
+            tied = group_of.get(up, (up,))
             for down in rng.sample(range(n_units), n_units):
                 if new_cost <= budget:
                     break
-                if down != up and trial[down] > 0:
-                    new_cost += costs[down][trial[down] - 1] - costs[down][trial[down]]
-                    trial[down] -= 1
+                if down != up and down not in tied and trial[down] > 0:
+                    new_cost += _move(trial, down, False, costs, group_of)
             if new_cost <= budget:
                 child, cost = trial, new_cost
                 break
     for u in rng.sample(range(n_units), n_units):
         if child[u] < len(costs[u]) - 1:
-            step = costs[u][child[u] + 1] - costs[u][child[u]]
+            trial = list(child)
+            step = _move(trial, u, True, costs, group_of)
             if cost + step <= budget:
-                child[u] += 1
+                child = trial
                 cost += step
     return child
 
@@ -85,20 +111,24 @@ def uniform_levels(n_units: int, level: int) -> list[int]:
 
 
 def sensitivities(pool, level_counts: list[int] | int, n_levels: int | None = None, n_batches: int = 1, progress: bool = False,
-                  original: list[set[int]] | None = None) -> list[list[float]]:
+                  original: list[set[int]] | None = None, groups: list[tuple[int, ...]] = ()) -> list[list[float]]:
     """Per unit and level: the distortion when only that unit is at that level (others original).
 
     ``level_counts``: the number of levels of each unit (or a unit count, with ``n_levels`` each).
     ``original``: per unit, the levels that leave it as in the original (e.g. ``KEEP``): those
-    candidates all equal the original model, which is scored once for them."""
+    candidates all equal the original model, which is scored once for them. ``groups``: drop
+    groups; level 0 of a member is probed with its whole group at 0 (the sub-layer removed),
+    one probe per group."""
     if isinstance(level_counts, int):
         level_counts = [n_levels] * level_counts
     original = original or [set() for _ in level_counts]
+    group_of = {u: g for g in groups for u in g}
 
     def probe(u: int, k: int) -> tuple[int, ...]:
         c = [ORIGINAL] * len(level_counts)
         if k not in original[u]:
-            c[u] = k
+            for m in (group_of.get(u, (u,)) if k == 0 else (u,)):
+                c[m] = k
         return tuple(c)
 
     distinct = list(dict.fromkeys(probe(u, k) for u, n in enumerate(level_counts) for k in range(n)))
@@ -110,9 +140,38 @@ def sensitivities(pool, level_counts: list[int] | int, n_levels: int | None = No
     return [[score_of[probe(u, k)] for k in range(n)] for u, n in enumerate(level_counts)]
 
 
-def dp_allocation(sens: list[list[float]], costs: list[list[int]], budget: int) -> list[int]:
-    """The exact minimum of summed single-unit sensitivities under the budget (multiple-choice knapsack)."""
-    return allocate_bits(costs, sens, budget)
+def dp_allocation(sens: list[list[float]], costs: list[list[int]], budget: int, groups: list[tuple[int, ...]] = ()) -> list[int]:
+    """The exact minimum of summed single-unit sensitivities under the budget (multiple-choice knapsack).
+
+    A drop group (``groups``) is one item of the knapsack: its options are the group removed
+    (level 0 for every member: no cost, the sensitivity of the removal, which every member's
+    level 0 holds) and every combination of its members' other levels that no other combination
+    beats in both cost and summed sensitivity; so the additive optimum decides at once which
+    sub-layers to remove and what widths the freed bytes buy elsewhere."""
+    if not groups:
+        return allocate_bits(costs, sens, budget)
+    grouped = {u for g in groups for u in g}
+    items: list[tuple[tuple[int, ...], list[tuple[int, ...]]]] = []  # (units, options as level tuples)
+    for g in groups:
+        combos = []
+        for levels in itertools.product(*(range(1, len(costs[m])) for m in g)):
+            combos.append((sum(costs[m][k] for m, k in zip(g, levels)), sum(sens[m][k] for m, k in zip(g, levels)), levels))
+        combos.sort(key=lambda c: (c[0], c[1]))
+        front, best = [], math.inf
+        for cost, s, levels in combos:  # the combinations no cheaper one beats
+            if s < best:
+                front.append(levels)
+                best = s
+        items.append((g, [(0,) * len(g)] + front))
+    items += [((u,), [(k,) for k in range(len(costs[u]))]) for u in range(len(costs)) if u not in grouped]
+    item_costs = [[sum(costs[m][k] for m, k in zip(units, option)) for option in options] for units, options in items]
+    item_sens = [[sens[units[0]][0] if not any(option) else sum(sens[m][k] for m, k in zip(units, option)) for option in options] for units, options in items]
+    chosen = allocate_bits(item_costs, item_sens, budget)
+    out = [0] * len(costs)
+    for (units, options), pick in zip(items, chosen):
+        for m, k in zip(units, options[pick]):
+            out[m] = k
+    return out
 
 
 @dataclass
@@ -125,8 +184,9 @@ class EvolutionResult:
 
 def evolve(pool, costs: list[list[int]], budget: int, start: list[int], settings: EvolutionSettings,
            journal: str | os.PathLike | None = None, progress: bool = False,
-           on_generation: Callable[[int, EvolutionResult], None] | None = None) -> EvolutionResult:
-    """Run EvoPress from ``start`` (which must fit ``budget``); resume from ``journal`` if it has records."""
+           on_generation: Callable[[int, EvolutionResult], None] | None = None, groups: list[tuple[int, ...]] = ()) -> EvolutionResult:
+    """Run EvoPress from ``start`` (which must fit ``budget``); resume from ``journal`` if it has
+    records. ``groups``: drop groups, moved together by :func:`mutate`."""
     if total_cost(start, costs) > budget:
         raise ValueError("the starting candidate exceeds the budget")
     rng = random.Random(settings.seed)
@@ -157,7 +217,7 @@ def evolve(pool, costs: list[list[int]], budget: int, start: list[int], settings
             for _ in range(settings.offspring * 4):
                 if len(children) == settings.offspring:
                     break
-                child = mutate(parent, costs, budget, rng, settings.max_switches)
+                child = mutate(parent, costs, budget, rng, settings.max_switches, groups=groups)
                 if tuple(child) not in seen:
                     seen.add(tuple(child))
                     children.append(child)

@@ -108,9 +108,12 @@ class Evaluator:
             for unit, level in levels.items():
                 self._set_layer(unit, int(level))
             return
+        # a sub-layer is removed when any unit of its drop group is at DROP
+        removed = {u.sublayer for u, level in zip(self.units, levels) if level != ORIGINAL and u.levels[level] == DROP}
         for unit, level in zip(self.units, levels):
             bits = None if level == ORIGINAL or unit.levels[level] == KEEP else unit.levels[level]
-            self._mute(unit, bits == DROP)
+            if unit.sublayer is not None:
+                self._mute(unit.sublayer, unit.sublayer in removed)
             if bits != DROP:
                 for name in unit.linears:
                     self._set_layer(name, ORIGINAL if bits is None else self._pos[bits])
@@ -120,20 +123,20 @@ class Evaluator:
             self.modules[name].weight.data = self._weight(name, level)
             self.current[name] = level
 
-    def _mute(self, unit: Unit, muted: bool) -> None:
-        if muted == (unit.name in self._muted):
+    def _mute(self, sublayer: str, muted: bool) -> None:
+        if muted == (sublayer in self._muted):
             return
         if not muted:
-            self._muted.pop(unit.name).remove()
+            self._muted.pop(sublayer).remove()
             return
-        module = self.loaded.model.get_submodule(unit.name)
+        module = self.loaded.model.get_submodule(sublayer)
 
         def zero(_m, _inputs, output):
             if isinstance(output, tuple):
                 return (torch.zeros_like(output[0]),) + tuple(output[1:])
             return torch.zeros_like(output)
 
-        self._muted[unit.name] = module.register_forward_hook(zero)
+        self._muted[sublayer] = module.register_forward_hook(zero)
 
     @torch.no_grad()
     def score(self, levels, n_batches: int) -> float:

@@ -45,7 +45,7 @@ from slimformer.search.fitness import Evaluator, reference_outputs
 from slimformer.search.nsga2 import pareto_search, spread
 from slimformer.search.pool import LocalPool, RayPool
 from slimformer.search.space import Budget, SearchSpace
-from slimformer.search.units import DROP, KEEP, Unit, build_units, costs_of
+from slimformer.search.units import DROP, KEEP, Unit, build_units, costs_of, drop_groups
 
 STATE_NAME = "search.json"
 
@@ -127,14 +127,15 @@ def assemble(loaded, db: LevelDatabase, bits_of: dict[str, int], removed: list[t
 def choice(units: list[Unit], levels: list[int]) -> tuple[dict[str, int], list[tuple[int, str]]]:
     """Per searched linear its width (``KEEP``: its original weights), and the removed (block,
     kind) sub-layers, of a candidate."""
+    gone = {u.sublayer for u, level in zip(units, levels) if u.levels[level] == DROP}
     bits_of: dict[str, int] = {}
     removed: list[tuple[int, str]] = []
     for unit, level in zip(units, levels):
-        bits = unit.levels[level]
-        if bits == DROP:
-            removed.append((unit.block, unit.kind))
+        if unit.sublayer is not None and unit.sublayer in gone:  # the whole drop group goes
+            if (unit.block, unit.kind) not in removed:
+                removed.append((unit.block, unit.kind))
         else:
-            bits_of.update({name: bits for name in unit.linears})
+            bits_of.update({name: unit.levels[level] for name in unit.linears})
     return bits_of, removed
 
 
@@ -176,23 +177,24 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
     pool = (LocalPool(loaded, db, batches, reference, threads=threads, units=units, dtype=dtype) if ray is None
             else RayPool(loaded, db, batches, reference, workers, ray, threads=threads, units=units, dtype=dtype))
     shapes = {u: db.shapes[u] for u in db.units}
+    groups = drop_groups(units)
     try:
         sens_path = out / "sensitivity.json"
         if sens_path.is_file():
             sens = json.loads(sens_path.read_text())["sensitivity"]
         else:
             keep = [{k for k, w in enumerate(u.levels) if w == KEEP} for u in units]
-            sens = sensitivities(pool, [len(u.levels) for u in units], n_batches=space.evolution.stages[0][1], progress=progress, original=keep)
+            sens = sensitivities(pool, [len(u.levels) for u in units], n_batches=space.evolution.stages[0][1], progress=progress, original=keep, groups=groups)
             _write_json(sens_path, {"units": [u.name for u in units], "levels": [list(u.levels) for u in units], "sensitivity": sens})
         seeds = {n: s(units) if callable(s) else list(s) for n, s in (seeds or {}).items()}
         results = {}
         for budget in budgets:
             costs, limit = costs_of(units, db, space.levels, budget)
-            dp = dp_allocation(sens, costs, limit)
+            dp = dp_allocation(sens, costs, limit, groups)
             folder = out / budget.label
             folder.mkdir(exist_ok=True)
             start, starts = _best_start(pool, dp, seeds, costs, limit, space.evolution.stages[-1][1])
-            evo = evolve(pool, costs, limit, start, space.evolution, journal=folder / "journal.jsonl", progress=progress)
+            evo = evolve(pool, costs, limit, start, space.evolution, journal=folder / "journal.jsonl", progress=progress, groups=groups)
             results[budget.label] = {"budget": budget, "costs": costs, "limit": limit, "dp": dp, "evo": evo, "starts": starts}
         if pareto:
             (out / "pareto").mkdir(exist_ok=True)

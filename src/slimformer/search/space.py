@@ -9,9 +9,11 @@ A *search space* (``SearchSpace``) is read from a YAML/JSON file::
     search: {generations: 100, offspring: 16, stages: [[4, 1], [2, 2], [1, 4]], seed: 0}
 
 Every selected linear layer is one *unit*; its *levels* are the bit widths in ``space.bits``
-(index 0 = fewest bits). With ``drop: [attention, mlp]`` the space is joint: each attention and
-each MLP sub-layer of a block is one unit, whose linears share a width, with one more level
-below the fewest bits: the sub-layer removed (it then costs nothing). With ``keep: true`` every
+(index 0 = fewest bits). With ``drop: [attention, mlp]`` the space is joint: every linear of a
+droppable sub-layer keeps its own width and gets one more level below the fewest bits, the
+sub-layer removed, which its linears take together (a sub-layer is removed when any of its
+linears is at that level; it then costs nothing). With ``shared_width: true`` the joint space is
+coarser: each attention and each MLP sub-layer is one unit whose linears share one width. With ``keep: true`` every
 unit has one more level above the most bits: its original weights, not quantized (costed at
 their element size, 32 bits for float32). ``bits: []`` with ``keep: true`` and ``drop`` is a
 pure structure search: which sub-layers to remove, the rest left as they are.
@@ -58,8 +60,9 @@ class QuantizationLevels(ModuleSelection):
     """Per-layer quantization levels: ``bits`` (the widths a layer may get), one grid
     (``group_size``, ``symmetric``) for all, the ``quantizer`` that fills the level database
     (``gptq``: second-order compensation on the original model's calibration inputs; ``rtn``),
-    GPTQ's ``damp``, the sub-layers that may be removed (``drop``), and whether a layer may
-    keep its original weights (``keep``)."""
+    GPTQ's ``damp``, the sub-layers that may be removed (``drop``), whether the linears of a
+    droppable sub-layer share one width (``shared_width``; default: each its own), and whether a
+    layer may keep its original weights (``keep``)."""
 
     name = "search space"
     bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -68,6 +71,7 @@ class QuantizationLevels(ModuleSelection):
     quantizer: str = "gptq"
     damp: float = 0.01
     drop: tuple[str, ...] = ()
+    shared_width: bool = False
     keep: bool = False
 
     def __post_init__(self) -> None:
@@ -77,6 +81,8 @@ class QuantizationLevels(ModuleSelection):
         if not isinstance(self.drop, (list, tuple)) or any(d not in ("attention", "mlp") for d in self.drop):
             raise ConfigError(f"search space: drop={self.drop!r} must list sub-layers to consider removing", "write e.g. drop: [attention, mlp] (or leave it out)")
         self.drop = tuple(dict.fromkeys(self.drop))
+        if not isinstance(self.shared_width, bool):
+            raise ConfigError(f"search space: shared_width={self.shared_width!r} must be true or false", "write shared_width: true for one width per sub-layer (leave it out for one per linear)")
         if not isinstance(self.keep, bool):
             raise ConfigError(f"search space: keep={self.keep!r} must be true or false", "write keep: true to let layers keep their original weights")
         if isinstance(self.bits, int) or self.bits is None or (not self.bits and not (self.keep and self.drop)):
@@ -161,6 +167,8 @@ class SearchSpace:
         lv = dataclasses.asdict(self.levels)
         if not lv["keep"]:
             del lv["keep"]  # a space without the keep level has the same fingerprint as before it existed
+        if not lv["drop"]:
+            del lv["shared_width"]  # nothing to share without droppable sub-layers: bits-only fingerprints unchanged
         return {
             "slimformer_search": SPACE_VERSION,
             "name": self.name,

@@ -1,10 +1,16 @@
 """Search units: what one entry of a candidate sets.
 
 A bits-only space has one unit per searched linear layer, whose levels are the space's widths.
-A joint space (``drop: [attention, mlp]``) has one unit per attention and per MLP sub-layer of
-each block: its linears share one width, and level 0 is ``DROP``, the sub-layer removed. With
-``keep: true`` the last level of every unit is ``KEEP``: its original weights, not quantized.
-Costs are additive over units, so the DP and the budget-preserving mutation apply unchanged.
+A joint space (``drop: [attention, mlp]``) keeps one unit per linear, and the linears of a
+droppable sub-layer get level 0, ``DROP``: the sub-layer removed. They form a *drop group*
+(:func:`drop_groups`): the sub-layer is removed when any of them is at ``DROP`` (its other
+linears then cost nothing in the saved model), and the search moves the group to and from
+``DROP`` together, so its candidates stay consistent (all or none at ``DROP``). With
+``shared_width: true`` (and always for ``bits: []``) a sub-layer is one unit instead, its
+linears sharing one width. With ``keep: true`` the last level of every unit is ``KEEP``: its
+original weights, not quantized. Costs are additive over units (``DROP`` costs nothing), so
+the DP (over drop groups as whole items, :func:`~slimformer.search.evolution.dp_allocation`) and
+the budget-preserving mutation apply.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ class Unit:
     """``name``: a linear's or a sub-layer's qualified name; ``linears``: the database units it
     sets; ``levels``: the width of each level (``DROP`` = removed); ``block``/``kind``: the
     block index and ``"attention"``/``"mlp"`` of a droppable sub-layer (else None);
-    ``keep_bits``: bits per weight of the original weights (the cost of ``KEEP``)."""
+    ``keep_bits``: bits per weight of the original weights (the cost of ``KEEP``);
+    ``sublayer``: the qualified name of the sub-layer module ``DROP`` removes (None if the unit
+    cannot be removed)."""
 
     name: str
     linears: tuple[str, ...]
@@ -31,6 +39,7 @@ class Unit:
     block: int | None = None
     kind: str | None = None
     keep_bits: int = 32
+    sublayer: str | None = None
 
 
 def build_units(loaded, db, space: QuantizationLevels) -> list[Unit]:
@@ -55,12 +64,27 @@ def build_units(loaded, db, space: QuantizationLevels) -> list[Unit]:
             if not linears:
                 continue
             claimed.update(linears)
-            levels = ((DROP,) if kind in space.drop else ()) + tuple(db.level_bits) + keep
-            units.append(Unit(roots[0], linears, levels, i, kind, element_bits(linears[0])))
+            droppable = kind in space.drop
+            levels = ((DROP,) if droppable else ()) + tuple(db.level_bits) + keep
+            sublayer = roots[0] if droppable else None
+            if space.shared_width or not db.level_bits:
+                units.append(Unit(roots[0], linears, levels, i, kind, element_bits(linears[0]), sublayer))
+            else:
+                units += [Unit(name, (name,), levels, i, kind, element_bits(name), sublayer) for name in linears]
     units += [Unit(u, (u,), tuple(db.level_bits) + keep, keep_bits=element_bits(u)) for u in db.units if u not in claimed]
     if not db.level_bits and any(len(u.levels) < 2 for u in units):
         raise ConfigError("search space: with bits: [] every searched layer must be removable", "add its sub-layer kind to drop: or give bits")
     return units
+
+
+def drop_groups(units: list[Unit]) -> list[tuple[int, ...]]:
+    """The indices of the units that remove one sub-layer together (in unit order), for every
+    sub-layer split over several units; a sub-layer that is one unit needs no group."""
+    by_sublayer: dict[str, list[int]] = {}
+    for i, unit in enumerate(units):
+        if unit.sublayer is not None:
+            by_sublayer.setdefault(unit.sublayer, []).append(i)
+    return [tuple(g) for g in by_sublayer.values() if len(g) > 1]
 
 
 def costs_of(units: list[Unit], db, space: QuantizationLevels, budget: Budget) -> tuple[list[list[int]], int]:
