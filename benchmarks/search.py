@@ -165,16 +165,20 @@ def compare_lines(front: dict, compare: dict, causal: bool) -> list[str]:
         mine = entry["searched"]
         limit = float(label_.split("=")[1]) if label_.startswith("bytes=") else mine["stored_bytes"]
         same = [(l, e) for l, e in other["budgets"].items() if abs(e["searched"]["stored_bytes"] - limit) <= 0.001 * limit]
+        uniform = [(f"uniform {w}-bit", {"searched": p, "dp": p, "generations": 0}) for w, p in other["uniform"].items() if abs(p["stored_bytes"] - limit) <= 0.001 * limit]
+        if not same and uniform and int(uniform[0][0].split()[1].split("-")[0]) == min(int(w) for w in other["uniform"]):
+            same = uniform  # the budget of the lowest width: the bits-only space has this one candidate
         if not same:
             out.append(f"- {label_}: no budget of `{compare['stem']}` spends the same bytes")
             continue
         l2, e2 = same[0]
+        n_weights = mine["stored_bytes"] * 8 / mine["stored_bits_per_weight"]
         a, b = mine["distortion"], e2["searched"]["distortion"]
         dpa, dpb = entry["dp"]["distortion"], e2["dp"]["distortion"]
         out.append(f"- issue line ({label_} = {l2} of the bits-only space, {mine['stored_bytes'] / 1e6:.2f} vs {e2['searched']['stored_bytes'] / 1e6:.2f} MB): "
                    f"joint search held-out {name} {a:.4f} vs bits-only search {b:.4f} ({a / b:.3f}x, {entry['generations']} vs {e2['generations']} generations); "
-                   f"DP allocations {dpa:.4f} vs {dpb:.4f}: **{'met' if a < b else 'not met'}** (the joint space beats the best single-method search at that budget; "
-                   "a structure-only search cannot reach it: the float originals of these layers are ~10x the budget)")
+                   f"DP allocations {dpa:.4f} vs {dpb:.4f}: **{'met' if a < b else 'not met'}** (the issue asks the joint space to beat the best single-method "
+                   f"search at the budget; a structure-only search cannot reach it: the float32 originals of these layers are {32 / (limit * 8 / n_weights):.0f}x the budget)")
     return out
 
 
