@@ -528,6 +528,11 @@ def test_keep_level_and_params_budget_costs(tiny_factory, tmp_path):
         QuantizationLevels(bits=(), drop=("mlp",))
     # a space without keep has the fingerprint it had before the keep level existed
     assert "keep" not in SearchSpace(QuantizationLevels()).to_dict()["space"]
+    # nor one without droppable sub-layers the shared_width flag (nothing to share there)
+    assert "shared_width" not in SearchSpace(QuantizationLevels()).to_dict()["space"]
+    assert SearchSpace(QuantizationLevels(drop=("mlp",))).to_dict()["space"]["shared_width"] is False
+    with pytest.raises(ConfigError, match="shared_width"):
+        QuantizationLevels(drop=("mlp",), shared_width="yes")
 
 
 def test_search_levels_may_use_any_packed_width():
