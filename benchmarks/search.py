@@ -175,6 +175,11 @@ def compare_lines(front: dict, compare: dict, causal: bool) -> list[str]:
         n_weights = mine["stored_bytes"] * 8 / mine["stored_bits_per_weight"]
         a, b = mine["distortion"], e2["searched"]["distortion"]
         dpa, dpb = entry["dp"]["distortion"], e2["dp"]["distortion"]
+        if not mine.get("removed_sublayers"):
+            out.append(f"- {label_} = {l2} of the bits-only space: the joint search removed no sub-layer, so its result lies in the bits-only space; "
+                       f"held-out {name} {a:.4f} vs {b:.4f} ({entry['generations']} vs {e2['generations']} generations) is the difference between two search paths "
+                       "through the same space, not a gain of the joint space: the issue line is not shown at this budget")
+            continue
         out.append(f"- issue line ({label_} = {l2} of the bits-only space, {mine['stored_bytes'] / 1e6:.2f} vs {e2['searched']['stored_bytes'] / 1e6:.2f} MB): "
                    f"joint search held-out {name} {a:.4f} vs bits-only search {b:.4f} ({a / b:.3f}x, {entry['generations']} vs {e2['generations']} generations); "
                    f"DP allocations {dpa:.4f} vs {dpb:.4f}: **{'met' if a < b else 'not met'}** (the issue asks the joint space to beat the best single-method "
