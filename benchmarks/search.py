@@ -165,9 +165,10 @@ def compare_lines(front: dict, compare: dict, causal: bool) -> list[str]:
         mine = entry["searched"]
         limit = float(label_.split("=")[1]) if label_.startswith("bytes=") else mine["stored_bytes"]
         same = [(l, e) for l, e in other["budgets"].items() if abs(e["searched"]["stored_bytes"] - limit) <= 0.001 * limit]
-        uniform = [(f"uniform {w}-bit", {"searched": p, "dp": p, "generations": 0}) for w, p in other["uniform"].items() if abs(p["stored_bytes"] - limit) <= 0.001 * limit]
-        if not same and uniform and int(uniform[0][0].split()[1].split("-")[0]) == min(int(w) for w in other["uniform"]):
-            same = uniform  # the budget of the lowest width: the bits-only space has this one candidate
+        lowest = min(other["uniform"], key=int)
+        if not same and abs(other["uniform"][lowest]["stored_bytes"] - limit) <= 0.001 * limit:
+            # the budget of the lowest width: the bits-only space has this one candidate
+            same = [(f"uniform {lowest}-bit", {"searched": other["uniform"][lowest], "dp": other["uniform"][lowest], "generations": 0})]
         if not same:
             out.append(f"- {label_}: no budget of `{compare['stem']}` spends the same bytes")
             continue

@@ -154,6 +154,13 @@ def test_grouped_dp_is_the_exact_optimum_over_consistent_candidates():
         assert tuple(dp) in fits and value(dp) == pytest.approx(best)
     # the tightest budget can only be met by removing sub-layers, which the DP then does
     assert dp_allocation(sens, costs, 20, groups)[0] == 0 or dp_allocation(sens, costs, 20, groups)[3] == 0
+    # a large group (e.g. the linears of many experts in one MLP) is merged member by member,
+    # never enumerated as the product of its members' widths (4^24 here)
+    big = list(range(24))
+    big_costs = [[0, 2, 4, 8] for _ in big]
+    big_sens = [[100.0, 1.0, 0.5, 0.1] for _ in big]  # removing it costs more than any widths
+    chosen = dp_allocation(big_sens, big_costs, 24 * 4, [tuple(big)])
+    assert chosen == [2] * 24  # 4 bits each: every cheaper mix of widths costs more sensitivity
 
 
 def test_grouped_sensitivity_probes_remove_the_whole_group_once():

@@ -20,7 +20,6 @@ With ``generations: 0`` the search returns that allocation.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import random
@@ -153,16 +152,19 @@ def dp_allocation(sens: list[list[float]], costs: list[list[int]], budget: int, 
     grouped = {u for g in groups for u in g}
     items: list[tuple[tuple[int, ...], list[tuple[int, ...]]]] = []  # (units, options as level tuples)
     for g in groups:
-        combos = []
-        for levels in itertools.product(*(range(1, len(costs[m])) for m in g)):
-            combos.append((sum(costs[m][k] for m, k in zip(g, levels)), sum(sens[m][k] for m, k in zip(g, levels)), levels))
-        combos.sort(key=lambda c: (c[0], c[1]))
-        front, best = [], math.inf
-        for cost, s, levels in combos:  # the combinations no cheaper one beats
-            if s < best:
-                front.append(levels)
-                best = s
-        items.append((g, [(0,) * len(g)] + front))
+        # the group's non-dominated width combinations, one member at a time (exact: a
+        # dominated partial combination stays dominated whatever the later members add), so a
+        # large group (many experts' linears in one MLP) never enumerates the whole product
+        front: list[tuple[int, float, tuple[int, ...]]] = [(0, 0.0, ())]
+        for m in g:
+            merged = sorted(((c + costs[m][k], s + sens[m][k], levels + (k,)) for c, s, levels in front for k in range(1, len(costs[m]))),
+                            key=lambda x: (x[0], x[1]))
+            front, best = [], math.inf
+            for c, s, levels in merged:  # keep what no cheaper combination beats
+                if s < best:
+                    front.append((c, s, levels))
+                    best = s
+        items.append((g, [(0,) * len(g)] + [levels for _, _, levels in front]))
     items += [((u,), [(k,) for k in range(len(costs[u]))]) for u in range(len(costs)) if u not in grouped]
     item_costs = [[sum(costs[m][k] for m, k in zip(units, option)) for option in options] for units, options in items]
     item_sens = [[sens[units[0]][0] if not any(option) else sum(sens[m][k] for m, k in zip(units, option)) for option in options] for units, options in items]
