@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from slimformer.search.database import LevelDatabase
-from slimformer.search.units import DROP, KEEP, Unit
+from slimformer.search.units import DROP, KEEP, Unit, removed_sublayers
 
 ORIGINAL = -1  # "level" of a layer that keeps its original weight (used by sensitivity probes)
 
@@ -108,8 +108,7 @@ class Evaluator:
             for unit, level in levels.items():
                 self._set_layer(unit, int(level))
             return
-        # a sub-layer is removed when any unit of its drop group is at DROP
-        removed = {u.sublayer for u, level in zip(self.units, levels) if level != ORIGINAL and u.levels[level] == DROP}
+        removed = removed_sublayers(self.units, levels)
         for unit, level in zip(self.units, levels):
             bits = None if level == ORIGINAL or unit.levels[level] == KEEP else unit.levels[level]
             if unit.sublayer is not None:

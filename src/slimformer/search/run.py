@@ -45,7 +45,7 @@ from slimformer.search.fitness import Evaluator, reference_outputs
 from slimformer.search.nsga2 import pareto_search, spread
 from slimformer.search.pool import LocalPool, RayPool
 from slimformer.search.space import Budget, SearchSpace
-from slimformer.search.units import DROP, KEEP, Unit, build_units, costs_of, drop_groups
+from slimformer.search.units import KEEP, Unit, build_units, costs_of, drop_groups, removed_sublayers
 
 STATE_NAME = "search.json"
 
@@ -127,7 +127,7 @@ def assemble(loaded, db: LevelDatabase, bits_of: dict[str, int], removed: list[t
 def choice(units: list[Unit], levels: list[int]) -> tuple[dict[str, int], list[tuple[int, str]]]:
     """Per searched linear its width (``KEEP``: its original weights), and the removed (block,
     kind) sub-layers, of a candidate."""
-    gone = {u.sublayer for u, level in zip(units, levels) if u.levels[level] == DROP}
+    gone = removed_sublayers(units, levels)
     bits_of: dict[str, int] = {}
     removed: list[tuple[int, str]] = []
     for unit, level in zip(units, levels):

@@ -87,6 +87,12 @@ def drop_groups(units: list[Unit]) -> list[tuple[int, ...]]:
     return [tuple(g) for g in by_sublayer.values() if len(g) > 1]
 
 
+def removed_sublayers(units: list[Unit], levels: list[int]) -> set[str]:
+    """The sub-layer modules a candidate removes: those with any unit at ``DROP`` (a negative
+    level, the original weights of a sensitivity probe, removes nothing)."""
+    return {u.sublayer for u, level in zip(units, levels) if level >= 0 and u.levels[level] == DROP}
+
+
 def costs_of(units: list[Unit], db, space: QuantizationLevels, budget: Budget) -> tuple[list[list[int]], int]:
     """Integer cost of every unit at every level and the budget (see :func:`space.unit_costs`);
     a removed sub-layer costs nothing, and ``bits`` budgets count its weights in the total; a
