@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimformer.errors import ConfigError, did_you_mean
+from slimformer.jsonfile import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +99,7 @@ def _disk_cached(name: str, files: list[Path], build) -> tuple[str, ...]:
     docs = build()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(list(docs)), encoding="utf-8")
-        os.replace(tmp, path)
+        write_json(path, list(docs), indent=None)
     except OSError:
         logger.debug("text cache %s not written", path)
     return docs

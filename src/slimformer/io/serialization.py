@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slimformer.errors import ModelLoadError, OutputExistsError, OutputWriteError
+from slimformer.jsonfile import write_json
 from slimformer.methods.quantization.modules import QuantizedModule, module_from_description
 from slimformer.models.adapters import ArchitectureAdapter, conv1d_to_linear, set_submodule
 from slimformer.models.loading import MANIFEST_NAME, LoadedModel, check_folder_contained, check_safetensors_file
@@ -302,9 +303,7 @@ def update_manifest(folder: str | os.PathLike, **fields: Any) -> None:
     path = Path(folder) / MANIFEST_NAME
     manifest = read_manifest(Path(folder))
     manifest.update(fields)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    write_json(path, manifest, default=_json_default, indent=2)
 
 
 def _json_default(obj: Any) -> Any:

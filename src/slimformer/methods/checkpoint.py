@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import ResumeError
+from slimformer.jsonfile import write_json
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,6 @@ def _lock(folder: Path) -> int:
         os.close(fd)
         raise ResumeError(f"another slimformer job is running in {folder}", "wait for it to finish or write to another --out") from None
     return fd
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _json_plain(obj: Any) -> Any:
@@ -170,7 +165,7 @@ class JobCheckpoint:
             folder.mkdir(parents=True, exist_ok=True)
             fd = _lock(folder)
         if not resumed:
-            _write_json(folder / JOURNAL_NAME, {"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION, **identity})
+            write_json(folder / JOURNAL_NAME, {"format": JOURNAL_FORMAT, "version": JOURNAL_VERSION, **identity}, sort_keys=True)
         return cls(folder, fd, resumed)
 
     # ----- steps and units -------------------------------------------------------------------

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slimformer.errors import ConfigError
+from slimformer.jsonfile import write_json
 from slimformer.methods.calibration import CompressionContext, blockwise
 from slimformer.methods.quantization.gptq import quantize_linear_gptq
 from slimformer.methods.quantization.modules import QuantizedLinear
@@ -153,16 +154,10 @@ def build_database(loaded, space: SearchSpace, folder: str | os.PathLike, ctx: C
         if lv.quantizer == "gptq":
             for name, module, stats in blockwise(loaded, ctx, todo, hessian=True, desc="level database"):
                 store(name, module, stats.hessian[name] / stats.count[name])
-                _write_json(index_path, index)
+                write_json(index_path, index)
         else:
             for name, module in todo.items():
                 store(name, module, None)
     index["complete"] = True
-    _write_json(index_path, index)
+    write_json(index_path, index)
     return LevelDatabase(folder, index)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)

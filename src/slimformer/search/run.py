@@ -36,6 +36,7 @@ import torch
 
 from slimformer.data import TextSpec, load_texts
 from slimformer.errors import ConfigError
+from slimformer.jsonfile import write_json
 from slimformer.methods.calibration import CompressionContext
 from slimformer.models.adapters import set_submodule
 from slimformer.models.loading import max_positions
@@ -313,9 +314,7 @@ def plot_front(front: dict, path: Path) -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_default))
-    os.replace(tmp, path)
+    write_json(path, data, default=_default)
 
 
 def _default(o):
