@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from slimformer.errors import ConfigError
-from slimformer.search.nsga2 import ParetoSettings, non_dominated, pareto_search, spread
+from slimformer.search.nsga2 import ParetoSettings, non_dominated, pareto_search, repaired, spread
 
 from test_search import QuadraticPool, _costs
 
@@ -56,6 +56,41 @@ def test_same_seed_same_front_and_resume_after_a_kill_ends_identically(tmp_path)
     assert pareto_search(done, costs, SETTINGS, journal=tmp_path / "a.jsonl").front == whole.front and done.calls == 0
     with pytest.raises(ValueError, match="other units"):
         pareto_search(QuadraticPool(6, 4), costs[:6], SETTINGS, journal=tmp_path / "a.jsonl")
+
+
+def test_drop_groups_are_repaired_before_scoring_and_costing(tmp_path):
+    """Units 0-2 and 3-4 each remove one sub-layer at level 0 (costing nothing): a drawn candidate
+    with one member removed is scored and costed as the whole sub-layer removed."""
+    base, _ = _costs(n_units=9)
+    costs = [[0] + c[:3] if u < 5 else c for u, c in enumerate(base)]
+    groups = [(0, 1, 2), (3, 4)]
+    assert repaired([0, 2, 3, 1, 0, 1, 2, 3, 0], groups) == (0, 0, 0, 0, 0, 1, 2, 3, 0)
+    assert repaired([1, 2, 3, 1, 2, 1, 2, 3, 0], groups) == (1, 2, 3, 1, 2, 1, 2, 3, 0)
+
+    class Recording(QuadraticPool):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.scored = []
+
+        def score(self, candidates, n_batches):
+            self.scored += [tuple(c) for c in candidates]
+            return super().score(candidates, n_batches)
+
+    settings = ParetoSettings(population=16, generations=5, batches=1, seed=1)
+    pool = Recording(len(costs), 4)
+    result = pareto_search(pool, costs, settings, journal=tmp_path / "g.jsonl", groups=groups)
+    assert pool.scored and all(repaired(c, groups) == c for c in pool.scored), "only consistent candidates are scored"
+    assert len(set(pool.scored)) == len(pool.scored) == result.evaluated
+    drawn = [c for line in (tmp_path / "g.jsonl").read_text().splitlines() for c in __import__("json").loads(line)["levels"]]
+    assert any(repaired(c, groups) != tuple(c) for c in drawn), "the sampler drew partial groups, which were repaired"
+    for p in result.front:
+        assert repaired(p["levels"], groups) == tuple(p["levels"])
+        assert p["cost"] == _cost(p["levels"], costs)
+    # Resuming from the journal rebuilds the same study (genes as drawn, costs of the repaired candidates).
+    lines = (tmp_path / "g.jsonl").read_text().splitlines()
+    (tmp_path / "h.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    again = pareto_search(QuadraticPool(len(costs), 4), costs, settings, journal=tmp_path / "h.jsonl", groups=groups)
+    assert again.front == result.front and again.evaluated == result.evaluated
 
 
 def test_helpers_and_settings():

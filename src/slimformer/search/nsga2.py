@@ -11,6 +11,13 @@ Each generation's ``population`` candidates are asked together and scored as one
 evaluator pool (in-process or Ray actors), so a generation parallelises across workers. The
 first generation holds every uniform setting (all units at level k) plus random candidates.
 
+Drop groups (the linears of one removable sub-layer, see :mod:`slimformer.search.units`): the
+sampler draws every unit freely, so a candidate may put one member of a group at level 0
+(removed) and the others at widths. It is repaired before it is scored or costed: the sub-layer
+is removed, so every member goes to level 0 (its other linears cost nothing, as in the saved
+model). The sampler keeps the drawn levels as the trial's genes; the score, the cost and the
+front belong to the repaired candidate.
+
 Reproducible and resumable: the sampler is re-seeded from ``(seed, generation)`` at the start of
 every generation, and each finished generation is appended to a JSONL journal (levels, scores).
 A resumed run rebuilds the study from the journal and continues at the next generation, ending
@@ -75,10 +82,22 @@ def non_dominated(points: list[dict]) -> list[dict]:
     return out
 
 
+def repaired(levels: list[int], groups: list[tuple[int, ...]] = ()) -> tuple[int, ...]:
+    """``levels`` with every drop group that has a member at level 0 (removed) wholly at 0."""
+    out = list(levels)
+    for group in groups:
+        if any(out[u] == 0 for u in group):
+            for u in group:
+                out[u] = 0
+    return tuple(out)
+
+
 def pareto_search(pool, costs: list[list[int]], settings: ParetoSettings, journal: str | os.PathLike | None = None,
-                  progress: bool = False) -> ParetoResult:
+                  progress: bool = False, groups: list[tuple[int, ...]] = ()) -> ParetoResult:
     """Run NSGA-II over per-unit levels; ``costs[u][k]``: the cost of unit ``u`` at level ``k``;
-    ``pool.score(candidates, n_batches)`` returns their fitness. Resumes from ``journal``."""
+    ``pool.score(candidates, n_batches)`` returns their fitness; ``groups``: drop groups (unit
+    indices whose level 0 removes one sub-layer together), candidates :func:`repaired` over them.
+    Resumes from ``journal``."""
     import optuna
     from optuna.distributions import CategoricalDistribution
 
@@ -97,8 +116,8 @@ def pareto_search(pool, costs: list[list[int]], settings: ParetoSettings, journa
     history: list[dict] = []
     for rec in records:  # rebuild the study exactly as the finished generations left it
         for levels, fit in zip(rec["levels"], rec["fitness"]):
-            _add(study, levels, fit, rec["generation"], dists, costs)
-            seen[tuple(levels)] = fit
+            _add(study, levels, fit, rec["generation"], dists, costs, groups)
+            seen[repaired(levels, groups)] = fit
         history.append(rec["summary"])
     first = records[-1]["generation"] + 1 if records else 0
     for g in range(1, first):  # the parent populations, cached in order as the live run cached them
@@ -116,14 +135,14 @@ def pareto_search(pool, costs: list[list[int]], settings: ParetoSettings, journa
             # scoring), so a resumed study numbers its trials exactly as the uninterrupted one did.
             asked = [[t.params[f"u{u:04d}"] for u in range(n_units)] for t in trials]
             cands = asked + fixed
-            todo = [c for c in dict.fromkeys(tuple(c) for c in cands) if c not in seen]
+            todo = [c for c in dict.fromkeys(repaired(c, groups) for c in cands) if c not in seen]
             for c, s in zip(todo, pool.score([list(c) for c in todo], settings.batches)):
                 seen[c] = float(s)
-            fits = [seen[tuple(c)] for c in cands]
+            fits = [seen[repaired(c, groups)] for c in cands]
             for t, c, f in zip(trials, asked, fits):
-                study.tell(t, [f, _cost(c, costs)])
+                study.tell(t, [f, _cost(repaired(c, groups), costs)])
             for c, f in zip(fixed, fits[len(asked):]):
-                _add(study, c, f, gen, dists, costs)
+                _add(study, c, f, gen, dists, costs, groups)
             front = non_dominated([{"levels": list(k), "fitness": v, "cost": _cost(list(k), costs)} for k, v in seen.items()])
             summary = {"generation": gen, "front_size": len(front), "evaluated": len(seen), "best_fitness": front[-1]["fitness"] if front else None}
             history.append(summary)
@@ -153,12 +172,14 @@ def spread(front: list[dict], n: int) -> list[dict]:
     return sorted(picked, key=lambda p: p["cost"])
 
 
-def _add(study, levels: list[int], fitness: float, generation: int, dists: dict, costs: list[list[int]]) -> None:
-    """Add a scored candidate to ``study`` as a finished trial of ``generation``."""
+def _add(study, levels: list[int], fitness: float, generation: int, dists: dict, costs: list[list[int]],
+         groups: list[tuple[int, ...]] = ()) -> None:
+    """Add a scored candidate to ``study`` as a finished trial of ``generation`` (its genes
+    ``levels``, its cost that of the repaired candidate)."""
     import optuna
 
     study.add_trial(optuna.trial.create_trial(
-        params={f"u{u:04d}": k for u, k in enumerate(levels)}, distributions=dists, values=[fitness, _cost(levels, costs)],
+        params={f"u{u:04d}": k for u, k in enumerate(levels)}, distributions=dists, values=[fitness, _cost(list(repaired(levels, groups)), costs)],
         system_attrs={GENERATION_KEY: generation},
     ))
 

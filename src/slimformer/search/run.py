@@ -200,7 +200,8 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
         if pareto:
             (out / "pareto").mkdir(exist_ok=True)
             bit_costs, _ = costs_of(units, db, space.levels, Budget("bits", 1.0))
-            pareto_result = pareto_search(pool, bit_costs, space.pareto, journal=out / "pareto" / "journal.jsonl", progress=progress)
+            pareto_result = pareto_search(pool, bit_costs, space.pareto, journal=out / "pareto" / "journal.jsonl", progress=progress,
+                                          groups=groups)
     finally:
         pool.close()
 
