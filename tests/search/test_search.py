@@ -177,6 +177,22 @@ def test_grouped_sensitivity_probes_remove_the_whole_group_once():
     assert sens[0][0] == sens[1][0] == sens[2][0] and sens[3][0] == sens[4][0]
 
 
+def test_probe_cache_reuses_earlier_scores_and_scores_only_new_probes():
+    def key_of(c):
+        return ";".join(f"{u}@{k}" for u, k in enumerate(c) if k >= 0) or "original"
+
+    cache: dict[str, float] = {}
+    first = QuadraticPool(6, 4)
+    expected = sensitivities(first, 6, 4, cache=cache, key_of=key_of)
+    assert first.calls == 24 and len(cache) == 24
+    again = QuadraticPool(6, 4)
+    assert sensitivities(again, 6, 4, cache=cache, key_of=key_of) == expected and again.calls == 0
+    # A search with one more level per unit scores only the new probes.
+    more = QuadraticPool(6, 5)
+    got = sensitivities(more, 6, 5, cache=cache, key_of=key_of)
+    assert more.calls == 6 and [row[:4] for row in got] == expected and len(cache) == 30
+
+
 def test_levels_equal_to_the_original_are_probed_once():
     """``original``: levels that leave a unit as in the original (KEEP) all give the original
     model, scored once instead of once per unit."""
@@ -470,6 +486,56 @@ def test_joint_space_removes_sublayers_within_a_byte_budget(tiny_factory, tmp_pa
     assert database_key("m", space) == database_key("m", bits_only)
     assert build_database(loaded, bits_only, tmp_path / "db").index["key"] == db.index["key"]
     assert database_key("m", SearchSpace(QuantizationLevels(bits=(2, 4), group_size=32, drop=("mlp",)), space.evolution, CAL)) != database_key("m", space)
+
+
+def test_a_joint_search_reuses_the_bits_only_searchs_probes_from_their_shared_database(tiny_factory, tmp_path, monkeypatch):
+    """Two searches over one level database (the joint space's folder links the bits-only one's
+    levels): the width probes are stored beside the database by what they change and the joint
+    search scores only its removal probes; its sensitivities equal a fresh computation's."""
+    import json
+    import os
+
+    import slimformer.search.run as run
+    from slimformer.search.run import probe_key
+    from slimformer.search.units import build_units
+
+    scored = []
+
+    class Counting(run.LocalPool):
+        def score(self, candidates, n_batches):
+            scored.append(len(candidates))
+            return super().score(candidates, n_batches)
+
+    monkeypatch.setattr(run, "LocalPool", Counting)
+    loaded = tiny_factory("llama")
+    evo = EvolutionSettings(generations=0, offspring=4, stages=((2, 1), (1, 2)))
+    bits_only = SearchSpace(QuantizationLevels(bits=(2, 4), group_size=32), evo, CAL)
+    joint = SearchSpace(QuantizationLevels(bits=(2, 4), group_size=32, drop=("attention", "mlp")), evo, CAL)
+    search(loaded, bits_only, [Budget("bits", 3.0)], tmp_path / "a", eval_texts=4, eval_max_length=32, save_models=False)
+    (tmp_path / "b").mkdir()
+    os.symlink(tmp_path / "a" / "levels", tmp_path / "b" / "levels")
+    probes = list((tmp_path / "a" / "levels").glob("probes-*.json"))
+    assert len(probes) == 1
+    widths = json.loads(probes[0].read_text())
+    assert sorted(widths) == sorted(f"{u}@{b}" for u in build_database(loaded, bits_only, tmp_path / "a" / "levels").units for b in (2, 4))
+    scored.clear()
+    search(loaded, joint, [Budget("bits", 3.0)], tmp_path / "b", eval_texts=4, eval_max_length=32, save_models=False)
+    linked = sum(scored)
+    both = json.loads(probes[0].read_text())
+    assert set(widths) <= set(both) and sorted(set(both) - set(widths)) == sorted(f"-model.layers.{b}.{k}" for b in range(4) for k in ("self_attn", "mlp"))
+    # A fresh joint search (its own database) scores the 56 width probes the linked one reused,
+    # and measures what was reused.
+    scored.clear()
+    search(loaded, joint, [Budget("bits", 3.0)], tmp_path / "c", eval_texts=4, eval_max_length=32, save_models=False)
+    assert sum(scored) - linked == len(widths) == 56
+    fresh = json.loads(next((tmp_path / "c" / "levels").glob("probes-*.json")).read_text())
+    assert fresh.keys() == both.keys() and all(fresh[k] == pytest.approx(both[k], rel=1e-5, abs=1e-9) for k in fresh)
+    sens_b = json.loads((tmp_path / "b" / "sensitivity.json").read_text())["sensitivity"]
+    sens_c = json.loads((tmp_path / "c" / "sensitivity.json").read_text())["sensitivity"]
+    assert [x for row in sens_b for x in row] == pytest.approx([x for row in sens_c for x in row], rel=1e-5, abs=1e-9)
+    units = build_units(loaded, build_database(loaded, joint, tmp_path / "c" / "levels"), joint.levels)
+    assert probe_key(units, tuple([-1] * len(units))) == "original"
+    assert probe_key(units, tuple([0] + [-1] * (len(units) - 1))) == f"-{units[0].sublayer}"
 
 
 def test_structure_only_space_removes_sublayers_and_keeps_the_rest_exactly(tiny_factory, tmp_path):

@@ -110,14 +110,17 @@ def uniform_levels(n_units: int, level: int) -> list[int]:
 
 
 def sensitivities(pool, level_counts: list[int] | int, n_levels: int | None = None, n_batches: int = 1, progress: bool = False,
-                  original: list[set[int]] | None = None, groups: list[tuple[int, ...]] = ()) -> list[list[float]]:
+                  original: list[set[int]] | None = None, groups: list[tuple[int, ...]] = (),
+                  cache: dict[str, float] | None = None, key_of: Callable[[tuple[int, ...]], str] | None = None) -> list[list[float]]:
     """Per unit and level: the distortion when only that unit is at that level (others original).
 
     ``level_counts``: the number of levels of each unit (or a unit count, with ``n_levels`` each).
     ``original``: per unit, the levels that leave it as in the original (e.g. ``KEEP``): those
     candidates all equal the original model, which is scored once for them. ``groups``: drop
     groups; level 0 of a member is probed with its whole group at 0 (the sub-layer removed),
-    one probe per group."""
+    one probe per group. ``cache`` with ``key_of``: scores of probes from earlier searches by
+    what a probe changes (``key_of(candidate)``, e.g. "this linear at 3 bits"), reused instead of
+    scored; the new probes' scores are added to it."""
     if isinstance(level_counts, int):
         level_counts = [n_levels] * level_counts
     original = original or [set() for _ in level_counts]
@@ -131,11 +134,17 @@ def sensitivities(pool, level_counts: list[int] | int, n_levels: int | None = No
         return tuple(c)
 
     distinct = list(dict.fromkeys(probe(u, k) for u, n in enumerate(level_counts) for k in range(n)))
-    scores: list[float] = []
+    score_of: dict[tuple[int, ...], float] = {}
+    if cache is not None and key_of is not None:
+        score_of = {c: cache[key_of(c)] for c in distinct if key_of(c) in cache}
+    todo = [c for c in distinct if c not in score_of]
     chunk = max(1, 4 * getattr(pool, "workers", 1))
-    for i in tqdm(range(0, len(distinct), chunk), desc="sensitivity probes", disable=not progress, unit="chunk"):
-        scores.extend(pool.score([list(c) for c in distinct[i : i + chunk]], n_batches))
-    score_of = dict(zip(distinct, scores))
+    for i in tqdm(range(0, len(todo), chunk), desc="sensitivity probes", disable=not progress, unit="chunk"):
+        part = todo[i : i + chunk]
+        for c, s in zip(part, pool.score([list(c) for c in part], n_batches)):
+            score_of[c] = s
+            if cache is not None and key_of is not None:
+                cache[key_of(c)] = s
     return [[score_of[probe(u, k)] for k in range(n)] for u, n in enumerate(level_counts)]
 
 

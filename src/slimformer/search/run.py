@@ -24,6 +24,7 @@ same arguments, and ends with the same result.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -40,13 +41,13 @@ from slimformer.jsonfile import write_json
 from slimformer.methods.calibration import CompressionContext
 from slimformer.models.adapters import set_submodule
 from slimformer.models.loading import max_positions
-from slimformer.search.database import LevelDatabase, build_database
+from slimformer.search.database import LevelDatabase, build_database, database_key
 from slimformer.search.evolution import dp_allocation, evolve, sensitivities, total_cost
 from slimformer.search.fitness import Evaluator, reference_outputs
 from slimformer.search.nsga2 import pareto_search, spread
 from slimformer.search.pool import LocalPool, RayPool
 from slimformer.search.space import Budget, SearchSpace
-from slimformer.search.units import KEEP, Unit, build_units, costs_of, drop_groups, removed_sublayers
+from slimformer.search.units import DROP, KEEP, Unit, build_units, costs_of, drop_groups, removed_sublayers
 
 STATE_NAME = "search.json"
 
@@ -78,7 +79,8 @@ def _check_folder(out: Path, space: SearchSpace, source: str, force: bool) -> No
             import shutil
 
             shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()) and not force:
+    elif out.exists() and any(p.name != "levels" for p in out.iterdir()) and not force:
+        # a folder holding only ``levels`` (another search's level database, copied or linked) is a new search
         raise ConfigError(f"output folder {out} exists and is not a search folder", "choose another --out or pass --force")
 
 
@@ -185,7 +187,12 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
             sens = json.loads(sens_path.read_text())["sensitivity"]
         else:
             keep = [{k for k, w in enumerate(u.levels) if w == KEEP} for u in units]
-            sens = sensitivities(pool, [len(u.levels) for u in units], n_batches=space.evolution.stages[0][1], progress=progress, original=keep, groups=groups)
+            n_probe = space.evolution.stages[0][1]
+            probes_path = db.folder / f"probes-{_probes_key(source, space, n_probe)}.json"
+            cache = json.loads(probes_path.read_text()) if probes_path.is_file() else {}
+            sens = sensitivities(pool, [len(u.levels) for u in units], n_batches=n_probe, progress=progress, original=keep, groups=groups,
+                                 cache=cache, key_of=lambda c: probe_key(units, c))
+            write_json(probes_path, cache, sort_keys=True)
             _write_json(sens_path, {"units": [u.name for u in units], "levels": [list(u.levels) for u in units], "sensitivity": sens})
         seeds = {n: s(units) if callable(s) else list(s) for n, s in (seeds or {}).items()}
         results = {}
@@ -312,6 +319,25 @@ def plot_front(front: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def probe_key(units: list[Unit], levels: tuple[int, ...]) -> str:
+    """What a sensitivity probe changes, independent of how the space cuts the model into units:
+    ``-SUBLAYER`` for a removed sub-layer, ``LINEAR@BITS`` for a linear at a width (a unit at its
+    original weights or ``KEEP`` changes nothing); ``original`` when nothing changes."""
+    parts = {f"-{s}" for s in removed_sublayers(units, list(levels))}
+    for unit, k in zip(units, levels):
+        if k >= 0 and unit.levels[k] not in (DROP, KEEP):
+            parts.update(f"{name}@{unit.levels[k]}" for name in unit.linears)
+    return ";".join(sorted(parts)) or "original"
+
+
+def _probes_key(source: str, space: SearchSpace, n_batches: int) -> str:
+    """What a probe's score depends on beyond the level database (its folder's own key): the
+    database, the calibration batches it is scored on and the scoring dtype."""
+    payload = json.dumps({"v": 1, "database": database_key(source, space), "calibration": space.to_dict()["calibration"], "batches": n_batches,
+                          "dtype": space.evolution.dtype}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _write_json(path: Path, data: dict) -> None:
