@@ -581,6 +581,43 @@ def test_structure_only_space_removes_sublayers_and_keeps_the_rest_exactly(tiny_
         assert torch.equal(p, original[".".join(parts)]), name
 
 
+def test_nll_fitness_is_the_calibration_perplexity_and_drives_a_structure_search(tiny_factory, tmp_path):
+    """``fitness: nll``: a candidate's score is its mean next-token negative log-likelihood on the
+    calibration batches (Hugging Face's own loss on them), the criterion SLEB
+    uses; a structure search with it ends no worse than its start; encoders are refused; the
+    default (kl) leaves fingerprints as they were."""
+    from slimformer.methods.calibration import CompressionContext
+    from slimformer.search.fitness import ORIGINAL, negative_log_likelihood
+    from slimformer.search.units import build_units
+
+    loaded = tiny_factory("llama")
+    levels = QuantizationLevels(bits=(), drop=("attention", "mlp"), keep=True)
+    evo = EvolutionSettings(generations=3, offspring=4, stages=((2, 1), (1, 2)), fitness="nll")
+    space = SearchSpace(levels, evo, CAL)
+    batches = CompressionContext(CAL).batches(loaded.tokenizer)[:2]
+    db = build_database(loaded, space, tmp_path / "db")
+    units = build_units(loaded, db, levels)
+    ev = Evaluator(loaded, db, batches, [], units=units, fitness="nll")
+    total = count = 0.0
+    for b in batches:
+        s, n = negative_log_likelihood(loaded, b)
+        labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        assert s / n == pytest.approx(float(loaded.model(**b, labels=labels).loss), rel=1e-4)
+        total, count = total + s, count + n
+    assert ev.score([ORIGINAL] * len(units), 2) == pytest.approx(total / count, rel=1e-6)
+    assert ev.score([0] + [ORIGINAL] * (len(units) - 1), 2) != pytest.approx(total / count, rel=1e-6), "a removed sub-layer changes it"
+    out = search(loaded, space, [Budget("params", 0.5)], tmp_path / "s", eval_texts=8, eval_max_length=48, save_models=False)
+    entry = out.front["budgets"]["params=0.5"]
+    assert entry["within_budget"] and entry["searched_calibration_fitness"] <= entry["history"][0]["fitness"] + 1e-12
+    assert out.front["space"]["search"]["fitness"] == "nll"
+    kl_space = dataclasses.replace(space, evolution=dataclasses.replace(evo, fitness="kl"))
+    assert "fitness" not in kl_space.to_dict()["search"]
+    with pytest.raises(ConfigError, match="fitness"):
+        EvolutionSettings(fitness="ppl")
+    with pytest.raises(ConfigError, match="causal language models"):
+        search(tiny_factory("bert"), space, [Budget("params", 0.5)], tmp_path / "e", eval_texts=8, eval_max_length=48)
+
+
 def test_keep_level_and_params_budget_costs(tiny_factory, tmp_path):
     from slimformer.search.units import KEEP, build_units, costs_of
 

@@ -1,7 +1,9 @@
 """Scoring a candidate: distortion of the model's outputs against the original's, on calibration text.
 
 Causal LMs: KL(original || candidate) of next-token distributions per valid token (EvoPress's
-fitness). Encoders: ``1 - cosine`` of the pooled, normalised embeddings per text. Lower is better.
+fitness), or with ``fitness="nll"`` the candidate's negative log-likelihood of the text's next
+tokens (the perplexity criterion of SLEB and BlockPruner). Encoders: ``1 - cosine`` of the
+pooled, normalised embeddings per text. Lower is better.
 
 An ``Evaluator`` is stateful, as EvoPress's workers are: it holds a working copy of the model
 whose searched layers stay ordinary linears, the calibration batches and the original's outputs
@@ -42,6 +44,18 @@ def _outputs(loaded, batch: dict) -> torch.Tensor:
     return F.normalize(pool(hidden, batch["attention_mask"], loaded.pooling), dim=-1)
 
 
+@torch.no_grad()
+def negative_log_likelihood(loaded, batch: dict) -> tuple[float, int]:
+    """Summed negative log-likelihood of every next token whose position and predecessor are
+    valid (either padding side), and the number of those tokens."""
+    logp = F.log_softmax(loaded.model(**batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+    target = batch["input_ids"][:, 1:]
+    mask = batch["attention_mask"]
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)[valid]
+    return float(nll.sum()), int(valid.sum())
+
+
 def distortion(kind: str, reference: torch.Tensor, output: torch.Tensor) -> tuple[float, int]:
     """Summed distortion and the number of items (tokens or texts) it is summed over."""
     if kind == "causal-lm":
@@ -59,13 +73,15 @@ class Evaluator:
     ``cache_bytes``: budget for cached dequantized weights; ``units``: the search units a
     candidate's entries set (default: one per database layer, levels = its widths);
     ``dtype``: the working copy's dtype (``bfloat16``: weights and activations, the reference
-    stays the float32 original's outputs).
+    stays the float32 original's outputs); ``fitness``: ``kl`` (against ``reference``) or
+    ``nll`` (causal LMs; ``reference`` unused).
     A removed sub-layer is muted by a forward hook that zeroes its output, which in a pre-norm
     block is exactly its removal (the saved model removes it physically).
     """
 
     def __init__(self, loaded, database: LevelDatabase | str, batches: list[dict], reference: list[torch.Tensor],
-                 threads: int | None = None, cache_bytes: int = 1 << 30, units: list[Unit] | None = None, dtype: str = "float32") -> None:
+                 threads: int | None = None, cache_bytes: int = 1 << 30, units: list[Unit] | None = None, dtype: str = "float32",
+                 fitness: str = "kl") -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         self.loaded = copy.copy(loaded)
@@ -75,6 +91,7 @@ class Evaluator:
         self.db = database if isinstance(database, LevelDatabase) else _open(database)
         self.batches = batches
         self.reference = reference
+        self.fitness = fitness
         self.modules = {u: self.loaded.model.get_submodule(u) for u in self.db.units}
         self.original = {u: m.weight.detach().clone() for u, m in self.modules.items()}
         self.current = {u: ORIGINAL for u in self.db.units}
@@ -142,8 +159,11 @@ class Evaluator:
         """Mean distortion of the model at ``levels`` on the first ``n_batches`` batches."""
         self.set_levels(levels)
         total = count = 0.0
-        for batch, ref in zip(self.batches[:n_batches], self.reference[:n_batches]):
-            s, n = distortion(self.loaded.kind, ref, _outputs(self.loaded, batch))
+        for i, batch in enumerate(self.batches[:n_batches]):
+            if self.fitness == "nll":
+                s, n = negative_log_likelihood(self.loaded, batch)
+            else:
+                s, n = distortion(self.loaded.kind, self.reference[i], _outputs(self.loaded, batch))
             total += s
             count += n
         return total / max(count, 1.0)

@@ -21,8 +21,9 @@ class LocalPool:
 
     workers = 1
 
-    def __init__(self, loaded, database, batches, reference, threads: int | None = None, units=None, dtype: str = "float32") -> None:
-        self.evaluator = Evaluator(loaded, database, batches, reference, threads=threads, units=units, dtype=dtype)
+    def __init__(self, loaded, database, batches, reference, threads: int | None = None, units=None, dtype: str = "float32",
+                 fitness: str = "kl") -> None:
+        self.evaluator = Evaluator(loaded, database, batches, reference, threads=threads, units=units, dtype=dtype, fitness=fitness)
 
     def score(self, candidates: list[list[int]], n_batches: int) -> list[float]:
         return self.evaluator.score_many(candidates, n_batches)
@@ -35,7 +36,7 @@ class RayPool:
     """``workers`` Ray actors, each an :class:`Evaluator`; candidates are dealt round-robin."""
 
     def __init__(self, loaded, database, batches, reference, workers: int = 2, address: str = "local", threads: int | None = None, units=None,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", fitness: str = "kl") -> None:
         try:
             import ray
         except ImportError:
@@ -50,7 +51,7 @@ class RayPool:
             self._started = True
         actor = ray.remote(num_cpus=1)(Evaluator)
         refs = [ray.put(x) for x in (loaded, str(database.folder), batches, reference)]
-        self.actors = [actor.remote(*refs, threads=threads, units=units, dtype=dtype) for _ in range(workers)]
+        self.actors = [actor.remote(*refs, threads=threads, units=units, dtype=dtype, fitness=fitness) for _ in range(workers)]
         self.workers = workers
 
     def score(self, candidates: list[list[int]], n_batches: int) -> list[float]:

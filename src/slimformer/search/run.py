@@ -157,6 +157,8 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
     if not budgets and not pareto:
         raise ConfigError("no budget given", "pass at least one --budget, e.g. --budget bits=3.0, or --pareto for the whole front")
     t0 = time.perf_counter()
+    if space.evolution.fitness == "nll" and loaded.kind != "causal-lm":
+        raise ConfigError(f"search: fitness nll is for causal language models, not a {loaded.kind}", "use fitness: kl (1 - cosine for encoders)")
     out = Path(out_dir)
     source = str(loaded.source)
     _check_folder(out, space, source, force)
@@ -173,12 +175,13 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
             f"raise calibration.n_samples to at least {needed * space.calibration.batch_size} or lower the stages' batch counts",
         )
     batches = batches[:needed]
-    reference = reference_outputs(loaded, batches)
+    fitness = space.evolution.fitness
+    reference = reference_outputs(loaded, batches) if fitness == "kl" else []
     threads = torch.get_num_threads() if ray is None else 1
     units = build_units(loaded, db, space.levels)
     dtype = space.evolution.dtype
-    pool = (LocalPool(loaded, db, batches, reference, threads=threads, units=units, dtype=dtype) if ray is None
-            else RayPool(loaded, db, batches, reference, workers, ray, threads=threads, units=units, dtype=dtype))
+    pool = (LocalPool(loaded, db, batches, reference, threads=threads, units=units, dtype=dtype, fitness=fitness) if ray is None
+            else RayPool(loaded, db, batches, reference, workers, ray, threads=threads, units=units, dtype=dtype, fitness=fitness))
     shapes = {u: db.shapes[u] for u in db.units}
     groups = drop_groups(units)
     try:
@@ -336,7 +339,7 @@ def _probes_key(source: str, space: SearchSpace, n_batches: int) -> str:
     """What a probe's score depends on beyond the level database (its folder's own key): the
     database, the calibration batches it is scored on and the scoring dtype."""
     payload = json.dumps({"v": 1, "database": database_key(source, space), "calibration": space.to_dict()["calibration"], "batches": n_batches,
-                          "dtype": space.evolution.dtype}, sort_keys=True)
+                          "dtype": space.evolution.dtype, "fitness": space.evolution.fitness}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

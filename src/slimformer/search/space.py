@@ -108,6 +108,7 @@ class QuantizationLevels(ModuleSelection):
         return rows * 8 * grid.packed_row_bytes(cols, bits) + self.overhead_bits(rows, cols)
 
 
+FITNESSES = ("kl", "nll")
 SCORING_DTYPES = ("float32", "bfloat16")
 
 
@@ -120,7 +121,10 @@ class EvolutionSettings:
     ``max_switches``: level switches per mutation (1..max, uniformly); ``seed``;
     ``dtype``: what candidates are scored in (``float32``, or ``bfloat16``: the searched weights
     and activations in bf16 against the float32 original's outputs, several times faster where
-    the CPU has bf16 matrix units; the held-out check of the result stays float32)."""
+    the CPU has bf16 matrix units; the held-out check of the result stays float32);
+    ``fitness``: ``kl`` (EvoPress's: KL to the original's next-token distributions, or 1 - cosine
+    for encoders) or ``nll`` (causal LMs: the candidate's mean negative log-likelihood of the
+    calibration text's next tokens, the perplexity criterion of SLEB and BlockPruner)."""
 
     generations: int = 50
     offspring: int = 16
@@ -128,6 +132,7 @@ class EvolutionSettings:
     max_switches: int = 3
     seed: int = 0
     dtype: str = "float32"
+    fitness: str = "kl"
 
     def __post_init__(self) -> None:
         if not is_int_at_least(self.generations, 0):
@@ -150,6 +155,8 @@ class EvolutionSettings:
             raise ConfigError(f"search: seed={self.seed!r} must be an integer", "write e.g. seed: 0")
         if self.dtype not in SCORING_DTYPES:
             raise ConfigError(f"search: dtype={self.dtype!r} is not a scoring dtype", f"write one of {list(SCORING_DTYPES)}, e.g. dtype: bfloat16")
+        if self.fitness not in FITNESSES:
+            raise ConfigError(f"search: fitness={self.fitness!r} is unknown", f"write one of {list(FITNESSES)}, e.g. fitness: kl")
 
 
 @dataclass
@@ -163,6 +170,12 @@ class SearchSpace:
     description: str = ""
     pareto: ParetoSettings = field(default_factory=ParetoSettings)
 
+    def _search_dict(self) -> dict[str, Any]:
+        d = {**dataclasses.asdict(self.evolution), "stages": [list(s) for s in self.evolution.stages]}
+        if d["fitness"] == "kl":
+            del d["fitness"]  # the default: fingerprints of searches from before the option unchanged
+        return d
+
     def to_dict(self) -> dict[str, Any]:
         lv = dataclasses.asdict(self.levels)
         if not lv["keep"]:
@@ -175,7 +188,7 @@ class SearchSpace:
             "description": self.description,
             "calibration": dataclasses.asdict(self.calibration),
             "space": {k: list(v) if isinstance(v, tuple) else v for k, v in lv.items()},
-            "search": {**dataclasses.asdict(self.evolution), "stages": [list(s) for s in self.evolution.stages]},
+            "search": self._search_dict(),
             "pareto": dataclasses.asdict(self.pareto),
         }
 
