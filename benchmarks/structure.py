@@ -20,6 +20,11 @@ searches' 25% result is the prefix of the 50% search: the same removals in the s
     python benchmarks/structure.py search blockpruner   # 8 blocks' worth of parameters
                                                         # (report also folds SLEB's 8 blocks into their neighbours: fusegpt)
     python benchmarks/structure.py evopress             # EvoPress over sub-layers, same budget
+    python benchmarks/structure.py search sleb --samples 64 --dtype bfloat16 --tag cal64 --threads 2
+    python benchmarks/structure.py evopress --samples 64 --dtype bfloat16 --tag cal64 --generations 50
+    python benchmarks/structure.py evopress --samples 64 --dtype bfloat16 --tag cal64-nll --fitness nll --generations 50
+                                                        # on 4x the calibration text, scored in bf16; the
+                                                        # last with SLEB's criterion (calibration NLL)
     python benchmarks/structure.py neighbourhood        # sub-layer swaps around SLEB's 8th block
     python benchmarks/structure.py minilm               # width slimming (+ distillation)
     python benchmarks/structure.py minilm --refit --head-ratio 0.75 --source mix --samples 2656 \
@@ -114,6 +119,25 @@ def _search_path(method: str) -> Path:
     return RESULTS / f"structure_search_{method}.json"
 
 
+def _search_cal(samples: int | None) -> dict:
+    """The searches' calibration, with ``samples`` documents instead of SEARCH_CAL's when given."""
+    return SEARCH_CAL if samples is None else {**SEARCH_CAL, "n_samples": samples}
+
+
+def _tagged(method: str, tag: str) -> str:
+    return f"{method}-{tag}" if tag else method
+
+
+def _searches() -> dict:
+    """Every stored search record by name (``sleb``, ``sleb-TAG``, ``blockpruner``, ``evopress``, ``evopress-TAG``)."""
+    out = {}
+    for path in sorted(RESULTS.glob("structure_search_*.json")):
+        name = path.stem[len("structure_search_"):]
+        if name.split("-")[0] in ("sleb", "blockpruner", "evopress"):
+            out[name] = json.loads(path.read_text())
+    return out
+
+
 class _StepLog(logging.Handler):
     """Collects the removals a search logs step by step, so a search cut short keeps its prefix."""
 
@@ -132,14 +156,20 @@ class _StepLog(logging.Handler):
             self.write(self.order, complete=False)
 
 
-def cmd_search(method: str, threads: int) -> None:
+def cmd_search(method: str, threads: int, samples: int | None = None, dtype: str = "float32", tag: str = "") -> None:
     """One library call of the greedy search (SLEB: 8 blocks, the 25% model, every block
     re-scored at every step; BlockPruner: 8 average blocks' parameters, re-scoring a shortlist of
-    RESCORE candidates after the first step); every removal is written to the JSON as it happens."""
+    RESCORE candidates after the first step); every removal is written to the JSON as it happens.
+    ``samples``: calibration documents (default SEARCH_CAL's); ``dtype``: what the candidates are
+    scored in (``bfloat16``: the model cast, fast on AMX / AVX-512 BF16); ``tag``: a variant kept
+    beside the default search (``structure_search_sleb-TAG.json``)."""
     torch.set_num_threads(threads)
     loaded = load_smollm2()
+    if dtype != "float32":
+        loaded.model.to(getattr(torch, dtype))
     blocks = list(loaded.adapter.blocks())
-    cal = SEARCH_CAL if method == "sleb" else BLOCKPRUNER_CAL
+    cal = _search_cal(samples) if method == "sleb" else BLOCKPRUNER_CAL
+    name = _tagged(method, tag)
     budget = sum(p.numel() for b in blocks for p in b.parameters()) * N25 / len(blocks)
     step = ({"method": "sleb", "num_layers": N25, "rescore": SLEB_RESCORE} if method == "sleb"
             else {"method": "blockpruner", "num_layers": N25, "rescore": RESCORE})
@@ -147,15 +177,15 @@ def cmd_search(method: str, threads: int) -> None:
     mach0 = machine()
 
     def write(order, complete, record=None):
-        out = {"method": method, "step": step, "calibration": cal, "seconds": time.perf_counter() - t0, "removal_order": order,
+        out = {"method": method, "tag": tag, "scoring_dtype": dtype, "step": step, "calibration": cal, "seconds": time.perf_counter() - t0, "removal_order": order,
                "budget_parameters": budget if method == "blockpruner" else None, "complete": complete,
                "machine_at_start": mach0, "machine": machine(), "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         if record is not None:
             out["removed_parameters"] = record.get("removed_parameters")
             out["record"] = record
         RESULTS.mkdir(parents=True, exist_ok=True)
-        _search_path(method).write_text(json.dumps(out, indent=1, default=str))
-        print(method, order, f"{out['seconds']:.0f}s", flush=True)
+        _search_path(name).write_text(json.dumps(out, indent=1, default=str))
+        print(name, order, f"{out['seconds']:.0f}s", flush=True)
 
     handler = _StepLog(write)
     log = logging.getLogger(f"slimformer.methods.structure.{method}")
@@ -169,14 +199,18 @@ def cmd_search(method: str, threads: int) -> None:
     write(rec["removal_order"], complete=True, record=rec)
 
 
-def cmd_evopress(threads: int, generations: int | None) -> None:
+def cmd_evopress(threads: int, generations: int | None, samples: int | None = None, dtype: str = "float32", tag: str = "", fitness: str = "kl") -> None:
     """EvoPress over sub-layers (``recipes/search/sublayers.yaml``): which attention and MLP
     sub-layers to remove so that at most 22 of 30 blocks' linear weights are kept (8 blocks'
     worth removed, as SLEB and ShortGPT), on the same calibration text as SLEB; starts from the
     better (calibration KL on the last stage's batches) of the DP allocation of single sub-layer
     KL sensitivities and SLEB's 8 blocks (when its search record exists). Writes the searched
     removal set and the DP's (the one-shot choice) as records; the search folder resumes from
-    its journal."""
+    its journal. With ``tag``: calibrated on ``samples`` documents (4 per batch, stages
+    [[4, 1], [2, 4], [1, all]] as the bits searches), scored in ``dtype``, started from the
+    better of the DP and every SLEB set recorded (the tag's own among them), written to
+    ``structure_search_evopress-TAG.json``; ``fitness``: ``kl`` (EvoPress's) or ``nll`` (the
+    calibration perplexity, SLEB's own criterion)."""
     import dataclasses
 
     from slimformer.search import Budget, SearchSpace, search
@@ -186,30 +220,35 @@ def cmd_evopress(threads: int, generations: int | None) -> None:
     loaded = load_smollm2()
     space = SearchSpace.from_file(ROOT / "recipes" / "search" / "sublayers.yaml")
     evo = space.evolution if generations is None else dataclasses.replace(space.evolution, generations=generations)
-    space = dataclasses.replace(space, calibration=CalibrationSettings(**SEARCH_CAL), evolution=evo)
+    cal = _search_cal(samples)
+    if tag:
+        cal = {**cal, "batch_size": 4}
+        evo = dataclasses.replace(evo, stages=((4, 1), (2, 4), (1, cal["n_samples"] // 4)), dtype=dtype, fitness=fitness)
+    space = dataclasses.replace(space, calibration=CalibrationSettings(**cal), evolution=evo)
     n = loaded.adapter.num_layers()
     budget = Budget("params", (n - N25) / n)
     t0 = time.perf_counter()
     mach0 = machine()
-    folder = ROOT / "runs" / "bench-structure-evopress"
+    folder = ROOT / "runs" / f"bench-structure-{_tagged('evopress', tag)}"
     seeds = {}
-    if _search_path("sleb").is_file():
-        removed = {(b, k) for b in json.loads(_search_path("sleb").read_text())["removal_order"][:N25] for k in ("attention", "mlp")}
-        seeds["sleb"] = lambda units: levels_for(units, removed)
+    for sleb in ([_tagged("sleb", tag.split("-")[0]), "sleb"] if tag else ["sleb"]):
+        if _search_path(sleb).is_file():
+            removed = {(b, k) for b in json.loads(_search_path(sleb).read_text())["removal_order"][:N25] for k in ("attention", "mlp")}
+            seeds[sleb] = (lambda r: lambda units: levels_for(units, r))(removed)
     outcome = search(loaded, space, [budget], folder, eval_texts=16, save_models=False, progress=sys.stderr.isatty(), seeds=seeds)
     entry = outcome.front["budgets"][budget.label]
 
     def order(point: dict) -> list:
         return [[int(s.split(".")[0]), s.split(".")[1]] for s in point["removed_sublayers"]]
 
-    out = {"method": "evopress", "space": space.to_dict(), "budget": budget.label, "calibration": SEARCH_CAL, "seconds": time.perf_counter() - t0,
+    out = {"method": "evopress", "tag": tag, "scoring_dtype": dtype, "fitness": fitness, "space": space.to_dict(), "budget": budget.label, "calibration": cal, "seconds": time.perf_counter() - t0,
            "removal_order": order(entry["searched"]), "dp_removal_order": order(entry["dp"]), "params_kept": entry["searched"]["params_kept"],
            "calibration_fitness": entry["searched_calibration_fitness"], "history": entry["history"], "generations": entry["generations"], "starts": entry["starts"],
            "held_out_search_front": {"dp": entry["dp"]["quality"], "searched": entry["searched"]["quality"]},
            "complete": True, "machine_at_start": mach0, "machine": machine(), "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    _search_path("evopress").write_text(json.dumps(out, indent=1, default=str))
-    print("evopress", out["removal_order"], f"{out['seconds']:.0f}s", flush=True)
+    _search_path(_tagged("evopress", tag)).write_text(json.dumps(out, indent=1, default=str))
+    print(_tagged("evopress", tag), out["removal_order"], f"{out['seconds']:.0f}s", flush=True)
 
 
 def cmd_neighbourhood(threads: int) -> None:
@@ -361,30 +400,49 @@ def speed(variants: list[dict], tokenizer, repeats: int = 5) -> None:
         v["prefill_s"] = pf[v["name"]]
 
 
+def _short(name: str) -> str:
+    """A row name's parenthesised details (``evopress 16 sub-layers (...)`` -> ``...``)."""
+    return name[name.index("(") + 1: -1] if "(" in name else name
+
+
+def _search_label(record: dict) -> str:
+    """How a search record was calibrated and scored, and its tag: ``16x128 tokens`` or
+    ``64x128 tokens, bfloat16 [cal64]``."""
+    c = record["calibration"]
+    dtype = record.get("scoring_dtype", "float32")
+    fitness = record.get("fitness", "kl")
+    return (f"{c['n_samples']}x{c['max_length']} tokens" + (f", {dtype}" if dtype != "float32" else "") + (f", {fitness} fitness" if fitness != "kl" else "")
+            + (f" [{record['tag']}]" if record.get("tag") else ""))
+
+
 def _variant_specs(searches: dict) -> list[tuple[str, object]]:
     """``(name, build)`` of every SmolLM2 setting whose inputs exist; ``build(loaded)`` edits a
-    fresh copy of the original in place."""
+    fresh copy of the original in place. Tagged searches (``search sleb --tag``, ``evopress
+    --tag``) add their 25% rows, named with their calibration and tag."""
     sc = SEARCH_CAL
     specs: list[tuple[str, object]] = [("original", lambda m: None)]
     for n, label in ((N25, "25%"), (N50, "50%")):
         specs.append((f"shortgpt {n} blocks ({label})", _apply({"method": "shortgpt", "num_layers": n}, sc)))
         if "sleb" in searches and len(searches["sleb"]["removal_order"]) >= n:
             order = searches["sleb"]["removal_order"][:n]
-            c = searches["sleb"]["calibration"]
-            specs.append((f"sleb {n} blocks ({label}; searched on {c['n_samples']}x{c['max_length']} tokens)", lambda m, o=order: _replay(m, o)))
+            specs.append((f"sleb {n} blocks ({label}; searched on {_search_label(searches['sleb'])})", lambda m, o=order: _replay(m, o)))
             if n == N25:
                 fc = FUSE_CAL
                 specs.append((f"sleb {n} blocks + fusegpt folding (rank {FUSE_STEP['rank']}, {FUSE_STEP['steps']} steps per host, {fc['n_samples']}x{fc['max_length']} tokens)",
                               _apply({"method": "fusegpt", "layers": order, **FUSE_STEP}, fc)))
     for n in (N25, N50):
         specs.append((f"attention drop {n} of 30", _apply({"method": "sublayer-drop", "sublayer": "attention", "num_sublayers": n}, sc)))
-    if "evopress" in searches:
-        ev = searches["evopress"]
-        c = ev["calibration"]
+    for key in sorted(k for k in searches if k.startswith("sleb-")):
+        rec = searches[key]
+        if len(rec["removal_order"]) >= N25:
+            specs.append((f"sleb {N25} blocks (25%; searched on {_search_label(rec)})", lambda m, o=rec["removal_order"][:N25]: _replay(m, o)))
+    for key in sorted(k for k in searches if k == "evopress" or k.startswith("evopress-")):
+        ev = searches[key]
         kept = ev["params_kept"]
-        specs.append((f"sub-layer KL sensitivity, one-shot ({len(ev['dp_removal_order'])} sub-layers; EvoPress's start)", lambda m, o=ev["dp_removal_order"]: _replay(m, o)))
+        if key == "evopress":
+            specs.append((f"sub-layer KL sensitivity, one-shot ({len(ev['dp_removal_order'])} sub-layers; EvoPress's start)", lambda m, o=ev["dp_removal_order"]: _replay(m, o)))
         start = (ev.get("starts") or {}).get("chosen", "dp")
-        specs.append((f"evopress {len(ev['removal_order'])} sub-layers ({1 - kept:.1%} of the linear weights; {ev['generations']} generations from the {start} start, {c['n_samples']}x{c['max_length']} tokens)",
+        specs.append((f"evopress {len(ev['removal_order'])} sub-layers ({1 - kept:.1%} of the linear weights; {ev['generations']} generations from the {start} start, {_search_label(ev)})",
                       lambda m, o=ev["removal_order"]: _replay(m, o)))
     if "blockpruner" in searches:
         bp = searches["blockpruner"]
@@ -403,7 +461,7 @@ def cmd_report(skip_speed: bool = False) -> None:
     speed of all of them interleaved in one run, then the table and plot."""
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     original = load_smollm2()
-    searches = {m: json.loads(_search_path(m).read_text()) for m in ("sleb", "blockpruner", "evopress") if _search_path(m).is_file()}
+    searches = _searches()
     specs = _variant_specs(searches)
     cache = json.loads(QUALITY_CACHE.read_text()) if QUALITY_CACHE.is_file() else {}
     batches = _eval_batches(original)
@@ -605,12 +663,15 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
                 L.append(f"- {r['name']}: params {r['parameter_ratio']:.3f} (ShortGPT {sg['parameter_ratio']:.3f}); ppl increase {r['ppl_increase']:+.2f} = "
                          f"{ratio:.2f}x ShortGPT's {sg['ppl_increase']:+.2f} (need <= 0.6x); decode speed-up "
                          f"{'-' if dec is None else f'{dec:.2f}x'} (need >= 1.25x): **{'met' if ok else 'not met'}**")
-        ev = next((r for r in rows if r["name"].startswith("evopress")), None)
-        sl = next((r for r in rows if r["name"].startswith(f"sleb {N25} ")), None)
-        if ev is not None:
-            beats = [f"{name} {x['quality']['perplexity']:.2f}" for name, x in (("ShortGPT", sg), ("SLEB", sl)) if x is not None]
+        def tag_of(name: str) -> str:
+            return name[name.rindex("[") + 1: -2] if name.endswith("])") else ""
+
+        slebs = {tag_of(r["name"]): r for r in rows if r["name"].startswith(f"sleb {N25} ") and "fusegpt" not in r["name"]}
+        for ev in (r for r in rows if r["name"].startswith("evopress")):
+            sl = slebs.get(tag_of(ev["name"]).split("-")[0])  # SLEB on the same calibration text (evopress T-X with sleb T)
+            beats = [f"{name} {x['quality']['perplexity']:.2f}" for name, x in (("ShortGPT", sg), ("SLEB" + (f" [{tag_of(sl['name'])}]" if sl and tag_of(sl["name"]) else ""), sl)) if x is not None]
             ok = all(ev["quality"]["perplexity"] < x["quality"]["perplexity"] for x in (sg, sl) if x is not None)
-            L.append(f"- search line (#14): the EvoPress sub-layer set has ppl {ev['quality']['perplexity']:.2f} against {', '.join(beats)}; "
+            L.append(f"- search line (#14): the EvoPress sub-layer set ({_short(ev['name'])}) has ppl {ev['quality']['perplexity']:.2f} against {', '.join(beats)}; "
                      f"params {ev['parameter_ratio']:.3f}: **{'beats both' if ok else 'does not beat both'}**")
     if _search_path("neighbourhood").is_file():
         nb = json.loads(_search_path("neighbourhood").read_text())
@@ -702,6 +763,12 @@ def main() -> None:
     e = sub.add_parser("evopress")
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--generations", type=int, default=None)
+    for sp in (s, e):
+        sp.add_argument("--samples", type=int, default=None, help="calibration documents (default SEARCH_CAL's 16)")
+        sp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="what candidates are scored in")
+        sp.add_argument("--tag", default="", help="keep this variant beside the default search (structure_search_METHOD-TAG.json; "
+                        "evopress --tag T-X starts from sleb-T's set too)")
+    e.add_argument("--fitness", default="kl", choices=["kl", "nll"], help="EvoPress's KL, or the calibration NLL (SLEB's criterion)")
     nb = sub.add_parser("neighbourhood")
     nb.add_argument("--threads", type=int, default=2)
     r = sub.add_parser("report")
@@ -722,9 +789,15 @@ def main() -> None:
     mm.add_argument("--refit", action="store_true", help="heads/neurons chosen by structured OBS and output projections refitted (width-slim select: obs, refit: true)")
     args = parser.parse_args()
     if args.cmd == "search":
-        cmd_search(args.method, args.threads)
+        if args.method != "sleb" and (args.tag or args.samples or args.dtype != "float32"):
+            parser.error("--samples/--dtype/--tag are for sleb (BlockPruner keeps its default calibration)")
+        if (args.samples or args.dtype != "float32") and not args.tag:
+            parser.error("--samples/--dtype change the search: give it a --tag so the default record is kept")
+        cmd_search(args.method, args.threads, args.samples, args.dtype, args.tag)
     elif args.cmd == "evopress":
-        cmd_evopress(args.threads, args.generations)
+        if (args.samples or args.dtype != "float32" or args.fitness != "kl") and not args.tag:
+            parser.error("--samples/--dtype/--fitness change the search: give it a --tag so the default record is kept")
+        cmd_evopress(args.threads, args.generations, args.samples, args.dtype, args.tag, args.fitness)
     elif args.cmd == "neighbourhood":
         cmd_neighbourhood(args.threads)
     elif args.cmd == "report":
