@@ -26,6 +26,7 @@ searches' 25% result is the prefix of the 50% search: the same removals in the s
                                                         # on 4x the calibration text, scored in bf16; the
                                                         # last with SLEB's criterion (calibration NLL)
     python benchmarks/structure.py neighbourhood        # sub-layer swaps around SLEB's 8th block
+    python benchmarks/structure.py transfer             # the 25% sets on 4 held-out sources, bootstrap vs SLEB
     python benchmarks/structure.py minilm               # width slimming (+ distillation)
     python benchmarks/structure.py minilm --refit --head-ratio 0.75 --source mix --samples 2656 \
         --max-length 128 --batch-size 16 --steps 3000 --lr 2e-4 --loss mse+cos --ratios 0.5 \
@@ -249,6 +250,90 @@ def cmd_evopress(threads: int, generations: int | None, samples: int | None = No
     RESULTS.mkdir(parents=True, exist_ok=True)
     _search_path(_tagged("evopress", tag)).write_text(json.dumps(out, indent=1, default=str))
     print(_tagged("evopress", tag), out["removal_order"], f"{out['seconds']:.0f}s", flush=True)
+
+
+TRANSFER_EVAL = {"sources": ["pydoc-topics", "stdlib-docs", "package-docs", "notices"], "n": 64, "max_length": 128, "batch_size": 8}
+BOOTSTRAP = 2000
+
+
+def cmd_transfer(threads: int) -> None:
+    """The 25% sets of the searches (ShortGPT's, SLEB's, every EvoPress set) on more held-out text,
+    of four kinds (the language reference, docstrings, package READMEs, licences/notices; evaluation
+    splits, 64 documents each, <= 128 tokens): perplexity per source, and each set's perplexity
+    over SLEB's with a 95 % interval from resampling whole documents (paired: the same documents
+    for both sets). Written to ``structure_transfer.json`` and a section of the table."""
+    torch.set_num_threads(threads)
+    original = load_smollm2()
+    searches = _searches()
+    sets: dict[str, object] = {"shortgpt 8 blocks": _apply({"method": "shortgpt", "num_layers": N25}, SEARCH_CAL)}
+    if "sleb" in searches:
+        sets["sleb 8 blocks"] = (lambda o: lambda m: _replay(m, o))(searches["sleb"]["removal_order"][:N25])
+    for key in sorted(k for k in searches if k == "evopress" or k.startswith("evopress-")):
+        sets[f"{key} ({_search_label(searches[key])})"] = (lambda o: lambda m: _replay(m, o))(searches[key]["removal_order"])
+    models = {}
+    for name, build in sets.items():
+        m = copy.deepcopy(original)
+        build(m)
+        models[name] = m
+    gen = torch.Generator().manual_seed(0)
+    out = {"evaluation": TRANSFER_EVAL, "bootstrap": BOOTSTRAP, "machine": machine(), "sources": {}}
+    for source in TRANSFER_EVAL["sources"]:
+        texts = load_texts(TextSpec(source=source, split="evaluation", n=TRANSFER_EVAL["n"], seed=0))
+        docs_nll: dict[str, list[float]] = {name: [] for name in models}
+        counts: list[int] = []
+        for i in range(0, len(texts), TRANSFER_EVAL["batch_size"]):
+            b = dict(original.tokenizer(texts[i : i + TRANSFER_EVAL["batch_size"]], padding=True, truncation=True,
+                                        max_length=TRANSFER_EVAL["max_length"], return_tensors="pt"))
+            b.pop("token_type_ids", None)
+            valid = (b["attention_mask"][:, 1:] * b["attention_mask"][:, :-1]).bool()
+            target = b["input_ids"][:, 1:]
+            counts += valid.sum(1).tolist()
+            for name, m in models.items():
+                with torch.no_grad():
+                    lp = F.log_softmax(m.model(**b, use_cache=False).logits.float(), dim=-1)[:, :-1]
+                nll = -(lp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * valid)
+                docs_nll[name] += nll.sum(1).tolist()
+        n = torch.tensor(counts, dtype=torch.float64)
+        per = {name: torch.tensor(v, dtype=torch.float64) for name, v in docs_nll.items()}
+        idx = torch.randint(0, len(counts), (BOOTSTRAP, len(counts)), generator=gen)
+        res = {"documents": len(counts), "tokens": int(n.sum()), "perplexity": {k: math.exp(float(v.sum() / n.sum())) for k, v in per.items()}}
+        if "sleb 8 blocks" in per:
+            base = per["sleb 8 blocks"]
+            res["ratio_to_sleb"] = {}
+            for k, v in per.items():
+                ratio = torch.exp((v[idx].sum(1) - base[idx].sum(1)) / n[idx].sum(1))  # ppl(k) / ppl(SLEB) per resample
+                lo, hi = torch.quantile(ratio, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+                res["ratio_to_sleb"][k] = {"ratio": math.exp(float((v.sum() - base.sum()) / n.sum())), "low": lo, "high": hi,
+                                           "documents_better": int(((v - base) < 0).sum())}
+        out["sources"][source] = res
+        print(source, {k: round(x, 2) for k, x in res["perplexity"].items()}, flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "structure_transfer.json").write_text(json.dumps(out, indent=1, default=str))
+    cmd_table()
+
+
+def _transfer_lines() -> list[str]:
+    path = RESULTS / "structure_transfer.json"
+    if not path.is_file():
+        return []
+    tr = json.loads(path.read_text())
+    ev = tr["evaluation"]
+    names = list(next(iter(tr["sources"].values()))["perplexity"])
+    L = ["", "### The 25 % sets on more held-out text (`structure.py transfer`)", "",
+         f"Evaluation splits of {len(ev['sources'])} sources, {ev['n']} documents each, <= {ev['max_length']} tokens, float32; "
+         f"perplexity, and in brackets the ratio to SLEB's set with a 95 % interval from {tr['bootstrap']} resamples of whole documents "
+         "(paired) and how many documents the set predicts better than SLEB's.", "",
+         "| set | " + " | ".join(f"`{s}`" for s in tr["sources"]) + " |", "|---|" + "---|" * len(tr["sources"])]
+    for name in names:
+        cells = []
+        for s, r in tr["sources"].items():
+            c = f"{r['perplexity'][name]:.2f}"
+            q = (r.get("ratio_to_sleb") or {}).get(name)
+            if q and name != "sleb 8 blocks":
+                c += f" ({q['ratio']:.3f}x, {q['low']:.3f}-{q['high']:.3f}; {q['documents_better']}/{r['documents']})"
+            cells.append(c)
+        L.append(f"| {name} | " + " | ".join(cells) + " |")
+    return L
 
 
 def cmd_neighbourhood(threads: int) -> None:
@@ -690,6 +775,7 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
                   "search started from SLEB's set keeps it: on this model removing a block's attention and MLP together costs less than spreading the same parameters over sub-layers."]
         else:
             L += ["", "A swap scores better than SLEB's set on the search's fitness: the sub-layer search has room the 20-generation run did not find."]
+    L += _transfer_lines()
     for k, s in meta["searches"].items():
         L.append("")
         L.append(f"- {k} search: {s['seconds']/60:.1f} min; removal order (original indices) {s['removal_order']}; CPU load during it {', '.join(f'{x:.1f}' for x in s['machine']['loadavg'])} (at the end).")
@@ -771,6 +857,8 @@ def main() -> None:
     e.add_argument("--fitness", default="kl", choices=["kl", "nll"], help="EvoPress's KL, or the calibration NLL (SLEB's criterion)")
     nb = sub.add_parser("neighbourhood")
     nb.add_argument("--threads", type=int, default=2)
+    tr = sub.add_parser("transfer")
+    tr.add_argument("--threads", type=int, default=2)
     r = sub.add_parser("report")
     r.add_argument("--skip-speed", action="store_true")
     sub.add_parser("table")
@@ -800,6 +888,8 @@ def main() -> None:
         cmd_evopress(args.threads, args.generations, args.samples, args.dtype, args.tag, args.fitness)
     elif args.cmd == "neighbourhood":
         cmd_neighbourhood(args.threads)
+    elif args.cmd == "transfer":
+        cmd_transfer(args.threads)
     elif args.cmd == "report":
         cmd_report(args.skip_speed)
     elif args.cmd == "table":
