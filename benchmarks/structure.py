@@ -312,6 +312,19 @@ def cmd_transfer(threads: int) -> None:
     cmd_table()
 
 
+def _transfer_worse(key: str) -> tuple[int, int] | None:
+    """For the search record ``key``: on how many of the transfer check's sources its set's
+    perplexity is above SLEB's, and of how many (None without a transfer check of it)."""
+    path = RESULTS / "structure_transfer.json"
+    if not path.is_file():
+        return None
+    sources = json.loads(path.read_text())["sources"]
+    name = next((n for n in next(iter(sources.values()))["perplexity"] if n.startswith(key + " (")), None)
+    if name is None or any("sleb 8 blocks" not in r["perplexity"] for r in sources.values()):
+        return None
+    return sum(r["perplexity"][name] > r["perplexity"]["sleb 8 blocks"] for r in sources.values()), len(sources)
+
+
 def _transfer_lines() -> list[str]:
     path = RESULTS / "structure_transfer.json"
     if not path.is_file():
@@ -756,8 +769,14 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
             sl = slebs.get(tag_of(ev["name"]).split("-")[0])  # SLEB on the same calibration text (evopress T-X with sleb T)
             beats = [f"{name} {x['quality']['perplexity']:.2f}" for name, x in (("ShortGPT", sg), ("SLEB" + (f" [{tag_of(sl['name'])}]" if sl and tag_of(sl["name"]) else ""), sl)) if x is not None]
             ok = all(ev["quality"]["perplexity"] < x["quality"]["perplexity"] for x in (sg, sl) if x is not None)
+            verdict = "beats both" if ok else "does not beat both"
+            worse = _transfer_worse(("evopress-" + tag_of(ev["name"])) if tag_of(ev["name"]) else "evopress")
+            if ok and worse is not None:
+                n_worse, n_sources = worse
+                verdict = (f"beats both here and on all {n_sources} sources of the transfer check" if n_worse == 0 else
+                           f"beats both on this text, but is worse than SLEB's set on {n_worse} of the {n_sources} sources of the transfer check below: not a result that transfers")
             L.append(f"- search line (#14): the EvoPress sub-layer set ({_short(ev['name'])}) has ppl {ev['quality']['perplexity']:.2f} against {', '.join(beats)}; "
-                     f"params {ev['parameter_ratio']:.3f}: **{'beats both' if ok else 'does not beat both'}**")
+                     f"params {ev['parameter_ratio']:.3f}: **{verdict}**")
     if _search_path("neighbourhood").is_file():
         nb = json.loads(_search_path("neighbourhood").read_text())
         L += ["", "### Around SLEB's set: the parameter-neutral sub-layer swaps (`structure.py neighbourhood`)", "",
