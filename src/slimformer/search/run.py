@@ -337,7 +337,7 @@ def probe_key(units: list[Unit], levels: tuple[int, ...]) -> str:
 
 def _probes_key(source: str, space: SearchSpace, n_batches: int) -> str:
     """What a probe's score depends on beyond the level database (its folder's own key): the
-    database, the calibration batches it is scored on and the scoring dtype."""
+    database, the calibration batches it is scored on, the scoring dtype and the fitness."""
     payload = json.dumps({"v": 1, "database": database_key(source, space), "calibration": space.to_dict()["calibration"], "batches": n_batches,
                           "dtype": space.evolution.dtype, "fitness": space.evolution.fitness}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
