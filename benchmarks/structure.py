@@ -27,6 +27,7 @@ searches' 25% result is the prefix of the 50% search: the same removals in the s
                                                         # last with SLEB's criterion (calibration NLL)
     python benchmarks/structure.py neighbourhood        # sub-layer swaps around SLEB's 8th block
     python benchmarks/structure.py transfer             # the 25% sets on 4 held-out sources, bootstrap vs SLEB
+    python benchmarks/structure.py swaps                # every whole-block swap around SLEB's set (calibration NLL)
     python benchmarks/structure.py minilm               # width slimming (+ distillation)
     python benchmarks/structure.py minilm --refit --head-ratio 0.75 --source mix --samples 2656 \
         --max-length 128 --batch-size 16 --steps 3000 --lr 2e-4 --loss mse+cos --ratios 0.5 \
@@ -56,7 +57,7 @@ from slimformer.compress import compress
 from slimformer.data import TextSpec, load_texts
 from slimformer.evaluate.cost import interleaved_latency, storage_bytes
 from slimformer.evaluate.quality import encoder_quality, encoder_reference
-from slimformer.methods import CalibrationSettings, method_from_dict
+from slimformer.methods import CalibrationSettings, CompressionContext, method_from_dict
 from slimformer.methods.structure.flops import forward_flops
 from slimformer.models import load_model
 from slimformer.recipe import Recipe
@@ -250,6 +251,59 @@ def cmd_evopress(threads: int, generations: int | None, samples: int | None = No
     RESULTS.mkdir(parents=True, exist_ok=True)
     _search_path(_tagged("evopress", tag)).write_text(json.dumps(out, indent=1, default=str))
     print(_tagged("evopress", tag), out["removal_order"], f"{out['seconds']:.0f}s", flush=True)
+
+
+def cmd_swaps(threads: int, samples: int, dtype: str, fitness: str) -> None:
+    """Every swap of one of SLEB's 8 removed blocks for one kept block (8 x 22), scored as the
+    searches score (``fitness`` on ``samples`` calibration documents in ``dtype``): all on 4
+    batches, the 6 best again on all of them against SLEB's own set. Is SLEB's greedy set a local
+    optimum of whole-block swaps, which the sub-layer search's mutation rarely proposes?"""
+    from slimformer.search import SearchSpace, build_database
+    from slimformer.search.fitness import Evaluator, reference_outputs
+    from slimformer.search.units import build_units, levels_for
+
+    torch.set_num_threads(threads)
+    loaded = load_smollm2()
+    searches = _searches()
+    record = searches.get("sleb-cal64") or searches["sleb"]
+    sleb = [int(b) for b in record["removal_order"][:N25]]
+    cal = {**_search_cal(samples), "batch_size": 4}
+    batches = CompressionContext(CalibrationSettings(**cal)).batches(loaded.tokenizer)
+    space = SearchSpace.from_file(ROOT / "recipes" / "search" / "sublayers.yaml")
+    db = build_database(loaded, space, ROOT / "runs" / "bench-structure-swaps" / "levels")
+    units = build_units(loaded, db, space.levels)
+    ev = Evaluator(loaded, db, batches, reference_outputs(loaded, batches) if fitness == "kl" else [], units=units, dtype=dtype, fitness=fitness)
+
+    def score(blocks, n):
+        return ev.score(levels_for(units, {(b, k) for b in blocks for k in ("attention", "mlp")}), n)
+
+    t0 = time.perf_counter()
+    kept = [b for b in range(loaded.adapter.num_layers()) if b not in sleb]
+    quick = sorted((score([b for b in sleb if b != x] + [y], 4), x, y) for x in sleb for y in kept)
+    full = sorted((score([b for b in sleb if b != x] + [y], len(batches)), x, y) for _, x, y in quick[:6])
+    out = {"sleb": sleb, "calibration": cal, "scoring_dtype": dtype, "fitness": fitness, "swaps": len(quick),
+           "sleb_fitness": score(sleb, len(batches)), "sleb_fitness_4": score(sleb, 4), "best_4": quick[:10], "best_all": full,
+           "seconds": time.perf_counter() - t0, "machine": machine()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "structure_swaps.json").write_text(json.dumps(out, indent=1, default=str))
+    print("swaps", out["sleb_fitness"], full[:3], flush=True)
+    cmd_table()
+
+
+def _swaps_lines() -> list[str]:
+    path = RESULTS / "structure_swaps.json"
+    if not path.is_file():
+        return []
+    s = json.loads(path.read_text())
+    c = s["calibration"]
+    best = s["best_all"][0]
+    verdict = ("none of them scores better than SLEB's set: it is a local optimum of whole-block swaps" if best[0] >= s["sleb_fitness"]
+               else f"swapping block {best[1]} for {best[2]} scores better than SLEB's set")
+    return ["", "### Around SLEB's set: whole-block swaps (`structure.py swaps`)", "",
+            f"All {s['swaps']} swaps of one of SLEB's removed blocks {sorted(s['sleb'])} for a kept block, scored by calibration {s['fitness']} "
+            f"({c['n_samples']}x{c['max_length']} tokens of `{c['source']}`, {s['scoring_dtype']}; the 6 best of 4 batches again on all): "
+            f"SLEB's set {s['sleb_fitness']:.4f}; the best swaps " + ", ".join(f"{x} for {y} {f:.4f}" for f, x, y in s["best_all"][:3])
+            + f"; {verdict} ({s['seconds'] / 60:.1f} min)."]
 
 
 TRANSFER_EVAL = {"sources": ["pydoc-topics", "stdlib-docs", "package-docs", "notices"], "n": 64, "max_length": 128, "batch_size": 8}
@@ -794,6 +848,7 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
                   "search started from SLEB's set keeps it: on this model removing a block's attention and MLP together costs less than spreading the same parameters over sub-layers."]
         else:
             L += ["", "A swap scores better than SLEB's set on the search's fitness: the sub-layer search has room the 20-generation run did not find."]
+    L += _swaps_lines()
     L += _transfer_lines()
     for k, s in meta["searches"].items():
         L.append("")
@@ -878,6 +933,11 @@ def main() -> None:
     nb.add_argument("--threads", type=int, default=2)
     tr = sub.add_parser("transfer")
     tr.add_argument("--threads", type=int, default=2)
+    sw = sub.add_parser("swaps")
+    sw.add_argument("--threads", type=int, default=2)
+    sw.add_argument("--samples", type=int, default=64)
+    sw.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    sw.add_argument("--fitness", default="nll", choices=["kl", "nll"])
     r = sub.add_parser("report")
     r.add_argument("--skip-speed", action="store_true")
     sub.add_parser("table")
@@ -909,6 +969,8 @@ def main() -> None:
         cmd_neighbourhood(args.threads)
     elif args.cmd == "transfer":
         cmd_transfer(args.threads)
+    elif args.cmd == "swaps":
+        cmd_swaps(args.threads, args.samples, args.dtype, args.fitness)
     elif args.cmd == "report":
         cmd_report(args.skip_speed)
     elif args.cmd == "table":
