@@ -290,11 +290,16 @@ def cmd_swaps(threads: int, samples: int, dtype: str, fitness: str) -> None:
     cmd_table()
 
 
+def _stored(name: str) -> dict | None:
+    """A stored result JSON of this benchmark (``structure_NAME.json``), or None before its run."""
+    path = RESULTS / f"structure_{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _swaps_lines() -> list[str]:
-    path = RESULTS / "structure_swaps.json"
-    if not path.is_file():
+    s = _stored("swaps")
+    if s is None:
         return []
-    s = json.loads(path.read_text())
     c = s["calibration"]
     best = s["best_all"][0]
     verdict = ("none of them scores better than SLEB's set: it is a local optimum of whole-block swaps" if best[0] >= s["sleb_fitness"]
@@ -369,10 +374,10 @@ def cmd_transfer(threads: int) -> None:
 def _transfer_worse(key: str) -> tuple[int, int] | None:
     """For the search record ``key``: on how many of the transfer check's sources its set's
     perplexity is above SLEB's, and of how many (None without a transfer check of it)."""
-    path = RESULTS / "structure_transfer.json"
-    if not path.is_file():
+    tr = _stored("transfer")
+    if tr is None:
         return None
-    sources = json.loads(path.read_text())["sources"]
+    sources = tr["sources"]
     name = next((n for n in next(iter(sources.values()))["perplexity"] if n.startswith(key + " (")), None)
     if name is None or any("sleb 8 blocks" not in r["perplexity"] for r in sources.values()):
         return None
@@ -380,10 +385,9 @@ def _transfer_worse(key: str) -> tuple[int, int] | None:
 
 
 def _transfer_lines() -> list[str]:
-    path = RESULTS / "structure_transfer.json"
-    if not path.is_file():
+    tr = _stored("transfer")
+    if tr is None:
         return []
-    tr = json.loads(path.read_text())
     ev = tr["evaluation"]
     names = list(next(iter(tr["sources"].values()))["perplexity"])
     L = ["", "### The 25 % sets on more held-out text (`structure.py transfer`)", "",
