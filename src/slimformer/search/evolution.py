@@ -134,16 +134,15 @@ def sensitivities(pool, level_counts: list[int] | int, n_levels: int | None = No
         return tuple(c)
 
     distinct = list(dict.fromkeys(probe(u, k) for u, n in enumerate(level_counts) for k in range(n)))
-    score_of: dict[tuple[int, ...], float] = {}
-    if cache is not None and key_of is not None:
-        score_of = {c: cache[key_of(c)] for c in distinct if key_of(c) in cache}
+    caching = cache is not None and key_of is not None
+    score_of = {c: cache[key_of(c)] for c in distinct if key_of(c) in cache} if caching else {}
     todo = [c for c in distinct if c not in score_of]
     chunk = max(1, 4 * getattr(pool, "workers", 1))
     for i in tqdm(range(0, len(todo), chunk), desc="sensitivity probes", disable=not progress, unit="chunk"):
         part = todo[i : i + chunk]
         for c, s in zip(part, pool.score([list(c) for c in part], n_batches)):
             score_of[c] = s
-            if cache is not None and key_of is not None:
+            if caching:
                 cache[key_of(c)] = s
     return [[score_of[probe(u, k)] for k in range(n)] for u, n in enumerate(level_counts)]
 

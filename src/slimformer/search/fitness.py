@@ -20,6 +20,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from slimformer.methods.structure.search import next_token_nll
 from slimformer.search.database import LevelDatabase
 from slimformer.search.units import DROP, KEEP, Unit, removed_sublayers
 
@@ -46,14 +47,9 @@ def _outputs(loaded, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def negative_log_likelihood(loaded, batch: dict) -> tuple[float, int]:
-    """Summed negative log-likelihood of every next token whose position and predecessor are
-    valid (either padding side), and the number of those tokens."""
-    logp = F.log_softmax(loaded.model(**batch, use_cache=False).logits[:, :-1].float(), dim=-1)
-    target = batch["input_ids"][:, 1:]
-    mask = batch["attention_mask"]
-    valid = (mask[:, 1:] * mask[:, :-1]).bool()
-    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)[valid]
-    return float(nll.sum()), int(valid.sum())
+    """The model's summed next-token negative log-likelihood on ``batch`` and the token count,
+    computed as SLEB's and BlockPruner's scorer computes it (:func:`next_token_nll`)."""
+    return next_token_nll(loaded.model(**batch, use_cache=False).logits, batch)
 
 
 def distortion(kind: str, reference: torch.Tensor, output: torch.Tensor) -> tuple[float, int]:

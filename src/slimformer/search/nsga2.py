@@ -135,12 +135,13 @@ def pareto_search(pool, costs: list[list[int]], settings: ParetoSettings, journa
             # scoring), so a resumed study numbers its trials exactly as the uninterrupted one did.
             asked = [[t.params[f"u{u:04d}"] for u in range(n_units)] for t in trials]
             cands = asked + fixed
-            todo = [c for c in dict.fromkeys(repaired(c, groups) for c in cands) if c not in seen]
+            phenotypes = [repaired(c, groups) for c in cands]  # what is scored and costed
+            todo = [c for c in dict.fromkeys(phenotypes) if c not in seen]
             for c, s in zip(todo, pool.score([list(c) for c in todo], settings.batches)):
                 seen[c] = float(s)
-            fits = [seen[repaired(c, groups)] for c in cands]
-            for t, c, f in zip(trials, asked, fits):
-                study.tell(t, [f, _cost(repaired(c, groups), costs)])
+            fits = [seen[c] for c in phenotypes]
+            for t, c, f in zip(trials, phenotypes, fits):
+                study.tell(t, [f, _cost(list(c), costs)])
             for c, f in zip(fixed, fits[len(asked):]):
                 _add(study, c, f, gen, dists, costs, groups)
             front = non_dominated([{"levels": list(k), "fitness": v, "cost": _cost(list(k), costs)} for k, v in seen.items()])

@@ -19,6 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def next_token_nll(logits: torch.Tensor, batch: dict) -> tuple[float, int]:
+    """Summed negative log-likelihood of the next tokens of ``batch`` under ``logits`` (batch,
+    seq, vocab), over positions whose token and predecessor are both valid (either padding side),
+    and the number of those tokens: the perplexity criterion of the greedy removal searches."""
+    mask = batch["attention_mask"].bool()
+    valid = mask[:, 1:] & mask[:, :-1]
+    nll = F.cross_entropy(logits[:, :-1].float()[valid], batch["input_ids"][:, 1:][valid], reduction="sum")
+    return float(nll), int(valid.sum())
+
+
 class RemovalScorer:
     """Calibration loss of the current model and of candidate removals.
 
@@ -48,11 +58,8 @@ class RemovalScorer:
         batch = self.batches[index]
         mask = batch["attention_mask"].bool()
         if self.causal:
-            logits = outputs.logits[:, :-1].float()
-            target = batch["input_ids"][:, 1:]
-            valid = mask[:, 1:] & mask[:, :-1]
-            nll = F.cross_entropy(logits[valid], target[valid], reduction="sum")
-            return float(nll), float(valid.sum())
+            nll, count = next_token_nll(outputs.logits, batch)
+            return nll, float(count)
         h = outputs.last_hidden_state.float()[mask]
         ref = self.reference[index][mask]
         return float(((h - ref) ** 2).sum() / (ref**2).sum().clamp(min=1e-12)) * float(mask.sum()), float(mask.sum())
