@@ -83,7 +83,7 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
     lines = [f"# Per-layer search (EvoPress) on {label}", "",
              f"CPU: {info['cpu']['model']} ({', '.join(info['cpu']['flags'])}), torch threads {info['cpu']['threads']}, load average at start {info['cpu']['loadavg'][0]:.1f}; torch {info['cpu']['torch']}.",
              f"Levels: {front['space']['space']['quantizer']} at {front['space']['space']['bits']} bits, group {front['space']['space']['group_size']}, "
-             f"{'symmetric' if front['space']['space']['symmetric'] else 'asymmetric'}; calibration {front['space']['calibration']}; "
+             f"{'clipping searched, ' if front['space']['space'].get('clip_search') else ''}{'symmetric' if front['space']['space']['symmetric'] else 'asymmetric'}; calibration {front['space']['calibration']}; "
              f"search {front['space']['search']}.",
              f"Held-out: {front['held_out']['texts']} texts of `{front['held_out']['source']}` (evaluation split, never seen by the search), max length {front['held_out']['max_length']}.",
              f"Level database on disk: {front['database_bytes'] / 1e6:.1f} MB. Search wall time (database, probes, all budgets, front): {front['seconds']:.0f} s.", ""]

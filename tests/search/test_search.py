@@ -670,3 +670,26 @@ def test_search_levels_may_use_any_packed_width():
         d = (q.dequantized_weight() - linear.weight.detach()) @ x.t()
         errors.append(float(d.pow(2).sum() / (linear.weight.detach() @ x.t()).pow(2).sum()))
     assert all(2.5 < a / b < 6 for a, b in zip(errors, errors[1:]))
+
+
+def test_clipped_levels_lower_the_low_widths_error_and_keep_their_own_database(tiny_factory, tmp_path):
+    """``clip_search: true`` builds every level with GPTQ's clipping search: at 2 bits the summed
+    Hessian-weighted output error of the layers falls; the option is part of the database's
+    fingerprint (a plain space's fingerprint is what it was before the option existed)."""
+    from slimformer.search.database import database_key
+
+    loaded = tiny_factory("llama")
+    plain = _space()
+    clipped = dataclasses.replace(plain, levels=dataclasses.replace(plain.levels, clip_search=True))
+    assert "clip_search" not in plain.to_dict()["space"] and clipped.to_dict()["space"]["clip_search"] is True
+    assert database_key("m", plain) != database_key("m", clipped)
+    a = build_database(loaded, plain, tmp_path / "plain")
+    b = build_database(loaded, clipped, tmp_path / "clip")
+    two = [(a.errors[u]["2"], b.errors[u]["2"]) for u in a.units]
+    assert sum(y for _, y in two) < 0.95 * sum(x for x, _ in two)
+    with pytest.raises(ConfigError, match="another model, space or calibration"):
+        build_database(loaded, clipped, tmp_path / "plain")
+    with pytest.raises(ConfigError, match="GPTQ option"):
+        QuantizationLevels(quantizer="rtn", clip_search=True)
+    with pytest.raises(ConfigError, match="true or false"):
+        QuantizationLevels(clip_search="yes")

@@ -130,7 +130,7 @@ def build_database(loaded, space: SearchSpace, folder: str | os.PathLike, ctx: C
         index["descriptions"][name], index["errors"][name] = {}, {}
         for bits in lv.bits:
             if lv.quantizer == "gptq":
-                q = quantize_linear_gptq(module, hessian, bits, lv.group_size, lv.symmetric, damp=lv.damp)
+                q = quantize_linear_gptq(module, hessian, bits, lv.group_size, lv.symmetric, damp=lv.damp, clip_search=lv.clip_search)
             else:
                 q = quantize_module_rtn(module, bits, lv.group_size, lv.symmetric)
             for k, v in q.state_dict().items():

@@ -60,9 +60,11 @@ class QuantizationLevels(ModuleSelection):
     """Per-layer quantization levels: ``bits`` (the widths a layer may get), one grid
     (``group_size``, ``symmetric``) for all, the ``quantizer`` that fills the level database
     (``gptq``: second-order compensation on the original model's calibration inputs; ``rtn``),
-    GPTQ's ``damp``, the sub-layers that may be removed (``drop``), whether the linears of a
-    droppable sub-layer share one width (``shared_width``; default: each its own), and whether a
-    layer may keep its original weights (``keep``)."""
+    GPTQ's ``damp`` and ``clip_search`` (each group's range shrunk to the clipping that minimises
+    its Hessian-weighted rounding error before GPTQ runs; helps most at 2-3 bits), the sub-layers
+    that may be removed (``drop``), whether the linears of a droppable sub-layer share one width
+    (``shared_width``; default: each its own), and whether a layer may keep its original weights
+    (``keep``)."""
 
     name = "search space"
     bits: tuple[int, ...] = (2, 3, 4, 8)
@@ -70,6 +72,7 @@ class QuantizationLevels(ModuleSelection):
     symmetric: bool = False
     quantizer: str = "gptq"
     damp: float = 0.01
+    clip_search: bool = False
     drop: tuple[str, ...] = ()
     shared_width: bool = False
     keep: bool = False
@@ -97,6 +100,10 @@ class QuantizationLevels(ModuleSelection):
             raise ConfigError(f"search space: quantizer={self.quantizer!r} is not supported", "use quantizer: gptq or rtn")
         if not 0 < self.damp < 1:
             raise ConfigError(f"search space: damp={self.damp!r} must be in (0, 1)", "use e.g. damp: 0.01")
+        if not isinstance(self.clip_search, bool):
+            raise ConfigError(f"search space: clip_search={self.clip_search!r} must be true or false", "write clip_search: true to search each group's clipping range")
+        if self.clip_search and self.quantizer != "gptq":
+            raise ConfigError("search space: clip_search is a GPTQ option", "use quantizer: gptq with clip_search: true, or leave clip_search out")
 
     def overhead_bits(self, rows: int, cols: int) -> int:
         """Bits of the group scales and zero points of a (rows, cols) layer (equal at every level)."""
@@ -180,6 +187,8 @@ class SearchSpace:
         lv = dataclasses.asdict(self.levels)
         if not lv["keep"]:
             del lv["keep"]  # a space without the keep level has the same fingerprint as before it existed
+        if not lv["clip_search"]:
+            del lv["clip_search"]  # likewise: databases built before the option keep their fingerprint
         if not lv["drop"]:
             del lv["shared_width"]  # nothing to share without droppable sub-layers: bits-only fingerprints unchanged
         return {
