@@ -689,6 +689,12 @@ def test_clipped_levels_lower_the_low_widths_error_and_keep_their_own_database(t
     assert sum(y for _, y in two) < 0.95 * sum(x for x, _ in two)
     with pytest.raises(ConfigError, match="another model, space or calibration"):
         build_database(loaded, clipped, tmp_path / "plain")
+    from slimformer.search.run import searched_recipe
+    from slimformer.recipe import Recipe
+
+    recipe = searched_recipe(clipped, {b.units[0]: 2, b.units[1]: 3}, "bits=2.5")
+    assert [s.get("clip_search") for s in recipe["steps"]] == [True, True]
+    assert all(step.clip_search for step in Recipe.from_dict(recipe).steps)
     with pytest.raises(ConfigError, match="GPTQ option"):
         QuantizationLevels(quantizer="rtn", clip_search=True)
     with pytest.raises(ConfigError, match="true or false"):

@@ -106,6 +106,8 @@ def searched_recipe(space: SearchSpace, bits_of: dict[str, int], label: str, rem
         names = sorted(n for n, b in bits_of.items() if b == bits)
         step = {"method": lv.quantizer, "version": 1, "bits": bits, "group_size": lv.group_size, "symmetric": lv.symmetric,
                 "targets": list(lv.targets), "include": names, "exclude": []}
+        if lv.quantizer == "gptq" and lv.clip_search:
+            step["clip_search"] = True  # the levels were built with it
         steps.append(step)
     gone = ", ".join(f"block {b} {k}" for b, k in sorted(removed))
     return {"slimformer_recipe": 1, "name": f"{space.name}-{label}", "description": f"EvoPress search under {label}" + (f"; removed: {gone}" if gone else ""),

@@ -33,7 +33,10 @@ class GPTQConfig(WeightQuantConfig):
     """GPTQ settings: the grid (``bits``, ``group_size``, ``symmetric``), ``act_order`` (quantize
     columns by decreasing Hessian diagonal, static groups), ``damp`` (relative Hessian damping)
     ``block_size`` (columns per lazy update), ``true_sequential`` (inside each transformer
-    block, calibrate each stage of layers on the outputs of the already-quantized stages) and
+    block, calibrate each stage of layers on the outputs of the already-quantized stages),
+    ``clip_search`` (with ``act_order``: each group's range shrunk to the clipping, from 1.0 down
+    to 0.75, that minimises its Hessian-diagonal-weighted rounding error before the column loop;
+    small at 4 bits, large at 2-3 bits: see the search section of the README) and
     ``bias_correction`` (layers that have a bias absorb the mean output shift the quantization
     error causes on the calibration inputs, ``(W - W_q) E[x]``, as in Nagel et al., 2019,
     "Data-Free Quantization Through Weight Equalization and Bias Correction"; layers without a
