@@ -137,3 +137,14 @@ def test_compression_holds_only_the_stored_form_until_the_first_forward(tiny_fac
         lazy_out, eager_out = loaded.model(ids).logits, eager(ids).logits
     assert torch.equal(lazy_out, eager_out)
     assert all(m.runtime_nbytes() > 0 for m in layers if m.kernel != "unpack")
+
+
+def test_clip_search_without_activation_order_is_refused():
+    """Without act_order the groups are found during the column loop and never searched: the
+    option would do nothing, so the config says so instead."""
+    from slimformer.errors import ConfigError
+    from slimformer.methods.quantization.gptq import GPTQConfig
+
+    with pytest.raises(ConfigError, match="needs act_order"):
+        GPTQConfig(bits=3, group_size=64, act_order=False, clip_search=True)
+    assert GPTQConfig(bits=3, group_size=64, clip_search=True).clip_search

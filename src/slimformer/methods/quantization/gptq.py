@@ -65,6 +65,9 @@ class GPTQConfig(WeightQuantConfig):
             raise ConfigError(f"gptq: damp={self.damp} must be in (0, 1)", "use e.g. damp: 0.01")
         if not is_int_at_least(self.block_size, 1):
             raise ConfigError(f"gptq: block_size={self.block_size!r} must be a positive integer", "use e.g. block_size: 128")
+        if self.clip_search and not self.act_order and self.group_size is not None:
+            raise ConfigError("gptq: clip_search needs act_order: true (static groups; groups found during the column loop are not searched)",
+                              "set act_order: true or leave clip_search out")
 
 
 @dataclass
