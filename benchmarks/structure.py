@@ -201,7 +201,8 @@ def cmd_search(method: str, threads: int, samples: int | None = None, dtype: str
     write(rec["removal_order"], complete=True, record=rec)
 
 
-def cmd_evopress(threads: int, generations: int | None, samples: int | None = None, dtype: str = "float32", tag: str = "", fitness: str = "kl") -> None:
+def cmd_evopress(threads: int, generations: int | None, samples: int | None = None, dtype: str = "float32", tag: str = "", fitness: str = "kl",
+                 from_dp: bool = False) -> None:
     """EvoPress over sub-layers (``recipes/search/sublayers.yaml``): which attention and MLP
     sub-layers to remove so that at most 22 of 30 blocks' linear weights are kept (8 blocks'
     worth removed, as SLEB and ShortGPT), on the same calibration text as SLEB; starts from the
@@ -212,7 +213,8 @@ def cmd_evopress(threads: int, generations: int | None, samples: int | None = No
     [[4, 1], [2, 4], [1, all]] as the bits searches), scored in ``dtype``, started from the
     better of the DP and every SLEB set recorded (the tag's own among them), written to
     ``structure_search_evopress-TAG.json``; ``fitness``: ``kl`` (EvoPress's) or ``nll`` (the
-    calibration perplexity, SLEB's own criterion)."""
+    calibration perplexity, SLEB's own criterion). ``from_dp``: no SLEB set offered, the search
+    starts from the DP allocation alone (does it find SLEB's basin, or another, by itself?)."""
     import dataclasses
 
     from slimformer.search import Budget, SearchSpace, search
@@ -233,7 +235,7 @@ def cmd_evopress(threads: int, generations: int | None, samples: int | None = No
     mach0 = machine()
     folder = ROOT / "runs" / f"bench-structure-{_tagged('evopress', tag)}"
     seeds = {}
-    for sleb in ([_tagged("sleb", tag.split("-")[0]), "sleb"] if tag else ["sleb"]):
+    for sleb in ([] if from_dp else [_tagged("sleb", tag.split("-")[0]), "sleb"] if tag else ["sleb"]):
         if _search_path(sleb).is_file():
             removed = {(b, k) for b in json.loads(_search_path(sleb).read_text())["removal_order"][:N25] for k in ("attention", "mlp")}
             seeds[sleb] = (lambda r: lambda units: levels_for(units, r))(removed)
@@ -243,7 +245,7 @@ def cmd_evopress(threads: int, generations: int | None, samples: int | None = No
     def order(point: dict) -> list:
         return [[int(s.split(".")[0]), s.split(".")[1]] for s in point["removed_sublayers"]]
 
-    out = {"method": "evopress", "tag": tag, "scoring_dtype": dtype, "fitness": fitness, "space": space.to_dict(), "budget": budget.label, "calibration": cal, "seconds": time.perf_counter() - t0,
+    out = {"method": "evopress", "tag": tag, "scoring_dtype": dtype, "fitness": fitness, "seeded_with_sleb": not from_dp, "space": space.to_dict(), "budget": budget.label, "calibration": cal, "seconds": time.perf_counter() - t0,
            "removal_order": order(entry["searched"]), "dp_removal_order": order(entry["dp"]), "params_kept": entry["searched"]["params_kept"],
            "calibration_fitness": entry["searched_calibration_fitness"], "history": entry["history"], "generations": entry["generations"], "starts": entry["starts"],
            "held_out_search_front": {"dp": entry["dp"]["quality"], "searched": entry["searched"]["quality"]},
@@ -568,6 +570,7 @@ def _search_label(record: dict) -> str:
     dtype = record.get("scoring_dtype", "float32")
     fitness = record.get("fitness", "kl")
     return (f"{c['n_samples']}x{c['max_length']} tokens" + (f", {dtype}" if dtype != "float32" else "") + (f", {fitness} fitness" if fitness != "kl" else "")
+            + (", started from the DP alone" if record.get("seeded_with_sleb") is False else "")
             + (f" [{record['tag']}]" if record.get("tag") else ""))
 
 
@@ -933,6 +936,7 @@ def main() -> None:
         sp.add_argument("--tag", default="", help="keep this variant beside the default search (structure_search_METHOD-TAG.json; "
                         "evopress --tag T-X starts from sleb-T's set too)")
     e.add_argument("--fitness", default="kl", choices=["kl", "nll"], help="EvoPress's KL, or the calibration NLL (SLEB's criterion)")
+    e.add_argument("--from-dp", action="store_true", help="start from the DP allocation alone (no SLEB set offered as a start)")
     nb = sub.add_parser("neighbourhood")
     nb.add_argument("--threads", type=int, default=2)
     tr = sub.add_parser("transfer")
@@ -966,9 +970,9 @@ def main() -> None:
             parser.error("--samples/--dtype change the search: give it a --tag so the default record is kept")
         cmd_search(args.method, args.threads, args.samples, args.dtype, args.tag)
     elif args.cmd == "evopress":
-        if (args.samples or args.dtype != "float32" or args.fitness != "kl") and not args.tag:
-            parser.error("--samples/--dtype/--fitness change the search: give it a --tag so the default record is kept")
-        cmd_evopress(args.threads, args.generations, args.samples, args.dtype, args.tag, args.fitness)
+        if (args.samples or args.dtype != "float32" or args.fitness != "kl" or args.from_dp) and not args.tag:
+            parser.error("--samples/--dtype/--fitness/--from-dp change the search: give it a --tag so the default record is kept")
+        cmd_evopress(args.threads, args.generations, args.samples, args.dtype, args.tag, args.fitness, args.from_dp)
     elif args.cmd == "neighbourhood":
         cmd_neighbourhood(args.threads)
     elif args.cmd == "transfer":
