@@ -108,7 +108,8 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
 
     for label_, entry in front["budgets"].items():
         lines.append(row(f"{label_}: DP allocation (single-layer sensitivities){removed(entry['dp'])}", entry["dp"]))
-        lines.append(row(f"{label_}: EvoPress ({entry['generations']} generations){removed(entry['searched'])}", entry["searched"]))
+        kept_start = (entry.get("validation") or {}).get("kept") == "start"
+        lines.append(row(f"{label_}: EvoPress ({entry['generations']} generations{'; its start kept by validation' if kept_start else ''}){removed(entry['searched'])}", entry["searched"]))
     lines.append("")
     for label_, entry in front["budgets"].items():
         for name in ("dp", "searched"):
@@ -116,12 +117,18 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
             if gone:
                 lines.append(f"- {label_}, {'DP allocation' if name == 'dp' else 'EvoPress'}: removed {', '.join(gone)} "
                              f"(stored {entry[name]['stored_bytes'] / 1e6:.2f} MB of the searched layers, params kept {entry[name]['params_kept']:.3f}).")
+    name_ = "KL" if causal else "1 - cos"
     for label_, entry in front["budgets"].items():
         dp, ev = entry["dp"]["distortion"], entry["searched"]["distortion"]
         if not entry["history"]:  # generations: 0, the DP allocation alone
             lines.append(f"- {label_}: no generations run: the searched model is the DP allocation (calibration fitness {entry['searched_calibration_fitness']:.5f}).")
             continue
         lines.append(f"- {label_}: held-out {'KL' if causal else '1 - cos'} EvoPress / DP = {ev / dp:.3f}; calibration fitness {entry['searched_calibration_fitness']:.5f} after {entry['history'][-1]['evaluations']} candidate scorings.")
+        v = entry.get("validation") or {}
+        if "searched" in v and "start" in v:
+            lines.append(f"- {label_}: validation ({v['documents']} calibration-split documents the search never scored): evolved {v['searched']:.5f} vs its start {v['start']:.5f}: "
+                         f"kept the {'evolved candidate' if v['kept'] == 'searched' else 'start'}"
+                         + (f" (the evolved one, not kept: held-out {name_} {entry['evolved']['distortion']:.4f}, calibration fitness {entry['evolved']['calibration_fitness']:.5f})" if entry.get("evolved") else "") + ".")
     if ray:
         lines.append(f"- Ray check ({ray['budget']}, {ray['generations']} generations): in-process {ray['seconds']['in-process']:.0f} s, 2 local Ray actors {ray['seconds']['ray-2-workers']:.0f} s; identical result: {ray['identical']}.")
     for label_, entry in front["budgets"].items():

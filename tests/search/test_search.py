@@ -348,6 +348,10 @@ def test_search_writes_models_within_budget_and_a_front(tiny_factory, tmp_path):
         assert bits == entry["bits"], "the saved model holds exactly the searched levels"
         steps = model.manifest["recipe"]["steps"]
         assert sorted(n for s in steps for n in s["include"]) == sorted(entry["bits"])
+        v = entry["validation"]
+        if "searched" in v:  # the evolution moved: the better of its start and result on unseen text is kept
+            assert v["documents"] > 0 and v["kept"] == ("start" if v["searched"] > v["start"] else "searched")
+            assert (entry["evolved"] is None) == (v["kept"] == "searched")
     assert out.front["budgets"]["bits=3"]["searched_calibration_fitness"] <= json.loads(
         (tmp_path / "s" / "bits=3" / "journal.jsonl").read_text().splitlines()[0])["fitness"] + 1e-12
     # Run again: everything is reused (database, sensitivities, journals), same front.
@@ -699,3 +703,34 @@ def test_clipped_levels_lower_the_low_widths_error_and_keep_their_own_database(t
         QuantizationLevels(quantizer="rtn", clip_search=True)
     with pytest.raises(ConfigError, match="true or false"):
         QuantizationLevels(clip_search="yes")
+
+
+def test_validation_text_is_calibration_text_the_search_never_scored(tiny_factory):
+    from slimformer.methods.calibration import CompressionContext
+    from slimformer.search.run import validation_batches
+
+    loaded = tiny_factory("llama")
+    ctx = CompressionContext(CAL)
+    seen = {tuple(row[mask.bool()].tolist()) for b in ctx.batches(loaded.tokenizer) for row, mask in zip(b["input_ids"], b["attention_mask"])}
+    fresh = [tuple(row[mask.bool()].tolist()) for b in validation_batches(loaded, ctx) for row, mask in zip(b["input_ids"], b["attention_mask"])]
+    assert CAL.batch_size <= len(fresh) <= CAL.n_samples and not seen & set(fresh)
+
+
+def test_validation_keeps_the_start_when_the_evolved_candidate_is_worse_on_unseen_text():
+    from slimformer.search.run import validate
+
+    class Judge:
+        batches = [{"input_ids": torch.zeros(4, 8, dtype=torch.long)}] * 2
+
+        def __init__(self, scores):
+            self.scores = scores
+
+        def score(self, levels, n_batches):
+            return self.scores[tuple(levels)]
+
+    start, evolved = [0, 1], [1, 0]
+    worse = validate(Judge({(0, 1): 0.5, (1, 0): 0.6}), start, evolved, 2)
+    assert worse["kept"] == "start" and worse["documents"] == 8
+    assert validate(Judge({(0, 1): 0.5, (1, 0): 0.4}), start, evolved, 2)["kept"] == "searched"
+    assert validate(None, start, evolved, 0)["kept"] == "searched"
+    assert validate(Judge({}), start, start, 2)["kept"] == "searched"

@@ -102,16 +102,22 @@ class CompressionContext:
         if self._batches is None:
             s = self.calibration
             texts = load_texts(TextSpec(source=s.source, split="calibration", n=s.n_samples, seed=s.seed))
-            max_length = min(s.max_length, self.max_positions or s.max_length)
-            lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-            texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: -lengths[i])]
-            self._batches = [
-                dict(tokenizer(texts[i : i + s.batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
-                for i in range(0, len(texts), s.batch_size)
-            ]
-            for b in self._batches:
-                b.pop("token_type_ids", None)
+            self._batches = self.tokenize(tokenizer, texts)
         return self._batches
+
+    def tokenize(self, tokenizer, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+        """``texts`` as batches of these settings (``batch_size``, ``max_length``), longest first."""
+        s = self.calibration
+        max_length = min(s.max_length, self.max_positions or s.max_length)
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+        texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: -lengths[i])]
+        batches = [
+            dict(tokenizer(texts[i : i + s.batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+            for i in range(0, len(texts), s.batch_size)
+        ]
+        for b in batches:
+            b.pop("token_type_ids", None)
+        return batches
 
 
 class _StopForward(Exception):

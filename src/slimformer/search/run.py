@@ -208,7 +208,7 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
             folder.mkdir(exist_ok=True)
             start, starts = _best_start(pool, dp, seeds, costs, limit, space.evolution.stages[-1][1])
             evo = evolve(pool, costs, limit, start, space.evolution, journal=folder / "journal.jsonl", progress=progress, groups=groups)
-            results[budget.label] = {"budget": budget, "costs": costs, "limit": limit, "dp": dp, "evo": evo, "starts": starts}
+            results[budget.label] = {"budget": budget, "costs": costs, "limit": limit, "dp": dp, "evo": evo, "starts": starts, "start": start}
         if pareto:
             (out / "pareto").mkdir(exist_ok=True)
             bit_costs, _ = costs_of(units, db, space.levels, Budget("bits", 1.0))
@@ -216,6 +216,14 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
                                           groups=groups)
     finally:
         pool.close()
+    if results:
+        validation = validation_batches(loaded, ctx)
+        judge = None
+        if validation:
+            judge = Evaluator(loaded, db, validation, reference_outputs(loaded, validation) if fitness == "kl" else [], units=units, fitness=fitness)  # float32
+        for r in results.values():
+            r["validation"] = validate(judge, r["start"], r["evo"].levels, len(validation))
+        del judge
 
     texts = load_texts(TextSpec(source=eval_source, split="evaluation", n=eval_texts))
     n_queries = max(1, min(16, len(texts) // 4))
@@ -240,17 +248,20 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
         front["uniform"][str(bits)] = point([u.levels.index(bits) for u in units])
     for label, r in results.items():
         evo = r["evo"]
-        bits_of, removed = choice(units, evo.levels)
+        kept = evo.levels if r["validation"]["kept"] == "searched" else r["start"]
+        bits_of, removed = choice(units, kept)
         entry = {
-            "budget": label, "dp": point(r["dp"]), "searched": point(evo.levels),
-            "dp_calibration_fitness": None, "searched_calibration_fitness": evo.fitness,
+            "budget": label, "dp": point(r["dp"]), "searched": point(kept),
+            "dp_calibration_fitness": None,
+            "searched_calibration_fitness": evo.fitness if kept is evo.levels else (evo.history[0]["fitness"] if evo.history else None),
+            "validation": r["validation"], "evolved": None if kept is evo.levels else {**point(evo.levels), "calibration_fitness": evo.fitness},
             "within_budget": total_cost(evo.levels, r["costs"]) <= r["limit"] and total_cost(r["dp"], r["costs"]) <= r["limit"],
             "generations": evo.generations, "history": evo.history, "bits": bits_of, "removed_sublayers": [f"{b}.{k}" for b, k in removed],
             "starts": r["starts"],
         }
         front["budgets"][label] = entry
         if save_models:
-            _save_searched(loaded, db, space, units, evo.levels, label, entry["searched"], out / label / "model")
+            _save_searched(loaded, db, space, units, kept, label, entry["searched"], out / label / "model")
     if pareto:
         members = []
         for i, member in enumerate(spread(pareto_result.front, space.pareto.points)):
@@ -267,6 +278,30 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
     plot_front(front, out / "front.png")
     _write_json(out / STATE_NAME, {"space": space.to_dict(), "source": source, "complete": True})
     return SearchOutcome(out, front, front["seconds"])
+
+
+def validation_batches(loaded, ctx: CompressionContext) -> list[dict]:
+    """Batches of calibration-split documents the search never scored: the draw of twice the
+    calibration's documents (same source and seed) less the calibration's own, at most as many
+    as those. Empty when the source has no more documents (e.g. a short text file of the user's)."""
+    s = ctx.calibration
+    used = set(load_texts(TextSpec(source=s.source, split="calibration", n=s.n_samples, seed=s.seed)))
+    more = load_texts(TextSpec(source=s.source, split="calibration", n=2 * s.n_samples, seed=s.seed))
+    fresh = list(dict.fromkeys(t for t in more if t not in used))[: s.n_samples]
+    return ctx.tokenize(loaded.tokenizer, fresh) if len(fresh) >= s.batch_size else []
+
+
+def validate(judge: Evaluator | None, start: list[int], searched: list[int], n_batches: int) -> dict:
+    """Which of the evolution's start and its result is kept: the result unless it scores worse
+    than its start on ``judge``'s validation batches (text the search never saw; the evolution
+    only ever compares candidates on its calibration batches, which it can overfit)."""
+    if judge is None or not n_batches:
+        return {"kept": "searched", "reason": "no validation text left beside the calibration text"}
+    if searched == start:
+        return {"kept": "searched", "reason": "the evolution kept its start"}
+    scores = {"start": judge.score(start, n_batches), "searched": judge.score(searched, n_batches)}
+    kept = "start" if scores["searched"] > scores["start"] else "searched"
+    return {"kept": kept, "batches": n_batches, "documents": sum(int(b["input_ids"].shape[0]) for b in judge.batches[:n_batches]), **scores}
 
 
 def _best_start(pool, dp: list[int], seeds: dict[str, list[int]], costs: list[list[int]], limit: int, n_batches: int) -> tuple[list[int], dict]:
