@@ -150,6 +150,10 @@ class Evaluator:
 
         self._muted[sublayer] = module.register_forward_hook(zero)
 
+    def use_batches(self, batches: list[dict], reference: list[torch.Tensor], fitness: str) -> None:
+        """Score on other ``batches`` from now on (e.g. validation text after the search)."""
+        self.batches, self.reference, self.fitness = batches, reference, fitness
+
     @torch.no_grad()
     def score(self, levels, n_batches: int) -> float:
         """Mean distortion of the model at ``levels`` on the first ``n_batches`` batches."""

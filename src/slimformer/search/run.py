@@ -216,19 +216,18 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
                                           groups=groups)
     finally:
         pool.close()
+    # one float32 evaluator (the pool's own when it is one) for the validation and the held-out check,
+    # whatever the candidates were scored in: no further copy of the model
+    checker = pool.evaluator if isinstance(pool, LocalPool) and dtype == "float32" else Evaluator(loaded, db, batches, reference, units=units)
     if results:
         validation = validation_batches(loaded, ctx)
-        judge = None
         if validation:
-            judge = Evaluator(loaded, db, validation, reference_outputs(loaded, validation) if fitness == "kl" else [], units=units, fitness=fitness)  # float32
+            checker.use_batches(validation, reference_outputs(loaded, validation) if fitness == "kl" else [], fitness)
         for r in results.values():
-            r["validation"] = validate(judge, r["start"], r["evo"].levels, len(validation))
-        del judge
+            r["validation"] = validate(checker if validation else None, r["start"], r["evo"].levels, len(validation))
 
     texts = load_texts(TextSpec(source=eval_source, split="evaluation", n=eval_texts))
     n_queries = max(1, min(16, len(texts) // 4))
-    # the held-out check in float32 whatever the candidates were scored in
-    checker = pool.evaluator if isinstance(pool, LocalPool) and dtype == "float32" else Evaluator(loaded, db, batches, reference, units=units)
     n_weights = sum(r * c for r, c in shapes.values())
     keep_bits = {n: u.keep_bits for u in units for n in u.linears}
 
@@ -255,7 +254,7 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
             "dp_calibration_fitness": None,
             "searched_calibration_fitness": evo.fitness if kept is evo.levels else (evo.history[0]["fitness"] if evo.history else None),
             "validation": r["validation"], "evolved": None if kept is evo.levels else {**point(evo.levels), "calibration_fitness": evo.fitness},
-            "within_budget": total_cost(evo.levels, r["costs"]) <= r["limit"] and total_cost(r["dp"], r["costs"]) <= r["limit"],
+            "within_budget": total_cost(kept, r["costs"]) <= r["limit"] and total_cost(r["dp"], r["costs"]) <= r["limit"],
             "generations": evo.generations, "history": evo.history, "bits": bits_of, "removed_sublayers": [f"{b}.{k}" for b, k in removed],
             "starts": r["starts"],
         }
@@ -283,7 +282,8 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
 def validation_batches(loaded, ctx: CompressionContext) -> list[dict]:
     """Batches of calibration-split documents the search never scored: the draw of twice the
     calibration's documents (same source and seed) less the calibration's own, at most as many
-    as those. Empty when the source has no more documents (e.g. a short text file of the user's)."""
+    as those (a text file of the user's with too few documents is topped up from the built-in mix,
+    as calibration is). Empty when fewer than one batch of documents is left."""
     s = ctx.calibration
     used = set(load_texts(TextSpec(source=s.source, split="calibration", n=s.n_samples, seed=s.seed)))
     more = load_texts(TextSpec(source=s.source, split="calibration", n=2 * s.n_samples, seed=s.seed))
