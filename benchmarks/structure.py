@@ -59,6 +59,7 @@ from slimformer.evaluate.cost import interleaved_latency, storage_bytes
 from slimformer.evaluate.quality import encoder_quality, encoder_reference
 from slimformer.methods import CalibrationSettings, CompressionContext, method_from_dict
 from slimformer.methods.structure.flops import forward_flops
+from slimformer.methods.structure.search import next_token_nll
 from slimformer.models import load_model
 from slimformer.recipe import Recipe
 
@@ -346,14 +347,13 @@ def cmd_transfer(threads: int) -> None:
             b = dict(original.tokenizer(texts[i : i + TRANSFER_EVAL["batch_size"]], padding=True, truncation=True,
                                         max_length=TRANSFER_EVAL["max_length"], return_tensors="pt"))
             b.pop("token_type_ids", None)
-            valid = (b["attention_mask"][:, 1:] * b["attention_mask"][:, :-1]).bool()
-            target = b["input_ids"][:, 1:]
-            counts += valid.sum(1).tolist()
+            rows = [{k: v[j : j + 1] for k, v in b.items()} for j in range(b["input_ids"].shape[0])]
             for name, m in models.items():
                 with torch.no_grad():
-                    lp = F.log_softmax(m.model(**b, use_cache=False).logits.float(), dim=-1)[:, :-1]
-                nll = -(lp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * valid)
-                docs_nll[name] += nll.sum(1).tolist()
+                    logits = m.model(**b, use_cache=False).logits
+                scored = [next_token_nll(logits[j : j + 1], r) for j, r in enumerate(rows)]  # SLEB's criterion, per document
+                docs_nll[name] += [nll for nll, _ in scored]
+            counts += [n for _, n in scored]  # the same valid tokens under every set
         n = torch.tensor(counts, dtype=torch.float64)
         per = {name: torch.tensor(v, dtype=torch.float64) for name, v in docs_nll.items()}
         idx = torch.randint(0, len(counts), (BOOTSTRAP, len(counts)), generator=gen)

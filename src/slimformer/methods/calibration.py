@@ -84,6 +84,7 @@ class CompressionContext:
         # Per-layer record entries of the current step (see layer_record), reset per step.
         self.layer_records: dict[str, dict] = {}
         self._batches: list[dict[str, torch.Tensor]] | None = None
+        self._texts: list[str] | None = None
 
     def layer_record(self, key: str) -> dict:
         """A dict ``{layer name: value}`` of the current step's record (e.g. ``"kernels"``):
@@ -100,10 +101,15 @@ class CompressionContext:
         any grouping, and the forward passes of calibration do not compute padding (with the
         mixed default text, about a third of the positions of randomly grouped batches)."""
         if self._batches is None:
-            s = self.calibration
-            texts = load_texts(TextSpec(source=s.source, split="calibration", n=s.n_samples, seed=s.seed))
-            self._batches = self.tokenize(tokenizer, texts)
+            self._batches = self.tokenize(tokenizer, self.texts())
         return self._batches
+
+    def texts(self) -> list[str]:
+        """The calibration documents (loaded once)."""
+        if self._texts is None:
+            s = self.calibration
+            self._texts = load_texts(TextSpec(source=s.source, split="calibration", n=s.n_samples, seed=s.seed))
+        return self._texts
 
     def tokenize(self, tokenizer, texts: list[str]) -> list[dict[str, torch.Tensor]]:
         """``texts`` as batches of these settings (``batch_size``, ``max_length``), longest first."""

@@ -247,13 +247,14 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
         front["uniform"][str(bits)] = point([u.levels.index(bits) for u in units])
     for label, r in results.items():
         evo = r["evo"]
-        kept = evo.levels if r["validation"]["kept"] == "searched" else r["start"]
+        start_kept = r["validation"]["kept"] == "start"
+        kept = r["start"] if start_kept else evo.levels
         bits_of, removed = choice(units, kept)
         entry = {
             "budget": label, "dp": point(r["dp"]), "searched": point(kept),
             "dp_calibration_fitness": None,
-            "searched_calibration_fitness": evo.fitness if kept is evo.levels else (evo.history[0]["fitness"] if evo.history else None),
-            "validation": r["validation"], "evolved": None if kept is evo.levels else {**point(evo.levels), "calibration_fitness": evo.fitness},
+            "searched_calibration_fitness": (evo.history[0]["fitness"] if evo.history else None) if start_kept else evo.fitness,
+            "validation": r["validation"], "evolved": {**point(evo.levels), "calibration_fitness": evo.fitness} if start_kept else None,
             "within_budget": total_cost(kept, r["costs"]) <= r["limit"] and total_cost(r["dp"], r["costs"]) <= r["limit"],
             "generations": evo.generations, "history": evo.history, "bits": bits_of, "removed_sublayers": [f"{b}.{k}" for b, k in removed],
             "starts": r["starts"],
@@ -285,7 +286,7 @@ def validation_batches(loaded, ctx: CompressionContext) -> list[dict]:
     as those (a text file of the user's with too few documents is topped up from the built-in mix,
     as calibration is). Empty when fewer than one batch of documents is left."""
     s = ctx.calibration
-    used = set(load_texts(TextSpec(source=s.source, split="calibration", n=s.n_samples, seed=s.seed)))
+    used = set(ctx.texts())
     more = load_texts(TextSpec(source=s.source, split="calibration", n=2 * s.n_samples, seed=s.seed))
     fresh = list(dict.fromkeys(t for t in more if t not in used))[: s.n_samples]
     return ctx.tokenize(loaded.tokenizer, fresh) if len(fresh) >= s.batch_size else []
