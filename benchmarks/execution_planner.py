@@ -95,8 +95,13 @@ def markdown(out: dict) -> str:
         if ", planned (" not in r["variant"]:
             continue
         verdict = "not slower" if r["fixed_speedup"] >= best_plain["fixed_speedup"] * 0.97 else "SLOWER"
+        skipped = (out["plans"].get(r["variant"]) or {}).get("int8_activations_skipped")
+        w8a8_layers = sum(1 for layer in (out["plans"].get(r["variant"]) or {}).get("layers", {}).values() if "int8_activations" in layer)
         lines.append(f"- {r['variant']}: {r['fixed_speedup']:.2f}× fp32 (size {r['size_ratio']:.3f}, cos {r['cos_mean']:.4f}); {verdict} than the faster of fp32 and a plain bf16 cast ({best_plain['variant']}, {best_plain['fixed_speedup']:.2f}×; 3% noise allowance)"
-                     + (f"; a bf16 cast compiled with frozen weights: {best_compiled['fixed_speedup']:.2f}×" if best_compiled else ""))
+                     + (f"; a bf16 cast compiled with frozen weights: {best_compiled['fixed_speedup']:.2f}×" if best_compiled else "")
+                     + (f"; int8 activations skipped on {skipped['batch']} of {w8a8_layers} W8A8 layers for batches, {skipped['decode']} for decoding (measured slower here than float activations on the same int8 weights)"
+                        if w8a8_layers else "")
+                     + ("; the user's choice `int8_activations: keep`, not the default" if "int8 activations kept" in r["variant"] else ""))
     lines += ["- Compiled models trace the corpus's bucket shapes symbolically (dynamic shapes; planned layers take their batch path inside the graph, so no guard on the row count); the recompile limit is raised to 64 because all compiled models here share one code object; the warm-up pass absorbs the compiles."]
     for name, summary in out['plans'].items():
         if ", compiled" in name:
@@ -194,6 +199,12 @@ def main() -> int:
             log(f"planned {label} memory={memory} in {time.time() - t0:.1f}s: {plan.activations}, {plan.counts()}")
             variants[f"{label}, planned ({memory})"] = planned
             plans[f"{label}, planned ({memory})"] = plan.summary()
+            if label == w8a8_label and memory == "balanced":  # what keeping the int8 activations costs here
+                kept = copy.deepcopy(model)
+                plan_k = plan_execution(kept, PlanSettings(memory=memory, batch_tokens=args.plan_tokens, repeats=2 if args.quick else 3, int8_activations="keep"))
+                log(f"planned {label} memory={memory}, int8 activations kept: {plan_k.activations}, {plan_k.counts()}")
+                variants[f"{label}, planned ({memory}, int8 activations kept)"] = kept
+                plans[f"{label}, planned ({memory}, int8 activations kept)"] = plan_k.summary()
             if not args.no_compile:
                 again = copy.deepcopy(model)
                 plan_execution(again, PlanSettings(memory=memory, batch_tokens=args.plan_tokens, repeats=2 if args.quick else 3))

@@ -215,3 +215,49 @@ def test_fused_w8a8_float_product_equals_its_eager_definition():
     for symmetric, w_offset, gemm in ((True, None, torch.bfloat16), (False, torch.randn(24), torch.float32)):
         args = (x, w, gemm, ws, rowsum, w_offset, torch.randn(24), symmetric, torch.float32)
         assert torch.allclose(fused_w8a8_float_product(*args), w8a8_float_product(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("w_symmetric,a_symmetric", [(True, True), (False, False), (True, False)])
+def test_onednn_int8_path_gives_the_int_mm_result_bit_for_bit(w_symmetric, a_symmetric):
+    """int8-onednn (oneDNN's quantized linear on a weight prepacked once) computes the same
+    integer product as int8-dynamic (torch._int_mm), so outputs are identical; a copy of the
+    layer (the prepacked weight cannot be copied) lays it out again and agrees too."""
+    import copy
+    import platform
+
+    from slimformer.kernels import onednn_int8
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert onednn_int8.available(), "oneDNN's int8 linear should run on every x86-64 CPU torch supports"
+    elif not onednn_int8.available():
+        pytest.skip("oneDNN int8 linear not in this PyTorch build (non-x86 CPU)")
+    torch.manual_seed(2)
+    q = quantize_module_rtn(nn.Linear(96, 40), 8, None, w_symmetric, act_bits=8)
+    q.act_symmetric = a_symmetric
+    assert "int8-onednn" in q.available_kernels()
+    q.use_kernels("int8-dynamic", "int8-onednn")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(3, 11, 96) * 4).to(dtype)
+        assert torch.equal(q.compute(x, "int8-onednn"), q.compute(x, "int8-dynamic"))
+    # 1 byte per weight for the prepacked form, beside the int8 codes and the per-row vectors
+    assert q.runtime_nbytes() == 2 * 96 * 40 + 40 * (10 if w_symmetric else 14)
+    clone = copy.deepcopy(q)
+    x = torch.randn(5, 96)
+    assert torch.equal(clone.compute(x, "int8-onednn"), q.compute(x, "int8-onednn"))
+
+
+def test_onednn_int8_path_compiles_as_one_operator():
+    """Under torch.compile (dynamic shapes, weights not frozen) the oneDNN product is one opaque
+    operator: the compiled layer equals the eager one for two row counts."""
+    from slimformer.kernels import onednn_int8
+
+    if not onednn_int8.available():
+        pytest.skip("oneDNN int8 linear not in this PyTorch build")
+    torch.manual_seed(3)
+    q = quantize_module_rtn(nn.Linear(64, 48), 8, None, True, act_bits=8)
+    q.use_kernels("int8-onednn")
+    compiled = torch.compile(q, dynamic=True)
+    with torch.no_grad():
+        for rows in (7, 30):
+            x = torch.randn(rows, 64)
+            assert torch.equal(compiled(x), q(x))

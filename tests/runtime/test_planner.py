@@ -50,23 +50,35 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("bits,act_bits", [(4, None), (8, None), (8, 8), (3, None)])
-def test_every_candidate_path_matches_the_dequantize_reference(tmp_path, bits, act_bits):
+@pytest.mark.parametrize("bits,act_bits,int8_activations", [(4, None, "auto"), (8, None, "auto"), (8, 8, "auto"), (8, 8, "keep"), (3, None, "auto")])
+def test_every_candidate_path_matches_the_dequantize_reference(tmp_path, bits, act_bits, int8_activations):
     torch.manual_seed(0)
     q = quantize_module_rtn(nn.Linear(128, 96), bits, 32 if bits != 8 else None, bits == 8, act_bits=act_bits)
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(1))
     for dtype in (torch.float32, torch.bfloat16):
-        measured = measure_format(q, dtype, _settings(tmp_path))["paths"]
+        measured = measure_format(q, dtype, _settings(tmp_path, int8_activations=int8_activations))["paths"]
+        if dtype == torch.float32:
+            measured_f32 = measured
         assert measured, "no candidate path"
-        expected = set(ex.candidate_paths(q, dtype))
+        expected = set(ex.candidate_paths(q, dtype, int8_activations))
         assert set(measured) == expected
         for path, r in measured.items():
             assert r["ok"], (path, r)
             exact = ex.PATHS[path].rounding == "exact" and dtype == torch.float32
             assert r["rel_error"] <= (EXACT_BOUND if exact else BF16_BOUND)
             assert r["decode_s"] > 0 and r["batch_s"] > 0
-    if act_bits == 8:  # W8A8 keeps its int8 activations: no float-weight path is offered
-        assert not set(measured) & set(ex.GENERIC_PATHS)
-        assert "w8a8-fp32" in measured
+    if act_bits == 8:
+        assert "w8a8-fp32" in measured and "int8-dynamic" in measured
+        skipping = {p for p in measured if ex.skips_int8_activations(q, p)}
+        if int8_activations == "keep":  # only paths that quantize the activations, as an int8 deployment does
+            assert not skipping
+        else:  # the same int8 weights on float activations: int8pack, widening, cached copies
+            assert {"int8pack", "int8-widen-fp32", "dequant-bf16"} <= skipping
+            # their parity was judged against the product without the activation rounding,
+            # which differs from the W8A8 product by more than the exact bound
+            gap = _rel(reference_output(q, x, int8_activations=False), reference_output(q, x))
+            assert gap > 10 * EXACT_BOUND
+            assert measured_f32["int8-widen-fp32"]["rel_error"] <= EXACT_BOUND
     # The layer is left as it was found: its capability-chosen kernel, no planned forward.
     assert ex.planned_forward_of(q) is None
 
@@ -500,3 +512,28 @@ def test_input_scaled_w8a8_layers_pass_the_exact_parity_check(tiny_factory, tmp_
         assert r["ok"], (path, r)
         if ex.PATHS[path].rounding == "exact":
             assert r["rel_error"] <= EXACT_BOUND, (path, r)
+
+
+def test_int8_activations_setting_decides_whether_w8a8_layers_may_skip_their_activation_rounding(tiny_factory, tmp_path):
+    from slimformer.errors import ConfigError
+
+    model = tiny_factory("bert")
+    compress(model, Recipe(steps=[RTNConfig(bits=8, group_size=None, symmetric=True, activations="int8")]))
+    batch = sample_batch(model)
+    w8a8 = model_output(model, batch)
+    kept = plan_execution(model, _settings(tmp_path, int8_activations="keep", activations="float32"))
+    assert kept.summary()["int8_activations_skipped"] == {"decode": 0, "batch": 0}
+    assert all(all(layer["int8_activations"].values()) for layer in kept.layers.values() if "int8_activations" in layer)
+    remove_plan(model)
+    auto = plan_execution(model, _settings(tmp_path, activations="float32"))
+    skipped = auto.summary()["int8_activations_skipped"]
+    w8a8_layers = [layer for layer in auto.layers.values() if "int8_activations" in layer]
+    assert w8a8_layers
+    for regime in ("decode", "batch"):  # the count is what the chosen paths do
+        assert skipped[regime] == sum(layer[regime] not in ex.W8A8_KERNELS for layer in w8a8_layers)
+    # whichever paths were chosen, the output stays within float32 rounding of the W8A8 model
+    # plus the activation rounding the skipped layers leave out (never further than int8 codes)
+    planned = model_output(model, batch)
+    assert _rel(planned, w8a8) < 0.05
+    with pytest.raises(ConfigError, match="int8_activations"):
+        PlanSettings(int8_activations="drop")

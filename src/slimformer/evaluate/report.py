@@ -121,6 +121,7 @@ def markdown_table(rows: list[dict]) -> str:
     )
     lines.append(
         "execution: int8-dynamic = W8A8, int8 weights x per-token int8 activations on the int8 matrix units (torch._int_mm); "
+        "int8-onednn = the same integer product through oneDNN on a weight prepacked for this CPU; "
         "int8pack / int4pack = packed weights through PyTorch's CPU low-bit kernels (int8 widened to bf16 for large batches); "
         "unpack / lut-unpack / vq-unpack / bitstack-unpack = no kernel for this format: the packed weight stays in memory and "
         "each call unpacks that layer only; +lowrank = an EoRA correction added; "
@@ -131,7 +132,9 @@ def markdown_table(rows: list[dict]) -> str:
         "widened per call for an fp32 GEMM; unpack-fp32 = dequantized per call in fp32; int8-widen-fp32/bf16 = int8 weights "
         "widened per call; w8a8-fp32/bf16 = W8A8 codes multiplied on the float units; packed-fp32 = the stored 4/8-bit codes "
         "read in place by slimformer's kernel, float32 arithmetic; widen-fp32 / native-bf16 = a plain bf16 "
-        "linear widened per call / run in bf16."
+        "linear widened per call / run in bf16. A W8A8 layer planned to a weight-only path runs its int8 weights on float "
+        "activations: the per-token int8 rounding was measured slower on this machine and is skipped (execution "
+        "int8_activations: keep prevents it)."
     )
     return "\n".join(lines) + "\n"
 

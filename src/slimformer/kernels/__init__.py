@@ -1,6 +1,8 @@
 """slimformer's own CPU kernels, compiled on the machine that runs them.
 
-One operator so far, ``torch.ops.slimformer.packed_linear`` (``packed_linear.cpp``): a few-row
+Two operators. :mod:`slimformer.kernels.onednn_int8` wraps oneDNN's int8 GEMM on a weight
+prepacked once (``torch.ops.slimformer.onednn_int8_product``, W8A8 layers). The other,
+``torch.ops.slimformer.packed_linear`` (``packed_linear.cpp``): a few-row
 linear (decoding, speculative verification) computed straight from the packed 4- or 8-bit codes,
 bf16 scales and uint8 zero points that :class:`~slimformer.methods.quantization.modules.QuantizedLinear`
 stores (and from GGUF's Q8_0 / Q4_0 / Q4_1 blocks as

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimformer.methods.quantization.modules import QuantizedLinear, QuantizedModule
+from slimformer.methods.quantization.modules import W8A8_KERNELS, QuantizedLinear, QuantizedModule
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class PathInfo:
 
 PATHS: dict[str, PathInfo] = {
     "int8-dynamic": PathInfo("exact", "int8", 1.0, "W8A8: int8 codes x per-token int8 activations, torch._int_mm, int32 accumulators"),
+    "int8-onednn": PathInfo("exact", "onednn-int8", 1.0, "W8A8: the same integer product through oneDNN's quantized linear on a weight prepacked for this CPU"),
     "w8a8-fp32": PathInfo("exact", "int8", 1.0, "W8A8 codes multiplied by a float32 GEMM (exact products, fp32 accumulation)"),
     "w8a8-bf16": PathInfo("bf16", "int8", 1.0, "W8A8 codes multiplied by a bfloat16 GEMM (exact products, accumulator rounded to bf16)"),
     "int8pack": PathInfo("bf16", "int8", 1.0, "int8 weights, torch._weight_int8pack_mm (bf16 activations)"),
@@ -85,15 +86,30 @@ def weight_version(module: nn.Module) -> int:
     return key._version
 
 
-def candidate_paths(module: nn.Module, act_dtype: torch.dtype) -> list[str]:
-    """Every path that computes ``module``'s stored numerics here (capability only)."""
+def skips_int8_activations(module: nn.Module, path: str) -> bool:
+    """``path`` runs a W8A8 layer's stored int8 weights on float activations: the per-token int8
+    rounding of its input is skipped (the product is closer to the original model's, not
+    further)."""
+    return is_w8a8(module) and path not in W8A8_KERNELS
+
+
+def candidate_paths(module: nn.Module, act_dtype: torch.dtype, int8_activations: str = "keep") -> list[str]:
+    """Every path that computes ``module``'s stored numerics here (capability only).
+
+    A W8A8 layer's int8 activations are a run-time rounding chosen for speed, not a stored
+    number: with ``int8_activations="auto"`` its weight-only paths (the same int8 weights, float
+    activations) are candidates too, so that a CPU whose float units outrun its int8 ones (AMX
+    bf16) is not made slower by them; ``"keep"`` offers only the W8A8 paths (bit-faithful to an
+    int8 deployment)."""
     if isinstance(module, QuantizedModule):
         if isinstance(module, QuantizedLinear):
             native = list(module.available_kernels())
         else:  # other formats: their forward, and the packed-code kernel where they offer it
             native = ["native"] + (["packed-fp32"] if hasattr(module, "packed_forward") and module.packed_kernel_ok() else [])
-        if is_w8a8(module):  # int8 activations are part of the stored numerics: no dense float path
-            return native
+        if is_w8a8(module):
+            if int8_activations == "keep":
+                return native
+            return native + [p for p in module.available_kernels(int8_activations=False) + GENERIC_PATHS if p not in native]
         return native + list(GENERIC_PATHS)
     if module.weight.dtype == torch.float32 or act_dtype == module.weight.dtype:
         return ["native"]

@@ -5,9 +5,10 @@ For each distinct layer format (type, bits, group size, shape, ...) and each act
 the model may run in (float32, bfloat16):
 
 1. the candidate paths (:mod:`slimformer.runtime.execution`) are filtered by capability (ops
-   that exist, layouts a kernel accepts);
+   that exist, layouts a kernel accepts); a W8A8 layer also offers its weight-only paths (its
+   int8 weights on float activations) unless ``int8_activations`` is ``keep``;
 2. each is checked against the dequantize reference (float64 product of the dequantized weight;
-   W8A8 layers: of their quantized activations) on a probe input: relative error at most
+   for W8A8 paths, of the quantized activations) on a probe input: relative error at most
    ``EXACT_BOUND`` for exact paths and ``BF16_BOUND`` for paths that round to bfloat16;
 3. the survivors are timed, interleaved, on few rows (``decode_tokens``: decoding) and on many
    rows (``batch_tokens``: batches, prefill); the minimum of ``repeats`` runs is kept (the
@@ -62,9 +63,13 @@ from slimformer.runtime.measurements import PlanCache, default_cache_dir
 
 MEMORY_LIMITS = {"packed": 1.0, "balanced": 2.0, "fast": math.inf}  # run-time bytes per weight
 ACTIVATIONS = ("auto", "float32", "bfloat16", "stored")
+INT8_ACTIVATIONS = ("auto", "keep")
 WORKLOADS = ("batch", "decode")
 EXACT_BOUND = 1e-4
 BF16_BOUND = 2e-2
+# The paths this version knows, in the key of every cached measurement: a version that adds a
+# path measures again instead of reusing a cache that never timed it.
+PATHS_KEY = ",".join(sorted(ex.PATHS))
 STREAM_BYTES = 64 << 20  # run-time forms touched per timing round: more than the last-level cache
 MAX_STREAM_COPIES = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -82,10 +87,14 @@ class PlanSettings:
     runs per path (after one warm-up); ``cache``: read and write the on-disk cache;
     ``cache_dir``: where (None: the default location); ``widths``: for encoders, also choose
     the width each batch runs at by measurement (:mod:`slimformer.runtime.alignment`) for
-    inputs of up to ``widths_max_length`` tokens."""
+    inputs of up to ``widths_max_length`` tokens. ``int8_activations``: for W8A8 layers, ``auto``
+    also times their weight-only paths (the same int8 weights on float activations: the
+    per-token int8 rounding skipped, taken only where measured faster; the plan counts such
+    layers) | ``keep`` (only paths that quantize activations, as an int8 deployment does)."""
 
     memory: str = "balanced"
     activations: str = "auto"
+    int8_activations: str = "auto"
     workload: str | None = None
     decode_tokens: int = 1
     batch_tokens: int = 1024
@@ -101,6 +110,8 @@ class PlanSettings:
             raise ConfigError(f"execution memory={self.memory!r} is not a memory policy", f"use one of {list(MEMORY_LIMITS)}")
         if self.activations not in ACTIVATIONS:
             raise ConfigError(f"execution activations={self.activations!r} is not supported", f"use one of {list(ACTIVATIONS)}")
+        if self.int8_activations not in INT8_ACTIVATIONS:
+            raise ConfigError(f"execution int8_activations={self.int8_activations!r} is not supported", f"use one of {list(INT8_ACTIVATIONS)}")
         if self.workload is not None and self.workload not in WORKLOADS:
             raise ConfigError(f"execution workload={self.workload!r} is not supported", f"use one of {list(WORKLOADS)}")
         for name in ("decode_tokens", "batch_tokens", "split_tokens", "repeats", "widths_max_length"):
@@ -194,11 +205,12 @@ def _probe_input(module: nn.Module, rows: int, dtype: torch.dtype, seed: int = 0
 
 
 @torch.no_grad()
-def reference_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The dequantize reference (rows, out) float64 of ``module`` on ``x`` (rows, in)."""
+def reference_output(module: nn.Module, x: torch.Tensor, int8_activations: bool = True) -> torch.Tensor:
+    """The dequantize reference (rows, out) float64 of ``module`` on ``x`` (rows, in); a W8A8
+    layer's per-token int8 activation rounding included unless ``int8_activations`` is False."""
     w = module.dequantized_weight() if isinstance(module, QuantizedModule) else module.weight
     xd = x.float()
-    if ex.is_w8a8(module):
+    if ex.is_w8a8(module) and int8_activations:
         input_scale = getattr(module, "input_scale", None)
         if input_scale is not None:  # AWQ/SmoothQuant layers quantize x / s and hold W diag(s)
             xd = xd * (1.0 / input_scale.float())
@@ -248,7 +260,7 @@ def measure_format(module: nn.Module, act_dtype: torch.dtype, settings: PlanSett
     """Parity and timings of every candidate path of ``module`` under ``act_dtype`` activations:
     ``{"paths": {path: {"rel_error", "bound", "ok", "decode_s", "batch_s"}}}``."""
     with _as_dtype(module, act_dtype) as m:
-        paths = ex.candidate_paths(m, act_dtype)
+        paths = ex.candidate_paths(m, act_dtype, settings.int8_activations)
         saved = ex.planned_forward_of(m)
         kernel_before = m.kernel if isinstance(m, QuantizedLinear) else None
         ready_before = getattr(m, "_ready", None)
@@ -256,11 +268,13 @@ def measure_format(module: nn.Module, act_dtype: torch.dtype, settings: PlanSett
         try:
             x = _probe_input(m, 16, act_dtype, seed=1)
             ref = reference_output(m, x)
+            ref_float = reference_output(m, x, int8_activations=False) if any(ex.skips_int8_activations(m, p) for p in paths) else None
             result: dict[str, dict] = {}
             for p in paths:
                 try:
                     y = pf.run(p, x).double()
-                    err = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+                    r = ref_float if ex.skips_int8_activations(m, p) else ref
+                    err = float((y - r).norm() / r.norm().clamp_min(1e-30))
                 except (RuntimeError, ValueError, NotImplementedError) as exc:
                     result[p] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
                     continue
@@ -373,6 +387,17 @@ class ExecutionPlan:
             out[label] = out.get(label, 0) + 1
         return out
 
+    def int8_activations_skipped(self) -> dict[str, int]:
+        """W8A8 layers whose chosen path runs on float activations, per regime (``decode``,
+        ``batch``): their per-token int8 rounding was measured slower here and is skipped."""
+        out = {"decode": 0, "batch": 0}
+        for layer in self.layers.values():
+            kept = layer.get("int8_activations")
+            if kept:
+                for regime in out:
+                    out[regime] += not kept[layer[regime]]
+        return out
+
     def summary(self) -> dict:
         """JSON-ready: the machine, the settings, the activation dtype, every layer's paths and
         what the alternatives of its format measured."""
@@ -384,6 +409,7 @@ class ExecutionPlan:
             "workload": self.workload,
             "activation_seconds": self.activation_seconds,
             "paths": self.counts(),
+            "int8_activations_skipped": self.int8_activations_skipped(),
             "planning_seconds": round(self.seconds, 3),
             "measured_formats": self.measured_formats,
             "cached_formats": self.cached_formats,
@@ -490,7 +516,8 @@ def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool 
                 dname = str(dtype).replace("torch.", "")
                 if dname not in entry["measured"]:
                     ckey = (f"{fkey}|act={dname}|decode={settings.decode_tokens}|batch={settings.batch_tokens}"
-                            f"|split={settings.split_tokens}|kernels={kernels_lib.version()}")
+                            f"|split={settings.split_tokens}|kernels={kernels_lib.version()}|paths={PATHS_KEY}"
+                            + (f"|int8act={settings.int8_activations}" if ex.is_w8a8(module) else ""))
                     measured = cache.get(ckey) if cache is not None else None
                     if measured is None:
                         measured = measure_format(module, dtype, settings)
@@ -522,6 +549,8 @@ def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool 
         if pair != ("native", "native") or isinstance(module, QuantizedModule):
             ex.install_planned_forward(module, pair[0], pair[1], settings.split_tokens)
         plan.layers[name] = {"format": fid, "decode": pair[0], "batch": pair[1], "held_bytes_per_weight": round(held_bytes_per_weight(module), 4)}
+        if ex.is_w8a8(module):
+            plan.layers[name]["int8_activations"] = {p: not ex.skips_int8_activations(module, p) for p in dict.fromkeys(pair)}
     if workload == "batch":  # a decode step gathers one row: a dense table would only cost memory
         with torch.no_grad():
             for name, module in planned_embeddings(model).items():

@@ -34,6 +34,12 @@ numerics (each selectable by name through :meth:`QuantizedLinear.use_kernels`):
   whose bf16 GEMM is faster than its int8 one (AMX), the same numbers come out sooner. The
   activation quantization, the widening, the GEMM and the rescale are one compiled function, so
   quantizing costs one pass over the input and rescaling one over the output;
+- ``int8-onednn`` (W8A8 layers only): the same integer product as ``int8-dynamic`` through
+  oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``) on a weight prepacked
+  once for this CPU's int8 units (AMX tiles / VNNI); the activation codes are handed over as
+  unsigned bytes (code + 128, zero point 128), the int32 accumulators come back as float32 and
+  are rescaled as for ``int8-dynamic`` (:mod:`slimformer.kernels.onednn_int8`; 1 byte per
+  weight held);
 - ``packed-fp32`` (4- and 8-bit, group size a multiple of 32): slimformer's own kernel
   (:mod:`slimformer.kernels`) reads the stored codes, scales and zero points in place and
   computes in float32 (exact); nothing is held beyond the stored buffers. Built for few rows
@@ -53,12 +59,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimformer import kernels as kernels_lib
+from slimformer.kernels import onednn_int8
 from slimformer.methods.quantization import grid
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-KERNELS = ("int8-dynamic", "int8pack", "int4pack", "unpack", "int8-widen-fp32", "int8-widen-bf16", "w8a8-fp32", "w8a8-bf16", "packed-fp32")
-INT8_FORM_KERNELS = ("int8-dynamic", "int8pack", "int8-widen-fp32", "int8-widen-bf16", "w8a8-fp32", "w8a8-bf16")
-W8A8_KERNELS = ("int8-dynamic", "w8a8-fp32", "w8a8-bf16")
+KERNELS = ("int8-dynamic", "int8pack", "int4pack", "unpack", "int8-widen-fp32", "int8-widen-bf16", "w8a8-fp32", "w8a8-bf16",
+           "int8-onednn", "packed-fp32")
+INT8_FORM_KERNELS = ("int8-dynamic", "int8pack", "int8-widen-fp32", "int8-widen-bf16", "w8a8-fp32", "w8a8-bf16", "int8-onednn")
+W8A8_KERNELS = ("int8-dynamic", "w8a8-fp32", "w8a8-bf16", "int8-onednn")
 INT8_UNPACK_MIN_TOKENS = 64
 ACT_BITS = (None, 8)  # float activations, or int8 per-token activations (W8A8)
 
@@ -129,7 +137,16 @@ def tensor_bits(*tensors: torch.Tensor | None) -> int:
     return sum(8 * t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def activation_bytes(x: torch.Tensor, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The codes of :func:`quantize_activations_per_token` shifted by +128 into uint8, with the
+    same ``(scale, offset)``: the unsigned form oneDNN's quantized linear takes."""
+    codes, scale, offset = activation_codes(x.to(torch.float32, copy=True), symmetric)
+    return codes.add_(128.0).to(torch.uint8), scale, offset
+
+
 def _has_op(name: str) -> bool:
+    if name == "int8-onednn":
+        return onednn_int8.available()
     if name == "int8-dynamic":
         return hasattr(torch, "_int_mm")
     if name == "int8pack":
@@ -236,6 +253,7 @@ def w8a8_float_product(x: torch.Tensor, w_int8: torch.Tensor, gemm_dtype: torch.
 
 
 fused_quantize_activations = _Fused(quantize_activations_per_token)
+fused_activation_bytes = _Fused(activation_bytes)
 fused_rescale = _Fused(rescale_int8_product)
 fused_w8a8_float_product = _Fused(w8a8_float_product)
 
@@ -365,12 +383,14 @@ class QuantizedLinear(PackedWeight):
         )
 
     # ----- run-time form -----------------------------------------------------------------------
-    def available_kernels(self) -> tuple[str, ...]:
+    def available_kernels(self, int8_activations: bool = True) -> tuple[str, ...]:
         """The native paths that compute this layer's stored numerics on this PyTorch (capability
-        only: layout, width, available ops); W8A8 layers list only W8A8 paths."""
-        if self.act_bits == 8:
+        only: layout, width, available ops). W8A8 layers list only W8A8 paths, unless
+        ``int8_activations`` is False: then the weight-only paths of the same stored weights
+        (activations left in float, their per-token int8 rounding skipped)."""
+        if self.act_bits == 8 and int8_activations:
             if self.bits == 8 and self.group_size is None:
-                return tuple(k for k in W8A8_KERNELS if k != "int8-dynamic" or _has_op("int8-dynamic"))
+                return tuple(k for k in W8A8_KERNELS if k not in ("int8-dynamic", "int8-onednn") or _has_op(k))
             return ("unpack",)
         kernels = []
         if self.bits == 8 and self.group_size is None:
@@ -412,6 +432,8 @@ class QuantizedLinear(PackedWeight):
                 # Asymmetric activations add offset_t * sum_k w_int8[n, k] * s_n per token t.
                 rt["w_rowsum"] = w_int8.sum(1, dtype=torch.int32).float() * rt["scales_f32"]
             rt["w_int8"] = w_int8
+            if "int8-onednn" in ready:
+                rt["onednn_packed"] = onednn_int8.prepack(w_int8)
             if not self.symmetric:
                 # w = (q - zp) s = (q_int8 + 128 - zp) s: the kernel applies q_int8 * s, the rest is rank 1.
                 rt["offset"] = ((128.0 - self.zero_points()[:, 0]) * self.scales[:, 0].float()).contiguous()
@@ -424,6 +446,14 @@ class QuantizedLinear(PackedWeight):
             rt["scales_and_zeros"] = torch.stack([scale, z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
         self._runtime = rt
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out oneDNN's prepacked weight (an opaque tensor that cannot be
+        copied); the copy lays it out again at its first forward."""
+        state = self.__dict__.copy()
+        if "onednn_packed" in state.get("_runtime", {}):
+            state["_runtime"] = {k: v for k, v in state["_runtime"].items() if k != "onednn_packed"}
+        return state
+
     def runtime_nbytes(self) -> int:
         """Bytes of the run-time tensors (in addition to the stored buffers)."""
         return sum(t.numel() * t.element_size() for t in self._runtime.values())
@@ -435,8 +465,8 @@ class QuantizedLinear(PackedWeight):
         """``x`` (..., in_features) -> (..., out_features) in ``x.dtype`` through ``kernel``
         (one of the kernels made ready)."""
         rt = self._runtime
-        if kernel not in ("unpack", "packed-fp32") and not rt:  # built lazily (see from_codes)
-            self.prepare()
+        if kernel not in ("unpack", "packed-fp32") and (not rt or (kernel == "int8-onednn" and "onednn_packed" not in rt)):
+            self.prepare()  # built lazily (see from_codes and __getstate__)
             rt = self._runtime
         if kernel == "unpack":
             bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -450,9 +480,13 @@ class QuantizedLinear(PackedWeight):
             gemm = torch.float32 if kernel == "w8a8-fp32" else torch.bfloat16
             y = fused_w8a8_float_product(x2, rt["w_int8"], gemm, rt["scales_f32"], rt["w_rowsum"], rt.get("offset"), self.bias, self.act_symmetric, x.dtype)
             return y.reshape(*shape[:-1], self.out_features)
-        if kernel == "int8-dynamic":
-            xq, sx, x_offset = fused_quantize_activations(x2, self.act_symmetric)
-            acc = torch._int_mm(xq, rt["w_int8"].t())
+        if kernel in ("int8-dynamic", "int8-onednn"):
+            if kernel == "int8-dynamic":
+                xq, sx, x_offset = fused_quantize_activations(x2, self.act_symmetric)
+                acc = torch._int_mm(xq, rt["w_int8"].t())
+            else:
+                xu, sx, x_offset = fused_activation_bytes(x2, self.act_symmetric)
+                acc = onednn_int8.int8_product(xu, rt["onednn_packed"], self.out_features)
             x_sum = x2.float().sum(-1, keepdim=True) if "offset" in rt else None
             y = fused_rescale(acc, rt["scales_f32"], sx, x_offset, rt["w_rowsum"], x_sum, rt.get("offset"), self.bias, x.dtype)
             return y.reshape(*shape[:-1], self.out_features)
