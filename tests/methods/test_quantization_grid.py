@@ -64,3 +64,19 @@ def test_group_wise_beats_per_channel():
     torch.manual_seed(2)
     w = torch.randn(64, 256) * torch.linspace(0.1, 4, 256)  # columns of very different ranges
     assert sqnr_db(w, grid.fake_quantize(w, 4, 32, False)) > sqnr_db(w, grid.fake_quantize(w, 4, None, False))
+
+
+def test_a_group_size_that_does_not_divide_a_width_is_refused_with_sizes_that_do():
+    """SmolLM2's widths (576, 1536) take no group of 128: the fix names the sizes that divide all."""
+    import pytest
+    from torch import nn
+
+    from slimformer.errors import ConfigError
+    from slimformer.methods.selection import check_group_size
+
+    modules = {"q_proj": nn.Linear(576, 576), "down_proj": nn.Linear(1536, 576)}
+    check_group_size("gptq", modules, 192)  # divides both
+    with pytest.raises(ConfigError) as err:
+        check_group_size("gptq", modules, 128)
+    assert "does not divide the width 576 of q_proj" in str(err.value)
+    assert "here: 16, 32, 64, 96, 192" in err.value.fix

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from slimformer.errors import ConfigError
@@ -40,9 +42,11 @@ def check_group_size(config_name: str, modules: dict[str, nn.Module], group_size
     for name, module in modules.items():
         width = module.weight.shape[1]
         if width % group_size:
+            common = math.gcd(*(m.weight.shape[1] for m in modules.values()))
+            fits = [g for g in (16, 32, 64, 96, 128, 192, 256) if common % g == 0] or [common]
             raise ConfigError(
                 f"{config_name}: group_size {group_size} does not divide the width {width} of {name}",
-                "choose a group size that divides every selected layer's input width (e.g. 32, 64 or 128), or exclude that layer",
+                f"choose a group size that divides every selected layer's input width (here: {', '.join(map(str, fits))}), or exclude that layer",
             )
 
 
