@@ -100,8 +100,9 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
             return f"| {name} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {q['kl_divergence']:.4f} | {q['perplexity']:.2f} | {q['perplexity_original']:.2f} | {q['top1_agreement']:.3f} |"
         return f"| {name} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {q['embedding_cosine_mean']:.4f} | {q['embedding_cosine_min']:.4f} | {q['retrieval_agreement_at_10']:.3f} |"
 
+    names = front.get("level_names", {})  # (width, group size) levels: their names
     for bits, p in front["uniform"].items():
-        lines.append(row(f"uniform {bits}-bit GPTQ", p))
+        lines.append(row(f"uniform {names.get(bits, bits + '-bit')} GPTQ", p))
     def removed(p: dict) -> str:
         gone = p.get("removed_sublayers") or []
         return f", {len(gone)} sub-layers removed" if gone else ""
@@ -154,6 +155,18 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
             extra = f" (no uniform width lies at {budget:g} bits: uniform {ub}-bit is the one the budget affords; against the log-interpolation of uniform {ub}- and {hi}-bit at {budget:g} bits, {mid:.4f}, it is {ev / mid:.2f}x)"
         lines.append(f"- issue line ({label_}): searched KL {ev:.4f} = {ev / un:.2f}x uniform {ub}-bit GPTQ's {un:.4f} (need <= 0.70x) and "
                      f"{'below' if ev < dp else 'NOT below'} the DP allocation's {dp:.4f}: **{'met' if ev <= 0.7 * un and ev < dp else 'not met'}**{extra}")
+    for label_, entry in front["budgets"].items():
+        if not causal or not label_.startswith("bytes="):
+            continue
+        # a byte budget equal to a uniform level's stored bytes: the issue line against that level
+        limit = float(label_.split("=")[1])
+        same = [b for b, p in front["uniform"].items() if abs(p["stored_bytes"] - limit) <= 0.001 * limit]
+        if not same:
+            continue
+        un = front["uniform"][same[0]]["quality"]["kl_divergence"]
+        ev, dp = entry["searched"]["distortion"], entry["dp"]["distortion"]
+        lines.append(f"- issue line ({label_}, the stored bytes of uniform {names.get(same[0], same[0] + '-bit')}): searched KL {ev:.4f} = {ev / un:.2f}x that uniform GPTQ's "
+                     f"{un:.4f} (need <= 0.70x) and {'below' if ev < dp else 'NOT below'} the DP allocation's {dp:.4f}: **{'met' if ev <= 0.7 * un and ev < dp else 'not met'}**")
     if compare:
         lines += compare_lines(front, compare, causal)
     lines += ["", f"![front]({stem or 'search_' + label}.png)", ""]

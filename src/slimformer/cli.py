@@ -342,8 +342,9 @@ def cmd_search(args) -> int:
     metric = "KL" if front["kind"] == "causal-lm" else "1-cos"
     print(f"| setting | code bits/weight | stored bits/weight | held-out {metric} |")
     print("|---|---|---|---|")
+    names = front.get("level_names", {})
     for bits, p in front["uniform"].items():
-        print(f"| uniform {bits}-bit | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {p['distortion']:.5f} |")
+        print(f"| uniform {names.get(bits, f'{bits}-bit')} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {p['distortion']:.5f} |")
     for label, entry in front["budgets"].items():
         for name in ("dp", "searched"):
             p = entry[name]

@@ -734,3 +734,45 @@ def test_validation_keeps_the_start_when_the_evolved_candidate_is_worse_on_unsee
     assert validate(Judge({(0, 1): 0.5, (1, 0): 0.4}), start, evolved, 2)["kept"] == "searched"
     assert validate(None, start, evolved, 0)["kept"] == "searched"
     assert validate(Judge({}), start, start, 2)["kept"] == "searched"
+
+
+def test_levels_of_several_group_sizes_are_priced_by_their_scales_and_searched_under_a_byte_budget(tiny_factory, tmp_path):
+    """``group_size: [16, 32]`` makes every (width, group size) a level, ordered by stored bits
+    per weight; a byte budget prices the finer groups' scales (a code-bit budget, blind to them,
+    is refused); the saved model and its recipe hold each layer's width *and* group size."""
+    from slimformer.io.serialization import load_compressed
+    from slimformer.recipe import Recipe
+    from slimformer.search.database import database_key
+
+    lv = QuantizationLevels(bits=(2, 3, 4), group_size=[16, 32])
+    assert lv.group_sizes == (16, 32)
+    names = [lv.level_name(c) for c in lv.levels]
+    assert names == ["2-bit g32", "2-bit g16", "3-bit g32", "3-bit g16", "4-bit g32", "4-bit g16"]  # 2 + 24/32 < 2 + 24/16 < 3 + 24/32
+    per_weight = [lv.stored_bits(8, 64, c) / (8 * 64) for c in lv.levels]
+    assert per_weight == sorted(per_weight) and per_weight[:2] == [2.75, 3.5]
+    assert QuantizationLevels(group_size=[32]).group_size == 32  # one size is the plain space
+    for bad in ([], [0], [16, 32, 64, 128, 256]):
+        with pytest.raises(ConfigError, match="group_size"):
+            QuantizationLevels(group_size=bad)
+    space = SearchSpace(lv, EvolutionSettings(generations=3, offspring=4, stages=((2, 1), (1, 2))), CAL)
+    assert database_key("m", space) != database_key("m", dataclasses.replace(space, levels=QuantizationLevels(bits=(2, 3, 4), group_size=32)))
+    loaded = tiny_factory("llama")
+    with pytest.raises(ConfigError, match="bytes budget"):
+        search(loaded, space, [Budget("bits", 3.0)], tmp_path / "refused", eval_texts=8, eval_max_length=48)
+    db = build_database(loaded, space, tmp_path / "s" / "levels")
+    assert db.level_bits == lv.levels
+    for code in db.level_bits:
+        m = db.module(db.units[0], code)
+        assert (m.bits, m.group_size) == (lv.width(code), lv.group(code))
+    uniform3 = sum(lv.stored_bits(*db.shapes[u], 3) for u in db.units) // 8  # 3-bit g16 is code 3
+    search(loaded, space, [Budget("bytes", uniform3)], tmp_path / "s", eval_texts=8, eval_max_length=48)
+    front = json.loads((tmp_path / "s" / "front.json").read_text())
+    assert set(front["level_names"].values()) == set(names)
+    label = f"bytes={uniform3:g}"
+    entry = front["budgets"][label]
+    assert entry["within_budget"] and entry["searched"]["stored_bytes"] <= uniform3
+    model = load_compressed(tmp_path / "s" / label / "model")
+    layout = {n: (m.bits, m.group_size) for n, m in model.model.named_modules() if n in entry["bits"]}
+    assert layout == {n: (lv.width(c), lv.group(c)) for n, c in entry["bits"].items()}
+    steps = Recipe.from_dict(model.manifest["recipe"]).steps
+    assert {(s.bits, s.group_size) for s in steps} == set(layout.values())

@@ -53,7 +53,8 @@ def database_key(source: str, space: SearchSpace) -> str:
 class LevelDatabase:
     """Per unit (a linear layer's qualified name) and level (bit width): its quantized layer.
 
-    ``units``: names in model order; ``shapes[unit]``: (out, in); ``level_bits``: the widths.
+    ``units``: names in model order; ``shapes[unit]``: (out, in); ``level_bits``: the widths
+    (level codes when the space has several group sizes, see ``QuantizationLevels.levels``).
     ``module(unit, bits)`` rebuilds the packed ``QuantizedLinear``; ``weight(unit, bits)`` its
     dequantized float32 weight (out, in) (read from disk on demand, not cached).
     """
@@ -118,21 +119,23 @@ def build_database(loaded, space: SearchSpace, folder: str | os.PathLike, ctx: C
             return LevelDatabase(folder, old)
     lv = space.levels
     modules = select_modules(loaded, lv, types=(nn.Linear,))
-    check_group_size("search space", modules, lv.group_size)
+    for group in lv.group_sizes:
+        check_group_size("search space", modules, group)
     folder.mkdir(parents=True, exist_ok=True)
     units = list(modules)
-    index = {"key": key, "version": DB_VERSION, "complete": False, "units": units, "bits": list(lv.bits),
+    index = {"key": key, "version": DB_VERSION, "complete": False, "units": units, "bits": list(lv.levels),
              "shapes": {u: list(modules[u].weight.shape) for u in units}, "descriptions": {}, "errors": {}}
     ctx = ctx or CompressionContext(space.calibration, progress=progress)
 
     def store(name: str, module: nn.Linear, hessian: torch.Tensor | None) -> None:
         tensors: dict[str, torch.Tensor] = {}
         index["descriptions"][name], index["errors"][name] = {}, {}
-        for bits in lv.bits:
+        for bits in lv.levels:  # a width, or a (width, group size) level code
+            width, group = lv.width(bits), lv.group(bits)
             if lv.quantizer == "gptq":
-                q = quantize_linear_gptq(module, hessian, bits, lv.group_size, lv.symmetric, damp=lv.damp, clip_search=lv.clip_search)
+                q = quantize_linear_gptq(module, hessian, width, group, lv.symmetric, damp=lv.damp, clip_search=lv.clip_search)
             else:
-                q = quantize_module_rtn(module, bits, lv.group_size, lv.symmetric)
+                q = quantize_module_rtn(module, width, group, lv.symmetric)
             for k, v in q.state_dict().items():
                 if k == "bias":
                     tensors["bias"] = v.contiguous()

@@ -102,9 +102,9 @@ def searched_recipe(space: SearchSpace, bits_of: dict[str, int], label: str, rem
     layers (and the removed sub-layers, noted in the description)."""
     lv = space.levels
     steps = []
-    for bits in sorted(set(bits_of.values()) - {KEEP}):
+    for bits in sorted(set(bits_of.values()) - {KEEP}):  # one step per level (width, group size)
         names = sorted(n for n, b in bits_of.items() if b == bits)
-        step = {"method": lv.quantizer, "version": 1, "bits": bits, "group_size": lv.group_size, "symmetric": lv.symmetric,
+        step = {"method": lv.quantizer, "version": 1, "bits": lv.width(bits), "group_size": lv.group(bits), "symmetric": lv.symmetric,
                 "targets": list(lv.targets), "include": names, "exclude": []}
         if lv.quantizer == "gptq" and lv.clip_search:
             step["clip_search"] = True  # the levels were built with it
@@ -211,7 +211,8 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
             results[budget.label] = {"budget": budget, "costs": costs, "limit": limit, "dp": dp, "evo": evo, "starts": starts, "start": start}
         if pareto:
             (out / "pareto").mkdir(exist_ok=True)
-            bit_costs, _ = costs_of(units, db, space.levels, Budget("bits", 1.0))
+            # stored bits when levels differ in group size (code bits would not see their scales)
+            bit_costs, _ = costs_of(units, db, space.levels, Budget("bytes" if len(space.levels.group_sizes) > 1 else "bits", 1.0))
             pareto_result = pareto_search(pool, bit_costs, space.pareto, journal=out / "pareto" / "journal.jsonl", progress=progress,
                                           groups=groups)
     finally:
@@ -234,7 +235,7 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
     def point(levels: list[int]) -> dict:
         q = _held_out_quality(loaded, checker, levels, texts, eval_max_length, n_queries)
         bits_of, removed = choice(units, levels)
-        width = {n: keep_bits[n] if b == KEEP else b for n, b in bits_of.items()}
+        width = {n: keep_bits[n] if b == KEEP else space.levels.width(b) for n, b in bits_of.items()}
         code_bits = sum(shapes[n][0] * shapes[n][1] * b for n, b in width.items()) / n_weights
         stored = sum(shapes[n][0] * shapes[n][1] * keep_bits[n] if b == KEEP else space.levels.stored_bits(*shapes[n], b) for n, b in bits_of.items())
         return {"code_bits_per_weight": code_bits, "stored_bits_per_weight": stored / n_weights, "stored_bytes": stored // 8,
@@ -245,6 +246,8 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
                    "database_bytes": db.nbytes(), "uniform": {}, "budgets": {}}
     for bits in db.level_bits:
         front["uniform"][str(bits)] = point([u.levels.index(bits) for u in units])
+    if len(space.levels.group_sizes) > 1:  # level codes, by name
+        front["level_names"] = {str(b): space.levels.level_name(b) for b in db.level_bits}
     for label, r in results.items():
         evo = r["evo"]
         start_kept = r["validation"]["kept"] == "start"
@@ -339,7 +342,8 @@ def plot_front(front: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     structure_only = not front["space"]["space"].get("bits")  # bits: [] -- which sub-layers to remove
-    x = "params_kept" if structure_only else "code_bits_per_weight"
+    # levels that differ in group size differ in scales too: stored bits then
+    x = "params_kept" if structure_only else ("stored_bits_per_weight" if front.get("level_names") else "code_bits_per_weight")
     uni = sorted(front["uniform"].values(), key=lambda p: p[x])
     ax.plot([p[x] for p in uni], [p["distortion"] for p in uni], "o--", color="grey", label="uniform")
     for name, style in (("dp", "s"), ("searched", "*")):
@@ -350,7 +354,8 @@ def plot_front(front: dict, path: Path) -> None:
     if members:
         ax.plot([p[x] for p in members], [p["distortion"] for p in members], "^:", color="C3", label="NSGA-II front")
     ax.set_yscale("log")
-    ax.set_xlabel("fraction of the searched weights kept" if structure_only else "average code bits per weight (searched layers)")
+    ax.set_xlabel("fraction of the searched weights kept" if structure_only else
+                  ("stored bits per weight, scales included" if x == "stored_bits_per_weight" else "average code bits per weight") + " (searched layers)")
     ax.set_ylabel("KL to original (held-out)" if front["kind"] == "causal-lm" else "1 - mean cosine (held-out)")
     ax.set_title(f"search front: {Path(front['model']).name}")
     ax.grid(True, alpha=0.3)

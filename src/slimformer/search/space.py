@@ -48,6 +48,8 @@ BUDGET_KINDS = ("bits", "bytes", "params")
 _TOP_KEYS = ("slimformer_search", "name", "description", "calibration", "space", "search", "pareto")
 SCALE_BITS = 16  # bfloat16 scale per group, as stored
 ZERO_BITS = 8  # uint8 zero point per group (asymmetric grids)
+LEVEL_GROUP_STEP = 16  # level code = width + LEVEL_GROUP_STEP * (index of its group size)
+MAX_GROUP_SIZES = 4
 
 
 def _closest(key: str, valid) -> str:
@@ -57,8 +59,11 @@ def _closest(key: str, valid) -> str:
 
 @dataclass
 class QuantizationLevels(ModuleSelection):
-    """Per-layer quantization levels: ``bits`` (the widths a layer may get), one grid
-    (``group_size``, ``symmetric``) for all, the ``quantizer`` that fills the level database
+    """Per-layer quantization levels: ``bits`` (the widths a layer may get), the grid
+    (``group_size``, ``symmetric``; ``group_size`` may list several sizes, e.g. ``[64, 192]``:
+    then every (width, group size) pair is a level, so that a layer may buy fewer scales with
+    coarser groups and spend the bytes on more bits elsewhere; such spaces are searched under a
+    ``bytes`` budget, which counts the scales), the ``quantizer`` that fills the level database
     (``gptq``: second-order compensation on the original model's calibration inputs; ``rtn``),
     GPTQ's ``damp`` and ``clip_search`` (each group's range shrunk to the clipping that minimises
     its Hessian-weighted rounding error before GPTQ runs; helps most at 2-3 bits), the sub-layers
@@ -68,7 +73,7 @@ class QuantizationLevels(ModuleSelection):
 
     name = "search space"
     bits: tuple[int, ...] = (2, 3, 4, 8)
-    group_size: int | None = 64
+    group_size: int | None | tuple[int, ...] = 64
     symmetric: bool = False
     quantizer: str = "gptq"
     damp: float = 0.01
@@ -94,7 +99,13 @@ class QuantizationLevels(ModuleSelection):
         if bad:
             raise ConfigError(f"search space: bit width {bad[0]!r} is not supported", f"use widths from {list(grid.PACKED_BITS)}")
         self.bits = tuple(sorted(set(self.bits)))
-        if self.group_size is not None and not is_int_at_least(self.group_size, 1):
+        if isinstance(self.group_size, (list, tuple)):
+            sizes = tuple(dict.fromkeys(self.group_size))
+            if not sizes or len(sizes) > MAX_GROUP_SIZES or not all(is_int_at_least(g, 1) for g in sizes):
+                raise ConfigError(f"search space: group_size={list(self.group_size)!r} must list 1 to {MAX_GROUP_SIZES} positive integers",
+                                  "write e.g. group_size: [64, 192] (or one size: group_size: 64)")
+            self.group_size = sizes[0] if len(sizes) == 1 else sizes  # one size: the same space (and fingerprint) as a plain size
+        elif self.group_size is not None and not is_int_at_least(self.group_size, 1):
             raise ConfigError(f"search space: group_size={self.group_size!r} must be a positive integer or null", "write e.g. group_size: 64")
         if self.quantizer not in ("gptq", "rtn"):
             raise ConfigError(f"search space: quantizer={self.quantizer!r} is not supported", "use quantizer: gptq or rtn")
@@ -105,14 +116,49 @@ class QuantizationLevels(ModuleSelection):
         if self.clip_search and self.quantizer != "gptq":
             raise ConfigError("search space: clip_search is a GPTQ option", "use quantizer: gptq with clip_search: true, or leave clip_search out")
 
-    def overhead_bits(self, rows: int, cols: int) -> int:
-        """Bits of the group scales and zero points of a (rows, cols) layer (equal at every level)."""
+    # ----- levels: one per width, or per (width, group size) -------------------------------------
+    # A level is named by an integer *code*: the width itself when the space has one group size
+    # (so single-size databases, journals and recipes are what they always were), else
+    # ``width + LEVEL_GROUP_STEP * k`` for the k-th group size (widths are at most 8, and
+    # ``units.KEEP`` = 32 is never a code since widths are at least 2).
+
+    @property
+    def group_sizes(self) -> tuple[int | None, ...]:
+        return self.group_size if isinstance(self.group_size, tuple) else (self.group_size,)
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The level codes in order of stored bits per weight (the mutation moves a unit one level
+        up or down and expects its cost to rise or fall)."""
+        if len(self.group_sizes) == 1:
+            return self.bits
         per_group = SCALE_BITS + (0 if self.symmetric else ZERO_BITS)
-        return rows * grid.num_groups(cols, self.group_size) * per_group
+        codes = [b + LEVEL_GROUP_STEP * k for k in range(len(self.group_sizes)) for b in self.bits]
+        return tuple(sorted(codes, key=lambda c: (self.width(c) + per_group / self.group(c), c)))
+
+    def width(self, code: int) -> int:
+        """The bit width of level ``code``."""
+        return code % LEVEL_GROUP_STEP
+
+    def group(self, code: int) -> int | None:
+        """The group size of level ``code``."""
+        return self.group_sizes[code // LEVEL_GROUP_STEP]
+
+    def level_name(self, code: int) -> str:
+        """``3-bit``, or ``3-bit g192`` when the space has several group sizes."""
+        return f"{self.width(code)}-bit" + (f" g{self.group(code)}" if len(self.group_sizes) > 1 else "")
+
+    def overhead_bits(self, rows: int, cols: int, code: int | None = None) -> int:
+        """Bits of the group scales and zero points of a (rows, cols) layer at level ``code`` (the
+        same at every level when the space has one group size)."""
+        per_group = SCALE_BITS + (0 if self.symmetric else ZERO_BITS)
+        group = self.group_sizes[0] if code is None else self.group(code)
+        return rows * grid.num_groups(cols, group) * per_group
 
     def stored_bits(self, rows: int, cols: int, bits: int) -> int:
-        """Stored bits of a (rows, cols) layer at ``bits``: packed codes (whole bytes per row) + overhead."""
-        return rows * 8 * grid.packed_row_bytes(cols, bits) + self.overhead_bits(rows, cols)
+        """Stored bits of a (rows, cols) layer at level ``bits`` (a width, or a level code):
+        packed codes (whole bytes per row) + overhead."""
+        return rows * 8 * grid.packed_row_bytes(cols, self.width(bits)) + self.overhead_bits(rows, cols, bits)
 
 
 FITNESSES = ("kl", "nll")
@@ -278,10 +324,14 @@ def unit_costs(shapes: list[tuple[int, int]], levels: QuantizationLevels, budget
     ``bytes``: stored bits (packed codes + scales + zero points); the budget is ``8 * value``.
     ``params``: weights (rows * cols at every width); the budget is ``value * total weights``.
     """
+    codes = levels.levels
+    if budget.kind == "bits" and len(levels.group_sizes) > 1:
+        raise ConfigError(f"budget {budget.label} counts code bits only, and this space's levels differ in group size (their scales)",
+                          "use a bytes budget, e.g. --budget bytes=<the stored bytes of the uniform setting to match>")
     if budget.kind == "params":
-        return [[r * c for _ in levels.bits] for r, c in shapes], int(math.floor(budget.value * sum(r * c for r, c in shapes) + 1e-9))
+        return [[r * c for _ in codes] for r, c in shapes], int(math.floor(budget.value * sum(r * c for r, c in shapes) + 1e-9))
     if budget.kind == "bits":
-        costs = [[r * c * b for b in levels.bits] for r, c in shapes]
+        costs = [[r * c * levels.width(b) for b in codes] for r, c in shapes]
         return costs, int(math.floor(budget.value * sum(r * c for r, c in shapes) + 1e-9))
-    costs = [[levels.stored_bits(r, c, b) for b in levels.bits] for r, c in shapes]
+    costs = [[levels.stored_bits(r, c, b) for b in codes] for r, c in shapes]
     return costs, int(math.floor(8 * budget.value))
