@@ -746,9 +746,9 @@ def test_levels_of_several_group_sizes_are_priced_by_their_scales_and_searched_u
 
     lv = QuantizationLevels(bits=(2, 3, 4), group_size=[16, 32])
     assert lv.group_sizes == (16, 32)
-    names = [lv.level_name(c) for c in lv.levels]
+    names = [lv.level_name(c) for c in lv.level_codes]
     assert names == ["2-bit g32", "2-bit g16", "3-bit g32", "3-bit g16", "4-bit g32", "4-bit g16"]  # 2 + 24/32 < 2 + 24/16 < 3 + 24/32
-    per_weight = [lv.stored_bits(8, 64, c) / (8 * 64) for c in lv.levels]
+    per_weight = [lv.stored_bits(8, 64, c) / (8 * 64) for c in lv.level_codes]
     assert per_weight == sorted(per_weight) and per_weight[:2] == [2.75, 3.5]
     assert QuantizationLevels(group_size=[32]).group_size == 32  # one size is the plain space
     for bad in ([], [0], [16, 32, 64, 128, 256]):
@@ -760,7 +760,7 @@ def test_levels_of_several_group_sizes_are_priced_by_their_scales_and_searched_u
     with pytest.raises(ConfigError, match="bytes budget"):
         search(loaded, space, [Budget("bits", 3.0)], tmp_path / "refused", eval_texts=8, eval_max_length=48)
     db = build_database(loaded, space, tmp_path / "s" / "levels")
-    assert db.level_bits == lv.levels
+    assert db.level_bits == lv.level_codes
     for code in db.level_bits:
         m = db.module(db.units[0], code)
         assert (m.bits, m.group_size) == (lv.width(code), lv.group(code))

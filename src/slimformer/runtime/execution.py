@@ -93,7 +93,7 @@ def skips_int8_activations(module: nn.Module, path: str) -> bool:
     return is_w8a8(module) and path not in W8A8_KERNELS
 
 
-def candidate_paths(module: nn.Module, act_dtype: torch.dtype, int8_activations: str = "keep") -> list[str]:
+def candidate_paths(module: nn.Module, act_dtype: torch.dtype, int8_activations: str = "auto") -> list[str]:
     """Every path that computes ``module``'s stored numerics here (capability only).
 
     A W8A8 layer's int8 activations are a run-time rounding chosen for speed, not a stored

@@ -54,7 +54,7 @@ class LevelDatabase:
     """Per unit (a linear layer's qualified name) and level (bit width): its quantized layer.
 
     ``units``: names in model order; ``shapes[unit]``: (out, in); ``level_bits``: the widths
-    (level codes when the space has several group sizes, see ``QuantizationLevels.levels``).
+    (level codes when the space has several group sizes, see ``QuantizationLevels.level_codes``).
     ``module(unit, bits)`` rebuilds the packed ``QuantizedLinear``; ``weight(unit, bits)`` its
     dequantized float32 weight (out, in) (read from disk on demand, not cached).
     """
@@ -123,14 +123,14 @@ def build_database(loaded, space: SearchSpace, folder: str | os.PathLike, ctx: C
         check_group_size("search space", modules, group)
     folder.mkdir(parents=True, exist_ok=True)
     units = list(modules)
-    index = {"key": key, "version": DB_VERSION, "complete": False, "units": units, "bits": list(lv.levels),
+    index = {"key": key, "version": DB_VERSION, "complete": False, "units": units, "bits": list(lv.level_codes),
              "shapes": {u: list(modules[u].weight.shape) for u in units}, "descriptions": {}, "errors": {}}
     ctx = ctx or CompressionContext(space.calibration, progress=progress)
 
     def store(name: str, module: nn.Linear, hessian: torch.Tensor | None) -> None:
         tensors: dict[str, torch.Tensor] = {}
         index["descriptions"][name], index["errors"][name] = {}, {}
-        for bits in lv.levels:  # a width, or a (width, group size) level code
+        for bits in lv.level_codes:  # a width, or a (width, group size) level code
             width, group = lv.width(bits), lv.group(bits)
             if lv.quantizer == "gptq":
                 q = quantize_linear_gptq(module, hessian, width, group, lv.symmetric, damp=lv.damp, clip_search=lv.clip_search)

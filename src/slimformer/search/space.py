@@ -127,7 +127,7 @@ class QuantizationLevels(ModuleSelection):
         return self.group_size if isinstance(self.group_size, tuple) else (self.group_size,)
 
     @property
-    def levels(self) -> tuple[int, ...]:
+    def level_codes(self) -> tuple[int, ...]:
         """The level codes in order of stored bits per weight (the mutation moves a unit one level
         up or down and expects its cost to rise or fall)."""
         if len(self.group_sizes) == 1:
@@ -324,7 +324,7 @@ def unit_costs(shapes: list[tuple[int, int]], levels: QuantizationLevels, budget
     ``bytes``: stored bits (packed codes + scales + zero points); the budget is ``8 * value``.
     ``params``: weights (rows * cols at every width); the budget is ``value * total weights``.
     """
-    codes = levels.levels
+    codes = levels.level_codes
     if budget.kind == "bits" and len(levels.group_sizes) > 1:
         raise ConfigError(f"budget {budget.label} counts code bits only, and this space's levels differ in group size (their scales)",
                           "use a bytes budget, e.g. --budget bytes=<the stored bytes of the uniform setting to match>")
