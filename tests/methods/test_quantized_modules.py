@@ -244,6 +244,11 @@ def test_onednn_int8_path_gives_the_int_mm_result_bit_for_bit(w_symmetric, a_sym
     clone = copy.deepcopy(q)
     x = torch.randn(5, 96)
     assert torch.equal(clone.compute(x, "int8-onednn"), q.compute(x, "int8-onednn"))
+    # alone, the path holds only its prepacked copy (1 byte per weight, as the planner counts it)
+    ref = q.compute(x, "int8-dynamic")
+    q.use_kernels("int8-onednn")
+    assert q.runtime_nbytes() == 96 * 40 + 40 * (10 if w_symmetric else 14)
+    assert torch.equal(q(x), ref)
 
 
 def test_onednn_int8_path_compiles_as_one_operator():

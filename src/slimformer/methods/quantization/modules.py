@@ -431,7 +431,8 @@ class QuantizedLinear(PackedWeight):
                 rt["scales_f32"] = rt["scales"].float()
                 # Asymmetric activations add offset_t * sum_k w_int8[n, k] * s_n per token t.
                 rt["w_rowsum"] = w_int8.sum(1, dtype=torch.int32).float() * rt["scales_f32"]
-            rt["w_int8"] = w_int8
+            if ready & (set(INT8_FORM_KERNELS) - {"int8-onednn"}):  # int8-onednn reads only its prepacked copy
+                rt["w_int8"] = w_int8
             if "int8-onednn" in ready:
                 rt["onednn_packed"] = onednn_int8.prepack(w_int8)
             if not self.symmetric:
