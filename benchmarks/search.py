@@ -124,7 +124,7 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
         if not entry["history"]:  # generations: 0, the DP allocation alone
             lines.append(f"- {label_}: no generations run: the searched model is the DP allocation (calibration fitness {entry['searched_calibration_fitness']:.5f}).")
             continue
-        lines.append(f"- {label_}: held-out {'KL' if causal else '1 - cos'} EvoPress / DP = {ev / dp:.3f}; calibration fitness {entry['searched_calibration_fitness']:.5f} after {entry['history'][-1]['evaluations']} candidate scorings.")
+        lines.append(f"- {label_}: held-out {name_} EvoPress / DP = {ev / dp:.3f}; calibration fitness {entry['searched_calibration_fitness']:.5f} after {entry['history'][-1]['evaluations']} candidate scorings.")
         v = entry.get("validation") or {}
         if "searched" in v and "start" in v:
             lines.append(f"- {label_}: validation ({v['documents']} calibration-split documents the search never scored): evolved {v['searched']:.5f} vs its start {v['start']:.5f}: "
@@ -153,8 +153,7 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
             t = (budget - ub) / (hi - ub)
             mid = un ** (1 - t) * uh ** t
             extra = f" (no uniform width lies at {budget:g} bits: uniform {ub}-bit is the one the budget affords; against the log-interpolation of uniform {ub}- and {hi}-bit at {budget:g} bits, {mid:.4f}, it is {ev / mid:.2f}x)"
-        lines.append(f"- issue line ({label_}): searched KL {ev:.4f} = {ev / un:.2f}x uniform {ub}-bit GPTQ's {un:.4f} (need <= 0.70x) and "
-                     f"{'below' if ev < dp else 'NOT below'} the DP allocation's {dp:.4f}: **{'met' if ev <= 0.7 * un and ev < dp else 'not met'}**{extra}")
+        lines.append(issue_line(label_, f"uniform {ub}-bit GPTQ's", ev, un, dp) + extra)
     for label_, entry in front["budgets"].items():
         if not causal or not label_.startswith("bytes="):
             continue
@@ -164,13 +163,19 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
         if not same:
             continue
         un = front["uniform"][same[0]]["quality"]["kl_divergence"]
-        ev, dp = entry["searched"]["distortion"], entry["dp"]["distortion"]
-        lines.append(f"- issue line ({label_}, the stored bytes of uniform {names.get(same[0], same[0] + '-bit')}): searched KL {ev:.4f} = {ev / un:.2f}x that uniform GPTQ's "
-                     f"{un:.4f} (need <= 0.70x) and {'below' if ev < dp else 'NOT below'} the DP allocation's {dp:.4f}: **{'met' if ev <= 0.7 * un and ev < dp else 'not met'}**")
+        lines.append(issue_line(f"{label_}, the stored bytes of uniform {names.get(same[0], same[0] + '-bit')}", "that uniform GPTQ's",
+                                entry["searched"]["distortion"], un, entry["dp"]["distortion"]))
     if compare:
         lines += compare_lines(front, compare, causal)
     lines += ["", f"![front]({stem or 'search_' + label}.png)", ""]
     return "\n".join(lines)
+
+
+def issue_line(label: str, against: str, searched: float, uniform: float, dp: float) -> str:
+    """The search issue's line: the searched KL at most 0.70x the uniform setting's and below the DP's."""
+    met = searched <= 0.7 * uniform and searched < dp
+    return (f"- issue line ({label}): searched KL {searched:.4f} = {searched / uniform:.2f}x {against} {uniform:.4f} (need <= 0.70x) and "
+            f"{'below' if searched < dp else 'NOT below'} the DP allocation's {dp:.4f}: **{'met' if met else 'not met'}**")
 
 
 def compare_lines(front: dict, compare: dict, causal: bool) -> list[str]:

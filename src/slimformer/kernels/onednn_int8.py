@@ -18,15 +18,23 @@ execution planner to measure; :func:`available` says whether it runs here at all
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _works: bool | None = None
 
 
+@functools.lru_cache(maxsize=None)
+def _unit_scales(out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel weight scales of 1 and zero points of 0 (made once per width, not per call:
+    a decoding step calls every layer once per token)."""
+    return torch.ones(out_features), torch.zeros(out_features, dtype=torch.long)
+
+
 @torch.library.custom_op("slimformer::onednn_int8_product", mutates_args=())
 def _product(x_u8: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    ones = torch.ones(out_features)
-    zeros = torch.zeros(out_features, dtype=torch.long)
+    ones, zeros = _unit_scales(out_features)
     return torch.ops.onednn.qlinear_pointwise(x_u8, 1.0, 128, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [], "")
 
 

@@ -212,7 +212,7 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
         if pareto:
             (out / "pareto").mkdir(exist_ok=True)
             # stored bits when levels differ in group size (code bits would not see their scales)
-            bit_costs, _ = costs_of(units, db, space.levels, Budget("bytes" if len(space.levels.group_sizes) > 1 else "bits", 1.0))
+            bit_costs, _ = costs_of(units, db, space.levels, Budget("bytes" if space.levels.mixed_group_sizes else "bits", 1.0))
             pareto_result = pareto_search(pool, bit_costs, space.pareto, journal=out / "pareto" / "journal.jsonl", progress=progress,
                                           groups=groups)
     finally:
@@ -246,7 +246,7 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
                    "database_bytes": db.nbytes(), "uniform": {}, "budgets": {}}
     for bits in db.level_bits:
         front["uniform"][str(bits)] = point([u.levels.index(bits) for u in units])
-    if len(space.levels.group_sizes) > 1:  # level codes, by name
+    if space.levels.mixed_group_sizes:  # level codes, by name
         front["level_names"] = {str(b): space.levels.level_name(b) for b in db.level_bits}
     for label, r in results.items():
         evo = r["evo"]

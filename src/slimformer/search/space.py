@@ -127,10 +127,15 @@ class QuantizationLevels(ModuleSelection):
         return self.group_size if isinstance(self.group_size, tuple) else (self.group_size,)
 
     @property
+    def mixed_group_sizes(self) -> bool:
+        """Levels differ in group size (and so in scales): codes are not widths."""
+        return len(self.group_sizes) > 1
+
+    @property
     def level_codes(self) -> tuple[int, ...]:
         """The level codes in order of stored bits per weight (the mutation moves a unit one level
         up or down and expects its cost to rise or fall)."""
-        if len(self.group_sizes) == 1:
+        if not self.mixed_group_sizes:
             return self.bits
         per_group = SCALE_BITS + (0 if self.symmetric else ZERO_BITS)
         codes = [b + LEVEL_GROUP_STEP * k for k in range(len(self.group_sizes)) for b in self.bits]
@@ -146,7 +151,7 @@ class QuantizationLevels(ModuleSelection):
 
     def level_name(self, code: int) -> str:
         """``3-bit``, or ``3-bit g192`` when the space has several group sizes."""
-        return f"{self.width(code)}-bit" + (f" g{self.group(code)}" if len(self.group_sizes) > 1 else "")
+        return f"{self.width(code)}-bit" + (f" g{self.group(code)}" if self.mixed_group_sizes else "")
 
     def overhead_bits(self, rows: int, cols: int, code: int | None = None) -> int:
         """Bits of the group scales and zero points of a (rows, cols) layer at level ``code`` (the
@@ -325,7 +330,7 @@ def unit_costs(shapes: list[tuple[int, int]], levels: QuantizationLevels, budget
     ``params``: weights (rows * cols at every width); the budget is ``value * total weights``.
     """
     codes = levels.level_codes
-    if budget.kind == "bits" and len(levels.group_sizes) > 1:
+    if budget.kind == "bits" and levels.mixed_group_sizes:
         raise ConfigError(f"budget {budget.label} counts code bits only, and this space's levels differ in group size (their scales)",
                           "use a bytes budget, e.g. --budget bytes=<the stored bytes of the uniform setting to match>")
     if budget.kind == "params":
