@@ -84,10 +84,10 @@ def test_the_sweep_is_cached_per_machine_and_covers_every_width(tiny_factory, tm
 
 def test_the_cache_key_tells_formats_and_planned_paths_apart(tiny_factory, fast_calibration):
     from slimformer.methods import RTNConfig
-    from slimformer.runtime.alignment import _block_key
+    from slimformer.runtime.alignment import block_key
 
     def key(model):
-        return _block_key(model, model.adapter.blocks()[0], 32, 64)
+        return block_key(model, model.adapter.blocks()[0], 32, 64)
 
     plain = tiny_factory("bert")
     eight, four = tiny_factory("bert"), tiny_factory("bert")

@@ -1,6 +1,8 @@
 """slimformer's own CPU kernels, compiled on the machine that runs them.
 
-Two operators. :mod:`slimformer.kernels.onednn_int8` wraps oneDNN's int8 GEMM on a weight
+Three operators. :mod:`slimformer.kernels.tile_attention` computes encoder attention on Intel
+AMX tiles (``torch.ops.slimformer.tile_attention``; built and loaded only where the CPU has AMX).
+:mod:`slimformer.kernels.onednn_int8` wraps oneDNN's int8 GEMM on a weight
 prepacked once (``torch.ops.slimformer.onednn_int8_product``, W8A8 layers). The other,
 ``torch.ops.slimformer.packed_linear`` (``packed_linear.cpp``): a few-row
 linear (decoding, speculative verification) computed straight from the packed 4- or 8-bit codes,
@@ -60,8 +62,9 @@ def _cpu_supports() -> str | None:
     return None
 
 
-def _build(target: Path) -> None:
-    """Compile the source into ``target`` (written to a temporary name, then moved into place)."""
+def _build(target: Path, source: Path = SOURCE, flags: list[str] = FLAGS) -> None:
+    """Compile ``source`` with ``flags`` into ``target`` (written to a temporary name, then moved
+    into place)."""
     from torch.utils import cpp_extension
 
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -73,7 +76,7 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, *FLAGS, abi, *includes, str(SOURCE), "-o", tmp,
+    cmd = [compiler, *flags, abi, *includes, str(source), "-o", tmp,
            *[f"-L{p}" for p in libdirs], *[f"-Wl,-rpath,{p}" for p in libdirs], "-lc10", "-ltorch_cpu"]
     try:
         try:
@@ -81,7 +84,7 @@ def _build(target: Path) -> None:
         except FileNotFoundError:
             raise RuntimeError(f"no C++ compiler at {compiler} (install g++ or set CXX)") from None
         if done.returncode:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            raise RuntimeError(f"compiling {source.name} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

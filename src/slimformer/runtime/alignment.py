@@ -36,7 +36,7 @@ from slimformer.runtime.machine import signature
 from slimformer.runtime.measurements import PlanCache, default_cache_dir
 
 
-def _block_key(loaded, block: torch.nn.Module, max_length: int, tokens: int) -> str:
+def block_key(loaded, block: torch.nn.Module, max_length: int, tokens: int) -> str:
     """What the timings depend on besides the machine: the block's modules, the shapes and dtypes
     of their parameters and buffers (packed codes included), and the planned paths."""
     from slimformer.runtime.execution import planned_forward_of
@@ -50,7 +50,7 @@ def _block_key(loaded, block: torch.nn.Module, max_length: int, tokens: int) -> 
     return json.dumps({"widths": 2, "modules": modules, "tensors": tensors, "attn": attn, "max_length": max_length, "tokens": tokens})
 
 
-def _block_call(loaded, block: torch.nn.Module, width: int, tokens: int):
+def block_call(loaded, block: torch.nn.Module, width: int, tokens: int):
     """A call of ``block`` on random hidden states (rows, width, dim) with a padding mask, rows
     chosen so the call holds about ``tokens`` positions; returns (call, rows)."""
     from transformers.masking_utils import create_bidirectional_mask
@@ -83,11 +83,11 @@ def measure_widths(loaded, max_length: int = 128, tokens: int = 512, slack: int 
     max_length = min(max_length, positions) if positions else max_length
     block = loaded.adapter.blocks()[0]
     store = PlanCache(Path(cache_dir) if cache_dir else default_cache_dir(), signature(), prefix="widths") if cache else None
-    key = _block_key(loaded, block, max_length, tokens)
+    key = block_key(loaded, block, max_length, tokens)
     found = store.get(key) if store is not None else None
     t0 = time.perf_counter()
     if found is None:
-        calls = {w: _block_call(loaded, block, w, tokens) for w in range(1, max_length + 1)}
+        calls = {w: block_call(loaded, block, w, tokens) for w in range(1, max_length + 1)}
         from tqdm.auto import tqdm
 
         samples: dict[int, list[float]] = {w: [] for w in calls}

@@ -64,6 +64,7 @@ from slimformer.runtime.measurements import PlanCache, default_cache_dir
 MEMORY_LIMITS = {"packed": 1.0, "balanced": 2.0, "fast": math.inf}  # run-time bytes per weight
 ACTIVATIONS = ("auto", "float32", "bfloat16", "stored")
 INT8_ACTIVATIONS = ("auto", "keep")
+ATTENTION = ("auto", "sdpa")
 WORKLOADS = ("batch", "decode")
 EXACT_BOUND = 1e-4
 BF16_BOUND = 2e-2
@@ -87,7 +88,9 @@ class PlanSettings:
     runs per path (after one warm-up); ``cache``: read and write the on-disk cache;
     ``cache_dir``: where (None: the default location); ``widths``: for encoders, also choose
     the width each batch runs at by measurement (:mod:`slimformer.runtime.alignment`) for
-    inputs of up to ``widths_max_length`` tokens. ``int8_activations``: for W8A8 layers, ``auto``
+    inputs of up to ``widths_max_length`` tokens, and ``attention``: ``auto`` (encoders run the
+    AMX tile attention kernel where it is measured faster than SDPA on one of their blocks,
+    :mod:`slimformer.runtime.tile_attention`) | ``sdpa`` (leave attention alone). ``int8_activations``: for W8A8 layers, ``auto``
     also times their weight-only paths (the same int8 weights on float activations: the
     per-token int8 rounding skipped, taken only where measured faster; the plan counts such
     layers) | ``keep`` (only paths that quantize activations, as an int8 deployment does)."""
@@ -104,6 +107,7 @@ class PlanSettings:
     cache_dir: str | None = None
     widths: bool = True
     widths_max_length: int = 128
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.memory not in MEMORY_LIMITS:
@@ -112,6 +116,8 @@ class PlanSettings:
             raise ConfigError(f"execution activations={self.activations!r} is not supported", f"use one of {list(ACTIVATIONS)}")
         if self.int8_activations not in INT8_ACTIVATIONS:
             raise ConfigError(f"execution int8_activations={self.int8_activations!r} is not supported", f"use one of {list(INT8_ACTIVATIONS)}")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"execution attention={self.attention!r} is not supported", f"use one of {list(ATTENTION)}")
         if self.workload is not None and self.workload not in WORKLOADS:
             raise ConfigError(f"execution workload={self.workload!r} is not supported", f"use one of {list(WORKLOADS)}")
         for name in ("decode_tokens", "batch_tokens", "split_tokens", "repeats", "widths_max_length"):
@@ -376,6 +382,7 @@ class ExecutionPlan:
     cache_ignored: bool = False
     cache_file: str | None = None
     widths: dict | None = None
+    attention: dict | None = None
     embeddings: dict[str, dict] = field(default_factory=dict)
     _undo: list = field(default_factory=list, repr=False)
 
@@ -414,6 +421,7 @@ class ExecutionPlan:
             "measured_formats": self.measured_formats,
             "cached_formats": self.cached_formats,
             "widths": self.widths,
+            "attention": self.attention,
             "embeddings": self.embeddings,
             "layers": self.layers,
             "formats": self.formats,
@@ -575,6 +583,11 @@ def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool 
                                          "held_bytes_per_weight": round((module.stored_bits() // 8 + held) / (module.num_embeddings * module.embedding_dim), 4)}
     if cache is not None:
         cache.save()
+    if settings.attention == "auto" and getattr(loaded, "kind", None) == "encoder":  # before widths: they depend on it
+        from slimformer.runtime.tile_attention import choose_attention
+
+        plan.attention = choose_attention(loaded, max_length=settings.widths_max_length, repeats=settings.repeats, cache=settings.cache,
+                                          cache_dir=settings.cache_dir)
     if settings.widths and getattr(loaded, "kind", None) == "encoder":
         from slimformer.runtime.alignment import align_widths
 
@@ -597,6 +610,10 @@ def remove_plan(loaded) -> None:
     loaded.execution = None
     if plan is not None and plan.widths is not None:
         loaded.padded_widths = None
+    if plan is not None and plan.attention is not None:
+        from slimformer.runtime.tile_attention import restore_attention
+
+        restore_attention(loaded.model)
 
 
 @contextlib.contextmanager

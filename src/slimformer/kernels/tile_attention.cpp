@@ -1,0 +1,337 @@
+// Encoder attention on Intel AMX tiles: softmax(Q K^T * scale + mask) V for short sequences.
+//
+// q (B, H, Lq, D), k and v (B, H, Lk, D) bfloat16 with unit stride along D (any other strides);
+// mask: additive float32 or bool (True = attend), (B, H, Lq, Lk) with unit stride along Lk (an
+// expanded view: stride 0 on broadcast dims), or None; out (B, Lq, H, D) bfloat16 (transformers' attention layout).
+// D a multiple of 32, Lk <= MAX_KEYS.
+//
+// Per (batch, head), on one thread: K and V are packed once into the VNNI layout AMX's B tiles
+// read; then per block of 16 queries the scores S (16 x Lk, float32) come from one tile product per
+// 16 keys and 32 head dims, the softmax runs in AVX-512 on the rows in cache (float32: scale, mask,
+// max, exp, sum, divide), the probabilities are rounded to bfloat16 (as the math path of
+// PyTorch's SDPA does before its second matmul) and P V comes from tile products of 32 keys. The
+// whole score row fits in cache, so there is no online-softmax rescaling. A row whose keys are all
+// masked gives zeros (SDPA gives NaN there).
+//
+// Compiled with -mamx-tile -mamx-bf16 -mavx512f -mavx512bf16; the Python side loads it only
+// where the CPU reports AMX-BF16, and asks the kernel (Linux arch_prctl) for the tile state.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <torch/library.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int64_t MAX_KEYS = 1024;
+constexpr int TILE_ROWS = 16;   // queries (A rows, C rows) per tile
+constexpr int TILE_K = 32;      // bf16 values per A row / per VNNI B column pair-row
+constexpr int TILE_N = 16;      // C columns (fp32)
+
+struct TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+bool request_tile_state() {
+  // Linux keeps AMX's tile data off until a process asks for it (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+  static const bool granted = [] { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }();
+  return granted;
+}
+
+void load_tile_config() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 3; ++t) {
+    cfg.rows[t] = TILE_ROWS;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// e^x for float32 lanes: x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial of e^r (relative
+// error ~2e-7), scaled by 2^n. Lanes below -87 give 0 (masked scores are -inf).
+inline __m512 exp_ps(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+  x = _mm512_max_ps(x, lo);
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+// r[n] = row n of a 16 x 16 matrix of 32-bit values -> r[t] = column t.
+inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + j], 128-bit lane l: column 4l + j of rows 4i..4i+3
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // a 4 x 4 transpose of 128-bit lanes across u[j], u[4+j], u[8+j], u[12+j]
+    __m512i a = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88), b = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xDD);
+    __m512i c = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88), d = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xDD);
+    r[j] = _mm512_shuffle_i32x4(a, c, 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(a, c, 0xDD);
+    r[4 + j] = _mm512_shuffle_i32x4(b, d, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(b, d, 0xDD);
+  }
+}
+
+inline void store_bf16(uint16_t* dst, __m512 v) {
+  __m256bh h = _mm512_cvtneps_pbh(v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), reinterpret_cast<__m256i&>(h));
+}
+
+struct Shapes {
+  int64_t B, H, Lq, Lk, D;
+  int64_t qs[3], ks[3], vs[3], ms[3];  // strides of batch, head, position (elements)
+  float scale;
+};
+
+// 1 + the last key index that any query of (b, h) may attend to (0: none); s.Lk without a mask.
+// A mask that is the same for every query (stride 0 along queries, as padding masks are) is read
+// once; bool masks are scanned 64 keys at a time from the end.
+int64_t attended_keys(const float* mask, const uint8_t* keep, const Shapes& s, int64_t b, int64_t h) {
+  if (!mask && !keep) return s.Lk;
+  const int64_t queries = s.ms[2] == 0 ? 1 : s.Lq;
+  int64_t last = 0;
+  for (int64_t i = 0; i < queries && last < s.Lk; ++i) {
+    const int64_t row = b * s.ms[0] + h * s.ms[1] + i * s.ms[2];
+    if (keep) {
+      for (int64_t j0 = (s.Lk - 1) / 64 * 64; j0 + 64 > last && j0 >= 0; j0 -= 64) {
+        const int64_t n = std::min<int64_t>(64, s.Lk - j0);
+        const __mmask64 in = n == 64 ? ~0ULL : ((1ULL << n) - 1);
+        const __m512i bytes = _mm512_maskz_loadu_epi8(in, keep + row + j0);
+        const uint64_t hit = _mm512_test_epi8_mask(bytes, bytes);
+        if (hit) {
+          last = std::max<int64_t>(last, j0 + 64 - __builtin_clzll(hit));
+          break;
+        }
+      }
+    } else {
+      for (int64_t j = s.Lk - 1; j >= last; --j)
+        if (mask[row + j] != -std::numeric_limits<float>::infinity()) {
+          last = j + 1;
+          break;
+        }
+    }
+  }
+  return last;
+}
+
+// One (batch, head): everything in this thread's buffers.
+void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* mask, const uint8_t* keep, uint16_t* out, const Shapes& s,
+            int64_t b, int64_t h, std::vector<uint16_t>& kpack, std::vector<uint16_t>& vpack, std::vector<float>& scores,
+            std::vector<uint16_t>& probs, std::vector<float>& acc, std::vector<uint16_t>& qtail) {
+  const int64_t D = s.D, Lq = s.Lq;
+  // Keys after the last one any query may attend to carry no weight: they are not computed
+  // (with padding masks, a short row in a long batch costs its own length, not the batch's).
+  const int64_t Lk = attended_keys(mask, keep, s, b, h);
+  if (Lk == 0) {  // every key masked for every query: zero rows
+    for (int64_t i = 0; i < Lq; ++i) std::memset(out + ((b * Lq + i) * s.H + h) * D, 0, D * 2);
+    return;
+  }
+  const int64_t kpad = (Lk + 31) / 32 * 32;  // keys rounded up to whole 32-key chunks (zeros)
+  const int64_t dchunks = D / TILE_K, nblocks = D / TILE_N;
+  const uint16_t* qb = q + b * s.qs[0] + h * s.qs[1];
+  const uint16_t* kb = k + b * s.ks[0] + h * s.ks[1];
+  const uint16_t* vb = v + b * s.vs[0] + h * s.vs[1];
+  // K^T as B tiles: for each 16-key block and 32-dim chunk, 16 rows (dim pairs) x 16 keys x 2:
+  // a 16 x 16 transpose of 32-bit pairs.
+  for (int64_t kbk = 0; kbk < kpad / 16; ++kbk)
+    for (int64_t dc = 0; dc < dchunks; ++dc) {
+      __m512i r[16];
+      for (int n = 0; n < 16; ++n) {
+        int64_t key = kbk * 16 + n;
+        r[n] = key < Lk ? _mm512_loadu_si512(kb + key * s.ks[2] + dc * TILE_K) : _mm512_setzero_si512();
+      }
+      transpose16x16(r);
+      uint16_t* tile = kpack.data() + (kbk * dchunks + dc) * 512;
+      for (int t = 0; t < 16; ++t) _mm512_storeu_si512(tile + t * 32, r[t]);
+    }
+  // V as B tiles: for each 32-key chunk and 16-dim block, 16 rows (key pairs) x 16 dims x 2:
+  // rows 2t and 2t+1 interleaved.
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t kc = 0; kc < kpad / 32; ++kc)
+    for (int64_t nb = 0; nb < nblocks; ++nb) {
+      uint16_t* tile = vpack.data() + (kc * nblocks + nb) * 512;
+      for (int t = 0; t < 16; ++t) {
+        int64_t key = kc * 32 + 2 * t;
+        __m256i even = key < Lk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb + key * s.vs[2] + nb * TILE_N)) : _mm256_setzero_si256();
+        __m256i odd = key + 1 < Lk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb + (key + 1) * s.vs[2] + nb * TILE_N)) : _mm256_setzero_si256();
+        __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
+        _mm512_storeu_si512(tile + t * 32, _mm512_permutexvar_epi16(pairs, both));
+      }
+    }
+  const __m512 scale = _mm512_set1_ps(s.scale);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  float sums[TILE_ROWS];
+  for (int64_t q0 = 0; q0 < Lq; q0 += TILE_ROWS) {
+    const int64_t rows = std::min<int64_t>(TILE_ROWS, Lq - q0);
+    const uint16_t* qsrc = qb + q0 * s.qs[2];
+    int64_t qstride = s.qs[2];
+    if (rows < TILE_ROWS) {  // a partial block: copy into zero-padded rows (tile loads read 16)
+      std::fill(qtail.begin(), qtail.end(), 0);
+      for (int64_t i = 0; i < rows; ++i) std::memcpy(qtail.data() + i * D, qsrc + i * s.qs[2], D * 2);
+      qsrc = qtail.data();
+      qstride = D;
+    }
+    // S = Q K^T, one 16 x 16 tile per key block
+    for (int64_t kbk = 0; kbk < kpad / 16; ++kbk) {
+      _tile_zero(0);
+      for (int64_t dc = 0; dc < dchunks; ++dc) {
+        _tile_loadd(1, qsrc + dc * TILE_K, qstride * 2);
+        _tile_loadd(2, kpack.data() + (kbk * dchunks + dc) * 512, 64);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, scores.data() + kbk * 16, kpad * 4);
+    }
+    // softmax per row, in float32: scores scaled and masked, row maximum, then e^(x - max) rounded
+    // to bf16 into P and summed; the rows of P V are divided by the sums below. The 16 rows are
+    // swept together (one accumulator each), so their dependency chains overlap.
+    const float* mrow[TILE_ROWS];
+    const uint8_t* krow[TILE_ROWS];
+    __m512 acc_v[TILE_ROWS];
+    for (int64_t i = 0; i < TILE_ROWS; ++i) {
+      mrow[i] = mask && i < rows ? mask + b * s.ms[0] + h * s.ms[1] + (q0 + i) * s.ms[2] : nullptr;
+      krow[i] = keep && i < rows ? keep + b * s.ms[0] + h * s.ms[1] + (q0 + i) * s.ms[2] : nullptr;
+      acc_v[i] = neg_inf;
+    }
+    for (int64_t j = 0; j < kpad; j += 16) {
+      const __mmask16 valid = j + 16 <= Lk ? (__mmask16)0xFFFF : (j < Lk ? (__mmask16)((1u << (Lk - j)) - 1) : (__mmask16)0);
+      for (int64_t i = 0; i < rows; ++i) {
+        float* at = scores.data() + i * kpad + j;
+        __m512 x = _mm512_mul_ps(_mm512_loadu_ps(at), scale);
+        __mmask16 live = valid;
+        if (mrow[i]) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(valid, mrow[i] + j));
+        if (krow[i]) {
+          __m128i kb8 = _mm_maskz_loadu_epi8(valid, krow[i] + j);
+          live &= _mm_test_epi8_mask(kb8, kb8);
+        }
+        x = _mm512_mask_blend_ps(live, neg_inf, x);
+        _mm512_storeu_ps(at, x);
+        acc_v[i] = _mm512_max_ps(acc_v[i], x);
+      }
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      float m = _mm512_reduce_max_ps(acc_v[i]);
+      acc_v[i] = _mm512_set1_ps(m == -std::numeric_limits<float>::infinity() ? 0.0f : m);  // all masked: e = 0
+    }
+    __m512 sum_v[TILE_ROWS];
+    for (int64_t i = 0; i < TILE_ROWS; ++i) sum_v[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < kpad; j += 16)
+      for (int64_t i = 0; i < rows; ++i) {
+        __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + i * kpad + j), acc_v[i]));
+        sum_v[i] = _mm512_add_ps(sum_v[i], e);
+        store_bf16(probs.data() + i * kpad + j, e);
+      }
+    for (int64_t i = 0; i < TILE_ROWS; ++i) {
+      sums[i] = i < rows ? _mm512_reduce_add_ps(sum_v[i]) : 0.0f;
+      if (i >= rows) std::memset(probs.data() + i * kpad, 0, kpad * 2);
+    }
+    // O = P V, per 16-dim block, summed over 32-key chunks
+    for (int64_t nb = 0; nb < nblocks; ++nb) {
+      _tile_zero(0);
+      for (int64_t kc = 0; kc < kpad / 32; ++kc) {
+        _tile_loadd(1, probs.data() + kc * 32, kpad * 2);
+        _tile_loadd(2, vpack.data() + (kc * nblocks + nb) * 512, 64);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, acc.data() + nb * TILE_N, D * 4);
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      uint16_t* orow = out + ((b * Lq + q0 + i) * s.H + h) * D;
+      const __m512 inv = _mm512_set1_ps(sums[i] > 0.0f ? 1.0f / sums[i] : 0.0f);
+      for (int64_t d = 0; d < D; d += 16) store_bf16(orow + d, _mm512_mul_ps(_mm512_loadu_ps(acc.data() + i * D + d), inv));
+    }
+  }
+}
+
+at::Tensor tile_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask_opt, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "tile_attention: q, k, v must be (batch, heads, positions, dim)");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "tile_attention: q, k, v must be bfloat16");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "tile_attention: unit stride along dim required");
+  Shapes s;
+  s.B = q.size(0), s.H = q.size(1), s.Lq = q.size(2), s.D = q.size(3), s.Lk = k.size(2);
+  TORCH_CHECK(s.D % TILE_K == 0, "tile_attention: head dim must be a multiple of 32");
+  TORCH_CHECK(s.Lk >= 1 && s.Lk <= MAX_KEYS, "tile_attention: 1 to 1024 keys");
+  TORCH_CHECK(k.size(0) == s.B && v.size(0) == s.B && k.size(1) == s.H && v.size(1) == s.H && v.size(2) == s.Lk && k.size(3) == s.D && v.size(3) == s.D,
+              "tile_attention: q, k, v shapes disagree");
+  const float* mptr = nullptr;
+  const uint8_t* kptr = nullptr;
+  if (mask_opt.has_value() && mask_opt->defined()) {
+    const at::Tensor& mask = *mask_opt;
+    TORCH_CHECK(mask.dim() == 4 && (mask.scalar_type() == at::kFloat || mask.scalar_type() == at::kBool) && mask.stride(3) == 1 && mask.size(3) == s.Lk,
+                "tile_attention: mask must be float32 (additive) or bool (True = attend), (batch, heads, queries, keys) with unit key stride");
+    TORCH_CHECK(mask.size(0) == s.B && mask.size(1) == s.H && mask.size(2) == s.Lq, "tile_attention: expand the mask to (batch, heads, queries, keys)");
+    if (mask.scalar_type() == at::kFloat)
+      mptr = mask.data_ptr<float>();
+    else
+      kptr = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+    for (int i = 0; i < 3; ++i) s.ms[i] = mask.stride(i);
+  }
+  TORCH_CHECK(request_tile_state(), "tile_attention: the kernel refused AMX tile state (arch_prctl)");
+  for (int i = 0; i < 3; ++i) {
+    s.qs[i] = q.stride(i);
+    s.ks[i] = k.stride(i);
+    s.vs[i] = v.stride(i);
+  }
+  s.scale = static_cast<float>(scale);
+  at::Tensor out = at::empty({s.B, s.Lq, s.H, s.D}, q.options());
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t kpad = (s.Lk + 31) / 32 * 32;  // buffers for the longest case
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> kpack(kpad * s.D), vpack(kpad * s.D), probs(TILE_ROWS * kpad), qtail(TILE_ROWS * s.D);
+    std::vector<float> scores(TILE_ROWS * kpad), acc(TILE_ROWS * s.D);
+    load_tile_config();
+    for (int64_t bh = begin; bh < end; ++bh)
+      attend(qp, kp, vp, mptr, kptr, op, s, bh / s.H, bh % s.H, kpack, vpack, scores, probs, acc, qtail);
+    _tile_release();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(slimformer, m) {
+  m.def("tile_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
+  m.impl("tile_attention", &tile_attention);
+}

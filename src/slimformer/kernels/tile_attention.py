@@ -1,0 +1,126 @@
+"""Encoder attention on Intel AMX tiles: ``torch.ops.slimformer.tile_attention``.
+
+``softmax(q k^T * scale + mask) v`` for bfloat16 heads whose size is a multiple of 32 and up to
+:data:`MAX_KEYS` keys (``tile_attention.cpp``). Per (batch, head) the scores of 16 queries against
+16 keys are one AMX tile product (32 head dims per product), the softmax runs in AVX-512 on rows
+kept in cache (float32; the probabilities rounded to bf16 before the product with ``v``, as
+PyTorch's SDPA does in bf16), and keys after the last one any query may attend to are not
+computed at all (a short row in a padded batch costs its own length). Outputs match
+``scaled_dot_product_attention`` in bf16 to its own rounding (tested).
+
+Why: PyTorch's CPU flash kernel is built for long sequences and large heads; on MiniLM's 12 heads
+of 32 at 16-128 positions it ran at ~0.2 TFLOP/s on a 2-core Xeon with AMX and took a third of a
+compiled bf16 encoder's time, while the block's linears ran at ~1.8 TFLOP/s. Measured there (32 rows,
+12 heads of 32): 128 positions 3.2 -> 2.5 ms, 48 positions 1.0 -> 0.4 ms, 16 positions 0.30 -> 0.09 ms.
+Whether it is faster on the machine at hand is measured by the execution planner
+(:mod:`slimformer.runtime.tile_attention`), not assumed.
+
+Built like the other kernels (:mod:`slimformer.kernels`: compiled once per machine and torch into
+the kernel cache), with AVX-512 and AMX flags, and only where the CPU reports AMX tiles and
+AVX512-BF16; the first call asks Linux for the tile state (``arch_prctl``). Elsewhere
+:func:`available` is False and attention stays with SDPA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+from slimformer import kernels as kernels_lib
+
+SOURCE = Path(__file__).with_name("tile_attention.cpp")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma",
+         "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-w"]
+MAX_KEYS = 1024
+HEAD_MULTIPLE = 32
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_supports() -> str | None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not an x86-64 CPU ({platform.machine()})"
+    if not torch.cpu._is_amx_tile_supported():
+        return "the CPU has no AMX tiles"
+    if not torch.cpu._is_avx512_bf16_supported():
+        return "the CPU lacks AVX512-BF16"
+    return None
+
+
+def library_path() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+    return kernels_lib.cache_dir() / f"tile_attention-{key}.so"
+
+
+def load() -> bool:
+    """Build (once per machine and torch), load and probe the kernel; True when it is usable."""
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"])
+        reason = "turned off (SLIMFORMER_KERNELS=0)" if os.environ.get("SLIMFORMER_KERNELS", "1") == "0" else _cpu_supports()
+        if reason is None:
+            try:
+                path = library_path()
+                if not path.exists():
+                    kernels_lib._build(path, SOURCE, FLAGS)
+                torch.ops.load_library(str(path))
+                _register_fake()
+                q = torch.zeros(1, 1, 1, HEAD_MULTIPLE, dtype=torch.bfloat16)
+                torch.ops.slimformer.tile_attention(q, q, q, None, 1.0)  # the tile state is granted here
+            except (OSError, RuntimeError) as exc:
+                reason = str(exc).splitlines()[0][:200]
+        _state["ok"] = reason is None
+        _state["reason"] = reason
+        return reason is None
+
+
+def available() -> bool:
+    return load()
+
+
+def loaded() -> bool:
+    """True once :func:`load` succeeded (no lock, no build: cheap inside a traced forward)."""
+    return bool(_state.get("ok"))
+
+
+def unavailable_reason() -> str | None:
+    load()
+    return _state.get("reason")  # type: ignore[return-value]
+
+
+def _register_fake() -> None:
+    if _state.get("fake"):
+        return
+
+    @torch.library.register_fake("slimformer::tile_attention")
+    def _(q, k, v, mask, scale):
+        return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
+
+    _state["fake"] = True
+
+
+def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the kernel takes these heads: (batch, heads, positions, dim) bf16 on the CPU, as
+    many key heads as query heads, dim a multiple of 32, at most :data:`MAX_KEYS` keys."""
+    return (query.dtype == key.dtype == value.dtype == torch.bfloat16 and query.device.type == "cpu" and query.dim() == 4
+            and key.shape[1] == query.shape[1] and query.shape[-1] % HEAD_MULTIPLE == 0 and 1 <= key.shape[2] <= MAX_KEYS)
+
+
+def tile_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """``query`` (batch, heads, q, dim), ``key``/``value`` (batch, heads, k, dim) bf16; ``mask``
+    None, bool (True = attend) or additive float, broadcastable to (batch, heads, q, k) -> (batch,
+    q, heads, dim) bf16. Rows whose keys are all masked come back as zeros. Call :func:`load`
+    first."""
+    b, h, lq, _ = query.shape
+    tensors = [t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value)]
+    if mask is not None:
+        mask = (mask if mask.dtype == torch.bool else mask.float()).expand(b, h, lq, key.shape[2])
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+    return torch.ops.slimformer.tile_attention(*tensors, mask, float(scale))

@@ -1,0 +1,154 @@
+"""The AMX tile attention kernel against SDPA, its fallback, and the planner's measured choice."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from slimformer.errors import ConfigError
+from slimformer.kernels import tile_attention as kernel
+from slimformer.runtime.planner import PlanSettings, plan_execution, remove_plan
+from slimformer.runtime.tile_attention import NAME, tile_attention_forward
+
+
+def _needs_kernel():
+    if kernel._cpu_supports() is None:  # an AMX CPU: the kernel must build and run here
+        assert kernel.available(), kernel.unavailable_reason()
+    else:
+        pytest.skip(f"no AMX tile kernel on this CPU: {kernel._cpu_supports()}")
+
+
+def _heads(g, b, h, lq, lk, d):
+    """(batch, heads, positions, dim) bf16 views of (batch, positions, heads, dim) tensors, as
+    transformers' attention layers hand them over (unit stride along dim only)."""
+    q = torch.randn(b, lq, h, d, generator=g).to(torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(b, lk, h, d, generator=g).to(torch.bfloat16).transpose(1, 2) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("b,h,lq,lk,d", [(2, 3, 5, 5, 32), (3, 4, 37, 37, 32), (2, 2, 16, 70, 64), (1, 2, 130, 130, 32)])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "per-query"])
+def test_tile_attention_matches_sdpa_to_bf16_rounding(b, h, lq, lk, d, mask_kind):
+    """Against a float32 reference the kernel's error is that of SDPA's own bf16 computation
+    (probabilities rounded to bf16), for tails off the 16/32 blocks, head size 64, padding masks
+    (keys after a row's length never computed) and masks that differ per query."""
+    _needs_kernel()
+    g = torch.Generator().manual_seed(lq * 7 + lk)
+    q, k, v = _heads(g, b, h, lq, lk, d)
+    lengths = torch.randint(1, lk + 1, (b,), generator=g)
+    lengths[0] = lk
+    allowed = (torch.arange(lk)[None, :] < lengths[:, None])[:, None, None, :].expand(b, 1, lq, lk)
+    if mask_kind == "per-query":
+        allowed = allowed & (torch.rand(b, 1, lq, lk, generator=g) > 0.3)
+        allowed[..., 0] = True
+    mask = {"none": None, "bool": allowed, "per-query": allowed,
+            "additive": torch.zeros(b, 1, lq, lk).masked_fill(~allowed, float("-inf"))}[mask_kind]
+    ref_mask = None if mask is None else allowed
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=ref_mask).transpose(1, 2)
+    sdpa_bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=ref_mask).transpose(1, 2)
+    out = kernel.tile_attention(q, k, v, mask, d**-0.5)
+    assert out.shape == (b, lq, h, d) and out.dtype == torch.bfloat16
+    err = (out.float() - reference).abs()
+    bound = max(2 * (sdpa_bf16.float() - reference).abs().max().item(), 2**-7)
+    assert err.max().item() <= bound
+    assert err.mean().item() <= 2 * (sdpa_bf16.float() - reference).abs().mean().item() + 1e-4
+
+
+def test_a_row_with_every_key_masked_gives_zeros_and_others_are_untouched():
+    _needs_kernel()
+    g = torch.Generator().manual_seed(5)
+    q, k, v = _heads(g, 2, 2, 20, 20, 32)
+    allowed = torch.ones(2, 1, 20, 20, dtype=torch.bool)
+    allowed[1, :, 3, :] = False  # query 3 of row 1 may attend to nothing
+    allowed[0] = False  # row 0: nothing at all
+    out = kernel.tile_attention(q, k, v, allowed, 32**-0.5)
+    assert torch.equal(out[1, 3], torch.zeros_like(out[1, 3])) and torch.equal(out[0], torch.zeros_like(out[0]))
+    reference = F.scaled_dot_product_attention(q[1:], k[1:], v[1:]).transpose(1, 2)[0]
+    keep = [i for i in range(20) if i != 3]
+    torch.testing.assert_close(out[1, keep].float(), reference[keep].float(), atol=2**-6, rtol=0)
+
+
+def test_inputs_the_kernel_does_not_take_go_to_sdpa_unchanged():
+    """float32 heads, head size 16, dropout in training: transformers' SDPA function, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    layer = torch.nn.Module()
+    layer.is_causal = False
+    for dtype, d in ((torch.float32, 32), (torch.bfloat16, 16)):
+        q, k, v = (t.to(dtype) for t in _heads(g, 2, 2, 9, 9, d))
+        mask = torch.ones(2, 1, 9, 9, dtype=torch.bool)
+        mask[1, ..., 6:] = False
+        out, weights = tile_attention_forward(layer, q, k, v, mask, scaling=d**-0.5)
+        expected, _ = sdpa_attention_forward(layer, q, k, v, mask, scaling=d**-0.5)
+        assert weights is None and torch.equal(out, expected)
+    causal = torch.nn.Module()
+    causal.is_causal = True  # no mask on a causal layer: SDPA's own causal path, not the kernel
+    q, k, v = _heads(g, 1, 2, 6, 6, 32)
+    out, _ = tile_attention_forward(causal, q, k, v, None)
+    assert torch.equal(out, sdpa_attention_forward(causal, q, k, v, None)[0])
+
+
+def _bert_with_heads_of_32(dtype=torch.bfloat16):
+    import transformers
+
+    from slimformer.models.loading import from_module
+    from slimformer.models.tiny import TINY_VOCAB, tiny_tokenizer
+
+    config = transformers.BertConfig(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                     max_position_embeddings=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+    torch.manual_seed(0)
+    loaded = from_module(transformers.BertModel(config), tiny_tokenizer(), source="tiny-bert-d32")
+    loaded.model.to(dtype).eval()
+    return loaded
+
+
+def _padded_batch(loaded):
+    texts = ["a b c", "the quick brown fox jumps over the lazy dog " * 4, "x " * 40, "one two"]
+    return dict(loaded.tokenizer(texts, padding=True, return_tensors="pt"))
+
+
+def test_a_bert_on_the_kernel_gives_the_sdpa_embeddings_and_compiles():
+    """Sentence embeddings of a padded batch (rows of 3-80 tokens) agree with SDPA's to bf16
+    rounding, eager and under torch.compile (the kernel is one opaque operator there)."""
+    _needs_kernel()
+    loaded = _bert_with_heads_of_32()
+    batch = _padded_batch(loaded)
+    loaded.bucketing = False
+    with torch.no_grad():
+        expected = loaded.embed(batch)
+        loaded.model.set_attn_implementation(NAME)
+        got = loaded.embed(batch)
+        loaded.model.forward = torch.compile(loaded.model.forward, dynamic=True)
+        compiled = loaded.embed(batch)
+    assert F.cosine_similarity(got, expected).min().item() > 0.999
+    torch.testing.assert_close(compiled, got, atol=2e-2, rtol=0)
+
+
+def test_the_planner_chooses_attention_by_measurement_and_undoes_it(tmp_path):
+    """With attention=auto the plan records both implementations' per-row block times at every
+    width timed (or why the kernel was not timed), runs the faster, and remove_plan restores
+    SDPA; a second plan reads the timings from the cache. attention=sdpa leaves it alone."""
+    loaded = _bert_with_heads_of_32()
+    settings = PlanSettings(memory="fast", activations="bfloat16", repeats=1, cache_dir=str(tmp_path), widths=False)
+    plan = plan_execution(loaded, settings)
+    found = plan.summary()["attention"]
+    if kernel.available():
+        times = found["seconds_per_row"]
+        assert set(times) == {"sdpa", NAME} and list(times["sdpa"]) == ["16", "32", "64", "96", "128"]
+        faster = sum(times[NAME].values()) <= 0.95 * sum(times["sdpa"].values())
+        assert found["chosen"] == (NAME if faster else "sdpa") == loaded.model.config._attn_implementation
+        assert not found["cached"]
+    else:
+        assert found["chosen"] == "sdpa" and found["seconds_per_row"] is None and "unavailable" in found["reason"]
+    remove_plan(loaded)
+    assert loaded.model.config._attn_implementation == "sdpa"
+    again = plan_execution(loaded, settings)
+    assert again.attention["cached"] == kernel.available() and again.attention["chosen"] == found["chosen"]
+    remove_plan(loaded)
+    left = plan_execution(copy.deepcopy(loaded), PlanSettings(attention="sdpa", widths=False, cache_dir=str(tmp_path)))
+    assert left.attention is None
+    with pytest.raises(ConfigError, match="attention"):
+        PlanSettings(attention="flash")
