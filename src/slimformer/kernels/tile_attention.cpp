@@ -149,23 +149,25 @@ int64_t attended_keys(const float* mask, const uint8_t* keep, const Shapes& s, i
   return last;
 }
 
-// One (batch, head): everything in this thread's buffers.
+// One (batch row, head), or with ``length`` >= 0 one packed sequence of the single batch row
+// (positions start .. start + length - 1, attending only to each other): everything in this
+// thread's buffers.
 void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float* mask, const uint8_t* keep, uint16_t* out, const Shapes& s,
-            int64_t b, int64_t h, std::vector<uint16_t>& kpack, std::vector<uint16_t>& vpack, std::vector<float>& scores,
+            int64_t b, int64_t h, int64_t start, int64_t length, std::vector<uint16_t>& kpack, std::vector<uint16_t>& vpack, std::vector<float>& scores,
             std::vector<uint16_t>& probs, std::vector<float>& acc, std::vector<uint16_t>& qtail) {
-  const int64_t D = s.D, Lq = s.Lq;
+  const int64_t D = s.D, Lq = length >= 0 ? length : s.Lq;
   // Keys after the last one any query may attend to carry no weight: they are not computed
   // (with padding masks, a short row in a long batch costs its own length, not the batch's).
-  const int64_t Lk = attended_keys(mask, keep, s, b, h);
+  const int64_t Lk = length >= 0 ? length : attended_keys(mask, keep, s, b, h);
   if (Lk == 0) {  // every key masked for every query: zero rows
-    for (int64_t i = 0; i < Lq; ++i) std::memset(out + ((b * Lq + i) * s.H + h) * D, 0, D * 2);
+    for (int64_t i = 0; i < Lq; ++i) std::memset(out + ((b * s.Lq + start + i) * s.H + h) * D, 0, D * 2);
     return;
   }
   const int64_t kpad = (Lk + 31) / 32 * 32;  // keys rounded up to whole 32-key chunks (zeros)
   const int64_t dchunks = D / TILE_K, nblocks = D / TILE_N;
-  const uint16_t* qb = q + b * s.qs[0] + h * s.qs[1];
-  const uint16_t* kb = k + b * s.ks[0] + h * s.ks[1];
-  const uint16_t* vb = v + b * s.vs[0] + h * s.vs[1];
+  const uint16_t* qb = q + b * s.qs[0] + h * s.qs[1] + start * s.qs[2];
+  const uint16_t* kb = k + b * s.ks[0] + h * s.ks[1] + start * s.ks[2];
+  const uint16_t* vb = v + b * s.vs[0] + h * s.vs[1] + start * s.vs[2];
   // K^T as B tiles: for each 16-key block and 32-dim chunk, 16 rows (dim pairs) x 16 keys x 2:
   // a 16 x 16 transpose of 32-bit pairs.
   for (int64_t kbk = 0; kbk < kpad / 16; ++kbk)
@@ -271,24 +273,50 @@ void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float
       _tile_stored(0, acc.data() + nb * TILE_N, D * 4);
     }
     for (int64_t i = 0; i < rows; ++i) {
-      uint16_t* orow = out + ((b * Lq + q0 + i) * s.H + h) * D;
+      uint16_t* orow = out + ((b * s.Lq + start + q0 + i) * s.H + h) * D;
       const __m512 inv = _mm512_set1_ps(sums[i] > 0.0f ? 1.0f / sums[i] : 0.0f);
       for (int64_t d = 0; d < D; d += 16) store_bf16(orow + d, _mm512_mul_ps(_mm512_loadu_ps(acc.data() + i * D + d), inv));
     }
   }
 }
 
-at::Tensor tile_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask_opt, double scale) {
+void check_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, Shapes& s) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "tile_attention: q, k, v must be (batch, heads, positions, dim)");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
               "tile_attention: q, k, v must be bfloat16");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "tile_attention: unit stride along dim required");
-  Shapes s;
   s.B = q.size(0), s.H = q.size(1), s.Lq = q.size(2), s.D = q.size(3), s.Lk = k.size(2);
   TORCH_CHECK(s.D % TILE_K == 0, "tile_attention: head dim must be a multiple of 32");
-  TORCH_CHECK(s.Lk >= 1 && s.Lk <= MAX_KEYS, "tile_attention: 1 to 1024 keys");
   TORCH_CHECK(k.size(0) == s.B && v.size(0) == s.B && k.size(1) == s.H && v.size(1) == s.H && v.size(2) == s.Lk && k.size(3) == s.D && v.size(3) == s.D,
               "tile_attention: q, k, v shapes disagree");
+  for (int i = 0; i < 3; ++i) {
+    s.qs[i] = q.stride(i);
+    s.ks[i] = k.stride(i);
+    s.vs[i] = v.stride(i);
+  }
+  TORCH_CHECK(request_tile_state(), "tile_attention: the kernel refused AMX tile state (arch_prctl)");
+}
+
+// Runs ``items`` (batch row or sequence, head) tasks over the intra-op threads, interleaved so
+// that tasks of different lengths spread evenly; ``keys`` = the longest task's keys.
+template <typename Task>
+void run_tasks(int64_t items, int64_t keys, const Shapes& s, const Task& task) {
+  const int64_t kpad = (keys + 31) / 32 * 32;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> kpack(kpad * s.D), vpack(kpad * s.D), probs(TILE_ROWS * kpad), qtail(TILE_ROWS * s.D);
+    std::vector<float> scores(TILE_ROWS * kpad), acc(TILE_ROWS * s.D);
+    load_tile_config();
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t item = t; item < items; item += threads) task(item, kpack, vpack, scores, probs, acc, qtail);
+    _tile_release();
+  });
+}
+
+at::Tensor tile_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask_opt, double scale) {
+  Shapes s;
+  check_heads(q, k, v, s);
+  TORCH_CHECK(s.Lk >= 1 && s.Lk <= MAX_KEYS, "tile_attention: 1 to 1024 keys");
   const float* mptr = nullptr;
   const uint8_t* kptr = nullptr;
   if (mask_opt.has_value() && mask_opt->defined()) {
@@ -302,26 +330,45 @@ at::Tensor tile_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
       kptr = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
     for (int i = 0; i < 3; ++i) s.ms[i] = mask.stride(i);
   }
-  TORCH_CHECK(request_tile_state(), "tile_attention: the kernel refused AMX tile state (arch_prctl)");
-  for (int i = 0; i < 3; ++i) {
-    s.qs[i] = q.stride(i);
-    s.ks[i] = k.stride(i);
-    s.vs[i] = v.stride(i);
-  }
   s.scale = static_cast<float>(scale);
   at::Tensor out = at::empty({s.B, s.Lq, s.H, s.D}, q.options());
   const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t kpad = (s.Lk + 31) / 32 * 32;  // buffers for the longest case
-  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint16_t> kpack(kpad * s.D), vpack(kpad * s.D), probs(TILE_ROWS * kpad), qtail(TILE_ROWS * s.D);
-    std::vector<float> scores(TILE_ROWS * kpad), acc(TILE_ROWS * s.D);
-    load_tile_config();
-    for (int64_t bh = begin; bh < end; ++bh)
-      attend(qp, kp, vp, mptr, kptr, op, s, bh / s.H, bh % s.H, kpack, vpack, scores, probs, acc, qtail);
-    _tile_release();
+  run_tasks(s.B * s.H, s.Lk, s, [&](int64_t bh, auto& kpack, auto& vpack, auto& scores, auto& probs, auto& acc, auto& qtail) {
+    attend(qp, kp, vp, mptr, kptr, op, s, bh / s.H, bh % s.H, 0, -1, kpack, vpack, scores, probs, acc, qtail);
+  });
+  return out;
+}
+
+// Packed sequences: q, k, v (1, H, T, D) hold S sequences back to back, sequence i at positions
+// cu_seqlens[i] .. cu_seqlens[i + 1] - 1 (int64, S + 1 offsets from 0 to T); each attends only to
+// itself (FlashAttention's varlen layout; no padding anywhere). Output (1, T, H, D).
+at::Tensor tile_attention_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens, double scale) {
+  Shapes s;
+  check_heads(q, k, v, s);
+  TORCH_CHECK(s.B == 1 && s.Lk == s.Lq, "tile_attention_packed: q, k, v must be (1, heads, tokens, dim) with as many keys as queries");
+  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.scalar_type() == at::kLong && cu_seqlens.is_contiguous() && cu_seqlens.numel() >= 2,
+              "tile_attention_packed: cu_seqlens must be int64 (sequences + 1)");
+  const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
+  const int64_t S = cu_seqlens.numel() - 1;
+  TORCH_CHECK(cu[0] == 0 && cu[S] == s.Lq, "tile_attention_packed: cu_seqlens must run from 0 to the token count");
+  int64_t longest = 1;
+  for (int64_t i = 0; i < S; ++i) {
+    TORCH_CHECK(cu[i + 1] >= cu[i], "tile_attention_packed: cu_seqlens must not decrease");
+    longest = std::max(longest, cu[i + 1] - cu[i]);
+  }
+  TORCH_CHECK(longest <= MAX_KEYS, "tile_attention_packed: sequences of 1 to 1024 tokens");
+  s.scale = static_cast<float>(scale);
+  at::Tensor out = at::empty({1, s.Lq, s.H, s.D}, q.options());
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  run_tasks(S * s.H, longest, s, [&](int64_t sh, auto& kpack, auto& vpack, auto& scores, auto& probs, auto& acc, auto& qtail) {
+    const int64_t i = sh / s.H;
+    if (cu[i + 1] > cu[i]) attend(qp, kp, vp, nullptr, nullptr, op, s, 0, sh % s.H, cu[i], cu[i + 1] - cu[i], kpack, vpack, scores, probs, acc, qtail);
   });
   return out;
 }
@@ -330,8 +377,10 @@ at::Tensor tile_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 TORCH_LIBRARY_FRAGMENT(slimformer, m) {
   m.def("tile_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  m.def("tile_attention_packed(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
   m.impl("tile_attention", &tile_attention);
+  m.impl("tile_attention_packed", &tile_attention_packed);
 }

@@ -15,6 +15,9 @@ compiled bf16 encoder's time, while the block's linears ran at ~1.8 TFLOP/s. Mea
 Whether it is faster on the machine at hand is measured by the execution planner
 (:mod:`slimformer.runtime.tile_attention`), not assumed.
 
+With ``cu_seqlens`` (:func:`tile_attention_packed`) it takes sequences packed back to back in one
+row, FlashAttention's varlen layout: a batch of texts then runs with no padding at all.
+
 Built like the other kernels (:mod:`slimformer.kernels`: compiled once per machine and torch into
 the kernel cache), with AVX-512 and AMX flags, and only where the CPU reports AMX tiles and
 AVX512-BF16; the first call asks Linux for the tile state (``arch_prctl``). Elsewhere
@@ -102,14 +105,19 @@ def _register_fake() -> None:
     def _(q, k, v, mask, scale):
         return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
 
+    @torch.library.register_fake("slimformer::tile_attention_packed")
+    def _(q, k, v, cu_seqlens, scale):
+        return q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
+
     _state["fake"] = True
 
 
-def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: bool = False) -> bool:
     """Whether the kernel takes these heads: (batch, heads, positions, dim) bf16 on the CPU, as
-    many key heads as query heads, dim a multiple of 32, at most :data:`MAX_KEYS` keys."""
+    many key heads as query heads, dim a multiple of 32, at most :data:`MAX_KEYS` keys (for
+    ``packed`` sequences: per sequence, checked by the kernel)."""
     return (query.dtype == key.dtype == value.dtype == torch.bfloat16 and query.device.type == "cpu" and query.dim() == 4
-            and key.shape[1] == query.shape[1] and query.shape[-1] % HEAD_MULTIPLE == 0 and 1 <= key.shape[2] <= MAX_KEYS)
+            and key.shape[1] == query.shape[1] and query.shape[-1] % HEAD_MULTIPLE == 0 and (packed or 1 <= key.shape[2] <= MAX_KEYS))
 
 
 def tile_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -124,3 +132,12 @@ def tile_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
     return torch.ops.slimformer.tile_attention(*tensors, mask, float(scale))
+
+
+def tile_attention_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Packed sequences (FlashAttention's varlen layout): ``query``/``key``/``value`` (1, heads,
+    tokens, dim) bf16 hold the sequences back to back, sequence ``i`` at positions
+    ``cu_seqlens[i]`` to ``cu_seqlens[i + 1] - 1``, each attending only to itself (no mask, no
+    padding) -> (1, tokens, heads, dim) bf16. Call :func:`load` first."""
+    tensors = [t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value)]
+    return torch.ops.slimformer.tile_attention_packed(*tensors, cu_seqlens.to(torch.int64).contiguous(), float(scale))

@@ -12,6 +12,11 @@ the width a bucket whose longest row has ``w`` tokens is run at — a few masked
 this machine's attention kernel is measured to be faster at that width (it can be several times
 slower at widths off its block size). The extra columns are masked, so the outputs are unchanged.
 
+``pack_rows`` goes further where the model's attention takes packed sequences (transformers'
+``cu_seq_lens_q``/``cu_seq_lens_k`` keywords; slimformer's tile attention does): all real tokens
+of a batch in one row, every token-wise layer on exactly the real tokens, each sequence attending
+only to itself, one forward pass per batch.
+
 Shapes: ``input_ids``/``attention_mask`` (batch, seq); results (batch, ...).
 """
 
@@ -22,6 +27,9 @@ from typing import Callable
 import torch
 
 CALL_COST_TOKENS = 48  # the fixed cost of one more forward pass, in padded-token units
+# attention implementations (transformers' names) that keep packed sequences apart through the
+# cu_seq_lens_q / cu_seq_lens_k keywords: only these may run pack_rows' inputs
+PACKED_ATTENTION = ("slimformer_tile",)
 
 
 def length_buckets(lengths: list[int], call_cost: int = CALL_COST_TOKENS) -> list[list[int]]:
@@ -95,6 +103,33 @@ def run_bucketed(batch: dict, fn: Callable[[dict], torch.Tensor], call_cost: int
             out = result.new_empty((mask.shape[0], *result.shape[1:]))
         out[index] = result
     return out
+
+
+def pack_rows(batch: dict) -> tuple[dict, torch.Tensor]:
+    """The real tokens of a padded batch packed back to back into one row, FlashAttention's
+    varlen layout: ``input_ids``, ``token_type_ids`` (zeros unless given) and ``position_ids``
+    (each row counting from 0) of shape (1, tokens), and ``cu_seq_lens_q``/``cu_seq_lens_k``
+    (rows + 1,) int64, transformers' keywords for packed sequences (each attends only to itself).
+    Returns (inputs, index): ``index`` (tokens,) is each packed token's flat position in the
+    (rows, seq) batch, for :func:`unpack_rows`. Rows are right-padded (real tokens first)."""
+    mask = batch["attention_mask"].bool()
+    lengths = mask.sum(1)
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    cu = torch.zeros(mask.shape[0] + 1, dtype=torch.long)
+    cu[1:] = lengths.cumsum(0)
+    positions = torch.arange(int(cu[-1])) - torch.repeat_interleave(cu[:-1], lengths)
+    types = batch.get("token_type_ids")
+    inputs = {"input_ids": batch["input_ids"].reshape(-1)[index][None],
+              "token_type_ids": (types.reshape(-1)[index] if types is not None else torch.zeros_like(index))[None],
+              "position_ids": positions[None], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
+    return inputs, index
+
+
+def unpack_rows(values: torch.Tensor, index: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Packed per-token ``values`` (tokens, ...) back to (rows, seq, ...) with zeros at padding."""
+    out = values.new_zeros((shape[0] * shape[1], *values.shape[1:]))
+    out[index] = values
+    return out.reshape(*shape, *values.shape[1:])
 
 
 def length_order(lengths: list[int]) -> list[int]:

@@ -56,7 +56,10 @@ class LoadedModel:
     (``slimformer.runtime.planner.ExecutionPlan``), or None; ``bucketing``: ``embed`` runs
     a padded batch as length buckets (:mod:`slimformer.models.batching`; False: as given);
     ``padded_widths``: the width to run a batch of each longest length at, measured on this
-    machine (:func:`slimformer.runtime.alignment.align_widths`), or None (its own length).
+    machine (:func:`slimformer.runtime.alignment.align_widths`), or None (its own length);
+    ``packing``: ``embed`` runs the real tokens of a batch packed into one row
+    (:func:`slimformer.models.batching.pack_rows`; only for attention that honours transformers'
+    packed-sequence keywords, such as the tile attention the planner may choose).
     """
 
     model: nn.Module
@@ -71,6 +74,7 @@ class LoadedModel:
     execution: Any = None
     bucketing: bool = True
     padded_widths: tuple[int, ...] | None = None
+    packing: bool = False
 
     def embed(self, batch: dict, return_stats: bool = False):
         """Sentence embeddings (batch, dim) float32 of a tokenized batch (encoders), through the
@@ -80,12 +84,20 @@ class LoadedModel:
                 raise RuntimeError("the dynamic runtime is not registered; import slimformer.methods")
             return _DYNAMIC_RUNNER(self).embed(batch, return_stats=return_stats)
         from slimformer.models.pooling import pool
-        from slimformer.models.batching import run_bucketed, run_width, widen
+        from slimformer.models.batching import PACKED_ATTENTION, pack_rows, run_bucketed, run_width, unpack_rows, widen
 
         def run(sub: dict) -> torch.Tensor:
             with torch.no_grad():
                 hidden = self.model(**sub).last_hidden_state.float()
             return pool(hidden, sub["attention_mask"], self.pooling)
+
+        attention = getattr(self.model.config, "_attn_implementation", None)
+        if self.packing and self.bucketing and attention in PACKED_ATTENTION:  # all real tokens in one row, no padding computed
+            inputs, index = pack_rows(batch)
+            with torch.no_grad():
+                hidden = self.model(**inputs).last_hidden_state[0].float()
+            mask = batch["attention_mask"]
+            return pool(unpack_rows(hidden, index, tuple(mask.shape)), mask, self.pooling)
 
         # Rows of different lengths run as length buckets: padded positions are not computed.
         if self.bucketing:

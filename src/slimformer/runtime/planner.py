@@ -614,6 +614,7 @@ def remove_plan(loaded) -> None:
         from slimformer.runtime.tile_attention import restore_attention
 
         restore_attention(loaded.model)
+        loaded.packing = False
 
 
 @contextlib.contextmanager

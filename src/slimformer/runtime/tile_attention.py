@@ -6,12 +6,15 @@
 at most 1024 keys, no dropout, no gradients, an explicit mask or a non-causal module) and hands
 everything else to transformers' SDPA function unchanged.
 
-:func:`choose_attention` decides by measurement: it times one of the model's own blocks (its
-planned layers included) at several batch widths with SDPA and with the tile kernel, interleaved,
-and switches the model to the tile kernel only if that is at least ``min_gain`` faster per row
-over those widths. Timings are cached on disk per machine signature (beside the planner's), so
-the comparison runs once per machine, block and dtype. The execution planner calls it for
-encoders; :func:`restore_attention` undoes the switch.
+:func:`choose_attention` decides by measurement: it times the model's own ``embed`` (its planned
+layers included) on a batch of rows of mixed lengths, as embedding workloads have, with SDPA (rows
+bucketed by length), with the tile kernel (bucketed), and with the tile kernel on *packed* rows
+(every real token of the batch in one row, each sequence attending only to itself:
+:func:`slimformer.models.batching.pack_rows`, ``loaded.packing``), interleaved, and switches to
+the fastest only if it is at least ``min_gain`` faster than SDPA. Timings are cached on disk per
+machine signature (beside the planner's), so the comparison runs once per machine, model shape
+and dtype. The execution planner calls it for encoders; :func:`restore_attention` undoes the
+switch.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from slimformer.runtime.machine import signature
 from slimformer.runtime.measurements import PlanCache, default_cache_dir
 
 NAME = "slimformer_tile"
-WIDTHS = (16, 32, 64, 96, 128)  # batch widths the choice is timed at (capped by the model's length)
 
 
 def tile_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -39,7 +41,12 @@ def tile_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                            **kwargs) -> tuple[torch.Tensor, None]:
     """``query`` (batch, heads, q, d), ``key``/``value`` (batch, heads, k, d), ``attention_mask``
     bool (True = attend) or additive, (batch, 1, q, k), or None. Returns (batch, q, heads, d), as
-    transformers' attention functions do."""
+    transformers' attention functions do. With ``cu_seq_lens_q`` (= ``cu_seq_lens_k``; transformers'
+    packed-sequence keywords) the single batch row holds sequences back to back, each attending
+    only to itself (:func:`slimformer.models.batching.pack_rows` builds such inputs)."""
+    packed = kwargs.get("cu_seq_lens_q")
+    if packed is not None:
+        return _packed_attention(module, query, key, value, packed, kwargs.get("cu_seq_lens_k"), dropout, scaling, **kwargs)
     usable = (
         kernel.supports(query, key, value)
         and not (dropout and module.training)
@@ -54,6 +61,23 @@ def tile_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     return kernel.tile_attention(query, key, value, attention_mask, scale), None
+
+
+def _packed_attention(module, query, key, value, cu_q, cu_k, dropout, scaling, **kwargs):
+    """Packed sequences on the kernel, or (where it does not take them) SDPA with the
+    block-diagonal mask that keeps each sequence to itself."""
+    if query.shape[0] != 1 or cu_k is None or cu_k is not cu_q and not torch.equal(cu_k, cu_q) or query.shape[2] != key.shape[2]:
+        raise ValueError("packed attention: one row of sequences with the same boundaries for queries and keys (cu_seq_lens_q = cu_seq_lens_k)")
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    usable = (kernel.supports(query, key, value, packed=True) and not (dropout and module.training)
+              and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)) and kernel.loaded())
+    if usable:
+        return kernel.tile_attention_packed(query, key, value, cu_q, scale), None
+    tokens = query.shape[2]
+    segment = torch.searchsorted(cu_q[1:].to(torch.int64), torch.arange(tokens, device=query.device), right=True)
+    mask = (segment[:, None] == segment[None, :])[None, None]
+    rest = {k: v for k, v in kwargs.items() if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scale, **rest)
 
 
 AttentionInterface.register(NAME, tile_attention_forward)
@@ -82,39 +106,56 @@ def restore_attention(model: torch.nn.Module, implementation: str = "sdpa") -> N
         model.set_attn_implementation(implementation)
 
 
-def _time_block(loaded, widths: tuple[int, ...], tokens: int, repeats: int) -> dict[str, dict[int, float]]:
-    """Seconds per row of one block at each width, with SDPA and with the tile kernel
-    (rounds interleave the two and the widths)."""
-    from slimformer.runtime.alignment import block_call
+CANDIDATES = (("sdpa", False), (NAME, False), (NAME, True))  # (attention, packing)
 
+
+def label(attention: str, packing: bool) -> str:
+    return ("tiles" if attention == NAME else attention) + (", packed" if packing else "")
+
+
+def mixed_batch(loaded, rows: int, max_length: int, seed: int = 0) -> dict:
+    """A tokenized-like batch of ``rows`` random-id rows whose lengths spread evenly from
+    ``max_length / 16`` to ``max_length`` (right-padded), the mix an embedding workload has."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = int(getattr(loaded.model.config, "vocab_size", 1000))
+    low = max(2, max_length // 16)
+    lengths = [low + round(i * (max_length - low) / max(1, rows - 1)) for i in range(rows)]
+    ids = torch.randint(min(1000, vocab // 2), vocab, (rows, max_length), generator=g)
+    mask = (torch.arange(max_length)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def _time_candidates(loaded, batch: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of ``loaded.embed(batch)`` with each candidate (rounds interleave them)."""
     model = loaded.model
-    before = current_attention(model)
-    block = loaded.adapter.blocks()[0]
-    calls = {w: block_call(loaded, block, w, tokens) for w in widths}
-    samples: dict[str, dict[int, list[float]]] = {"sdpa": {w: [] for w in widths}, NAME: {w: [] for w in widths}}
+    before, packing_before = current_attention(model), loaded.packing
+    samples: dict[str, list[float]] = {label(*c): [] for c in CANDIDATES}
     try:
         with torch.no_grad():
             for r in range(repeats + 1):  # round 0 warms up
-                for impl in ("sdpa", NAME):
-                    model.set_attn_implementation(impl)
-                    for w, (call, rows) in calls.items():
-                        start = time.perf_counter()
-                        call()
-                        if r:
-                            samples[impl][w].append((time.perf_counter() - start) / rows)
+                for attention, packing in CANDIDATES:
+                    model.set_attn_implementation(attention)
+                    loaded.packing = packing
+                    start = time.perf_counter()
+                    loaded.embed(batch)
+                    if r:
+                        samples[label(attention, packing)].append(time.perf_counter() - start)
     finally:
         model.set_attn_implementation(before)
-    return {impl: {w: statistics.median(v) for w, v in per.items()} for impl, per in samples.items()}
+        loaded.packing = packing_before
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def choose_attention(loaded, max_length: int = 128, tokens: int = 1024, repeats: int = 3, min_gain: float = 0.05,
+def choose_attention(loaded, max_length: int = 128, rows: int = 32, repeats: int = 3, min_gain: float = 0.05,
                      cache: bool = True, cache_dir: str | None = None) -> dict:
-    """Time SDPA and the tile kernel on one of ``loaded``'s blocks and switch to the faster (see
-    the module docstring). Returns ``chosen`` (``"sdpa"`` or ``"slimformer_tile"``),
-    ``seconds_per_row`` per implementation and width, ``cached``, and ``reason`` when the tile
-    kernel was not timed (unavailable here, or the model's attention does not fit it)."""
+    """Time ``embed`` of a mixed-length batch (:func:`mixed_batch`) with SDPA, with the tile
+    kernel, and with the tile kernel on packed rows (``loaded.packing``), and switch ``loaded``
+    to the fastest if it is at least ``min_gain`` faster than SDPA (see the module docstring).
+    Returns ``chosen`` (the attention implementation), ``packing``, ``seconds`` per candidate,
+    ``cached``, and ``reason`` when the kernel was not timed (unavailable here, or the model's
+    attention does not fit it)."""
     model = loaded.model
-    out: dict = {"chosen": current_attention(model), "seconds_per_row": None, "cached": False, "reason": None}
+    out: dict = {"chosen": current_attention(model), "packing": bool(loaded.packing), "seconds": None, "cached": False, "reason": None}
     if getattr(loaded, "kind", None) != "encoder":
         out["reason"] = "attention is chosen for encoders"
         return out
@@ -132,26 +173,26 @@ def choose_attention(loaded, max_length: int = 128, tokens: int = 1024, repeats:
         return out
     positions = getattr(config, "max_position_embeddings", None)
     max_length = min(max_length, positions) if positions else max_length
-    widths = tuple(w for w in WIDTHS if w <= max_length) or (max_length,)
     from slimformer.runtime.alignment import block_key
 
-    key = json.dumps({"attention": 1, "block": block_key(loaded, loaded.adapter.blocks()[0], max_length, tokens), "widths": widths,
-                      "kernel": kernel.library_path().name})
+    key = json.dumps({"attention": 2, "block": block_key(loaded, loaded.adapter.blocks()[0], max_length, rows), "layers": len(loaded.adapter.blocks()),
+                      "rows": rows, "kernel": kernel.library_path().name})
     store = PlanCache(Path(cache_dir) if cache_dir else default_cache_dir(), signature(), prefix="attention") if cache else None
     found = store.get(key) if store is not None else None
     if found is None:
-        measured = _time_block(loaded, widths, tokens, repeats)
-        found = {impl: {str(w): s for w, s in per.items()} for impl, per in measured.items()}
+        found = _time_candidates(loaded, mixed_batch(loaded, rows, max_length), repeats)
         if store is not None:
             store.put(key, found)
             store.save()
     else:
         out["cached"] = True
-    total = {impl: sum(per.values()) for impl, per in found.items()}
-    out["seconds_per_row"] = found
-    if total[NAME] <= (1 - min_gain) * total["sdpa"]:
+    out["seconds"] = found
+    best = min(CANDIDATES, key=lambda c: found[label(*c)])
+    if best[0] == NAME and found[label(*best)] <= (1 - min_gain) * found[label("sdpa", False)]:
         use_tile_attention(model)
+        loaded.packing = best[1]
     else:
         restore_attention(model)
-    out["chosen"] = current_attention(model)
+        loaded.packing = False
+    out["chosen"], out["packing"] = current_attention(model), bool(loaded.packing)
     return out
