@@ -120,6 +120,8 @@ MIN_TOKENS = 32
 
 
 def _family(name: str) -> str:
+    if name.startswith("bf16") and name.endswith(" compiled+tiles"):
+        return "bf16 compiled, AMX tile attention, measured widths (+ token pruning)"
     if name.startswith("bf16") and name.endswith(" compiled+widths"):
         return "bf16 compiled, measured widths (+ token pruning)"
     if name.startswith("bf16") and name.endswith(" compiled"):
@@ -195,6 +197,7 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
         configs.append(("bf16+prune-searched", "bf16+prune-searched", "length", "none", 2.0))
     compile_reports = {}
     widths_report: dict = {}
+    attention_report: dict = {}
     if bf16 and compile_models:
         from slimformer.runtime.compile import allow_graphs, compile_model
 
@@ -234,6 +237,31 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
             models[f"{key} compiled+widths"] = m
             schedule = "length" if "prune-length" in key else None
             configs.append((f"{key} compiled+widths", f"{key} compiled+widths", schedule, "none", 2.0))
+        # and again with the encoder's attention chosen by measurement (slimformer.runtime.tile_attention:
+        # the AMX tile kernel where one of the model's blocks runs faster with it), widths measured under it
+        from slimformer.runtime.tile_attention import NAME as TILES, choose_attention, use_tile_attention
+
+        probe = copy.deepcopy(models["bf16"])
+        chosen = choose_attention(probe, cache=False)
+        attention_report.update({k: chosen[k] for k in ("chosen", "packing", "seconds", "reason")})
+        log(f"attention chosen: {chosen['chosen']} ({chosen['reason'] or 'measured'})")
+        if chosen["chosen"] == TILES:
+            tiled = measure_widths(probe, max_length=128, cache=False)
+            attention_report["widths_moved"] = {str(k): v for k, v in tiled["moved"].items()}
+            for key in COMPILED:
+                if f"{key} compiled" not in models:
+                    continue
+                m = copy.deepcopy(models[key])
+                use_tile_attention(m.model)
+                m.padded_widths = tiled["widths"]
+                m.packing = chosen["packing"]  # embed only: the pruned rows run block by block (bucketed)
+                report = compile_model(m, example, freezing=True)
+                compile_reports[f"{key}+tiles"] = {"compiled": report.compiled, "seconds": report.compile_seconds, "ratio_on_example": report.ratio, "reason": report.reason}
+                if not report.compiled:
+                    continue
+                models[f"{key} compiled+tiles"] = m
+                schedule = "length" if "prune-length" in key else None
+                configs.append((f"{key} compiled+tiles", f"{key} compiled+tiles", schedule, "none", 2.0))
 
     def setting(key, rule, t):
         m = models[key]
@@ -286,7 +314,7 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
     meta = {"started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "minutes": (time.perf_counter() - start) / 60,
             "machine": machine, "threads": torch.get_num_threads(), "loadavg_timing": [load_before, load_after], "repeats": repeats,
             "n_texts": n_texts, "n_queries": n_queries, "held_out": HELD_OUT, "train_sources": TRAIN_SOURCES,
-            "n_calibration": N_CAL_PER_SOURCE * len(TRAIN_SOURCES), "prune": {**PRUNE, "min_tokens": MIN_TOKENS}, "compiled": compile_reports, "widths": widths_report, "exit_oracle": oracle, "searched_pruning": searched,
+            "n_calibration": N_CAL_PER_SOURCE * len(TRAIN_SOURCES), "prune": {**PRUNE, "min_tokens": MIN_TOKENS}, "compiled": compile_reports, "widths": widths_report, "attention": attention_report, "exit_oracle": oracle, "searched_pruning": searched,
             "variants": {k: [c.to_dict() for c in v] for k, v in VARIANTS.items()},
             "training": {k: {"seconds": r.get("train_seconds"), "loss_before": r.get("training", {}).get("loss_before"),
                              "loss_after": r.get("training", {}).get("loss_after"), "held_back_after": r.get("training", {}).get("held_back_after"),
@@ -382,7 +410,13 @@ def markdown(meta, rows) -> str:
         + (": " + "; ".join(f"`{k}` {v['seconds']:.0f} s to compile" + ("" if v["compiled"] else f", not kept ({v['reason']})") for k, v in meta.get("compiled", {}).items()) if meta.get("compiled") else "") + "."
         + (f" `compiled+widths` = the same, every batch and every pruned width run at the width this machine's block runs fastest per row, a few masked columns "
            f"wider (`slimformer.runtime.alignment`; measured in {meta['widths']['seconds']:.1f} s, {len(meta['widths']['moved'])} of 128 widths run wider, e.g. "
-           + ", ".join(f"{k}→{v}" for k, v in list(meta['widths']['moved'].items())[-6:]) + ")." if meta.get("widths") else ""),
+           + ", ".join(f"{k}→{v}" for k, v in list(meta['widths']['moved'].items())[-6:]) + ")." if meta.get("widths") else "")
+        + (" `compiled+tiles` = the same with the encoder's attention on the AMX tile kernel (`slimformer.runtime.tile_attention`, chosen by timing the bf16 "
+           "model's embed of 32 rows of 8-128 tokens: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in meta['attention']['seconds'].items())
+           + f"; packed rows {'chosen' if meta['attention'].get('packing') else 'not chosen'}: they apply where the whole model runs through `embed` (`bf16`), "
+           f"not to the pruned models, which run block by block), widths measured again under it ({len(meta['attention'].get('widths_moved', {}))} of 128 run wider)."
+           if (meta.get("attention") or {}).get("chosen") == "slimformer_tile" else
+           (f" Attention stayed on SDPA: {meta['attention'].get('reason') or 'the tile kernel was not faster here'}." if meta.get("attention") else "")),
         "",
         f"| setting | family | cos {a} | cos {b} | gap | worst cos | top-10 {a} | top-10 {b} | layers | speed-up |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -425,7 +459,7 @@ def plot(rows, path: Path) -> None:
 
     a, b = HELD_OUT
     fig, ax = plt.subplots(figsize=(11, 7))
-    colors = {"bf16 cast (+ token pruning)": "tab:orange", "bf16 compiled (+ token pruning)": "tab:olive", "bf16 compiled, measured widths (+ token pruning)": "tab:cyan", "exits, frozen backbone": "tab:blue", "COST-EFF joint training": "tab:purple", "slim 75%, frozen (before joint training)": "tab:green",
+    colors = {"bf16 cast (+ token pruning)": "tab:orange", "bf16 compiled (+ token pruning)": "tab:olive", "bf16 compiled, measured widths (+ token pruning)": "tab:cyan", "bf16 compiled, AMX tile attention, measured widths (+ token pruning)": "tab:red", "exits, frozen backbone": "tab:blue", "COST-EFF joint training": "tab:purple", "slim 75%, frozen (before joint training)": "tab:green",
               "token pruning": "tab:brown", "original": "tab:red"}
     for fam, color in colors.items():
         pts = [r for r in rows if r["family"] == fam]

@@ -65,18 +65,19 @@ def _attention(row: dict) -> str:
 
 
 def attention_lines(out: dict) -> list[str]:
-    """What each plan measured for the encoder's attention (per-row block seconds, SDPA vs AMX tiles)."""
+    """What each plan measured for the encoder's attention (embed of a mixed-length batch: SDPA,
+    tile kernel, tile kernel on packed rows)."""
     lines = []
     for name, summary in out["plans"].items():
         found = (summary or {}).get("attention")
         if not found or ", compiled" in name:
             continue
-        if found.get("seconds_per_row") is None:
+        if found.get("seconds") is None:
             lines.append(f"- {name}: attention left on SDPA ({found.get('reason')})")
             continue
-        sdpa, tile = found["seconds_per_row"]["sdpa"], found["seconds_per_row"]["slimformer_tile"]
-        per_width = ", ".join(f"{w}: {sdpa[w] * 1e6:.0f}→{tile[w] * 1e6:.0f} µs" for w in sdpa)
-        lines.append(f"- {name}: {_attention({'attention': found['chosen']})} chosen{' (cached)' if found.get('cached') else ''}; one block per row, SDPA→tiles: {per_width}")
+        times = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in found["seconds"].items())
+        chosen = _attention({"attention": found["chosen"]}) + (", packed rows" if found.get("packing") else "")
+        lines.append(f"- {name}: {chosen} chosen{' (cached)' if found.get('cached') else ''}; embed of 32 rows of 8-128 tokens: {times}")
     return lines
 
 
@@ -98,7 +99,7 @@ def markdown(out: dict) -> str:
         "",
         f"- Machine: {machine_line(out['machine'])}.",
         f"- Load average during the timed rounds: {', '.join(f'{x:.1f}' for x in out['load_during_timing'])} (the machine is shared: absolute times are slow and noisy; ratios are interleaved medians of {out['repeats']} rounds in one process).",
-        f"- fixed = the evaluate batch {out['fixed_batch']}; corpus = {out['corpus_texts']} held-out texts ({out['corpus_real_tokens']} real tokens), batches of 32 padded to their longest ({out['corpus_padded_positions']} positions) vs. sorted by length and bucketed. Speedups are against fp32 on the padded corpus / fixed batch.",
+        f"- fixed = the evaluate batch {out['fixed_batch']}; corpus = {out['corpus_texts']} held-out texts ({out['corpus_real_tokens']} real tokens), batches of 32 padded to their longest ({out['corpus_padded_positions']} positions) vs. sorted by length and bucketed (or, where the plan chose packed rows, every batch's real tokens packed into one row: 'packed' in the attention column). Speedups are against fp32 on the padded corpus / fixed batch.",
         f"- GFLOP/s = block FLOPs of the real tokens / latency, against the ceilings above (fp32 {c['fp32_flops'] / 1e9:.3g}, bf16 {c['bf16_flops'] / 1e9:.3g}{', int8 %.3g' % (c['int8_ops'] / 1e9) if 'int8_ops' in c else ''} G/s).",
         f"- 'unplanned' = the capability-chosen kernels; 'planned (balanced)' = the planner's choice with at most 2 bytes/weight of run-time copies; 'planned (fast)' = no memory limit. Run took {out['seconds'] / 60:.1f} min.",
         (f"- 'measured widths' and every planned model: each batch (bucket) runs at the width this machine's block runs fastest per row, a few masked columns wider "
@@ -112,7 +113,7 @@ def markdown(out: dict) -> str:
         ex = ", ".join(f"{k}×{v}" for k, v in sorted(r["execution"].items()))
         lines.append(
             f"| {r['variant']} | {r['size_ratio']:.3f} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | {r['resident_mb']:.1f} | {r['fixed_s'] * 1e3:.0f} | "
-            f"{r['fixed_speedup']:.2f}× | {r['fixed_gflops']:.1f} | {_x(r['corpus_padded_speedup'])} | {_x(r['corpus_bucketed_speedup'])} | {r['activations'] or '–'} | {_attention(r)} | {ex} |"
+            f"{r['fixed_speedup']:.2f}× | {r['fixed_gflops']:.1f} | {_x(r['corpus_padded_speedup'])} | {_x(r['corpus_bucketed_speedup'])} | {r['activations'] or '–'} | {_attention(r)}{', packed' if r.get('packing') else ''} | {ex} |"
         )
     best_plain = max((r for r in out["rows"] if r["variant"] in ("fp32", "bf16 cast")), key=lambda r: r["fixed_speedup"])
     best_compiled = next((r for r in out["rows"] if r["variant"] == "bf16 cast, compiled (frozen)"), None)
@@ -319,6 +320,7 @@ def main() -> int:
             "execution": (plans.get(name) or {}).get("paths") or ({"float": 1} if "unplanned" not in name else kernel_summary(c)),
             "activations": (plans.get(name) or {}).get("activations"),
             "attention": ((plans.get(name) or {}).get("attention") or {}).get("chosen") or getattr(c.config, "_attn_implementation", None),
+            "packing": bool(getattr(m, "packing", False)),
         })
     out = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
