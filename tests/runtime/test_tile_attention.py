@@ -205,3 +205,12 @@ def test_a_bert_embeds_packed_rows_as_it_embeds_the_padded_batch():
         plain = loaded.embed(batch)
     assert F.cosine_similarity(packed, bucketed).min().item() > 0.9995
     assert F.cosine_similarity(plain, bucketed).min().item() > 0.9995
+
+
+def test_the_report_names_the_attention_the_plan_chose():
+    from slimformer.evaluate.report import _execution
+
+    plan = {"machine": {"cpu": "X"}, "settings": {"memory": "fast"}, "activations": "bfloat16", "attention": {"chosen": NAME, "packing": True}}
+    assert _execution({"execution": plan}, {}).endswith("bfloat16 activations; attention on AMX tiles, packed rows")
+    plan["attention"] = {"chosen": "sdpa", "packing": False}
+    assert _execution({"execution": plan}, {}).endswith("bfloat16 activations")

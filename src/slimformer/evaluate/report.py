@@ -72,6 +72,9 @@ def _execution(manifest: dict, quality: dict, compiled: dict | None = None) -> s
     plan = manifest.get("execution")
     if plan:
         text += f"; planned on {plan['machine'].get('cpu')} ({plan['settings'].get('memory')}), {plan['activations']} activations"
+        attention = plan.get("attention") or {}
+        if attention.get("chosen") == "slimformer_tile":
+            text += "; attention on AMX tiles" + (", packed rows" if attention.get("packing") else "")
     if compiled:
         if compiled.get("compiled"):
             text += (f"; timed compiled ({compiled['backend']}: {compiled['speedup']:.2f}× over eager, "
