@@ -225,18 +225,22 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
         widths_report.update({"moved": {str(k): v for k, v in found["moved"].items()}, "seconds": found["seconds"],
                               "seconds_per_row": found["seconds_per_row"]})
         log(f"batch widths measured in {found['seconds']:.1f} s: {len(found['moved'])} of 128 widths run wider")
-        for key in COMPILED:
-            if f"{key} compiled" not in models:
-                continue
-            m = copy.deepcopy(models[key])
-            m.padded_widths = found["widths"]
-            report = compile_model(m, example, freezing=True)
-            compile_reports[f"{key}+widths"] = {"compiled": report.compiled, "seconds": report.compile_seconds, "ratio_on_example": report.ratio, "reason": report.reason}
-            if not report.compiled:
-                continue
-            models[f"{key} compiled+widths"] = m
-            schedule = "length" if "prune-length" in key else None
-            configs.append((f"{key} compiled+widths", f"{key} compiled+widths", schedule, "none", 2.0))
+        def add_compiled_variants(suffix: str, prepare) -> None:
+            """Each compiled model again, ``prepare``d (widths, attention) before compiling: rows ``<key> compiled+<suffix>``."""
+            for key in COMPILED:
+                if f"{key} compiled" not in models:
+                    continue
+                m = copy.deepcopy(models[key])
+                prepare(m)
+                report = compile_model(m, example, freezing=True)
+                compile_reports[f"{key}+{suffix}"] = {"compiled": report.compiled, "seconds": report.compile_seconds, "ratio_on_example": report.ratio, "reason": report.reason}
+                if not report.compiled:
+                    continue
+                models[f"{key} compiled+{suffix}"] = m
+                schedule = "length" if "prune-length" in key else None
+                configs.append((f"{key} compiled+{suffix}", f"{key} compiled+{suffix}", schedule, "none", 2.0))
+
+        add_compiled_variants("widths", lambda m: setattr(m, "padded_widths", found["widths"]))
         # and again with the encoder's attention chosen by measurement (slimformer.runtime.tile_attention:
         # the AMX tile kernel where one of the model's blocks runs faster with it), widths measured under it
         from slimformer.runtime.tile_attention import NAME as TILES, choose_attention, use_tile_attention
@@ -248,20 +252,13 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
         if chosen["chosen"] == TILES:
             tiled = measure_widths(probe, max_length=128, cache=False)
             attention_report["widths_moved"] = {str(k): v for k, v in tiled["moved"].items()}
-            for key in COMPILED:
-                if f"{key} compiled" not in models:
-                    continue
-                m = copy.deepcopy(models[key])
+
+            def on_tiles(m) -> None:
                 use_tile_attention(m.model)
                 m.padded_widths = tiled["widths"]
                 m.packing = chosen["packing"]  # embed only: the pruned rows run block by block (bucketed)
-                report = compile_model(m, example, freezing=True)
-                compile_reports[f"{key}+tiles"] = {"compiled": report.compiled, "seconds": report.compile_seconds, "ratio_on_example": report.ratio, "reason": report.reason}
-                if not report.compiled:
-                    continue
-                models[f"{key} compiled+tiles"] = m
-                schedule = "length" if "prune-length" in key else None
-                configs.append((f"{key} compiled+tiles", f"{key} compiled+tiles", schedule, "none", 2.0))
+
+            add_compiled_variants("tiles", on_tiles)
 
     def setting(key, rule, t):
         m = models[key]

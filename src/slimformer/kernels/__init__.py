@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -91,9 +92,31 @@ def _build(target: Path, source: Path = SOURCE, flags: list[str] = FLAGS) -> Non
             os.unlink(tmp)
 
 
-def library_key() -> str:
+def library_key(source: Path = SOURCE, flags: list[str] = FLAGS) -> str:
     """Hash of the source, the flags and the torch version: names the build (and the plans timed with it)."""
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
+    return hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:16]
+
+
+def load_library(state: dict, lock: threading.Lock, cpu_reason: Callable[[], str | None], path: Path, source: Path, flags: list[str],
+                 after_load: Callable[[], None]) -> bool:
+    """Build ``source`` into ``path`` if missing, load it and run ``after_load`` (fake
+    registrations, a probe call), once per process: ``state`` records ``ok`` and the ``reason``
+    when it is not usable (turned off, ``cpu_reason()``, or the build, load or probe failed)."""
+    with lock:
+        if "ok" in state:
+            return bool(state["ok"])
+        reason = "turned off (SLIMFORMER_KERNELS=0)" if os.environ.get("SLIMFORMER_KERNELS", "1") == "0" else cpu_reason()
+        if reason is None:
+            try:
+                if not path.exists():
+                    _build(path, source, flags)
+                torch.ops.load_library(str(path))
+                after_load()
+            except (OSError, RuntimeError) as exc:
+                reason = str(exc).splitlines()[0][:200]
+        state["ok"] = reason is None
+        state["reason"] = reason
+        return reason is None
 
 
 def library_path() -> Path:
@@ -107,22 +130,7 @@ def version() -> str:
 
 def load() -> bool:
     """Build (once per machine and torch) and load the kernels; True when they are usable."""
-    with _lock:
-        if "ok" in _state:
-            return bool(_state["ok"])
-        reason = "turned off (SLIMFORMER_KERNELS=0)" if os.environ.get("SLIMFORMER_KERNELS", "1") == "0" else _cpu_supports()
-        if reason is None:
-            try:
-                path = library_path()
-                if not path.exists():
-                    _build(path)
-                torch.ops.load_library(str(path))
-                _register_fake()
-            except (OSError, RuntimeError) as exc:
-                reason = str(exc).splitlines()[0][:200]
-        _state["ok"] = reason is None
-        _state["reason"] = reason
-        return reason is None
+    return load_library(_state, _lock, _cpu_supports, library_path(), SOURCE, FLAGS, _register_fake)
 
 
 def packed_linear_available() -> bool:

@@ -26,8 +26,6 @@ AVX512-BF16; the first call asks Linux for the tile state (``arch_prctl``). Else
 
 from __future__ import annotations
 
-import hashlib
-import os
 import platform
 import threading
 from pathlib import Path
@@ -57,30 +55,18 @@ def _cpu_supports() -> str | None:
 
 
 def library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
-    return kernels_lib.cache_dir() / f"tile_attention-{key}.so"
+    return kernels_lib.cache_dir() / f"tile_attention-{kernels_lib.library_key(SOURCE, FLAGS)}.so"
+
+
+def _after_load() -> None:
+    _register_fake()
+    q = torch.zeros(1, 1, 1, HEAD_MULTIPLE, dtype=torch.bfloat16)
+    torch.ops.slimformer.tile_attention(q, q, q, None, 1.0)  # the tile state is granted here
 
 
 def load() -> bool:
     """Build (once per machine and torch), load and probe the kernel; True when it is usable."""
-    with _lock:
-        if "ok" in _state:
-            return bool(_state["ok"])
-        reason = "turned off (SLIMFORMER_KERNELS=0)" if os.environ.get("SLIMFORMER_KERNELS", "1") == "0" else _cpu_supports()
-        if reason is None:
-            try:
-                path = library_path()
-                if not path.exists():
-                    kernels_lib._build(path, SOURCE, FLAGS)
-                torch.ops.load_library(str(path))
-                _register_fake()
-                q = torch.zeros(1, 1, 1, HEAD_MULTIPLE, dtype=torch.bfloat16)
-                torch.ops.slimformer.tile_attention(q, q, q, None, 1.0)  # the tile state is granted here
-            except (OSError, RuntimeError) as exc:
-                reason = str(exc).splitlines()[0][:200]
-        _state["ok"] = reason is None
-        _state["reason"] = reason
-        return reason is None
+    return kernels_lib.load_library(_state, _lock, _cpu_supports, library_path(), SOURCE, FLAGS, _after_load)
 
 
 def available() -> bool:

@@ -51,14 +51,20 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 AttentionInterface.register(NAME, decode_attention)
 
 
+def switch_attention(model: torch.nn.Module, name: str, switchable_from: tuple[str, ...] = ("sdpa", "eager")) -> bool:
+    """Set ``model``'s attention implementation to ``name`` (in place) if it runs one of
+    ``switchable_from`` and can switch; returns False, changing nothing, otherwise."""
+    if not hasattr(model, "set_attn_implementation") or getattr(model.config, "_attn_implementation", None) not in (*switchable_from, name):
+        return False
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError, AttributeError):
+        return False
+    return True
+
+
 def use_decode_attention(model: torch.nn.Module) -> bool:
     """Switch ``model``'s attention layers to :func:`decode_attention` (in place; pass a
     weight-sharing view such as ``generation.shared_copy(model)`` to leave the user's model
     alone). Returns False, changing nothing, for models that cannot switch attention functions."""
-    if not hasattr(model, "set_attn_implementation") or getattr(model.config, "_attn_implementation", None) not in ("sdpa", "eager"):
-        return False
-    try:
-        model.set_attn_implementation(NAME)
-    except (ValueError, ImportError, AttributeError):
-        return False
-    return True
+    return switch_attention(model, NAME)

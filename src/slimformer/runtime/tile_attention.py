@@ -30,6 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from slimformer.kernels import tile_attention as kernel
+from slimformer.runtime.attention import switch_attention
 from slimformer.runtime.machine import signature
 from slimformer.runtime.measurements import PlanCache, default_cache_dir
 
@@ -91,13 +92,7 @@ def current_attention(model: torch.nn.Module) -> str | None:
 def use_tile_attention(model: torch.nn.Module) -> bool:
     """Switch ``model``'s attention to :func:`tile_attention_forward` (in place). Returns False,
     changing nothing, where the kernel is unavailable or the model cannot switch."""
-    if not kernel.available() or not hasattr(model, "set_attn_implementation") or current_attention(model) not in ("sdpa", "eager", NAME):
-        return False
-    try:
-        model.set_attn_implementation(NAME)
-    except (ValueError, ImportError, AttributeError):
-        return False
-    return True
+    return kernel.available() and switch_attention(model, NAME)
 
 
 def restore_attention(model: torch.nn.Module, implementation: str = "sdpa") -> None:
