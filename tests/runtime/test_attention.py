@@ -49,3 +49,24 @@ def test_a_decode_attention_view_shares_the_weights_and_gives_the_same_logits(ti
         past = getattr(out, "cache", None) or out.past_key_values
         step = view(input_ids=ids[:, -1:], cache=past, use_cache=True).logits  # one query: the matmul form
     torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_a_decode_attention_view_keeps_a_2d_padding_mask(tiny_factory):
+    """Called as a user would, with a 2-D padding mask (left-padded row), the switched view gives
+    the original's logits on the real tokens: transformers builds masks only for attention names
+    its mask interface knows, so the decode attention registers SDPA's mask builder."""
+    import copy
+
+    from slimformer.runtime.attention import use_decode_attention
+
+    model = tiny_factory("llama").model.eval()
+    view = copy.deepcopy(model)
+    assert use_decode_attention(view)
+    ids = torch.randint(3, 500, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        got = view(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1, 3:], expected[1, 3:], atol=1e-5, rtol=1e-4)

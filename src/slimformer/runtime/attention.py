@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "slimformer_decode"
 MAX_DECODE_QUERIES = 16  # queries per sequence up to which the matmul form is used
@@ -49,6 +50,9 @@ def decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
 
 AttentionInterface.register(NAME, decode_attention)
+# transformers builds no mask at all for an attention name its mask interface does not know (a
+# 2-D padding mask would be dropped): SDPA's mask builder gives the boolean masks handled above
+AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def switch_attention(model: torch.nn.Module, name: str, switchable_from: tuple[str, ...] = ("sdpa", "eager")) -> bool:
