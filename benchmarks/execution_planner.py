@@ -319,7 +319,7 @@ def main() -> int:
             "corpus_bucketed_s": med.get((name, "corpus bucketed")), "corpus_bucketed_speedup": ref["corpus"] / med[(name, "corpus bucketed")] if (name, "corpus bucketed") in med else None,
             "execution": (plans.get(name) or {}).get("paths") or ({"float": 1} if "unplanned" not in name else kernel_summary(c)),
             "activations": (plans.get(name) or {}).get("activations"),
-            "attention": ((plans.get(name) or {}).get("attention") or {}).get("chosen") or getattr(c.config, "_attn_implementation", None),
+            "attention": getattr(c.config, "_attn_implementation", None),
             "packing": bool(getattr(m, "packing", False)),
         })
     out = {

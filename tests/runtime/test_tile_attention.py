@@ -214,3 +214,14 @@ def test_the_report_names_the_attention_the_plan_chose():
     assert _execution({"execution": plan}, {}).endswith("bfloat16 activations; attention on AMX tiles, packed rows")
     plan["attention"] = {"chosen": "sdpa", "packing": False}
     assert _execution({"execution": plan}, {}).endswith("bfloat16 activations")
+
+
+def test_interleaved_medians_rotates_the_order_and_runs_each_setup_untimed():
+    from slimformer.timing import interleaved_medians
+
+    order = []
+    calls = {k: (lambda k=k: order.append(k)) for k in "abc"}
+    times = interleaved_medians(calls, 2, setup={"b": lambda: order.append("setup b")})
+    assert set(times) == {"a", "b", "c"} and all(t >= 0 for t in times.values())
+    assert order == ["a", "setup b", "b", "c",  # warm-up round
+                     "setup b", "b", "c", "a", "c", "a", "setup b", "b"]  # rotated rounds

@@ -26,7 +26,6 @@ AVX512-BF16; the first call asks Linux for the tile state (``arch_prctl``). Else
 
 from __future__ import annotations
 
-import platform
 import threading
 from pathlib import Path
 
@@ -45,8 +44,9 @@ _state: dict[str, object] = {}
 
 
 def _cpu_supports() -> str | None:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"not an x86-64 CPU ({platform.machine()})"
+    reason = kernels_lib._cpu_supports()  # x86-64 with AVX2 at least
+    if reason is not None:
+        return reason
     if not torch.cpu._is_amx_tile_supported():
         return "the CPU has no AMX tiles"
     if not torch.cpu._is_avx512_bf16_supported():

@@ -20,8 +20,6 @@ switch.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ from slimformer.kernels import tile_attention as kernel
 from slimformer.runtime.attention import switch_attention
 from slimformer.runtime.machine import signature
 from slimformer.runtime.measurements import PlanCache, default_cache_dir
+from slimformer.timing import interleaved_medians
 
 NAME = "slimformer_tile"
 
@@ -49,19 +48,23 @@ def tile_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     if packed is not None:
         return _packed_attention(module, query, key, value, packed, kwargs.get("cu_seq_lens_k"), dropout, scaling, **kwargs)
     usable = (
-        kernel.supports(query, key, value)
-        and not (dropout and module.training)
+        _kernel_takes(module, query, key, value, dropout, packed=False)
         and not kwargs.get("output_attentions")
         and kwargs.get("softcap") is None
-        and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
         and (attention_mask is not None or not getattr(module, "is_causal", False))
         and (attention_mask is None or attention_mask.dim() == 4)
-        and kernel.loaded()  # switched to only where it loaded (use_tile_attention)
     )
     if not usable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     return kernel.tile_attention(query, key, value, attention_mask, scale), None
+
+
+def _kernel_takes(module, query, key, value, dropout: float, packed: bool) -> bool:
+    """The heads fit the kernel, nothing needs what it does not do (dropout in training,
+    gradients), and it loaded (models are switched to it only where it did)."""
+    return (kernel.supports(query, key, value, packed=packed) and not (dropout and module.training)
+            and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)) and kernel.loaded())
 
 
 def _packed_attention(module, query, key, value, cu_q, cu_k, dropout, scaling, **kwargs):
@@ -70,9 +73,7 @@ def _packed_attention(module, query, key, value, cu_q, cu_k, dropout, scaling, *
     if query.shape[0] != 1 or cu_k is None or cu_k is not cu_q and not torch.equal(cu_k, cu_q) or query.shape[2] != key.shape[2]:
         raise ValueError("packed attention: one row of sequences with the same boundaries for queries and keys (cu_seq_lens_q = cu_seq_lens_k)")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    usable = (kernel.supports(query, key, value, packed=True) and not (dropout and module.training)
-              and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)) and kernel.loaded())
-    if usable:
+    if _kernel_takes(module, query, key, value, dropout, packed=True):
         return kernel.tile_attention_packed(query, key, value, cu_q, scale), None
     tokens = query.shape[2]
     segment = torch.searchsorted(cu_q[1:].to(torch.int64), torch.arange(tokens, device=query.device), right=True)
@@ -121,24 +122,21 @@ def mixed_batch(loaded, rows: int, max_length: int, seed: int = 0) -> dict:
 
 
 def _time_candidates(loaded, batch: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of ``loaded.embed(batch)`` with each candidate (rounds interleave them)."""
+    """Median seconds of ``loaded.embed(batch)`` with each candidate (interleaved rounds; the
+    switch to a candidate is not timed)."""
     model = loaded.model
     before, packing_before = current_attention(model), loaded.packing
-    samples: dict[str, list[float]] = {label(*c): [] for c in CANDIDATES}
+
+    def switch(attention: str, packing: bool) -> None:
+        model.set_attn_implementation(attention)
+        loaded.packing = packing
+
     try:
         with torch.no_grad():
-            for r in range(repeats + 1):  # round 0 warms up
-                for attention, packing in CANDIDATES:
-                    model.set_attn_implementation(attention)
-                    loaded.packing = packing
-                    start = time.perf_counter()
-                    loaded.embed(batch)
-                    if r:
-                        samples[label(attention, packing)].append(time.perf_counter() - start)
+            return interleaved_medians({label(*c): lambda: loaded.embed(batch) for c in CANDIDATES}, repeats,
+                                       setup={label(*c): (lambda c=c: switch(*c)) for c in CANDIDATES})
     finally:
-        model.set_attn_implementation(before)
-        loaded.packing = packing_before
-    return {k: statistics.median(v) for k, v in samples.items()}
+        switch(before, packing_before)
 
 
 def choose_attention(loaded, max_length: int = 128, rows: int = 32, repeats: int = 3, min_gain: float = 0.05,
