@@ -30,7 +30,7 @@ def _heads(g, b, h, lq, lk, d):
     return q, k, v
 
 
-@pytest.mark.parametrize("b,h,lq,lk,d", [(2, 3, 5, 5, 32), (3, 4, 37, 37, 32), (2, 2, 16, 70, 64), (1, 2, 130, 130, 32)])
+@pytest.mark.parametrize("b,h,lq,lk,d", [(2, 3, 5, 5, 32), (3, 4, 37, 37, 32), (2, 2, 16, 70, 64), (1, 2, 130, 130, 32), (1, 2, 20, 40, 96), (1, 1, 17, 33, 128)])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "per-query"])
 def test_tile_attention_matches_sdpa_to_bf16_rounding(b, h, lq, lk, d, mask_kind):
     """Against a float32 reference the kernel's error is that of SDPA's own bf16 computation

@@ -57,25 +57,24 @@ void load_tile_config() {
   TileConfig cfg;
   std::memset(&cfg, 0, sizeof(cfg));
   cfg.palette_id = 1;
-  for (int t = 0; t < 3; ++t) {
+  for (int t = 0; t < 8; ++t) {  // every tile 16 rows x 64 bytes
     cfg.rows[t] = TILE_ROWS;
     cfg.colsb[t] = 64;
   }
   _tile_loadconfig(&cfg);
 }
 
-// e^x for float32 lanes: x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial of e^r (relative
-// error ~2e-7), scaled by 2^n. Lanes below -87 give 0 (masked scores are -inf).
+// e^x for float32 lanes x <= 0 (scores minus their row maximum): x = n ln2 + r, |r| <= ln2/2,
+// degree-5 Taylor polynomial of e^r (relative error < 3e-6, far below the bf16 rounding the
+// probabilities get), scaled by 2^n. Lanes below -87 give 0 (masked scores are -inf).
 inline __m512 exp_ps(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.0f);
   __mmask16 live = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
   x = _mm512_max_ps(x, lo);
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  __m512 p = _mm512_set1_ps(1.0f / 120.0f);
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
@@ -209,68 +208,126 @@ void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float
       qsrc = qtail.data();
       qstride = D;
     }
-    // S = Q K^T, one 16 x 16 tile per key block
-    for (int64_t kbk = 0; kbk < kpad / 16; ++kbk) {
+    // S = Q K^T, one 16 x 16 tile per key block; four key blocks in flight (accumulators 0-3,
+    // the query chunk in tile 4, key chunks in tiles 5-7) so that the tile products overlap
+    // instead of each waiting for the one before.
+    for (int64_t kbk = 0; kbk < kpad / 16; kbk += 4) {
+      const int64_t live = std::min<int64_t>(4, kpad / 16 - kbk);  // kpad is a multiple of 32: 2 or 4
       _tile_zero(0);
+      _tile_zero(1);
+      if (live == 4) {
+        _tile_zero(2);
+        _tile_zero(3);
+      }
       for (int64_t dc = 0; dc < dchunks; ++dc) {
-        _tile_loadd(1, qsrc + dc * TILE_K, qstride * 2);
-        _tile_loadd(2, kpack.data() + (kbk * dchunks + dc) * 512, 64);
-        _tile_dpbf16ps(0, 1, 2);
+        const uint16_t* kt = kpack.data() + (kbk * dchunks + dc) * 512;
+        _tile_loadd(4, qsrc + dc * TILE_K, qstride * 2);
+        _tile_loadd(5, kt, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, kt + dchunks * 512, 64);
+        _tile_dpbf16ps(1, 4, 6);
+        if (live == 4) {
+          _tile_loadd(7, kt + 2 * dchunks * 512, 64);
+          _tile_dpbf16ps(2, 4, 7);
+          _tile_loadd(5, kt + 3 * dchunks * 512, 64);
+          _tile_dpbf16ps(3, 4, 5);
+        }
       }
       _tile_stored(0, scores.data() + kbk * 16, kpad * 4);
+      _tile_stored(1, scores.data() + (kbk + 1) * 16, kpad * 4);
+      if (live == 4) {
+        _tile_stored(2, scores.data() + (kbk + 2) * 16, kpad * 4);
+        _tile_stored(3, scores.data() + (kbk + 3) * 16, kpad * 4);
+      }
     }
     // softmax per row, in float32: scores scaled and masked, row maximum, then e^(x - max) rounded
-    // to bf16 into P and summed; the rows of P V are divided by the sums below. The 16 rows are
-    // swept together (one accumulator each), so their dependency chains overlap.
-    const float* mrow[TILE_ROWS];
-    const uint8_t* krow[TILE_ROWS];
-    __m512 acc_v[TILE_ROWS];
-    for (int64_t i = 0; i < TILE_ROWS; ++i) {
-      mrow[i] = mask && i < rows ? mask + b * s.ms[0] + h * s.ms[1] + (q0 + i) * s.ms[2] : nullptr;
-      krow[i] = keep && i < rows ? keep + b * s.ms[0] + h * s.ms[1] + (q0 + i) * s.ms[2] : nullptr;
-      acc_v[i] = neg_inf;
-    }
-    for (int64_t j = 0; j < kpad; j += 16) {
-      const __mmask16 valid = j + 16 <= Lk ? (__mmask16)0xFFFF : (j < Lk ? (__mmask16)((1u << (Lk - j)) - 1) : (__mmask16)0);
-      for (int64_t i = 0; i < rows; ++i) {
-        float* at = scores.data() + i * kpad + j;
-        __m512 x = _mm512_mul_ps(_mm512_loadu_ps(at), scale);
-        __mmask16 live = valid;
-        if (mrow[i]) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(valid, mrow[i] + j));
-        if (krow[i]) {
-          __m128i kb8 = _mm_maskz_loadu_epi8(valid, krow[i] + j);
-          live &= _mm_test_epi8_mask(kb8, kb8);
+    // to bf16 into P and summed; the rows of P V are divided by the sums below. Rows are swept
+    // eight at a time with their maxima and sums in registers, so their dependency chains
+    // overlap; all 16 rows are computed (a partial block's extra rows have zero queries and are
+    // not written out). Without a mask the first sweep only reads (the maximum of the raw
+    // scores, scaled once) and the scale is applied inside the second (one fused
+    // multiply-subtract); with one, the first sweep writes the scaled, masked scores back.
+    const bool masked = mask || keep;
+    const __m512 step = masked ? _mm512_set1_ps(1.0f) : scale;  // what the second sweep multiplies by
+    for (int64_t half = 0; half < TILE_ROWS; half += 8) {
+      const float* mrow[8];
+      const uint8_t* krow[8];
+      __m512 max_v[8], sum_v[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t r = half + i;
+        mrow[i] = mask && r < rows ? mask + b * s.ms[0] + h * s.ms[1] + (q0 + r) * s.ms[2] : nullptr;
+        krow[i] = keep && r < rows ? keep + b * s.ms[0] + h * s.ms[1] + (q0 + r) * s.ms[2] : nullptr;
+        max_v[i] = neg_inf;
+        sum_v[i] = _mm512_setzero_ps();
+      }
+      float* base = scores.data() + half * kpad;
+      for (int64_t j = 0; j < kpad; j += 16) {
+        const __mmask16 valid = j + 16 <= Lk ? (__mmask16)0xFFFF : (j < Lk ? (__mmask16)((1u << (Lk - j)) - 1) : (__mmask16)0);
+        if (!masked) {
+          for (int i = 0; i < 8; ++i) max_v[i] = _mm512_mask_max_ps(max_v[i], valid, max_v[i], _mm512_loadu_ps(base + i * kpad + j));
+          continue;
         }
-        x = _mm512_mask_blend_ps(live, neg_inf, x);
-        _mm512_storeu_ps(at, x);
-        acc_v[i] = _mm512_max_ps(acc_v[i], x);
+        for (int i = 0; i < 8; ++i) {
+          float* at = base + i * kpad + j;
+          __m512 x = _mm512_mul_ps(_mm512_loadu_ps(at), scale);
+          __mmask16 live = valid;
+          if (mrow[i]) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(valid, mrow[i] + j));
+          if (krow[i]) {
+            __m128i kb8 = _mm_maskz_loadu_epi8(valid, krow[i] + j);
+            live &= _mm_test_epi8_mask(kb8, kb8);
+          }
+          x = _mm512_mask_blend_ps(live, neg_inf, x);
+          _mm512_storeu_ps(at, x);
+          max_v[i] = _mm512_max_ps(max_v[i], x);
+        }
       }
-    }
-    for (int64_t i = 0; i < rows; ++i) {
-      float m = _mm512_reduce_max_ps(acc_v[i]);
-      acc_v[i] = _mm512_set1_ps(m == -std::numeric_limits<float>::infinity() ? 0.0f : m);  // all masked: e = 0
-    }
-    __m512 sum_v[TILE_ROWS];
-    for (int64_t i = 0; i < TILE_ROWS; ++i) sum_v[i] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < kpad; j += 16)
-      for (int64_t i = 0; i < rows; ++i) {
-        __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + i * kpad + j), acc_v[i]));
-        sum_v[i] = _mm512_add_ps(sum_v[i], e);
-        store_bf16(probs.data() + i * kpad + j, e);
+      for (int i = 0; i < 8; ++i) {
+        float m = _mm512_reduce_max_ps(max_v[i]);
+        if (!masked) m *= s.scale;
+        max_v[i] = _mm512_set1_ps(m == -std::numeric_limits<float>::infinity() ? 0.0f : m);  // all masked: e = 0
       }
-    for (int64_t i = 0; i < TILE_ROWS; ++i) {
-      sums[i] = i < rows ? _mm512_reduce_add_ps(sum_v[i]) : 0.0f;
-      if (i >= rows) std::memset(probs.data() + i * kpad, 0, kpad * 2);
+      for (int64_t j = 0; j < kpad; j += 16) {
+        // keys past Lk (zero-padded to the 32-key chunk) get e = 0
+        const __mmask16 valid = masked ? (__mmask16)0xFFFF : (j + 16 <= Lk ? (__mmask16)0xFFFF : (j < Lk ? (__mmask16)((1u << (Lk - j)) - 1) : (__mmask16)0));
+        for (int i = 0; i < 8; ++i) {
+          __m512 e = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(base + i * kpad + j), step, max_v[i]));
+          if (valid != 0xFFFF) e = _mm512_maskz_mov_ps(valid, e);
+          sum_v[i] = _mm512_add_ps(sum_v[i], e);
+          store_bf16(probs.data() + (half + i) * kpad + j, e);
+        }
+      }
+      for (int i = 0; i < 8; ++i) sums[half + i] = _mm512_reduce_add_ps(sum_v[i]);
     }
-    // O = P V, per 16-dim block, summed over 32-key chunks
-    for (int64_t nb = 0; nb < nblocks; ++nb) {
+    // O = P V: up to four 16-dim blocks in flight (accumulators 0-3), each summed over 32-key
+    // chunks (P chunk in tile 4, V chunks in tiles 5-7)
+    for (int64_t nb0 = 0; nb0 < nblocks; nb0 += 4) {
+      const int64_t live = std::min<int64_t>(4, nblocks - nb0);  // D is a multiple of 32: 2 or 4
       _tile_zero(0);
-      for (int64_t kc = 0; kc < kpad / 32; ++kc) {
-        _tile_loadd(1, probs.data() + kc * 32, kpad * 2);
-        _tile_loadd(2, vpack.data() + (kc * nblocks + nb) * 512, 64);
-        _tile_dpbf16ps(0, 1, 2);
+      _tile_zero(1);
+      if (live == 4) {
+        _tile_zero(2);
+        _tile_zero(3);
       }
-      _tile_stored(0, acc.data() + nb * TILE_N, D * 4);
+      for (int64_t kc = 0; kc < kpad / 32; ++kc) {
+        const uint16_t* vt = vpack.data() + (kc * nblocks + nb0) * 512;
+        _tile_loadd(4, probs.data() + kc * 32, kpad * 2);
+        _tile_loadd(5, vt, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, vt + 512, 64);
+        _tile_dpbf16ps(1, 4, 6);
+        if (live == 4) {
+          _tile_loadd(7, vt + 1024, 64);
+          _tile_dpbf16ps(2, 4, 7);
+          _tile_loadd(5, vt + 1536, 64);
+          _tile_dpbf16ps(3, 4, 5);
+        }
+      }
+      _tile_stored(0, acc.data() + nb0 * TILE_N, D * 4);
+      _tile_stored(1, acc.data() + (nb0 + 1) * TILE_N, D * 4);
+      if (live == 4) {
+        _tile_stored(2, acc.data() + (nb0 + 2) * TILE_N, D * 4);
+        _tile_stored(3, acc.data() + (nb0 + 3) * TILE_N, D * 4);
+      }
     }
     for (int64_t i = 0; i < rows; ++i) {
       uint16_t* orow = out + ((b * s.Lq + start + q0 + i) * s.H + h) * D;
