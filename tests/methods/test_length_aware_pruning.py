@@ -60,3 +60,37 @@ def test_pruning_runs_on_a_width_slimmed_model(tiny_factory):
     batch = _batch(bert, [SHORT, LONG])
     out, stats = bert.embed(batch, return_stats=True)
     assert torch.isfinite(out).all() and stats.tokens_per_layer[1] < stats.tokens_per_layer[0]
+
+
+def test_cls_importance_without_projecting_the_keys_equals_the_projected_scores(tiny_factory):
+    """The [CLS] scores fold the key projection into the query (the key bias cancels in the
+    softmax over tokens): the same importances as projecting every key, to float rounding."""
+    from slimformer.methods.dynamic.runtime import DynamicEncoder
+    from slimformer.methods.dynamic.token_reduction import attention_importance
+
+    bert = tiny_factory("bert")
+    runner = DynamicEncoder(bert)
+    attn = getattr(runner.adapter.blocks()[1], runner.adapter.spec.attention)
+    q_proj, k_proj = runner.adapter.query_key(attn)
+    with torch.no_grad():
+        k_proj.bias.normal_()  # a key bias that the fold must cancel, not ignore by luck
+        hidden = torch.randn(3, 11, bert.model.config.hidden_size)
+        sizes = torch.ones(3, 11)
+        sizes[1, 7:] = 0  # a padded row
+        folded = attention_importance(runner, 0, hidden, sizes, "cls")
+        heads, hd = bert.model.config.num_attention_heads, bert.model.config.hidden_size // bert.model.config.num_attention_heads
+        q = q_proj(hidden[:, 0]).view(3, 1, heads, hd)
+        k = k_proj(hidden).view(3, 11, heads, hd)
+        logits = (k * q).sum(-1) / hd**0.5 + torch.where(sizes > 0, 0.0, float("-inf"))[:, :, None]
+        projected = logits.softmax(1).mean(-1)
+    assert torch.allclose(folded, projected, atol=1e-6)
+    assert float(folded[1, 7:].abs().max()) == 0.0  # padding gets no importance
+
+
+def test_tokens_are_gathered_whole_and_in_order():
+    from slimformer.methods.dynamic.token_reduction import _gather_tokens
+
+    x = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    index = torch.tensor([[0, 2, 4], [1, 3, 4]])
+    assert torch.equal(_gather_tokens(x, index), torch.stack([x[0, [0, 2, 4]], x[1, [1, 3, 4]]]))
+    assert torch.equal(_gather_tokens(x[..., 0], index), torch.stack([x[0, [0, 2, 4], 0], x[1, [1, 3, 4], 0]]))

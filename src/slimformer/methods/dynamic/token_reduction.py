@@ -11,6 +11,11 @@ of the [CLS] query (VTC-CLS, "[CLS] Attention is All You Need for Training-Free 
 Compression") or the mean attention over all queries, and drops the rest; the per-layer
 schedule is constant or staged (PyramidDrop).
 
+With ``fuse``, pruning does not discard what it drops (EViT, Liang et al., 2022, "Not All Patches
+are What You Need"): a row's dropped tokens are fused into one extra token, their average
+weighted by size, whose size is their total, so later blocks still see them, proportional
+attention gives the fused token their combined weight, and mean pooling counts their mass.
+
 Special tokens are never merged or pruned. ToMe merges r real tokens of every row whatever its
 padding (a text's output does not depend on its batch-mates); constant-ratio pruning keeps a
 share of the batch's padded width, so there padding (size 0) goes first.
@@ -28,7 +33,11 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (rows, tokens, ...) gathered at index (rows, k) -> (rows, k, ...)."""
     if x.dim() == 2:
         return x.gather(1, index)
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    # whole token vectors: one index_select over the flattened rows (a gather with an index
+    # expanded along the feature dimension reads that index once per feature, ~10x slower)
+    rows, tokens, dim = x.shape
+    flat = (index + torch.arange(rows, device=index.device)[:, None] * tokens).reshape(-1)
+    return x.reshape(rows * tokens, dim).index_select(0, flat).view(rows, index.shape[1], dim)
 
 
 def bipartite_merge(hidden: torch.Tensor, sizes: torch.Tensor, protect: torch.Tensor, r: int):
@@ -96,6 +105,16 @@ def attention_importance(runner, layer: int, hidden: torch.Tensor, sizes: torch.
     hd = dim // n_heads
     heads = getattr(k_proj, "out_features", n_heads * hd) // hd  # fewer than the config says after width slimming
     bias = torch.where(sizes > 0, sizes.clamp(min=1e-9).log(), torch.full_like(sizes, NEG))  # (rows, T)
+    if score == "cls" and type(k_proj) is torch.nn.Linear and k_proj.weight.is_floating_point():
+        # one query per row: its logits against every key, q_h . (W_h x_t + b_h), are x_t . (W_h^T q_h)
+        # plus q_h . b_h, the same for every token of the row and head, which the softmax over
+        # tokens cancels; so the keys are never projected: (rows, heads, dim) vectors instead of a
+        # (rows * T, dim) x (dim, dim) GEMM
+        q = q_proj(hidden[:, 0].contiguous()).float().view(rows, heads, hd)
+        folded = torch.einsum("rhd,hdc->rhc", q, k_proj.weight.float().view(heads, hd, dim))  # (rows, heads, dim)
+        # in the hidden states' dtype (bf16 models: a bf16 product, as projecting the keys was)
+        logits = torch.bmm(hidden, folded.to(hidden.dtype).transpose(1, 2)).float() / hd**0.5 + bias[:, :, None]  # (rows, T, heads)
+        return logits.softmax(1).mean(-1)
     k = k_proj(hidden).view(rows, T, heads, hd)  # in the model's dtype: one GEMM
     if score == "cls":
         # one query per row: a broadcast product, not a batched matmul of transposed copies
@@ -117,13 +136,17 @@ class TokenPruner:
     ``schedule="length"`` (length-aware): a row of ``n`` real tokens loses
     ``round((1 - keep_ratio) * max(0, n - min_tokens))`` of them, so texts of up to
     ``min_tokens`` tokens are untouched and the longer a text, the larger the share removed; the
-    rows of a batch then keep different counts (the dropped slots become padding, size 0)."""
+    rows of a batch then keep different counts (the dropped slots become padding, size 0).
+    ``fuse``: the dropped real tokens of each row become one token appended after the kept ones
+    (their size-weighted mean, size = their total; size 0 where a row dropped nothing), so the
+    total size of a row, and its mean-pooled state at this point, are unchanged."""
 
-    def __init__(self, keep_ratio: float, score: str, schedule: str = "constant", min_tokens: int = 0) -> None:
+    def __init__(self, keep_ratio: float, score: str, schedule: str = "constant", min_tokens: int = 0, fuse: bool = False) -> None:
         self.keep_ratio = keep_ratio
         self.score = score
         self.schedule = schedule
         self.min_tokens = min_tokens
+        self.fuse = fuse
 
     def reduce(self, runner, layer: int, hidden, sizes, protect):
         rows, T, _ = hidden.shape
@@ -135,7 +158,8 @@ class TokenPruner:
         importance = attention_importance(runner, layer, hidden, sizes, self.score)
         importance = importance.masked_fill(sizes == 0, NEG).masked_fill(protect, float("inf"))
         keep = importance.topk(keep_n, dim=1).indices.sort(dim=1).values
-        return _gather_tokens(hidden, keep), sizes.gather(1, keep), protect.gather(1, keep)
+        kept = (_gather_tokens(hidden, keep), sizes.gather(1, keep), protect.gather(1, keep))
+        return self._fused(hidden, sizes, keep, None, kept) if self.fuse else kept
 
     def _reduce_by_length(self, runner, layer: int, hidden, sizes, protect):
         rows, T, _ = hidden.shape
@@ -153,4 +177,18 @@ class TokenPruner:
         order = position.argsort(dim=1)
         keep, ok = top.gather(1, order), ok.gather(1, order)
         new_sizes = sizes.gather(1, keep) * ok
-        return _gather_tokens(hidden, keep), new_sizes, protect.gather(1, keep) & ok
+        kept = (_gather_tokens(hidden, keep), new_sizes, protect.gather(1, keep) & ok)
+        return self._fused(hidden, sizes, keep, ok, kept) if self.fuse else kept
+
+    @staticmethod
+    def _fused(hidden, sizes, keep, ok, kept):
+        """``kept`` (hidden, sizes, protect of the kept slots) with each row's dropped real tokens
+        fused into one more token. ``keep`` (rows, k) slots taken from ``hidden`` (rows, T, dim);
+        ``ok`` (rows, k) which of them are really kept (None: all)."""
+        taken = torch.zeros_like(sizes, dtype=torch.bool).scatter_(1, keep, True if ok is None else ok)
+        weight = torch.where(taken, torch.zeros_like(sizes), sizes)  # (rows, T): dropped real tokens' sizes
+        total = weight.sum(1)  # (rows,)
+        fused = torch.bmm(weight[:, None, :].to(hidden.dtype), hidden).squeeze(1).float() / total.clamp(min=1e-9)[:, None]
+        h, sz, pr = kept
+        return (torch.cat([h, fused.to(h.dtype)[:, None]], 1), torch.cat([sz, total[:, None]], 1),
+                torch.cat([pr, torch.zeros_like(pr[:, :1])], 1))
