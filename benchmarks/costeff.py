@@ -104,6 +104,10 @@ PRUNED = {  # (base model, schedule[, keep ratio[, layers]]) -> rules
     ("bf16", "length"): [("none", 2.0)],
     ("bf16", "length", 0.4): [("none", 2.0)],
     ("bf16", "length", 0.5, (2,)): [("none", 2.0)],
+    # EViT fusion: the dropped tokens of a row fused into one token (their size-weighted mean),
+    # pruned after blocks 1 and 3 as above, and gradually after every block but the last
+    ("bf16", "length", 0.6, (1, 3), True): [("none", 2.0)],
+    ("bf16", "length", 0.7, (0, 1, 2, 3, 4), True): [("none", 2.0)],
 }
 # the pruning rates chosen on training text, not on the held-out sources: token-pruning's own
 # search (``target_cos``, measured time as the cost) on the calibration documents above, at the
@@ -115,7 +119,8 @@ SEARCHED = TokenPruningConfig(layers=(1, 2, 3, 4), keep_ratio=0.4, target_cos=0.
 # static + dynamic, compiled: these bf16 models again with their blocks compiled by Inductor with
 # frozen weights (the whole forward for `bf16`, the runs of blocks between pruning points for the
 # pruned ones), compiled on a batch of training text before anything is timed
-COMPILED = ("bf16", "bf16+prune-length", "bf16+prune-length-keep0.5-after2", "bf16+prune-length-keep0.4", "bf16+prune-searched")
+COMPILED = ("bf16", "bf16+prune-length", "bf16+prune-length-keep0.5-after2", "bf16+prune-length-keep0.4", "bf16+prune-searched",
+            "bf16+prune-length-fused", "bf16+prune-length-keep0.7-after0-1-2-3-4-fused")
 MIN_TOKENS = 32
 
 
@@ -179,9 +184,11 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
             continue
         keep = extra[0] if extra else PRUNE["keep_ratio"]
         layers = extra[1] if len(extra) > 1 else PRUNE["layers"]
-        key = f"{base}+prune-{schedule}" + (f"-keep{keep:g}" if extra else "") + (f"-after{'-'.join(map(str, layers))}" if len(extra) > 1 else "")
+        fuse = len(extra) > 2 and extra[2]
+        key = (f"{base}+prune-{schedule}" + (f"-keep{keep:g}" if extra and (keep != PRUNE["keep_ratio"] or not fuse) else "")
+               + (f"-after{'-'.join(map(str, layers))}" if len(extra) > 1 and tuple(layers) != PRUNE["layers"] else "") + ("-fused" if fuse else ""))
         m = copy.deepcopy(models[base])
-        install_token_pruning(m, TokenPruningConfig(**{**PRUNE, "keep_ratio": keep, "layers": layers}, schedule=schedule, min_tokens=MIN_TOKENS if schedule == "length" else 0))
+        install_token_pruning(m, TokenPruningConfig(**{**PRUNE, "keep_ratio": keep, "layers": layers}, schedule=schedule, min_tokens=MIN_TOKENS if schedule == "length" else 0, fuse=fuse))
         models[key] = m
         for rule, t in rules:
             configs.append((key if rule == "none" else f"{key} {rule}@{t}", key, schedule, rule, t))
@@ -392,7 +399,7 @@ def markdown(meta, rows) -> str:
         "isotonic-calibrated confidence ≥ t (t = expected cosine); `similarity@t` = MuE consecutive-exit agreement; `patience` = 2 agreeing exits; "
         "no rule = full depth. `+prune-constant` / `+prune-length`: token pruning after blocks 1 and 3 keeping "
         f"{meta['prune']['keep_ratio']:.0%} by [CLS] attention, constant or length-aware (inputs ≤ {meta['prune']['min_tokens']} tokens untouched); "
-        "applied at run time, not trained with (`-keep0.4`: keeping 40%; `-keep0.5-after2`: keeping 50% after block 2 only). `bf16` = the original cast to bfloat16 (weights and activations; no training), "
+        "applied at run time, not trained with (`-keep0.4`: keeping 40%; `-keep0.5-after2`: keeping 50% after block 2 only; `-fused`: each row's dropped tokens fused into one token, their size-weighted mean carrying their total size, as EViT does, instead of discarded; `-keep0.7-after0-1-2-3-4`: keeping 70% after every block but the last). `bf16` = the original cast to bfloat16 (weights and activations; no training), "
         "the static half of a static + dynamic combination. `+prune-searched` = length-aware pruning with per-layer rates chosen by `token-pruning`'s own search "
         "(`target_cos`) on the training text alone"
         + (f" (candidates blocks {', '.join(map(str, meta['searched_pruning']['config']['layers']))}, mean cos ≥ {meta['searched_pruning']['config']['target_cos']} there"

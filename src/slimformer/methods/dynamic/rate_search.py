@@ -91,7 +91,7 @@ def _time_ratio(loaded, batches: list[dict], trial: dict[int, TokenPruner], curr
 
 def search_keep_ratios(loaded, batches: list[dict], layers: tuple[int, ...], target_cos: float, floor: float, step: float,
                        score: str, schedule: str, min_tokens: int, cost: str = "time", repeats: int = 3, min_gain: float = 0.02,
-                       progress=None, target_top10: float | None = None) -> dict:
+                       progress=None, target_top10: float | None = None, fuse: bool = False) -> dict:
     """Greedy per-layer keep ratios (see the module docstring). Returns ``keep`` (layer -> ratio,
     only layers that prune), the calibration ``cos`` and ``top10`` (neighbour agreement, see
     :func:`neighbour_agreement`; None without ``target_top10``), ``cost_ratio`` (the chosen setting's cost
@@ -99,7 +99,7 @@ def search_keep_ratios(loaded, batches: list[dict], layers: tuple[int, ...], tar
     ``flops_ratio``, and the accepted ``path`` of moves."""
 
     def pruners(keep: dict[int, float]) -> dict[int, TokenPruner]:
-        return {l: TokenPruner(k, score, schedule, min_tokens) for l, k in keep.items() if k < 1.0}
+        return {l: TokenPruner(k, score, schedule, min_tokens, fuse) for l, k in keep.items() if k < 1.0}
 
     reference, base_flops = _embed_pass(loaded, batches, {})
     reference_all = torch.cat(reference)

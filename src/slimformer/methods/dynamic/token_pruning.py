@@ -29,11 +29,14 @@ class TokenPruningConfig(MethodConfig):
     (``time``, at least 2 %), or the runtime's FLOP count (``flops``, reproducible anywhere);
     ``target_top10`` (with ``target_cos``): also keep each calibration text's 10 nearest
     calibration texts, on average, at least this much the same as the unpruned model's; the
-    chosen ratios are what is saved."""
+    chosen ratios are what is saved. ``fuse``: the tokens a row drops are fused into one token
+    (their size-weighted mean, carrying their total size) instead of discarded (EViT), so later
+    blocks and mean pooling still count them."""
 
     name = "token-pruning"
     family = "dynamic"
-    paper = "[CLS] Attention is All You Need for Training-Free Visual Token Compression (VTC-CLS, 2024); PyramidDrop (Xing et al., 2024)"
+    paper = ("[CLS] Attention is All You Need for Training-Free Visual Token Compression (VTC-CLS, 2024); PyramidDrop (Xing et al., 2024); "
+             "EViT: Not All Patches are What You Need (Liang et al., 2022) for fuse")
     summary = "drop the tokens the next block's [CLS]/mean attention ranks least important, at staged layers"
 
     keep_ratio: float = 0.7
@@ -46,8 +49,11 @@ class TokenPruningConfig(MethodConfig):
     target_top10: float | None = None
     step: float = 0.1
     cost: str = "time"
+    fuse: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.fuse, bool):
+            raise ConfigError(f"token-pruning: fuse={self.fuse!r} must be true or false", "use fuse: true to fuse the dropped tokens into one, fuse: false to discard them")
         if self.cost not in ("time", "flops"):
             raise ConfigError(f"token-pruning: cost={self.cost!r} is unknown", "use cost: time (measured) or cost: flops")
         self.keep_ratios = tuple(self.keep_ratios)
@@ -83,7 +89,7 @@ def install_token_pruning(loaded, config: TokenPruningConfig) -> None:
     settings = settings_of(loaded)
     ratios = config.keep_ratios or (config.keep_ratio,) * len(config.layers)
     for layer, keep in zip(config.layers, ratios):
-        settings.reducers.setdefault(layer, []).append(TokenPruner(keep, config.score, config.schedule, config.min_tokens))
+        settings.reducers.setdefault(layer, []).append(TokenPruner(keep, config.score, config.schedule, config.min_tokens, config.fuse))
     settings.configs.append(config.to_dict())
 
 
@@ -102,7 +108,7 @@ def apply_token_pruning(loaded, config: TokenPruningConfig, ctx) -> dict:
     batches = ctx.batches(loaded.tokenizer)
     with tqdm(desc="token-pruning rates", unit="trial", disable=not getattr(ctx, "progress", False)) as bar:
         found = search_keep_ratios(loaded, batches, tuple(config.layers), float(config.target_cos), float(config.keep_ratio), float(config.step),
-                                   config.score, config.schedule, config.min_tokens, cost=config.cost, progress=bar, target_top10=config.target_top10)
+                                   config.score, config.schedule, config.min_tokens, cost=config.cost, progress=bar, target_top10=config.target_top10, fuse=config.fuse)
     layers = tuple(sorted(found["keep"]))
     if layers:  # what is saved: the chosen ratios, so loading does not search again
         chosen = dataclasses.replace(config, layers=layers, keep_ratios=tuple(found["keep"][l] for l in layers), target_cos=None, target_top10=None)
