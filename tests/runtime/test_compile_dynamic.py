@@ -92,3 +92,20 @@ def test_a_compiled_segment_that_fails_later_runs_eagerly(tiny_factory):
     with pytest.warns(UserWarning, match="running eagerly"):
         again = DynamicEncoder(model).embed(batch)
     assert torch.allclose(again, eager, atol=1e-6, rtol=1e-6)
+
+
+def test_each_segment_of_each_model_keeps_its_own_graphs(tiny_factory):
+    """Dynamo caches graphs per code object: every segment gets its own, so two compiled models'
+    segments do not pile their graphs into one cache (scanned at each call, capped by the
+    recompile limit)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    codes = []
+    for _ in range(2):
+        model, batch = _pruned(tiny_factory)
+        assert comp.compile_model(model, batch, repeats=1, keep_if_slower=True, backend="eager", dynamic=False).compiled
+        model.embed(batch)
+        codes += [segment.eager.__code__ for segment in model.dynamic.compiled.values()]
+    assert len(codes) == 4 and len({id(c) for c in codes}) == 4
+    assert sorted({c.co_name for c in codes}) == ["blocks_0_to_0", "blocks_1_to_3"]
+    assert all(1 <= len(_debug_get_cache_entry_list(c)) <= 2 for c in codes)  # its own bucket shapes only

@@ -182,12 +182,17 @@ def _compile_checked(model, eager, example, reference, dtype, tolerance, frozen,
     return report
 
 
-def _segment_fn(blocks):
+def _segment_fn(blocks, span: tuple[int, int]):
+    """The eager function of one segment, with a code object of its own: Dynamo keeps compiled
+    graphs per code object, scans them at every call and stops compiling past
+    ``recompile_limit``, so segments sharing one code object (every span of every model) would
+    share one growing cache."""
     from slimformer.methods.dynamic.runtime import run_blocks
 
     def segment(hidden, mask):
         return run_blocks(blocks, hidden, mask)
 
+    segment.__code__ = segment.__code__.replace(co_name=f"blocks_{span[0]}_to_{span[1] - 1}")
     return segment
 
 
@@ -226,8 +231,8 @@ def _compile_segments(loaded, settings, example, tolerance, repeats, keep_if_slo
 
     blocks = loaded.adapter.blocks()
     spans = block_segments(settings, len(blocks))
-    allow_graphs(8 * len(spans) + 8)  # one code object (``segment``) serves every span and bucket shape
-    eager_segments = {span: _segment_fn(blocks[span[0]:span[1]]) for span in spans}
+    allow_graphs(16)  # per segment (each has its own code object): its bucket shapes
+    eager_segments = {span: _segment_fn(blocks[span[0]:span[1]], span) for span in spans}
     recorded = _segment_inputs(loaded, settings, eager_segments, example)
     installed, off, worst, diff, dtype = {}, 0.0, None, 0.0, None
     t0 = time.perf_counter()
