@@ -31,7 +31,7 @@ def _heads(g, b, h, lq, lk, d):
 
 
 @pytest.mark.parametrize("b,h,lq,lk,d", [(2, 3, 5, 5, 32), (3, 4, 37, 37, 32), (2, 2, 16, 70, 64), (1, 2, 130, 130, 32), (1, 2, 20, 40, 96), (1, 1, 17, 33, 128)])
-@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "per-query"])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "per-query", "key-bias"])
 def test_tile_attention_matches_sdpa_to_bf16_rounding(b, h, lq, lk, d, mask_kind):
     """Against a float32 reference the kernel's error is that of SDPA's own bf16 computation
     (probabilities rounded to bf16), for tails off the 16/32 blocks, head size 64, padding masks
@@ -45,11 +45,15 @@ def test_tile_attention_matches_sdpa_to_bf16_rounding(b, h, lq, lk, d, mask_kind
     if mask_kind == "per-query":
         allowed = allowed & (torch.rand(b, 1, lq, lk, generator=g) > 0.3)
         allowed[..., 0] = True
+    # key-bias: one additive row per batch row, the same for every query (merged tokens' log sizes)
+    sizes = 1 + 3 * torch.rand(b, lk, generator=g)
+    key_bias = sizes.log().masked_fill(~allowed[:, 0, 0, :], float("-inf"))[:, None, None, :]
     mask = {"none": None, "bool": allowed, "per-query": allowed,
-            "additive": torch.zeros(b, 1, lq, lk).masked_fill(~allowed, float("-inf"))}[mask_kind]
-    ref_mask = None if mask is None else allowed
+            "additive": torch.zeros(b, 1, lq, lk).masked_fill(~allowed, float("-inf")), "key-bias": key_bias}[mask_kind]
+    ref_mask = None if mask is None else key_bias.expand(b, 1, lq, lk) if mask_kind == "key-bias" else allowed
     reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=ref_mask).transpose(1, 2)
-    sdpa_bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=ref_mask).transpose(1, 2)
+    bf16_mask = ref_mask if ref_mask is None or ref_mask.dtype == torch.bool else ref_mask.to(q.dtype)
+    sdpa_bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=bf16_mask).transpose(1, 2)
     out = kernel.tile_attention(q, k, v, mask, d**-0.5)
     assert out.shape == (b, lq, h, d) and out.dtype == torch.bfloat16
     err = (out.float() - reference).abs()

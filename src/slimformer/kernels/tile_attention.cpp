@@ -244,27 +244,40 @@ void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float
     // to bf16 into P and summed; the rows of P V are divided by the sums below. Rows are swept
     // eight at a time with their maxima and sums in registers, so their dependency chains
     // overlap; all 16 rows are computed (a partial block's extra rows have zero queries and are
-    // not written out). Without a mask the first sweep only reads (the maximum of the raw
-    // scores, scaled once) and the scale is applied inside the second (one fused
-    // multiply-subtract); with one, the first sweep writes the scaled, masked scores back.
-    const bool masked = mask || keep;
-    const __m512 step = masked ? _mm512_set1_ps(1.0f) : scale;  // what the second sweep multiplies by
+    // not written out). A mask that is the same for every query (padding; the log-size bias of
+    // merged tokens) is read once per 16 keys for all eight rows and both sweeps only read the
+    // scores: the first takes the maximum of scale * s + bias, the second recomputes it inside
+    // the exponent. A mask that differs per query is applied in the first sweep, which writes
+    // the scaled, masked scores back for the second.
+    const bool per_query = (mask || keep) && s.ms[2] != 0;
+    const float* kbias = mask && !per_query ? mask + b * s.ms[0] + h * s.ms[1] : nullptr;
+    const uint8_t* kkeep = keep && !per_query ? keep + b * s.ms[0] + h * s.ms[1] : nullptr;
     for (int64_t half = 0; half < TILE_ROWS; half += 8) {
       const float* mrow[8];
       const uint8_t* krow[8];
       __m512 max_v[8], sum_v[8];
       for (int i = 0; i < 8; ++i) {
         const int64_t r = half + i;
-        mrow[i] = mask && r < rows ? mask + b * s.ms[0] + h * s.ms[1] + (q0 + r) * s.ms[2] : nullptr;
-        krow[i] = keep && r < rows ? keep + b * s.ms[0] + h * s.ms[1] + (q0 + r) * s.ms[2] : nullptr;
+        mrow[i] = per_query && mask && r < rows ? mask + b * s.ms[0] + h * s.ms[1] + (q0 + r) * s.ms[2] : nullptr;
+        krow[i] = per_query && keep && r < rows ? keep + b * s.ms[0] + h * s.ms[1] + (q0 + r) * s.ms[2] : nullptr;
         max_v[i] = neg_inf;
         sum_v[i] = _mm512_setzero_ps();
       }
       float* base = scores.data() + half * kpad;
       for (int64_t j = 0; j < kpad; j += 16) {
         const __mmask16 valid = j + 16 <= Lk ? (__mmask16)0xFFFF : (j < Lk ? (__mmask16)((1u << (Lk - j)) - 1) : (__mmask16)0);
-        if (!masked) {
-          for (int i = 0; i < 8; ++i) max_v[i] = _mm512_mask_max_ps(max_v[i], valid, max_v[i], _mm512_loadu_ps(base + i * kpad + j));
+        if (!per_query) {
+          __mmask16 live = valid;
+          if (kkeep) {
+            __m128i kb8 = _mm_maskz_loadu_epi8(valid, kkeep + j);
+            live &= _mm_test_epi8_mask(kb8, kb8);
+          }
+          if (kbias) {
+            const __m512 bias = _mm512_maskz_loadu_ps(valid, kbias + j);
+            for (int i = 0; i < 8; ++i) max_v[i] = _mm512_mask_max_ps(max_v[i], live, max_v[i], _mm512_fmadd_ps(_mm512_loadu_ps(base + i * kpad + j), scale, bias));
+          } else {
+            for (int i = 0; i < 8; ++i) max_v[i] = _mm512_mask_max_ps(max_v[i], live, max_v[i], _mm512_loadu_ps(base + i * kpad + j));
+          }
           continue;
         }
         for (int i = 0; i < 8; ++i) {
@@ -283,15 +296,29 @@ void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, const float
       }
       for (int i = 0; i < 8; ++i) {
         float m = _mm512_reduce_max_ps(max_v[i]);
-        if (!masked) m *= s.scale;
+        if (!per_query && !kbias) m *= s.scale;  // the maximum of the raw scores
         max_v[i] = _mm512_set1_ps(m == -std::numeric_limits<float>::infinity() ? 0.0f : m);  // all masked: e = 0
       }
       for (int64_t j = 0; j < kpad; j += 16) {
-        // keys past Lk (zero-padded to the 32-key chunk) get e = 0
-        const __mmask16 valid = masked ? (__mmask16)0xFFFF : (j + 16 <= Lk ? (__mmask16)0xFFFF : (j < Lk ? (__mmask16)((1u << (Lk - j)) - 1) : (__mmask16)0));
+        if (per_query) {  // scaled and masked in the first sweep
+          for (int i = 0; i < 8; ++i) {
+            __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(base + i * kpad + j), max_v[i]));
+            sum_v[i] = _mm512_add_ps(sum_v[i], e);
+            store_bf16(probs.data() + (half + i) * kpad + j, e);
+          }
+          continue;
+        }
+        // keys past Lk (zero-padded to the 32-key chunk) and masked keys get e = 0
+        __mmask16 live = j + 16 <= Lk ? (__mmask16)0xFFFF : (j < Lk ? (__mmask16)((1u << (Lk - j)) - 1) : (__mmask16)0);
+        if (kkeep) {
+          __m128i kb8 = _mm_maskz_loadu_epi8(live, kkeep + j);
+          live &= _mm_test_epi8_mask(kb8, kb8);
+        }
+        const __m512 bias = kbias ? _mm512_maskz_loadu_ps(live, kbias + j) : _mm512_setzero_ps();
         for (int i = 0; i < 8; ++i) {
-          __m512 e = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(base + i * kpad + j), step, max_v[i]));
-          if (valid != 0xFFFF) e = _mm512_maskz_mov_ps(valid, e);
+          const __m512 raw = _mm512_loadu_ps(base + i * kpad + j);
+          __m512 e = exp_ps(kbias ? _mm512_sub_ps(_mm512_fmadd_ps(raw, scale, bias), max_v[i]) : _mm512_fmsub_ps(raw, scale, max_v[i]));
+          if (live != 0xFFFF) e = _mm512_maskz_mov_ps(live, e);
           sum_v[i] = _mm512_add_ps(sum_v[i], e);
           store_bf16(probs.data() + (half + i) * kpad + j, e);
         }

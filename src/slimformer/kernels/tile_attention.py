@@ -11,7 +11,9 @@ computed at all (a short row in a padded batch costs its own length). Outputs ma
 Why: PyTorch's CPU flash kernel is built for long sequences and large heads; on MiniLM's 12 heads
 of 32 at 16-128 positions it ran at ~0.2 TFLOP/s on a 2-core Xeon with AMX and took a third of a
 compiled bf16 encoder's time, while the block's linears ran at ~1.8 TFLOP/s. Measured there (32 rows,
-12 heads of 32): 128 positions 3.2 -> 2.5 ms, 48 positions 1.0 -> 0.4 ms, 16 positions 0.30 -> 0.09 ms.
+12 heads of 32): 128 positions 3.2 -> 2.5 ms, 48 positions 1.0 -> 0.4 ms, 16 positions 0.30 -> 0.09 ms;
+with four tile products in flight and the softmax rows in registers, 128 positions 2.65 -> 2.1 ms
+and 67 positions 1.15 -> 1.05 ms (same machine, later session).
 Whether it is faster on the machine at hand is measured by the execution planner
 (:mod:`slimformer.runtime.tile_attention`), not assumed.
 
