@@ -113,8 +113,8 @@ def attention_importance(runner, layer: int, hidden: torch.Tensor, sizes: torch.
         q = q_proj(hidden[:, 0].contiguous()).float().view(rows, heads, hd)
         folded = torch.einsum("rhd,hdc->rhc", q, k_proj.weight.float().view(heads, hd, dim))  # (rows, heads, dim)
         # in the hidden states' dtype (bf16 models: a bf16 product, as projecting the keys was)
-        logits = torch.bmm(hidden, folded.to(hidden.dtype).transpose(1, 2)).float() / hd**0.5 + bias[:, :, None]  # (rows, T, heads)
-        return logits.softmax(1).mean(-1)
+        logits = torch.bmm(folded.to(hidden.dtype), hidden.transpose(1, 2)).float() / hd**0.5 + bias[:, None, :]  # (rows, heads, T)
+        return logits.softmax(-1).mean(1)
     k = k_proj(hidden).view(rows, T, heads, hd)  # in the model's dtype: one GEMM
     if score == "cls":
         # one query per row: a broadcast product, not a batched matmul of transposed copies
