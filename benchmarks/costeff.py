@@ -108,6 +108,7 @@ PRUNED = {  # (base model, schedule[, keep ratio[, layers]]) -> rules
     # pruned after blocks 1 and 3 as above, and gradually after every block but the last
     ("bf16", "length", 0.6, (1, 3), True): [("none", 2.0)],
     ("bf16", "length", 0.7, (0, 1, 2, 3, 4), True): [("none", 2.0)],
+    ("bf16", "length", 0.45, (1, 3), True): [("none", 2.0)],
 }
 # the pruning rates chosen on training text, not on the held-out sources: token-pruning's own
 # search (``target_cos``, measured time as the cost) on the calibration documents above, at the
@@ -116,11 +117,14 @@ PRUNED = {  # (base model, schedule[, keep ratio[, layers]]) -> rules
 # calibration texts at least 90 % the same (a margin above the 0.85 top-10 line: cosine
 # alone let the search pick a setting that reordered neighbours, top-10 0.83 held out)
 SEARCHED = TokenPruningConfig(layers=(1, 2, 3, 4), keep_ratio=0.4, target_cos=0.98, target_top10=0.9, schedule="length", min_tokens=32)
+# the same search for the 0.95 floor (plus the same 0.01 margin), with the dropped tokens
+# fused (EViT) and no neighbour floor (the 0.95 line asks for cosine only)
+SEARCHED_FUSED = TokenPruningConfig(layers=(1, 2, 3, 4), keep_ratio=0.3, target_cos=0.96, schedule="length", min_tokens=32, fuse=True)
 # static + dynamic, compiled: these bf16 models again with their blocks compiled by Inductor with
 # frozen weights (the whole forward for `bf16`, the runs of blocks between pruning points for the
 # pruned ones), compiled on a batch of training text before anything is timed
 COMPILED = ("bf16", "bf16+prune-length", "bf16+prune-length-keep0.5-after2", "bf16+prune-length-keep0.4", "bf16+prune-searched",
-            "bf16+prune-length-fused", "bf16+prune-length-keep0.7-after0-1-2-3-4-fused")
+            "bf16+prune-length-fused", "bf16+prune-length-keep0.7-after0-1-2-3-4-fused", "bf16+prune-length-keep0.45-fused", "bf16+prune-searched0.96-fused")
 MIN_TOKENS = 32
 
 
@@ -192,7 +196,7 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
         models[key] = m
         for rule, t in rules:
             configs.append((key if rule == "none" else f"{key} {rule}@{t}", key, schedule, rule, t))
-    searched = {}
+    searched, searched_fused = {}, {}
     if bf16:
         m = copy.deepcopy(models["bf16"])
         t0 = time.perf_counter()
@@ -202,6 +206,14 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
             f"calibration cos {searched['calibration_cos']:.4f}, FLOPs {searched['flops_ratio']:.2f}")
         models["bf16+prune-searched"] = m
         configs.append(("bf16+prune-searched", "bf16+prune-searched", "length", "none", 2.0))
+        m = copy.deepcopy(models["bf16"])
+        t0 = time.perf_counter()
+        compress(m, Recipe(steps=[SEARCHED_FUSED], calibration=calibration(32) if quick else calibration()))
+        searched_fused = {**m.applied[-1], "seconds": time.perf_counter() - t0, "config": SEARCHED_FUSED.to_dict()}
+        log(f"fused pruning rates searched on training text in {searched_fused['seconds']:.0f} s: {searched_fused['layers']} keep {searched_fused['keep_ratios']}, "
+            f"calibration cos {searched_fused['calibration_cos']:.4f}, FLOPs {searched_fused['flops_ratio']:.2f}")
+        models["bf16+prune-searched0.96-fused"] = m
+        configs.append(("bf16+prune-searched0.96-fused", "bf16+prune-searched0.96-fused", "length", "none", 2.0))
     compile_reports = {}
     widths_report: dict = {}
     attention_report: dict = {}
@@ -318,7 +330,7 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
     meta = {"started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "minutes": (time.perf_counter() - start) / 60,
             "machine": machine, "threads": torch.get_num_threads(), "loadavg_timing": [load_before, load_after], "repeats": repeats,
             "n_texts": n_texts, "n_queries": n_queries, "held_out": HELD_OUT, "train_sources": TRAIN_SOURCES,
-            "n_calibration": N_CAL_PER_SOURCE * len(TRAIN_SOURCES), "prune": {**PRUNE, "min_tokens": MIN_TOKENS}, "compiled": compile_reports, "widths": widths_report, "attention": attention_report, "exit_oracle": oracle, "searched_pruning": searched,
+            "n_calibration": N_CAL_PER_SOURCE * len(TRAIN_SOURCES), "prune": {**PRUNE, "min_tokens": MIN_TOKENS}, "compiled": compile_reports, "widths": widths_report, "attention": attention_report, "exit_oracle": oracle, "searched_pruning": searched, "searched_pruning_fused": searched_fused,
             "variants": {k: [c.to_dict() for c in v] for k, v in VARIANTS.items()},
             "training": {k: {"seconds": r.get("train_seconds"), "loss_before": r.get("training", {}).get("loss_before"),
                              "loss_after": r.get("training", {}).get("loss_after"), "held_back_after": r.get("training", {}).get("held_back_after"),
@@ -409,6 +421,13 @@ def markdown(meta, rows) -> str:
               if meta['searched_pruning']['layers'] else "chosen: no pruning (no move saved enough), ")
            + f"calibration cos {meta['searched_pruning']['calibration_cos']:.4f}, {meta['searched_pruning']['flops_ratio']:.0%} of the block FLOPs, "
            f"{meta['searched_pruning']['seconds']:.0f} s of search)" if meta.get("searched_pruning") else "")
+        + (f"; `+prune-searched0.96-fused` = the same search with the dropped tokens fused, candidates blocks "
+           f"{', '.join(map(str, meta['searched_pruning_fused']['config']['layers']))}, mean cos ≥ {meta['searched_pruning_fused']['config']['target_cos']} "
+           f"(the 0.95 floor plus the same margin), no neighbour floor; chosen: "
+           + (f"after block(s) {', '.join(map(str, meta['searched_pruning_fused']['layers']))} keeping {', '.join(f'{k:.0%}' for k in meta['searched_pruning_fused']['keep_ratios'])}, "
+              if meta['searched_pruning_fused']['layers'] else "no pruning, ")
+           + f"calibration cos {meta['searched_pruning_fused']['calibration_cos']:.4f}, {meta['searched_pruning_fused']['flops_ratio']:.0%} of the block FLOPs, "
+           f"{meta['searched_pruning_fused']['seconds']:.0f} s of search" if meta.get("searched_pruning_fused") else "")
         + ". `compiled` = that model compiled by Inductor with frozen weights (`compile_model(..., freezing=True)`, on a batch of "
         "training text): the whole forward for `bf16`, each run of blocks between two pruning points for the pruned ones (pruning itself stays eager)"
         + (": " + "; ".join(f"`{k}` {v['seconds']:.0f} s to compile" + ("" if v["compiled"] else f", not kept ({v['reason']})") for k, v in meta.get("compiled", {}).items()) if meta.get("compiled") else "") + "."
