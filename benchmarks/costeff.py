@@ -196,24 +196,18 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
         models[key] = m
         for rule, t in rules:
             configs.append((key if rule == "none" else f"{key} {rule}@{t}", key, schedule, rule, t))
-    searched, searched_fused = {}, {}
+    searches: dict[str, dict] = {}  # row name -> what the rate search on training text chose
     if bf16:
-        m = copy.deepcopy(models["bf16"])
-        t0 = time.perf_counter()
-        compress(m, Recipe(steps=[SEARCHED], calibration=calibration(32) if quick else calibration()))
-        searched = {**m.applied[-1], "seconds": time.perf_counter() - t0, "config": SEARCHED.to_dict()}
-        log(f"pruning rates searched on training text in {searched['seconds']:.0f} s: {searched['layers']} keep {searched['keep_ratios']}, "
-            f"calibration cos {searched['calibration_cos']:.4f}, FLOPs {searched['flops_ratio']:.2f}")
-        models["bf16+prune-searched"] = m
-        configs.append(("bf16+prune-searched", "bf16+prune-searched", "length", "none", 2.0))
-        m = copy.deepcopy(models["bf16"])
-        t0 = time.perf_counter()
-        compress(m, Recipe(steps=[SEARCHED_FUSED], calibration=calibration(32) if quick else calibration()))
-        searched_fused = {**m.applied[-1], "seconds": time.perf_counter() - t0, "config": SEARCHED_FUSED.to_dict()}
-        log(f"fused pruning rates searched on training text in {searched_fused['seconds']:.0f} s: {searched_fused['layers']} keep {searched_fused['keep_ratios']}, "
-            f"calibration cos {searched_fused['calibration_cos']:.4f}, FLOPs {searched_fused['flops_ratio']:.2f}")
-        models["bf16+prune-searched0.96-fused"] = m
-        configs.append(("bf16+prune-searched0.96-fused", "bf16+prune-searched0.96-fused", "length", "none", 2.0))
+        for name, config in (("bf16+prune-searched", SEARCHED), ("bf16+prune-searched0.96-fused", SEARCHED_FUSED)):
+            m = copy.deepcopy(models["bf16"])
+            t0 = time.perf_counter()
+            compress(m, Recipe(steps=[config], calibration=calibration(32) if quick else calibration()))
+            found = searches[name] = {**m.applied[-1], "seconds": time.perf_counter() - t0, "config": config.to_dict()}
+            log(f"{name}: rates searched on training text in {found['seconds']:.0f} s: {found['layers']} keep {found['keep_ratios']}, "
+                f"calibration cos {found['calibration_cos']:.4f}, FLOPs {found['flops_ratio']:.2f}")
+            models[name] = m
+            configs.append((name, name, "length", "none", 2.0))
+    searched, searched_fused = searches.get("bf16+prune-searched", {}), searches.get("bf16+prune-searched0.96-fused", {})
     compile_reports = {}
     widths_report: dict = {}
     attention_report: dict = {}
