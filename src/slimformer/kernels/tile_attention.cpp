@@ -12,6 +12,8 @@
 // PyTorch's SDPA does before its second matmul) and P V comes from tile products of 32 keys. The
 // whole score row fits in cache, so there is no online-softmax rescaling. A row whose keys are all
 // masked gives zeros (SDPA gives NaN there).
+// Up to four tile products are in flight at a time (accumulators in tiles 0-3, operands in 4-7),
+// so each does not wait for the one before.
 //
 // Compiled with -mamx-tile -mamx-bf16 -mavx512f -mavx512bf16; the Python side loads it only
 // where the CPU reports AMX-BF16, and asks the kernel (Linux arch_prctl) for the tile state.
