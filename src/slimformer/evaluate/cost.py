@@ -10,8 +10,6 @@ interleaved between the models compared so that drift hits both alike.
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Callable
 
 import torch
@@ -20,6 +18,7 @@ from torch import nn
 
 from slimformer.io.serialization import SAFETENSORS_METADATA, quantized_modules, unique_state_dict
 from slimformer.runtime.execution import planned_nbytes
+from slimformer.timing import interleaved_medians
 
 
 def storage_bytes(model: nn.Module) -> int:
@@ -115,17 +114,12 @@ def activation_peak_bytes(fn: Callable[[], object]) -> int | None:
 
 
 def interleaved_latency(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, timed in interleaved rounds after warm-up."""
+    """Median seconds per call of each function, timed in interleaved rounds after ``warmup``
+    untimed rounds (:func:`slimformer.timing.interleaved_medians`)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return interleaved_medians(fns, repeats, warmup=False)
 
 
 def model_cost(model: nn.Module) -> dict:
