@@ -430,8 +430,11 @@ at::Tensor tile_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 // Packed sequences: q, k, v (1, H, T, D) hold S sequences back to back, sequence i at positions
 // cu_seqlens[i] .. cu_seqlens[i + 1] - 1 (int64, S + 1 offsets from 0 to T); each attends only to
-// itself (FlashAttention's varlen layout; no padding anywhere). Output (1, T, H, D).
-at::Tensor tile_attention_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens, double scale) {
+// itself (FlashAttention's varlen layout; no padding anywhere). ``key_bias`` (T,) float32, optional:
+// added to every query's logit of that key (the log-size of merged tokens, proportional
+// attention), the same-for-every-query path of the mask. Output (1, T, H, D).
+at::Tensor tile_attention_packed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens, double scale,
+                                 const std::optional<at::Tensor>& key_bias) {
   Shapes s;
   check_heads(q, k, v, s);
   TORCH_CHECK(s.B == 1 && s.Lk == s.Lq, "tile_attention_packed: q, k, v must be (1, heads, tokens, dim) with as many keys as queries");
@@ -447,6 +450,13 @@ at::Tensor tile_attention_packed(const at::Tensor& q, const at::Tensor& k, const
   }
   TORCH_CHECK(longest <= MAX_KEYS, "tile_attention_packed: sequences of 1 to 1024 tokens");
   s.scale = static_cast<float>(scale);
+  const float* bias = nullptr;
+  if (key_bias.has_value() && key_bias->defined()) {
+    TORCH_CHECK(key_bias->dim() == 1 && key_bias->scalar_type() == at::kFloat && key_bias->is_contiguous() && key_bias->size(0) == s.Lq,
+                "tile_attention_packed: key_bias must be contiguous float32 (tokens,)");
+    bias = key_bias->data_ptr<float>();
+  }
+  for (int i = 0; i < 3; ++i) s.ms[i] = 0;  // the bias is one row of keys shared by every query and head
   at::Tensor out = at::empty({1, s.Lq, s.H, s.D}, q.options());
   const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
@@ -454,7 +464,8 @@ at::Tensor tile_attention_packed(const at::Tensor& q, const at::Tensor& k, const
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   run_tasks(S * s.H, longest, s, [&](int64_t sh, auto& kpack, auto& vpack, auto& scores, auto& probs, auto& acc, auto& qtail) {
     const int64_t i = sh / s.H;
-    if (cu[i + 1] > cu[i]) attend(qp, kp, vp, nullptr, nullptr, op, s, 0, sh % s.H, cu[i], cu[i + 1] - cu[i], kpack, vpack, scores, probs, acc, qtail);
+    if (cu[i + 1] > cu[i])
+      attend(qp, kp, vp, bias ? bias + cu[i] : nullptr, nullptr, op, s, 0, sh % s.H, cu[i], cu[i + 1] - cu[i], kpack, vpack, scores, probs, acc, qtail);
   });
   return out;
 }
@@ -463,7 +474,7 @@ at::Tensor tile_attention_packed(const at::Tensor& q, const at::Tensor& k, const
 
 TORCH_LIBRARY_FRAGMENT(slimformer, m) {
   m.def("tile_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
-  m.def("tile_attention_packed(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale) -> Tensor");
+  m.def("tile_attention_packed(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale, Tensor? key_bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(slimformer, CPU, m) {

@@ -94,7 +94,7 @@ def _register_fake() -> None:
         return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
 
     @torch.library.register_fake("slimformer::tile_attention_packed")
-    def _(q, k, v, cu_seqlens, scale):
+    def _(q, k, v, cu_seqlens, scale, key_bias=None):
         return q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
 
     _state["fake"] = True
@@ -122,10 +122,14 @@ def tile_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return torch.ops.slimformer.tile_attention(*tensors, mask, float(scale))
 
 
-def tile_attention_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+def tile_attention_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+                          key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Packed sequences (FlashAttention's varlen layout): ``query``/``key``/``value`` (1, heads,
     tokens, dim) bf16 hold the sequences back to back, sequence ``i`` at positions
-    ``cu_seqlens[i]`` to ``cu_seqlens[i + 1] - 1``, each attending only to itself (no mask, no
-    padding) -> (1, tokens, heads, dim) bf16. Call :func:`load` first."""
+    ``cu_seqlens[i]`` to ``cu_seqlens[i + 1] - 1``, each attending only to itself (no padding)
+    -> (1, tokens, heads, dim) bf16. ``key_bias`` (tokens,), optional: added to every query's
+    logit of that key (proportional attention's log-size of merged tokens). Call :func:`load`
+    first."""
     tensors = [t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value)]
-    return torch.ops.slimformer.tile_attention_packed(*tensors, cu_seqlens.to(torch.int64).contiguous(), float(scale))
+    bias = None if key_bias is None else key_bias.reshape(-1).to(torch.float32).contiguous()
+    return torch.ops.slimformer.tile_attention_packed(*tensors, cu_seqlens.to(torch.int64).contiguous(), float(scale), bias)

@@ -189,24 +189,25 @@ def _segment_fn(blocks, span: tuple[int, int]):
     share one growing cache."""
     from slimformer.methods.dynamic.runtime import run_blocks
 
-    def segment(hidden, mask):
-        return run_blocks(blocks, hidden, mask)
+    def segment(hidden, mask, cu_seq_lens=None):
+        return run_blocks(blocks, hidden, mask, cu_seq_lens)
 
     segment.__code__ = segment.__code__.replace(co_name=f"blocks_{span[0]}_to_{span[1] - 1}")
     return segment
 
 
 def _segment_inputs(loaded, settings, eager_segments: dict, example: dict) -> dict:
-    """``span -> (hidden, mask, output)``: what each segment got and gave in an eager pass over
-    the example (its first bucket). Each compiled segment is checked against eager on exactly
-    that input: end to end, a rounding difference can flip a discrete choice (a pruned token, an
-    exit) and move one output far without any fault in the compiled graph."""
+    """``span -> (arguments, output)``: what each segment got (hidden, mask and, for packed
+    rows, ``cu_seq_lens``) and gave in an eager pass over the example (its first bucket). Each
+    compiled segment is checked against eager on exactly that input: end to end, a rounding
+    difference can flip a discrete choice (a pruned token, an exit) and move one output far
+    without any fault in the compiled graph."""
     recorded: dict = {}
 
     def recorder(span, eager):
-        def record(hidden, mask):
-            out = eager(hidden, mask)
-            recorded.setdefault(span, (hidden, mask, out))
+        def record(*args):
+            out = eager(*args)
+            recorded.setdefault(span, (args, out))
             return out
 
         return record
@@ -241,9 +242,9 @@ def _compile_segments(loaded, settings, example, tolerance, repeats, keep_if_slo
             installed[span] = _CompiledForward(torch.compile(eager, dynamic=dynamic, backend=backend), eager, frozen)
             if span not in recorded:  # every row exited before it on the example
                 continue
-            hidden, mask, reference = recorded[span]
+            args, reference = recorded[span]
             with _inductor_freezing(frozen):
-                out = installed[span].compiled(hidden, mask).float()
+                out = installed[span].compiled(*args).float()
             dtype = reference.dtype
             span_off = disagreement(out, reference.float(), dtype)
             diff = max(diff, float((out - reference.float()).abs().max()))

@@ -43,10 +43,12 @@ def tile_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     bool (True = attend) or additive, (batch, 1, q, k), or None. Returns (batch, q, heads, d), as
     transformers' attention functions do. With ``cu_seq_lens_q`` (= ``cu_seq_lens_k``; transformers'
     packed-sequence keywords) the single batch row holds sequences back to back, each attending
-    only to itself (:func:`slimformer.models.batching.pack_rows` builds such inputs)."""
+    only to itself (:func:`slimformer.models.batching.pack_rows` builds such inputs); the mask is then
+    None or an additive bias per key, (1, 1, 1, tokens), the same for every query (the log-size of
+    merged tokens, as the dynamic runtime passes for proportional attention)."""
     packed = kwargs.get("cu_seq_lens_q")
     if packed is not None:
-        return _packed_attention(module, query, key, value, packed, kwargs.get("cu_seq_lens_k"), dropout, scaling, **kwargs)
+        return _packed_attention(module, query, key, value, attention_mask, packed, kwargs.get("cu_seq_lens_k"), dropout, scaling, **kwargs)
     usable = (
         _kernel_takes(module, query, key, value, dropout, packed=False)
         and not kwargs.get("output_attentions")
@@ -67,17 +69,22 @@ def _kernel_takes(module, query, key, value, dropout: float, packed: bool) -> bo
             and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)) and kernel.loaded())
 
 
-def _packed_attention(module, query, key, value, cu_q, cu_k, dropout, scaling, **kwargs):
+def _packed_attention(module, query, key, value, key_bias, cu_q, cu_k, dropout, scaling, **kwargs):
     """Packed sequences on the kernel, or (where it does not take them) SDPA with the
-    block-diagonal mask that keeps each sequence to itself."""
+    block-diagonal mask that keeps each sequence to itself. ``key_bias``: None or additive
+    (1, 1, 1, tokens)."""
     if query.shape[0] != 1 or cu_k is None or cu_k is not cu_q and not torch.equal(cu_k, cu_q) or query.shape[2] != key.shape[2]:
         raise ValueError("packed attention: one row of sequences with the same boundaries for queries and keys (cu_seq_lens_q = cu_seq_lens_k)")
+    tokens = query.shape[2]
+    if key_bias is not None and (key_bias.dtype == torch.bool or key_bias.numel() != tokens):
+        raise ValueError("packed attention: the mask must be None or an additive bias per key, (1, 1, 1, tokens)")
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if _kernel_takes(module, query, key, value, dropout, packed=True):
-        return kernel.tile_attention_packed(query, key, value, cu_q, scale), None
-    tokens = query.shape[2]
+        return kernel.tile_attention_packed(query, key, value, cu_q, scale, key_bias), None
     segment = torch.searchsorted(cu_q[1:].to(torch.int64), torch.arange(tokens, device=query.device), right=True)
     mask = (segment[:, None] == segment[None, :])[None, None]
+    if key_bias is not None:
+        mask = torch.where(mask, key_bias.reshape(1, 1, 1, tokens).to(query.dtype), torch.finfo(query.dtype).min)
     rest = {k: v for k, v in kwargs.items() if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
     return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scale, **rest)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from slimformer.models.batching import length_buckets, run_width, widen
+from slimformer.models.batching import PACKED_ATTENTION, length_buckets, pack_rows, run_width, widen
 
 
 @dataclass
@@ -148,12 +148,58 @@ def block_segments(settings: DynamicSettings, num_layers: int, every_block: bool
     return out
 
 
-def run_blocks(blocks, hidden: torch.Tensor, mask) -> torch.Tensor:
-    """Hidden states (rows, tokens, dim) through ``blocks`` in order with one attention ``mask``."""
+def run_blocks(blocks, hidden: torch.Tensor, mask, cu_seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Hidden states (rows, tokens, dim) through ``blocks`` in order with one attention ``mask``.
+    With ``cu_seq_lens`` (sequences + 1,) the single row (1, tokens, dim) holds packed sequences
+    (transformers' ``cu_seq_lens_q``/``cu_seq_lens_k``) and ``mask`` is None or a per-key bias."""
+    packed = {} if cu_seq_lens is None else {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens}
     for block in blocks:
-        output = block(hidden, attention_mask=mask)
+        output = block(hidden, attention_mask=mask, **packed)
         hidden = output[0] if isinstance(output, (tuple, list)) else output
     return hidden
+
+
+def _segments_of(cu_seq_lens: torch.Tensor) -> torch.Tensor:
+    """Sequence index (tokens,) of every packed token."""
+    counts = cu_seq_lens.diff()
+    return torch.repeat_interleave(torch.arange(len(counts)), counts)
+
+
+def unpack_state(hidden: torch.Tensor, sizes: torch.Tensor, protect: torch.Tensor, cu_seq_lens: torch.Tensor):
+    """Packed state -- hidden (1, tokens, dim), sizes (tokens,), protect (tokens,) with sequence
+    boundaries ``cu_seq_lens`` -- as padded rows: hidden (rows, T, dim), sizes and protect
+    (rows, T), T = the longest sequence, padding with size 0 (what the token reducers take)."""
+    counts = cu_seq_lens.diff()
+    rows, width, dim = len(counts), int(counts.max()) if len(counts) else 0, hidden.shape[-1]
+    segment = _segments_of(cu_seq_lens)
+    flat = segment * width + torch.arange(hidden.shape[1]) - cu_seq_lens[:-1][segment]
+    h = hidden.new_zeros(rows * width, dim).index_copy_(0, flat, hidden[0])
+    s = sizes.new_zeros(rows * width).index_copy_(0, flat, sizes)
+    p = protect.new_zeros(rows * width).index_copy_(0, flat, protect)
+    return h.view(rows, width, dim), s.view(rows, width), p.view(rows, width)
+
+
+def pack_state(hidden: torch.Tensor, sizes: torch.Tensor, protect: torch.Tensor):
+    """Padded rows (see :func:`unpack_state`) back to the packed state: every slot of size > 0
+    in row order -> (hidden (1, tokens, dim), sizes (tokens,), protect (tokens,), cu_seq_lens)."""
+    real = sizes > 0
+    flat = real.reshape(-1).nonzero().squeeze(1)
+    cu = torch.zeros(sizes.shape[0] + 1, dtype=torch.long)
+    cu[1:] = real.sum(1).cumsum(0)
+    return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)[None], sizes.reshape(-1)[flat],
+            protect.reshape(-1)[flat], cu)
+
+
+def pool_packed(hidden: torch.Tensor, sizes: torch.Tensor, cu_seq_lens: torch.Tensor, mode: str) -> torch.Tensor:
+    """:func:`pool` of packed sequences: hidden (1, tokens, dim), sizes (tokens,) -> (rows, dim)
+    float32."""
+    rows = len(cu_seq_lens) - 1
+    if mode == "cls":
+        return hidden[0, cu_seq_lens[:-1]].float()
+    w = sizes.to(torch.float32)
+    segment = _segments_of(cu_seq_lens)
+    total = torch.zeros(rows, hidden.shape[-1]).index_add_(0, segment, hidden[0].float() * w[:, None])
+    return total / torch.zeros(rows).index_add_(0, segment, w).clamp(min=1e-9)[:, None]
 
 
 def _widen_state(hidden: torch.Tensor, sizes: torch.Tensor, protect: torch.Tensor, width: int):
@@ -204,7 +250,10 @@ class DynamicEncoder:
 
         A padded batch runs as length buckets (padded positions are not computed, see
         :mod:`slimformer.models.batching`) unless ``loaded.bucketing`` is False or layers are
-        collected."""
+        collected; where ``loaded.packing`` is set and the attention keeps packed sequences apart,
+        every real token of the batch runs in one row instead (:meth:`_embed_packed`)."""
+        if not collect_layers and self._packs():
+            return self._embed_packed(batch, return_stats)
         mask = batch["attention_mask"]
         lengths = [int(x) for x in mask.sum(1).tolist()]
         if collect_layers or not getattr(self.loaded, "bucketing", True) or not lengths or min(lengths) == mask.shape[1]:
@@ -232,6 +281,86 @@ class DynamicEncoder:
         for index, st in parts:
             layers_run[index] = st.layers_run
         return out, RunStats(layers_run, tokens_per_layer, rows_per_layer, sum(st.flops for _, st in parts))
+
+    def _packs(self) -> bool:
+        """Whether batches run packed: ``loaded.packing`` and ``bucketing`` on, attention that keeps
+        packed sequences apart, and embeddings that take restarting ``position_ids``."""
+        if not (getattr(self.loaded, "packing", False) and getattr(self.loaded, "bucketing", True)):
+            return False
+        if getattr(self.model.config, "_attn_implementation", None) not in PACKED_ATTENTION:
+            return False
+        import inspect
+
+        return "position_ids" in inspect.signature(self.adapter.base().embeddings.forward).parameters
+
+    def _embed_packed(self, batch: dict, return_stats: bool = False):
+        """:meth:`embed` with the batch's real tokens packed into one row
+        (:func:`slimformer.models.batching.pack_rows`): blocks run on exactly the real tokens,
+        each text attending only to itself (``cu_seq_lens``); a reducer sees the packed tokens as
+        padded rows (:func:`unpack_state`) and what it keeps is packed again, so after a pruning
+        point every text continues with its own count and no padding; rows that exit leave the
+        row. Proportional attention passes the log-size of merged tokens as a per-key bias."""
+        inputs, _ = pack_rows(batch)
+        n = batch["attention_mask"].shape[0]
+        base = self.adapter.base()
+        blocks = self.adapter.blocks()
+        config = self.model.config
+        hidden = base.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs["token_type_ids"], position_ids=inputs["position_ids"])
+        cu = inputs["cu_seq_lens_q"]
+        dim = hidden.shape[-1]
+        ffn = getattr(config, "intermediate_size", 4 * dim)
+        mode = self.loaded.pooling
+        sizes = torch.ones(hidden.shape[1])
+        protect = special_token_mask(inputs["input_ids"][0], self.loaded.tokenizer)
+        rows = torch.arange(n)
+        out = torch.zeros(n, dim, dtype=torch.float32)
+        layers_run = torch.zeros(n, dtype=torch.long)
+        tokens_per_layer: list[float] = []
+        rows_per_layer: list[int] = []
+        flops = 0.0
+        rule_state: dict = {"tokens": cu.diff().to(torch.float32)}
+        exits, rule = self.settings.exits, self.settings.rule
+        last = len(blocks) - 1
+        compiled = self.settings.compiled
+        merged = False
+        for start, end in block_segments(self.settings, len(blocks)):
+            counts = cu.diff()
+            for _ in range(start, end):
+                tokens_per_layer.append(float(counts.float().mean()) if len(rows) else 0.0)
+                rows_per_layer.append(len(rows))
+                flops += _block_flops(counts, dim, ffn)
+            bias = None
+            if merged and self.settings.proportional_attention and bool((sizes != 1).any()):
+                bias = sizes.clamp(min=1e-9).log().to(hidden.dtype)[None, None, None, :]  # (1, 1, 1, tokens)
+            segment = compiled.get((start, end))
+            hidden = segment(hidden, bias, cu) if segment is not None else run_blocks(blocks[start:end], hidden, bias, cu)
+            layers_run[rows] += end - start
+            index = end - 1
+            reducers = self.settings.reducers.get(index, [])
+            if reducers:
+                state = unpack_state(hidden, sizes, protect, cu)
+                for reducer in reducers:
+                    state = reducer.reduce(self, index, *state)
+                hidden, sizes, protect, cu = pack_state(*state)
+                merged = True
+            if exits is not None and index < last and exits.has(index):
+                emb = exits(index, pool_packed(hidden, sizes, cu, mode)).float()
+                done = rule.decide(index, emb, rule_state)
+                if done.any():
+                    out[rows[done]] = emb[done]
+                    keep = ~done
+                    tokens = keep[_segments_of(cu)]
+                    hidden, sizes, protect = hidden[:, tokens], sizes[tokens], protect[tokens]
+                    cu = torch.cat([cu.new_zeros(1), cu.diff()[keep].cumsum(0)])
+                    rows = rows[keep]
+                    rule_state = {k: v[keep] for k, v in rule_state.items()}
+                    if len(rows) == 0:
+                        break
+        if len(rows):
+            out[rows] = pool_packed(hidden, sizes, cu, mode)
+        if return_stats:
+            return out, RunStats(layers_run, tokens_per_layer, rows_per_layer, flops)
+        return out
 
     def _embed_padded(self, batch: dict, return_stats: bool = False, collect_layers: bool = False):
         input_ids = batch["input_ids"]
