@@ -269,7 +269,7 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
             def on_tiles(m) -> None:
                 use_tile_attention(m.model)
                 m.padded_widths = tiled["widths"]
-                m.packing = chosen["packing"]  # embed only: the pruned rows run block by block (bucketed)
+                m.packing = chosen["packing"]  # the pruned models too: the dynamic runtime packs their rows
 
             add_compiled_variants("tiles", on_tiles)
 
@@ -430,8 +430,8 @@ def markdown(meta, rows) -> str:
            + ", ".join(f"{k}→{v}" for k, v in list(meta['widths']['moved'].items())[-6:]) + ")." if meta.get("widths") else "")
         + (" `compiled+tiles` = the same with the encoder's attention on the AMX tile kernel (`slimformer.runtime.tile_attention`, chosen by timing the bf16 "
            "model's embed of 32 rows of 8-128 tokens: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in meta['attention']['seconds'].items())
-           + f"; packed rows {'chosen' if meta['attention'].get('packing') else 'not chosen'}: they apply where the whole model runs through `embed` (`bf16`), "
-           f"not to the pruned models, which run block by block), widths measured again under it ({len(meta['attention'].get('widths_moved', {}))} of 128 run wider)."
+           + f"; packed rows {'chosen' if meta['attention'].get('packing') else 'not chosen'}: for the pruned models too: the dynamic runtime runs each batch's "
+           f"real tokens in one row and repacks what each pruning point keeps), widths measured again under it ({len(meta['attention'].get('widths_moved', {}))} of 128 run wider)."
            if (meta.get("attention") or {}).get("chosen") == "slimformer_tile" else
            (f" Attention stayed on SDPA: {meta['attention'].get('reason') or 'the tile kernel was not faster here'}." if meta.get("attention") else "")),
         "",
