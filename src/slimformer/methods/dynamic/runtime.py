@@ -6,6 +6,12 @@ It is used whenever a model carries dynamic settings (``loaded.dynamic``); with 
 exactly the ordinary forward pass. Shapes: ``input_ids``/``attention_mask`` (batch, seq);
 hidden states (rows, tokens, dim); token ``sizes`` (rows, tokens) = how many original tokens a
 (possibly merged) token stands for, 0 for padding; embeddings (batch, dim).
+
+Where the model's attention keeps packed sequences apart (``loaded.packing``, the AMX tile
+kernel) a batch runs *packed*: every real token in one row (1, tokens, dim), sequence boundaries
+``cu_seq_lens`` (texts + 1,), ``sizes`` (tokens,). A reducer still sees padded rows
+(:func:`unpack_state`) and what it keeps is packed again (:func:`pack_state`), so after a pruning
+point each text goes on with exactly its own tokens, and rows that exit leave the packed row.
 """
 
 from __future__ import annotations
