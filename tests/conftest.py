@@ -62,6 +62,22 @@ def minilm():
     return load_model()
 
 
+def bert_with_heads_of_32(dtype=torch.bfloat16, layers: int = 2):
+    """A tiny random BERT (hidden 64, two heads of 32: a head size the AMX tile kernel takes),
+    in ``dtype``, eval mode, seeded."""
+    import transformers
+
+    from slimformer.models.loading import from_module
+    from slimformer.models.tiny import TINY_VOCAB, tiny_tokenizer
+
+    config = transformers.BertConfig(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=128,
+                                     max_position_embeddings=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+    torch.manual_seed(0)
+    loaded = from_module(transformers.BertModel(config), tiny_tokenizer(), source="tiny-bert-d32")
+    loaded.model.to(dtype).eval()
+    return loaded
+
+
 def sample_batch(loaded, texts=("def foo(x): return x + 1", "A short docstring.\n\nWith a second paragraph about nothing.")):
     batch = dict(loaded.tokenizer(list(texts), padding=True, return_tensors="pt"))
     batch.pop("token_type_ids", None)

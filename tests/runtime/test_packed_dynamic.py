@@ -7,6 +7,7 @@ through the AMX kernel where the CPU has it."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import bert_with_heads_of_32
 
 import slimformer.runtime.compile as comp
 from slimformer.kernels import tile_attention as kernel
@@ -21,16 +22,7 @@ TEXTS = ["a b c", "the quick brown fox jumps over the lazy dog " * 4, "x y " * 3
 
 
 def _bert(dtype=torch.float32):
-    import transformers
-
-    from slimformer.models.loading import from_module
-    from slimformer.models.tiny import TINY_VOCAB, tiny_tokenizer
-
-    config = transformers.BertConfig(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128,
-                                     max_position_embeddings=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
-    torch.manual_seed(0)
-    loaded = from_module(transformers.BertModel(config), tiny_tokenizer(), source="tiny-bert-d32")
-    loaded.model.to(dtype).eval()
+    loaded = bert_with_heads_of_32(dtype, layers=4)
     loaded.model.set_attn_implementation(NAME)  # keeps packed sequences apart (SDPA fallback off the kernel)
     return loaded
 

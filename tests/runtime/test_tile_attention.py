@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import bert_with_heads_of_32
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from slimformer.errors import ConfigError
@@ -95,20 +96,6 @@ def test_inputs_the_kernel_does_not_take_go_to_sdpa_unchanged():
     assert torch.equal(out, sdpa_attention_forward(causal, q, k, v, None)[0])
 
 
-def _bert_with_heads_of_32(dtype=torch.bfloat16):
-    import transformers
-
-    from slimformer.models.loading import from_module
-    from slimformer.models.tiny import TINY_VOCAB, tiny_tokenizer
-
-    config = transformers.BertConfig(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                                     max_position_embeddings=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
-    torch.manual_seed(0)
-    loaded = from_module(transformers.BertModel(config), tiny_tokenizer(), source="tiny-bert-d32")
-    loaded.model.to(dtype).eval()
-    return loaded
-
-
 def _padded_batch(loaded):
     texts = ["a b c", "the quick brown fox jumps over the lazy dog " * 4, "x " * 40, "one two"]
     return dict(loaded.tokenizer(texts, padding=True, return_tensors="pt"))
@@ -118,7 +105,7 @@ def test_a_bert_on_the_kernel_gives_the_sdpa_embeddings_and_compiles():
     """Sentence embeddings of a padded batch (rows of 3-80 tokens) agree with SDPA's to bf16
     rounding, eager and under torch.compile (the kernel is one opaque operator there)."""
     _needs_kernel()
-    loaded = _bert_with_heads_of_32()
+    loaded = bert_with_heads_of_32()
     batch = _padded_batch(loaded)
     loaded.bucketing = False
     with torch.no_grad():
@@ -136,7 +123,7 @@ def test_the_planner_chooses_attention_by_measurement_and_undoes_it(tmp_path):
     tile kernel and the tile kernel on packed rows (or why the kernel was not timed), runs the
     fastest if it beats SDPA by 5 %, and remove_plan restores SDPA and bucketing; a second plan
     reads the timings from the cache. attention=sdpa leaves it alone."""
-    loaded = _bert_with_heads_of_32()
+    loaded = bert_with_heads_of_32()
     settings = PlanSettings(memory="fast", activations="bfloat16", repeats=1, cache_dir=str(tmp_path), widths=False)
     plan = plan_execution(loaded, settings)
     found = plan.summary()["attention"]
@@ -198,7 +185,7 @@ def test_packed_sequences_attend_only_to_themselves():
 
 def test_a_bert_embeds_packed_rows_as_it_embeds_the_padded_batch():
     _needs_kernel()
-    loaded = _bert_with_heads_of_32()
+    loaded = bert_with_heads_of_32()
     batch = _padded_batch(loaded)
     loaded.model.set_attn_implementation(NAME)
     with torch.no_grad():

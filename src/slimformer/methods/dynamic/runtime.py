@@ -226,6 +226,47 @@ def _block_flops(tokens: torch.Tensor, dim: int, ffn: int) -> float:
     return float((2 * t * (4 * dim * dim + 2 * dim * ffn) + 2 * 2 * t * t * dim).sum())
 
 
+class _Pass:
+    """The per-input results and per-block accounting of one dynamic pass over ``n`` inputs:
+    ``rows`` (the batch indices of the inputs still running), ``out`` (n, dim) float32 embeddings,
+    blocks run per input, tokens and rows entering each block, FLOPs, and the exit rule's
+    per-row ``rule_state`` (filtered as rows leave); ``tokens`` (n,) real tokens per input."""
+
+    def __init__(self, n: int, dim: int, tokens: torch.Tensor) -> None:
+        self.rows = torch.arange(n)
+        self.out = torch.zeros(n, dim, dtype=torch.float32)
+        self.layers_run = torch.zeros(n, dtype=torch.long)
+        self.tokens_per_layer: list[float] = []
+        self.rows_per_layer: list[int] = []
+        self.flops = 0.0
+        self.rule_state: dict = {"tokens": tokens.to(torch.float32)}
+
+    def enter(self, start: int, end: int, real: torch.Tensor, computed: torch.Tensor, dim: int, ffn: int) -> None:
+        """Blocks ``start..end-1`` about to run on rows with ``real`` (rows,) real tokens, of
+        which the blocks compute ``computed`` (rows,) positions each (padding included)."""
+        for _ in range(start, end):  # shapes do not change inside a segment
+            self.tokens_per_layer.append(float(real.float().mean()) if len(self.rows) else 0.0)
+            self.rows_per_layer.append(len(self.rows))
+            self.flops += _block_flops(computed, dim, ffn)
+
+    def leave(self, done: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Rows ``done`` (rows,) bool exit with embeddings ``emb`` (rows, dim); returns the
+        rows that go on (rows,) bool."""
+        self.out[self.rows[done]] = emb[done]
+        keep = ~done
+        self.rows = self.rows[keep]
+        self.rule_state = {k: v[keep] for k, v in self.rule_state.items()}
+        return keep
+
+    def finish(self, pooled) -> None:
+        """The rows still running get ``pooled()`` (rows, dim), their final embeddings."""
+        if len(self.rows):
+            self.out[self.rows] = pooled()
+
+    def stats(self) -> RunStats:
+        return RunStats(self.layers_run, self.tokens_per_layer, self.rows_per_layer, self.flops)
+
+
 class DynamicEncoder:
     """Runs a loaded encoder with its dynamic settings (see the module docstring)."""
 
@@ -318,29 +359,20 @@ class DynamicEncoder:
         mode = self.loaded.pooling
         sizes = torch.ones(hidden.shape[1])
         protect = special_token_mask(inputs["input_ids"][0], self.loaded.tokenizer)
-        rows = torch.arange(n)
-        out = torch.zeros(n, dim, dtype=torch.float32)
-        layers_run = torch.zeros(n, dtype=torch.long)
-        tokens_per_layer: list[float] = []
-        rows_per_layer: list[int] = []
-        flops = 0.0
-        rule_state: dict = {"tokens": cu.diff().to(torch.float32)}
+        run = _Pass(n, dim, cu.diff())
         exits, rule = self.settings.exits, self.settings.rule
         last = len(blocks) - 1
         compiled = self.settings.compiled
         merged = False
         for start, end in block_segments(self.settings, len(blocks)):
             counts = cu.diff()
-            for _ in range(start, end):
-                tokens_per_layer.append(float(counts.float().mean()) if len(rows) else 0.0)
-                rows_per_layer.append(len(rows))
-                flops += _block_flops(counts, dim, ffn)
+            run.enter(start, end, counts, counts, dim, ffn)
             bias = None
             if merged and self.settings.proportional_attention and bool((sizes != 1).any()):
                 bias = sizes.clamp(min=1e-9).log().to(hidden.dtype)[None, None, None, :]  # (1, 1, 1, tokens)
             segment = compiled.get((start, end))
             hidden = segment(hidden, bias, cu) if segment is not None else run_blocks(blocks[start:end], hidden, bias, cu)
-            layers_run[rows] += end - start
+            run.layers_run[run.rows] += end - start
             index = end - 1
             reducers = self.settings.reducers.get(index, [])
             if reducers:
@@ -351,22 +383,16 @@ class DynamicEncoder:
                 merged = True
             if exits is not None and index < last and exits.has(index):
                 emb = exits(index, pool_packed(hidden, sizes, cu, mode)).float()
-                done = rule.decide(index, emb, rule_state)
+                done = rule.decide(index, emb, run.rule_state)
                 if done.any():
-                    out[rows[done]] = emb[done]
-                    keep = ~done
+                    keep = run.leave(done, emb)
                     tokens = keep[_segments_of(cu)]
                     hidden, sizes, protect = hidden[:, tokens], sizes[tokens], protect[tokens]
                     cu = torch.cat([cu.new_zeros(1), cu.diff()[keep].cumsum(0)])
-                    rows = rows[keep]
-                    rule_state = {k: v[keep] for k, v in rule_state.items()}
-                    if len(rows) == 0:
+                    if len(run.rows) == 0:
                         break
-        if len(rows):
-            out[rows] = pool_packed(hidden, sizes, cu, mode)
-        if return_stats:
-            return out, RunStats(layers_run, tokens_per_layer, rows_per_layer, flops)
-        return out
+        run.finish(lambda: pool_packed(hidden, sizes, cu, mode))
+        return (run.out, run.stats()) if return_stats else run.out
 
     def _embed_padded(self, batch: dict, return_stats: bool = False, collect_layers: bool = False):
         input_ids = batch["input_ids"]
@@ -381,27 +407,18 @@ class DynamicEncoder:
         sizes = attention_mask.to(torch.float32)
         merged = False
         protect = special_token_mask(input_ids, self.loaded.tokenizer) & attention_mask.bool()
-        rows = torch.arange(n)
-        out = torch.zeros(n, dim, dtype=torch.float32)
-        layers_run = torch.zeros(n, dtype=torch.long)
-        tokens_per_layer: list[float] = []
-        rows_per_layer: list[int] = []
-        flops = 0.0
+        run = _Pass(n, dim, attention_mask.sum(1))
         collected: list[torch.Tensor] = []
-        rule_state: dict = {"tokens": attention_mask.sum(1).to(torch.float32)}  # per-row state, filtered as rows leave
         exits, rule = self.settings.exits, self.settings.rule
         last = len(blocks) - 1
         compiled = self.settings.compiled
         for start, end in block_segments(self.settings, len(blocks), every_block=collect_layers):
             real = (sizes > 0).sum(1)
-            for _ in range(start, end):  # shapes do not change inside a segment
-                tokens_per_layer.append(float(real.float().mean()) if len(rows) else 0.0)
-                rows_per_layer.append(len(rows))
-                flops += _block_flops(torch.full_like(real, sizes.shape[1]), dim, ffn)
+            run.enter(start, end, real, torch.full_like(real, sizes.shape[1]), dim, ffn)
             mask = self._mask(hidden, attention_mask, sizes if merged else None)
             segment = compiled.get((start, end))
             hidden = segment(hidden, mask) if segment is not None else run_blocks(blocks[start:end], hidden, mask)
-            layers_run[rows] += end - start
+            run.layers_run[run.rows] += end - start
             index = end - 1
             reducers = self.settings.reducers.get(index, [])
             for reducer in reducers:
@@ -416,20 +433,16 @@ class DynamicEncoder:
                 collected.append(pool(hidden, sizes, mode))
             if exits is not None and index < last and exits.has(index):
                 emb = exits(index, pool(hidden, sizes, mode)).float()
-                done = rule.decide(index, emb, rule_state)
+                done = rule.decide(index, emb, run.rule_state)
                 if done.any():
-                    out[rows[done]] = emb[done]
-                    keep = ~done
-                    hidden, sizes, protect, rows = hidden[keep], sizes[keep], protect[keep], rows[keep]
-                    attention_mask = attention_mask[keep]
-                    rule_state = {k: v[keep] for k, v in rule_state.items()}
-                    if len(rows) == 0:
+                    keep = run.leave(done, emb)
+                    hidden, sizes, protect, attention_mask = hidden[keep], sizes[keep], protect[keep], attention_mask[keep]
+                    if len(run.rows) == 0:
                         break
-        if len(rows):
-            out[rows] = pool(hidden, sizes, mode)
-        result = [out]
+        run.finish(lambda: pool(hidden, sizes, mode))
+        result = [run.out]
         if return_stats:
-            result.append(RunStats(layers_run, tokens_per_layer, rows_per_layer, flops))
+            result.append(run.stats())
         if collect_layers:
             result.append(collected)
         return result[0] if len(result) == 1 else tuple(result)
