@@ -30,6 +30,7 @@ from slimformer.compress import compress  # noqa: E402
 from slimformer.data import TextSpec, load_texts  # noqa: E402
 from slimformer.io import load_compressed, save_compressed  # noqa: E402
 from slimformer.methods import CalibrationSettings, CostEffConfig, EarlyExitConfig, TokenPruningConfig  # noqa: E402
+from slimformer.methods.dynamic.token_pruning import describe_rates  # noqa: E402
 from slimformer.models import load_model  # noqa: E402
 from slimformer.recipe import Recipe  # noqa: E402
 
@@ -411,15 +412,12 @@ def markdown(meta, rows) -> str:
         + (f" (candidates blocks {', '.join(map(str, meta['searched_pruning']['config']['layers']))}, mean cos ≥ {meta['searched_pruning']['config']['target_cos']} there"
            + (f" and calibration top-10 neighbour agreement ≥ {meta['searched_pruning']['config']['target_top10']}" if meta['searched_pruning']['config'].get('target_top10') else "")
            + "; "
-           + (f"chosen: after block(s) {', '.join(map(str, meta['searched_pruning']['layers']))} keeping {', '.join(f'{k:.0%}' for k in meta['searched_pruning']['keep_ratios'])}, "
-              if meta['searched_pruning']['layers'] else "chosen: no pruning (no move saved enough), ")
+           + f"chosen: {describe_rates(meta['searched_pruning'])}" + ("" if meta['searched_pruning']['layers'] else " (no move saved enough)") + ", "
            + f"calibration cos {meta['searched_pruning']['calibration_cos']:.4f}, {meta['searched_pruning']['flops_ratio']:.0%} of the block FLOPs, "
            f"{meta['searched_pruning']['seconds']:.0f} s of search)" if meta.get("searched_pruning") else "")
         + (f"; `+prune-searched0.96-fused` = the same search with the dropped tokens fused, candidates blocks "
            f"{', '.join(map(str, meta['searched_pruning_fused']['config']['layers']))}, mean cos ≥ {meta['searched_pruning_fused']['config']['target_cos']} "
-           f"(the 0.95 floor plus the same margin), no neighbour floor; chosen: "
-           + (f"after block(s) {', '.join(map(str, meta['searched_pruning_fused']['layers']))} keeping {', '.join(f'{k:.0%}' for k in meta['searched_pruning_fused']['keep_ratios'])}, "
-              if meta['searched_pruning_fused']['layers'] else "no pruning, ")
+           f"(the 0.95 floor plus the same margin), no neighbour floor; chosen: {describe_rates(meta['searched_pruning_fused'])}, "
            + f"calibration cos {meta['searched_pruning_fused']['calibration_cos']:.4f}, {meta['searched_pruning_fused']['flops_ratio']:.0%} of the block FLOPs, "
            f"{meta['searched_pruning_fused']['seconds']:.0f} s of search" if meta.get("searched_pruning_fused") else "")
         + ". `compiled` = that model compiled by Inductor with frozen weights (`compile_model(..., freezing=True)`, on a batch of "

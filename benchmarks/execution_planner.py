@@ -33,6 +33,7 @@ import slimformer
 from slimformer.data import TextSpec, load_texts
 from slimformer.evaluate import EvalSettings
 from slimformer.evaluate.harness import latency_batch
+from slimformer.methods.dynamic.token_pruning import describe_rates
 from slimformer.evaluate.quality import _tokenize
 from slimformer.methods.quantization.cast import cast_model
 from slimformer.io.serialization import kernel_summary
@@ -97,8 +98,7 @@ def pruning_lines(out: dict) -> list[str]:
     if not info:
         return []
     found = info["found"]
-    chosen = (f"after block(s) {', '.join(map(str, found['layers']))} keeping {', '.join(f'{k:.0%}' for k in found['keep_ratios'])}"
-              if found["layers"] else "no pruning (no move kept the calibration cosine and saved 2 % of the measured time)")
+    chosen = describe_rates(found) + ("" if found["layers"] else " (no move kept the calibration cosine and saved 2 % of the measured time)")
     return ["", f"Token pruning for the cos ≥ 0.99 line (`token-pruning`, length-aware, fused, candidates after blocks 1–4, keep floor 30 %; the rate searched on "
             f"{info['calibration']['n_samples']} `{info['calibration']['source']}` calibration texts, never on this corpus, at target cos {info['target_cos']}, "
             f"measured time as the cost, on the planned bf16 model, whose rows the dynamic runtime packs): {chosen}; calibration cos {found['calibration_cos']:.4f}, "

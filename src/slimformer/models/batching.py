@@ -105,6 +105,12 @@ def run_bucketed(batch: dict, fn: Callable[[dict], torch.Tensor], call_cost: int
     return out
 
 
+def sequence_index(cu_seq_lens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The sequence (tokens,) int64 each of ``tokens`` packed tokens belongs to, from the
+    boundaries ``cu_seq_lens`` (sequences + 1,); shape-static, so it traces under ``torch.compile``."""
+    return torch.searchsorted(cu_seq_lens[1:].to(torch.int64), torch.arange(tokens, device=cu_seq_lens.device), right=True)
+
+
 def pack_rows(batch: dict) -> tuple[dict, torch.Tensor]:
     """The real tokens of a padded batch packed back to back into one row, FlashAttention's
     varlen layout: ``input_ids``, ``token_type_ids`` (zeros unless given) and ``position_ids``
@@ -117,7 +123,8 @@ def pack_rows(batch: dict) -> tuple[dict, torch.Tensor]:
     index = mask.reshape(-1).nonzero().squeeze(1)
     cu = torch.zeros(mask.shape[0] + 1, dtype=torch.long)
     cu[1:] = lengths.cumsum(0)
-    positions = torch.arange(int(cu[-1])) - torch.repeat_interleave(cu[:-1], lengths)
+    tokens = int(cu[-1])
+    positions = torch.arange(tokens) - cu[:-1][sequence_index(cu, tokens)]
     types = batch.get("token_type_ids")
     inputs = {"input_ids": batch["input_ids"].reshape(-1)[index][None],
               "token_type_ids": (types.reshape(-1)[index] if types is not None else torch.zeros_like(index))[None],

@@ -28,6 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from slimformer.kernels import tile_attention as kernel
+from slimformer.models.batching import sequence_index
 from slimformer.runtime.attention import switch_attention
 from slimformer.runtime.machine import signature
 from slimformer.runtime.measurements import PlanCache, default_cache_dir
@@ -81,7 +82,7 @@ def _packed_attention(module, query, key, value, key_bias, cu_q, cu_k, dropout, 
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if _kernel_takes(module, query, key, value, dropout, packed=True):
         return kernel.tile_attention_packed(query, key, value, cu_q, scale, key_bias), None
-    segment = torch.searchsorted(cu_q[1:].to(torch.int64), torch.arange(tokens, device=query.device), right=True)
+    segment = sequence_index(cu_q, tokens)
     mask = (segment[:, None] == segment[None, :])[None, None]
     if key_bias is not None:
         mask = torch.where(mask, key_bias.reshape(1, 1, 1, tokens).to(query.dtype), torch.finfo(query.dtype).min)

@@ -16,12 +16,14 @@ point each text goes on with exactly its own tokens, and rows that exit leave th
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from slimformer.models.batching import PACKED_ATTENTION, length_buckets, pack_rows, run_width, widen
+from slimformer.models.batching import PACKED_ATTENTION, length_buckets, pack_rows, run_width, sequence_index, widen
 
 
 @dataclass
@@ -165,19 +167,13 @@ def run_blocks(blocks, hidden: torch.Tensor, mask, cu_seq_lens: torch.Tensor | N
     return hidden
 
 
-def _segments_of(cu_seq_lens: torch.Tensor) -> torch.Tensor:
-    """Sequence index (tokens,) of every packed token."""
-    counts = cu_seq_lens.diff()
-    return torch.repeat_interleave(torch.arange(len(counts)), counts)
-
-
 def unpack_state(hidden: torch.Tensor, sizes: torch.Tensor, protect: torch.Tensor, cu_seq_lens: torch.Tensor):
     """Packed state -- hidden (1, tokens, dim), sizes (tokens,), protect (tokens,) with sequence
     boundaries ``cu_seq_lens`` -- as padded rows: hidden (rows, T, dim), sizes and protect
     (rows, T), T = the longest sequence, padding with size 0 (what the token reducers take)."""
     counts = cu_seq_lens.diff()
     rows, width, dim = len(counts), int(counts.max()) if len(counts) else 0, hidden.shape[-1]
-    segment = _segments_of(cu_seq_lens)
+    segment = sequence_index(cu_seq_lens, hidden.shape[1])
     flat = segment * width + torch.arange(hidden.shape[1]) - cu_seq_lens[:-1][segment]
     h = hidden.new_zeros(rows * width, dim).index_copy_(0, flat, hidden[0])
     s = sizes.new_zeros(rows * width).index_copy_(0, flat, sizes)
@@ -203,7 +199,7 @@ def pool_packed(hidden: torch.Tensor, sizes: torch.Tensor, cu_seq_lens: torch.Te
     if mode == "cls":
         return hidden[0, cu_seq_lens[:-1]].float()
     w = sizes.to(torch.float32)
-    segment = _segments_of(cu_seq_lens)
+    segment = sequence_index(cu_seq_lens, hidden.shape[1])
     total = torch.zeros(rows, hidden.shape[-1]).index_add_(0, segment, hidden[0].float() * w[:, None])
     return total / torch.zeros(rows).index_add_(0, segment, w).clamp(min=1e-9)[:, None]
 
@@ -224,6 +220,13 @@ def _block_flops(tokens: torch.Tensor, dim: int, ffn: int) -> float:
     """Multiply-add x2 of one encoder block for rows with ``tokens`` real tokens each."""
     t = tokens.float()
     return float((2 * t * (4 * dim * dim + 2 * dim * ffn) + 2 * 2 * t * t * dim).sum())
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_position_ids(embeddings: type) -> bool:
+    """Whether an embeddings module class's forward takes ``position_ids`` (restarting per
+    packed text); looked up once per class, not on every batch."""
+    return "position_ids" in inspect.signature(embeddings.forward).parameters
 
 
 class _Pass:
@@ -336,9 +339,7 @@ class DynamicEncoder:
             return False
         if getattr(self.model.config, "_attn_implementation", None) not in PACKED_ATTENTION:
             return False
-        import inspect
-
-        return "position_ids" in inspect.signature(self.adapter.base().embeddings.forward).parameters
+        return _takes_position_ids(type(self.adapter.base().embeddings))
 
     def _embed_packed(self, batch: dict, return_stats: bool = False):
         """:meth:`embed` with the batch's real tokens packed into one row
@@ -386,7 +387,7 @@ class DynamicEncoder:
                 done = rule.decide(index, emb, run.rule_state)
                 if done.any():
                     keep = run.leave(done, emb)
-                    tokens = keep[_segments_of(cu)]
+                    tokens = keep[sequence_index(cu, hidden.shape[1])]
                     hidden, sizes, protect = hidden[:, tokens], sizes[tokens], protect[tokens]
                     cu = torch.cat([cu.new_zeros(1), cu.diff()[keep].cumsum(0)])
                     if len(run.rows) == 0:

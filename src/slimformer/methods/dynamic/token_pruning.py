@@ -116,3 +116,11 @@ def apply_token_pruning(loaded, config: TokenPruningConfig, ctx) -> dict:
     return {"layers": list(layers), "keep_ratios": [found["keep"][l] for l in layers], "calibration_cos": found["cos"], "calibration_top10": found["top10"],
             "flops_ratio": found["flops_ratio"], "cost": found["cost"], "cost_ratio": found["cost_ratio"], "target_cos": config.target_cos, "target_top10": config.target_top10,
             "search_path": found["path"]}
+
+
+def describe_rates(record: dict) -> str:
+    """What a ``token-pruning`` record (the dict :func:`apply_token_pruning` returns) prunes, in
+    words: ``after block(s) 2, 3 keeping 50%, 40%``, or ``no pruning``."""
+    if not record["layers"]:
+        return "no pruning"
+    return f"after block(s) {', '.join(map(str, record['layers']))} keeping {', '.join(f'{k:.0%}' for k in record['keep_ratios'])}"
