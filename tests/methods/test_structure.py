@@ -320,6 +320,29 @@ def test_distillation_lowers_loss_and_resumes(tiny_factory, tmp_path, monkeypatc
     assert torch.allclose(model_output(resumed, batch), model_output(straight, batch), atol=1e-6)
 
 
+def test_distillation_under_bfloat16_autocast_trains_float32_weights(tiny_factory):
+    """``distill_autocast: bfloat16``: the training passes run in bfloat16, the weights stay
+    float32, the float32-measured loss still falls; an unknown dtype is refused on construction."""
+    loaded = tiny_factory("bert")
+    trained_in = set()  # dtypes of linear outputs in passes that build a graph (the training passes)
+
+    def hook(module, inputs, out):
+        if isinstance(module, torch.nn.Linear) and torch.is_grad_enabled():
+            trained_in.add(out.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        record = _run(loaded, method="width-slim", flops_ratio=0.5, distill_steps=12, distill_lr=1e-4, distill_autocast="bfloat16")
+    finally:
+        handle.remove()
+    d = record["distillation"]
+    assert trained_in == {torch.bfloat16}
+    assert d["autocast"] == "bfloat16" and d["loss_after"] < d["loss_before"]
+    assert {p.dtype for p in loaded.model.parameters() if p.is_floating_point()} == {torch.float32}
+    with pytest.raises(ConfigError, match="distill_autocast"):
+        method_from_dict({"method": "width-slim", "distill_autocast": "float16"})
+
+
 def test_layerwise_distillation_loss_adds_every_earlier_block(tiny_factory):
     """``mse+cos+layers``: the final layer's ``mse+cos`` plus the mean relative error of the
     earlier blocks' outputs, zero for identical models; width-slim trains with it and refuses it
