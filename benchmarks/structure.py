@@ -717,7 +717,8 @@ TRANSFER_SOURCES = ("package-docs", "notices")
 
 
 def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str, refit: bool = False, max_length: int | None = None,
-               source: str | None = None, batch_size: int | None = None, distilled_only: bool = False, head_ratio: float | None = None) -> None:
+               source: str | None = None, batch_size: int | None = None, distilled_only: bool = False, head_ratio: float | None = None,
+               autocast: str = "float32") -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cal = {**MINILM_CAL, "n_samples": samples, **({"max_length": max_length} if max_length else {}), **({"source": source} if source else {}),
            **({"batch_size": batch_size} if batch_size else {})}
@@ -735,6 +736,7 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
         if not distilled_only:
             settings.append((f"width {pct} FLOPs{sel}", {"method": "width-slim", "flops_ratio": r, **how}))
         settings.append((f"width {pct} FLOPs{sel} + distill", {"method": "width-slim", "flops_ratio": r, **how, "distill_steps": steps, "distill_lr": lr, "distill_loss": loss,
+                                                         **({"distill_autocast": autocast} if autocast != "float32" else {}),
                                                          "checkpoint": f"/tmp/slimformer-width{pct[:-1]}-{tag or 'base'}.ckpt"}))
     batch = dict(original.tokenizer(texts[:16], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
     batch.pop("token_type_ids", None)
@@ -767,7 +769,7 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
         r["latency_s"] = lat[r["name"]]
         r["speedup"] = lat["original"] / lat[r["name"]]
     out = {"tag": tag, "distill_loss": loss, "calibration": cal, "evaluation": MINILM_EVAL | {"source": "stdlib-docs (evaluation split)"}, "latency_batch": [16, 128],
-           "original_latency_s": lat["original"], "machine_before_speed": mach_before, "machine_after_speed": machine(), "distill_steps": steps, "distill_lr": lr, "rows": rows}
+           "original_latency_s": lat["original"], "machine_before_speed": mach_before, "machine_after_speed": machine(), "distill_steps": steps, "distill_lr": lr, "distill_autocast": autocast, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"structure_minilm{'_' + tag if tag else ''}.json").write_text(json.dumps(out, indent=1, default=str))
 
@@ -780,6 +782,7 @@ def _mach_line(m: dict) -> str:
 
 LOSS_TEXT = {"mse": "relative MSE of the final hidden states"}
 LOSS_TEXT["mse+cos"] = LOSS_TEXT["mse"] + " + (1 - cos) of the mean-pooled embeddings"
+LOSS_TEXT["cos"] = "(1 - cos) of the mean-pooled embeddings"
 LOSS_TEXT["mse+cos+layers"] = LOSS_TEXT["mse+cos"] + " + the mean relative MSE of the five earlier blocks' outputs (layer-wise)"
 
 
@@ -869,7 +872,7 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
         L += ["", f"## MiniLM (all-MiniLM-L6-v2) width slimming{' (' + mini['tag'] + ')' if mini.get('tag') else ''}", "",
               f"Held-out: {mini['evaluation']['n']} documents of stdlib-docs (evaluation split), {mini['evaluation']['n_queries']} of them as queries. "
               f"Calibration / distillation: {mini['calibration']['n_samples']} documents of `{mini['calibration']['source']}` (calibration split), <= {mini['calibration']['max_length']} tokens, batches of {mini['calibration']['batch_size']}; "
-              f"distillation {mini['distill_steps']} steps, AdamW lr {mini['distill_lr']} (cosine decay), loss: {LOSS_TEXT[mini.get('distill_loss', 'mse')]}. "
+              f"distillation {mini['distill_steps']} steps, AdamW lr {mini['distill_lr']} (cosine decay{', training passes under bfloat16 autocast' if mini.get('distill_autocast', 'float32') != 'float32' else ''}), loss: {LOSS_TEXT[mini.get('distill_loss', 'mse')]}. "
               f"Speed: batch {mini['latency_batch'][0]} x {mini['latency_batch'][1]} tokens, original {mini['original_latency_s']*1000:.0f} ms; {_mach_line(mini['machine_before_speed'])}.{also}", "",
               "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for r in mini["rows"]:
@@ -955,12 +958,13 @@ def main() -> None:
     mm.add_argument("--samples", type=int, default=MINILM_CAL["n_samples"])
     mm.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5])
     mm.add_argument("--tag", default="")
-    mm.add_argument("--loss", default="mse", choices=["mse", "mse+cos", "mse+cos+layers"])
+    mm.add_argument("--loss", default="mse", choices=["mse", "mse+cos", "cos", "mse+cos+layers"])
     mm.add_argument("--max-length", type=int, default=None, help="calibration/distillation tokens per document (default MINILM_CAL's)")
     mm.add_argument("--source", default=None, help="calibration/distillation text (default MINILM_CAL's, stdlib-docs; 'mix' = the varied default mix)")
     mm.add_argument("--batch-size", type=int, default=None)
     mm.add_argument("--head-ratio", type=float, default=None, help="fraction of heads kept (default: the FLOPs ratio); the MLP width meets the FLOPs target")
     mm.add_argument("--distilled-only", action="store_true", help="skip the rows without distillation")
+    mm.add_argument("--autocast", default="float32", choices=["float32", "bfloat16"], help="the distillation's training passes under bfloat16 autocast (width-slim distill_autocast)")
     mm.add_argument("--refit", action="store_true", help="heads/neurons chosen by structured OBS and output projections refitted (width-slim select: obs, refit: true)")
     args = parser.parse_args()
     if args.cmd == "search":
@@ -984,7 +988,7 @@ def main() -> None:
     elif args.cmd == "table":
         cmd_table()
     else:
-        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length, args.source, args.batch_size, args.distilled_only, args.head_ratio)
+        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length, args.source, args.batch_size, args.distilled_only, args.head_ratio, args.autocast)
 
 
 if __name__ == "__main__":

@@ -343,6 +343,24 @@ def test_distillation_under_bfloat16_autocast_trains_float32_weights(tiny_factor
         method_from_dict({"method": "width-slim", "distill_autocast": "float16"})
 
 
+def test_cosine_distillation_loss_is_the_pooled_embedding_distance():
+    """``cos``: 1 - cos of the mean-pooled embeddings over valid tokens only (padding ignored);
+    ``mse+cos`` is ``mse`` plus exactly that."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    pooled = lambda x: torch.stack([x[0].mean(0), x[1, :3].mean(0)])  # noqa: E731
+    want = 1 - torch.nn.functional.cosine_similarity(pooled(s), pooled(t), dim=-1).mean()
+    got = distill_module.distillation_loss(s, t, mask, "cos")
+    assert torch.allclose(got, want, atol=1e-6)
+    s2 = s.clone()
+    s2[1, 3:] = 100.0  # padding changes nothing
+    assert torch.allclose(distill_module.distillation_loss(s2, t, mask, "cos"), want, atol=1e-6)
+    both = distill_module.distillation_loss(s, t, mask, "mse+cos")
+    assert torch.allclose(both, distill_module.distillation_loss(s, t, mask, "mse") + want, atol=1e-6)
+
+
 def test_layerwise_distillation_loss_adds_every_earlier_block(tiny_factory):
     """``mse+cos+layers``: the final layer's ``mse+cos`` plus the mean relative error of the
     earlier blocks' outputs, zero for identical models; width-slim trains with it and refuses it

@@ -4,7 +4,7 @@ Used by width slimming (COST-EFF's recovery step, shortened to CPU minutes). The
 slimmed model, the teacher the model before slimming; the loss is the relative squared error of
 the final hidden states over valid tokens (encoders, ``mse``) or the KL divergence of the
 next-token distributions (causal LMs, ``kl``); for embedding models ``mse+cos`` adds the cosine
-distance of the mean-pooled sentence embeddings, and ``mse+cos+layers`` adds the mean relative
+distance of the mean-pooled sentence embeddings (``cos``: that distance alone), and ``mse+cos+layers`` adds the mean relative
 squared error of every earlier block's output as well (layer-wise distillation, as in TinyBERT
 and CoFi: width slimming keeps the hidden size, so the student's blocks can be matched to the
 teacher's one for one; the teacher's hidden states are recomputed each step, not cached).
@@ -70,26 +70,29 @@ def _outputs(model, batch: dict, causal: bool, layers: bool = False) -> torch.Te
 def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mask: torch.Tensor, loss: str) -> torch.Tensor:
     """Loss over valid tokens ``mask`` (batch, seq): ``mse`` (relative squared error of hidden
     states (batch, seq, dim)), ``mse+cos`` (that plus ``1 - cos`` of the mean-pooled sentence
-    embeddings, the quantity an embedding model is judged by), ``mse+cos+layers`` (outputs
-    (blocks, batch, seq, dim): ``mse+cos`` of the last plus the mean relative squared error of
-    the others) or ``kl`` (KL(teacher || student) per token of logits (batch, seq, vocab))."""
+    embeddings, the quantity an embedding model is judged by), ``cos`` (that distance alone),
+    ``mse+cos+layers`` (outputs (blocks, batch, seq, dim): ``mse+cos`` of the last plus the mean
+    relative squared error of the others) or ``kl`` (KL(teacher || student) per token of logits (batch, seq, vocab))."""
     if loss in LAYER_LOSSES:
         final = distillation_loss(student_out[-1], teacher_out[-1], mask, "mse+cos")
         if student_out.shape[0] == 1:
             return final
         inner = torch.stack([distillation_loss(s_l, t_l, mask, "mse") for s_l, t_l in zip(student_out[:-1], teacher_out[:-1])])
         return final + inner.mean()
-    valid = mask.bool()
-    s = student_out[valid].float()
-    t = teacher_out[valid].float()
-    if loss in ("mse", "mse+cos"):
-        value = ((s - t) ** 2).sum() / (t**2).sum().clamp(min=1e-12)
-        if loss == "mse+cos":
-            m = mask.unsqueeze(-1).to(student_out.dtype)
+    if loss in ("mse", "mse+cos", "cos"):
+        value = student_out.new_zeros((), dtype=torch.float32)
+        if loss != "cos":
+            valid = mask.bool()
+            s, t = student_out[valid].float(), teacher_out[valid].float()
+            value = ((s - t) ** 2).sum() / (t**2).sum().clamp(min=1e-12)
+        if loss != "mse":
+            m = mask.unsqueeze(-1).float()
             ps = (student_out.float() * m).sum(1) / m.sum(1).clamp(min=1)
             pt = (teacher_out.float() * m).sum(1) / m.sum(1).clamp(min=1)
             value = value + (1 - F.cosine_similarity(ps, pt, dim=-1)).mean()
         return value
+    s = student_out[mask.bool()].float()
+    t = teacher_out[mask.bool()].float()
     log_t = F.log_softmax(t, dim=-1)
     return F.kl_div(F.log_softmax(s, dim=-1), log_t, log_target=True, reduction="batchmean")
 

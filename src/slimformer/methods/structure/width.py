@@ -48,7 +48,7 @@ from slimformer.methods.structure.distill import AUTOCAST_DTYPES, distill
 
 GQA_MODES = ("within-groups", "groups")
 SELECTIONS = ("importance", "obs")
-LOSSES = ("auto", "mse", "mse+cos", "mse+cos+layers", "kl")
+LOSSES = ("auto", "mse", "mse+cos", "cos", "mse+cos+layers", "kl")
 
 
 def _ratio(name: str, value, allow_none: bool = True) -> None:
@@ -65,7 +65,8 @@ class WidthSlimConfig(MethodConfig):
     target); ``gqa``: ``within-groups`` or ``groups``; ``round_to``: MLP widths are multiples of
     it; ``distill_steps`` > 0: distil from the original (``distill_lr``, ``distill_loss``:
     ``auto`` = ``mse`` of hidden states for encoders, ``kl`` of logits for causal LMs;
-    ``mse+cos`` adds the cosine distance of mean-pooled embeddings, ``mse+cos+layers`` (encoders)
+    ``mse+cos`` adds the cosine distance of mean-pooled embeddings, ``cos`` is that distance alone,
+    ``mse+cos+layers`` (encoders)
     every earlier block's output too) on the calibration batches, seeded by ``seed``, resumable
     from ``checkpoint`` (a file path, written every ``checkpoint_every`` steps);
     ``distill_autocast``: ``float32`` or ``bfloat16`` (the student's training passes under
