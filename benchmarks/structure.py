@@ -718,10 +718,12 @@ TRANSFER_SOURCES = ("package-docs", "notices")
 
 def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str, refit: bool = False, max_length: int | None = None,
                source: str | None = None, batch_size: int | None = None, distilled_only: bool = False, head_ratio: float | None = None,
-               autocast: str = "float32") -> None:
+               autocast: str = "float32", block_ratios: list[float] | None = None) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cal = {**MINILM_CAL, "n_samples": samples, **({"max_length": max_length} if max_length else {}), **({"source": source} if source else {}),
            **({"batch_size": batch_size} if batch_size else {})}
+    # the documents the calibration really holds (a source may hold fewer than asked for)
+    cal["n_documents"] = len(load_texts(TextSpec(source=cal["source"], split="calibration", n=cal["n_samples"], seed=cal["seed"])))
     original = load_model()
     texts = load_texts(TextSpec(source="stdlib-docs", split="evaluation", n=MINILM_EVAL["n"], seed=0))
     ref = encoder_reference(original, texts, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"])
@@ -729,10 +731,13 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
     transfer = {s: load_texts(TextSpec(source=s, split="evaluation", n=MINILM_EVAL["n"], seed=0)) for s in TRANSFER_SOURCES}
     transfer_ref = {s: encoder_reference(original, t, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"]) for s, t in transfer.items()}
     settings = []
-    for r in ratios:
+    for r in ratios if block_ratios is None else [sum(block_ratios) / len(block_ratios)]:
         pct = f"{r:.0%}"
         how = ({"refit": True, "select": "obs"} if refit else {}) | ({"head_ratio": head_ratio} if head_ratio else {})
         sel = (" (OBS choice + refit)" if refit else "") + (f" (heads kept {head_ratio:.0%})" if head_ratio else "")
+        if block_ratios is not None:
+            how["block_flops_ratios"] = list(block_ratios)
+            sel += f" (per block {'/'.join(f'{b:.0%}' for b in block_ratios)})"
         if not distilled_only:
             settings.append((f"width {pct} FLOPs{sel}", {"method": "width-slim", "flops_ratio": r, **how}))
         settings.append((f"width {pct} FLOPs{sel} + distill", {"method": "width-slim", "flops_ratio": r, **how, "distill_steps": steps, "distill_lr": lr, "distill_loss": loss,
@@ -746,7 +751,7 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
     for name, step in settings:
         m = copy.deepcopy(original)
         t0 = time.perf_counter()
-        compress(m, Recipe(steps=[method_from_dict(step)], calibration=CalibrationSettings(**cal)), progress=True)
+        compress(m, Recipe(steps=[method_from_dict(step)], calibration=CalibrationSettings(**{k: v for k, v in cal.items() if k != "n_documents"})), progress=True)
         seconds = time.perf_counter() - t0
         q = encoder_quality(original, m, texts, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"], reference=ref)
         tq = {src: encoder_quality(original, m, t, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"], reference=transfer_ref[src])
@@ -755,7 +760,8 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
         f = forward_flops(m, batch)
         rows.append({"name": name, "step": step, "seconds": seconds, "quality": q, "transfer_quality": tq, "block_flops_ratio_measured": f["blocks"] / f0["blocks"],
                      "flops_ratio_measured": f["total"] / f0["total"], "parameters": _params(m.model), "parameter_ratio": _params(m.model) / _params(original.model),
-                     "storage_bytes": storage_bytes(m.model), "heads": rec["heads"]["0"], "mlp_width": rec["mlp_widths"]["0"], "distillation": rec.get("distillation")})
+                     "storage_bytes": storage_bytes(m.model), "heads": rec["heads"]["0"], "mlp_width": rec["mlp_widths"]["0"],
+                     "heads_per_block": [rec["heads"][k][0] for k in sorted(rec["heads"], key=int)], "mlp_widths": [rec["mlp_widths"][k] for k in sorted(rec["mlp_widths"], key=int)], "distillation": rec.get("distillation")})
         models[name] = m
         print(name, q, rows[-1]["block_flops_ratio_measured"], rec.get("distillation"), flush=True)
     mach_before = machine()
@@ -871,7 +877,7 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
                    "speed-up", "distill loss before -> after", "time"]
         L += ["", f"## MiniLM (all-MiniLM-L6-v2) width slimming{' (' + mini['tag'] + ')' if mini.get('tag') else ''}", "",
               f"Held-out: {mini['evaluation']['n']} documents of stdlib-docs (evaluation split), {mini['evaluation']['n_queries']} of them as queries. "
-              f"Calibration / distillation: {mini['calibration']['n_samples']} documents of `{mini['calibration']['source']}` (calibration split), <= {mini['calibration']['max_length']} tokens, batches of {mini['calibration']['batch_size']}; "
+              f"Calibration / distillation: {mini['calibration'].get('n_documents', mini['calibration']['n_samples'])} documents of `{mini['calibration']['source']}` (calibration split), <= {mini['calibration']['max_length']} tokens, batches of {mini['calibration']['batch_size']}; "
               f"distillation {mini['distill_steps']} steps, AdamW lr {mini['distill_lr']} (cosine decay{', training passes under bfloat16 autocast' if mini.get('distill_autocast', 'float32') != 'float32' else ''}), loss: {LOSS_TEXT[mini.get('distill_loss', 'mse')]}. "
               f"Speed: batch {mini['latency_batch'][0]} x {mini['latency_batch'][1]} tokens, original {mini['original_latency_s']*1000:.0f} ms; {_mach_line(mini['machine_before_speed'])}.{also}", "",
               "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -879,8 +885,13 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
             q, d = r["quality"], r.get("distillation")
             tq = "".join(f"{r['transfer_quality'][k]['embedding_cosine_mean']:.4f} | " for k in srcs) if srcs else ""
             dl = f"{d['loss_before']:.4f} -> {d['loss_after']:.4f}" if d else "-"
-            L.append(f"| {r['name']} | {r['heads'][0]} of 12 | {r['mlp_width']} of 1536 | {r['block_flops_ratio_measured']:.2f} | {r['parameters']/1e6:.1f}M ({r['parameter_ratio']:.2f}) | "
-                     f"{q['embedding_cosine_mean']:.4f} | {q['embedding_cosine_min']:.4f} | {q['retrieval_agreement_at_10']:.3f} | {tq}{r['speedup']:.2f}x | {dl} | {r['seconds']:.0f} s |")
+            # a run timed while other jobs shared the two cores has no speed figure
+            speed = "timed under load" if mini.get("timed_under_load") else f"{r['speedup']:.2f}x"
+            heads, widths = r.get("heads_per_block", [r["heads"][0]]), r.get("mlp_widths", [r["mlp_width"]])
+            heads = f"{heads[0]}" if len(set(heads)) == 1 else "/".join(map(str, heads))
+            widths = f"{widths[0]}" if len(set(widths)) == 1 else "/".join(map(str, widths))
+            L.append(f"| {r['name']} | {heads} of 12 | {widths} of 1536 | {r['block_flops_ratio_measured']:.2f} | {r['parameters']/1e6:.1f}M ({r['parameter_ratio']:.2f}) | "
+                     f"{q['embedding_cosine_mean']:.4f} | {q['embedding_cosine_min']:.4f} | {q['retrieval_agreement_at_10']:.3f} | {tq}{speed} | {dl} | {r['seconds']:.0f} s |")
     (RESULTS / "structure.md").write_text("\n".join(L) + "\n")
 
 
@@ -964,6 +975,7 @@ def main() -> None:
     mm.add_argument("--batch-size", type=int, default=None)
     mm.add_argument("--head-ratio", type=float, default=None, help="fraction of heads kept (default: the FLOPs ratio); the MLP width meets the FLOPs target")
     mm.add_argument("--distilled-only", action="store_true", help="skip the rows without distillation")
+    mm.add_argument("--block-ratios", type=float, nargs="+", default=None, help="one FLOPs target per block (width-slim block_flops_ratios) instead of --ratios")
     mm.add_argument("--autocast", default="float32", choices=["float32", "bfloat16"], help="the distillation's training passes under bfloat16 autocast (width-slim distill_autocast)")
     mm.add_argument("--refit", action="store_true", help="heads/neurons chosen by structured OBS and output projections refitted (width-slim select: obs, refit: true)")
     args = parser.parse_args()
@@ -988,7 +1000,7 @@ def main() -> None:
     elif args.cmd == "table":
         cmd_table()
     else:
-        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length, args.source, args.batch_size, args.distilled_only, args.head_ratio, args.autocast)
+        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length, args.source, args.batch_size, args.distilled_only, args.head_ratio, args.autocast, args.block_ratios)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,22 @@ def test_default_calibration_mix_is_varied_and_never_holds_the_other_kind():
     assert not set(texts) & set(load_texts(TextSpec(source="mix", split="evaluation", n=100)))
 
 
+def test_a_mix_larger_than_a_kind_is_made_up_by_the_other_kinds():
+    """Asking the mix for more documents than its smallest kind's share holds still returns that
+    many distinct calibration documents: the smaller kinds give all they have, the others the
+    rest (before, the shortfall was silently dropped)."""
+    from slimformer.data.text import CALIBRATION_MIX
+
+    kinds = {name: {d for d in documents(name) if split_of(d) == "calibration"} for name, _ in CALIBRATION_MIX}
+    smallest, share = min(((name, w) for name, w in CALIBRATION_MIX), key=lambda t: len(kinds[t[0]]) / t[1])
+    n = int(len(kinds[smallest]) / share * 1.5)  # half again what the smallest kind can give its share of
+    texts = load_texts(TextSpec(source="mix", n=n))
+    assert len(texts) == n and len(set(texts)) == n
+    assert all(split_of(t) == "calibration" for t in texts)
+    assert sum(t in kinds[smallest] for t in texts) >= 0.9 * len([d for d in kinds[smallest] if len(d) >= 80])
+    assert sum(len(set(texts) & kinds[name]) for name, _ in CALIBRATION_MIX) == n
+
+
 def test_the_users_own_text_comes_first_and_is_topped_up_from_the_mix(tmp_path):
     paragraphs = [f"My own note {i}: quarterly figures for the bakery, flour prices and oven hours." * 3 for i in range(40)]
     path = tmp_path / "mine.txt"

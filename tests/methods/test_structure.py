@@ -290,6 +290,73 @@ def test_gqa_groups_mode_shrinks_kv_heads(tiny_factory):
     assert within.model.model.layers[0].self_attn.num_key_value_groups == 1
 
 
+def test_per_block_flops_ratios_slim_each_block_to_its_own_target(tiny_factory):
+    """``block_flops_ratios``: a block at 1.0 is left exactly as it was (even with refit), the
+    others meet their own FLOPs targets; a list of the wrong length is refused before any work."""
+    loaded = tiny_factory("bert")
+    n = loaded.adapter.num_layers()
+    before = copy.deepcopy(list(loaded.adapter.blocks())[0].state_dict())
+    ratios = [1.0] + [0.5] * (n - 1)
+    record = _run(loaded, method="width-slim", block_flops_ratios=ratios, refit=True)
+    after = list(loaded.adapter.blocks())[0].state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    widths = record["mlp_widths"]
+    full = loaded.model.config.intermediate_size
+    assert widths["0"] == full and all(widths[str(i)] < full for i in range(1, n))
+    assert record["block_flops_ratio"] == pytest.approx((1 + 0.5 * (n - 1)) / n, abs=0.06)
+    with pytest.raises(ConfigError, match="block_flops_ratios has"):
+        _run(tiny_factory("bert"), method="width-slim", block_flops_ratios=[0.5] * (n + 1))
+    with pytest.raises(ConfigError, match="block_flops_ratios"):
+        method_from_dict({"method": "width-slim", "block_flops_ratios": [0.5, 1.5]})
+
+
+def test_allocate_flops_finds_the_least_error_within_the_budget():
+    """The dynamic programme's choice equals a brute-force search over every combination."""
+    import itertools
+
+    from slimformer.methods.structure.width import allocate_flops
+
+    torch.manual_seed(1)
+    levels = (0.25, 0.5, 0.75, 1.0)
+    errors = {i: {r: float(torch.rand(())) * (1 - r) * (10 if i == 3 else 1) for r in levels} for i in range(4)}
+    costs = {i: {r: (1000, int(1000 * r)) for r in levels} for i in range(4)}
+    chosen = allocate_flops(errors, costs, 0.5)
+    feasible = [c for c in itertools.product(levels, repeat=4) if sum(c) <= 2.0]
+    best = min(feasible, key=lambda c: sum(errors[i][r] for i, r in enumerate(c)))
+    assert [chosen[i] for i in range(4)] == list(best)
+    assert chosen[3] > 0.5  # the sensitive block gets more than the uniform share
+    with pytest.raises(ConfigError, match="no choice"):
+        allocate_flops(errors, {i: {r: (1000, 1000) for r in levels} for i in range(4)}, 0.5)
+
+
+def test_local_error_allocation_meets_the_budget_and_leaves_no_trace(tiny_factory):
+    """``allocation: local-error``: the chosen per-block targets meet the FLOPs ratio, minimise
+    the recorded summed error among the level combinations that do, and the model equals one
+    slimmed with those targets given by hand (the trial slimmings left nothing behind)."""
+    import itertools
+
+    loaded = tiny_factory("bert")
+    levels = [0.25, 0.5, 0.75, 1.0]
+    record = _run(loaded, method="width-slim", flops_ratio=0.5, allocation="local-error", allocation_levels=levels, refit=True, select="obs")
+    alloc = record["allocation"]
+    n = loaded.adapter.num_layers()
+    errors = {i: {float(r): e for r, e in alloc["errors"][str(i)].items()} for i in range(n)}
+    assert all(errors[i][1.0] == 0.0 and errors[i][0.25] > 0 for i in range(n))
+    assert record["block_flops_ratio"] <= 0.5 + 1e-9
+    chosen = alloc["chosen"]
+    by_hand = tiny_factory("bert")
+    _run(by_hand, method="width-slim", block_flops_ratios=chosen, refit=True, select="obs")
+    batch = sample_batch(loaded)
+    assert torch.equal(model_output(loaded, batch), model_output(by_hand, batch))
+    # no level combination within the FLOPs budget has a smaller summed error
+    share = {i: {float(r): f for r, f in alloc["flops_share"][str(i)].items()} for i in range(n)}
+    feasible = [c for c in itertools.product(levels, repeat=n) if sum(share[i][r] for i, r in enumerate(c)) <= 0.5]
+    best = min(sum(errors[i][r] for i, r in enumerate(c)) for c in feasible)
+    assert sum(errors[i][r] for i, r in enumerate(chosen)) == pytest.approx(best, rel=1e-9)
+    with pytest.raises(ConfigError, match="allocation chooses"):
+        method_from_dict({"method": "width-slim", "allocation": "local-error", "block_flops_ratios": [0.5, 0.5]})
+
+
 def test_distillation_lowers_loss_and_resumes(tiny_factory, tmp_path, monkeypatch):
     loaded = tiny_factory("bert")
     record = _run(loaded, method="width-slim", flops_ratio=0.5, distill_steps=12, distill_lr=1e-4)

@@ -373,6 +373,17 @@ def _load_mix(spec: TextSpec) -> list[str]:
         counts[name] += 1
     min_chars = min(spec.min_chars, 80)
     out: list[str] = []
+    left: dict[str, tuple[list[str], list[str]]] = {}
+
+    def take(name: str, k: int) -> list[str]:
+        long, short = left[name]
+        picked: list[str] = []
+        while len(picked) < k and (short or long):
+            for group in (long, short):
+                if group and len(picked) < k:
+                    picked.append(group.pop())
+        return picked
+
     for name, _ in CALIBRATION_MIX:
         pool = [d for d in documents(name) if len(d) >= min_chars and split_of(d) == spec.split]
         rng = random.Random(f"mix|{name}|{spec.split}|{spec.seed}")
@@ -380,11 +391,14 @@ def _load_mix(spec: TextSpec) -> list[str]:
         long = [d for d in pool if len(d) >= SHORT_DOCUMENT_CHARS]
         rng.shuffle(short)
         rng.shuffle(long)
-        picked: list[str] = []
-        while len(picked) < counts[name] and (short or long):
-            for group in (long, short):
-                if group and len(picked) < counts[name]:
-                    picked.append(group.pop())
-        out.extend(picked)
+        left[name] = (long, short)
+        out.extend(take(name, counts[name]))
+    # A kind with fewer documents than its share leaves a shortfall: the kinds that have
+    # documents left make it up, one at a time in turn, so ``n`` documents come back whenever
+    # the mix holds that many.
+    while len(out) < spec.n and any(a or b for a, b in left.values()):
+        for name, _ in CALIBRATION_MIX:
+            if len(out) < spec.n:
+                out.extend(take(name, 1))
     random.Random(f"mix|{spec.split}|{spec.seed}").shuffle(out)
     return out

@@ -49,6 +49,7 @@ from slimformer.methods.structure.distill import AUTOCAST_DTYPES, distill
 GQA_MODES = ("within-groups", "groups")
 SELECTIONS = ("importance", "obs")
 LOSSES = ("auto", "mse", "mse+cos", "cos", "mse+cos+layers", "kl")
+ALLOCATIONS = ("uniform", "local-error")
 
 
 def _ratio(name: str, value, allow_none: bool = True) -> None:
@@ -61,7 +62,12 @@ def _ratio(name: str, value, allow_none: bool = True) -> None:
 @dataclass
 class WidthSlimConfig(MethodConfig):
     """``flops_ratio``: target FLOPs of the blocks (fraction of the original, at ``seq_len``
-    tokens); ``head_ratio`` / ``mlp_ratio``: fractions of heads / MLP neurons kept (override the
+    tokens); ``block_flops_ratios``: one target per block instead (a list as long as the model
+    is deep; 1.0 leaves a block whole); ``allocation: local-error`` chooses those targets itself:
+    each block is slimmed alone to every target in ``allocation_levels`` (on the original
+    model's inputs, one block at a time: cost linear in depth, memory one block), its output's
+    relative squared error measured on the calibration text, and the targets with the least
+    summed error whose FLOPs meet ``flops_ratio`` are chosen by dynamic programming; ``head_ratio`` / ``mlp_ratio``: fractions of heads / MLP neurons kept (override the
     target); ``gqa``: ``within-groups`` or ``groups``; ``round_to``: MLP widths are multiples of
     it; ``distill_steps`` > 0: distil from the original (``distill_lr``, ``distill_loss``:
     ``auto`` = ``mse`` of hidden states for encoders, ``kl`` of logits for causal LMs;
@@ -79,6 +85,9 @@ class WidthSlimConfig(MethodConfig):
     requires_calibration = True
 
     flops_ratio: float = 0.5
+    block_flops_ratios: tuple[float, ...] | None = None
+    allocation: str = "uniform"
+    allocation_levels: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
     head_ratio: float | None = None
     mlp_ratio: float | None = None
     gqa: str = "within-groups"
@@ -97,8 +106,25 @@ class WidthSlimConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         _ratio("flops_ratio", self.flops_ratio, allow_none=False)
+        if self.block_flops_ratios is not None:
+            if isinstance(self.block_flops_ratios, (str, bytes)) or not hasattr(self.block_flops_ratios, "__iter__"):
+                raise ConfigError(f"width-slim: block_flops_ratios={self.block_flops_ratios!r} must be a list of numbers", "use e.g. block_flops_ratios: [0.75, 0.5, 0.25]")
+            self.block_flops_ratios = tuple(self.block_flops_ratios)
+            for r in self.block_flops_ratios:
+                _ratio("block_flops_ratios", r, allow_none=False)
         _ratio("head_ratio", self.head_ratio)
         _ratio("mlp_ratio", self.mlp_ratio)
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"width-slim: allocation={self.allocation!r} is not one of {list(ALLOCATIONS)}", "use allocation: uniform or allocation: local-error")
+        if isinstance(self.allocation_levels, (str, bytes)) or not hasattr(self.allocation_levels, "__iter__") or not self.allocation_levels:
+            raise ConfigError(f"width-slim: allocation_levels={self.allocation_levels!r} must be a list of numbers", "use e.g. allocation_levels: [0.25, 0.5, 0.75, 1.0]")
+        for r in self.allocation_levels:
+            _ratio("allocation_levels", r, allow_none=False)
+        self.allocation_levels = tuple(sorted(set(self.allocation_levels)))
+        if self.allocation != "uniform" and (self.block_flops_ratios is not None or self.mlp_ratio is not None):
+            raise ConfigError("width-slim: allocation chooses the per-block targets itself", "leave out block_flops_ratios and mlp_ratio, or use allocation: uniform")
+        if self.allocation != "uniform" and min(self.allocation_levels) > self.flops_ratio:
+            raise ConfigError(f"width-slim: no allocation level is at or below flops_ratio={self.flops_ratio}", "add lower allocation_levels")
         if self.gqa not in GQA_MODES:
             raise ConfigError(f"width-slim: gqa={self.gqa!r} is not one of {list(GQA_MODES)}", "use gqa: within-groups or gqa: groups")
         if self.distill_loss not in LOSSES:
@@ -250,6 +276,30 @@ def refit_projection(weight: torch.Tensor, bias: torch.Tensor | None, gram: torc
     return new[:, :-1].to(weight.dtype), new[:, -1].to(bias.dtype)
 
 
+def allocate_flops(errors: dict[int, dict[float, float]], costs: dict[int, dict[float, tuple[int, int]]], ratio: float,
+                   resolution: int = 2000) -> dict[int, float]:
+    """Per-block FLOPs targets with the least summed error whose FLOPs stay within ``ratio`` of
+    the blocks' total: ``errors[i][r]`` is block ``i``'s error at target ``r``, ``costs[i][r]``
+    its FLOPs per token ``(before, after)``. Dynamic programming over blocks on the FLOPs
+    budget, counted in ``resolution`` steps of the total (rounded up, so the budget holds)."""
+    total = sum(next(iter(c.values()))[0] for c in costs.values())
+    budget = int(ratio * resolution + 1e-9)
+    best: dict[int, tuple[float, list[float]]] = {0: (0.0, [])}  # used steps -> (error, choices)
+    for i in sorted(errors):
+        nxt: dict[int, tuple[float, list[float]]] = {}
+        for used, (err, picks) in best.items():
+            for r, e in errors[i].items():
+                step = -(-costs[i][r][1] * resolution // total)
+                u = used + step
+                if u <= budget and (u not in nxt or err + e < nxt[u][0]):
+                    nxt[u] = (err + e, picks + [r])
+        if not nxt:
+            raise ConfigError(f"width-slim: no choice of allocation levels meets flops_ratio={ratio}", "add lower allocation_levels")
+        best = nxt
+    _, picks = min(best.values(), key=lambda t: t[0])
+    return dict(zip(sorted(errors), picks))
+
+
 @register_method(WidthSlimConfig)
 def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
     adapter = loaded.adapter
@@ -263,13 +313,16 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         raise ConfigError("width-slim: some blocks have a removed sub-layer", "apply width-slim before sub-layer removal")
     if config.distill_steps > 0 and config.distill_loss == "mse+cos+layers" and loaded.kind == "causal-lm":
         raise ConfigError("width-slim: distill_loss mse+cos+layers is for encoders", "use distill_loss: auto (kl) for a causal language model")
+    if config.block_flops_ratios is not None and len(config.block_flops_ratios) != adapter.num_layers():
+        raise ConfigError(f"width-slim: block_flops_ratios has {len(config.block_flops_ratios)} entries for {adapter.num_layers()} blocks",
+                          f"give one ratio per block ({adapter.num_layers()})")
     attn_out = {i: adapter.attention_linears(adapter.attention(i))[1] for i in blocks}
     mlp_out = {i: adapter.mlp_linears(i)[1] for i in blocks}
     for module in list(attn_out.values()) + list(mlp_out.values()) + [m for i in blocks for m in adapter.mlp_linears(i)[0]]:
         if not isinstance(module, torch.nn.Linear):
             raise ConfigError(f"width-slim: {names[id(module)]} is not a float linear layer", "apply width-slim before quantization or low-rank steps")
     teacher = copy.deepcopy(model) if config.distill_steps > 0 else None
-    head_ratio = config.head_ratio if config.head_ratio is not None else config.flops_ratio
+    target = {i: config.block_flops_ratios[i] if config.block_flops_ratios is not None else config.flops_ratio for i in blocks}
     # OBS choice and refit read the second moments of the projections' inputs: taken block by block
     # on the model slimmed so far (one pass through depth, as GPTQ does), so each block is fitted
     # to the inputs it will see; importance alone reads them once from the original model.
@@ -277,12 +330,17 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
     flops = {"before": 0, "after": 0}
     plan: dict[int, dict] = {}
 
-    def plan_block(i: int, stats_h: InputStatistics, stats_n: InputStatistics) -> dict:
+    def plan_block(i: int, stats_h: InputStatistics, stats_n: InputStatistics, ratio: float) -> tuple[dict, int, int]:
+        """Which heads and neurons block ``i`` keeps at FLOPs target ``ratio``; with the block's
+        FLOPs per token before and after."""
         n_q, n_kv = adapter.attention_heads(i)
         ins, out = adapter.mlp_linears(i)
         width = out.in_features
         full = block_flops_per_token(hidden, hd, n_q, n_kv, len(ins), width, config.seq_len)
         name = names[id(attn_out[i])]
+        head_ratio = config.head_ratio if config.head_ratio is not None else ratio
+        if ratio == 1.0 and config.head_ratio is None and config.mlp_ratio is None:  # left whole
+            return {"query_heads": list(range(n_q)), "kv_heads": list(range(n_kv)), "mlp_neurons": list(range(width)), "whole": True}, full, full
         if config.select == "obs":
             q_keep, kv_keep = obs_heads(attn_out[i], stats_h.hessian[name], n_kv, hd, head_ratio, config.gqa, config.refit_damp)
         else:
@@ -292,7 +350,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         if config.mlp_ratio is not None:
             new_width = config.mlp_ratio * width
         else:
-            new_width = (config.flops_ratio * full - attn_only) / (2 * hidden * (len(ins) + 1))
+            new_width = (ratio * full - attn_only) / (2 * hidden * (len(ins) + 1))
         new_width = int(min(width, max(config.round_to, config.round_to * round(new_width / config.round_to))))
         on = names[id(out)]
         if config.select == "obs":
@@ -301,11 +359,12 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         else:
             neuron = stats_n.sq_norm[on] / max(stats_n.count[on], 1) * out.weight.detach().float().pow(2).sum(0)
             keep = sorted(neuron.topk(new_width).indices.tolist())
-        flops["before"] += full
-        flops["after"] += block_flops_per_token(hidden, hd, len(q_keep), len(kv_keep), len(ins), new_width, config.seq_len)
-        return {"query_heads": q_keep, "kv_heads": kv_keep, "mlp_neurons": keep}
+        after = block_flops_per_token(hidden, hd, len(q_keep), len(kv_keep), len(ins), new_width, config.seq_len)
+        return {"query_heads": q_keep, "kv_heads": kv_keep, "mlp_neurons": keep}, full, after
 
     def slim_block(i: int, p: dict, stats_h: InputStatistics, stats_n: InputStatistics) -> None:
+        if p.get("whole"):
+            return
         refitted = {}
         if config.refit:
             cols = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in p["query_heads"]])
@@ -325,12 +384,64 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         return (InputStatistics({names[id(attn_out[i])]: attn_out[i] for i in selected}, hessian=True),
                 InputStatistics({names[id(mlp_out[i])]: mlp_out[i] for i in selected}, hessian=sequential))
 
+    def local_errors() -> tuple[dict, dict]:
+        """Every block slimmed alone to every allocation level, on the original model's inputs:
+        the relative squared error of its output over real tokens, and its FLOPs."""
+        modules = adapter.blocks()
+        originals = list(modules)
+        states, calls = block_input_states(model, adapter, batches)
+        errors: dict[int, dict[float, float]] = {}
+        costs: dict[int, dict[float, tuple[int, int]]] = {}
+        masks = [b["attention_mask"].bool() if "attention_mask" in b else None for b in batches]
+        real = lambda t, b: t[masks[b]] if masks[b] is not None else t  # noqa: E731
+        for i in blocks:
+            stats_h, stats_n = statistics([i])
+            with stats_h, stats_n, torch.no_grad():
+                outputs = []
+                for b, x in enumerate(states):
+                    stats_h.set_batch(batches[b])
+                    stats_n.set_batch(batches[b])
+                    outputs.append(run_block(originals[i], x, calls[b][i]))
+            norm = sum(float(real(y, b).float().pow(2).sum()) for b, y in enumerate(outputs))
+            errors[i], costs[i] = {}, {}
+            for r in config.allocation_levels:
+                p, full, after = plan_block(i, stats_h, stats_n, r)
+                costs[i][r] = (full, after)
+                if p.get("whole"):
+                    errors[i][r] = 0.0
+                    continue
+                modules[i] = copy.deepcopy(originals[i])  # a trial copy of one block
+                try:
+                    slim_block(i, p, stats_h, stats_n)
+                    with torch.no_grad():
+                        e = sum(float(real(run_block(modules[i], x, calls[b][i]) - outputs[b], b).float().pow(2).sum()) for b, x in enumerate(states))
+                finally:
+                    modules[i] = originals[i]
+                errors[i][r] = e / max(norm, 1e-30)
+            states = outputs
+        return errors, costs
+
+    allocation = None
+    if config.allocation == "local-error":
+        errors, costs = local_errors()
+        target = allocate_flops(errors, costs, config.flops_ratio)
+        total = sum(costs[i][1.0][0] if 1.0 in costs[i] else next(iter(costs[i].values()))[0] for i in blocks)
+        allocation = {"levels": list(config.allocation_levels), "errors": {str(i): {str(r): e for r, e in errs.items()} for i, errs in errors.items()},
+                      "flops_share": {str(i): {str(r): after / total for r, (_, after) in c.items()} for i, c in costs.items()},
+                      "chosen": [target[i] for i in blocks]}
+
+    def planned(i: int, stats_h: InputStatistics, stats_n: InputStatistics) -> dict:
+        p, full, after = plan_block(i, stats_h, stats_n, target[i])
+        flops["before"] += full
+        flops["after"] += after
+        return p
+
     if not sequential:
         stats_h, stats_n = statistics(blocks)
         with stats_h, stats_n:
             run_batches(model, batches, on_batch=lambda b: (stats_h.set_batch(b), stats_n.set_batch(b)))
         for i in blocks:
-            plan[i] = plan_block(i, stats_h, stats_n)
+            plan[i] = planned(i, stats_h, stats_n)
         for i, p in plan.items():
             slim_block(i, p, stats_h, stats_n)
     else:
@@ -343,7 +454,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
                     stats_h.set_batch(batches[b])
                     stats_n.set_batch(batches[b])
                     run_block(modules[i], x, calls[b][i])
-            plan[i] = plan_block(i, stats_h, stats_n)
+            plan[i] = planned(i, stats_h, stats_n)
             slim_block(i, plan[i], stats_h, stats_n)
             with torch.no_grad():
                 states = [run_block(modules[i], x, calls[b][i]) for b, x in enumerate(states)]
@@ -357,6 +468,8 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         "select": config.select,
         "statistics": "block by block, on the model slimmed so far" if sequential else "one pass of the original model",
     }
+    if allocation is not None:
+        record["allocation"] = allocation
     if teacher is not None:
         loss = config.distill_loss if config.distill_loss != "auto" else ("kl" if loaded.kind == "causal-lm" else "mse")
         record["distillation"] = distill(
