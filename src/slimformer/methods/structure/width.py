@@ -67,7 +67,8 @@ class WidthSlimConfig(MethodConfig):
     each block is slimmed alone to every target in ``allocation_levels`` (on the original
     model's inputs, one block at a time: cost linear in depth, memory one block), its output's
     relative squared error measured on the calibration text, and the targets with the least
-    summed error whose FLOPs meet ``flops_ratio`` are chosen by dynamic programming; ``head_ratio`` / ``mlp_ratio``: fractions of heads / MLP neurons kept (override the
+    summed error whose FLOPs meet ``flops_ratio`` are chosen by dynamic programming;
+    ``head_ratio`` / ``mlp_ratio``: fractions of heads / MLP neurons kept (override the
     target); ``gqa``: ``within-groups`` or ``groups``; ``round_to``: MLP widths are multiples of
     it; ``distill_steps`` > 0: distil from the original (``distill_lr``, ``distill_loss``:
     ``auto`` = ``mse`` of hidden states for encoders, ``kl`` of logits for causal LMs;
@@ -425,7 +426,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
     if config.allocation == "local-error":
         errors, costs = local_errors()
         target = allocate_flops(errors, costs, config.flops_ratio)
-        total = sum(costs[i][1.0][0] if 1.0 in costs[i] else next(iter(costs[i].values()))[0] for i in blocks)
+        total = sum(next(iter(costs[i].values()))[0] for i in blocks)  # every level's "before" is the block's full FLOPs
         allocation = {"levels": list(config.allocation_levels), "errors": {str(i): {str(r): e for r, e in errs.items()} for i, errs in errors.items()},
                       "flops_share": {str(i): {str(r): after / total for r, (_, after) in c.items()} for i, c in costs.items()},
                       "chosen": [target[i] for i in blocks]}
