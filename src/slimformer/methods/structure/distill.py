@@ -4,18 +4,18 @@ Used by width slimming (COST-EFF's recovery step, shortened to CPU minutes). The
 slimmed model, the teacher the model before slimming; the loss is the relative squared error of
 the final hidden states over valid tokens (encoders, ``mse``) or the KL divergence of the
 next-token distributions (causal LMs, ``kl``); for embedding models ``mse+cos`` adds the cosine
-distance of the mean-pooled sentence embeddings (``cos``: that distance alone), and ``mse+cos+layers`` adds the mean relative
-squared error of every earlier block's output as well (layer-wise distillation, as in TinyBERT
-and CoFi: width slimming keeps the hidden size, so the student's blocks can be matched to the
-teacher's one for one; the teacher's hidden states are recomputed each step, not cached).
-AdamW with a cosine-decayed learning rate, batches drawn in a seeded order; progress on a tqdm bar.
-``autocast="bfloat16"`` runs the student's training forward and backward under
-``torch.autocast`` (bfloat16 matrix products, float32 weights, optimizer state and loss): on CPUs
-with bfloat16 units a step is faster (on the AMX Xeon here, MiniLM at 50 % width, batch 16 x 128:
-0.44 s against 0.61-0.71 s in float32); the losses before and after are measured in float32 either
-way. A checkpoint file (student weights,
-optimizer state, step, sampler state) is written every ``checkpoint_every`` steps and a run
-with the same checkpoint path resumes from it.
+distance of the mean-pooled sentence embeddings (``cos``: that distance alone), and
+``mse+cos+layers`` adds the mean relative squared error of every earlier block's output as well
+(layer-wise distillation, as in TinyBERT and CoFi: width slimming keeps the hidden size, so the
+student's blocks can be matched to the teacher's one for one; the teacher's hidden states are
+recomputed each step, not cached). AdamW with a cosine-decayed learning rate, batches drawn in a
+seeded order; progress on a tqdm bar. ``autocast="bfloat16"`` runs the student's training
+forward and backward under ``torch.autocast`` (bfloat16 matrix products; float32 weights,
+optimizer state and loss): on CPUs with bfloat16 units a step is faster (on the AMX Xeon here,
+MiniLM at 50 % width, batch 16 x 128: 0.44 s against 0.61-0.71 s in float32); the losses before
+and after are measured in float32 either way. A checkpoint file (student weights, optimizer
+state, step, sampler state) is written every ``checkpoint_every`` steps and a run with the same
+checkpoint path resumes from it.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def distillation_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mask
     states (batch, seq, dim)), ``mse+cos`` (that plus ``1 - cos`` of the mean-pooled sentence
     embeddings, the quantity an embedding model is judged by), ``cos`` (that distance alone),
     ``mse+cos+layers`` (outputs (blocks, batch, seq, dim): ``mse+cos`` of the last plus the mean
-    relative squared error of the others) or ``kl`` (KL(teacher || student) per token of logits (batch, seq, vocab))."""
+    relative squared error of the others) or ``kl`` (KL(teacher || student) per token of logits
+    (batch, seq, vocab))."""
     if loss in LAYER_LOSSES:
         final = distillation_loss(student_out[-1], teacher_out[-1], mask, "mse+cos")
         if student_out.shape[0] == 1:
