@@ -11,9 +11,10 @@ student's blocks can be matched to the teacher's one for one; the teacher's hidd
 recomputed each step, not cached). AdamW with a cosine-decayed learning rate, batches drawn in a
 seeded order; progress on a tqdm bar. ``autocast="bfloat16"`` runs the student's training
 forward and backward under ``torch.autocast`` (bfloat16 matrix products; float32 weights,
-optimizer state and loss): on CPUs with bfloat16 units a step is faster (on the AMX Xeon here,
-MiniLM at 50 % width, batch 16 x 128: 0.44 s against 0.61-0.71 s in float32); the losses before
-and after are measured in float32 either way. A checkpoint file (student weights, optimizer
+optimizer state and loss); the losses before and after are measured in float32 either way. On
+the AMX Xeon here one MiniLM step at 50 % width (batch 16 x 128, in isolation) took 0.44 s against
+0.61-0.71 s in float32, but 300 steps inside width-slim took 96 s either way (same held-out
+cosine): measure before relying on it. A checkpoint file (student weights, optimizer
 state, step, sampler state) is written every ``checkpoint_every`` steps and a run with the same
 checkpoint path resumes from it.
 """
