@@ -385,6 +385,20 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         return (InputStatistics({names[id(attn_out[i])]: attn_out[i] for i in selected}, hessian=True),
                 InputStatistics({names[id(mlp_out[i])]: mlp_out[i] for i in selected}, hessian=sequential))
 
+    def block_statistics(i: int, block, states: list[torch.Tensor], calls, keep: bool = False) -> tuple[InputStatistics, InputStatistics, list[torch.Tensor]]:
+        """Block ``i``'s projection-input statistics over the calibration ``states`` (one
+        (batch, seq, hidden) tensor per batch), and with ``keep`` its outputs on them."""
+        stats_h, stats_n = statistics([i])
+        with stats_h, stats_n, torch.no_grad():
+            outputs = []
+            for b, x in enumerate(states):
+                stats_h.set_batch(batches[b])
+                stats_n.set_batch(batches[b])
+                y = run_block(block, x, calls[b][i])
+                if keep:
+                    outputs.append(y)
+        return stats_h, stats_n, outputs
+
     def local_errors() -> tuple[dict, dict]:
         """Every block slimmed alone to every allocation level, on the original model's inputs:
         the relative squared error of its output over real tokens, and its FLOPs."""
@@ -396,13 +410,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         masks = [b["attention_mask"].bool() if "attention_mask" in b else None for b in batches]
         real = lambda t, b: t[masks[b]] if masks[b] is not None else t  # noqa: E731
         for i in blocks:
-            stats_h, stats_n = statistics([i])
-            with stats_h, stats_n, torch.no_grad():
-                outputs = []
-                for b, x in enumerate(states):
-                    stats_h.set_batch(batches[b])
-                    stats_n.set_batch(batches[b])
-                    outputs.append(run_block(originals[i], x, calls[b][i]))
+            stats_h, stats_n, outputs = block_statistics(i, originals[i], states, calls, keep=True)
             norm = sum(float(real(y, b).float().pow(2).sum()) for b, y in enumerate(outputs))
             errors[i], costs[i] = {}, {}
             for r in config.allocation_levels:
@@ -449,12 +457,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         modules = list(adapter.blocks())
         states, calls = block_input_states(model, adapter, batches)
         for i in blocks:
-            stats_h, stats_n = statistics([i])
-            with stats_h, stats_n, torch.no_grad():
-                for b, x in enumerate(states):
-                    stats_h.set_batch(batches[b])
-                    stats_n.set_batch(batches[b])
-                    run_block(modules[i], x, calls[b][i])
+            stats_h, stats_n, _ = block_statistics(i, modules[i], states, calls)
             plan[i] = planned(i, stats_h, stats_n)
             slim_block(i, plan[i], stats_h, stats_n)
             with torch.no_grad():
