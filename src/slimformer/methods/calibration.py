@@ -39,7 +39,10 @@ class CalibrationSettings:
     """Calibration text: ``source`` (a built-in source, by default ``mix``: docstrings, reference
     prose, code and notices, short and long; or your own .txt/.jsonl, preferred when given), ``n_samples``
     documents of the calibration split, truncated to ``max_length`` tokens, run in batches of
-    ``batch_size``, sampled with ``seed``. ``offload``: where the cached block inputs live
+    ``batch_size``, sampled with ``seed``. ``windows``: a document longer than ``max_length``
+    gives up to that many consecutive windows of ``max_length`` tokens, each its own sample
+    (1: only its first window; a later window is kept if it holds at least a quarter of
+    ``max_length`` tokens), so long documents are not cut to their beginning. ``offload``: where the cached block inputs live
     during calibration: ``memory``, ``disk`` (one safetensors file per batch, read back one at a
     time) or ``auto`` (memory while they fit a quarter of the available memory, else disk)."""
 
@@ -49,12 +52,13 @@ class CalibrationSettings:
     batch_size: int = 16
     seed: int = 0
     offload: str = "auto"
+    windows: int = 1
 
     def __post_init__(self) -> None:
         check_source(self.source, "calibration.source")
         if self.offload not in OFFLOAD_MODES:
             raise ConfigError(f"calibration offload must be one of {list(OFFLOAD_MODES)}, got {self.offload!r}", "set calibration.offload to auto, memory or disk")
-        for name in ("n_samples", "max_length", "batch_size"):
+        for name in ("n_samples", "max_length", "batch_size", "windows"):
             value = getattr(self, name)
             if not is_int_at_least(value, 1):
                 raise ConfigError(f"calibration {name} must be a positive integer, got {value!r}", f"set calibration.{name} to e.g. 128")
@@ -115,12 +119,40 @@ class CompressionContext:
         """``texts`` as batches of these settings (``batch_size``, ``max_length``), longest first."""
         s = self.calibration
         max_length = min(s.max_length, self.max_positions or s.max_length)
+        if s.windows > 1:
+            return self._window_batches(tokenizer, texts, max_length)
         lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
         texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: -lengths[i])]
         batches = [
             dict(tokenizer(texts[i : i + s.batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
             for i in range(0, len(texts), s.batch_size)
         ]
+        for b in batches:
+            b.pop("token_type_ids", None)
+        return batches
+
+    def _window_batches(self, tokenizer, texts: list[str], max_length: int) -> list[dict[str, torch.Tensor]]:
+        """Up to ``windows`` consecutive windows of ``max_length`` tokens per document (the
+        tokenizer's overflow, each window with the model's special tokens), batched longest
+        first."""
+        s = self.calibration
+        try:
+            enc = tokenizer(texts, truncation=True, max_length=max_length, return_overflowing_tokens=True, stride=0)
+        except (NotImplementedError, ValueError) as e:
+            raise ConfigError(f"calibration windows={s.windows} needs a tokenizer that returns overflowing tokens ({e})", "set calibration.windows: 1") from None
+        owner = enc.get("overflow_to_sample_mapping")
+        if owner is None:
+            raise ConfigError(f"calibration windows={s.windows} needs a tokenizer that returns overflowing tokens", "set calibration.windows: 1")
+        taken: dict[int, int] = {}
+        samples = []
+        for k, doc in enumerate(owner):
+            ids = enc["input_ids"][k]
+            n = taken.get(doc, 0)
+            if n < s.windows and (n == 0 or len(ids) >= max_length // 4):
+                taken[doc] = n + 1
+                samples.append({"input_ids": ids, "attention_mask": enc["attention_mask"][k]})
+        samples.sort(key=lambda x: -len(x["input_ids"]))
+        batches = [dict(tokenizer.pad(samples[i : i + s.batch_size], padding=True, return_tensors="pt")) for i in range(0, len(samples), s.batch_size)]
         for b in batches:
             b.pop("token_type_ids", None)
         return batches
