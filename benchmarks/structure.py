@@ -716,15 +716,22 @@ MINILM_EVAL = {"n": 100, "n_queries": 25, "max_length": 128, "batch_size": 32}
 TRANSFER_SOURCES = ("package-docs", "notices")
 
 
+def _minilm_calibration(cal: dict) -> CalibrationSettings:
+    """The settings of a recorded calibration dict (without the counts the benchmark adds)."""
+    return CalibrationSettings(**{k: v for k, v in cal.items() if k not in ("n_documents", "n_sequences")})
+
+
 def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str, refit: bool = False, max_length: int | None = None,
                source: str | None = None, batch_size: int | None = None, distilled_only: bool = False, head_ratio: float | None = None,
-               autocast: str = "float32", block_ratios: list[float] | None = None) -> None:
+               autocast: str = "float32", block_ratios: list[float] | None = None, windows: int = 1, round_to: int | None = None) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cal = {**MINILM_CAL, "n_samples": samples, **({"max_length": max_length} if max_length else {}), **({"source": source} if source else {}),
-           **({"batch_size": batch_size} if batch_size else {})}
+           **({"batch_size": batch_size} if batch_size else {}), **({"windows": windows} if windows > 1 else {})}
     # the documents the calibration really holds (a source may hold fewer than asked for)
     cal["n_documents"] = len(load_texts(TextSpec(source=cal["source"], split="calibration", n=cal["n_samples"], seed=cal["seed"])))
     original = load_model()
+    # the sequences distillation trains on (one per document, or several with windows)
+    cal["n_sequences"] = sum(len(b["input_ids"]) for b in CompressionContext(_minilm_calibration(cal)).batches(original.tokenizer))
     texts = load_texts(TextSpec(source="stdlib-docs", split="evaluation", n=MINILM_EVAL["n"], seed=0))
     ref = encoder_reference(original, texts, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"])
     # held-out text of kinds the default mix never holds (package-docs) or holds only in its calibration split (notices)
@@ -733,7 +740,7 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
     settings = []
     for r in ratios if block_ratios is None else [sum(block_ratios) / len(block_ratios)]:
         pct = f"{r:.0%}"
-        how = ({"refit": True, "select": "obs"} if refit else {}) | ({"head_ratio": head_ratio} if head_ratio else {})
+        how = ({"refit": True, "select": "obs"} if refit else {}) | ({"head_ratio": head_ratio} if head_ratio else {}) | ({"round_to": round_to} if round_to else {})
         sel = (" (OBS choice + refit)" if refit else "") + (f" (heads kept {head_ratio:.0%})" if head_ratio else "")
         if block_ratios is not None:
             how["block_flops_ratios"] = list(block_ratios)
@@ -751,7 +758,7 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
     for name, step in settings:
         m = copy.deepcopy(original)
         t0 = time.perf_counter()
-        compress(m, Recipe(steps=[method_from_dict(step)], calibration=CalibrationSettings(**{k: v for k, v in cal.items() if k != "n_documents"})), progress=True)
+        compress(m, Recipe(steps=[method_from_dict(step)], calibration=_minilm_calibration(cal)), progress=True)
         seconds = time.perf_counter() - t0
         q = encoder_quality(original, m, texts, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"], reference=ref)
         tq = {src: encoder_quality(original, m, t, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"], reference=transfer_ref[src])
@@ -877,7 +884,9 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
                    "speed-up", "distill loss before -> after", "time"]
         L += ["", f"## MiniLM (all-MiniLM-L6-v2) width slimming{' (' + mini['tag'] + ')' if mini.get('tag') else ''}", "",
               f"Held-out: {mini['evaluation']['n']} documents of stdlib-docs (evaluation split), {mini['evaluation']['n_queries']} of them as queries. "
-              f"Calibration / distillation: {mini['calibration'].get('n_documents', mini['calibration']['n_samples'])} documents of `{mini['calibration']['source']}` (calibration split), <= {mini['calibration']['max_length']} tokens, batches of {mini['calibration']['batch_size']}; "
+              f"Calibration / distillation: {mini['calibration'].get('n_documents', mini['calibration']['n_samples'])} documents of `{mini['calibration']['source']}` (calibration split), "
+              + (f"up to {mini['calibration']['windows']} windows of {mini['calibration']['max_length']} tokens each ({mini['calibration']['n_sequences']} sequences)"
+                 if mini['calibration'].get('windows', 1) > 1 else f"<= {mini['calibration']['max_length']} tokens") + f", batches of {mini['calibration']['batch_size']}; "
               f"distillation {mini['distill_steps']} steps, AdamW lr {mini['distill_lr']} (cosine decay{', training passes under bfloat16 autocast' if mini.get('distill_autocast', 'float32') != 'float32' else ''}), loss: {LOSS_TEXT[mini.get('distill_loss', 'mse')]}. "
               f"Speed: batch {mini['latency_batch'][0]} x {mini['latency_batch'][1]} tokens, original {mini['original_latency_s']*1000:.0f} ms; {_mach_line(mini['machine_before_speed'])}.{also}", "",
               "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -977,6 +986,8 @@ def main() -> None:
     mm.add_argument("--distilled-only", action="store_true", help="skip the rows without distillation")
     mm.add_argument("--block-ratios", type=float, nargs="+", default=None, help="one FLOPs target per block (width-slim block_flops_ratios) instead of --ratios")
     mm.add_argument("--autocast", default="float32", choices=["float32", "bfloat16"], help="the distillation's training passes under bfloat16 autocast (width-slim distill_autocast)")
+    mm.add_argument("--windows", type=int, default=1, help="windows of --max-length tokens per long document (calibration windows; 1: its first only)")
+    mm.add_argument("--round-to", type=int, default=None, help="MLP widths a multiple of this (width-slim round_to; default 16)")
     mm.add_argument("--refit", action="store_true", help="heads/neurons chosen by structured OBS and output projections refitted (width-slim select: obs, refit: true)")
     args = parser.parse_args()
     if args.cmd == "search":
@@ -1000,7 +1011,7 @@ def main() -> None:
     elif args.cmd == "table":
         cmd_table()
     else:
-        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length, args.source, args.batch_size, args.distilled_only, args.head_ratio, args.autocast, args.block_ratios)
+        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length, args.source, args.batch_size, args.distilled_only, args.head_ratio, args.autocast, args.block_ratios, args.windows, args.round_to)
 
 
 if __name__ == "__main__":
