@@ -253,6 +253,8 @@ def test_obs_removes_the_unit_whose_refitted_loss_is_least_and_honours_gqa_group
     singles = obs_removal(w, gram, [[c] for c in range(8)], 3, damp=1e-9)
     assert len(set(singles)) == 3
     assert singles[0] == min(range(8), key=lambda c: refitted_error({c}, [[k] for k in range(8)]))
+    # greedy: a shorter removal is the prefix of a longer one (the local-error allocation reuses it)
+    assert obs_removal(w, gram, [[c] for c in range(8)], 6, damp=1e-9)[:3] == singles
     # 4 query heads of dim 2 in 2 KV groups: within-groups keeps one per group
     proj = torch.nn.Linear(8, 3, bias=False)
     q, kv = obs_heads(proj, gram, n_kv=2, head_dim=2, ratio=0.5, mode="within-groups", damp=1e-6)

@@ -331,9 +331,12 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
     flops = {"before": 0, "after": 0}
     plan: dict[int, dict] = {}
 
-    def plan_block(i: int, stats_h: InputStatistics, stats_n: InputStatistics, ratio: float) -> tuple[dict, int, int]:
+    def plan_block(i: int, stats_h: InputStatistics, stats_n: InputStatistics, ratio: float,
+                   removal_orders: dict[int, list[int]] | None = None) -> tuple[dict, int, int]:
         """Which heads and neurons block ``i`` keeps at FLOPs target ``ratio``; with the block's
-        FLOPs per token before and after."""
+        FLOPs per token before and after. ``removal_orders``: block -> OBS neuron removal order
+        already computed on the same statistics; greedy removal of n neurons is the first n of a
+        longer removal, so one pass at the deepest level serves every shallower one."""
         n_q, n_kv = adapter.attention_heads(i)
         ins, out = adapter.mlp_linears(i)
         width = out.in_features
@@ -355,7 +358,13 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         new_width = int(min(width, max(config.round_to, config.round_to * round(new_width / config.round_to))))
         on = names[id(out)]
         if config.select == "obs":
-            gone = set(obs_removal(out.weight, stats_n.hessian[on], [[j] for j in range(width)], width - new_width, config.refit_damp))
+            n_remove = width - new_width
+            order = removal_orders.get(i) if removal_orders is not None else None
+            if order is None or len(order) < n_remove:
+                order = obs_removal(out.weight, stats_n.hessian[on], [[j] for j in range(width)], n_remove, config.refit_damp)
+                if removal_orders is not None:
+                    removal_orders[i] = order
+            gone = set(order[:n_remove])
             keep = [j for j in range(width) if j not in gone]
         else:
             neuron = stats_n.sq_norm[on] / max(stats_n.count[on], 1) * out.weight.detach().float().pow(2).sum(0)
@@ -409,12 +418,13 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         costs: dict[int, dict[float, tuple[int, int]]] = {}
         masks = [b["attention_mask"].bool() if "attention_mask" in b else None for b in batches]
         real = lambda t, b: t[masks[b]] if masks[b] is not None else t  # noqa: E731
+        removal_orders: dict[int, list[int]] = {}  # levels ascend: the first level's OBS pass is the longest
         for i in blocks:
             stats_h, stats_n, outputs = block_statistics(i, originals[i], states, calls, keep=True)
             norm = sum(float(real(y, b).float().pow(2).sum()) for b, y in enumerate(outputs))
             errors[i], costs[i] = {}, {}
             for r in config.allocation_levels:
-                p, full, after = plan_block(i, stats_h, stats_n, r)
+                p, full, after = plan_block(i, stats_h, stats_n, r, removal_orders)
                 costs[i][r] = (full, after)
                 if p.get("whole"):
                     errors[i][r] = 0.0
