@@ -11,10 +11,13 @@ student's blocks can be matched to the teacher's one for one; the teacher's hidd
 recomputed each step, not cached). AdamW with a cosine-decayed learning rate, batches drawn in a
 seeded order; progress on a tqdm bar. ``autocast="bfloat16"`` runs the student's training
 forward and backward under ``torch.autocast`` (bfloat16 matrix products; float32 weights,
-optimizer state and loss); the losses before and after are measured in float32 either way. On
-the AMX Xeon here one MiniLM step at 50 % width (batch 16 x 128, in isolation) took 0.44 s against
-0.61-0.71 s in float32, but 300 steps inside width-slim took 96 s either way (same held-out
-cosine): measure before relying on it. A checkpoint file (student weights, optimizer
+optimizer state and loss); the losses before and after are measured in float32 either way. The
+student trains in the mode it comes in (a loaded model is in eval mode: no dropout). On the AMX
+Xeon here (``benchmarks/results/distill_step.md``), one MiniLM step at 50 % width (batch 16 x
+128) took 348 ms in float32 and 336 ms under bf16 autocast in eval mode, 822 ms and 427 ms with
+dropout on (train mode): what autocast saves in train mode is mostly dropout's cost, and the
+embedding table's dense gradient and AdamW update (75 ms of the 348) do not shrink with it:
+measure before relying on it. A checkpoint file (student weights, optimizer
 state, step, sampler state) is written every ``checkpoint_every`` steps and a run with the same
 checkpoint path resumes from it.
 """
