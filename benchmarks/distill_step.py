@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +33,9 @@ from slimformer.methods.structure.distill import distillation_loss
 from slimformer.models.loading import load_model
 from slimformer.recipe import Recipe
 from slimformer.runtime.machine import describe_machine, machine_line
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_files import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
@@ -95,7 +96,6 @@ def measure(rounds: int) -> list[dict]:
 
 
 def write(result: dict, out: Path, name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     lines = [
         "# One distillation step of MiniLM at 50 % of the block FLOPs",
         "",
@@ -108,15 +108,7 @@ def write(result: dict, out: Path, name: str) -> None:
     ]
     for r in result["rows"]:
         lines.append(f"| {r['autocast']} | {r['mode']} | {r['embeddings']} | {r['ms']:.1f} | {r['vs_width_slim']:.2f}x |")
-    md = "\n".join(lines) + "\n"
-    tmp = Path(tempfile.mkdtemp(dir=out))
-    (tmp / f"{name}.md").write_text(md)
-    (tmp / f"{name}.json").write_text(json.dumps(result, indent=2))
-    plot(result, tmp / f"{name}.png")
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()
-    print(md)
+    publish(out, name, "\n".join(lines) + "\n", result, plot)
 
 
 def plot(result: dict, path: Path) -> None:

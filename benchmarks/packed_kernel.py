@@ -26,11 +26,9 @@ Writes benchmarks/results/packed_kernel.{md,json,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +38,9 @@ import torch.nn.functional as F
 from slimformer import kernels
 from slimformer.methods.quantization import QuantizedLinear
 from slimformer.runtime.machine import describe_machine, machine_line
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_files import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 HIDDEN, MLP, KV, LAYERS, VOCAB = 576, 1536, 192, 30, 49152
@@ -115,7 +116,6 @@ def measure(rows_list: list[int], rounds: int) -> list[dict]:
 
 
 def write(result: dict, out: Path, name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Few-row linears: slimformer's packed kernel against torch's paths",
         "",
@@ -128,15 +128,7 @@ def write(result: dict, out: Path, name: str) -> None:
     ]
     for r in result["rows"]:
         lines.append(f"| {r['rows']} | {r['path']} | {r['weight_mb']:.0f} | {r['ms']:.1f} | {r['gb_per_s']:.1f} | {r['vs_fp32']:.2f}× | {r['vs_bf16']:.2f}× |")
-    md = "\n".join(lines) + "\n"
-    tmp = Path(tempfile.mkdtemp(dir=out))
-    (tmp / f"{name}.md").write_text(md)
-    (tmp / f"{name}.json").write_text(json.dumps(result, indent=2))
-    plot(result, tmp / f"{name}.png")
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()
-    print(md)
+    publish(out, name, "\n".join(lines) + "\n", result, plot)
 
 
 def plot(result: dict, path: Path) -> None:

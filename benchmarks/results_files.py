@@ -1,0 +1,29 @@
+"""Writing a benchmark's table, JSON and plot into benchmarks/results/ all at once: the three
+files are made in a temporary folder beside the results and moved into place at the end, so an
+interrupted run leaves the previous results whole."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def publish(out: Path, name: str, markdown: str, result: dict, plot: Callable[[dict, Path], None]) -> None:
+    """Write ``name``.md (``markdown``), ``name``.json (``result``) and ``name``.png (``plot(result,
+    path)``) into ``out``, atomically per file, and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out))
+    try:
+        (tmp / f"{name}.md").write_text(markdown)
+        (tmp / f"{name}.json").write_text(json.dumps(result, indent=2))
+        plot(result, tmp / f"{name}.png")
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    print(markdown)
