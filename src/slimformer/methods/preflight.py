@@ -203,13 +203,13 @@ def _calibration_tokens(ctx, loaded, calibrated) -> int:
 
 
 _FIXES = {
-    "activations": "lower calibration.n_samples or calibration.max_length, or set calibration.offload: disk",
-    "stage_outputs": "lower calibration.n_samples or calibration.max_length (or set calibration.offload: disk: stages are then re-run)",
+    "activations": "lower calibration.n_samples, calibration.windows or calibration.max_length, or set calibration.offload: disk",
+    "stage_outputs": "lower calibration.n_samples, calibration.windows or calibration.max_length (or set calibration.offload: disk: stages are then re-run)",
     "block_forward": "lower calibration.batch_size or calibration.max_length",
     "statistics": "lower calibration.max_length, or calibrate fewer layers at once (true_sequential: true)",
     "method": "quantize fewer or narrower layers in one step (include/exclude patterns)",
     "head_logits": "lower calibration.batch_size, or leave the head out of the step's targets",
-    "teacher_logits": "lower calibration.n_samples or calibration.max_length",
+    "teacher_logits": "lower calibration.n_samples, calibration.windows or calibration.max_length",
     "model": "load the model with streamed weights (--stream) so blocks stay on disk",
     "block": "free memory for one block of the model, or use a machine with more memory",
     "original_weights": "run the error-compensation step in a separate job",
