@@ -499,3 +499,23 @@ def test_fusegpt_refuses_blocks_without_float_linears(tiny_factory):
     with pytest.raises(ConfigError, match="before quantization"):
         _run(loaded, method="fusegpt", layers=[1], steps=2)
     assert loaded.adapter.num_layers() == 4, "refused before anything was removed"
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_distillation_can_keep_the_embedding_table(tiny_factory, family):
+    """``distill_embeddings: false``: the input embedding table (and a tied head) is bit-identical
+    after distillation, the rest of the student trained, the loss lower; trained by default."""
+    kept = tiny_factory(family)
+    before = kept.model.get_input_embeddings().weight.detach().clone()
+    record = _run(kept, method="width-slim", flops_ratio=0.5, distill_steps=12, distill_lr=1e-3, distill_embeddings=False)
+    d = record["distillation"]
+    assert d["embeddings"] == "kept" and d["loss_after"] < d["loss_before"]
+    assert torch.equal(kept.model.get_input_embeddings().weight, before)
+    trained = tiny_factory(family)
+    record = _run(trained, method="width-slim", flops_ratio=0.5, distill_steps=12, distill_lr=1e-3)
+    assert record["distillation"]["embeddings"] == "trained"
+    assert not torch.equal(trained.model.get_input_embeddings().weight, before)
+    # the requires_grad flags are restored alike either way
+    assert [p.requires_grad for p in kept.model.parameters()] == [p.requires_grad for p in trained.model.parameters()]
+    with pytest.raises(ConfigError, match="distill_embeddings"):
+        method_from_dict({"method": "width-slim", "distill_embeddings": "no"})

@@ -115,13 +115,14 @@ AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, lr: float, loss: str, seed: int,
             checkpoint: str | None = None, checkpoint_every: int = 25, fingerprint: dict | None = None, progress: bool = False,
-            autocast: str = "float32") -> dict:
+            autocast: str = "float32", train_embeddings: bool = True) -> dict:
     """Train ``student`` (in place) to match ``teacher`` on ``batches`` for ``steps`` steps.
 
     Returns ``{"loss_before", "loss_after"}`` (mean calibration loss over all batches) and the
     first/last step losses. Teacher outputs of encoders are cached (batch, seq, dim); those of
     causal LMs (batch, seq, vocab) and the per-block ones of ``mse+cos+layers`` are recomputed
-    per step (memory bounded by one batch, not by the calibration set).
+    per step (memory bounded by one batch, not by the calibration set). ``train_embeddings=False``
+    leaves the input embedding table (and a head tied to it) as it is.
     """
     if not batches:
         raise ConfigError("distillation has no calibration batches", "raise calibration.n_samples")
@@ -143,10 +144,12 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
             cached = [_outputs(teacher, b, False).detach() for b in batches]
         targets = [(lambda c=c: c) for c in cached]
     loss_before = calibration_loss(student, targets, batches, causal, loss)
-    params = [p for p in student.parameters() if p.is_floating_point()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
+    kept = set() if train_embeddings else {id(p) for p in student.get_input_embeddings().parameters()}
+    every = [p for p in student.parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in every]
+    params = [p for p in every if id(p) not in kept]
+    for p in every:
+        p.requires_grad_(id(p) not in kept)
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
@@ -185,10 +188,11 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
                                        "sched": sched.state_dict(), "generator": gen.get_state(), "order": list(order)})
     finally:
         bar.close()
-        for p, f in zip(params, flags):
+        for p, f in zip(every, flags):
             p.requires_grad_(f)
             p.grad = None
     student.eval()
     loss_after = calibration_loss(student, targets, batches, causal, loss)
-    return {"loss": loss, "steps": steps, "resumed_at": start, "lr": lr, "autocast": autocast, "loss_before": loss_before, "loss_after": loss_after,
+    return {"loss": loss, "steps": steps, "resumed_at": start, "lr": lr, "autocast": autocast, "embeddings": "trained" if train_embeddings else "kept",
+            "loss_before": loss_before, "loss_after": loss_after,
             "first_step_loss": history[0] if history else None, "last_step_loss": history[-1] if history else None}

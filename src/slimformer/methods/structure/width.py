@@ -77,7 +77,9 @@ class WidthSlimConfig(MethodConfig):
     every earlier block's output too) on the calibration batches, seeded by ``seed``, resumable
     from ``checkpoint`` (a file path, written every ``checkpoint_every`` steps);
     ``distill_autocast``: ``float32`` or ``bfloat16`` (the student's training passes under
-    bfloat16 autocast, float32 weights: faster where the CPU has bfloat16 units)."""
+    bfloat16 autocast, float32 weights: faster where the CPU has bfloat16 units);
+    ``distill_embeddings: false`` keeps the input embedding table as loaded (and a head tied to
+    it) and trains the rest: no dense gradient and AdamW update of the table each step."""
 
     name = "width-slim"
     family = "structure"
@@ -98,6 +100,7 @@ class WidthSlimConfig(MethodConfig):
     distill_lr: float = 1e-4
     distill_loss: str = "auto"
     distill_autocast: str = "float32"
+    distill_embeddings: bool = True
     seed: int = 0
     checkpoint: str | None = None
     checkpoint_every: int = 25
@@ -139,6 +142,8 @@ class WidthSlimConfig(MethodConfig):
             raise ConfigError(f"width-slim: distill_lr={self.distill_lr!r} must be a positive number", "use e.g. distill_lr: 1e-4")
         if self.distill_autocast not in AUTOCAST_DTYPES:
             raise ConfigError(f"width-slim: distill_autocast={self.distill_autocast!r} is not one of {list(AUTOCAST_DTYPES)}", "use distill_autocast: bfloat16")
+        if not isinstance(self.distill_embeddings, bool):
+            raise ConfigError(f"width-slim: distill_embeddings={self.distill_embeddings!r} must be true or false", "use distill_embeddings: false")
         if self.select not in SELECTIONS:
             raise ConfigError(f"width-slim: select={self.select!r} is not one of {list(SELECTIONS)}", "use select: importance or select: obs")
         if not isinstance(self.refit, bool):
@@ -489,7 +494,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         record["distillation"] = distill(
             model, teacher, batches, causal=loaded.kind == "causal-lm", steps=config.distill_steps, lr=config.distill_lr, loss=loss,
             seed=config.seed, checkpoint=config.checkpoint, checkpoint_every=config.checkpoint_every, fingerprint={"config": config.to_dict(), "structure": adapter.structure_record()},
-            progress=ctx.progress, autocast=config.distill_autocast,
+            progress=ctx.progress, autocast=config.distill_autocast, train_embeddings=config.distill_embeddings,
         )
         del teacher
     return record
