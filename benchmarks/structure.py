@@ -723,7 +723,8 @@ def _minilm_calibration(cal: dict) -> CalibrationSettings:
 
 def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str, refit: bool = False, max_length: int | None = None,
                source: str | None = None, batch_size: int | None = None, distilled_only: bool = False, head_ratio: float | None = None,
-               autocast: str = "float32", block_ratios: list[float] | None = None, windows: int = 1, round_to: int | None = None) -> None:
+               autocast: str = "float32", block_ratios: list[float] | None = None, windows: int = 1, round_to: int | None = None,
+               train_embeddings: bool = True) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cal = {**MINILM_CAL, "n_samples": samples, **({"max_length": max_length} if max_length else {}), **({"source": source} if source else {}),
            **({"batch_size": batch_size} if batch_size else {}), **({"windows": windows} if windows > 1 else {})}
@@ -747,9 +748,10 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
             sel += f" (per block {'/'.join(f'{b:.0%}' for b in block_ratios)})"
         if not distilled_only:
             settings.append((f"width {pct} FLOPs{sel}", {"method": "width-slim", "flops_ratio": r, **how}))
-        settings.append((f"width {pct} FLOPs{sel} + distill", {"method": "width-slim", "flops_ratio": r, **how, "distill_steps": steps, "distill_lr": lr, "distill_loss": loss,
-                                                         **({"distill_autocast": autocast} if autocast != "float32" else {}),
-                                                         "checkpoint": f"/tmp/slimformer-width{pct[:-1]}-{tag or 'base'}.ckpt"}))
+        settings.append((f"width {pct} FLOPs{sel} + distill{'' if train_embeddings else ' (embedding table kept)'}",
+                         {"method": "width-slim", "flops_ratio": r, **how, "distill_steps": steps, "distill_lr": lr, "distill_loss": loss,
+                          **({"distill_autocast": autocast} if autocast != "float32" else {}), **({} if train_embeddings else {"distill_embeddings": False}),
+                          "checkpoint": f"/tmp/slimformer-width{pct[:-1]}-{tag or 'base'}.ckpt"}))
     batch = dict(original.tokenizer(texts[:16], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
     batch.pop("token_type_ids", None)
     f0 = forward_flops(original, batch)
@@ -988,6 +990,7 @@ def main() -> None:
     mm.add_argument("--autocast", default="float32", choices=["float32", "bfloat16"], help="the distillation's training passes under bfloat16 autocast (width-slim distill_autocast)")
     mm.add_argument("--windows", type=int, default=1, help="windows of --max-length tokens per long document (calibration windows; 1: its first only)")
     mm.add_argument("--round-to", type=int, default=None, help="MLP widths a multiple of this (width-slim round_to; default 16)")
+    mm.add_argument("--keep-embeddings", action="store_true", help="distillation leaves the embedding table as loaded (width-slim distill_embeddings: false)")
     mm.add_argument("--refit", action="store_true", help="heads/neurons chosen by structured OBS and output projections refitted (width-slim select: obs, refit: true)")
     args = parser.parse_args()
     if args.cmd == "search":
@@ -1011,7 +1014,8 @@ def main() -> None:
     elif args.cmd == "table":
         cmd_table()
     else:
-        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length, args.source, args.batch_size, args.distilled_only, args.head_ratio, args.autocast, args.block_ratios, args.windows, args.round_to)
+        cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length, args.source, args.batch_size, args.distilled_only, args.head_ratio, args.autocast, args.block_ratios, args.windows, args.round_to,
+                   not args.keep_embeddings)
 
 
 if __name__ == "__main__":
