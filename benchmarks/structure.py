@@ -62,6 +62,7 @@ from slimformer.methods.structure.flops import forward_flops
 from slimformer.methods.structure.search import next_token_nll
 from slimformer.models import load_model
 from slimformer.recipe import Recipe
+from slimformer.timing import steady_allocator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -779,12 +780,13 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
         return lambda: m.model(**batch)
 
     with torch.no_grad():
-        lat = interleaved_latency({k: run(m) for k, m in models.items()}, repeats=5, warmup=1)
+        lat = interleaved_latency({k: run(m) for k, m in models.items()}, repeats=15, warmup=2)
     for r in rows:
         r["latency_s"] = lat[r["name"]]
         r["speedup"] = lat["original"] / lat[r["name"]]
     out = {"tag": tag, "distill_loss": loss, "calibration": cal, "evaluation": MINILM_EVAL | {"source": "stdlib-docs (evaluation split)"}, "latency_batch": [16, 128],
-           "original_latency_s": lat["original"], "machine_before_speed": mach_before, "machine_after_speed": machine(), "distill_steps": steps, "distill_lr": lr, "distill_autocast": autocast, "rows": rows}
+           "original_latency_s": lat["original"], "machine_before_speed": mach_before, "machine_after_speed": machine(), "distill_steps": steps, "distill_lr": lr, "distill_autocast": autocast,
+           "allocator": steady_allocator(), "speed_repeats": 15, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"structure_minilm{'_' + tag if tag else ''}.json").write_text(json.dumps(out, indent=1, default=str))
 
@@ -890,7 +892,10 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
               + (f"up to {mini['calibration']['windows']} windows of {mini['calibration']['max_length']} tokens each ({mini['calibration']['n_sequences']} sequences)"
                  if mini['calibration'].get('windows', 1) > 1 else f"<= {mini['calibration']['max_length']} tokens") + f", batches of {mini['calibration']['batch_size']}; "
               f"distillation {mini['distill_steps']} steps, AdamW lr {mini['distill_lr']} (cosine decay{', training passes under bfloat16 autocast' if mini.get('distill_autocast', 'float32') != 'float32' else ''}), loss: {LOSS_TEXT[mini.get('distill_loss', 'mse')]}. "
-              f"Speed: batch {mini['latency_batch'][0]} x {mini['latency_batch'][1]} tokens, original {mini['original_latency_s']*1000:.0f} ms; {_mach_line(mini['machine_before_speed'])}.{also}", "",
+              f"Speed: batch {mini['latency_batch'][0]} x {mini['latency_batch'][1]} tokens, original {mini['original_latency_s']*1000:.0f} ms"
+              + (f" (medians of {mini['speed_repeats']} interleaved rounds, allocator: {mini['allocator']})" if "allocator" in mini else
+                 " (medians of 5 interleaved rounds in the training process, glibc's default allocator: the float32 original may have paid page faults, see slimformer/timing.py)")
+              + f"; {_mach_line(mini['machine_before_speed'])}.{also}", "",
               "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for r in mini["rows"]:
             q, d = r["quality"], r.get("distillation")
