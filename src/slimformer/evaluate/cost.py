@@ -18,7 +18,7 @@ from torch import nn
 
 from slimformer.io.serialization import SAFETENSORS_METADATA, quantized_modules, unique_state_dict
 from slimformer.runtime.execution import planned_nbytes
-from slimformer.timing import interleaved_medians
+from slimformer.timing import interleaved_medians, steady_allocator
 
 
 def storage_bytes(model: nn.Module) -> int:
@@ -115,7 +115,8 @@ def activation_peak_bytes(fn: Callable[[], object]) -> int | None:
 
 def interleaved_latency(fns: dict[str, Callable[[], object]], repeats: int = 10, warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each function, timed in interleaved rounds after ``warmup``
-    untimed rounds (:func:`slimformer.timing.interleaved_medians`)."""
+    untimed rounds (:func:`slimformer.timing.interleaved_medians`), under the steady allocator."""
+    steady_allocator()
     for _ in range(warmup):
         for fn in fns.values():
             fn()

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from slimformer.timing import steady_allocator
+
 # The flags that change which execution path is fastest (from /proc/cpuinfo).
 RELEVANT_FLAGS = (
     "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -75,6 +77,7 @@ def signature_key(sig: dict | None = None) -> str:
 
 
 def _median_seconds(fn, repeats: int) -> float:
+    steady_allocator()
     fn()
     times = []
     for _ in range(repeats):
