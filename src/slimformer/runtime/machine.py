@@ -113,8 +113,9 @@ def matmul_ceilings(shape: tuple[int, int, int] = CEILING_SHAPE, repeats: int = 
 
 def describe_machine(ceilings: bool = True) -> dict:
     """Signature, load average and (optionally) measured matmul ceilings: the header of every
-    speed table."""
-    info = {**signature(), "cores": os.cpu_count()}
+    speed table. Puts the process under the steady allocator (:mod:`slimformer.timing`), as
+    every timing that follows runs, and names it."""
+    info = {**signature(), "cores": os.cpu_count(), "allocator": steady_allocator()}
     try:
         info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -132,6 +133,8 @@ def machine_line(info: dict) -> str:
     """One markdown line naming the machine, its flags, load and ceilings."""
     flags = ", ".join(info.get("flags") or []) or "none of " + "/".join(RELEVANT_FLAGS[:4])
     text = f"{info.get('cpu')} ({info.get('threads')} threads of {info.get('cores')} cores; flags: {flags}; torch {info.get('torch')}, kernels {info.get('capability')})"
+    if info.get("allocator"):
+        text += f"; allocator: {info['allocator']}"
     if info.get("loadavg"):
         text += f"; load average {info['loadavg'][0]:.1f}"
     c = info.get("ceilings")
