@@ -55,7 +55,7 @@ def child(mode: str, rounds: int) -> dict:
     models = {"float32": original.model, "bfloat16 cast": copy.deepcopy(original.model).to(torch.bfloat16)}
     slim = copy.deepcopy(original.model)
     adapter = ArchitectureAdapter(slim)
-    for b in range(adapter.num_layers):
+    for b in range(adapter.num_layers()):
         adapter.keep_heads(b, list(range(9)), list(range(9)))
         adapter.keep_neurons(b, list(range(512)))
     models["width 50% float32"] = slim
