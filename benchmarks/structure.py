@@ -725,7 +725,7 @@ def _minilm_calibration(cal: dict) -> CalibrationSettings:
 def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str, refit: bool = False, max_length: int | None = None,
                source: str | None = None, batch_size: int | None = None, distilled_only: bool = False, head_ratio: float | None = None,
                autocast: str = "float32", block_ratios: list[float] | None = None, windows: int = 1, round_to: int | None = None,
-               train_embeddings: bool = True) -> None:
+               train_embeddings: bool = True, continue_from: str | None = None) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cal = {**MINILM_CAL, "n_samples": samples, **({"max_length": max_length} if max_length else {}), **({"source": source} if source else {}),
            **({"batch_size": batch_size} if batch_size else {}), **({"windows": windows} if windows > 1 else {})}
@@ -752,6 +752,7 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
         settings.append((f"width {pct} FLOPs{sel} + distill{'' if train_embeddings else ' (embedding table kept)'}",
                          {"method": "width-slim", "flops_ratio": r, **how, "distill_steps": steps, "distill_lr": lr, "distill_loss": loss,
                           **({"distill_autocast": autocast} if autocast != "float32" else {}), **({} if train_embeddings else {"distill_embeddings": False}),
+                          **({"distill_continue_from": continue_from} if continue_from else {}),
                           "checkpoint": f"/tmp/slimformer-width{pct[:-1]}-{tag or 'base'}.ckpt"}))
     batch = dict(original.tokenizer(texts[:16], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
     batch.pop("token_type_ids", None)
@@ -891,7 +892,8 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
               f"Calibration / distillation: {mini['calibration'].get('n_documents', mini['calibration']['n_samples'])} documents of `{mini['calibration']['source']}` (calibration split), "
               + (f"up to {mini['calibration']['windows']} windows of {mini['calibration']['max_length']} tokens each ({mini['calibration']['n_sequences']} sequences)"
                  if mini['calibration'].get('windows', 1) > 1 else f"<= {mini['calibration']['max_length']} tokens") + f", batches of {mini['calibration']['batch_size']}; "
-              f"distillation {mini['distill_steps']} steps, AdamW lr {mini['distill_lr']} (cosine decay{', training passes under bfloat16 autocast' if mini.get('distill_autocast', 'float32') != 'float32' else ''}), loss: {LOSS_TEXT[mini.get('distill_loss', 'mse')]}. "
+              f"distillation {mini['distill_steps']} steps, AdamW lr {mini['distill_lr']} (cosine decay{', training passes under bfloat16 autocast' if mini.get('distill_autocast', 'float32') != 'float32' else ''}), loss: {LOSS_TEXT[mini.get('distill_loss', 'mse')]}"
+              + _continued_text(mini) + ". "
               f"Speed: batch {mini['latency_batch'][0]} x {mini['latency_batch'][1]} tokens, original {mini['original_latency_s']*1000:.0f} ms"
               + (f" (medians of {mini['speed_repeats']} interleaved rounds, allocator: {mini['allocator']})" if "allocator" in mini else
                  " (medians of 5 interleaved rounds in the training process, glibc's default allocator: the float32 original may have paid page faults, see slimformer/timing.py)")
@@ -909,6 +911,16 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
             L.append(f"| {r['name']} | {heads} of 12 | {widths} of 1536 | {r['block_flops_ratio_measured']:.2f} | {r['parameters']/1e6:.1f}M ({r['parameter_ratio']:.2f}) | "
                      f"{q['embedding_cosine_mean']:.4f} | {q['embedding_cosine_min']:.4f} | {q['retrieval_agreement_at_10']:.3f} | {tq}{speed} | {dl} | {r['seconds']:.0f} s |")
     (RESULTS / "structure.md").write_text("\n".join(L) + "\n")
+
+
+def _continued_text(mini: dict) -> str:
+    """How a continued distillation ran (none: empty)."""
+    done = [r["distillation"]["continued_from_steps"] for r in mini["rows"] if (r.get("distillation") or {}).get("continued_from_steps")]
+    if not done:
+        return ""
+    s0, total = done[0], mini["distill_steps"]
+    return (f" (continued: a finished run of {s0} steps trained on to {total}, the learning rate restarting at "
+            f"{0.5 * (1 + math.cos(math.pi * s0 / total)):.1%} of the peak and decaying to 0: not the same as one run planned for {total})")
 
 
 def plot(rows: list[dict], minilm: dict | None) -> None:
@@ -996,6 +1008,8 @@ def main() -> None:
     mm.add_argument("--windows", type=int, default=1, help="windows of --max-length tokens per long document (calibration windows; 1: its first only)")
     mm.add_argument("--round-to", type=int, default=None, help="MLP widths a multiple of this (width-slim round_to; default 16)")
     mm.add_argument("--keep-embeddings", action="store_true", help="distillation leaves the embedding table as loaded (width-slim distill_embeddings: false)")
+    mm.add_argument("--continue-from", default=None, help="a finished distillation checkpoint of the same slimming with fewer steps, trained on to --steps "
+                    "(width-slim distill_continue_from; e.g. /tmp/slimformer-width50-TAG.ckpt)")
     mm.add_argument("--refit", action="store_true", help="heads/neurons chosen by structured OBS and output projections refitted (width-slim select: obs, refit: true)")
     args = parser.parse_args()
     if args.cmd == "search":
@@ -1020,7 +1034,7 @@ def main() -> None:
         cmd_table()
     else:
         cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length, args.source, args.batch_size, args.distilled_only, args.head_ratio, args.autocast, args.block_ratios, args.windows, args.round_to,
-                   not args.keep_embeddings)
+                   not args.keep_embeddings, args.continue_from)
 
 
 if __name__ == "__main__":

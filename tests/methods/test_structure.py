@@ -389,6 +389,41 @@ def test_distillation_lowers_loss_and_resumes(tiny_factory, tmp_path, monkeypatc
     assert torch.allclose(model_output(resumed, batch), model_output(straight, batch), atol=1e-6)
 
 
+def test_a_finished_distillation_continues_to_more_steps(tiny_factory, tmp_path, monkeypatch):
+    """``distill_continue_from``: the finished run's student is where the continuation starts
+    (its loss there = the finished run's loss after), the learning rate follows the tail of a
+    cosine over the new total, and a checkpoint of another slimming, an unfinished run or no
+    extra steps are refused with the fix."""
+    step = {"method": "width-slim", "flops_ratio": 0.5, "distill_lr": 1e-4, "seed": 1, "checkpoint_every": 2}
+    first = tiny_factory("bert")
+    done = _run(first, **step, distill_steps=4, checkpoint=str(tmp_path / "four.ckpt"))["distillation"]
+    lrs = []
+    real = distill_module.optimizer_step
+
+    def recording(loss, optim, sched, params, **kwargs):
+        lrs.append(optim.param_groups[0]["lr"])
+        return real(loss, optim, sched, params, **kwargs)
+
+    monkeypatch.setattr(distill_module, "optimizer_step", recording)
+    more = tiny_factory("bert")
+    d = _run(more, **step, distill_steps=7, checkpoint=str(tmp_path / "seven.ckpt"), distill_continue_from=str(tmp_path / "four.ckpt"))["distillation"]
+    assert d["continued_from_steps"] == 4 and d["resumed_at"] == 4 and d["continued_from"] == str(tmp_path / "four.ckpt")
+    assert d["loss_at_continuation"] == pytest.approx(done["loss_after"], rel=1e-6)
+    assert lrs == pytest.approx([1e-4 * distill_module.cosine_factor(s, 7) for s in (4, 5, 6)], rel=1e-9)
+    assert d["loss_after"] < d["loss_at_continuation"] < d["loss_before"]
+    monkeypatch.setattr(distill_module, "optimizer_step", real)
+    with pytest.raises(ConfigError, match="different slimming"):
+        _run(tiny_factory("bert"), **(step | {"flops_ratio": 0.75}), distill_steps=7, distill_continue_from=str(tmp_path / "four.ckpt"))
+    with pytest.raises(ConfigError, match="raise the steps"):
+        _run(tiny_factory("bert"), **step, distill_steps=4, distill_continue_from=str(tmp_path / "four.ckpt"))
+    state = torch.load(tmp_path / "four.ckpt", weights_only=False)
+    torch.save(state | {"step": 2}, tmp_path / "half.ckpt")
+    with pytest.raises(ConfigError, match="not a finished run"):
+        _run(tiny_factory("bert"), **step, distill_steps=7, distill_continue_from=str(tmp_path / "half.ckpt"))
+    with pytest.raises(ConfigError, match="same file"):
+        method_from_dict(step | {"distill_steps": 7, "checkpoint": "/tmp/x.ckpt", "distill_continue_from": "/tmp/x.ckpt"})
+
+
 def test_distillation_under_bfloat16_autocast_trains_float32_weights(tiny_factory):
     """``distill_autocast: bfloat16``: the training passes run in bfloat16, the weights stay
     float32, the float32-measured loss still falls; an unknown dtype is refused on construction."""

@@ -19,7 +19,12 @@ dropout on (train mode): what autocast saves in train mode is mostly dropout's c
 embedding table's dense gradient and AdamW update (75 ms of the 348) do not shrink with it:
 measure before relying on it. A checkpoint file (student weights, optimizer
 state, step, sampler state) is written every ``checkpoint_every`` steps and a run with the same
-checkpoint path resumes from it.
+checkpoint path resumes from it. A *finished* shorter run can be continued to more steps
+(``start_from``, the loaded state of its checkpoint): its weights, AdamW moments and sampler
+state are taken over and the learning rate follows the remaining part of a cosine over the new
+total, restarting at ``lr * (1 + cos(pi * s0 / steps)) / 2`` at the old length ``s0`` (16000 of
+20000 steps: 9.5 % of the peak). This is not the same run as one planned for the longer length
+from the start (whose schedule decays more slowly); reports say it was continued.
 """
 
 from __future__ import annotations
@@ -113,16 +118,40 @@ def calibration_loss(student, teacher_outputs, batches: list[dict], causal: bool
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
+def cosine_factor(step: int, steps: int) -> float:
+    """The learning-rate factor of a cosine decay to 0 over ``steps`` at ``step``."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+def fingerprint_key(fingerprint: dict | None) -> str:
+    """The short hash a checkpoint stores to tell its own run from another."""
+    return hashlib.sha256(json.dumps(fingerprint or {}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_finished(path: str | Path) -> dict:
+    """The state of a finished distillation checkpoint (to continue with ``start_from``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"distillation checkpoint to continue from {str(path)!r} does not exist", "give the checkpoint file of a finished run")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "steps" not in state or state.get("step") != state.get("steps"):
+        raise ConfigError(f"distillation checkpoint {str(path)!r} is not a finished run (step {state.get('step') if isinstance(state, dict) else '?'} "
+                          f"of {state.get('steps') if isinstance(state, dict) else '?'})", "let that run finish first, or resume it with its own steps")
+    return state
+
+
 def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, lr: float, loss: str, seed: int,
             checkpoint: str | None = None, checkpoint_every: int = 25, fingerprint: dict | None = None, progress: bool = False,
-            autocast: str = "float32", train_embeddings: bool = True) -> dict:
+            autocast: str = "float32", train_embeddings: bool = True, start_from: dict | None = None) -> dict:
     """Train ``student`` (in place) to match ``teacher`` on ``batches`` for ``steps`` steps.
 
     Returns ``{"loss_before", "loss_after"}`` (mean calibration loss over all batches) and the
     first/last step losses. Teacher outputs of encoders are cached (batch, seq, dim); those of
     causal LMs (batch, seq, vocab) and the per-block ones of ``mse+cos+layers`` are recomputed
     per step (memory bounded by one batch, not by the calibration set). ``train_embeddings=False``
-    leaves the input embedding table (and a head tied to it) as it is.
+    leaves the input embedding table (and a head tied to it) as it is. ``start_from``: the state of
+    a finished shorter run's checkpoint (``load_finished``; the caller checks it is the same
+    training), continued to ``steps`` on the tail of a cosine over ``steps``.
     """
     if not batches:
         raise ConfigError("distillation has no calibration batches", "raise calibration.n_samples")
@@ -150,25 +179,43 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
     params = [p for p in every if id(p) not in kept]
     for p in every:
         p.requires_grad_(id(p) not in kept)
+    if start_from is not None and not int(start_from["steps"]) < steps:
+        raise ConfigError(f"distillation continues a run of {start_from['steps']} steps to {steps}", "raise the steps above the finished run's")
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    # a continued run's schedule is the tail of the cosine over the new total, from its old length
+    offset = int(start_from["steps"]) if start_from is not None else 0
     gen = torch.Generator().manual_seed(seed)
     start = 0
     order: list[int] = []
-    key = hashlib.sha256(json.dumps(fingerprint or {}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = fingerprint_key(fingerprint)
     path = Path(checkpoint) if checkpoint else None
+    resumed = None
+    loss_continued = None
     if path is not None and path.is_file():
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") == key and state.get("steps") == steps:
-            student.load_state_dict(state["student"])
-            optim.load_state_dict(state["optim"])
-            sched.load_state_dict(state["sched"])
-            gen.set_state(state["generator"])
-            order = list(state["order"])
-            start = int(state["step"])
-            log.info("distillation resumes at step %d from %s", start, path)
+        if state.get("fingerprint") == key and state.get("steps") == steps and state.get("offset", 0) == offset:
+            resumed = state
         else:
             log.warning("distillation checkpoint %s belongs to another run; starting afresh", path)
+    if resumed is None and start_from is not None:
+        student.load_state_dict(start_from["student"])
+        optim.load_state_dict(start_from["optim"])
+        gen.set_state(start_from["generator"])
+        order = list(start_from["order"])
+        start = offset
+        log.info("distillation continues a finished run of %d steps to %d", offset, steps)
+        loss_continued = calibration_loss(student, targets, batches, causal, loss)
+    for group in optim.param_groups:
+        group["lr"] = group["initial_lr"] = lr
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: cosine_factor(s + offset, steps))
+    if resumed is not None:
+        student.load_state_dict(resumed["student"])
+        optim.load_state_dict(resumed["optim"])
+        sched.load_state_dict(resumed["sched"])
+        gen.set_state(resumed["generator"])
+        order = list(resumed["order"])
+        start = int(resumed["step"])
+        log.info("distillation resumes at step %d from %s", start, path)
     history: list[float] = []
     bar = tqdm(total=steps, initial=start, desc="distill", disable=not progress, unit="step")
     try:
@@ -184,7 +231,7 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]:.4f}")
             if path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-                save_checkpoint(path, {"fingerprint": key, "steps": steps, "step": step + 1, "student": student.state_dict(), "optim": optim.state_dict(),
+                save_checkpoint(path, {"fingerprint": key, "steps": steps, "step": step + 1, "offset": offset, "student": student.state_dict(), "optim": optim.state_dict(),
                                        "sched": sched.state_dict(), "generator": gen.get_state(), "order": list(order)})
     finally:
         bar.close()
@@ -193,6 +240,6 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
             p.grad = None
     student.eval()
     loss_after = calibration_loss(student, targets, batches, causal, loss)
-    return {"loss": loss, "steps": steps, "resumed_at": start, "lr": lr, "autocast": autocast, "embeddings": "trained" if train_embeddings else "kept",
+    return {"loss": loss, "steps": steps, "resumed_at": start, **({"continued_from_steps": offset, "loss_at_continuation": loss_continued} if offset else {}), "lr": lr, "autocast": autocast, "embeddings": "trained" if train_embeddings else "kept",
             "loss_before": loss_before, "loss_after": loss_after,
             "first_step_loss": history[0] if history else None, "last_step_loss": history[-1] if history else None}

@@ -37,6 +37,7 @@ update the inverse second moments), instead of by their importance alone.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ import torch
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.calibration import InputStatistics, block_input_states, run_block, run_batches
-from slimformer.methods.structure.distill import AUTOCAST_DTYPES, distill
+from slimformer.methods.structure.distill import AUTOCAST_DTYPES, distill, fingerprint_key, load_finished
 
 GQA_MODES = ("within-groups", "groups")
 SELECTIONS = ("importance", "obs")
@@ -79,7 +80,12 @@ class WidthSlimConfig(MethodConfig):
     ``distill_autocast``: ``float32`` or ``bfloat16`` (the student's training passes under
     bfloat16 autocast, float32 weights: faster where the CPU has bfloat16 units);
     ``distill_embeddings: false`` keeps the input embedding table as loaded (and a head tied to
-    it) and trains the rest: no dense gradient and AdamW update of the table each step."""
+    it) and trains the rest: no dense gradient and AdamW update of the table each step.
+    ``distill_continue_from``: the checkpoint file of a *finished* distillation of this same
+    slimming with fewer ``distill_steps`` (every other setting equal, its ``checkpoint`` that
+    file); its student, AdamW state and sampler are taken over and trained on to
+    ``distill_steps`` along the tail of a cosine over the new total (see ``distill``): a run
+    of several sessions, reported as continued."""
 
     name = "width-slim"
     family = "structure"
@@ -104,6 +110,7 @@ class WidthSlimConfig(MethodConfig):
     seed: int = 0
     checkpoint: str | None = None
     checkpoint_every: int = 25
+    distill_continue_from: str | None = None
     refit: bool = False
     refit_damp: float = 0.01
     select: str = "importance"
@@ -144,6 +151,13 @@ class WidthSlimConfig(MethodConfig):
             raise ConfigError(f"width-slim: distill_autocast={self.distill_autocast!r} is not one of {list(AUTOCAST_DTYPES)}", "use distill_autocast: bfloat16")
         if not isinstance(self.distill_embeddings, bool):
             raise ConfigError(f"width-slim: distill_embeddings={self.distill_embeddings!r} must be true or false", "use distill_embeddings: false")
+        if self.distill_continue_from is not None:
+            if not isinstance(self.distill_continue_from, str) or not self.distill_continue_from:
+                raise ConfigError(f"width-slim: distill_continue_from={self.distill_continue_from!r} must be a file path", "use e.g. distill_continue_from: /tmp/run-8000.ckpt")
+            if self.distill_steps == 0:
+                raise ConfigError("width-slim: distill_continue_from needs distill_steps > 0", "set distill_steps above the finished run's")
+            if self.checkpoint is not None and os.path.abspath(self.checkpoint) == os.path.abspath(self.distill_continue_from):
+                raise ConfigError("width-slim: checkpoint and distill_continue_from are the same file", "write the continued run's checkpoint to a new path")
         if self.select not in SELECTIONS:
             raise ConfigError(f"width-slim: select={self.select!r} is not one of {list(SELECTIONS)}", "use select: importance or select: obs")
         if not isinstance(self.refit, bool):
@@ -152,6 +166,26 @@ class WidthSlimConfig(MethodConfig):
             raise ConfigError(f"width-slim: refit_damp={self.refit_damp!r} must be a positive number", "use e.g. refit_damp: 0.01")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"width-slim: seed={self.seed!r} must be an integer", "use e.g. seed: 0")
+
+
+def _fingerprint(config: WidthSlimConfig, adapter, **changes) -> dict:
+    """What a distillation checkpoint of this slimming must match (``changes``: settings of
+    the run it would have been written by). A run that continues none leaves the key out, so
+    checkpoints written before the key existed still resume."""
+    settings = config.to_dict() | changes
+    if settings.get("distill_continue_from") is None:
+        settings.pop("distill_continue_from", None)
+    return {"config": settings, "structure": adapter.structure_record()}
+
+
+def _finished_run(config: WidthSlimConfig, adapter) -> dict:
+    """The finished checkpoint ``distill_continue_from`` names, checked to be this slimming's."""
+    state = load_finished(config.distill_continue_from)
+    expected = fingerprint_key(_fingerprint(config, adapter, distill_steps=int(state["steps"]), checkpoint=config.distill_continue_from, distill_continue_from=None))
+    if state.get("fingerprint") != expected:
+        raise ConfigError(f"width-slim: {config.distill_continue_from!r} was written by a different slimming or distillation",
+                          "continue only a run whose settings other than distill_steps are these (its checkpoint: that file)")
+    return state
 
 
 def block_flops_per_token(hidden: int, head_dim: int, n_q: int, n_kv: int, mlp_inputs: int, width: int, seq_len: int) -> int:
@@ -491,10 +525,13 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         record["allocation"] = allocation
     if teacher is not None:
         loss = config.distill_loss if config.distill_loss != "auto" else ("kl" if loaded.kind == "causal-lm" else "mse")
+        start_from = _finished_run(config, adapter) if config.distill_continue_from else None
         record["distillation"] = distill(
             model, teacher, batches, causal=loaded.kind == "causal-lm", steps=config.distill_steps, lr=config.distill_lr, loss=loss,
-            seed=config.seed, checkpoint=config.checkpoint, checkpoint_every=config.checkpoint_every, fingerprint={"config": config.to_dict(), "structure": adapter.structure_record()},
-            progress=ctx.progress, autocast=config.distill_autocast, train_embeddings=config.distill_embeddings,
+            seed=config.seed, checkpoint=config.checkpoint, checkpoint_every=config.checkpoint_every, fingerprint=_fingerprint(config, adapter),
+            progress=ctx.progress, autocast=config.distill_autocast, train_embeddings=config.distill_embeddings, start_from=start_from,
         )
+        if start_from is not None:
+            record["distillation"]["continued_from"] = config.distill_continue_from
         del teacher
     return record
