@@ -32,6 +32,9 @@ searches' 25% result is the prefix of the 50% search: the same removals in the s
     python benchmarks/structure.py minilm --refit --head-ratio 0.75 --source mix --samples 2656 \
         --max-length 128 --batch-size 16 --steps 3000 --lr 2e-4 --loss mse+cos --ratios 0.5 \
         --distilled-only --tag mix-long-h75            # the long-distillation row (~25 min)
+    python benchmarks/structure.py minilm ... --steps 20000 --continue-from /tmp/slimformer-width50-TAG.ckpt --tag NEW
+                                                        # a finished run trained on to more steps
+    python benchmarks/structure.py minilm-speed --tag TAG   # its distilled model timed in 3 fresh processes
     python benchmarks/structure.py report               # SmolLM2 table, plot; merges MiniLM
     python benchmarks/structure.py table                # rewrite table/plot from the stored JSON
 """
@@ -792,6 +795,64 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
     (RESULTS / f"structure_minilm{'_' + tag if tag else ''}.json").write_text(json.dumps(out, indent=1, default=str))
 
 
+def _slim_structure(row: dict) -> dict:
+    """The structure record of a MiniLM row (BERT: as many KV heads as query heads)."""
+    return {"blocks": {str(i): {"heads": [h, h], "mlp_width": w} for i, (h, w) in enumerate(zip(row["heads_per_block"], row["mlp_widths"]))}}
+
+
+def cmd_minilm_speed_child(checkpoint: str, structure: str, rounds: int) -> None:
+    """One fresh process: the original and the slimmed model rebuilt from its finished
+    distillation checkpoint, the same 16 x 128 batch, interleaved medians; prints one JSON line."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    allocator = steady_allocator()
+    original = load_model()
+    slim = copy.deepcopy(original)
+    slim.adapter.apply_structure_record(json.loads(structure))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if state.get("step") != state.get("steps"):
+        raise SystemExit(f"{checkpoint} is not a finished distillation (step {state.get('step')} of {state.get('steps')})")
+    slim.model.load_state_dict(state["student"])
+    slim.model.eval()
+    texts = load_texts(TextSpec(source="stdlib-docs", split="evaluation", n=MINILM_EVAL["n"], seed=0))
+    q = encoder_quality(original, slim, texts, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"])
+    batch = dict(original.tokenizer(texts[:16], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
+    batch.pop("token_type_ids", None)
+    with torch.no_grad():
+        lat = interleaved_latency({"original": lambda: original.model(**batch), "slim": lambda: slim.model(**batch)}, repeats=rounds, warmup=2)
+    print(json.dumps({"original_s": lat["original"], "slim_s": lat["slim"], "cos_check": q["embedding_cosine_mean"], "allocator": allocator}))
+
+
+def cmd_minilm_speed(tag: str, processes: int, rounds: int) -> None:
+    """Time a finished MiniLM run's distilled model against the original in fresh processes (the
+    training process holds gigabytes of cached teacher outputs and optimizer state, and its
+    timing of the trained model ran slower than a fresh process's). Adds ``speed_fresh`` to
+    ``structure_minilm_TAG.json``."""
+    import subprocess
+
+    path = RESULTS / f"structure_minilm{'_' + tag if tag else ''}.json"
+    if not path.is_file():
+        raise SystemExit(f"no MiniLM result {path}: run `structure.py minilm --tag {tag}` first")
+    out = json.loads(path.read_text())
+    row = next((r for r in out["rows"] if r.get("distillation")), None)
+    checkpoint = (row or {}).get("step", {}).get("checkpoint")
+    if row is None or not checkpoint or not Path(checkpoint).is_file():
+        raise SystemExit(f"{path.name}: its distilled model's checkpoint {checkpoint!r} is not on this machine; rerun the distillation")
+    runs = []
+    for i in range(processes):
+        done = subprocess.run([sys.executable, __file__, "minilm-speed-child", "--checkpoint", checkpoint, "--structure", json.dumps(_slim_structure(row)),
+                               "--rounds", str(rounds)], capture_output=True, text=True, check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"process {i + 1}/{processes}: {runs[-1]['original_s'] / runs[-1]['slim_s']:.3f}x, cos {runs[-1]['cos_check']:.4f}", flush=True)
+    ratios = [r["original_s"] / r["slim_s"] for r in runs]
+    out["speed_fresh"] = {"processes": processes, "rounds": rounds, "ratios": ratios, "median": sorted(ratios)[len(ratios) // 2],
+                          "original_ms": [1000 * r["original_s"] for r in runs], "slim_ms": [1000 * r["slim_s"] for r in runs],
+                          "cos_check": runs[0]["cos_check"], "allocator": runs[0]["allocator"], "machine": machine(),
+                          "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=1, default=str))
+    tmp.replace(path)
+
+
 # ----- table and plot ------------------------------------------------------------------------
 def _mach_line(m: dict) -> str:
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in m["flags"].items())
@@ -897,7 +958,7 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
               f"Speed: batch {mini['latency_batch'][0]} x {mini['latency_batch'][1]} tokens, original {mini['original_latency_s']*1000:.0f} ms"
               + (f" (medians of {mini['speed_repeats']} interleaved rounds, allocator: {mini['allocator']})" if "allocator" in mini else
                  " (medians of 5 interleaved rounds in the training process, glibc's default allocator: the float32 original may have paid page faults, see slimformer/timing.py)")
-              + f"; {_mach_line(mini['machine_before_speed'])}.{also}", "",
+              + f"; {_mach_line(mini['machine_before_speed'])}.{also}" + _fresh_speed_text(mini), "",
               "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         for r in mini["rows"]:
             q, d = r["quality"], r.get("distillation")
@@ -911,6 +972,18 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
             L.append(f"| {r['name']} | {heads} of 12 | {widths} of 1536 | {r['block_flops_ratio_measured']:.2f} | {r['parameters']/1e6:.1f}M ({r['parameter_ratio']:.2f}) | "
                      f"{q['embedding_cosine_mean']:.4f} | {q['embedding_cosine_min']:.4f} | {q['retrieval_agreement_at_10']:.3f} | {tq}{speed} | {dl} | {r['seconds']:.0f} s |")
     (RESULTS / "structure.md").write_text("\n".join(L) + "\n")
+
+
+def _fresh_speed_text(mini: dict) -> str:
+    """The distilled model's speed timed again in fresh processes (``minilm-speed``), if it was."""
+    f = mini.get("speed_fresh")
+    if not f:
+        return ""
+    return (f" Timed again in {f['processes']} fresh processes (`structure.py minilm-speed`, the model rebuilt from its finished checkpoint, cos {f['cos_check']:.4f} "
+            f"recomputed; {f['rounds']} interleaved rounds each, {f['allocator']}; {f['date'][:16]} UTC): speed-up **{f['median']:.2f}x** "
+            f"(median; {', '.join(f'{r:.2f}' for r in f['ratios'])}; original {', '.join(f'{m:.0f}' for m in f['original_ms'])} ms, "
+            f"slimmed {', '.join(f'{m:.0f}' for m in f['slim_ms'])} ms): the training process, which holds the cached teacher outputs and "
+            "the optimizer state, timed the trained model slower than a fresh process does.")
 
 
 def _continued_text(mini: dict) -> str:
@@ -991,6 +1064,14 @@ def main() -> None:
     r = sub.add_parser("report")
     r.add_argument("--skip-speed", action="store_true")
     sub.add_parser("table")
+    ms = sub.add_parser("minilm-speed", help="time a finished MiniLM run's distilled model against the original in fresh processes")
+    ms.add_argument("--tag", default="")
+    ms.add_argument("--processes", type=int, default=3)
+    ms.add_argument("--rounds", type=int, default=15)
+    mc = sub.add_parser("minilm-speed-child")
+    mc.add_argument("--checkpoint", required=True)
+    mc.add_argument("--structure", required=True)
+    mc.add_argument("--rounds", type=int, default=15)
     mm = sub.add_parser("minilm")
     mm.add_argument("--steps", type=int, default=300)
     mm.add_argument("--lr", type=float, default=2e-4)
@@ -1032,6 +1113,10 @@ def main() -> None:
         cmd_report(args.skip_speed)
     elif args.cmd == "table":
         cmd_table()
+    elif args.cmd == "minilm-speed":
+        cmd_minilm_speed(args.tag, args.processes, args.rounds)
+    elif args.cmd == "minilm-speed-child":
+        cmd_minilm_speed_child(args.checkpoint, args.structure, args.rounds)
     else:
         cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length, args.source, args.batch_size, args.distilled_only, args.head_ratio, args.autocast, args.block_ratios, args.windows, args.round_to,
                    not args.keep_embeddings, args.continue_from)
