@@ -412,6 +412,12 @@ def test_a_finished_distillation_continues_to_more_steps(tiny_factory, tmp_path,
     assert lrs == pytest.approx([1e-4 * distill_module.cosine_factor(s, 7) for s in (4, 5, 6)], rel=1e-9)
     assert d["loss_after"] < d["loss_at_continuation"] < d["loss_before"]
     monkeypatch.setattr(distill_module, "optimizer_step", real)
+    # the continued run's own checkpoint resumes it (here: already finished, nothing left to train)
+    again = tiny_factory("bert")
+    d2 = _run(again, **step, distill_steps=7, checkpoint=str(tmp_path / "seven.ckpt"), distill_continue_from=str(tmp_path / "four.ckpt"))["distillation"]
+    assert d2["resumed_at"] == 7 and d2["loss_at_continuation"] is None
+    batch = sample_batch(more)
+    assert torch.equal(model_output(again, batch), model_output(more, batch))
     with pytest.raises(ConfigError, match="different slimming"):
         _run(tiny_factory("bert"), **(step | {"flops_ratio": 0.75}), distill_steps=7, distill_continue_from=str(tmp_path / "four.ckpt"))
     with pytest.raises(ConfigError, match="raise the steps"):

@@ -361,6 +361,8 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
     for module in list(attn_out.values()) + list(mlp_out.values()) + [m for i in blocks for m in adapter.mlp_linears(i)[0]]:
         if not isinstance(module, torch.nn.Linear):
             raise ConfigError(f"width-slim: {names[id(module)]} is not a float linear layer", "apply width-slim before quantization or low-rank steps")
+    if config.distill_continue_from:
+        load_finished(config.distill_continue_from)  # a missing or unfinished run fails before minutes of slimming
     teacher = copy.deepcopy(model) if config.distill_steps > 0 else None
     target = {i: config.block_flops_ratios[i] if config.block_flops_ratios is not None else config.flops_ratio for i in blocks}
     # OBS choice and refit read the second moments of the projections' inputs: taken block by block
