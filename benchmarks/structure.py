@@ -793,6 +793,11 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
            "allocator": steady_allocator(), "speed_repeats": 15, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"structure_minilm{'_' + tag if tag else ''}.json").write_text(json.dumps(out, indent=1, default=str))
+    if any(r.get("distillation") for r in rows):
+        # this process holds the teacher outputs and optimizer state: time the result again in fresh ones
+        models.clear()
+        del m
+        cmd_minilm_speed(tag, processes=3, rounds=15)
 
 
 def _slim_structure(row: dict) -> dict:
@@ -823,31 +828,38 @@ def cmd_minilm_speed_child(checkpoint: str, structure: str, rounds: int) -> None
 
 
 def cmd_minilm_speed(tag: str, processes: int, rounds: int) -> None:
-    """Time a finished MiniLM run's distilled model against the original in fresh processes (the
-    training process holds gigabytes of cached teacher outputs and optimizer state, and its
-    timing of the trained model ran slower than a fresh process's). Adds ``speed_fresh`` to
-    ``structure_minilm_TAG.json``."""
+    """Time each distilled model of a finished MiniLM run against the original in fresh
+    processes (the training process holds gigabytes of cached teacher outputs and optimizer
+    state, and its timing of the trained model ran slower than a fresh process's). Adds
+    ``speed_fresh`` to each distilled row of ``structure_minilm_TAG.json``."""
     import subprocess
 
     path = RESULTS / f"structure_minilm{'_' + tag if tag else ''}.json"
     if not path.is_file():
         raise SystemExit(f"no MiniLM result {path}: run `structure.py minilm --tag {tag}` first")
     out = json.loads(path.read_text())
-    row = next((r for r in out["rows"] if r.get("distillation")), None)
-    checkpoint = (row or {}).get("step", {}).get("checkpoint")
-    if row is None or not checkpoint or not Path(checkpoint).is_file():
-        raise SystemExit(f"{path.name}: its distilled model's checkpoint {checkpoint!r} is not on this machine; rerun the distillation")
-    runs = []
-    for i in range(processes):
-        done = subprocess.run([sys.executable, __file__, "minilm-speed-child", "--checkpoint", checkpoint, "--structure", json.dumps(_slim_structure(row)),
-                               "--rounds", str(rounds)], capture_output=True, text=True, check=True)
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"process {i + 1}/{processes}: {runs[-1]['original_s'] / runs[-1]['slim_s']:.3f}x, cos {runs[-1]['cos_check']:.4f}", flush=True)
-    ratios = [r["original_s"] / r["slim_s"] for r in runs]
-    out["speed_fresh"] = {"processes": processes, "rounds": rounds, "ratios": ratios, "median": sorted(ratios)[len(ratios) // 2],
-                          "original_ms": [1000 * r["original_s"] for r in runs], "slim_ms": [1000 * r["slim_s"] for r in runs],
-                          "cos_check": runs[0]["cos_check"], "allocator": runs[0]["allocator"], "machine": machine(),
-                          "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    out.pop("speed_fresh", None)  # the run-level record of the first version
+    distilled = [r for r in out["rows"] if r.get("distillation")]
+    if not distilled:
+        raise SystemExit(f"{path.name} has no distilled row to time")
+    for row in distilled:
+        checkpoint = row.get("step", {}).get("checkpoint")
+        if not checkpoint or not Path(checkpoint).is_file():
+            raise SystemExit(f"{path.name}: the checkpoint of {row['name']!r} ({checkpoint!r}) is not on this machine; rerun the distillation")
+        runs = []
+        for i in range(processes):
+            done = subprocess.run([sys.executable, __file__, "minilm-speed-child", "--checkpoint", checkpoint, "--structure", json.dumps(_slim_structure(row)),
+                                   "--rounds", str(rounds)], capture_output=True, text=True, check=True)
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"{row['name']}: process {i + 1}/{processes}: {runs[-1]['original_s'] / runs[-1]['slim_s']:.3f}x, cos {runs[-1]['cos_check']:.4f}", flush=True)
+        recorded = row["quality"]["embedding_cosine_mean"]
+        if abs(runs[0]["cos_check"] - recorded) > 1e-3:
+            raise SystemExit(f"{checkpoint} rebuilds a model with held-out cos {runs[0]['cos_check']:.4f}, not the row's {recorded:.4f}: it is not that run's model")
+        ratios = [r["original_s"] / r["slim_s"] for r in runs]
+        row["speed_fresh"] = {"processes": processes, "rounds": rounds, "ratios": ratios, "median": sorted(ratios)[len(ratios) // 2],
+                              "original_ms": [1000 * r["original_s"] for r in runs], "slim_ms": [1000 * r["slim_s"] for r in runs],
+                              "cos_check": runs[0]["cos_check"], "allocator": runs[0]["allocator"], "machine": machine(),
+                              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=1, default=str))
     tmp.replace(path)
@@ -975,15 +987,19 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
 
 
 def _fresh_speed_text(mini: dict) -> str:
-    """The distilled model's speed timed again in fresh processes (``minilm-speed``), if it was."""
-    f = mini.get("speed_fresh")
-    if not f:
+    """The distilled models' speed timed again in fresh processes (``minilm-speed``), if it was."""
+    parts = []
+    for r in mini["rows"]:
+        f = r.get("speed_fresh")
+        if f:
+            parts.append(f"{r['name']}: **{f['median']:.2f}x** (median; {', '.join(f'{x:.2f}' for x in f['ratios'])}; original "
+                         f"{', '.join(f'{m:.0f}' for m in f['original_ms'])} ms, slimmed {', '.join(f'{m:.0f}' for m in f['slim_ms'])} ms; cos {f['cos_check']:.4f} recomputed)")
+    if not parts:
         return ""
-    return (f" Timed again in {f['processes']} fresh processes (`structure.py minilm-speed`, the model rebuilt from its finished checkpoint, cos {f['cos_check']:.4f} "
-            f"recomputed; {f['rounds']} interleaved rounds each, {f['allocator']}; {f['date'][:16]} UTC): speed-up **{f['median']:.2f}x** "
-            f"(median; {', '.join(f'{r:.2f}' for r in f['ratios'])}; original {', '.join(f'{m:.0f}' for m in f['original_ms'])} ms, "
-            f"slimmed {', '.join(f'{m:.0f}' for m in f['slim_ms'])} ms): the training process, which holds the cached teacher outputs and "
-            "the optimizer state, timed the trained model slower than a fresh process does.")
+    f = next(r["speed_fresh"] for r in mini["rows"] if r.get("speed_fresh"))
+    return (f" Timed again in {f['processes']} fresh processes (`structure.py minilm-speed`: each distilled model rebuilt from its finished checkpoint, "
+            f"{f['rounds']} interleaved rounds per process, {f['allocator']}; {f['date'][:16]} UTC): " + "; ".join(parts) +
+            ". The training process, which holds the cached teacher outputs and the optimizer state, timed the trained models slower than a fresh process does.")
 
 
 def _continued_text(mini: dict) -> str:
