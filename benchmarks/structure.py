@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,7 @@ from slimformer.data import TextSpec, load_texts
 from slimformer.evaluate.cost import interleaved_latency, storage_bytes
 from slimformer.evaluate.quality import encoder_quality, encoder_reference
 from slimformer.methods import CalibrationSettings, CompressionContext, method_from_dict
+from slimformer.methods.structure.distill import cosine_factor, load_finished
 from slimformer.methods.structure.flops import forward_flops
 from slimformer.methods.structure.search import next_token_nll
 from slimformer.models import load_model
@@ -813,10 +815,7 @@ def cmd_minilm_speed_child(checkpoint: str, structure: str, rounds: int) -> None
     original = load_model()
     slim = copy.deepcopy(original)
     slim.adapter.apply_structure_record(json.loads(structure))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if state.get("step") != state.get("steps"):
-        raise SystemExit(f"{checkpoint} is not a finished distillation (step {state.get('step')} of {state.get('steps')})")
-    slim.model.load_state_dict(state["student"])
+    slim.model.load_state_dict(load_finished(checkpoint)["student"])
     slim.model.eval()
     texts = load_texts(TextSpec(source="stdlib-docs", split="evaluation", n=MINILM_EVAL["n"], seed=0))
     q = encoder_quality(original, slim, texts, MINILM_EVAL["n_queries"], MINILM_EVAL["max_length"], MINILM_EVAL["batch_size"])
@@ -838,7 +837,6 @@ def cmd_minilm_speed(tag: str, processes: int, rounds: int) -> None:
     if not path.is_file():
         raise SystemExit(f"no MiniLM result {path}: run `structure.py minilm --tag {tag}` first")
     out = json.loads(path.read_text())
-    out.pop("speed_fresh", None)  # the run-level record of the first version
     distilled = [r for r in out["rows"] if r.get("distillation")]
     if not distilled:
         raise SystemExit(f"{path.name} has no distilled row to time")
@@ -856,7 +854,7 @@ def cmd_minilm_speed(tag: str, processes: int, rounds: int) -> None:
         if abs(runs[0]["cos_check"] - recorded) > 1e-3:
             raise SystemExit(f"{checkpoint} rebuilds a model with held-out cos {runs[0]['cos_check']:.4f}, not the row's {recorded:.4f}: it is not that run's model")
         ratios = [r["original_s"] / r["slim_s"] for r in runs]
-        row["speed_fresh"] = {"processes": processes, "rounds": rounds, "ratios": ratios, "median": sorted(ratios)[len(ratios) // 2],
+        row["speed_fresh"] = {"processes": processes, "rounds": rounds, "ratios": ratios, "median": statistics.median(ratios),
                               "original_ms": [1000 * r["original_s"] for r in runs], "slim_ms": [1000 * r["slim_s"] for r in runs],
                               "cos_check": runs[0]["cos_check"], "allocator": runs[0]["allocator"], "machine": machine(),
                               "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
@@ -988,15 +986,13 @@ def write_markdown(meta: dict, rows: list[dict], minilm: dict | None) -> None:
 
 def _fresh_speed_text(mini: dict) -> str:
     """The distilled models' speed timed again in fresh processes (``minilm-speed``), if it was."""
-    parts = []
-    for r in mini["rows"]:
-        f = r.get("speed_fresh")
-        if f:
-            parts.append(f"{r['name']}: **{f['median']:.2f}x** (median; {', '.join(f'{x:.2f}' for x in f['ratios'])}; original "
-                         f"{', '.join(f'{m:.0f}' for m in f['original_ms'])} ms, slimmed {', '.join(f'{m:.0f}' for m in f['slim_ms'])} ms; cos {f['cos_check']:.4f} recomputed)")
-    if not parts:
+    timed = [(r["name"], r["speed_fresh"]) for r in mini["rows"] if r.get("speed_fresh")]
+    if not timed:
         return ""
-    f = next(r["speed_fresh"] for r in mini["rows"] if r.get("speed_fresh"))
+    parts = [f"{name}: **{f['median']:.2f}x** (median; {', '.join(f'{x:.2f}' for x in f['ratios'])}; original "
+             f"{', '.join(f'{m:.0f}' for m in f['original_ms'])} ms, slimmed {', '.join(f'{m:.0f}' for m in f['slim_ms'])} ms; cos {f['cos_check']:.4f} recomputed)"
+             for name, f in timed]
+    f = timed[0][1]
     return (f" Timed again in {f['processes']} fresh processes (`structure.py minilm-speed`: each distilled model rebuilt from its finished checkpoint, "
             f"{f['rounds']} interleaved rounds per process, {f['allocator']}; {f['date'][:16]} UTC): " + "; ".join(parts) +
             ". The training process, which holds the cached teacher outputs and the optimizer state, timed the trained models slower than a fresh process does.")
@@ -1009,7 +1005,7 @@ def _continued_text(mini: dict) -> str:
         return ""
     s0, total = done[0], mini["distill_steps"]
     return (f" (continued: a finished run of {s0} steps trained on to {total}, the learning rate restarting at "
-            f"{0.5 * (1 + math.cos(math.pi * s0 / total)):.1%} of the peak and decaying to 0: not the same as one run planned for {total})")
+            f"{cosine_factor(s0, total):.1%} of the peak and decaying to 0: not the same as one run planned for {total})")
 
 
 def plot(rows: list[dict], minilm: dict | None) -> None:

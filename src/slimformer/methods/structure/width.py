@@ -178,9 +178,8 @@ def _fingerprint(config: WidthSlimConfig, adapter, **changes) -> dict:
     return {"config": settings, "structure": adapter.structure_record()}
 
 
-def _finished_run(config: WidthSlimConfig, adapter) -> dict:
-    """The finished checkpoint ``distill_continue_from`` names, checked to be this slimming's."""
-    state = load_finished(config.distill_continue_from)
+def _same_run(config: WidthSlimConfig, adapter, state: dict) -> dict:
+    """``state``, the finished checkpoint ``distill_continue_from`` names, checked to be this slimming's."""
     expected = fingerprint_key(_fingerprint(config, adapter, distill_steps=int(state["steps"]), checkpoint=config.distill_continue_from, distill_continue_from=None))
     if state.get("fingerprint") != expected:
         raise ConfigError(f"width-slim: {config.distill_continue_from!r} was written by a different slimming or distillation",
@@ -361,8 +360,8 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
     for module in list(attn_out.values()) + list(mlp_out.values()) + [m for i in blocks for m in adapter.mlp_linears(i)[0]]:
         if not isinstance(module, torch.nn.Linear):
             raise ConfigError(f"width-slim: {names[id(module)]} is not a float linear layer", "apply width-slim before quantization or low-rank steps")
-    if config.distill_continue_from:
-        load_finished(config.distill_continue_from)  # a missing or unfinished run fails before minutes of slimming
+    # a missing or unfinished run to continue fails before minutes of slimming
+    finished = load_finished(config.distill_continue_from) if config.distill_continue_from else None
     teacher = copy.deepcopy(model) if config.distill_steps > 0 else None
     target = {i: config.block_flops_ratios[i] if config.block_flops_ratios is not None else config.flops_ratio for i in blocks}
     # OBS choice and refit read the second moments of the projections' inputs: taken block by block
@@ -527,7 +526,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         record["allocation"] = allocation
     if teacher is not None:
         loss = config.distill_loss if config.distill_loss != "auto" else ("kl" if loaded.kind == "causal-lm" else "mse")
-        start_from = _finished_run(config, adapter) if config.distill_continue_from else None
+        start_from = _same_run(config, adapter, finished) if finished is not None else None
         record["distillation"] = distill(
             model, teacher, batches, causal=loaded.kind == "causal-lm", steps=config.distill_steps, lr=config.distill_lr, loss=loss,
             seed=config.seed, checkpoint=config.checkpoint, checkpoint_every=config.checkpoint_every, fingerprint=_fingerprint(config, adapter),
