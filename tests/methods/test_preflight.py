@@ -41,10 +41,15 @@ def rss():
 def high_water():
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
 torch.manual_seed(0)
-loaded = from_module(transformers.AutoModelForCausalLM.from_config(config), tok)
+if sys.argv[2] == "bert":
+    config = transformers.BertConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=256)
+    loaded = from_module(transformers.AutoModel.from_config(config).eval(), tok)
+else:
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    loaded = from_module(transformers.AutoModelForCausalLM.from_config(config), tok)
 estimate = estimate_peak(loaded, recipe)
 # Parsing the text leaves a high-water mark of its own: reset it (Linux: clear_refs 5), so the
 # peak read after compress is the job's.
@@ -57,9 +62,9 @@ print(json.dumps({"measured": peak - baseline, "estimate": estimate.to_dict()}))
 """
 
 
-def _measure(recipe: dict) -> dict:
+def _measure(recipe: dict, family: str = "llama") -> dict:
     env = dict(os.environ, PYTHONPATH=str(SRC), MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(recipe)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(recipe), family], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -134,3 +139,47 @@ def test_recorded_stage_outputs_are_counted_only_while_they_fit(tiny_factory, mo
     tight.activation_budget = replay_bytes(batches, block0) - 1
     assert estimate_peak(loaded, recipe, tight).parts["stage_outputs"] == 0
     assert estimate_peak(loaded, _recipe(False), ctx).parts["stage_outputs"] == 0
+
+
+def _distill_recipe(mode: str, **step) -> Recipe:
+    return Recipe.from_dict({"slimformer_recipe": 1, "name": "d", "calibration": {"n_samples": 16, "max_length": 48, "batch_size": 8},
+                             "steps": [{"method": "width-slim", "flops_ratio": 0.5, "distill_steps": 3, "distill_teacher_outputs": mode, **step}]})
+
+
+def test_a_distillation_counts_its_training_state_and_the_teacher_outputs_it_keeps(tiny_factory):
+    loaded = tiny_factory("bert")
+    floats = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    cached = estimate_peak(loaded, _distill_recipe("cache"))
+    recomputed = estimate_peak(loaded, _distill_recipe("recompute"))
+    assert cached.parts["teacher_outputs"] == cached.settings["tokens"] * loaded.model.config.hidden_size * 4
+    assert recomputed.parts["teacher_outputs"] == 0
+    # the teacher's copy, gradients and AdamW's two moments, plus a training step's activations
+    assert cached.parts["distillation"] > 4 * floats
+    # recomputing holds one teacher forward's output and MLP intermediate per step instead
+    from slimformer.methods.calibration import CompressionContext
+
+    tok_max = max(b["input_ids"].numel() for b in CompressionContext(_distill_recipe("cache").calibration).batches(loaded.tokenizer))
+    config = loaded.model.config
+    assert recomputed.parts["distillation"] - cached.parts["distillation"] == tok_max * (config.hidden_size + config.intermediate_size) * 4
+    plain = estimate_peak(loaded, _distill_recipe("cache", distill_steps=0))
+    assert plain.parts["teacher_outputs"] == plain.parts["distillation"] == 0
+    assert cached.total_bytes == plain.total_bytes - max(plain.parts[k] for k in ("block_forward", "method", "head_logits")) + max(
+        max(plain.parts[k] for k in ("block_forward", "method", "head_logits")), cached.parts["teacher_outputs"] + cached.parts["distillation"])
+
+
+def test_a_distillation_that_cannot_keep_its_teacher_outputs_is_told_to_recompute_them():
+    from slimformer.methods.preflight import MemoryEstimate
+
+    kept = MemoryEstimate(parts={"model": 10, "teacher_outputs": 100, "distillation": 20, "block_forward": 5}, resident=10, settings={"streamed": False})
+    assert kept.total_bytes == 130  # after the calibration's transients, not beside them
+    with pytest.raises(InsufficientMemoryError, match="distill_teacher_outputs: recompute"):
+        check_fits(kept, available=100)
+
+
+@pytest.mark.parametrize("mode", ["cache", "recompute"])
+def test_distillation_estimate_is_within_20_percent_of_the_measured_peak(mode):
+    recipe = {"slimformer_recipe": 1, "name": "m", "calibration": {"n_samples": 64, "max_length": 128, "batch_size": 16},
+              "steps": [{"method": "width-slim", "flops_ratio": 0.5, "distill_steps": 4, "distill_teacher_outputs": mode}]}
+    out = _measure(recipe, family="bert")
+    measured, estimated = out["measured"], out["estimate"]["total_bytes"]
+    assert 0.8 * measured <= estimated <= 1.2 * measured, (measured, out["estimate"])

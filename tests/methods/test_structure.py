@@ -389,6 +389,33 @@ def test_distillation_lowers_loss_and_resumes(tiny_factory, tmp_path, monkeypatc
     assert torch.allclose(model_output(resumed, batch), model_output(straight, batch), atol=1e-6)
 
 
+def test_recomputed_teacher_outputs_train_exactly_as_cached_ones(tiny_factory, monkeypatch):
+    step = {"method": "width-slim", "flops_ratio": 0.5, "distill_steps": 5, "distill_lr": 1e-3, "seed": 1}
+    cached, recomputed = tiny_factory("bert"), tiny_factory("bert")
+    batches = CompressionContext(CAL).batches(cached.tokenizer)
+    expected = sum(b["input_ids"].numel() for b in batches) * cached.model.config.hidden_size * 4
+    c = _run(cached, **step, distill_teacher_outputs="cache")["distillation"]
+    r = _run(recomputed, **step, distill_teacher_outputs="recompute")["distillation"]
+    assert (c["teacher_outputs"], c["teacher_cache_bytes"]) == ("cached", expected)
+    assert (r["teacher_outputs"], r["teacher_cache_bytes"]) == ("recomputed", 0)
+    assert (c["loss_before"], c["loss_after"]) == (r["loss_before"], r["loss_after"])
+    sc, sr = cached.model.state_dict(), recomputed.model.state_dict()
+    assert sc.keys() == sr.keys() and all(torch.equal(sc[k], sr[k]) for k in sc)
+    # auto keeps them while they fit half of the memory still available
+    monkeypatch.setenv("SLIMFORMER_MEMORY_LIMIT", str(2 * expected))
+    assert distill_module.caches_teacher_outputs("auto", expected)
+    monkeypatch.setenv("SLIMFORMER_MEMORY_LIMIT", str(2 * expected - 2))
+    assert not distill_module.caches_teacher_outputs("auto", expected)
+    assert distill_module.caches_teacher_outputs("cache", expected) and not distill_module.caches_teacher_outputs("recompute", 1)
+    with pytest.raises(ConfigError, match="distill_teacher_outputs"):
+        method_from_dict(step | {"distill_teacher_outputs": "disk"})
+    # the checkpoint of a run is the same run whichever way its teacher outputs are kept
+    from slimformer.methods.structure.width import _fingerprint
+
+    cfg = method_from_dict(step)
+    assert _fingerprint(cfg, cached.adapter) == _fingerprint(method_from_dict(step | {"distill_teacher_outputs": "recompute"}), cached.adapter)
+
+
 def test_a_finished_distillation_continues_to_more_steps(tiny_factory, tmp_path, monkeypatch):
     """``distill_continue_from``: the finished run's student is where the continuation starts
     (its loss there = the finished run's loss after), the learning rate follows the tail of a

@@ -12,6 +12,8 @@ from slimformer.methods.memory import available_memory_bytes
 
 GIB = 1 << 30
 TRANSIENT = ("block_forward", "method", "head_logits")
+# a distillation runs after the calibration work, in place of its transients
+TRAINING = ("teacher_outputs", "distillation")
 ATTENTION_MASK_BYTES = 4  # per (query, key) pair of a cached 4-D attention mask (float masks; bool take 1)
 
 
@@ -31,9 +33,14 @@ class MemoryEstimate:
     by true-sequential calibration, only while they fit the activation budget), ``block_forward`` (transients of one block's forward on one
     batch), ``statistics`` (Hessians and input statistics of the layers calibrated together),
     ``method`` (the method's working set for one layer, e.g. GPTQ's inverse Hessian),
-    ``head_logits``, ``teacher_logits``, ``original_weights``. The transient parts
-    (``block_forward``, ``method``, ``head_logits``) never coexist, so the peak counts the
-    largest of them on top of the others. ``resident`` is what was already allocated when the
+    ``head_logits``, ``teacher_logits``, ``original_weights``, ``teacher_outputs`` (an encoder
+    teacher's final hidden states that a distillation keeps for the whole calibration set, when it
+    will keep them), ``distillation`` (the teacher's copy, gradients and AdamW's two moments,
+    bounded by four times the model's float weights, plus one training step's activations).
+    The transient parts
+    (``block_forward``, ``method``, ``head_logits``) never coexist, and a distillation's two
+    parts come after them, so the peak counts the largest of those three or the two training
+    parts together, on top of the others. ``resident`` is what was already allocated when the
     estimate was made (the loaded model), ``settings`` the numbers it used.
     """
 
@@ -43,8 +50,9 @@ class MemoryEstimate:
 
     @property
     def total_bytes(self) -> int:
-        held = sum(v for k, v in self.parts.items() if k not in TRANSIENT)
-        return int(held + max((v for k, v in self.parts.items() if k in TRANSIENT), default=0))
+        held = sum(v for k, v in self.parts.items() if k not in TRANSIENT + TRAINING)
+        transient = max((v for k, v in self.parts.items() if k in TRANSIENT), default=0)
+        return int(held + max(transient, sum(v for k, v in self.parts.items() if k in TRAINING)))
 
     @property
     def additional_bytes(self) -> int:
@@ -93,6 +101,7 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
     batches (their exact token counts) and each step's layer selection.
     """
     from slimformer.methods.calibration import CompressionContext, _is_causal, activation_bytes, replay_bytes
+    from slimformer.methods.structure.distill import caches_teacher_outputs
 
     model = loaded.model
     adapter = loaded.adapter
@@ -115,7 +124,8 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
     heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1))
     elem = model.get_input_embeddings().weight.element_size()
     calibrated = [s for s in recipe.steps if s.requires_calibration]
-    parts = {k: 0 for k in ("model", "block", "activations", "stage_outputs", "block_forward", "statistics", "method", "head_logits", "teacher_logits", "original_weights")}
+    parts = {k: 0 for k in ("model", "block", "activations", "stage_outputs", "block_forward", "statistics", "method", "head_logits", "teacher_logits",
+                            "original_weights", "teacher_outputs", "distillation")}
     settings: dict = {"streamed": streamed, "offload": recipe.calibration.offload}
     if streamed:
         compressed = 0
@@ -150,8 +160,24 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
         # one block on one batch: residual stream copies, q/k/v/attention, MLP intermediates,
         # attention scores (batch, heads, seq, seq) when the attention path materialises them
         parts["block_forward"] = tok_max * (8 * hidden + 3 * inter) * 4 + batch_max * heads * seq_max * seq_max * 4
-        stats = method = head = teacher = replay = 0
+        stats = method = head = teacher = replay = kept_outputs = training = 0
+        n_blocks = len(blocks)
+        float_bytes = _bytes(p for p in model.parameters() if p.is_floating_point())
         for step in calibrated:
+            if getattr(step, "distill_steps", 0) > 0:
+                causal = _is_causal(model)
+                layers = getattr(step, "distill_loss", "") == "mse+cos+layers"
+                mlp_inputs = len(adapter.mlp_linears(0)[0]) if blocks else 1  # 2 for a gated MLP (gate and up)
+                # a training step keeps every block's activations for the backward pass (causal LMs:
+                # the teacher's and student's logits, the log-softmax and its gradient as well)
+                step_acts = n_blocks * (tok_max * (4 * hidden + 2 * mlp_inputs * inter) * 4 + 2 * batch_max * heads * seq_max * seq_max * 4)
+                step_acts += 4 * tok_max * vocab * 4 if causal else 0
+                need = settings["tokens"] * hidden * elem
+                if not (causal or layers) and caches_teacher_outputs(getattr(step, "distill_teacher_outputs", "auto"), need):
+                    kept_outputs = max(kept_outputs, need)
+                else:  # the teacher's forward on each step's batch: its output and an MLP's intermediate
+                    step_acts += tok_max * (hidden + inter) * 4
+                training = max(training, 4 * float_bytes + step_acts)
             selected = _selected_linears(loaded, step)
             sequential = bool(getattr(step, "true_sequential", False))
             uses_hessian = step.name not in ("wanda", "smoothquant")
@@ -189,7 +215,7 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
                 head = max(head, tok_max * vocab * 4)
             if getattr(step, "requires_teacher_logits", False):
                 teacher = max(teacher, settings["tokens"] * vocab * 4)
-        parts.update(statistics=stats, method=method, head_logits=head, teacher_logits=teacher, stage_outputs=replay)
+        parts.update(statistics=stats, method=method, head_logits=head, teacher_logits=teacher, stage_outputs=replay, teacher_outputs=kept_outputs, distillation=training)
     if any(s.requires_original_weights for s in recipe.steps):
         parts["original_weights"] = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
     return MemoryEstimate(parts={k: int(v) for k, v in parts.items()}, resident=resident if not streamed else outside, settings=settings)
@@ -213,6 +239,8 @@ _FIXES = {
     "model": "load the model with streamed weights (--stream) so blocks stay on disk",
     "block": "free memory for one block of the model, or use a machine with more memory",
     "original_weights": "run the error-compensation step in a separate job",
+    "teacher_outputs": "set distill_teacher_outputs: recompute (the teacher then runs on each step's batch), or lower calibration.n_samples, calibration.windows or calibration.max_length",
+    "distillation": "lower calibration.batch_size or calibration.max_length (one training step's activations), or distil where the teacher's copy and AdamW's state fit (4x the float weights)",
 }
 
 

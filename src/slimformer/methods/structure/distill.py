@@ -17,7 +17,12 @@ Xeon here (``benchmarks/results/distill_step.md``), one MiniLM step at 50 % widt
 128) took 348 ms in float32 and 336 ms under bf16 autocast in eval mode, 822 ms and 427 ms with
 dropout on (train mode): what autocast saves in train mode is mostly dropout's cost, and the
 embedding table's dense gradient and AdamW update (75 ms of the 348) do not shrink with it:
-measure before relying on it. A checkpoint file (student weights, optimizer
+measure before relying on it. An encoder teacher's final hidden states are computed once and kept (calibration tokens x
+hidden x its element size: 5.2 GB for MiniLM's 26312 windows of 128 tokens) only where they fit
+(``teacher_outputs: auto``: within half of the memory the process can still allocate when the
+distillation starts); otherwise, or with ``recompute``, the teacher runs on each step's batch (one more
+forward per step; the same numbers, so the same training), and memory stays bounded by a batch.
+A checkpoint file (student weights, optimizer
 state, step, sampler state) is written every ``checkpoint_every`` steps and a run with the same
 checkpoint path resumes from it. A *finished* shorter run can be continued to more steps
 (``start_from``, the loaded state of its checkpoint): its weights, AdamW moments and sampler
@@ -41,6 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slimformer.errors import ConfigError
+from slimformer.methods.memory import available_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -140,15 +146,38 @@ def load_finished(path: str | Path) -> dict:
     return state
 
 
+TEACHER_OUTPUTS = ("auto", "cache", "recompute")
+
+
+def teacher_cache_bytes(teacher, batches: list[dict]) -> int:
+    """Bytes of an encoder teacher's final hidden states over every calibration batch (what
+    caching them holds): padded tokens x hidden size x the teacher's element size."""
+    emb = teacher.get_input_embeddings().weight
+    return sum(int(b["input_ids"].numel()) for b in batches) * int(emb.shape[1]) * emb.element_size()
+
+
+def caches_teacher_outputs(mode: str, need: int, budget: int | None = None) -> bool:
+    """Whether ``need`` bytes of teacher outputs are cached under ``mode`` (``auto``: when they
+    fit ``budget``, by default half of the memory this process can still allocate)."""
+    if mode not in TEACHER_OUTPUTS:
+        raise ConfigError(f"distillation teacher_outputs {mode!r} is not one of {list(TEACHER_OUTPUTS)}", "use auto, cache or recompute")
+    if mode != "auto":
+        return mode == "cache"
+    return need <= (available_memory_bytes() // 2 if budget is None else budget)
+
+
 def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, lr: float, loss: str, seed: int,
             checkpoint: str | None = None, checkpoint_every: int = 25, fingerprint: dict | None = None, progress: bool = False,
-            autocast: str = "float32", train_embeddings: bool = True, start_from: dict | None = None) -> dict:
+            autocast: str = "float32", train_embeddings: bool = True, start_from: dict | None = None,
+            teacher_outputs: str = "auto", cache_budget: int | None = None) -> dict:
     """Train ``student`` (in place) to match ``teacher`` on ``batches`` for ``steps`` steps.
 
     Returns ``{"loss_before", "loss_after"}`` (mean calibration loss over all batches) and the
-    first/last step losses. Teacher outputs of encoders are cached (batch, seq, dim); those of
-    causal LMs (batch, seq, vocab) and the per-block ones of ``mse+cos+layers`` are recomputed
-    per step (memory bounded by one batch, not by the calibration set). ``train_embeddings=False``
+    first/last step losses, and whether the teacher's outputs were ``cached`` or ``recomputed``.
+    Teacher outputs of encoders (batch, seq, dim) are cached when ``teacher_outputs`` says so
+    (``auto``: when they fit ``cache_budget`` bytes, see :func:`caches_teacher_outputs`); those
+    of causal LMs (batch, seq, vocab) and the per-block ones of ``mse+cos+layers`` are always
+    recomputed per step (memory bounded by one batch, not by the calibration set). ``train_embeddings=False``
     leaves the input embedding table (and a head tied to it) as it is. ``start_from``: the state of
     a finished shorter run's checkpoint (``load_finished``; the caller checks it is the same
     training), continued to ``steps`` on the tail of a cosine over ``steps``.
@@ -161,7 +190,9 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
         raise ConfigError(f"distillation autocast {autocast!r} is not one of {list(AUTOCAST_DTYPES)}", "use float32 or bfloat16")
     low = AUTOCAST_DTYPES[autocast]
     layers = loss in LAYER_LOSSES
-    if causal or layers:
+    cache_bytes = 0 if causal or layers else teacher_cache_bytes(teacher, batches)
+    cached = caches_teacher_outputs(teacher_outputs, cache_bytes, cache_budget) and not (causal or layers)
+    if not cached:
         def target_of(b):
             def target():
                 with torch.no_grad():
@@ -170,8 +201,8 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
         targets = [target_of(b) for b in batches]
     else:
         with torch.no_grad():
-            cached = [_outputs(teacher, b, False).detach() for b in batches]
-        targets = [(lambda c=c: c) for c in cached]
+            kept_outputs = [_outputs(teacher, b, False).detach() for b in batches]
+        targets = [(lambda c=c: c) for c in kept_outputs]
     loss_before = calibration_loss(student, targets, batches, causal, loss)
     kept = set() if train_embeddings else {id(p) for p in student.get_input_embeddings().parameters()}
     every = [p for p in student.parameters() if p.is_floating_point()]
@@ -240,6 +271,6 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
             p.grad = None
     student.eval()
     loss_after = calibration_loss(student, targets, batches, causal, loss)
-    return {"loss": loss, "steps": steps, "resumed_at": start, **({"continued_from_steps": offset, "loss_at_continuation": loss_continued} if offset else {}), "lr": lr, "autocast": autocast, "embeddings": "trained" if train_embeddings else "kept",
+    return {"loss": loss, "steps": steps, "resumed_at": start, "teacher_outputs": "cached" if cached else "recomputed", "teacher_cache_bytes": cache_bytes if cached else 0, **({"continued_from_steps": offset, "loss_at_continuation": loss_continued} if offset else {}), "lr": lr, "autocast": autocast, "embeddings": "trained" if train_embeddings else "kept",
             "loss_before": loss_before, "loss_after": loss_after,
             "first_step_loss": history[0] if history else None, "last_step_loss": history[-1] if history else None}

@@ -45,7 +45,7 @@ import torch
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.calibration import InputStatistics, block_input_states, run_block, run_batches
-from slimformer.methods.structure.distill import AUTOCAST_DTYPES, distill, fingerprint_key, load_finished
+from slimformer.methods.structure.distill import AUTOCAST_DTYPES, TEACHER_OUTPUTS, distill, fingerprint_key, load_finished
 
 GQA_MODES = ("within-groups", "groups")
 SELECTIONS = ("importance", "obs")
@@ -81,6 +81,10 @@ class WidthSlimConfig(MethodConfig):
     bfloat16 autocast, float32 weights: faster where the CPU has bfloat16 units);
     ``distill_embeddings: false`` keeps the input embedding table as loaded (and a head tied to
     it) and trains the rest: no dense gradient and AdamW update of the table each step.
+    ``distill_teacher_outputs``: ``auto`` keeps an encoder teacher's final hidden states for the
+    whole calibration set when they fit half of the memory still available, ``cache`` always,
+    ``recompute`` never (the teacher then runs on each step's batch: the same training, memory
+    bounded by a batch; the pre-flight check counts whichever will happen).
     ``distill_continue_from``: the checkpoint file of a *finished* distillation of this same
     slimming with fewer ``distill_steps`` (every other setting equal, its ``checkpoint`` that
     file); its student, AdamW state and sampler are taken over and trained on to
@@ -111,6 +115,7 @@ class WidthSlimConfig(MethodConfig):
     checkpoint: str | None = None
     checkpoint_every: int = 25
     distill_continue_from: str | None = None
+    distill_teacher_outputs: str = "auto"
     refit: bool = False
     refit_damp: float = 0.01
     select: str = "importance"
@@ -149,6 +154,9 @@ class WidthSlimConfig(MethodConfig):
             raise ConfigError(f"width-slim: distill_lr={self.distill_lr!r} must be a positive number", "use e.g. distill_lr: 1e-4")
         if self.distill_autocast not in AUTOCAST_DTYPES:
             raise ConfigError(f"width-slim: distill_autocast={self.distill_autocast!r} is not one of {list(AUTOCAST_DTYPES)}", "use distill_autocast: bfloat16")
+        if self.distill_teacher_outputs not in TEACHER_OUTPUTS:
+            raise ConfigError(f"width-slim: distill_teacher_outputs={self.distill_teacher_outputs!r} is not one of {list(TEACHER_OUTPUTS)}",
+                              "use distill_teacher_outputs: auto (cache only what fits), cache or recompute")
         if not isinstance(self.distill_embeddings, bool):
             raise ConfigError(f"width-slim: distill_embeddings={self.distill_embeddings!r} must be true or false", "use distill_embeddings: false")
         if self.distill_continue_from is not None:
@@ -171,8 +179,10 @@ class WidthSlimConfig(MethodConfig):
 def _fingerprint(config: WidthSlimConfig, adapter, **changes) -> dict:
     """What a distillation checkpoint of this slimming must match (``changes``: settings of
     the run it would have been written by). A run that continues none leaves the key out, so
-    checkpoints written before the key existed still resume."""
+    checkpoints written before the key existed still resume; whether the teacher's outputs are
+    cached does not change the training, so it is left out as well."""
     settings = config.to_dict() | changes
+    settings.pop("distill_teacher_outputs", None)
     if settings.get("distill_continue_from") is None:
         settings.pop("distill_continue_from", None)
     return {"config": settings, "structure": adapter.structure_record()}
@@ -531,6 +541,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
             model, teacher, batches, causal=loaded.kind == "causal-lm", steps=config.distill_steps, lr=config.distill_lr, loss=loss,
             seed=config.seed, checkpoint=config.checkpoint, checkpoint_every=config.checkpoint_every, fingerprint=_fingerprint(config, adapter),
             progress=ctx.progress, autocast=config.distill_autocast, train_embeddings=config.distill_embeddings, start_from=start_from,
+            teacher_outputs=config.distill_teacher_outputs,
         )
         if start_from is not None:
             record["distillation"]["continued_from"] = config.distill_continue_from
