@@ -730,7 +730,7 @@ def _minilm_calibration(cal: dict) -> CalibrationSettings:
 def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: str, loss: str, refit: bool = False, max_length: int | None = None,
                source: str | None = None, batch_size: int | None = None, distilled_only: bool = False, head_ratio: float | None = None,
                autocast: str = "float32", block_ratios: list[float] | None = None, windows: int = 1, round_to: int | None = None,
-               train_embeddings: bool = True, continue_from: str | None = None) -> None:
+               train_embeddings: bool = True, continue_from: str | None = None, teacher_outputs: str = "auto") -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     cal = {**MINILM_CAL, "n_samples": samples, **({"max_length": max_length} if max_length else {}), **({"source": source} if source else {}),
            **({"batch_size": batch_size} if batch_size else {}), **({"windows": windows} if windows > 1 else {})}
@@ -758,6 +758,7 @@ def cmd_minilm(steps: int, lr: float, samples: int, ratios: list[float], tag: st
                          {"method": "width-slim", "flops_ratio": r, **how, "distill_steps": steps, "distill_lr": lr, "distill_loss": loss,
                           **({"distill_autocast": autocast} if autocast != "float32" else {}), **({} if train_embeddings else {"distill_embeddings": False}),
                           **({"distill_continue_from": continue_from} if continue_from else {}),
+                          **({"distill_teacher_outputs": teacher_outputs} if teacher_outputs != "auto" else {}),
                           "checkpoint": f"/tmp/slimformer-width{pct[:-1]}-{tag or 'base'}.ckpt"}))
     batch = dict(original.tokenizer(texts[:16], padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
     batch.pop("token_type_ids", None)
@@ -1100,6 +1101,8 @@ def main() -> None:
     mm.add_argument("--autocast", default="float32", choices=["float32", "bfloat16"], help="the distillation's training passes under bfloat16 autocast (width-slim distill_autocast)")
     mm.add_argument("--windows", type=int, default=1, help="windows of --max-length tokens per long document (calibration windows; 1: its first only)")
     mm.add_argument("--round-to", type=int, default=None, help="MLP widths a multiple of this (width-slim round_to; default 16)")
+    mm.add_argument("--teacher-outputs", default="auto", choices=["auto", "cache", "recompute"],
+                    help="width-slim distill_teacher_outputs (not part of a run's checkpoint fingerprint: a run resumes under any)")
     mm.add_argument("--keep-embeddings", action="store_true", help="distillation leaves the embedding table as loaded (width-slim distill_embeddings: false)")
     mm.add_argument("--continue-from", default=None, help="a finished distillation checkpoint of the same slimming with fewer steps, trained on to --steps "
                     "(width-slim distill_continue_from; e.g. /tmp/slimformer-width50-TAG.ckpt)")
@@ -1131,7 +1134,7 @@ def main() -> None:
         cmd_minilm_speed_child(args.checkpoint, args.structure, args.rounds)
     else:
         cmd_minilm(args.steps, args.lr, args.samples, args.ratios, args.tag, args.loss, args.refit, args.max_length, args.source, args.batch_size, args.distilled_only, args.head_ratio, args.autocast, args.block_ratios, args.windows, args.round_to,
-                   not args.keep_embeddings, args.continue_from)
+                   not args.keep_embeddings, args.continue_from, args.teacher_outputs)
 
 
 if __name__ == "__main__":
