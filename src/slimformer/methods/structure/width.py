@@ -522,6 +522,8 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
             slim_block(i, plan[i], stats_h, stats_n)
             with torch.no_grad():
                 states = [run_block(modules[i], x, calls[b][i]) for b, x in enumerate(states)]
+        # the calibration activations (batches x seq x hidden) are not needed by the distillation
+        del states, calls
     before, after = flops["before"], flops["after"]
     record = {
         "heads": {str(i): [len(p["query_heads"]), len(p["kv_heads"])] for i, p in plan.items()},
