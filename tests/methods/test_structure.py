@@ -389,6 +389,25 @@ def test_distillation_lowers_loss_and_resumes(tiny_factory, tmp_path, monkeypatc
     assert torch.allclose(model_output(resumed, batch), model_output(straight, batch), atol=1e-6)
 
 
+def test_width_slimming_spills_its_calibration_stream_to_disk_with_identical_results(tiny_factory, tmp_path, monkeypatch):
+    from slimformer.methods import calibration
+
+    opened = []
+    real = calibration.open_activation_store
+    monkeypatch.setattr(calibration, "open_activation_store", lambda *a: opened.append(real(*a)) or opened[-1])
+    step = method_from_dict({"method": "width-slim", "flops_ratio": 0.5, "select": "obs", "refit": True})
+    results = {}
+    for offload in ("memory", "disk"):
+        loaded = tiny_factory("llama")
+        cal = CalibrationSettings(n_samples=8, max_length=32, batch_size=4, offload=offload)
+        compress(loaded, Recipe(steps=[step], calibration=cal), work_dir=str(tmp_path))
+        results[offload] = loaded.model.state_dict()
+    assert results["memory"].keys() == results["disk"].keys()
+    assert all(torch.equal(results["memory"][k], results["disk"][k]) for k in results["memory"])
+    assert [store.spilled for store in opened] == [False, True]
+    assert not list(tmp_path.glob("slimformer-activations-*"))  # the spill folder is gone
+
+
 def test_recomputed_teacher_outputs_train_exactly_as_cached_ones(tiny_factory, monkeypatch):
     step = {"method": "width-slim", "flops_ratio": 0.5, "distill_steps": 5, "distill_lr": 1e-3, "seed": 1}
     cached, recomputed = tiny_factory("bert"), tiny_factory("bert")

@@ -483,6 +483,21 @@ def block_input_states(model: nn.Module, adapter, batches: list[dict]) -> tuple[
         store.close()
 
 
+def open_block_inputs(loaded, ctx: CompressionContext, batches: list[dict]) -> tuple[ActivationStore, list[list[BlockCall]]]:
+    """The hidden states entering block 0 in a store that spills to disk as
+    ``calibration.offload`` says (:func:`open_activation_store`; the caller closes it), and
+    ``calls[b][i]`` as :func:`capture_block_inputs` returns them: for methods that carry the
+    calibration stream through depth themselves, replacing each batch's states in place."""
+    store = open_activation_store(loaded, ctx, batches)
+    try:
+        blocks = loaded.adapter.blocks()
+        calls = capture_block_inputs(loaded.model, loaded.adapter, batches, store, _returns_tuple(loaded.model, blocks[0], batches[0]))
+    except BaseException:
+        store.close()
+        raise
+    return store, calls
+
+
 def _block_stages(block: nn.Module, modules: dict[str, nn.Module], hidden: torch.Tensor, call: BlockCall) -> list[list[str]]:
     """Split a block's selected linears into the stages they run in, in execution order (layers
     reading the very same input tensor form one stage), by running the block once on ``hidden``."""

@@ -44,7 +44,7 @@ import torch
 
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
-from slimformer.methods.calibration import InputStatistics, block_input_states, run_block, run_batches
+from slimformer.methods.calibration import InputStatistics, block_input_states, open_block_inputs, run_block, run_batches
 from slimformer.methods.structure.distill import AUTOCAST_DTYPES, TEACHER_OUTPUTS, distill, fingerprint_key, load_finished
 
 GQA_MODES = ("within-groups", "groups")
@@ -444,9 +444,9 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         return (InputStatistics({names[id(attn_out[i])]: attn_out[i] for i in selected}, hessian=True),
                 InputStatistics({names[id(mlp_out[i])]: mlp_out[i] for i in selected}, hessian=sequential))
 
-    def block_statistics(i: int, block, states: list[torch.Tensor], calls, keep: bool = False) -> tuple[InputStatistics, InputStatistics, list[torch.Tensor]]:
-        """Block ``i``'s projection-input statistics over the calibration ``states`` (one
-        (batch, seq, hidden) tensor per batch), and with ``keep`` its outputs on them."""
+    def block_statistics(i: int, block, states, calls, keep: bool = False) -> tuple[InputStatistics, InputStatistics, list[torch.Tensor]]:
+        """Block ``i``'s projection-input statistics over the calibration ``states`` (an iterable
+        of one (batch, seq, hidden) tensor per batch), and with ``keep`` its outputs on them."""
         stats_h, stats_n = statistics([i])
         with stats_h, stats_n, torch.no_grad():
             outputs = []
@@ -514,16 +514,22 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         for i, p in plan.items():
             slim_block(i, p, stats_h, stats_n)
     else:
+        # one set of calibration activations, replaced batch by batch as the stream moves through
+        # depth: in memory, or spilled to disk as calibration.offload says; closed (freed) before
+        # any distillation
         modules = list(adapter.blocks())
-        states, calls = block_input_states(model, adapter, batches)
-        for i in blocks:
-            stats_h, stats_n, _ = block_statistics(i, modules[i], states, calls)
-            plan[i] = planned(i, stats_h, stats_n)
-            slim_block(i, plan[i], stats_h, stats_n)
-            with torch.no_grad():
-                states = [run_block(modules[i], x, calls[b][i]) for b, x in enumerate(states)]
-        # the calibration activations (batches x seq x hidden) are not needed by the distillation
-        del states, calls
+        store, calls = open_block_inputs(loaded, ctx, batches)
+        try:
+            for i in blocks:
+                stats_h, stats_n, _ = block_statistics(i, modules[i], (store.get(b) for b in range(len(batches))), calls)
+                plan[i] = planned(i, stats_h, stats_n)
+                slim_block(i, plan[i], stats_h, stats_n)
+                with torch.no_grad():
+                    for b in range(len(batches)):
+                        store.put(b, run_block(modules[i], store.get(b), calls[b][i]))
+        finally:
+            store.close()
+        del calls
     before, after = flops["before"], flops["after"]
     record = {
         "heads": {str(i): [len(p["query_heads"]), len(p["kv_heads"])] for i, p in plan.items()},
