@@ -389,13 +389,17 @@ def test_distillation_lowers_loss_and_resumes(tiny_factory, tmp_path, monkeypatc
     assert torch.allclose(model_output(resumed, batch), model_output(straight, batch), atol=1e-6)
 
 
-def test_width_slimming_spills_its_calibration_stream_to_disk_with_identical_results(tiny_factory, tmp_path, monkeypatch):
+@pytest.mark.parametrize("allocation", ["uniform", "local-error"])
+def test_width_slimming_spills_its_calibration_streams_to_disk_with_identical_results(tiny_factory, tmp_path, monkeypatch, allocation):
     from slimformer.methods import calibration
+    from slimformer.methods.structure import width
 
     opened = []
     real = calibration.open_activation_store
-    monkeypatch.setattr(calibration, "open_activation_store", lambda *a: opened.append(real(*a)) or opened[-1])
-    step = method_from_dict({"method": "width-slim", "flops_ratio": 0.5, "select": "obs", "refit": True})
+    record = lambda *a: opened.append(real(*a)) or opened[-1]  # noqa: E731
+    monkeypatch.setattr(calibration, "open_activation_store", record)
+    monkeypatch.setattr(width, "open_activation_store", record)
+    step = method_from_dict({"method": "width-slim", "flops_ratio": 0.5, "select": "obs", "refit": True, "allocation": allocation})
     results = {}
     for offload in ("memory", "disk"):
         loaded = tiny_factory("llama")
@@ -404,7 +408,8 @@ def test_width_slimming_spills_its_calibration_stream_to_disk_with_identical_res
         results[offload] = loaded.model.state_dict()
     assert results["memory"].keys() == results["disk"].keys()
     assert all(torch.equal(results["memory"][k], results["disk"][k]) for k in results["memory"])
-    assert [store.spilled for store in opened] == [False, True]
+    streams = 3 if allocation == "local-error" else 1  # local-error: its two streams, then the slimming's
+    assert [store.spilled for store in opened] == [False] * streams + [True] * streams
     assert not list(tmp_path.glob("slimformer-activations-*"))  # the spill folder is gone
 
 

@@ -44,7 +44,7 @@ import torch
 
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
-from slimformer.methods.calibration import InputStatistics, block_input_states, open_block_inputs, run_block, run_batches
+from slimformer.methods.calibration import InputStatistics, open_activation_store, open_block_inputs, run_block, run_batches
 from slimformer.methods.structure.distill import AUTOCAST_DTYPES, TEACHER_OUTPUTS, distill, fingerprint_key, load_finished
 
 GQA_MODES = ("within-groups", "groups")
@@ -444,50 +444,59 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         return (InputStatistics({names[id(attn_out[i])]: attn_out[i] for i in selected}, hessian=True),
                 InputStatistics({names[id(mlp_out[i])]: mlp_out[i] for i in selected}, hessian=sequential))
 
-    def block_statistics(i: int, block, states, calls, keep: bool = False) -> tuple[InputStatistics, InputStatistics, list[torch.Tensor]]:
+    def block_statistics(i: int, block, states, calls, sink=None) -> tuple[InputStatistics, InputStatistics]:
         """Block ``i``'s projection-input statistics over the calibration ``states`` (an iterable
-        of one (batch, seq, hidden) tensor per batch), and with ``keep`` its outputs on them."""
+        of one (batch, seq, hidden) tensor per batch); ``sink(b, output)`` receives its outputs."""
         stats_h, stats_n = statistics([i])
         with stats_h, stats_n, torch.no_grad():
-            outputs = []
             for b, x in enumerate(states):
                 stats_h.set_batch(batches[b])
                 stats_n.set_batch(batches[b])
                 y = run_block(block, x, calls[b][i])
-                if keep:
-                    outputs.append(y)
-        return stats_h, stats_n, outputs
+                if sink is not None:
+                    sink(b, y)
+        return stats_h, stats_n
 
     def local_errors() -> tuple[dict, dict]:
         """Every block slimmed alone to every allocation level, on the original model's inputs:
-        the relative squared error of its output over real tokens, and its FLOPs."""
+        the relative squared error of its output over real tokens, and its FLOPs. The original
+        stream's inputs and outputs of the current block are two activation stores (spilled as
+        ``calibration.offload`` says) that swap roles block by block."""
         modules = adapter.blocks()
         originals = list(modules)
-        states, calls = block_input_states(model, adapter, batches)
+        n = len(batches)
+        inputs, calls = open_block_inputs(loaded, ctx, batches)
         errors: dict[int, dict[float, float]] = {}
         costs: dict[int, dict[float, tuple[int, int]]] = {}
         masks = [b["attention_mask"].bool() if "attention_mask" in b else None for b in batches]
         real = lambda t, b: t[masks[b]] if masks[b] is not None else t  # noqa: E731
         removal_orders: dict[int, list[int]] = {}  # levels ascend: the first level's OBS pass is the longest
-        for i in blocks:
-            stats_h, stats_n, outputs = block_statistics(i, originals[i], states, calls, keep=True)
-            norm = sum(float(real(y, b).float().pow(2).sum()) for b, y in enumerate(outputs))
-            errors[i], costs[i] = {}, {}
-            for r in config.allocation_levels:
-                p, full, after = plan_block(i, stats_h, stats_n, r, removal_orders)
-                costs[i][r] = (full, after)
-                if p.get("whole"):
-                    errors[i][r] = 0.0
-                    continue
-                modules[i] = copy.deepcopy(originals[i])  # a trial copy of one block
-                try:
-                    slim_block(i, p, stats_h, stats_n)
-                    with torch.no_grad():
-                        e = sum(float(real(run_block(modules[i], x, calls[b][i]) - outputs[b], b).float().pow(2).sum()) for b, x in enumerate(states))
-                finally:
-                    modules[i] = originals[i]
-                errors[i][r] = e / max(norm, 1e-30)
-            states = outputs
+        try:
+            outputs = open_activation_store(loaded, ctx, batches)
+            try:
+                for i in blocks:
+                    stats_h, stats_n = block_statistics(i, originals[i], (inputs.get(b) for b in range(n)), calls, sink=outputs.put)
+                    norm = sum(float(real(outputs.get(b), b).float().pow(2).sum()) for b in range(n))
+                    errors[i], costs[i] = {}, {}
+                    for r in config.allocation_levels:
+                        p, full, after = plan_block(i, stats_h, stats_n, r, removal_orders)
+                        costs[i][r] = (full, after)
+                        if p.get("whole"):
+                            errors[i][r] = 0.0
+                            continue
+                        modules[i] = copy.deepcopy(originals[i])  # a trial copy of one block
+                        try:
+                            slim_block(i, p, stats_h, stats_n)
+                            with torch.no_grad():
+                                e = sum(float(real(run_block(modules[i], inputs.get(b), calls[b][i]) - outputs.get(b), b).float().pow(2).sum()) for b in range(n))
+                        finally:
+                            modules[i] = originals[i]
+                        errors[i][r] = e / max(norm, 1e-30)
+                    inputs, outputs = outputs, inputs  # this block's outputs are the next one's inputs
+            finally:
+                outputs.close()
+        finally:
+            inputs.close()
         return errors, costs
 
     allocation = None
@@ -521,7 +530,7 @@ def apply_width_slim(loaded, config: WidthSlimConfig, ctx) -> dict:
         store, calls = open_block_inputs(loaded, ctx, batches)
         try:
             for i in blocks:
-                stats_h, stats_n, _ = block_statistics(i, modules[i], (store.get(b) for b in range(len(batches))), calls)
+                stats_h, stats_n = block_statistics(i, modules[i], (store.get(b) for b in range(len(batches))), calls)
                 plan[i] = planned(i, stats_h, stats_n)
                 slim_block(i, plan[i], stats_h, stats_n)
                 with torch.no_grad():
