@@ -18,7 +18,7 @@ Xeon here (``benchmarks/results/distill_step.md``), one MiniLM step at 50 % widt
 dropout on (train mode): what autocast saves in train mode is mostly dropout's cost, and the
 embedding table's dense gradient and AdamW update (75 ms of the 348) do not shrink with it:
 measure before relying on it. An encoder teacher's final hidden states are computed once and kept (calibration tokens x
-hidden x its element size: 5.2 GB for MiniLM's 26312 windows of 128 tokens) only where they fit
+hidden x its element size: 4.5 GB for MiniLM's 26312 windows, 2.9 M padded tokens) only where they fit
 (``teacher_outputs: auto``: within half of the memory the process can still allocate when the
 distillation starts); otherwise, or with ``recompute``, the teacher runs on each step's batch (one more
 forward per step; the same numbers, so the same training), and memory stays bounded by a batch.
