@@ -413,6 +413,27 @@ def test_width_slimming_spills_its_calibration_streams_to_disk_with_identical_re
     assert not list(tmp_path.glob("slimformer-activations-*"))  # the spill folder is gone
 
 
+def test_fusegpt_spills_its_three_streams_to_disk_with_identical_results(tiny_factory, tmp_path, monkeypatch):
+    from slimformer.methods import calibration
+    from slimformer.methods.structure import fuse
+
+    opened = []
+    real = calibration.open_activation_store
+    record = lambda *a: opened.append(real(*a)) or opened[-1]  # noqa: E731
+    monkeypatch.setattr(calibration, "open_activation_store", record)
+    monkeypatch.setattr(fuse, "open_activation_store", record)
+    step = method_from_dict({"method": "fusegpt", "layers": [0, 3], "steps": 6, "rank": 2})
+    results = {}
+    for offload in ("memory", "disk"):
+        loaded = tiny_factory("llama")
+        compress(loaded, Recipe(steps=[step], calibration=CalibrationSettings(n_samples=8, max_length=32, batch_size=4, offload=offload)), work_dir=str(tmp_path))
+        results[offload] = (loaded.model.state_dict(), loaded.applied[-1]["folds"])
+    (a, folds_a), (b, folds_b) = results["memory"], results["disk"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and folds_a == folds_b
+    assert [store.spilled for store in opened] == [False] * 3 + [True] * 3  # original, targets, student
+    assert not list(tmp_path.glob("slimformer-activations-*"))
+
+
 def test_recomputed_teacher_outputs_train_exactly_as_cached_ones(tiny_factory, monkeypatch):
     step = {"method": "width-slim", "flops_ratio": 0.5, "distill_steps": 5, "distill_lr": 1e-3, "seed": 1}
     cached, recomputed = tiny_factory("bert"), tiny_factory("bert")

@@ -328,6 +328,7 @@ class ActivationStore:
     def __init__(self, folder: Path | None = None) -> None:
         self.folder = folder
         self._memory: dict[int, torch.Tensor] = {}
+        self._count = 0
 
     @property
     def spilled(self) -> bool:
@@ -337,7 +338,17 @@ class ActivationStore:
         assert self.folder is not None
         return self.folder / f"batch-{index:05d}.safetensors"
 
+    def __len__(self) -> int:
+        """Batches stored (indices 0 .. len - 1)."""
+        return self._count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        return self.get(index)
+
     def put(self, index: int, hidden: torch.Tensor) -> None:
+        self._count = max(self._count, index + 1)
         if self.folder is None:
             self._memory[index] = hidden
             return
@@ -357,6 +368,7 @@ class ActivationStore:
 
     def close(self) -> None:
         self._memory.clear()
+        self._count = 0
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -469,18 +481,6 @@ def capture_block_inputs(model: nn.Module, adapter, batches: list[dict], store: 
                 raise ConfigError(f"calibration reached {len(current)} of the model's {n} blocks", "check that the model runs on the calibration text")
             calls.append(current)
     return calls
-
-
-def block_input_states(model: nn.Module, adapter, batches: list[dict]) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
-    """The hidden states entering block 0, one (batch, seq, hidden) tensor per calibration batch
-    and held in memory, and ``calls[b][i]`` as :func:`capture_block_inputs` returns them: for
-    methods that carry their own streams of hidden states through depth."""
-    store = ActivationStore()
-    try:
-        calls = capture_block_inputs(model, adapter, batches, store, _returns_tuple(model, adapter.blocks()[0], batches[0]))
-        return [store.get(b) for b in range(len(batches))], calls
-    finally:
-        store.close()
 
 
 def open_block_inputs(loaded, ctx: CompressionContext, batches: list[dict]) -> tuple[ActivationStore, list[list[BlockCall]]]:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
-from slimformer.methods.calibration import BlockCall, block_input_states, run_block
+from slimformer.methods.calibration import BlockCall, open_activation_store, open_block_inputs, run_block
 from slimformer.methods.structure.distill import distillation_loss, optimizer_step
 from slimformer.methods.structure.sleb import SLEBConfig, apply_sleb, check_block_list, check_blocks_exist, check_fraction, check_rescore
 
@@ -220,50 +220,61 @@ def fold(host: nn.Module, removed: list[nn.Module], inputs: list[torch.Tensor], 
 @register_method(FuseGPTConfig)
 def apply_fusegpt(loaded, config: FuseGPTConfig, ctx) -> dict:
     adapter = loaded.adapter
-    model = loaded.model
     total = adapter.num_layers()
     blocks = list(adapter.blocks())
     if any(not _linears(b) for b in blocks):
         raise ConfigError("fusegpt: the blocks have no float linear layers to fold", "apply fusegpt before quantization or low-rank steps")
     batches = ctx.batches(loaded.tokenizer)
     check_blocks_exist("fusegpt", config.layers, total)
-    # The original model's block-0 inputs and how it calls every block (before anything goes).
-    teacher, calls = block_input_states(model, adapter, batches)
-    if config.layers:
-        removed = sorted(config.layers)
-        hosts = assign_hosts(total, removed)
-        adapter.drop_blocks(removed)
-        selection: dict = {"select": "given"}
-    else:
-        sleb = apply_sleb(loaded, SLEBConfig(num_layers=config.num_layers, fraction=config.fraction, rescore=config.rescore), ctx)
-        removed = sleb["dropped_layers"]
-        hosts = assign_hosts(total, removed)
-        selection = {"select": "sleb", "removal_order": sleb["removal_order"], "sleb_calibration_loss_after_each": sleb["calibration_loss_after_each"]}
-    masks = [b["attention_mask"] for b in batches]
-    student = teacher
-    folds: dict[int, dict] = {}
-    bar = tqdm(total=config.steps * sum(1 for r in hosts.values() if r), desc="fusegpt", disable=not ctx.progress, unit="step")
+    # The original model's block-0 inputs and how it calls every block (before anything goes),
+    # in an activation store (spilled as calibration.offload says); the original's stream, the
+    # slimmed model's and each span's targets are three such stores, replaced batch by batch.
+    teacher, calls = open_block_inputs(loaded, ctx, batches)
+    targets = student = None
+    bar = None
     try:
+        if config.layers:
+            removed = sorted(config.layers)
+            hosts = assign_hosts(total, removed)
+            adapter.drop_blocks(removed)
+            selection: dict = {"select": "given"}
+        else:
+            sleb = apply_sleb(loaded, SLEBConfig(num_layers=config.num_layers, fraction=config.fraction, rescore=config.rescore), ctx)
+            removed = sleb["dropped_layers"]
+            hosts = assign_hosts(total, removed)
+            selection = {"select": "sleb", "removal_order": sleb["removal_order"], "sleb_calibration_loss_after_each": sleb["calibration_loss_after_each"]}
+        masks = [b["attention_mask"] for b in batches]
+        n = len(batches)
+        targets = open_activation_store(loaded, ctx, batches)
+        folds: dict[int, dict] = {}
+        bar = tqdm(total=config.steps * sum(1 for r in hosts.values() if r), desc="fusegpt", disable=not ctx.progress, unit="step")
         with torch.no_grad():
             for h in sorted(hosts):
                 span = sorted([h, *hosts[h]])
-                targets = []
-                for b, x in enumerate(teacher):
+                for b in range(n):
+                    x = teacher.get(b)
                     for i in span:
                         x = run_block(blocks[i], x, calls[b][i])
-                    targets.append(x)
+                    targets.put(b, x)
+                # until a block is removed the student's stream is the original's
+                inputs = student if student is not None else teacher
                 if hosts[h]:
-                    folds[h] = {"folded": hosts[h], **fold(blocks[h], [blocks[r] for r in hosts[h]], student, targets,
-                                                          [calls[b][h] for b in range(len(batches))], masks, config, bar)}
+                    folds[h] = {"folded": hosts[h], **fold(blocks[h], [blocks[r] for r in hosts[h]], inputs, targets,
+                                                          [calls[b][h] for b in range(n)], masks, config, bar)}
                     logger.info("fusegpt: blocks %s folded into %d (held-out loss %.4f -> %.4f)", hosts[h], h,
                                 folds[h]["held_out_loss_removed"], folds[h]["held_out_loss_folded"])
-                if student is teacher and not hosts[h]:
-                    student = teacher = targets  # nothing removed yet: the two streams are one
-                    continue
-                student = [run_block(blocks[h], x, calls[b][h]) for b, x in enumerate(student)]
-                teacher = targets
+                if student is not None or hosts[h]:
+                    if student is None:
+                        student = open_activation_store(loaded, ctx, batches)
+                    for b in range(n):
+                        student.put(b, run_block(blocks[h], inputs.get(b), calls[b][h]))
+                teacher, targets = targets, teacher  # the span's targets are the next span's inputs
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+        for store in (teacher, targets, student):
+            if store is not None:
+                store.close()
     return {
         "dropped_layers": sorted(removed),
         **selection,
