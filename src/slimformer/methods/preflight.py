@@ -178,6 +178,13 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
                 else:  # the teacher's forward on each step's batch: its output and an MLP's intermediate
                     step_acts += tok_max * (hidden + inter) * 4
                 training = max(training, 4 * float_bytes + step_acts)
+            if step.name == "width-slim":
+                # the Gram matrices of every block's attention and MLP output projections' inputs
+                # (float32, with their sums), and structured OBS / the refit on the widest: the
+                # weight and (in, in) float64 matrices, about five at once (a measured peak: 4.5)
+                stats = max(stats, (hidden * hidden + inter * inter) * 4 + 2 * (hidden + inter) * 4)
+                if getattr(step, "select", "") == "obs" or getattr(step, "refit", False):
+                    method = max(method, 5 * inter * inter * 8 + 2 * hidden * inter * 8)
             selected = _selected_linears(loaded, step)
             sequential = bool(getattr(step, "true_sequential", False))
             uses_hessian = step.name not in ("wanda", "smoothquant")

@@ -242,9 +242,10 @@ def obs_removal(weight: torch.Tensor, gram: torch.Tensor, groups: list[list[int]
     group ``g`` go after the groups ``removed`` (e.g. grouped-query limits)? Returns the
     removed group indices in removal order."""
     w = weight.detach().double().clone()
-    h = gram.double()
-    h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    h = gram.to(torch.float64, copy=True)
+    h.diagonal().add_(damp * h.diagonal().mean())  # damped in place: no second (in, in) matrix
     hinv = torch.linalg.inv(h)
+    del h  # the inverse is all the loop needs
     removed: list[int] = []
     if allowed is None and all(len(g) == 1 for g in groups):  # single columns: vectorised
         cols = torch.tensor([g[0] for g in groups])
