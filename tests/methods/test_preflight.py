@@ -172,7 +172,14 @@ def test_width_slimming_counts_its_gram_matrices_and_the_obs_working_set(tiny_fa
     h, i = loaded.model.config.hidden_size, loaded.model.config.intermediate_size
     obs = estimate_peak(loaded, _distill_recipe("auto", distill_steps=0, select="obs"))
     plain = estimate_peak(loaded, _distill_recipe("auto", distill_steps=0))
+    from slimformer.methods.calibration import CompressionContext
+
+    tok_max = max(b["input_ids"].numel() for b in CompressionContext(_distill_recipe("auto").calibration).batches(loaded.tokenizer))
     assert obs.parts["statistics"] == plain.parts["statistics"] == (h * h + i * i) * 4 + 2 * (h + i) * 4
+    # a batch's statistics being added, during the block's forward
+    gptq = estimate_peak(loaded, Recipe.from_dict({"slimformer_recipe": 1, "name": "g", "calibration": {"n_samples": 16, "max_length": 48, "batch_size": 8},
+                                                   "steps": [{"method": "gptq", "bits": 4, "group_size": 16}]}))
+    assert plain.parts["block_forward"] - gptq.parts["block_forward"] == 5 * tok_max * i * 4 + i * i * 4
     assert obs.parts["method"] == 5 * i * i * 8 + 2 * h * i * 8 and plain.parts["method"] == 0
 
 
@@ -188,9 +195,9 @@ def test_a_distillation_that_cannot_keep_its_teacher_outputs_is_told_to_recomput
 @pytest.mark.parametrize("step", [{"distill_steps": 4, "distill_teacher_outputs": "cache"}, {"distill_steps": 4, "distill_teacher_outputs": "recompute"},
                                   {"select": "obs", "refit": True}], ids=["distill-cached", "distill-recomputed", "obs-refit"])
 def test_width_slimming_estimate_is_within_30_percent_of_the_measured_peak(step):
-    # Beyond the parts it models, a width-slimming job here peaks a fixed 17-40 MB higher (24-40 MB
-    # for 16 to 256 calibration documents, not growing with them; more in a fresh clone's virtual
-    # environment than in another, already before any distillation): allowed for, not scaled.
+    # Beyond the parts it models, a job here peaks up to ~25 MB higher in a fresh clone's virtual
+    # environment than in another (the same code, packages and peak site, a batch's input
+    # statistics): a fixed offset, allowed for, not scaled.
     recipe = {"slimformer_recipe": 1, "name": "m", "calibration": {"n_samples": 64, "max_length": 128, "batch_size": 16},
               "steps": [{"method": "width-slim", "flops_ratio": 0.5, **step}]}
     out = _measure(recipe, family="bert")

@@ -160,7 +160,7 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
         # one block on one batch: residual stream copies, q/k/v/attention, MLP intermediates,
         # attention scores (batch, heads, seq, seq) when the attention path materialises them
         parts["block_forward"] = tok_max * (8 * hidden + 3 * inter) * 4 + batch_max * heads * seq_max * seq_max * 4
-        stats = method = head = teacher = replay = kept_outputs = training = 0
+        stats = method = head = teacher = replay = kept_outputs = training = forward_extra = 0
         n_blocks = len(blocks)
         float_bytes = _bytes(p for p in model.parameters() if p.is_floating_point())
         for step in calibrated:
@@ -179,10 +179,13 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
                     step_acts += tok_max * (hidden + inter) * 4
                 training = max(training, 4 * float_bytes + step_acts)
             if step.name == "width-slim":
-                # the Gram matrices of every block's attention and MLP output projections' inputs
-                # (float32, with their sums), and structured OBS / the refit on the widest: the
-                # weight and (in, in) float64 matrices, about five at once (a measured peak: 4.5)
+                # the Gram matrices of a block's attention and MLP output projections' inputs
+                # (float32, with their sums); during the block's forward, one batch's statistics
+                # being added (the float input, its square, absolute values: about five copies,
+                # and one x^T x); and structured OBS / the refit on the widest: the weight and
+                # (in, in) float64 matrices, about five at once (a measured peak: 4.5)
                 stats = max(stats, (hidden * hidden + inter * inter) * 4 + 2 * (hidden + inter) * 4)
+                forward_extra = max(forward_extra, 5 * tok_max * inter * 4 + inter * inter * 4)
                 if getattr(step, "select", "") == "obs" or getattr(step, "refit", False):
                     method = max(method, 5 * inter * inter * 8 + 2 * hidden * inter * 8)
             selected = _selected_linears(loaded, step)
@@ -222,6 +225,7 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
                 head = max(head, tok_max * vocab * 4)
             if getattr(step, "requires_teacher_logits", False):
                 teacher = max(teacher, settings["tokens"] * vocab * 4)
+        parts["block_forward"] += forward_extra
         parts.update(statistics=stats, method=method, head_logits=head, teacher_logits=teacher, stage_outputs=replay, teacher_outputs=kept_outputs, distillation=training)
     if any(s.requires_original_weights for s in recipe.steps):
         parts["original_weights"] = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
