@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -168,7 +169,7 @@ def _call_host(host: nn.Module, weights: dict, hidden: torch.Tensor, call: Block
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def fold(host: nn.Module, removed: list[nn.Module], inputs: list[torch.Tensor], targets: list[torch.Tensor], calls: list[BlockCall],
+def fold(host: nn.Module, removed: list[nn.Module], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], calls: list[BlockCall],
          masks: list[torch.Tensor], config: FuseGPTConfig, bar=None) -> dict:
     """Train and merge the coefficients folding ``removed`` into ``host`` so that
     ``host(inputs[b]) ~ targets[b]`` (hidden states (batch, seq, dim)); returns the losses."""
@@ -228,7 +229,7 @@ def apply_fusegpt(loaded, config: FuseGPTConfig, ctx) -> dict:
     check_blocks_exist("fusegpt", config.layers, total)
     # The original model's block-0 inputs and how it calls every block (before anything goes),
     # in an activation store (spilled as calibration.offload says); the original's stream, the
-    # slimmed model's and each span's targets are three such stores, replaced batch by batch.
+    # shortened model's and each span's targets are three such stores, replaced batch by batch.
     teacher, calls = open_block_inputs(loaded, ctx, batches)
     targets = student = None
     bar = None
