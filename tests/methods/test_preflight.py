@@ -203,3 +203,18 @@ def test_width_slimming_estimate_is_within_30_percent_of_the_measured_peak(step)
     out = _measure(recipe, family="bert")
     measured, estimated = out["measured"], out["estimate"]["total_bytes"]
     assert 0.8 * (measured - (40 << 20)) <= estimated <= 1.3 * measured, (measured, out["estimate"])
+
+
+def test_methods_with_several_calibration_streams_count_a_set_each(tiny_factory):
+    from slimformer.methods.calibration import CompressionContext, activation_bytes
+
+    loaded = tiny_factory("llama")
+    cal = {"n_samples": 16, "max_length": 48, "batch_size": 8, "offload": "memory"}
+    one = estimate_peak(loaded, Recipe.from_dict({"slimformer_recipe": 1, "name": "w", "calibration": cal, "steps": [{"method": "width-slim"}]}))
+    two = estimate_peak(loaded, Recipe.from_dict({"slimformer_recipe": 1, "name": "w", "calibration": cal, "steps": [{"method": "width-slim", "allocation": "local-error"}]}))
+    three = estimate_peak(loaded, Recipe.from_dict({"slimformer_recipe": 1, "name": "f", "calibration": cal, "steps": [{"method": "fusegpt", "layers": [1]}]}))
+    from slimformer.methods import CalibrationSettings
+
+    acts = activation_bytes(loaded, CompressionContext(CalibrationSettings(**cal)).batches(loaded.tokenizer))
+    assert (one.settings["streams"], two.settings["streams"], three.settings["streams"]) == (1, 2, 3)
+    assert two.parts["activations"] - one.parts["activations"] == acts and three.parts["activations"] - one.parts["activations"] == 2 * acts

@@ -156,7 +156,12 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
         spill = recipe.calibration.offload == "disk" or (recipe.calibration.offload == "auto" and all_acts > budget)
         settings["spill"] = spill
         masks = sum(int(b["input_ids"].shape[0]) * int(b["input_ids"].shape[1]) ** 2 for b in batches) * ATTENTION_MASK_BYTES
-        parts["activations"] = (2 * tok_max * hidden * elem if spill else all_acts + tok_max * hidden * elem) + masks
+        # methods that carry more than one calibration stream through depth hold one set each
+        # (fusegpt: the original's, the shortened model's and the span targets; width-slim's
+        # local-error allocation: a block's inputs and outputs); spilled, one batch each
+        streams = max((3 if s.name == "fusegpt" else 2 if s.name == "width-slim" and getattr(s, "allocation", "") == "local-error" else 1) for s in calibrated)
+        parts["activations"] = (2 * streams * tok_max * hidden * elem if spill else streams * all_acts + tok_max * hidden * elem) + masks
+        settings["streams"] = streams
         # one block on one batch: residual stream copies, q/k/v/attention, MLP intermediates,
         # attention scores (batch, heads, seq, seq) when the attention path materialises them
         parts["block_forward"] = tok_max * (8 * hidden + 3 * inter) * 4 + batch_max * heads * seq_max * seq_max * 4
