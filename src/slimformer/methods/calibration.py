@@ -587,11 +587,17 @@ def _tail_statistics(model, adapter, modules, store, batches, hessian, keep_samp
     return stats
 
 
-def activation_bytes(loaded, batches: list[dict]) -> int:
-    """Bytes of one set of cached block inputs: tokens x hidden width x element size."""
-    emb = loaded.model.get_input_embeddings()
+def hidden_state_bytes(model: nn.Module, batches: list[dict]) -> int:
+    """Bytes of one (batch, seq, hidden) hidden-state tensor per batch of ``model``: padded
+    tokens x hidden width x the embedding's element size."""
+    emb = model.get_input_embeddings()
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
     return tokens * int(emb.weight.shape[1]) * emb.weight.element_size()
+
+
+def activation_bytes(loaded, batches: list[dict]) -> int:
+    """Bytes of one set of cached block inputs: tokens x hidden width x element size."""
+    return hidden_state_bytes(loaded.model, batches)
 
 
 def open_activation_store(loaded, ctx: CompressionContext, batches: list[dict]) -> ActivationStore:

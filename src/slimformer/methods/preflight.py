@@ -177,9 +177,9 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
                 # the teacher's and student's logits, the log-softmax and its gradient as well)
                 step_acts = n_blocks * (tok_max * (4 * hidden + 2 * mlp_inputs * inter) * 4 + 2 * batch_max * heads * seq_max * seq_max * 4)
                 step_acts += 4 * tok_max * vocab * 4 if causal else 0
-                need = settings["tokens"] * hidden * elem
-                if not (causal or layers) and caches_teacher_outputs(getattr(step, "distill_teacher_outputs", "auto"), need):
-                    kept_outputs = max(kept_outputs, need)
+                # the teacher's outputs are one more set of the calibration hidden states
+                if not (causal or layers) and caches_teacher_outputs(getattr(step, "distill_teacher_outputs", "auto"), all_acts):
+                    kept_outputs = max(kept_outputs, all_acts)
                 else:  # the teacher's forward on each step's batch: its output and an MLP's intermediate
                     step_acts += tok_max * (hidden + inter) * 4
                 training = max(training, 4 * float_bytes + step_acts)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from slimformer.errors import ConfigError
+from slimformer.methods.calibration import hidden_state_bytes
 from slimformer.methods.memory import available_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -149,33 +150,27 @@ def load_finished(path: str | Path) -> dict:
 TEACHER_OUTPUTS = ("auto", "cache", "recompute")
 
 
-def teacher_cache_bytes(teacher, batches: list[dict]) -> int:
-    """Bytes of an encoder teacher's final hidden states over every calibration batch (what
-    caching them holds): padded tokens x hidden size x the teacher's element size."""
-    emb = teacher.get_input_embeddings().weight
-    return sum(int(b["input_ids"].numel()) for b in batches) * int(emb.shape[1]) * emb.element_size()
-
-
-def caches_teacher_outputs(mode: str, need: int, budget: int | None = None) -> bool:
-    """Whether ``need`` bytes of teacher outputs are cached under ``mode`` (``auto``: when they
-    fit ``budget``, by default half of the memory this process can still allocate)."""
+def caches_teacher_outputs(mode: str, need: int) -> bool:
+    """Whether ``need`` bytes of an encoder teacher's outputs (one hidden-state set over the
+    calibration batches, :func:`~slimformer.methods.calibration.hidden_state_bytes`) are cached
+    under ``mode`` (``auto``: when they fit half of the memory this process can still allocate)."""
     if mode not in TEACHER_OUTPUTS:
         raise ConfigError(f"distillation teacher_outputs {mode!r} is not one of {list(TEACHER_OUTPUTS)}", "use auto, cache or recompute")
     if mode != "auto":
         return mode == "cache"
-    return need <= (available_memory_bytes() // 2 if budget is None else budget)
+    return need <= available_memory_bytes() // 2
 
 
 def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, lr: float, loss: str, seed: int,
             checkpoint: str | None = None, checkpoint_every: int = 25, fingerprint: dict | None = None, progress: bool = False,
             autocast: str = "float32", train_embeddings: bool = True, start_from: dict | None = None,
-            teacher_outputs: str = "auto", cache_budget: int | None = None) -> dict:
+            teacher_outputs: str = "auto") -> dict:
     """Train ``student`` (in place) to match ``teacher`` on ``batches`` for ``steps`` steps.
 
     Returns ``{"loss_before", "loss_after"}`` (mean calibration loss over all batches) and the
     first/last step losses, and whether the teacher's outputs were ``cached`` or ``recomputed``.
     Teacher outputs of encoders (batch, seq, dim) are cached when ``teacher_outputs`` says so
-    (``auto``: when they fit ``cache_budget`` bytes, see :func:`caches_teacher_outputs`); those
+    (``auto``: when they fit, see :func:`caches_teacher_outputs`); those
     of causal LMs (batch, seq, vocab) and the per-block ones of ``mse+cos+layers`` are always
     recomputed per step (memory bounded by one batch, not by the calibration set). ``train_embeddings=False``
     leaves the input embedding table (and a head tied to it) as it is. ``start_from``: the state of
@@ -190,8 +185,8 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
         raise ConfigError(f"distillation autocast {autocast!r} is not one of {list(AUTOCAST_DTYPES)}", "use float32 or bfloat16")
     low = AUTOCAST_DTYPES[autocast]
     layers = loss in LAYER_LOSSES
-    cache_bytes = 0 if causal or layers else teacher_cache_bytes(teacher, batches)
-    cached = caches_teacher_outputs(teacher_outputs, cache_bytes, cache_budget) and not (causal or layers)
+    cache_bytes = 0 if causal or layers else hidden_state_bytes(teacher, batches)
+    cached = not (causal or layers) and caches_teacher_outputs(teacher_outputs, cache_bytes)
     if not cached:
         def target_of(b):
             def target():
