@@ -1,7 +1,8 @@
 """Where a distillation step's time goes: one step of width-slim's distillation of MiniLM at 50 %
 of the block FLOPs (9 of 12 heads, MLP rounded to 64; no training before), timed in float32 and
-under bfloat16 autocast, in eval mode (no dropout: how width-slim trains a loaded model) and in
-train mode (dropout on), with every parameter trained or with the embeddings frozen.
+under bfloat16 autocast, with SDPA or eager attention, the for-loop or the fused AdamW, in eval
+mode (no dropout: how width-slim trains a loaded model) and in train mode (dropout on), with
+every parameter trained or with the embeddings frozen; and what writing a checkpoint costs.
 
 A step is what ``distill`` does: the student's forward, the ``mse+cos`` loss against the cached
 teacher output, backward, gradient clipping, AdamW. The batch is 16 held-out ``stdlib-docs``
@@ -21,6 +22,7 @@ import copy
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import torch
 from slimformer.compress import compress
 from slimformer.data.text import TextSpec, load_texts
 from slimformer.methods import CalibrationSettings, method_from_dict
-from slimformer.methods.structure.distill import distillation_loss
+from slimformer.methods.structure.distill import adamw, distillation_loss, save_checkpoint
 from slimformer.models.loading import load_model
 from slimformer.recipe import Recipe
 from slimformer.runtime.machine import describe_machine, machine_line
@@ -54,33 +56,43 @@ def build():
     return student.model, batch, target
 
 
+VARIANTS = [  # (autocast, attention, optimizer, mode, embeddings)
+    *[(a, att, opt, "eval", "trained") for a in ("float32", "bfloat16") for att in ("sdpa", "eager") for opt in ("for-loop", "fused")],
+    ("bfloat16", "eager", "fused", "eval", "frozen"),
+    ("float32", "sdpa", "for-loop", "train", "trained"),
+    ("bfloat16", "eager", "fused", "train", "trained"),
+]
+BEFORE = ("float32", "sdpa", "for-loop", "eval", "trained")  # width-slim's step before attention/optimizer were chosen
+
+
 def variants(student, batch, target) -> dict:
-    def make(autocast: bool, train: bool, freeze: bool):
-        params = [p for n, p in student.named_parameters() if not (freeze and "embeddings" in n)]
-        optim = torch.optim.AdamW(params, lr=1e-9)
+    def make(autocast: str, attention: str, optimizer: str, mode: str, embeddings: str):
+        params = [p for n, p in student.named_parameters() if not (embeddings == "frozen" and "embeddings" in n)]
+        optim = adamw(params, lr=1e-9) if optimizer == "fused" else torch.optim.AdamW(params, lr=1e-9, weight_decay=0.0)
 
         def step():
-            student.train(train)
+            student.train(mode == "train")
+            student.set_attn_implementation(attention)
             for p in student.parameters():
                 p.requires_grad_(False)
             for p in params:
                 p.requires_grad_(True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bfloat16"):
                 out = student(**batch).last_hidden_state
             loss = distillation_loss(out, target, batch["attention_mask"], "mse+cos")
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optim.step()
-        return step
+        return step, optim
 
-    return {(("bfloat16" if a else "float32"), ("train" if t else "eval"), ("frozen" if f else "trained")): make(a, t, f)
-            for a in (False, True) for t in (False, True) for f in (False, True)}
+    return {v: make(*v) for v in VARIANTS}
 
 
-def measure(rounds: int) -> list[dict]:
+def measure(rounds: int) -> tuple[list[dict], dict]:
     student, batch, target = build()
-    steps = variants(student, batch, target)
+    made = variants(student, batch, target)
+    steps = {k: s for k, (s, _) in made.items()}
     for s in steps.values():
         s()
         s()
@@ -90,24 +102,41 @@ def measure(rounds: int) -> list[dict]:
             t0 = time.perf_counter()
             s()
             times[k].append(time.perf_counter() - t0)
-    base = statistics.median(times[("float32", "eval", "trained")])
-    return [{"autocast": a, "mode": m, "embeddings": e, "ms": 1000 * statistics.median(v), "vs_width_slim": base / statistics.median(v)}
-            for (a, m, e), v in times.items()]
+    base = statistics.median(times[BEFORE])
+    rows = [{"autocast": a, "attention": att, "optimizer": opt, "mode": m, "embeddings": e, "ms": 1000 * statistics.median(v),
+             "vs_before": base / statistics.median(v)} for (a, att, opt, m, e), v in times.items()]
+    # what a checkpoint (student, AdamW state, sampler) costs to write, as distill writes it
+    optim = made[BEFORE][1]
+    writes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(3):
+            t0 = time.perf_counter()
+            save_checkpoint(Path(tmp) / "c.ckpt", {"student": student.state_dict(), "optim": optim.state_dict()})
+            writes.append(time.perf_counter() - t0)
+        size = (Path(tmp) / "c.ckpt").stat().st_size
+    return rows, {"ms": 1000 * statistics.median(writes), "bytes": size}
 
 
 def write(result: dict, out: Path, name: str) -> None:
+    ck = result["checkpoint"]
+    best = min(result["rows"], key=lambda r: r["ms"] if (r["mode"], r["embeddings"]) == ("eval", "trained") else float("inf"))
     lines = [
         "# One distillation step of MiniLM at 50 % of the block FLOPs",
         "",
         f"Machine: {machine_line(result['machine'])}. Batch 16 x 128 tokens, loss `mse+cos`, AdamW; medians of "
-        f"{result['rounds']} interleaved rounds. `x width-slim`: the float32, eval-mode, all-parameters step (what "
-        "width-slim runs on a loaded model) over this row's step.",
+        f"{result['rounds']} interleaved rounds. `x before`: the float32, SDPA, for-loop AdamW, eval-mode, all-parameters "
+        "step (what width-slim ran before it measured the attention and fused AdamW) over this row's step. "
+        "`distill` now trains with fused AdamW and, under `distill_attention: auto`, the faster attention of a timed "
+        f"training pass on the first batch; on this machine the fastest all-parameters row is {best['autocast']} / "
+        f"{best['attention']} / {best['optimizer']} ({best['vs_before']:.2f}x).",
         "",
-        "| autocast | mode | embeddings | ms per step | x width-slim |",
-        "|---|---|---|---|---|",
+        "| autocast | attention | AdamW | mode | embeddings | ms per step | x before |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        lines.append(f"| {r['autocast']} | {r['mode']} | {r['embeddings']} | {r['ms']:.1f} | {r['vs_width_slim']:.2f}x |")
+        lines.append(f"| {r['autocast']} | {r['attention']} | {r['optimizer']} | {r['mode']} | {r['embeddings']} | {r['ms']:.1f} | {r['vs_before']:.2f}x |")
+    lines += ["", f"A checkpoint (student and AdamW state, {ck['bytes'] / 1e6:.0f} MB) takes {ck['ms']:.0f} ms to write: "
+              f"every 25 steps (width-slim's `checkpoint_every` before) that was {ck['ms'] / 25:.1f} ms per step, every 200 (now) {ck['ms'] / 200:.1f} ms."]
     publish(out, name, "\n".join(lines) + "\n", result, plot)
 
 
@@ -118,8 +147,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    labels = [f"{r['autocast']}\n{r['mode']}, emb {r['embeddings']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    labels = [f"{r['autocast']}, {r['attention']}, {r['optimizer']}\n{r['mode']}, emb {r['embeddings']}" for r in rows]
     ax.barh(range(len(rows)), [r["ms"] for r in rows], color=["C0" if r["autocast"] == "float32" else "C1" for r in rows])
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
@@ -142,9 +171,9 @@ def main(argv=None) -> int:
         return 2
     started = time.time()
     machine = describe_machine()
-    rows = measure(args.rounds)
+    rows, checkpoint = measure(args.rounds)
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    write({"machine": machine, "rounds": args.rounds, "rows": rows, "seconds": time.time() - started}, Path(args.out), args.name)
+    write({"machine": machine, "rounds": args.rounds, "rows": rows, "checkpoint": checkpoint, "seconds": time.time() - started}, Path(args.out), args.name)
     return 0
 
 

@@ -365,7 +365,8 @@ def test_distillation_lowers_loss_and_resumes(tiny_factory, tmp_path, monkeypatc
     d = record["distillation"]
     assert d["loss_after"] < d["loss_before"]
     # resumable: an interrupted run continued from its checkpoint ends where an uninterrupted one does
-    step = {"method": "width-slim", "flops_ratio": 0.5, "distill_steps": 6, "distill_lr": 1e-3, "seed": 3, "checkpoint_every": 3}
+    step = {"method": "width-slim", "flops_ratio": 0.5, "distill_steps": 6, "distill_lr": 1e-3, "seed": 3, "checkpoint_every": 3,
+            "distill_attention": "sdpa"}
     straight = tiny_factory("bert")
     _run(straight, **step, checkpoint=str(tmp_path / "a.ckpt"))
     real = distill_module.distillation_loss
@@ -434,8 +435,61 @@ def test_fusegpt_spills_its_three_streams_to_disk_with_identical_results(tiny_fa
     assert not list(tmp_path.glob("slimformer-activations-*"))
 
 
+def test_distillation_trains_with_the_measured_faster_attention_and_resumes_with_its_own(tiny_factory, tmp_path, monkeypatch):
+    """``distill_attention: auto`` times SDPA and eager on the training pass and trains with the
+    faster (here made eager by the timing); the model comes back on SDPA; the timing leaves no
+    gradients; a run resumed from a checkpoint keeps that checkpoint's attention whatever it is
+    told, and ends as the uninterrupted run does."""
+    from slimformer.methods.structure.distill import fastest_training_attention
+
+    timed = []
+
+    def fake_medians(calls, repeats, setup=None, warmup=True):
+        for name in calls:
+            setup[name]()
+            calls[name]()
+            timed.append((name, tiny.model.config._attn_implementation))
+        return {"sdpa": 2.0, "eager": 1.0}
+
+    monkeypatch.setattr(distill_module, "interleaved_medians", fake_medians)
+    tiny = tiny_factory("bert")
+    assert tiny.model.config._attn_implementation == "sdpa"
+    batch = CompressionContext(CAL).batches(tiny.tokenizer)[0]
+    for p in tiny.model.parameters():
+        p.requires_grad_(True)
+    assert fastest_training_attention(tiny.model, batch, False, False, None) == "eager"
+    assert timed == [("sdpa", "sdpa"), ("eager", "eager")]  # each candidate timed on its own kernels
+    assert tiny.model.config._attn_implementation == "eager" and all(p.grad is None for p in tiny.model.parameters())
+    step = {"method": "width-slim", "flops_ratio": 0.5, "distill_steps": 4, "distill_lr": 1e-3, "seed": 2, "checkpoint_every": 2}
+    auto = tiny_factory("bert")
+    record = _run(auto, **step)["distillation"]
+    assert record["attention"] == "eager" and auto.model.config._attn_implementation == "sdpa"
+    fixed = tiny_factory("bert")
+    assert _run(fixed, **step, distill_attention="eager")["distillation"]["loss_after"] == record["loss_after"]
+    with pytest.raises(ConfigError, match="distill_attention"):
+        method_from_dict(step | {"distill_attention": "flash"})
+    # interrupted after its first checkpoint (step 2), resumed under another setting: eager still
+    real = distill_module.distillation_loss
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 + 3:  # 2 calibration batches for loss_before, then training step 3
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "distillation_loss", failing)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_factory("bert"), **step, distill_attention="eager", checkpoint=str(tmp_path / "e.ckpt"))
+    monkeypatch.setattr(distill_module, "distillation_loss", real)
+    resumed = tiny_factory("bert")
+    again = _run(resumed, **step, distill_attention="sdpa", checkpoint=str(tmp_path / "e.ckpt"))["distillation"]
+    assert (again["resumed_at"], again["attention"]) == (2, "eager")
+    assert again["loss_after"] == record["loss_after"]
+
+
 def test_recomputed_teacher_outputs_train_exactly_as_cached_ones(tiny_factory, monkeypatch):
-    step = {"method": "width-slim", "flops_ratio": 0.5, "distill_steps": 5, "distill_lr": 1e-3, "seed": 1}
+    step = {"method": "width-slim", "flops_ratio": 0.5, "distill_steps": 5, "distill_lr": 1e-3, "seed": 1, "distill_attention": "eager"}
     cached, recomputed = tiny_factory("bert"), tiny_factory("bert")
     batches = CompressionContext(CAL).batches(cached.tokenizer)
     expected = sum(b["input_ids"].numel() for b in batches) * cached.model.config.hidden_size * 4
@@ -466,7 +520,7 @@ def test_a_finished_distillation_continues_to_more_steps(tiny_factory, tmp_path,
     (its loss there = the finished run's loss after), the learning rate follows the tail of a
     cosine over the new total, and a checkpoint of another slimming, an unfinished run or no
     extra steps are refused with the fix."""
-    step = {"method": "width-slim", "flops_ratio": 0.5, "distill_lr": 1e-4, "seed": 1, "checkpoint_every": 2}
+    step = {"method": "width-slim", "flops_ratio": 0.5, "distill_lr": 1e-4, "seed": 1, "checkpoint_every": 2, "distill_attention": "sdpa"}
     first = tiny_factory("bert")
     done = _run(first, **step, distill_steps=4, checkpoint=str(tmp_path / "four.ckpt"))["distillation"]
     lrs = []

@@ -37,7 +37,7 @@ from slimformer.methods.dynamic.base import check_layers, require_encoder, setti
 from slimformer.methods.dynamic.confidence import fit_confidence, held_back_rows, pooled_states
 from slimformer.methods.dynamic.rules import RULES, make_rule
 from slimformer.methods.dynamic.runtime import DynamicEncoder, DynamicSettings, ExitHeads
-from slimformer.methods.structure.distill import optimizer_step, save_checkpoint
+from slimformer.methods.structure.distill import adamw, optimizer_step, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def joint_train(loaded, heads: ExitHeads, batches: list[dict], targets: list[tor
     for p in params:
         p.requires_grad_(True)
     groups = [{"params": exit_params, "lr": config.exit_lr}] + ([{"params": backbone, "lr": config.lr}] if backbone else [])
-    optim = torch.optim.AdamW(groups, weight_decay=0.0)
+    optim = adamw(groups)
     steps = config.steps
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     gen = torch.Generator().manual_seed(config.seed)
