@@ -359,6 +359,24 @@ def test_local_error_allocation_meets_the_budget_and_leaves_no_trace(tiny_factor
         method_from_dict({"method": "width-slim", "allocation": "local-error", "block_flops_ratios": [0.5, 0.5]})
 
 
+def _interrupted_at_step(at: int, monkeypatch, loaded, step: dict, checkpoint) -> None:
+    """Run width-slim ``step`` on ``loaded`` with ``checkpoint``, killed at training step ``at``
+    (1-based; the CAL set's 2 calibration batches give loss_before first)."""
+    real = distill_module.distillation_loss
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 + at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "distillation_loss", failing)
+    with pytest.raises(KeyboardInterrupt):
+        _run(loaded, **step, checkpoint=str(checkpoint))
+    monkeypatch.setattr(distill_module, "distillation_loss", real)
+
+
 def test_distillation_lowers_loss_and_resumes(tiny_factory, tmp_path, monkeypatch):
     loaded = tiny_factory("bert")
     record = _run(loaded, method="width-slim", flops_ratio=0.5, distill_steps=12, distill_lr=1e-4)
@@ -369,20 +387,7 @@ def test_distillation_lowers_loss_and_resumes(tiny_factory, tmp_path, monkeypatc
             "distill_attention": "sdpa"}
     straight = tiny_factory("bert")
     _run(straight, **step, checkpoint=str(tmp_path / "a.ckpt"))
-    real = distill_module.distillation_loss
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2 + 4:  # 2 calibration batches for loss_before, then training step 4
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    interrupted = tiny_factory("bert")
-    monkeypatch.setattr(distill_module, "distillation_loss", failing)
-    with pytest.raises(KeyboardInterrupt):
-        _run(interrupted, **step, checkpoint=str(tmp_path / "b.ckpt"))
-    monkeypatch.setattr(distill_module, "distillation_loss", real)
+    _interrupted_at_step(4, monkeypatch, tiny_factory("bert"), step, tmp_path / "b.ckpt")
     resumed = tiny_factory("bert")
     record = _run(resumed, **step, checkpoint=str(tmp_path / "b.ckpt"))
     assert record["distillation"]["resumed_at"] == 3
@@ -469,19 +474,7 @@ def test_distillation_trains_with_the_measured_faster_attention_and_resumes_with
     with pytest.raises(ConfigError, match="distill_attention"):
         method_from_dict(step | {"distill_attention": "flash"})
     # interrupted after its first checkpoint (step 2), resumed under another setting: eager still
-    real = distill_module.distillation_loss
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2 + 3:  # 2 calibration batches for loss_before, then training step 3
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(distill_module, "distillation_loss", failing)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tiny_factory("bert"), **step, distill_attention="eager", checkpoint=str(tmp_path / "e.ckpt"))
-    monkeypatch.setattr(distill_module, "distillation_loss", real)
+    _interrupted_at_step(3, monkeypatch, tiny_factory("bert"), step | {"distill_attention": "eager"}, tmp_path / "e.ckpt")
     resumed = tiny_factory("bert")
     again = _run(resumed, **step, distill_attention="sdpa", checkpoint=str(tmp_path / "e.ckpt"))["distillation"]
     assert (again["resumed_at"], again["attention"]) == (2, "eager")

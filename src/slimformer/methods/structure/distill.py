@@ -12,12 +12,15 @@ recomputed each step, not cached). AdamW with a cosine-decayed learning rate, ba
 seeded order; progress on a tqdm bar. ``autocast="bfloat16"`` runs the student's training
 forward and backward under ``torch.autocast`` (bfloat16 matrix products; float32 weights,
 optimizer state and loss); the losses before and after are measured in float32 either way. The
-student trains in the mode it comes in (a loaded model is in eval mode: no dropout). On the AMX
-Xeon here (``benchmarks/results/distill_step.md``), one MiniLM step at 50 % width (batch 16 x
-128) took 348 ms in float32 and 336 ms under bf16 autocast in eval mode, 822 ms and 427 ms with
-dropout on (train mode): what autocast saves in train mode is mostly dropout's cost, and the
-embedding table's dense gradient and AdamW update (75 ms of the 348) do not shrink with it:
-measure before relying on it. An encoder teacher's final hidden states are computed once and kept (calibration tokens x
+student trains in the mode it comes in (a loaded model is in eval mode: no dropout), with fused
+AdamW, and on the attention implementation that ran its training pass fastest here
+(``attention="auto"``: SDPA and eager timed on the first batch). On the AMX Xeon here
+(``benchmarks/results/distill_step.md``), one MiniLM step at 50 % width (batch 16 x 128, eval
+mode) took 396 ms in float32 with SDPA and the for-loop AdamW (how it ran before), 352 ms with
+fused AdamW, 333 ms under bf16 autocast with SDPA, and 205 ms under bf16 autocast with eager
+attention (1.93x): SDPA's CPU backward at head size 32 costs more than the whole eager
+attention, and autocast only pays off once it is gone; freezing the embedding table (its dense
+gradient and AdamW update) saves 13 ms more. Measure before relying on it. An encoder teacher's final hidden states are computed once and kept (calibration tokens x
 hidden x its element size: 4.5 GB for MiniLM's 26312 windows, 2.9 M padded tokens) only where they fit
 (``teacher_outputs: auto``: within half of the memory the process can still allocate when the
 distillation starts); otherwise, or with ``recompute``, the teacher runs on each step's batch (one more
