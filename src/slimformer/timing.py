@@ -64,12 +64,15 @@ def interleaved_times(first, second, repeats: int, warmup: bool = True) -> tuple
 
 
 def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int, setup: dict[str, Callable[[], object]] | None = None,
-                        warmup: bool = True) -> dict[str, float]:
+                        warmup: bool = True, steady: bool = True) -> dict[str, float]:
     """Median seconds of each of several alternatives, timed in ``repeats`` interleaved rounds
     (the order rotating each round, so no alternative always follows the same one), after one
     warm-up call of each unless ``warmup`` is False; ``setup[name]``, untimed, runs before every
-    call of ``name`` (e.g. switching a model to that alternative)."""
-    steady_allocator()
+    call of ``name`` (e.g. switching a model to that alternative). ``steady=False`` leaves the
+    process's allocator as it is (a choice timed inside a job whose memory peak must not grow:
+    the steady allocator keeps what is freed)."""
+    if steady:
+        steady_allocator()
     names = list(calls)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats + 1 if warmup else repeats):

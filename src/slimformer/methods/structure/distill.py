@@ -180,7 +180,7 @@ def fastest_training_attention(student, batch: dict, causal: bool, layers: bool,
         out.float().square().mean().backward()  # a stand-in loss: the cost is the two passes
 
     times = interleaved_medians({name: pass_ for name in candidates}, rounds,
-                                setup={name: (lambda n=name: student.set_attn_implementation(n)) for name in candidates})
+                                setup={name: (lambda n=name: student.set_attn_implementation(n)) for name in candidates}, steady=False)
     for p in student.parameters():
         p.grad = None
     best = min(times, key=times.get)
