@@ -59,3 +59,21 @@ def test_hub_ids_fail_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="Hub"):
         load_model("nobody-here/no-such-model-xyz")
+
+
+def test_attention_switch_reports_and_changes_only_what_it_can(tiny_factory):
+    from slimformer.models import attention_implementation, set_attention
+
+    loaded = tiny_factory("llama")
+    model, batch = loaded.model, sample_batch(loaded)
+    start = attention_implementation(model)
+    assert start in ("sdpa", "eager")
+    with torch.no_grad():
+        before = model(**batch).logits
+    other = "eager" if start == "sdpa" else "sdpa"
+    assert set_attention(model, other) and attention_implementation(model) == other
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, atol=1e-5, rtol=1e-5)
+    assert not set_attention(model, "no-such-attention") and attention_implementation(model) == other
+    plain = torch.nn.Linear(2, 2)
+    assert attention_implementation(plain) is None and not set_attention(plain, "eager")

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from slimformer.errors import ModelLoadError, OutputExistsError, OutputWriteError
 from slimformer.jsonfile import write_json
 from slimformer.methods.quantization.modules import QuantizedModule, module_from_description
-from slimformer.models.adapters import ArchitectureAdapter, conv1d_to_linear, set_submodule
+from slimformer.models.adapters import ArchitectureAdapter, attention_implementation, conv1d_to_linear, set_submodule
 from slimformer.models.loading import MANIFEST_NAME, LoadedModel, check_folder_contained, check_safetensors_file
 
 FORMAT_NAME = "slimformer"
@@ -127,7 +127,7 @@ def build_manifest(loaded: LoadedModel, aliases: dict[str, str], evaluation: dic
         "base_model": loaded.manifest["base_model"] if loaded.manifest else loaded.source,
         "kind": loaded.kind,
         "model_class": type(model).__name__,
-        "attn_implementation": getattr(model.config, "_attn_implementation", None) or "sdpa",
+        "attn_implementation": attention_implementation(model) or "sdpa",
         "pooling": loaded.pooling,
         "recipe": loaded.recipe,
         "applied": loaded.applied,

@@ -5,7 +5,9 @@ from slimformer.models.adapters import (
     SUPPORTED_MODEL_TYPES,
     ArchitectureAdapter,
     ArchitectureSpec,
+    attention_implementation,
     conv1d_to_linear,
+    set_attention,
     set_submodule,
 )
 from slimformer.models.loading import DEFAULT_MODEL, LoadedModel, default_model_path, from_module, load_model
@@ -17,9 +19,11 @@ __all__ = [
     "ArchitectureAdapter",
     "ArchitectureSpec",
     "LoadedModel",
+    "attention_implementation",
     "conv1d_to_linear",
     "default_model_path",
     "from_module",
     "load_model",
+    "set_attention",
     "set_submodule",
 ]

@@ -51,6 +51,24 @@ def spec_for_model_type(model_type: str) -> ArchitectureSpec:
     )
 
 
+def attention_implementation(model: nn.Module) -> str | None:
+    """The attention implementation ``model`` runs (transformers' ``config._attn_implementation``:
+    ``"sdpa"``, ``"eager"``, a registered kernel's name), or None for a model without one."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def set_attention(model: nn.Module, name: str) -> bool:
+    """Switch ``model`` (in place) to the attention implementation ``name``; False, changing
+    nothing, where the model cannot switch or transformers refuses ``name`` for it."""
+    if not hasattr(model, "set_attn_implementation"):
+        return False
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, ImportError, AttributeError):
+        return False
+    return True
+
+
 def _get_path(root: nn.Module, dotted: str) -> nn.Module:
     module = root
     for part in dotted.split("."):

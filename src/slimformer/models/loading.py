@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import ModelLoadError
-from slimformer.models.adapters import ArchitectureAdapter, conv1d_to_linear, spec_for_model_type
+from slimformer.models.adapters import ArchitectureAdapter, attention_implementation, conv1d_to_linear, spec_for_model_type
 
 DEFAULT_MODEL = "default"
 
@@ -91,7 +91,7 @@ class LoadedModel:
                 hidden = self.model(**sub).last_hidden_state.float()
             return pool(hidden, sub["attention_mask"], self.pooling)
 
-        attention = getattr(self.model.config, "_attn_implementation", None)
+        attention = attention_implementation(self.model)
         if self.packing and self.bucketing and attention in PACKED_ATTENTION:  # all real tokens in one row, no padding computed
             inputs, index = pack_rows(batch)
             with torch.no_grad():

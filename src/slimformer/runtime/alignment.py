@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from slimformer.errors import ConfigError
+from slimformer.models.adapters import attention_implementation
 from slimformer.runtime.machine import signature
 from slimformer.runtime.measurements import PlanCache, default_cache_dir
 
@@ -46,7 +47,7 @@ def block_key(loaded, block: torch.nn.Module, max_length: int, tokens: int) -> s
     for name, m in block.named_modules():
         planned = planned_forward_of(m)
         modules.append((name, type(m).__name__, (planned.decode, planned.batch) if planned is not None else None))
-    attn = getattr(loaded.model.config, "_attn_implementation", None)
+    attn = attention_implementation(loaded.model)
     return json.dumps({"widths": 2, "modules": modules, "tensors": tensors, "attn": attn, "max_length": max_length, "tokens": tokens})
 
 

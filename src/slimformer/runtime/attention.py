@@ -19,6 +19,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from slimformer.models.adapters import attention_implementation, set_attention
+
 NAME = "slimformer_decode"
 MAX_DECODE_QUERIES = 16  # queries per sequence up to which the matmul form is used
 
@@ -58,13 +60,9 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 def switch_attention(model: torch.nn.Module, name: str, switchable_from: tuple[str, ...] = ("sdpa", "eager")) -> bool:
     """Set ``model``'s attention implementation to ``name`` (in place) if it runs one of
     ``switchable_from`` and can switch; returns False, changing nothing, otherwise."""
-    if not hasattr(model, "set_attn_implementation") or getattr(model.config, "_attn_implementation", None) not in (*switchable_from, name):
+    if attention_implementation(model) not in (*switchable_from, name):
         return False
-    try:
-        model.set_attn_implementation(name)
-    except (ValueError, ImportError, AttributeError):
-        return False
-    return True
+    return set_attention(model, name)
 
 
 def use_decode_attention(model: torch.nn.Module) -> bool:

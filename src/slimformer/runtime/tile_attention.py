@@ -29,6 +29,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from slimformer.kernels import tile_attention as kernel
 from slimformer.models.batching import sequence_index
+from slimformer.models.adapters import attention_implementation
 from slimformer.runtime.attention import switch_attention
 from slimformer.runtime.machine import signature
 from slimformer.runtime.measurements import PlanCache, default_cache_dir
@@ -94,10 +95,6 @@ AttentionInterface.register(NAME, tile_attention_forward)
 AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def current_attention(model: torch.nn.Module) -> str | None:
-    return getattr(model.config, "_attn_implementation", None)
-
-
 def use_tile_attention(model: torch.nn.Module) -> bool:
     """Switch ``model``'s attention to :func:`tile_attention_forward` (in place). Returns False,
     changing nothing, where the kernel is unavailable or the model cannot switch."""
@@ -106,7 +103,7 @@ def use_tile_attention(model: torch.nn.Module) -> bool:
 
 def restore_attention(model: torch.nn.Module, implementation: str = "sdpa") -> None:
     """Put ``model`` back on ``implementation`` if it runs the tile kernel."""
-    if current_attention(model) == NAME:
+    if attention_implementation(model) == NAME:
         model.set_attn_implementation(implementation)
 
 
@@ -133,7 +130,7 @@ def _time_candidates(loaded, batch: dict, repeats: int) -> dict[str, float]:
     """Median seconds of ``loaded.embed(batch)`` with each candidate (interleaved rounds; the
     switch to a candidate is not timed)."""
     model = loaded.model
-    before, packing_before = current_attention(model), loaded.packing
+    before, packing_before = attention_implementation(model), loaded.packing
 
     def switch(attention: str, packing: bool) -> None:
         model.set_attn_implementation(attention)
@@ -156,7 +153,7 @@ def choose_attention(loaded, max_length: int = 128, rows: int = 32, repeats: int
     ``cached``, and ``reason`` when the kernel was not timed (unavailable here, or the model's
     attention does not fit it)."""
     model = loaded.model
-    out: dict = {"chosen": current_attention(model), "packing": bool(loaded.packing), "seconds": None, "cached": False, "reason": None}
+    out: dict = {"chosen": attention_implementation(model), "packing": bool(loaded.packing), "seconds": None, "cached": False, "reason": None}
     if getattr(loaded, "kind", None) != "encoder":
         out["reason"] = "attention is chosen for encoders"
         return out
@@ -169,8 +166,8 @@ def choose_attention(loaded, max_length: int = 128, rows: int = 32, repeats: int
     if not heads or config.hidden_size % heads or (config.hidden_size // heads) % kernel.HEAD_MULTIPLE or dtype != torch.bfloat16:
         out["reason"] = "the kernel takes bf16 heads whose size is a multiple of 32"
         return out
-    if current_attention(model) not in ("sdpa", NAME):
-        out["reason"] = f"the model runs {current_attention(model)!r} attention"
+    if attention_implementation(model) not in ("sdpa", NAME):
+        out["reason"] = f"the model runs {attention_implementation(model)!r} attention"
         return out
     positions = getattr(config, "max_position_embeddings", None)
     max_length = min(max_length, positions) if positions else max_length
@@ -195,5 +192,5 @@ def choose_attention(loaded, max_length: int = 128, rows: int = 32, repeats: int
     else:
         restore_attention(model)
         loaded.packing = False
-    out["chosen"], out["packing"] = current_attention(model), bool(loaded.packing)
+    out["chosen"], out["packing"] = attention_implementation(model), bool(loaded.packing)
     return out

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from slimformer.models.adapters import attention_implementation
 from slimformer.models.batching import PACKED_ATTENTION, length_buckets, pack_rows, run_width, sequence_index, widen
 
 
@@ -337,7 +338,7 @@ class DynamicEncoder:
         packed sequences apart, and embeddings that take restarting ``position_ids``."""
         if not (getattr(self.loaded, "packing", False) and getattr(self.loaded, "bucketing", True)):
             return False
-        if getattr(self.model.config, "_attn_implementation", None) not in PACKED_ATTENTION:
+        if attention_implementation(self.model) not in PACKED_ATTENTION:
             return False
         return _takes_position_ids(type(self.adapter.base().embeddings))
 

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from slimformer.errors import ConfigError
 from slimformer.methods.calibration import hidden_state_bytes
 from slimformer.methods.memory import available_memory_bytes
+from slimformer.models.adapters import attention_implementation, set_attention
 from slimformer.timing import interleaved_medians
 
 log = logging.getLogger(__name__)
@@ -160,16 +161,10 @@ def fastest_training_attention(student, batch: dict, causal: bool, layers: bool,
     gradients), measured here in ``rounds`` interleaved rounds; the student is left on it. None,
     changing nothing, where the model runs another attention or cannot switch. The gradients the
     timing leaves are cleared."""
-    before = getattr(getattr(student, "config", None), "_attn_implementation", None)
+    before = attention_implementation(student)
     if before not in TRAINING_ATTENTION or not hasattr(student, "set_attn_implementation"):
         return None
-    candidates = []
-    for name in TRAINING_ATTENTION:
-        try:
-            student.set_attn_implementation(name)
-        except (ValueError, ImportError, AttributeError):
-            continue
-        candidates.append(name)
+    candidates = [name for name in TRAINING_ATTENTION if set_attention(student, name)]
     student.set_attn_implementation(before)
     if len(candidates) < 2:
         return before
@@ -299,7 +294,7 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
         order = list(resumed["order"])
         start = int(resumed["step"])
         log.info("distillation resumes at step %d from %s", start, path)
-    attention_before = getattr(getattr(student, "config", None), "_attn_implementation", None)
+    attention_before = attention_implementation(student)
     if attention_before in TRAINING_ATTENTION:
         if resumed is not None:
             chosen = resumed.get("attention", attention_before)  # the same kernels as before the kill
@@ -309,7 +304,7 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
             chosen = attention
         if chosen != attention_before:
             student.set_attn_implementation(chosen)
-    trained_with = getattr(getattr(student, "config", None), "_attn_implementation", None)
+    trained_with = attention_implementation(student)
     history: list[float] = []
     bar = tqdm(total=steps, initial=start, desc="distill", disable=not progress, unit="step")
     try:
