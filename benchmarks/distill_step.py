@@ -37,7 +37,7 @@ from slimformer.recipe import Recipe
 from slimformer.runtime.machine import describe_machine, machine_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_files import publish  # noqa: E402
+from results_files import figure, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
@@ -141,23 +141,14 @@ def write(result: dict, out: Path, name: str) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
     labels = [f"{r['autocast']}, {r['attention']}, {r['optimizer']}\n{r['mode']}, emb {r['embeddings']}" for r in rows]
-    ax.barh(range(len(rows)), [r["ms"] for r in rows], color=["C0" if r["autocast"] == "float32" else "C1" for r in rows])
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("ms per distillation step (16 x 128 tokens)")
-    ax.set_title(result["machine"].get("cpu") or "CPU", fontsize=9)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, (7.5, 5), result["machine"].get("cpu") or "CPU") as ax:
+        ax.barh(range(len(rows)), [r["ms"] for r in rows], color=["C0" if r["autocast"] == "float32" else "C1" for r in rows])
+        ax.set_yticks(range(len(rows)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per distillation step (16 x 128 tokens)")
+        ax.grid(axis="x", alpha=0.3)
 
 
 def main(argv=None) -> int:

@@ -40,7 +40,7 @@ from slimformer.methods.quantization import QuantizedLinear
 from slimformer.runtime.machine import describe_machine, machine_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_files import publish  # noqa: E402
+from results_files import figure, publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 HIDDEN, MLP, KV, LAYERS, VOCAB = 576, 1536, 192, 30, 49152
@@ -132,24 +132,15 @@ def write(result: dict, out: Path, name: str) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
     names = list(dict.fromkeys(r["path"] for r in result["rows"]))
-    for name in names:
-        pts = [(r["rows"], r["ms"]) for r in result["rows"] if r["path"] == name]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xlabel("rows (tokens) per call")
-    ax.set_ylabel("ms per pass over SmolLM2's linears + head")
-    ax.set_title(result["machine"].get("cpu") or "CPU", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, (7, 4), result["machine"].get("cpu") or "CPU") as ax:
+        for name in names:
+            pts = [(r["rows"], r["ms"]) for r in result["rows"] if r["path"] == name]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xlabel("rows (tokens) per call")
+        ax.set_ylabel("ms per pass over SmolLM2's linears + head")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
 
 
 def main(argv=None) -> int:

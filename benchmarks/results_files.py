@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def publish(out: Path, name: str, markdown: str, result: dict, plot: Callable[[dict, Path], None]) -> None:
@@ -27,3 +28,24 @@ def publish(out: Path, name: str, markdown: str, result: dict, plot: Callable[[d
             f.unlink()
         tmp.rmdir()
     print(markdown)
+
+
+@contextmanager
+def figure(path: Path, size: tuple[float, float], title: str | None = None, dpi: int = 110) -> Iterator:
+    """A one-panel matplotlib figure (headless backend) for the ``with`` body to draw on; on
+    leaving, titled ``title`` (small: a CPU name), laid out, written to ``path`` and closed.
+    Yields the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        if title is not None:
+            ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)

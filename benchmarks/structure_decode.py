@@ -38,7 +38,7 @@ from slimformer.runtime.machine import describe_machine, machine_line
 from slimformer.timing import steady_allocator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_files import publish  # noqa: E402
+from results_files import figure, publish  # noqa: E402
 from structure import N25, SEARCH_CAL, _apply, _replay, _searches, load_smollm2  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -143,28 +143,19 @@ def write(result: dict, out: Path, name: str) -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in result["rows"] if r["model"] != "original"]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
     names = sorted({r["model"] for r in rows})
     width = 0.8 / len(names)
-    for i, n in enumerate(names):
-        mine = [next(r for r in rows if r["model"] == n and r["runtime"] == rt) for rt in RUNTIMES]
-        ax.bar([j + i * width for j in range(len(RUNTIMES))], [r["speedup"] for r in mine], width, label=n)
-    ax.axhline(result["bound"], color="k", ls="--", lw=1, label=f"parameter ratio {result['bound']:.2f}x")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(RUNTIMES))], RUNTIMES, fontsize=8)
-    ax.set_ylabel("decode speed-up over the original")
-    ax.set_ylim(0.9, max(result["bound"], max(r["speedup"] for r in rows)) + 0.08)
-    ax.set_title(result["machine"].get("cpu") or "CPU", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, (7, 3.6), result["machine"].get("cpu") or "CPU") as ax:
+        for i, n in enumerate(names):
+            mine = [next(r for r in rows if r["model"] == n and r["runtime"] == rt) for rt in RUNTIMES]
+            ax.bar([j + i * width for j in range(len(RUNTIMES))], [r["speedup"] for r in mine], width, label=n)
+        ax.axhline(result["bound"], color="k", ls="--", lw=1, label=f"parameter ratio {result['bound']:.2f}x")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(RUNTIMES))], RUNTIMES, fontsize=8)
+        ax.set_ylabel("decode speed-up over the original")
+        ax.set_ylim(0.9, max(result["bound"], max(r["speedup"] for r in rows)) + 0.08)
+        ax.legend(fontsize=7)
 
 
 def main(argv=None) -> int:
