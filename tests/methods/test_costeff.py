@@ -94,7 +94,21 @@ def test_resume_equals_uninterrupted(tiny_factory, tmp_path, monkeypatch):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [{"flops_ratio": 0}, {"backbone": "lora"}, {"rule": "confidence"}, {"steps": -1}, {"exit_weighting": "cubic"}])
+def test_bfloat16_autocast_trains_in_bfloat16_and_keeps_float32_weights(tiny_factory):
+    fields = dict(flops_ratio=0.75, steps=12, lr=1e-3, exit_lr=3e-3, seed=1, confidence_steps=5)
+    plain = _run(tiny_factory("bert"), **fields)["training"]
+    low_model = tiny_factory("bert")
+    low = _run(low_model, **fields, autocast="bfloat16")["training"]
+    assert low["autocast"] == "bfloat16" and plain["autocast"] == "float32"
+    # the same run, its products rounded to bfloat16: close to the float32 losses but not equal
+    assert low["history"][0] == pytest.approx(plain["history"][0], rel=0.05)
+    assert low["history"] != plain["history"]
+    exits = [t for t in low["loss_before"] if t.startswith("exit")]
+    assert exits and all(low["loss_after"][t] < low["loss_before"][t] for t in exits), (low["loss_before"], low["loss_after"])
+    assert all(p.dtype == torch.float32 for p in low_model.model.parameters())
+
+
+@pytest.mark.parametrize("bad", [{"flops_ratio": 0}, {"backbone": "lora"}, {"rule": "confidence"}, {"steps": -1}, {"exit_weighting": "cubic"}, {"autocast": "float16"}])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ConfigError):
         CostEffConfig(**bad)

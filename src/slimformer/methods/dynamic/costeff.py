@@ -37,7 +37,7 @@ from slimformer.methods.dynamic.base import check_layers, require_encoder, setti
 from slimformer.methods.dynamic.confidence import fit_confidence, held_back_rows, pooled_states
 from slimformer.methods.dynamic.rules import RULES, make_rule
 from slimformer.methods.dynamic.runtime import DynamicEncoder, DynamicSettings, ExitHeads
-from slimformer.methods.structure.distill import adamw, optimizer_step, save_checkpoint
+from slimformer.methods.structure.distill import AUTOCAST_DTYPES, adamw, optimizer_step, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class CostEffConfig(MethodConfig):
     (1 - cos(final, teacher)) + ``hidden_weight`` x relative squared error of the pooled state
     after every block; seeded by ``seed``, resumable from ``checkpoint``; ``exit_warmup_steps``
     > 0 first fits the exits alone on the frozen slimmed backbone (full-batch, cached features),
-    so joint training starts from good exits. Then each exit's
+    so joint training starts from good exits. ``autocast``: ``float32`` or ``bfloat16`` (the
+    training passes under bfloat16 autocast, float32 weights and losses; as width-slim's
+    ``distill_autocast``: faster where the CPU has bfloat16 units). Then each exit's
     confidence is fitted (``confidence_steps``) and the exit ``rule`` (default ``predicted``,
     or ``similarity`` / ``patience``) with ``threshold`` / ``patience`` installed."""
 
@@ -97,6 +99,7 @@ class CostEffConfig(MethodConfig):
     seed: int = 0
     checkpoint: str | None = None
     checkpoint_every: int = 25
+    autocast: str = "float32"
 
     def __post_init__(self) -> None:
         self.exit_layers = tuple(self.exit_layers)
@@ -124,6 +127,8 @@ class CostEffConfig(MethodConfig):
         for name in ("steps", "confidence_steps", "exit_warmup_steps"):
             if not is_int_at_least(getattr(self, name), 0):
                 raise ConfigError(f"costeff: {name}={getattr(self, name)!r} must be a non-negative integer", f"use e.g. {name}: 200")
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ConfigError(f"costeff: autocast={self.autocast!r} is not one of {list(AUTOCAST_DTYPES)}", "use autocast: bfloat16")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ConfigError(f"costeff: seed={self.seed!r} must be an integer", "use e.g. seed: 0")
 
@@ -159,9 +164,9 @@ def step_losses(runner: DynamicEncoder, heads: ExitHeads, batch: dict, target: t
     error of the pooled states to ``teacher_layers`` (list of (batch, dim)) when given."""
     final, pooled = runner._embed_padded(batch, collect_layers=True)
     out = {f"exit{layer}": (1 - F.cosine_similarity(heads(layer, pooled[layer])[rows].float(), target[rows], dim=-1)).mean() for layer in heads.layers}
-    out["final"] = (1 - F.cosine_similarity(final[rows], target[rows], dim=-1)).mean()
+    out["final"] = (1 - F.cosine_similarity(final[rows].float(), target[rows], dim=-1)).mean()
     if teacher_layers is not None:
-        out["hidden"] = sum(_rel(p[rows], t[rows]) for p, t in zip(pooled, teacher_layers)) / len(pooled)
+        out["hidden"] = sum(_rel(p[rows].float(), t[rows]) for p, t in zip(pooled, teacher_layers)) / len(pooled)
     return out
 
 
@@ -224,6 +229,7 @@ def joint_train(loaded, heads: ExitHeads, batches: list[dict], targets: list[tor
     groups = [{"params": exit_params, "lr": config.exit_lr}] + ([{"params": backbone, "lr": config.lr}] if backbone else [])
     optim = adamw(groups)
     steps = config.steps
+    low = AUTOCAST_DTYPES[config.autocast]
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     gen = torch.Generator().manual_seed(config.seed)
     start, order, history = 0, [], []
@@ -250,7 +256,8 @@ def joint_train(loaded, heads: ExitHeads, batches: list[dict], targets: list[tor
                 j = order.pop()
                 if not fit_rows[j].any():
                     continue
-                parts = step_losses(runner, heads, batches[j], targets[j], teacher_layers[j] if teacher_layers else None, fit_rows[j])
+                with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
+                    parts = step_losses(runner, heads, batches[j], targets[j], teacher_layers[j] if teacher_layers else None, fit_rows[j])
                 loss = total_loss(parts, weights, config)
                 history.append(optimizer_step(loss, optim, sched, params))
                 bar.update(1)
@@ -266,7 +273,7 @@ def joint_train(loaded, heads: ExitHeads, batches: list[dict], targets: list[tor
     model.eval()
     after = mean_losses(runner, heads, batches, targets, teacher_layers, fit_rows)
     held_after = mean_losses(runner, heads, batches, targets, teacher_layers, held_rows)
-    return {"steps": steps, "resumed_at": start, "history": history, "loss_before": before, "loss_after": after,
+    return {"steps": steps, "resumed_at": start, "autocast": config.autocast, "history": history, "loss_before": before, "loss_after": after,
             "held_back_before": held_before, "held_back_after": held_after, "exit_weights": weights}
 
 
