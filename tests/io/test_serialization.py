@@ -140,3 +140,20 @@ def test_methods_that_need_activations_refuse_the_auxiliary_target():
 
     with pytest.raises(ConfigError, match="unknown target 'auxiliary'"):
         GPTQConfig(bits=4, targets=("auxiliary",))
+
+
+def test_a_model_saved_while_on_a_run_time_attention_kernel_loads_on_sdpa(tiny_factory, tmp_path):
+    """An execution plan may leave an encoder on the AMX tile attention; the saved folder must
+    still load (the kernel is this machine's choice, planned again at load) and compute the same."""
+    from slimformer.models import attention_implementation, set_attention
+    from slimformer.runtime.tile_attention import NAME
+
+    model = tiny_factory("bert")
+    batch = sample_batch(model)
+    before = model_output(model, batch)
+    assert set_attention(model.model, NAME) and attention_implementation(model.model) == NAME
+    folder = save_compressed(model, tmp_path / "m")
+    assert json.loads((folder / "manifest.json").read_text())["attn_implementation"] == "sdpa"
+    loaded = slimformer.load(folder, execution="off")
+    assert attention_implementation(loaded.model) == "sdpa"
+    torch.testing.assert_close(model_output(loaded, batch), before, atol=1e-6, rtol=1e-6)

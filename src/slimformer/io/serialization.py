@@ -117,6 +117,16 @@ def kernel_summary(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
+def stored_attention(model) -> str:
+    """The attention implementation a saved model is rebuilt with: the model's own where it is
+    one of ``ALLOWED_ATTENTION``; SDPA where it runs one of our run-time kernels (the AMX tile
+    attention an execution plan installed, the few-token decode attention): those are a choice of
+    this machine's plan, made again when the loaded model is planned, and they compute SDPA's
+    function."""
+    name = attention_implementation(model)
+    return name if name in ALLOWED_ATTENTION else "sdpa"
+
+
 def build_manifest(loaded: LoadedModel, aliases: dict[str, str], evaluation: dict | None) -> dict[str, Any]:
     model = loaded.model
     modules = {n: m.describe() for n, m in quantized_modules(model).items()}
@@ -127,7 +137,7 @@ def build_manifest(loaded: LoadedModel, aliases: dict[str, str], evaluation: dic
         "base_model": loaded.manifest["base_model"] if loaded.manifest else loaded.source,
         "kind": loaded.kind,
         "model_class": type(model).__name__,
-        "attn_implementation": attention_implementation(model) or "sdpa",
+        "attn_implementation": stored_attention(model),
         "pooling": loaded.pooling,
         "recipe": loaded.recipe,
         "applied": loaded.applied,
