@@ -170,6 +170,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "they run through the `dense` path (dense weight rebuilt once at load: the file shrinks, memory and speed do not), "
         "because no sparse path beat the dense product on this CPU (kernel table below).",
     ]
+    plans = {(e.get("activations"), (e.get("attention") or {}).get("chosen")) for e in (r.get("evaluation", {}).get("execution") or {} for r in rows if "error" not in r)}
+    if plans:
+        lines.append("- Every compressed model is timed under this machine's execution plan (activations / attention per row: "
+                     + ", ".join(f"{a or 'as stored'} / {t or 'as loaded'}" for a, t in sorted(plans, key=str)) + "; see `slimformer.runtime.planner`); "
+                     "the original is timed as loaded (float32, SDPA). So the ratio of a model of the original's shapes measures the plan "
+                     "(and the noise of 3 rounds), not the method: compare rows with each other.")
     if meta.get("note"):
         lines.append(f"- Note: {meta['note']}")
     if meta["model"] == "smollm2":
@@ -262,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     parser.add_argument("--only", nargs="*", help="run only these setting names (others are kept from an earlier .json)")
-    parser.add_argument("--n-samples", type=int, default=None, help="calibration documents (default 128 MiniLM, 16 SmolLM2)")
+    parser.add_argument("--n-samples", type=int, default=None, help="calibration documents (default 128; SmolLM2 at 16: SparseGPT's Hessians over 2048 tokens fit the calibration text and it fell behind Wanda on held-out text)")
     parser.add_argument("--max-length", type=int, default=None, help="calibration tokens per document (SmolLM2; default 128)")
     parser.add_argument("--n-texts", type=int, default=None, help="held-out documents (default 320 MiniLM, 64 SmolLM2)")
     parser.add_argument("--out-dir", type=Path, default=cm.RESULTS_DIR)
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "smollm2":
         original = load_smollm2()
         label = "SmolLM2-135M-Instruct (30 layers, from the Q4_1 GGUF)"
-        calibration = {"n_samples": args.n_samples or 16, "max_length": args.max_length or 128, "batch_size": 8}
+        calibration = {"n_samples": args.n_samples or 128, "max_length": args.max_length or 128, "batch_size": 8}
         # held-out text of another kind than the calibration mix (which has no package READMEs)
         settings = EvalSettings(source="package-docs", transfer_source=None, n_texts=args.n_texts or 64, n_queries=4, batch_size=8,
                                 latency_batch=1, latency_tokens=32, latency_repeats=3, latency_warmup=1)
