@@ -260,7 +260,8 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     ax.set_title(f"{meta['model_label']}: sparsity and low-rank")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    cm._atomic_write(path, lambda p: fig.savefig(p, dpi=130, format="png"))
+    # the point labels run past the axes: the saved image is cut to what was drawn
+    cm._atomic_write(path, lambda p: fig.savefig(p, dpi=130, format="png", bbox_inches="tight"))
     plt.close(fig)
 
 
