@@ -23,6 +23,19 @@ from slimformer.models.tiny import TINY_FAMILIES, tiny_model  # noqa: E402
 FAST_CALIBRATION = {"n_samples": 16, "max_length": 48, "batch_size": 8}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _plan_cache(tmp_path_factory):
+    """The planner's on-disk measurements go to a folder of this test session, never to the
+    user's cache (``~/.cache/slimformer/plans``): no test reads what another run measured."""
+    before = os.environ.get("SLIMFORMER_PLAN_CACHE")
+    os.environ["SLIMFORMER_PLAN_CACHE"] = str(tmp_path_factory.mktemp("plans"))
+    yield
+    if before is None:
+        os.environ.pop("SLIMFORMER_PLAN_CACHE", None)
+    else:
+        os.environ["SLIMFORMER_PLAN_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def _tiny_models():
     torch.manual_seed(0)
