@@ -116,9 +116,6 @@ def pack_rows(batch: dict) -> tuple[dict, torch.Tensor]:
     varlen layout: ``input_ids``, ``token_type_ids`` (zeros unless given) and ``position_ids``
     (each row counting from 0) of shape (1, tokens), and ``cu_seq_lens_q``/``cu_seq_lens_k``
     (rows + 1,) int64, transformers' keywords for packed sequences (each attends only to itself).
-    ``attention_mask`` is all ones, (1, tokens): with no mask, transformers (>= 5.25) reads the
-    restarting ``position_ids`` as packing and builds a (tokens x tokens) block mask on every
-    forward, the same blocks ``cu_seq_lens`` already gives the attention.
     Returns (inputs, index): ``index`` (tokens,) is each packed token's flat position in the
     (rows, seq) batch, for :func:`unpack_rows`. Rows are right-padded (real tokens first)."""
     mask = batch["attention_mask"].bool()
@@ -131,7 +128,7 @@ def pack_rows(batch: dict) -> tuple[dict, torch.Tensor]:
     types = batch.get("token_type_ids")
     inputs = {"input_ids": batch["input_ids"].reshape(-1)[index][None],
               "token_type_ids": (types.reshape(-1)[index] if types is not None else torch.zeros_like(index))[None],
-              "position_ids": positions[None], "attention_mask": torch.ones(1, tokens, dtype=torch.long), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
+              "position_ids": positions[None], "cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
     return inputs, index
 
 
