@@ -115,7 +115,9 @@ def describe_machine(ceilings: bool = True) -> dict:
     """Signature, load average and (optionally) measured matmul ceilings: the header of every
     speed table. Puts the process under the steady allocator (:mod:`slimformer.timing`), as
     every timing that follows runs, and names it."""
-    info = {**signature(), "cores": os.cpu_count(), "allocator": steady_allocator()}
+    import transformers
+
+    info = {**signature(), "cores": os.cpu_count(), "allocator": steady_allocator(), "transformers": transformers.__version__}
     try:
         info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -132,7 +134,8 @@ def describe_machine(ceilings: bool = True) -> dict:
 def machine_line(info: dict) -> str:
     """One markdown line naming the machine, its flags, load and ceilings."""
     flags = ", ".join(info.get("flags") or []) or "none of " + "/".join(RELEVANT_FLAGS[:4])
-    text = f"{info.get('cpu')} ({info.get('threads')} threads of {info.get('cores')} cores; flags: {flags}; torch {info.get('torch')}, kernels {info.get('capability')})"
+    text = f"{info.get('cpu')} ({info.get('threads')} threads of {info.get('cores')} cores; flags: {flags}; torch {info.get('torch')}"
+    text += (f", transformers {info['transformers']}" if info.get("transformers") else "") + f", kernels {info.get('capability')})"
     if info.get("allocator"):
         text += f"; allocator: {info['allocator']}"
     if info.get("loadavg"):
