@@ -319,9 +319,13 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
         row["mean_layers"] = float(torch.cat(runs).mean())
     lat = cm_interleaved(fns, repeats)
     load_after = [round(x, 2) for x in os.getloadavg()]
+    from slimformer.runtime.compile import compile_fallbacks
+
     for row in rows:
         row["seconds"] = lat[row["name"]]
         row["speedup"] = lat["original"] / lat[row["name"]]
+        # a "compiled" row whose compiled segments met a compiler error on some batch ran eagerly from there
+        row["compile_fallbacks"] = compile_fallbacks(models[row["model"]])
     meta = {"started": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "minutes": (time.perf_counter() - start) / 60,
             "machine": machine, "threads": torch.get_num_threads(), "loadavg_timing": [load_before, load_after], "repeats": repeats,
             "n_texts": n_texts, "n_queries": n_queries, "held_out": HELD_OUT, "train_sources": TRAIN_SOURCES,
@@ -448,6 +452,10 @@ def markdown(meta, rows) -> str:
             lines.append(f"- `{k}` ({(t['seconds'] or 0) / 60:.1f} min, block FLOPs {t['width'] or 1.0:.2f}): {before}; held-back final {t['held_back_after']['final']:.4f}")
         else:
             lines.append(f"- `{k}` ({(t['seconds'] or 0) / 60:.1f} min): exits on the frozen backbone")
+    if any("compile_fallbacks" in r for r in rows):
+        fell = [f"{r['name']} ({'; '.join(sorted(set(r['compile_fallbacks'])))})" for r in rows if r.get("compile_fallbacks")]
+        lines += ["", "Checked after timing: " + ("every compiled row ran compiled throughout." if not fell
+                                                  else "these 'compiled' rows met a compiler error on some batch and ran eagerly from there: " + ", ".join(fell) + ".")]
     lines += ["", "Operating points (both held-out sources must meet the floor; fastest by measured speed-up):", ""]
     for floor, top in ((0.99, 0.0), (0.97, 0.0), (0.97, 0.85), (0.95, 0.0)):
         r = best(rows, floor, top)

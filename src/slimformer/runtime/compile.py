@@ -320,6 +320,17 @@ def _trace_batch_paths(model, on: bool) -> None:
             planned.batch_when_traced = on
 
 
+def compile_fallbacks(loaded) -> list[str]:
+    """Why the compiled forward (or a compiled segment) installed by :func:`compile_model` has
+    fallen back to eager since (a compiler error on a shape met after the example): one line
+    each, empty while everything still runs compiled. A timing labelled "compiled" should be
+    checked against this after it is taken."""
+    forward = loaded.model.__dict__.get("forward")
+    settings = getattr(loaded, "dynamic", None)
+    installed = [forward] + list(settings.compiled.values() if settings is not None else [])
+    return [f.failed for f in installed if isinstance(f, _CompiledForward) and f.failed is not None]
+
+
 def uncompile_model(loaded) -> None:
     """Back to the eager forward."""
     _trace_batch_paths(loaded.model, False)
