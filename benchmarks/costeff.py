@@ -33,6 +33,7 @@ from slimformer.methods import CalibrationSettings, CostEffConfig, EarlyExitConf
 from slimformer.methods.dynamic.token_pruning import describe_rates  # noqa: E402
 from slimformer.models import load_model  # noqa: E402
 from slimformer.recipe import Recipe  # noqa: E402
+from results_files import compile_fallback_lines  # noqa: E402
 
 TRAIN_SOURCES = ("stdlib-docs", "pydoc-topics", "stdlib-source")
 HELD_OUT = ("package-docs", "notices")
@@ -452,10 +453,7 @@ def markdown(meta, rows) -> str:
             lines.append(f"- `{k}` ({(t['seconds'] or 0) / 60:.1f} min, block FLOPs {t['width'] or 1.0:.2f}): {before}; held-back final {t['held_back_after']['final']:.4f}")
         else:
             lines.append(f"- `{k}` ({(t['seconds'] or 0) / 60:.1f} min): exits on the frozen backbone")
-    if any("compile_fallbacks" in r for r in rows):
-        fell = [f"{r['name']} ({'; '.join(sorted(set(r['compile_fallbacks'])))})" for r in rows if r.get("compile_fallbacks")]
-        lines += ["", "Checked after timing: " + ("every compiled row ran compiled throughout." if not fell
-                                                  else "these 'compiled' rows met a compiler error on some batch and ran eagerly from there: " + ", ".join(fell) + ".")]
+    lines += compile_fallback_lines(rows, "name")
     lines += ["", "Operating points (both held-out sources must meet the floor; fastest by measured speed-up):", ""]
     for floor, top in ((0.99, 0.0), (0.97, 0.0), (0.97, 0.85), (0.95, 0.0)):
         r = best(rows, floor, top)

@@ -42,6 +42,9 @@ from slimformer.runtime.machine import describe_machine, machine_line
 from slimformer.runtime.alignment import align_widths
 from slimformer.runtime.planner import PlanSettings, plan_execution, plan_table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_files import compile_fallback_lines  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 EMB8 = {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True, "targets": ["embedding"]}
 
@@ -135,10 +138,7 @@ def markdown(out: dict) -> str:
               "'(frozen)' = weights frozen into the graph, so oneDNN prepacks the bf16 linears: done by default only under `memory: fast`, because the packed copies are held beside the model's own "
               "(the resident MB column does not see them; measured in fresh processes on the 4-bit demo model: +74 MB against an unfrozen compile, ~7 bytes per linear weight): "
               + "; ".join(f"{k}: {'kept' if v['compiled'] else 'not kept (' + str(v['reason']) + ')'}, {v['speedup_over_eager']:.2f}× over eager, compile {v['compile_s']:.0f} s" for k, v in out.get('compiled', {}).items()) + "."]
-    if any("compile_fallbacks" in r for r in out["rows"]):
-        fell = [f"{r['variant']} ({'; '.join(sorted(set(r['compile_fallbacks'])))})" for r in out["rows"] if r.get("compile_fallbacks")]
-        lines += ["", "- Checked after timing: " + ("every compiled row ran compiled throughout." if not fell
-                                                    else "these 'compiled' rows met a compiler error on some batch and ran eagerly from there: " + ", ".join(fell) + ".")]
+    lines += compile_fallback_lines(out["rows"], "variant")
     lines += ["", "## Done-when lines of the planner issue (fixed 32×128 batch, this run; planned models)", ""]
     for r in out['rows']:
         if ", planned (" not in r["variant"]:

@@ -49,3 +49,14 @@ def figure(path: Path, size: tuple[float, float], title: str | None = None, dpi:
         fig.savefig(path, dpi=dpi)
     finally:
         plt.close(fig)
+
+
+def compile_fallback_lines(rows: list[dict], name_key: str) -> list[str]:
+    """The lines a table adds under itself from its rows' ``compile_fallbacks`` (see
+    ``slimformer.runtime.compile.compile_fallbacks``, recorded after timing): none for results
+    written before the check existed."""
+    if not any("compile_fallbacks" in r for r in rows):
+        return []
+    fell = [f"{r[name_key]} ({'; '.join(sorted(set(r['compile_fallbacks'])))})" for r in rows if r.get("compile_fallbacks")]
+    return ["", "Checked after timing: " + ("every compiled row ran compiled throughout." if not fell
+                                          else "these 'compiled' rows met a compiler error on some batch and ran eagerly from there: " + ", ".join(fell) + ".")]
