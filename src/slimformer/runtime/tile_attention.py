@@ -98,8 +98,10 @@ def tile_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset
     boundaries :func:`tile_attention_forward` takes from ``cu_seq_lens_q``; transformers >= 5.25
     reads the restarting ``position_ids`` of packed rows as packing and would otherwise build a
     (tokens, tokens) block mask on every forward (6 ms for 2472 tokens), under ``torch.compile``
-    too. A causal model's row then runs SDPA with ``is_causal``, as SDPA's own mask allows."""
-    if batch_size == 1 and attention_mask is None and q_length == kv_length and not q_offset and not kv_offset:
+    too. (The planner puts encoders only on the kernel; a causal model's row would run SDPA with
+    ``is_causal``, as SDPA's own mask allows, and a sliding window, ``local_size``, keeps its mask.)"""
+    if (batch_size == 1 and attention_mask is None and q_length == kv_length and not q_offset and not kv_offset
+            and kwargs.get("local_size") is None):
         return None
     return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
 
