@@ -14,7 +14,6 @@ entries are masked out, so a row's tokens do not depend on the other rows.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import logging
@@ -106,19 +105,6 @@ def prefill(model: torch.nn.Module, cache: StaticKVCache, input_ids: torch.Tenso
     out = model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True, **{cache_kwarg: cache}, **kwargs)
     next_pos.copy_(attention_mask.long().sum(-1))
     return out.logits[:, -1].float()
-
-
-def steady_guards():
-    """Within one decode loop, after its first step has run (and compiled if needed) under
-    Dynamo's full guard check: every later step has the same shapes, cache, model and constants,
-    so no guard can change which graph runs, and checking them costs ~2 ms a step on a 30-layer
-    model (SmolLM2, AMX Xeon, 2 threads: fp32 28.6 -> 26.9, 8-bit 24.4 -> 23.4 ms/token, the
-    same tokens). ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` where torch has it;
-    never around steps whose shapes vary (speculative verify steps)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is None or "skip_guard_eval_unsafe" not in inspect.signature(set_stance).parameters:
-        return contextlib.nullcontext()
-    return set_stance("default", skip_guard_eval_unsafe=True)
 
 
 def decode_n(step: Callable, model: torch.nn.Module, cache: StaticKVCache, first: torch.Tensor, n: int, key_valid: torch.Tensor,
@@ -478,15 +464,12 @@ class TextGenerator:
                 for row in range(batch):
                     accept(row, int(token[row]))
                 steps = 0
-                with contextlib.ExitStack() as steady:
-                    while not all(done):
-                        logits = self.run_step(cache, token[:, None], key_valid, next_pos)[:, -1]
-                        token = next_tokens(logits, config.sampling, generator)
-                        steps += 1
-                        if steps == 1 and self.compile:
-                            steady.enter_context(steady_guards())
-                        for row in range(batch):
-                            accept(row, int(token[row]))
+                while not all(done):
+                    logits = self.run_step(cache, token[:, None], key_valid, next_pos)[:, -1]
+                    token = next_tokens(logits, config.sampling, generator)
+                    steps += 1
+                    for row in range(batch):
+                        accept(row, int(token[row]))
                 end = time.perf_counter()
                 timing = {"prefill_end": first, "end": end, "steps": steps}
                 cache_bytes = cache.nbytes()
