@@ -37,7 +37,7 @@ from slimformer.methods.dynamic.base import check_layers, require_encoder, setti
 from slimformer.methods.dynamic.confidence import fit_confidence, held_back_rows, pooled_states
 from slimformer.methods.dynamic.rules import RULES, make_rule
 from slimformer.methods.dynamic.runtime import DynamicEncoder, DynamicSettings, ExitHeads
-from slimformer.methods.structure.distill import AUTOCAST_DTYPES, adamw, optimizer_step, save_checkpoint
+from slimformer.methods.structure.distill import AUTOCAST_DTYPES, adamw, optimizer_step, save_checkpoint, training_autocast
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def joint_train(loaded, heads: ExitHeads, batches: list[dict], targets: list[tor
                 j = order.pop()
                 if not fit_rows[j].any():
                     continue
-                with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
+                with training_autocast(low):
                     parts = step_losses(runner, heads, batches[j], targets[j], teacher_layers[j] if teacher_layers else None, fit_rows[j])
                 loss = total_loss(parts, weights, config)
                 history.append(optimizer_step(loss, optim, sched, params))

@@ -130,6 +130,11 @@ def calibration_loss(student, teacher_outputs, batches: list[dict], causal: bool
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
+def training_autocast(low: torch.dtype | None):
+    """``torch.autocast`` on the CPU to ``low`` (a value of ``AUTOCAST_DTYPES``; None: off)."""
+    return torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None)
+
+
 def cosine_factor(step: int, steps: int) -> float:
     """The learning-rate factor of a cosine decay to 0 over ``steps`` at ``step``."""
     return 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
@@ -170,7 +175,7 @@ def fastest_training_attention(student, batch: dict, causal: bool, layers: bool,
         return before
 
     def pass_():
-        with torch.enable_grad(), torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
+        with torch.enable_grad(), training_autocast(low):
             out = _outputs(student, batch, causal, layers)
         out.float().square().mean().backward()  # a stand-in loss: the cost is the two passes
 
@@ -313,7 +318,7 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
                 order = torch.randperm(len(batches), generator=gen).tolist()
             j = order.pop()
             batch = batches[j]
-            with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
+            with training_autocast(low):
                 out = _outputs(student, batch, causal, layers)
             value = distillation_loss(out, targets[j](), batch["attention_mask"], loss)
             history.append(optimizer_step(value, optim, sched, params))
