@@ -26,8 +26,13 @@ interleaved job by job with the torch runs, on the same prompt token ids (batch 
 Q4_0 export ``benchmarks/gguf_export.py`` makes, so ours and llama.cpp run the same weights);
 without it the 4-bit row is round-to-nearest w4 g32 asymmetric. The 8/4-bit rows are planned
 (``PLAN``: decode through whichever path the planner times fastest here, e.g. slimformer's
-packed-code kernel). ``gguf``: the source file's own quantized blocks kept as they are (Q4_1
-linears, Q8_0 head for SmolLM2), the very weights llama.cpp runs.
+packed-code kernel, or its int8-activation form ``packed-q8a`` where the CPU has AVX-512 VNNI);
+the table lists each row's decode paths. ``int8-float``: the 8-bit weights planned with
+``int8_activations: keep`` (float activations only), for comparison. Wherever a planned row
+rounds activations to int8 (``packed-q8a``), the cost in quality is measured teacher-forced on
+held-out prose and code: KL of its next-token distribution to the same weights on float
+activations, top-1 agreement, perplexity of both. ``gguf``: the source file's own quantized blocks
+kept as they are (Q4_1 linears, Q8_0 head for SmolLM2), the very weights llama.cpp runs.
 
 ``--extra-rows FILE``: a JSON list of rows measured elsewhere (e.g. llama.cpp in its own
 process) with at least ``config`` and ``decode_tps_b1``; they are added to the table, the JSON
@@ -40,6 +45,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -154,11 +160,12 @@ def quantized(base, bits: int):
     return model
 
 
-def planned(loaded):
-    """``loaded`` with the execution planner's choice per layer on this machine (see ``PLAN``)."""
+def planned(loaded, **overrides):
+    """``loaded`` with the execution planner's choice per layer on this machine (see ``PLAN``;
+    ``overrides``: other plan settings, e.g. ``int8_activations="keep"``)."""
     from slimformer.runtime.planner import PlanSettings, plan_execution
 
-    plan = plan_execution(loaded, PlanSettings(**PLAN))
+    plan = plan_execution(loaded, PlanSettings(**{**PLAN, **overrides}))
     paths = sorted({(v["decode"], v["batch"]) for v in plan.layers.values()})
     print(f"planned {len(plan.layers)} layers in {plan.seconds:.1f} s: (decode, batch) paths {paths}", flush=True)
     return loaded
@@ -251,6 +258,7 @@ def run_llamacpp(worker: LlamaCppWorker, name: str, gen: TextGenerator, prompts:
 
 
 INT8 = "ours int8 (rtn w8, head 8)"
+INT8_FLOAT = "ours int8 (rtn w8, head 8), float activations"
 GGUF_KEPT = "ours Q4_1 blocks kept (source file, head Q8_0)"
 PLAN = {"memory": "balanced", "activations": "float32", "decode_tokens": 1, "batch_tokens": 64, "split_tokens": 8, "repeats": 3}
 
@@ -265,7 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads; default: torch's")
     ap.add_argument("--chat-tokens", type=int, default=48, help="new tokens of the README chat answers (0: skip them; see generation_chat.py)")
     ap.add_argument("--configs", nargs="+", default=None,
-                    help="weight configurations to run (default: all): HF-fp32 HF-bf16 fp32 bf16 int8 int4 gguf "
+                    help="weight configurations to run (default: all): HF-fp32 HF-bf16 fp32 bf16 int8 int8-float int4 gguf "
                          "(gguf: the source file's own Q4_1/Q8_0 blocks kept, the same weights llama.cpp runs)")
     ap.add_argument("--spec-on", nargs="+", default=["ours fp32", INT8], help="configurations run with each speculation mode")
     ap.add_argument("--spec-modes", nargs="+", default=["prompt-lookup", "self", "draft"])
@@ -294,7 +302,7 @@ def main(argv=None) -> int:
     compile_flag = False if args.no_compile else None
     started = time.time()
     loads = [os.getloadavg()]
-    wanted = set(args.configs or ["HF-fp32", "HF-bf16", "fp32", "bf16", "int8", "int4", "gguf"])
+    wanted = set(args.configs or ["HF-fp32", "HF-bf16", "fp32", "bf16", "int8", "int8-float", "int4", "gguf"])
 
     base = load_model(args.model)
     prompts = build_prompts(args.per_kind)
@@ -312,6 +320,8 @@ def main(argv=None) -> int:
         variants["ours bf16"] = TextGenerator(base, dtype=torch.bfloat16, compile=compile_flag)
     if "int8" in wanted:
         variants[INT8] = TextGenerator(planned(quantized(base, 8)), compile=compile_flag)
+    if "int8-float" in wanted:
+        variants[INT8_FLOAT] = TextGenerator(planned(quantized(base, 8), int8_activations="keep"), compile=compile_flag)
     if int4_model is not None:
         variants[int4_name] = TextGenerator(int4_model, compile=compile_flag)
     if "gguf" in wanted and (args.model == "smollm2" or str(args.model).endswith(".gguf")):
@@ -404,6 +414,7 @@ def main(argv=None) -> int:
                 print(f"warm-up {name} {mode or ''} batch {len(items)}: {time.time() - t0:.1f} s", flush=True)
 
     warm_up()
+    args.fidelity = activation_fidelity(variants)
     chat_outputs = readme_chat(variants, args) if args.chat_tokens > 0 else []
     records: dict[tuple, list[dict]] = {}
     for rep in range(1, args.repeats + 1):
@@ -475,6 +486,8 @@ def finish(args, records, prompts, variants, hf, loads, started, chat_outputs) -
         "llama_cpp_version": getattr(args, "llamacpp_version", None), "passes_done": len(loads) - 1,
         "llama_cpp_from_pass": getattr(args, "llamacpp_from_pass", None),
         "rows": rows + extra, "readme_chat": chat_outputs, "seconds": time.time() - started,
+        "decode_paths": {n: decode_paths(g.model) for n, g in variants.items()},
+        "activation_fidelity": getattr(args, "fidelity", {}),
         "prompts": {k: [p[:200] for p, _ in v] for k, v in prompts.items()},
         "same_bits_pairs": [(o, l) for o, l in ((args.int4_name, "llama.cpp Q4_0 (our GPTQ export)"), (INT8, "llama.cpp Q8_0 (our RTN export)"),
                                                   (args.int4_name, "llama.cpp Q4_1 (source file)"),
@@ -524,6 +537,65 @@ def summarise(records, prompts, variants, hf) -> list[dict]:
     for row in rows:
         row["decode_vs_hf_fp32"] = row["decode_tps_b1"] / hf_fp32 if row["decode_tps_b1"] else None
     return rows
+
+
+def decode_paths(model: torch.nn.Module) -> dict[str, int]:
+    """Planned linears per decode path (empty for an unplanned model)."""
+    from collections import Counter
+
+    from slimformer.runtime.execution import PlannedForward, planned_forward_of
+
+    found = [planned_forward_of(m) for m in model.modules()]
+    return dict(Counter(pf.decode for pf in found if isinstance(pf, PlannedForward)))
+
+
+@torch.no_grad()
+def activation_fidelity(variants: dict[str, TextGenerator], docs_per_source: int = 4, tokens: int = 192) -> dict:
+    """For every variant whose plan rounds activations to int8 on the decode path (``packed-q8a``):
+    teacher-forced next-token distributions on held-out prose (pydoc-topics) and code (standard
+    library sources), every planned linear forced through its decode path, against the same stored
+    weights dequantized to float32 (``unpack-fp32``): mean KL (nats/token), top-1 agreement, perplexity."""
+    import torch.nn.functional as F
+
+    from slimformer.runtime.execution import PlannedForward, planned_forward_of
+
+    texts = {
+        "prose (pydoc-topics)": load_texts(TextSpec(source="pydoc-topics", split="evaluation", n=docs_per_source, min_chars=1500, seed=17)),
+        "code (stdlib source)": load_texts(TextSpec(source="stdlib-source", split="evaluation", n=docs_per_source, min_chars=1500, seed=17)),
+    }
+    out: dict[str, dict] = {}
+    for name, gen in variants.items():
+        pfs = [pf for pf in (planned_forward_of(m) for m in gen.model.modules()) if isinstance(pf, PlannedForward)]
+        if not any(pf.decode == "packed-q8a" for pf in pfs):
+            continue
+        saved = [(pf.decode, pf.split_rows) for pf in pfs]
+        per_text = {}
+        try:
+            for label, docs in texts.items():
+                kl_sum = top1 = nll_f = nll_q = count = 0.0
+                for doc in docs:
+                    ids = gen.tokenizer(doc, return_tensors="pt").input_ids[:, :tokens]
+                    logits = {}
+                    for mode in ("float", "int8"):
+                        for pf, (dec, _split) in zip(pfs, saved):
+                            pf.decode = dec if mode == "int8" else "unpack-fp32"
+                            pf.split_rows = 1 << 30  # every call takes the decode path
+                        logits[mode] = gen.model(input_ids=ids).logits[0, :-1].float()
+                    target = ids[0, 1:]
+                    lf, lq = F.log_softmax(logits["float"], -1), F.log_softmax(logits["int8"], -1)
+                    kl_sum += float((lf.exp() * (lf - lq)).sum())
+                    top1 += float((lf.argmax(-1) == lq.argmax(-1)).sum())
+                    nll_f += float(-lf.gather(1, target[:, None]).sum())
+                    nll_q += float(-lq.gather(1, target[:, None]).sum())
+                    count += target.numel()
+                per_text[label] = {"tokens": int(count), "kl": kl_sum / count, "top1": top1 / count,
+                                   "ppl_float": math.exp(nll_f / count), "ppl_int8": math.exp(nll_q / count)}
+                print(f"int8 activations, {name}, {label}: KL {per_text[label]['kl']:.4f}, top-1 {per_text[label]['top1']:.1%}", flush=True)
+        finally:
+            for pf, (dec, split) in zip(pfs, saved):
+                pf.decode, pf.split_rows = dec, split
+        out[name] = per_text
+    return out
 
 
 def readme_chat(variants, args) -> list[dict]:
@@ -583,6 +655,20 @@ def write(result: dict, out: Path, name: str) -> None:
             continue
         for kind, e in r.get("per_kind", {}).items():
             lines.append(f"| {r['config']} | {kind} | {e['acceptance']:.0%} | {e['decode_tps']:.1f} | {e['speedup']:.2f}× | {'yes' if e['identical'] else 'NO'} |")
+    paths = {n: p for n, p in result.get("decode_paths", {}).items() if p}
+    if paths:
+        lines += ["", "Decode paths the planner chose on this machine (linears per path; packed-q8a rounds activations to int8 per 32 columns): "
+                  + "; ".join(f"{n}: " + ", ".join(f"{p} ×{c}" for p, c in ps.items()) for n, ps in paths.items()) + "."]
+    fid = result.get("activation_fidelity") or {}
+    if fid:
+        lines += ["", "## Int8 activations (packed-q8a) against float activations, same weights", "",
+                  "Teacher-forced on held-out text (4 documents of each kind, their first 192 tokens), every linear through its decode path; "
+                  "the reference runs the same stored weights dequantized to float32 (unpack-fp32).", "",
+                  "| configuration | text | tokens | KL to float activations (nats/token) | top-1 agreement | ppl, float activations | ppl, int8 activations |",
+                  "|---|---|---|---|---|---|---|"]
+        for n, per_text in fid.items():
+            for text, e in per_text.items():
+                lines.append(f"| {n} | {text} | {e['tokens']} | {e['kl']:.4f} | {e['top1']:.1%} | {e['ppl_float']:.2f} | {e['ppl_int8']:.2f} |")
     by_name = {r["config"]: r for r in result["rows"]}
     pairs = [(o, l) for o, l in result.get("same_bits_pairs", []) if o in by_name and l in by_name]
     if pairs:

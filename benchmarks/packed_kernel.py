@@ -11,7 +11,9 @@ them through each path, interleaved round by round (medians of ``--rounds``):
 - ``int8pack``: torch's ``_weight_int8pack_mm`` on 8-bit per-channel codes (bf16 activations);
 - ``int4pack``: torch's ``_weight_int4pack_mm_for_cpu`` on 4-bit g32 codes (bf16 activations);
 - ``packed-fp32 w8`` / ``packed-fp32 w4``: slimformer's kernel on the stored 8-bit per-channel /
-  4-bit g32 asymmetric codes, float32 arithmetic.
+  4-bit g32 asymmetric codes, float32 arithmetic;
+- ``packed-q8a w8`` / ``packed-q8a w4`` (CPUs with AVX-512 VNNI): the same codes, the activations
+  rounded to int8 per 32 columns and multiplied in by integer dot products (llama.cpp's scheme).
 
 Each path goes through ``QuantizedLinear.compute`` (or ``F.linear``), so per-call overheads count.
 Reported: milliseconds per pass, achieved weight bytes per second, and the ratio to fp32 and to
@@ -60,8 +62,8 @@ def _layer(out: int, inp: int, bits: int, group_size: int | None, kernel_list: t
 
 def build() -> dict[str, list]:
     g = torch.Generator().manual_seed(0)
-    w8 = [_layer(o, i, 8, None, ("packed-fp32", "int8pack"), g) for o, i in SHAPES]
-    w4 = [_layer(o, i, 4, 32, ("packed-fp32", "int4pack"), g) for o, i in SHAPES]
+    w8 = [_layer(o, i, 8, None, ("packed-fp32", "int8pack", "packed-q8a"), g) for o, i in SHAPES]
+    w4 = [_layer(o, i, 4, 32, ("packed-fp32", "int4pack", "packed-q8a"), g) for o, i in SHAPES]
     fp32 = [m.dequantized_weight() for m in w8]
     return {"w8": w8, "w4": w4, "fp32": fp32, "bf16": [w.bfloat16() for w in fp32]}
 
@@ -80,6 +82,9 @@ def paths(layers: dict) -> dict[str, tuple]:
     if kernels.packed_linear_available():
         out["packed-fp32 w8"] = (stored["w8"], lambda xs: [m.compute(xs[m.in_features][0], "packed-fp32") for m in layers["w8"]])
         out["packed-fp32 w4"] = (stored["w4"], lambda xs: [m.compute(xs[m.in_features][0], "packed-fp32") for m in layers["w4"]])
+    if kernels.int8_activations_available():
+        out["packed-q8a w8"] = (stored["w8"], lambda xs: [m.compute(xs[m.in_features][0], "packed-q8a") for m in layers["w8"]])
+        out["packed-q8a w4"] = (stored["w4"], lambda xs: [m.compute(xs[m.in_features][0], "packed-q8a") for m in layers["w4"]])
     return out
 
 

@@ -10,7 +10,10 @@ bf16 scales and uint8 zero points that :class:`~slimformer.methods.quantization.
 stores (and from GGUF's Q8_0 / Q4_0 / Q4_1 blocks as
 :class:`~slimformer.methods.quantization.gguf_blocks.GGUFBlockLinear` holds them: fp16 scales,
 fp16 minima), in float32 arithmetic. It reads half (8-bit) or a quarter (4-bit) of the bytes of a bf16
-weight and holds nothing beyond the stored buffers. PyTorch's own int4/int8 CPU kernels compute
+weight and holds nothing beyond the stored buffers. Its sibling ``torch.ops.slimformer.packed_linear_q8a``
+reads the same buffers but rounds the activations to int8 per block of 32 columns, as llama.cpp's CPU
+kernels do, and multiplies them into the codes with AVX-512 VNNI integer dot products (compiled for
+that instruction set by a target pragma, called only where :func:`int8_activations_available`). PyTorch's own int4/int8 CPU kernels compute
 in bf16 and, on CPUs without AMX, are several times slower than a float GEMM; whether this kernel
 is faster than the alternatives *here* is for the execution planner to measure.
 
@@ -155,6 +158,10 @@ def _register_fake() -> None:
     def _(x, qweight, scales, zeros, mins, bits, group_size, bias):
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
+    @torch.library.register_fake("slimformer::packed_linear_q8a")
+    def _q8a(x, qweight, scales, zeros, mins, bits, group_size, bias):
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
     _state["fake"] = True
 
 
@@ -168,9 +175,32 @@ def packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     return torch.ops.slimformer.packed_linear(x, qweight, scales, zeros, mins, bits, group_size, bias)
 
 
+def int8_activations_available() -> bool:
+    """Whether :func:`packed_linear_q8a` runs here: the kernels built and a CPU with AVX-512 VNNI."""
+    return load() and bool(torch.ops.slimformer.cpu_has_vnni())
+
+
+def supports_int8_activations(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether :func:`packed_linear_q8a` takes this layout (groups of 32 or 64 columns, or a
+    multiple of its 64-byte step: 64 columns at 8 bits, 128 at 4 bits)."""
+    return supports(bits, group_size, in_features) and (group_size <= 64 or group_size % (64 if bits == 8 else 128) == 0)
+
+
+def packed_linear_q8a(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      bits: int, group_size: int, bias: torch.Tensor | None = None, mins: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`packed_linear` with the activations rounded to int8 per block of 32 columns
+    (symmetric, scale max|x|/127, as llama.cpp's Q8 activations) and multiplied into the stored
+    codes by integer dot products (AVX-512 VNNI): the product of the dequantized weight and the
+    int8-rounded ``x``, in float32 arithmetic. A row's output does not depend on the other rows
+    passed with it. Check :func:`int8_activations_available` first."""
+    return torch.ops.slimformer.packed_linear_q8a(x, qweight, scales, zeros, mins, bits, group_size, bias)
+
+
 def packed_linear_nd(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                     bits: int, group_size: int, bias: torch.Tensor | None = None, mins: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`packed_linear` for ``x`` (..., in) of any float dtype: output (..., out) in ``x.dtype``
-    (computed in float32)."""
-    y = packed_linear(x.reshape(-1, x.shape[-1]).float().contiguous(), qweight, scales, zeros, bits, group_size, bias, mins=mins)
+                     bits: int, group_size: int, bias: torch.Tensor | None = None, mins: torch.Tensor | None = None,
+                     int8_activations: bool = False) -> torch.Tensor:
+    """:func:`packed_linear` (or, with ``int8_activations``, :func:`packed_linear_q8a`) for ``x``
+    (..., in) of any float dtype: output (..., out) in ``x.dtype`` (computed in float32)."""
+    fn = packed_linear_q8a if int8_activations else packed_linear
+    y = fn(x.reshape(-1, x.shape[-1]).float().contiguous(), qweight, scales, zeros, bits, group_size, bias, mins=mins)
     return y.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)

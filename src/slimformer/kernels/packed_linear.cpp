@@ -322,10 +322,253 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   return out;
 }
 
+
+// ---- slimformer::packed_linear_q8a: the same stored codes, activations rounded to int8 ----------
+// x is rounded per block of 32 columns to int8 codes (symmetric: d = max|x| / 127, xq = round(x / d)),
+// as llama.cpp's Q8 activations are, so that each 32 weight codes meet their 32 activation codes in
+// integer dot products (AVX-512 VNNI vpdpbusd: unsigned weight codes times signed activation codes,
+// four products summed into each int32 lane). Per block the int32 sums are widened, times d, summed
+// per group, times the group's scale; the offset part (o = -z s, or the minimum m) multiplies the
+// group sums of the rounded x, so the result is the product of the dequantized weight and the
+// int8-rounded activations, in float32 arithmetic. Every row of x is computed by the same sequence of operations
+// whatever the number of rows, so a row's output does not depend on the rows beside it.
+// Compiled for AVX-512 F/BW/VL/VNNI (64-byte steps) by the target pragma below; callers check cpu_has_vnni() first.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+
+// Activations of one row, laid out for the weight steps. A step is 64 bytes of codes: 8-bit, two
+// blocks of 32 columns (int32 lanes 0-7 and 8-15); 4-bit, four blocks (lanes 4i..4i+3 for block i),
+// the low nibbles meeting each block's even columns and the high nibbles its odd ones.
+struct RowQ8 {
+  const int8_t* lo;   // per step 64 activation codes meeting the step's bytes (4-bit: their low nibbles)
+  const int8_t* hi;   // 4-bit: per step the 64 codes meeting the high nibbles; nullptr for 8-bit
+  const float* dx;    // per step 16 floats: each int32 lane's activation scale (0 past the width)
+  const float* xsum;  // per group the sum of the rounded x
+};
+
+template <int BITS>
+struct StepLayout {
+  static constexpr int64_t cols = BITS == 8 ? 64 : 128;  // columns per step
+  static constexpr int blocks = int(cols / 32);          // blocks of 32 columns per step
+};
+
+// Scales of the groups a step spans, one per int32 lane (groups of 32 or 64 columns, smaller than a
+// step); lanes past the width get 0.
+template <int BITS, bool HALF>
+inline __m512 step_scales(const uint16_t* s, int64_t first_group, int groups_here, const __m512i& lane_group) {
+  const __mmask8 m = static_cast<__mmask8>((1u << groups_here) - 1u);
+  const __m128i bits = _mm_maskz_loadu_epi16(m, s + first_group);
+  const __m256 v = HALF ? _mm256_cvtph_ps(bits) : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  return _mm512_permutexvar_ps(lane_group, _mm512_castps256_ps512(v));
+}
+
+// One output channel for MT rows. Groups of a multiple of a step: per group the dot products are
+// summed, times d per lane, and the sum scaled once; groups smaller than a step (32 or 64 columns):
+// each lane is scaled by its own group's scale.
+template <int BITS, int MT, bool HALF, bool MINS>
+inline void channel_q8(const RowQ8* rows, int64_t K, const uint8_t* q, const GroupParams& gp, int64_t gs,
+                       int64_t groups, float* out, int64_t N, float b) {
+  using L = StepLayout<BITS>;
+  const int64_t steps = (K + L::cols - 1) / L::cols;
+  const int64_t row_bytes = K * BITS / 8;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  __m512 tot[MT];
+  for (int m = 0; m < MT; ++m) tot[m] = _mm512_setzero_ps();
+  auto products = [&](int64_t st, __mmask64 mask, __m512i* is) {
+    const __m512i w = _mm512_maskz_loadu_epi8(mask, q + st * 64);
+    if constexpr (BITS == 8) {
+      for (int m = 0; m < MT; ++m) is[m] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(rows[m].lo + st * 64));
+    } else {
+      const __m512i lo = _mm512_and_si512(w, nib), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
+      for (int m = 0; m < MT; ++m) {
+        is[m] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(rows[m].lo + st * 64));
+        is[m] = _mm512_dpbusd_epi32(is[m], hi, _mm512_loadu_si512(rows[m].hi + st * 64));
+      }
+    }
+  };
+  auto step_mask = [&](int64_t st) -> __mmask64 {
+    const int64_t left = row_bytes - st * 64;
+    return left >= 64 ? ~__mmask64(0) : ((__mmask64(1) << left) - 1);
+  };
+  if (gs < L::cols) {  // several groups per step
+    const int bpg = int(gs / 32), groups_per_step = L::blocks / bpg;
+    const int shift = groups_per_step == 4 ? 2 : groups_per_step == 2 ? 3 : 4;  // log2 of the lanes per group
+    const __m512i lane_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), shift);
+    for (int64_t st = 0; st < steps; ++st) {
+      __m512i is[MT];
+      products(st, step_mask(st), is);
+      const int here = int(std::min<int64_t>(groups_per_step, groups - st * groups_per_step));
+      const __m512 sv = step_scales<BITS, HALF>(gp.s, st * groups_per_step, here, lane_group);
+      for (int m = 0; m < MT; ++m)
+        tot[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(is[m]), _mm512_loadu_ps(rows[m].dx + st * 16)), sv, tot[m]);
+    }
+  } else {  // whole steps per group
+    const int64_t steps_per_group = gs / L::cols;
+    int64_t st = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 acc[MT];
+      for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < steps_per_group; ++j, ++st) {
+        __m512i is[MT];
+        products(st, ~__mmask64(0), is);
+        for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[m]), _mm512_loadu_ps(rows[m].dx + st * 16), acc[m]);
+      }
+      const float sc = HALF ? half_bits_to_float(gp.s[g]) : bf16_bits_to_float(gp.s[g]);
+      const __m512 vs = _mm512_set1_ps(sc);
+      for (int m = 0; m < MT; ++m) tot[m] = _mm512_fmadd_ps(acc[m], vs, tot[m]);
+    }
+  }
+  // Offsets: sum_g o_g * (sum of the rounded x over group g), sixteen groups at a time (the last
+  // ones masked), in vector arithmetic only, so that every row gets the same operations whatever MT is.
+  __m512 oacc[MT];
+  for (int m = 0; m < MT; ++m) oacc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 16) {
+    const int64_t n16 = std::min<int64_t>(16, groups - g);
+    const __mmask16 mask = static_cast<__mmask16>((1u << n16) - 1u);
+    __m512 off;
+    if constexpr (MINS) {
+      off = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, gp.m + g));
+    } else {
+      const __m256i sbits = _mm256_maskz_loadu_epi16(mask, gp.s + g);
+      const __m512 sc = HALF ? _mm512_cvtph_ps(sbits) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(sbits), 16));
+      const __m512 z = gp.z ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, gp.z + g))) : _mm512_set1_ps(gp.zdefault);
+      off = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), sc);
+    }
+    for (int m = 0; m < MT; ++m) oacc[m] = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(mask, rows[m].xsum + g), oacc[m]);
+  }
+  for (int m = 0; m < MT; ++m) out[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(tot[m], oacc[m])) + b;
+}
+
+using ChannelQ8Fn = void (*)(const RowQ8*, int64_t, const uint8_t*, const GroupParams&, int64_t, int64_t, float*, int64_t, float);
+
+template <int BITS, bool HALF, bool MINS>
+ChannelQ8Fn channel_q8_fn(int mt) {
+  switch (mt) {
+    case 1: return channel_q8<BITS, 1, HALF, MINS>;
+    case 2: return channel_q8<BITS, 2, HALF, MINS>;
+    case 3: return channel_q8<BITS, 3, HALF, MINS>;
+    default: return channel_q8<BITS, 4, HALF, MINS>;
+  }
+}
+
+template <int BITS>
+ChannelQ8Fn channel_q8_fn(int mt, bool half, bool mins) {
+  if (mins) return half ? channel_q8_fn<BITS, true, true>(mt) : channel_q8_fn<BITS, false, true>(mt);
+  return half ? channel_q8_fn<BITS, true, false>(mt) : channel_q8_fn<BITS, false, false>(mt);
+}
+
+// Rounds one row of x (K floats) to int8 codes per block of 32 and lays them out for the steps.
+// lo/hi: steps * 64 bytes each and dx: steps * 16 floats, zero-filled by the caller; xsum: groups floats.
+void quantize_row(const float* x, int64_t K, int bits, int64_t gs, int8_t* lo, int8_t* hi, float* dx, float* xsum) {
+  const int64_t blocks = K / 32;
+  const int per_step = bits == 8 ? 2 : 4, lanes = 16 / per_step;
+  std::vector<float> block_d(blocks);
+  std::vector<int32_t> block_sum(blocks);
+  for (int64_t bl = 0; bl < blocks; ++bl) {
+    const float* xb = x + bl * 32;
+    const __m512 a0 = _mm512_loadu_ps(xb), a1 = _mm512_loadu_ps(xb + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    const __m512 vi = _mm512_set1_ps(inv);
+    const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, vi)), c1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, vi));
+    alignas(16) int8_t codes[32];
+    _mm_store_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtsepi32_epi8(c0));
+    _mm_store_si128(reinterpret_cast<__m128i*>(codes + 16), _mm512_cvtsepi32_epi8(c1));
+    block_d[bl] = d;
+    block_sum[bl] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_max_epi32(_mm512_min_epi32(c0, _mm512_set1_epi32(127)), _mm512_set1_epi32(-128)),
+                                                             _mm512_max_epi32(_mm512_min_epi32(c1, _mm512_set1_epi32(127)), _mm512_set1_epi32(-128))));
+    const int64_t st = bl / per_step, i = bl % per_step;
+    if (bits == 8) {
+      std::memcpy(lo + st * 64 + i * 32, codes, 32);
+    } else {  // block i of the step: bytes 16i..16i+15, even columns low, odd columns high
+      for (int j = 0; j < 16; ++j) {
+        lo[st * 64 + i * 16 + j] = codes[2 * j];
+        hi[st * 64 + i * 16 + j] = codes[2 * j + 1];
+      }
+    }
+    for (int l = 0; l < lanes; ++l) dx[st * 16 + i * lanes + l] = d;
+  }
+  // Group sums of the rounded x (d times the sum of its codes, block by block): the offset part then
+  // multiplies the same activations as the codes part, so the whole product is W times rounded x.
+  for (int64_t gi = 0; gi < K / gs; ++gi) {
+    float acc = 0.f;
+    for (int64_t bl = gi * gs / 32; bl < (gi + 1) * gs / 32; ++bl) acc += block_d[bl] * float(block_sum[bl]);
+    xsum[gi] = acc;
+  }
+}
+
+at::Tensor packed_linear_q8a(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                             const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& mins, int64_t bits,
+                             int64_t group_size, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"),
+              "packed_linear_q8a: this CPU lacks AVX-512 VNNI");
+  TORCH_CHECK(bits == 4 || bits == 8, "packed_linear_q8a: bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "packed_linear_q8a: x must be a contiguous (rows, in) float32 tensor");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "packed_linear_q8a: codes must be contiguous uint8");
+  const bool half = scales.scalar_type() == at::kHalf;
+  TORCH_CHECK((half || scales.scalar_type() == at::kBFloat16) && scales.is_contiguous(), "packed_linear_q8a: scales must be contiguous bfloat16 or float16");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(group_size % kChunk == 0 && K % group_size == 0, "packed_linear_q8a: the group size must be a multiple of 32 dividing the width");
+  TORCH_CHECK(group_size <= 64 || group_size % (bits == 8 ? 64 : 128) == 0,
+              "packed_linear_q8a: the group size must be 32, 64 or a multiple of ", bits == 8 ? 64 : 128, " columns");
+  const int64_t G = K / group_size, row_bytes = K * bits / 8;
+  TORCH_CHECK(qweight.size(1) == row_bytes && scales.size(0) == N && scales.size(1) == G, "packed_linear_q8a: codes/scales shapes do not match x");
+  TORCH_CHECK(!(zeros.has_value() && mins.has_value()), "packed_linear_q8a: pass zero points or minima, not both");
+  GroupParams gp{reinterpret_cast<const uint16_t*>(scales.data_ptr()), half, nullptr, nullptr, float(1 << (bits - 1))};
+  if (zeros.has_value()) {
+    TORCH_CHECK(zeros->scalar_type() == at::kByte && zeros->is_contiguous() && zeros->size(0) == N && zeros->size(1) == G, "packed_linear_q8a: zero points must be contiguous (out, groups) uint8");
+    gp.z = zeros->data_ptr<uint8_t>();
+  }
+  if (mins.has_value()) {
+    TORCH_CHECK(mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->size(0) == N && mins->size(1) == G, "packed_linear_q8a: minima must be contiguous (out, groups) float16");
+    gp.m = reinterpret_cast<const uint16_t*>(mins->data_ptr());
+  }
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "packed_linear_q8a: bias must be a contiguous float32 (out,) tensor");
+    bp = bias->data_ptr<float>();
+  }
+  const int64_t step_cols = bits == 8 ? 64 : 128, steps = (K + step_cols - 1) / step_cols;
+  std::vector<int8_t> lo(M * steps * 64, 0), hi(bits == 4 ? M * steps * 64 : 0, 0);
+  std::vector<float> dx(M * steps * 16, 0.f), xsum(M * G, 0.f);
+  std::vector<RowQ8> rows(M);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* hm = bits == 4 ? hi.data() + m * steps * 64 : nullptr;
+    quantize_row(xp + m * K, K, int(bits), group_size, lo.data() + m * steps * 64, hm, dx.data() + m * steps * 16, xsum.data() + m * G);
+    rows[m] = {lo.data() + m * steps * 64, hm, dx.data() + m * steps * 16, xsum.data() + m * G};
+  }
+  at::Tensor out = at::empty({M, N}, x.options());
+  float* op = out.data_ptr<float>();
+  const uint8_t* qp = qweight.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const GroupParams g0 = gp.row(n, G);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+        const int mt = int(std::min<int64_t>(kRowTile, M - m0));
+        ChannelQ8Fn fn = bits == 4 ? channel_q8_fn<4>(mt, half, gp.m != nullptr) : channel_q8_fn<8>(mt, half, gp.m != nullptr);
+        fn(rows.data() + m0, K, qp + n * row_bytes, g0, group_size, G, op + m0 * N + n, N, bp ? bp[n] : 0.f);
+      }
+    }
+  });
+  return out;
+}
+
+#pragma GCC pop_options
+
+bool cpu_has_vnni() {
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+
 }  // namespace
 
 TORCH_LIBRARY(slimformer, m) {
   m.def("packed_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? mins, int bits, int group_size, Tensor? bias) -> Tensor");
+  m.def("packed_linear_q8a(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? mins, int bits, int group_size, Tensor? bias) -> Tensor");
+  m.def("cpu_has_vnni() -> bool", &cpu_has_vnni);
 }
 
-TORCH_LIBRARY_IMPL(slimformer, CPU, m) { m.impl("packed_linear", &packed_linear); }
+TORCH_LIBRARY_IMPL(slimformer, CPU, m) {
+  m.impl("packed_linear", &packed_linear);
+  m.impl("packed_linear_q8a", &packed_linear_q8a);
+}

@@ -36,8 +36,9 @@ from slimformer.methods.quantization.modules import W8A8_KERNELS, QuantizedLinea
 
 @dataclass(frozen=True)
 class PathInfo:
-    """``rounding``: ``exact`` (float32 arithmetic on the stored values) or ``bf16`` (weight
-    and/or activations rounded to bfloat16); ``form``: the run-time tensor the path holds
+    """``rounding``: ``exact`` (float32 arithmetic on the stored values), ``bf16`` (weight
+    and/or activations rounded to bfloat16) or ``int8-act`` (float activations rounded to int8
+    per block of 32 columns by the run time, not by the recipe); ``form``: the run-time tensor the path holds
     (paths sharing a form share it) and ``form_bytes``: its bytes per weight."""
 
     rounding: str
@@ -56,6 +57,8 @@ PATHS: dict[str, PathInfo] = {
     "int8-widen-bf16": PathInfo("bf16", "int8", 1.0, "int8 weights widened per call to bfloat16"),
     "int4pack": PathInfo("bf16", "int4pack", 0.5, "int4 codes, torch int4pack CPU kernel (bf16 activations)"),
     "packed-fp32": PathInfo("exact", None, 0.0, "stored 4/8-bit codes read in place by slimformer's kernel, float32 arithmetic"),
+    "packed-q8a": PathInfo("int8-act", None, 0.0, "stored 4/8-bit codes read in place, activations rounded to int8 per 32 columns, "
+                                                  "integer dot products (AVX-512 VNNI), as llama.cpp's CPU kernels"),
     "unpack": PathInfo("exact", None, 0.0, "dequantized per call in the activation dtype, nothing held"),
     "native": PathInfo("exact", None, 0.0, "the module's own forward (its format's unpack path)"),
     "dequant-fp32": PathInfo("exact", "fp32", 4.0, "dequantized once into a cached float32 weight"),
@@ -100,12 +103,16 @@ def candidate_paths(module: nn.Module, act_dtype: torch.dtype, int8_activations:
     number: with ``int8_activations="auto"`` its weight-only paths (the same int8 weights, float
     activations) are candidates too, so that a CPU whose float units outrun its int8 ones (AMX
     bf16) is not made slower by them; ``"keep"`` offers only the W8A8 paths (bit-faithful to an
-    int8 deployment)."""
+    int8 deployment). Conversely ``"auto"`` lets a weight-only 4/8-bit layer round its float
+    activations to int8 per 32 columns (``packed-q8a``, as llama.cpp does), and ``"keep"`` does not."""
     if isinstance(module, QuantizedModule):
         if isinstance(module, QuantizedLinear):
             native = list(module.available_kernels())
         else:  # other formats: their forward, and the packed-code kernel where they offer it
             native = ["native"] + (["packed-fp32"] if hasattr(module, "packed_forward") and module.packed_kernel_ok() else [])
+            native += ["packed-q8a"] if hasattr(module, "int8_activations_ok") and module.int8_activations_ok() else []
+        if int8_activations == "keep":  # activations as the recipe left them: no run-time int8 rounding added
+            native = [p for p in native if PATHS.get(p, PATHS["native"]).rounding != "int8-act"]
         if is_w8a8(module):
             if int8_activations == "keep":
                 return native
@@ -191,6 +198,8 @@ class PlannedForward:
             return m.compute(x, path)
         if path == "packed-fp32" and hasattr(m, "packed_forward"):
             return m.packed_forward(x)
+        if path == "packed-q8a" and hasattr(m, "packed_forward"):
+            return m.packed_forward(x, int8_activations=True)
         b32 = self.forms_bias.get(torch.float32)
         if path == "dequant-fp32":
             return F.linear(x.float(), self.forms["fp32"], b32).to(x.dtype)

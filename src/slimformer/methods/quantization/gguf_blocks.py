@@ -17,7 +17,8 @@ writes back byte for byte. Forward passes dequantize this layer's weight per cal
 path): memory holds the packed blocks only. ``GGUFBlockLinear.packed_forward`` runs the same
 blocks through slimformer's packed-code kernel (:mod:`slimformer.kernels`; float32 arithmetic,
 one rounding per dequantized weight where ggml's takes two), which the execution planner offers as
-the ``packed-fp32`` path.
+the ``packed-fp32`` path, and with the activations rounded to int8 per block of 32 (as ggml's
+CPU dot products do) as ``packed-q8a``.
 """
 
 from __future__ import annotations
@@ -188,10 +189,16 @@ class GGUFBlockLinear(GGUFBlockWeight):
         """Whether :meth:`packed_forward` can run here (the kernel built on this machine)."""
         return kernels_lib.supports(self.bits, BLOCK, self.in_features) and kernels_lib.packed_linear_available()
 
-    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def int8_activations_ok(self) -> bool:
+        """Whether :meth:`packed_forward` can also run with int8 activations here (AVX-512 VNNI)."""
+        return self.packed_kernel_ok() and kernels_lib.int8_activations_available()
+
+    def packed_forward(self, x: torch.Tensor, int8_activations: bool = False) -> torch.Tensor:
         """The blocks read in place by slimformer's kernel: ``x`` (..., in) -> (..., out) in ``x.dtype``.
-        Q4_0 and Q8_0 use the kernel's implicit zero point (8, 128), Q4_1 its fp16 minima."""
-        return kernels_lib.packed_linear_nd(x, self.qweight, self.scales, None, self.bits, BLOCK, self.bias, mins=self.mins)
+        Q4_0 and Q8_0 use the kernel's implicit zero point (8, 128), Q4_1 its fp16 minima. With
+        ``int8_activations`` ``x`` is rounded to int8 per block of 32, as llama.cpp does for these types."""
+        return kernels_lib.packed_linear_nd(x, self.qweight, self.scales, None, self.bits, BLOCK, self.bias, mins=self.mins,
+                                            int8_activations=int8_activations)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, gguf_type={self.gguf_type}, bias={self.bias is not None}"

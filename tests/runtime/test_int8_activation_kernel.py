@@ -1,0 +1,139 @@
+"""slimformer's int8-activation kernel (``torch.ops.slimformer.packed_linear_q8a``, the
+``packed-q8a`` path): the activations rounded to int8 per block of 32 columns, then exactly the
+product of the dequantized weight and those rounded activations (float32 rounding only); a row's
+output does not depend on the rows beside it (what lossless speculation needs); the error against
+the float product stays within the planner's bound; ``int8_activations: keep`` keeps it out."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimformer import kernels
+from slimformer.methods.quantization import QuantizedLinear, grid
+from slimformer.runtime import execution as ex
+from slimformer.runtime.planner import INT8_ACT_BOUND
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def _layer(bits, group_size, symmetric, out=96, inp=192, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    groups = grid.num_groups(inp, group_size)
+    codes = torch.randint(0, 2**bits, (out, inp), generator=g, dtype=torch.uint8)
+    scale = torch.rand(out, groups, generator=g) * 0.02 + 1e-3
+    zero = torch.randint(0, 2**bits, (out, groups), generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    return QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, b)
+
+
+def _rounded(x: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) rounded to int8 per block of 32 columns (symmetric, scale max|x| / 127), float64."""
+    blocks = x.double().reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    codes = torch.round(blocks * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))).clamp(-127, 127)
+    return (codes * (amax / 127.0)).reshape(x.shape)
+
+
+def test_the_int8_activation_kernel_is_there_on_every_cpu_with_avx512_vnni():
+    """Where the CPU has AVX-512 VNNI (the AMD EPYC and Intel AMX machines alike), the path must be
+    available; elsewhere it must say it is not (no silent fallback on CI machines)."""
+    has = {"avx512_vnni", "avx512bw", "avx512vl"} <= _cpu_flags() and kernels.packed_linear_available()
+    assert kernels.int8_activations_available() == has
+    assert ("packed-q8a" in _layer(8, None, True).available_kernels()) == has
+
+
+needs_vnni = pytest.mark.skipif(not kernels.int8_activations_available(), reason="no AVX-512 VNNI CPU (asserted by the test above)")
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits,group_size,symmetric,inp", [
+    (4, 32, False, 192), (4, 32, True, 224), (4, 64, False, 192), (4, 128, False, 256), (4, None, True, 256),
+    (8, None, True, 192), (8, 32, False, 224), (8, 64, True, 192), (8, 128, False, 256)])
+@pytest.mark.parametrize("rows", [1, 3, 5, 9])
+def test_the_product_is_the_dequantized_weight_times_the_int8_rounded_activations(bits, group_size, symmetric, inp, rows):
+    """Widths that end in a partial 64-byte step (224 columns at 4 and 8 bits, 192 at 4 bits) and
+    every group shape the kernel takes; x has an outlier column, as LLM activations do."""
+    layer = _layer(bits, group_size, symmetric, inp=inp)
+    layer.use_kernels("packed-q8a")
+    x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(1))
+    x[:, 5] *= 30
+    w = layer.dequantized_weight().double()
+    y = layer(x)
+    assert y.dtype == torch.float32 and y.shape == (rows, 96)
+    exact_rounded = _rounded(x) @ w.t() + layer.bias.double()
+    assert float((y.double() - exact_rounded).norm() / exact_rounded.norm()) < 2e-6
+    # Against the float product: the activations' int8 rounding, within the planner's bound.
+    exact = x.double() @ w.t() + layer.bias.double()
+    assert 1e-4 < float((y.double() - exact).norm() / exact.norm()) < INT8_ACT_BOUND
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits,group_size,inp", [(4, 32, 192), (4, 128, 256), (8, None, 192), (8, 32, 224)])
+def test_a_row_gives_the_same_bits_alone_and_beside_other_rows(bits, group_size, inp):
+    """Speculative verification runs several rows through the decode path; its greedy output equals
+    plain decoding only if each row's numbers are those of the one-row call."""
+    layer = _layer(bits, group_size, False, inp=inp)
+    layer.use_kernels("packed-q8a")
+    x = torch.randn(7, inp, generator=torch.Generator().manual_seed(3))
+    together = layer(x)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(7)])
+    assert torch.equal(together, alone)
+
+
+@needs_vnni
+@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_blocks_take_int8_activations_as_ggml_does(gguf_type):
+    from slimformer.methods.quantization.gguf_blocks import BITS, GGUFBlockLinear
+
+    g = torch.Generator().manual_seed(2)
+    out, inp = 64, 160
+    codes = torch.randint(0, 2 ** BITS[gguf_type], (out, inp), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(out, inp // 32, generator=g) * 0.02).half()
+    mins = (-torch.rand(out, inp // 32, generator=g) * 0.1).half() if gguf_type == "Q4_1" else None
+    layer = GGUFBlockLinear.from_blocks(codes, scales, mins, gguf_type, bias=torch.randn(out, generator=g))
+    x = torch.randn(3, inp, generator=g)
+    ref = _rounded(x) @ layer.dequantized_weight().double().t() + layer.bias.double()
+    y = layer.packed_forward(x, int8_activations=True)
+    assert float((y.double() - ref).norm() / ref.norm()) < 2e-6
+    assert "packed-q8a" in ex.candidate_paths(layer, torch.float32)
+    assert "packed-q8a" not in ex.candidate_paths(layer, torch.float32, int8_activations="keep")
+
+
+@needs_vnni
+def test_keep_leaves_weight_only_layers_on_float_activations():
+    layer = _layer(4, 32, False)
+    assert "packed-q8a" in ex.candidate_paths(layer, torch.float32)
+    kept = ex.candidate_paths(layer, torch.float32, int8_activations="keep")
+    assert "packed-q8a" not in kept and "packed-fp32" in kept
+
+
+def test_layouts_the_int8_activation_kernel_cannot_take_are_not_offered():
+    assert not kernels.supports_int8_activations(8, 96, 192)  # a group neither within nor a multiple of a 64-column step
+    assert not kernels.supports_int8_activations(4, 192, 384)  # a multiple of 64 but not of the 128-column 4-bit step
+    assert kernels.supports_int8_activations(4, 64, 192) and kernels.supports_int8_activations(8, 192, 384)
+    if kernels.int8_activations_available():
+        assert "packed-q8a" not in _layer(8, 96, False).available_kernels()
+        layer = _layer(8, 96, False)
+        with pytest.raises(RuntimeError, match="group size must be 32, 64 or a multiple of 64"):
+            kernels.packed_linear_q8a(torch.randn(1, 192), layer.qweight, layer.scales, layer.zeros, 8, 96, None)
+
+
+@needs_vnni
+def test_compiled_graph_calls_the_int8_activation_kernel_and_agrees_with_eager():
+    layer = _layer(4, 32, False)
+    layer.use_kernels("packed-q8a")
+
+    def f(x):
+        return torch.nn.functional.silu(layer(x)) * 2
+
+    x = torch.randn(1, 192)
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(x), f(x))
