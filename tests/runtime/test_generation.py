@@ -145,6 +145,18 @@ def test_compiled_step_equals_eager(monkeypatch):
     key_valid.copy_(kv), next_pos.copy_(pos)
     b = compiled.run_step(cache, token, key_valid, next_pos)
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    # The step's guards skip modules whose __dict__ is unchanged (generation.step_guards): weights
+    # written in place and a parameter replaced by a new one must still reach the compiled step.
+    model = loaded.model
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(-1)
+    assert compiled.generate(PROMPTS, config).tokens == eager.generate(PROMPTS, config).tokens
+    before = compiled.generate(PROMPTS, config).tokens
+    rolled = torch.nn.Parameter(torch.roll(model.get_output_embeddings().weight.detach(), 1, dims=0))
+    for gen in (compiled, eager):  # each generator runs its own weight-sharing view of the model
+        gen.model.get_output_embeddings().weight = rolled
+    after = compiled.generate(PROMPTS, config).tokens
+    assert after == eager.generate(PROMPTS, config).tokens and after != before
 
 
 def test_compile_off_switch(monkeypatch):

@@ -65,6 +65,19 @@ def attention_mask_4d(key_valid: torch.Tensor, start: torch.Tensor | int, q: int
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
+def step_guards():
+    """Dynamo's recursive dict-tag guards for the decode step's graphs only (the setting is read
+    when a graph's guards are built, i.e. when this step compiles; other compiled code keeps the
+    default). A module whose ``__dict__`` (and its submodules') is unchanged since the last step
+    skips the rest of its guards: ~1.7 ms of a 14 ms SmolLM2 step on the AMX Xeon. Attribute
+    assignments on any module are still caught (they change the tags); what is no longer re-checked
+    is the metadata of tensors held in unchanged modules, which the loop never changes (weights are
+    read in place; ``.data`` reassignments of another shape or dtype between steps are not supported)."""
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True)
+
+
 def forward_step(model: torch.nn.Module, cache: StaticKVCache, tokens: torch.Tensor, key_valid: torch.Tensor,
                  next_pos: torch.Tensor, dtype: torch.dtype, cache_kwarg: str = "cache") -> torch.Tensor:
     """Run ``tokens`` (batch, q) int64 (all real, e.g. a decode or verify step) after the cached
@@ -311,7 +324,8 @@ class TextGenerator:
         with torch.no_grad():
             if self.compile:
                 try:
-                    return self.step_fn()(model, cache, tokens, key_valid, next_pos, self.dtype, self.cache_kwarg)
+                    with step_guards():
+                        return self.step_fn()(model, cache, tokens, key_valid, next_pos, self.dtype, self.cache_kwarg)
                 except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly
                     if isinstance(exc, (KeyboardInterrupt, MemoryError)):
                         raise
