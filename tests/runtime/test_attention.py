@@ -17,9 +17,19 @@ def _reference(query, key, value, mask):
     return F.scaled_dot_product_attention(query, k, v, attn_mask=mask).transpose(1, 2)
 
 
+@pytest.mark.parametrize("form", ["kernel", "matmul"])
 @pytest.mark.parametrize("q", [1, 3, MAX_DECODE_QUERIES + 1])
 @pytest.mark.parametrize("boolean", [False, True])
-def test_decode_attention_equals_sdpa_with_repeated_heads(q, boolean):
+def test_decode_attention_equals_sdpa_with_repeated_heads(q, boolean, form, monkeypatch):
+    """Both forms of the decode attention: slimformer's kernel (where it builds: every x86 CPU
+    with AVX2, asserted in test_decode_attention_kernel) and the matmul form it falls back to."""
+    from slimformer.kernels import decode_attention as decode_kernel
+
+    if form == "kernel":
+        if not decode_kernel.available():
+            pytest.skip(f"decode-attention kernel not built here: {decode_kernel.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(decode_kernel, "loaded", lambda: False)
     g = torch.Generator().manual_seed(q)
     b, heads, kv_heads, slots, d = 2, 6, 2, 40, 16
     query = torch.randn(b, heads, q, d, generator=g)

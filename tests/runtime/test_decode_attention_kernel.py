@@ -1,0 +1,111 @@
+"""slimformer's decode-attention kernel (``torch.ops.slimformer.decode_attention``): the matmul
+form's numbers within float32 rounding (bf16 inputs: within bf16's), grouped-query heads, several
+query tokens, boolean and additive masks; slots no query attends to are never read; a row with
+every slot masked averages all values, as the matmul form does."""
+
+import platform
+
+import pytest
+import torch
+
+from slimformer.kernels import decode_attention as decode_kernel
+
+
+def _matmul_form(query, key, value, mask, scale):
+    """The fallback of runtime.attention: (B, Q, H, D)."""
+    b, h, q, d = query.shape
+    kv, slots = key.shape[1], key.shape[2]
+    group = h // kv
+    scores = torch.matmul(query.float().reshape(b, kv, group * q, d), key.float().transpose(-1, -2)) * scale
+    scores = scores.view(b, kv, group, q, slots)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None], torch.finfo(torch.float32).min) if mask.dtype == torch.bool else scores + mask[:, :, None]
+    probs = torch.softmax(scores, dim=-1).view(b, kv, group * q, slots)
+    return torch.matmul(probs, value.float()).view(b, h, q, d).transpose(1, 2)
+
+
+def test_the_kernel_builds_on_an_x86_cpu_with_avx2():
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        assert not decode_kernel.available() and decode_kernel.unavailable_reason()
+        return
+    assert decode_kernel.available(), decode_kernel.unavailable_reason()
+
+
+needs_kernel = pytest.mark.skipif(not decode_kernel.available(), reason="no AVX2 CPU (asserted by the test above)")
+
+
+def _inputs(b, h, kv, q, slots, d, dtype, seed=0, mask_kind="bool"):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(b, h, q, d, generator=g).to(dtype)
+    key = torch.randn(b, kv, slots, d, generator=g).to(dtype)
+    value = torch.randn(b, kv, slots, d, generator=g).to(dtype)
+    allowed = torch.rand(b, 1, q, slots, generator=g) > 0.4
+    allowed[..., 0] = True
+    mask = {"bool": allowed, "additive": torch.where(allowed, 0.0, torch.finfo(torch.float32).min), "none": None}[mask_kind]
+    return query, key, value, mask
+
+
+SHAPES = [(1, 9, 3, 1, 256, 64), (2, 6, 2, 5, 70, 16), (3, 4, 4, 2, 33, 32), (1, 8, 1, 8, 19, 8)]
+CASES = [(*shape, kind) for shape in SHAPES for kind in ("bool", "additive", "none") if kind != "none" or shape[3] == 1]  # several tokens come with a mask
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,h,kv,q,slots,d,mask_kind", CASES)
+def test_the_kernel_equals_the_matmul_form(b, h, kv, q, slots, d, mask_kind):
+    query, key, value, mask = _inputs(b, h, kv, q, slots, d, torch.float32, seed=q + slots, mask_kind=mask_kind)
+    got = decode_kernel.decode_attention(query, key, value, mask, d**-0.5)
+    assert got.shape == (b, q, h, d) and got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got, _matmul_form(query, key, value, mask, d**-0.5), atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_bfloat16_inputs_give_the_float_result_rounded_once():
+    query, key, value, mask = _inputs(2, 9, 3, 3, 100, 64, torch.bfloat16, seed=4)
+    got = decode_kernel.decode_attention(query, key, value, mask, 0.125)
+    assert got.dtype == torch.bfloat16
+    exact = _matmul_form(query, key, value, mask, 0.125)  # float32 arithmetic on the bf16 inputs
+    torch.testing.assert_close(got.float(), exact.to(torch.bfloat16).float(), atol=1e-2, rtol=8e-3)
+
+
+@needs_kernel
+def test_slots_no_query_attends_to_are_never_read():
+    """The unused end of a static cache is skipped, not masked after the fact: NaN there (the
+    matmul form would turn it into NaN outputs through 0 * NaN) leaves the result untouched."""
+    query, key, value, _ = _inputs(1, 6, 2, 2, 64, 16, torch.float32, seed=7)
+    mask = torch.zeros(1, 1, 2, 64, dtype=torch.bool)
+    mask[..., :20] = True
+    expected = decode_kernel.decode_attention(query, key, value, mask, 0.25)
+    key[:, :, 20:] = float("nan")
+    value[:, :, 20:] = float("nan")
+    got = decode_kernel.decode_attention(query, key, value, mask, 0.25)
+    assert torch.equal(got, expected) and torch.isfinite(got).all()
+
+
+@needs_kernel
+def test_a_row_with_every_slot_masked_averages_all_values_as_the_matmul_form_does():
+    query, key, value, mask = _inputs(1, 4, 2, 2, 12, 8, torch.float32, seed=9)
+    mask[0, 0, 1] = False
+    got = decode_kernel.decode_attention(query, key, value, mask, 0.3)
+    torch.testing.assert_close(got, _matmul_form(query, key, value, mask, 0.3), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got[0, 1, 0], value[0, 0].mean(0), atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_bad_inputs_are_refused_with_a_message():
+    query, key, value, mask = _inputs(1, 6, 4, 1, 10, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="multiple of key/value heads"):
+        decode_kernel.decode_attention(query, key, value, mask, 1.0)
+    query, key, value, mask = _inputs(1, 4, 2, 1, 10, 12, torch.float32)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        decode_kernel.decode_attention(query, key, value, mask, 1.0)
+    assert not decode_kernel.supports(query, key, value)
+
+
+@needs_kernel
+def test_compiled_graph_calls_the_kernel_and_agrees_with_eager():
+    query, key, value, mask = _inputs(1, 6, 2, 1, 40, 16, torch.float32, seed=3)
+
+    def f(q, k, v, m):
+        return decode_kernel.decode_attention(q * 2, k, v, m, 0.25).sum(-1)
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(query, key, value, mask), f(query, key, value, mask))
