@@ -26,7 +26,7 @@ interleaved job by job with the torch runs, on the same prompt token ids (batch 
 Q4_0 export ``benchmarks/gguf_export.py`` makes, so ours and llama.cpp run the same weights);
 without it the 4-bit row is round-to-nearest w4 g32 asymmetric. The 8/4-bit rows are planned
 (``PLAN``: decode through whichever path the planner times fastest here, e.g. slimformer's
-packed-code kernel, or its int8-activation form ``packed-q8a`` where the CPU has AVX-512 VNNI);
+packed-code kernel, or its int8-activation form ``packed-q8a``);
 the table lists each row's decode paths. ``int8-float``: the 8-bit weights planned with
 ``int8_activations: keep`` (float activations only), for comparison. Wherever a planned row
 rounds activations to int8 (``packed-q8a``), the cost in quality is measured teacher-forced on

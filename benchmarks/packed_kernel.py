@@ -12,8 +12,10 @@ them through each path, interleaved round by round (medians of ``--rounds``):
 - ``int4pack``: torch's ``_weight_int4pack_mm_for_cpu`` on 4-bit g32 codes (bf16 activations);
 - ``packed-fp32 w8`` / ``packed-fp32 w4``: slimformer's kernel on the stored 8-bit per-channel /
   4-bit g32 asymmetric codes, float32 arithmetic;
-- ``packed-q8a w8`` / ``packed-q8a w4`` (CPUs with AVX-512 VNNI): the same codes, the activations
-  rounded to int8 per 32 columns and multiplied in by integer dot products (llama.cpp's scheme).
+- ``packed-q8a w8`` / ``packed-q8a w4``: the same codes, the activations
+  rounded to int8 per 32 columns and multiplied in by integer dot products (llama.cpp's scheme):
+  AVX-512 VNNI where the CPU has it, and then also its AVX2 form (``(AVX2 form)`` rows), which
+  CPUs without VNNI run.
 
 Each path goes through ``QuantizedLinear.compute`` (or ``F.linear``), so per-call overheads count.
 Reported: milliseconds per pass, achieved weight bytes per second, and the ratio to fp32 and to
@@ -85,6 +87,13 @@ def paths(layers: dict) -> dict[str, tuple]:
     if kernels.int8_activations_available():
         out["packed-q8a w8"] = (stored["w8"], lambda xs: [m.compute(xs[m.in_features][0], "packed-q8a") for m in layers["w8"]])
         out["packed-q8a w4"] = (stored["w4"], lambda xs: [m.compute(xs[m.in_features][0], "packed-q8a") for m in layers["w4"]])
+    if kernels.has_vnni():  # the AVX2 form too, which CPUs without VNNI run
+        def avx2(m, x):
+            group = m.group_size or m.in_features
+            return kernels.packed_linear_q8a(x, m.qweight, m.scales, m.zeros, m.bits, group, None, portable=True)
+
+        out["packed-q8a w8 (AVX2 form)"] = (stored["w8"], lambda xs: [avx2(m, xs[m.in_features][0]) for m in layers["w8"]])
+        out["packed-q8a w4 (AVX2 form)"] = (stored["w4"], lambda xs: [avx2(m, xs[m.in_features][0]) for m in layers["w4"]])
     return out
 
 

@@ -42,15 +42,21 @@ def _rounded(x: torch.Tensor) -> torch.Tensor:
     return (codes * (amax / 127.0)).reshape(x.shape)
 
 
-def test_the_int8_activation_kernel_is_there_on_every_cpu_with_avx512_vnni():
-    """Where the CPU has AVX-512 VNNI (the AMD EPYC and Intel AMX machines alike), the path must be
-    available; elsewhere it must say it is not (no silent fallback on CI machines)."""
-    has = {"avx512_vnni", "avx512bw", "avx512vl"} <= _cpu_flags() and kernels.packed_linear_available()
-    assert kernels.int8_activations_available() == has
-    assert ("packed-q8a" in _layer(8, None, True).available_kernels()) == has
+def test_the_int8_activation_kernel_is_there_wherever_the_kernels_build_and_uses_vnni_where_the_cpu_has_it():
+    """Every CPU that builds the kernels (x86-64 with AVX2, asserted in test_packed_kernel) offers the
+    path; the AVX-512 VNNI form is used exactly where the CPU reports it (no silent fallback)."""
+    assert kernels.int8_activations_available() == kernels.packed_linear_available()
+    assert ("packed-q8a" in _layer(8, None, True).available_kernels()) == kernels.packed_linear_available()
+    assert kernels.has_vnni() == ({"avx512_vnni", "avx512bw", "avx512vl"} <= _cpu_flags() and kernels.packed_linear_available())
 
 
-needs_vnni = pytest.mark.skipif(not kernels.int8_activations_available(), reason="no AVX-512 VNNI CPU (asserted by the test above)")
+needs_vnni = pytest.mark.skipif(not kernels.int8_activations_available(), reason="no AVX2 CPU (asserted by test_packed_kernel)")
+FORMS = [False, True]  # the CPU's form (VNNI where it has it), the AVX2 form forced
+
+
+def _q8a(layer, x, portable):
+    group = grid.effective_group_size(layer.in_features, layer.group_size)
+    return kernels.packed_linear_q8a(x, layer.qweight, layer.scales, layer.zeros, layer.bits, group, layer.bias, portable=portable)
 
 
 @needs_vnni
@@ -58,16 +64,19 @@ needs_vnni = pytest.mark.skipif(not kernels.int8_activations_available(), reason
     (4, 32, False, 192), (4, 32, True, 224), (4, 64, False, 192), (4, 128, False, 256), (4, None, True, 256),
     (8, None, True, 192), (8, 32, False, 224), (8, 64, True, 192), (8, 128, False, 256)])
 @pytest.mark.parametrize("rows", [1, 3, 5, 9])
-def test_the_product_is_the_dequantized_weight_times_the_int8_rounded_activations(bits, group_size, symmetric, inp, rows):
+@pytest.mark.parametrize("portable", FORMS)
+def test_the_product_is_the_dequantized_weight_times_the_int8_rounded_activations(bits, group_size, symmetric, inp, rows, portable):
     """Widths that end in a partial 64-byte step (224 columns at 4 and 8 bits, 192 at 4 bits) and
-    every group shape the kernel takes; x has an outlier column, as LLM activations do."""
+    every group shape the kernel takes, in both forms; x has an outlier column, as LLM activations do."""
     layer = _layer(bits, group_size, symmetric, inp=inp)
     layer.use_kernels("packed-q8a")
     x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(1))
     x[:, 5] *= 30
     w = layer.dequantized_weight().double()
-    y = layer(x)
+    y = _q8a(layer, x, portable)
     assert y.dtype == torch.float32 and y.shape == (rows, 96)
+    if not portable:  # the layer's own path is the CPU's form
+        assert torch.equal(layer(x), y)
     exact_rounded = _rounded(x) @ w.t() + layer.bias.double()
     assert float((y.double() - exact_rounded).norm() / exact_rounded.norm()) < 2e-6
     # Against the float product: the activations' int8 rounding, within the planner's bound.
@@ -77,14 +86,14 @@ def test_the_product_is_the_dequantized_weight_times_the_int8_rounded_activation
 
 @needs_vnni
 @pytest.mark.parametrize("bits,group_size,inp", [(4, 32, 192), (4, 128, 256), (8, None, 192), (8, 32, 224)])
-def test_a_row_gives_the_same_bits_alone_and_beside_other_rows(bits, group_size, inp):
+@pytest.mark.parametrize("portable", FORMS)
+def test_a_row_gives_the_same_bits_alone_and_beside_other_rows(bits, group_size, inp, portable):
     """Speculative verification runs several rows through the decode path; its greedy output equals
     plain decoding only if each row's numbers are those of the one-row call."""
     layer = _layer(bits, group_size, False, inp=inp)
-    layer.use_kernels("packed-q8a")
     x = torch.randn(7, inp, generator=torch.Generator().manual_seed(3))
-    together = layer(x)
-    alone = torch.cat([layer(x[i:i + 1]) for i in range(7)])
+    together = _q8a(layer, x, portable)
+    alone = torch.cat([_q8a(layer, x[i:i + 1], portable) for i in range(7)])
     assert torch.equal(together, alone)
 
 
@@ -103,6 +112,8 @@ def test_gguf_blocks_take_int8_activations_as_ggml_does(gguf_type):
     ref = _rounded(x) @ layer.dequantized_weight().double().t() + layer.bias.double()
     y = layer.packed_forward(x, int8_activations=True)
     assert float((y.double() - ref).norm() / ref.norm()) < 2e-6
+    portable = kernels.packed_linear_q8a(x, layer.qweight, layer.scales, None, layer.bits, 32, layer.bias, mins=layer.mins, portable=True)
+    assert float((portable.double() - ref).norm() / ref.norm()) < 2e-6
     assert "packed-q8a" in ex.candidate_paths(layer, torch.float32)
     assert "packed-q8a" not in ex.candidate_paths(layer, torch.float32, int8_activations="keep")
 

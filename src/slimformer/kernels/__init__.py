@@ -12,8 +12,8 @@ stores (and from GGUF's Q8_0 / Q4_0 / Q4_1 blocks as
 fp16 minima), in float32 arithmetic. It reads half (8-bit) or a quarter (4-bit) of the bytes of a bf16
 weight and holds nothing beyond the stored buffers. Its sibling ``torch.ops.slimformer.packed_linear_q8a``
 reads the same buffers but rounds the activations to int8 per block of 32 columns, as llama.cpp's CPU
-kernels do, and multiplies them into the codes with AVX-512 VNNI integer dot products (compiled for
-that instruction set by a target pragma, called only where :func:`int8_activations_available`). PyTorch's own int4/int8 CPU kernels compute
+kernels do, and multiplies them into the codes with integer dot products: AVX-512 VNNI where the CPU
+has it (compiled for that instruction set by a target pragma, chosen at run time), else AVX2. PyTorch's own int4/int8 CPU kernels compute
 in bf16 and, on CPUs without AMX, are several times slower than a float GEMM; whether this kernel
 is faster than the alternatives *here* is for the execution planner to measure.
 
@@ -159,7 +159,7 @@ def _register_fake() -> None:
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
     @torch.library.register_fake("slimformer::packed_linear_q8a")
-    def _q8a(x, qweight, scales, zeros, mins, bits, group_size, bias):
+    def _q8a(x, qweight, scales, zeros, mins, bits, group_size, bias, portable=False):
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
     _state["fake"] = True
@@ -176,7 +176,13 @@ def packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 
 def int8_activations_available() -> bool:
-    """Whether :func:`packed_linear_q8a` runs here: the kernels built and a CPU with AVX-512 VNNI."""
+    """Whether :func:`packed_linear_q8a` runs here (wherever the kernels build: AVX-512 VNNI dot
+    products where the CPU has them, else AVX2's)."""
+    return load()
+
+
+def has_vnni() -> bool:
+    """Whether :func:`packed_linear_q8a` uses AVX-512 VNNI here (else its AVX2 form)."""
     return load() and bool(torch.ops.slimformer.cpu_has_vnni())
 
 
@@ -187,13 +193,15 @@ def supports_int8_activations(bits: int, group_size: int, in_features: int) -> b
 
 
 def packed_linear_q8a(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                      bits: int, group_size: int, bias: torch.Tensor | None = None, mins: torch.Tensor | None = None) -> torch.Tensor:
+                      bits: int, group_size: int, bias: torch.Tensor | None = None, mins: torch.Tensor | None = None,
+                      portable: bool = False) -> torch.Tensor:
     """:func:`packed_linear` with the activations rounded to int8 per block of 32 columns
     (symmetric, scale max|x|/127, as llama.cpp's Q8 activations) and multiplied into the stored
-    codes by integer dot products (AVX-512 VNNI): the product of the dequantized weight and the
-    int8-rounded ``x``, in float32 arithmetic. A row's output does not depend on the other rows
-    passed with it. Check :func:`int8_activations_available` first."""
-    return torch.ops.slimformer.packed_linear_q8a(x, qweight, scales, zeros, mins, bits, group_size, bias)
+    codes by integer dot products (AVX-512 VNNI where the CPU has it, else AVX2; ``portable``
+    forces the AVX2 form): the product of the dequantized weight and the int8-rounded ``x``, in
+    float32 arithmetic. A row's output does not depend on the other rows passed with it. Check
+    :func:`int8_activations_available` first."""
+    return torch.ops.slimformer.packed_linear_q8a(x, qweight, scales, zeros, mins, bits, group_size, bias, portable)
 
 
 def packed_linear_nd(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

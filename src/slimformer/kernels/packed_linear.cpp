@@ -326,16 +326,15 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
 // ---- slimformer::packed_linear_q8a: the same stored codes, activations rounded to int8 ----------
 // x is rounded per block of 32 columns to int8 codes (symmetric: d = max|x| / 127, xq = round(x / d)),
 // as llama.cpp's Q8 activations are, so that each 32 weight codes meet their 32 activation codes in
-// integer dot products (AVX-512 VNNI vpdpbusd: unsigned weight codes times signed activation codes,
-// four products summed into each int32 lane). Per block the int32 sums are widened, times d, summed
-// per group, times the group's scale; the offset part (o = -z s, or the minimum m) multiplies the
-// group sums of the rounded x, so the result is the product of the dequantized weight and the
-// int8-rounded activations, in float32 arithmetic. Every row of x is computed by the same sequence of operations
-// whatever the number of rows, so a row's output does not depend on the rows beside it.
-// Compiled for AVX-512 F/BW/VL/VNNI (64-byte steps) by the target pragma below; callers check cpu_has_vnni() first.
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
-
+// integer dot products, four products summed into each int32 lane: AVX-512 VNNI's vpdpbusd (unsigned
+// weight codes times signed activation codes, 64-byte steps) where the CPU has it, else AVX2's
+// vpmaddubsw + vpmaddwd on 32-byte halves of the same steps (8-bit codes centred to q - 128 first so
+// that no 16-bit pair sum saturates). Per block the int32 sums are widened, times d, summed per
+// group, times the group's scale; the offset part (o = -z s, or the minimum m) multiplies the group
+// sums of the rounded x, so the result is the product of the dequantized weight and the int8-rounded
+// activations, in float32 arithmetic. Every row of x is computed by the same sequence of operations
+// whatever the number of rows, so a row's output does not depend on the rows beside it. The two
+// forms add the same products in a different order (float32 rounding apart, the same result).
 // Activations of one row, laid out for the weight steps. A step is 64 bytes of codes: 8-bit, two
 // blocks of 32 columns (int32 lanes 0-7 and 8-15); 4-bit, four blocks (lanes 4i..4i+3 for block i),
 // the low nibbles meeting each block's even columns and the high nibbles its odd ones.
@@ -352,6 +351,12 @@ struct StepLayout {
   static constexpr int blocks = int(cols / 32);          // blocks of 32 columns per step
 };
 
+using ChannelQ8Fn = void (*)(const RowQ8*, int64_t, const uint8_t*, const GroupParams&, int64_t, int64_t, float*, int64_t, float);
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+
+// The AVX-512 VNNI form (64-byte steps); called only where cpu_has_vnni().
 // Scales of the groups a step spans, one per int32 lane (groups of 32 or 64 columns, smaller than a
 // step); lanes past the width get 0.
 template <int BITS, bool HALF>
@@ -439,8 +444,6 @@ inline void channel_q8(const RowQ8* rows, int64_t K, const uint8_t* q, const Gro
   for (int m = 0; m < MT; ++m) out[m * N] = _mm512_reduce_add_ps(_mm512_add_ps(tot[m], oacc[m])) + b;
 }
 
-using ChannelQ8Fn = void (*)(const RowQ8*, int64_t, const uint8_t*, const GroupParams&, int64_t, int64_t, float*, int64_t, float);
-
 template <int BITS, bool HALF, bool MINS>
 ChannelQ8Fn channel_q8_fn(int mt) {
   switch (mt) {
@@ -457,26 +460,45 @@ ChannelQ8Fn channel_q8_fn(int mt, bool half, bool mins) {
   return half ? channel_q8_fn<BITS, true, false>(mt) : channel_q8_fn<BITS, false, false>(mt);
 }
 
+#pragma GCC pop_options
+
+bool cpu_has_vnni() {
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+
 // Rounds one row of x (K floats) to int8 codes per block of 32 and lays them out for the steps.
 // lo/hi: steps * 64 bytes each and dx: steps * 16 floats, zero-filled by the caller; xsum: groups floats.
 void quantize_row(const float* x, int64_t K, int bits, int64_t gs, int8_t* lo, int8_t* hi, float* dx, float* xsum) {
   const int64_t blocks = K / 32;
   const int per_step = bits == 8 ? 2 : 4, lanes = 16 / per_step;
+  const __m256 sign = _mm256_set1_ps(-0.f);
   std::vector<float> block_d(blocks);
   std::vector<int32_t> block_sum(blocks);
   for (int64_t bl = 0; bl < blocks; ++bl) {
     const float* xb = x + bl * 32;
-    const __m512 a0 = _mm512_loadu_ps(xb), a1 = _mm512_loadu_ps(xb + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+    __m256 a[4], m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      a[i] = _mm256_loadu_ps(xb + 8 * i);
+      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, a[i]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float amax = _mm_cvtss_f32(m4);
     const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    const __m512 vi = _mm512_set1_ps(inv);
-    const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, vi)), c1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, vi));
-    alignas(16) int8_t codes[32];
-    _mm_store_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtsepi32_epi8(c0));
-    _mm_store_si128(reinterpret_cast<__m128i*>(codes + 16), _mm512_cvtsepi32_epi8(c1));
+    const __m256 vi = _mm256_set1_ps(inv);
+    alignas(32) int32_t c32[32];
+    for (int i = 0; i < 4; ++i)  // round half to even, as the default MXCSR does
+      _mm256_store_si256(reinterpret_cast<__m256i*>(c32 + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(a[i], vi)));
+    int8_t codes[32];
+    int32_t total = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int32_t c = std::min(127, std::max(-127, c32[j]));
+      codes[j] = int8_t(c);
+      total += c;
+    }
     block_d[bl] = d;
-    block_sum[bl] = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_max_epi32(_mm512_min_epi32(c0, _mm512_set1_epi32(127)), _mm512_set1_epi32(-128)),
-                                                             _mm512_max_epi32(_mm512_min_epi32(c1, _mm512_set1_epi32(127)), _mm512_set1_epi32(-128))));
+    block_sum[bl] = total;
     const int64_t st = bl / per_step, i = bl % per_step;
     if (bits == 8) {
       std::memcpy(lo + st * 64 + i * 32, codes, 32);
@@ -497,11 +519,103 @@ void quantize_row(const float* x, int64_t K, int bits, int64_t gs, int8_t* lo, i
   }
 }
 
+// The AVX2 form: the 64-byte steps taken as two 32-byte halves (half h: the codes' bytes 32h..32h+31,
+// int32 lanes as the VNNI form's lanes 8(h%2)..8(h%2)+7). vpmaddubsw multiplies unsigned by signed
+// bytes into saturating 16-bit pair sums: 4-bit codes (<= 15) go in as they are; 8-bit codes are
+// centred (w = q - 128) and multiplied as |w| times x carrying w's sign, so every pair sum stays
+// within 2 * 128 * 127; the offset then takes the 128 back (+128 s per group).
+template <int BITS, int MT, bool HALF, bool MINS>
+inline void channel_q8_avx2(const RowQ8* rows, int64_t K, const uint8_t* q, const GroupParams& gp, int64_t gs,
+                            int64_t groups, float* out, int64_t N, float b) {
+  const int64_t row_bytes = K * BITS / 8, halves = (row_bytes + 31) / 32;
+  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(char(0x80));
+  __m256 tot[MT];
+  for (int m = 0; m < MT; ++m) tot[m] = _mm256_setzero_ps();
+  auto products = [&](int64_t h, __m256i* is) {
+    const int64_t left = row_bytes - h * 32;
+    const __m256i w = left >= 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + h * 32))
+                                 : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + h * 32)), 0);
+    if constexpr (BITS == 8) {
+      const __m256i c = _mm256_xor_si256(w, flip);  // q - 128 as a signed byte
+      const __m256i mag = _mm256_sign_epi8(c, c);   // |q - 128| (0x80 read as 128 by vpmaddubsw)
+      for (int m = 0; m < MT; ++m) {
+        const __m256i xs = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[m].lo + h * 32)), c);
+        is[m] = _mm256_madd_epi16(_mm256_maddubs_epi16(mag, xs), ones);
+      }
+    } else {
+      const __m256i lo = _mm256_and_si256(w, nib), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
+      for (int m = 0; m < MT; ++m) {
+        const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[m].lo + h * 32))),
+                                           _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[m].hi + h * 32))));
+        is[m] = _mm256_madd_epi16(p, ones);
+      }
+    }
+  };
+  auto scale_of = [&](int64_t g) { return g < groups ? (HALF ? half_bits_to_float(gp.s[g]) : bf16_bits_to_float(gp.s[g])) : 0.f; };
+  if (BITS == 4 && gs == 32) {  // two groups per half: lanes 0-3 and 4-7
+    for (int64_t h = 0; h < halves; ++h) {
+      __m256i is[MT];
+      products(h, is);
+      const __m256 sv = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(scale_of(2 * h))), _mm_set1_ps(scale_of(2 * h + 1)), 1);
+      for (int m = 0; m < MT; ++m)
+        tot[m] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(is[m]), _mm256_loadu_ps(rows[m].dx + h * 8)), sv, tot[m]);
+    }
+  } else {  // whole halves per group
+    const int64_t halves_per_group = gs * BITS / 8 / 32;
+    int64_t h = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 acc[MT];
+      for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < halves_per_group; ++j, ++h) {
+        __m256i is[MT];
+        products(h, is);
+        for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[m]), _mm256_loadu_ps(rows[m].dx + h * 8), acc[m]);
+      }
+      const __m256 vs = _mm256_set1_ps(scale_of(g));
+      for (int m = 0; m < MT; ++m) tot[m] = _mm256_fmadd_ps(acc[m], vs, tot[m]);
+    }
+  }
+  // Offsets, eight groups at a time (zero-padded), vector arithmetic only (the same for every MT).
+  __m256 oacc[MT];
+  for (int m = 0; m < MT; ++m) oacc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 8) {
+    const int64_t n8 = std::min<int64_t>(8, groups - g);
+    alignas(32) float off[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    alignas(32) int32_t keep[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = 0; i < n8; ++i) {
+      float sc, o;
+      gp.get(g + i, sc, o);
+      off[i] = BITS == 8 ? o + 128.f * sc : o;
+      keep[i] = -1;
+    }
+    const __m256 ov = _mm256_load_ps(off);
+    const __m256i mk = _mm256_load_si256(reinterpret_cast<const __m256i*>(keep));
+    for (int m = 0; m < MT; ++m) oacc[m] = _mm256_fmadd_ps(ov, _mm256_maskload_ps(rows[m].xsum + g, mk), oacc[m]);
+  }
+  for (int m = 0; m < MT; ++m) out[m * N] = hsum(_mm256_add_ps(tot[m], oacc[m])) + b;
+}
+
+template <int BITS, bool HALF, bool MINS>
+ChannelQ8Fn channel_q8_avx2_fn(int mt) {
+  switch (mt) {
+    case 1: return channel_q8_avx2<BITS, 1, HALF, MINS>;
+    case 2: return channel_q8_avx2<BITS, 2, HALF, MINS>;
+    case 3: return channel_q8_avx2<BITS, 3, HALF, MINS>;
+    default: return channel_q8_avx2<BITS, 4, HALF, MINS>;
+  }
+}
+
+template <int BITS>
+ChannelQ8Fn channel_q8_avx2_fn(int mt, bool half, bool mins) {
+  if (mins) return half ? channel_q8_avx2_fn<BITS, true, true>(mt) : channel_q8_avx2_fn<BITS, false, true>(mt);
+  return half ? channel_q8_avx2_fn<BITS, true, false>(mt) : channel_q8_avx2_fn<BITS, false, false>(mt);
+}
+
+
 at::Tensor packed_linear_q8a(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                              const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& mins, int64_t bits,
-                             int64_t group_size, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"),
-              "packed_linear_q8a: this CPU lacks AVX-512 VNNI");
+                             int64_t group_size, const c10::optional<at::Tensor>& bias, bool portable) {
+  const bool vnni = cpu_has_vnni() && !portable;
   TORCH_CHECK(bits == 4 || bits == 8, "packed_linear_q8a: bits must be 4 or 8, got ", bits);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "packed_linear_q8a: x must be a contiguous (rows, in) float32 tensor");
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "packed_linear_q8a: codes must be contiguous uint8");
@@ -546,7 +660,9 @@ at::Tensor packed_linear_q8a(const at::Tensor& x, const at::Tensor& qweight, con
       const GroupParams g0 = gp.row(n, G);
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
         const int mt = int(std::min<int64_t>(kRowTile, M - m0));
-        ChannelQ8Fn fn = bits == 4 ? channel_q8_fn<4>(mt, half, gp.m != nullptr) : channel_q8_fn<8>(mt, half, gp.m != nullptr);
+        const bool mn = gp.m != nullptr;
+        ChannelQ8Fn fn = vnni ? (bits == 4 ? channel_q8_fn<4>(mt, half, mn) : channel_q8_fn<8>(mt, half, mn))
+                              : (bits == 4 ? channel_q8_avx2_fn<4>(mt, half, mn) : channel_q8_avx2_fn<8>(mt, half, mn));
         fn(rows.data() + m0, K, qp + n * row_bytes, g0, group_size, G, op + m0 * N + n, N, bp ? bp[n] : 0.f);
       }
     }
@@ -554,17 +670,11 @@ at::Tensor packed_linear_q8a(const at::Tensor& x, const at::Tensor& qweight, con
   return out;
 }
 
-#pragma GCC pop_options
-
-bool cpu_has_vnni() {
-  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-}
-
 }  // namespace
 
 TORCH_LIBRARY(slimformer, m) {
   m.def("packed_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? mins, int bits, int group_size, Tensor? bias) -> Tensor");
-  m.def("packed_linear_q8a(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? mins, int bits, int group_size, Tensor? bias) -> Tensor");
+  m.def("packed_linear_q8a(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? mins, int bits, int group_size, Tensor? bias, bool portable=False) -> Tensor");
   m.def("cpu_has_vnni() -> bool", &cpu_has_vnni);
 }
 

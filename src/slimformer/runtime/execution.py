@@ -58,7 +58,7 @@ PATHS: dict[str, PathInfo] = {
     "int4pack": PathInfo("bf16", "int4pack", 0.5, "int4 codes, torch int4pack CPU kernel (bf16 activations)"),
     "packed-fp32": PathInfo("exact", None, 0.0, "stored 4/8-bit codes read in place by slimformer's kernel, float32 arithmetic"),
     "packed-q8a": PathInfo("int8-act", None, 0.0, "stored 4/8-bit codes read in place, activations rounded to int8 per 32 columns, "
-                                                  "integer dot products (AVX-512 VNNI), as llama.cpp's CPU kernels"),
+                                                  "integer dot products (AVX-512 VNNI, else AVX2), as llama.cpp's CPU kernels"),
     "unpack": PathInfo("exact", None, 0.0, "dequantized per call in the activation dtype, nothing held"),
     "native": PathInfo("exact", None, 0.0, "the module's own forward (its format's unpack path)"),
     "dequant-fp32": PathInfo("exact", "fp32", 4.0, "dequantized once into a cached float32 weight"),

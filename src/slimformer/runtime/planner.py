@@ -100,7 +100,7 @@ class PlanSettings:
     also times their weight-only paths (the same int8 weights on float activations: the
     per-token int8 rounding skipped, taken only where measured faster; the plan counts such
     layers), and lets weight-only 4/8-bit layers round their activations to int8 per 32 columns
-    where that is faster (``packed-q8a``: integer dot products on AVX-512 VNNI, as llama.cpp's
+    where that is faster (``packed-q8a``: integer dot products, AVX-512 VNNI or AVX2, as llama.cpp's
     CPU kernels; ~1 % relative error per product) | ``keep`` (activations as the recipe left
     them: W8A8 layers quantize, weight-only layers do not)."""
 

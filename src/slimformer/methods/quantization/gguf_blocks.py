@@ -190,7 +190,7 @@ class GGUFBlockLinear(GGUFBlockWeight):
         return kernels_lib.supports(self.bits, BLOCK, self.in_features) and kernels_lib.packed_linear_available()
 
     def int8_activations_ok(self) -> bool:
-        """Whether :meth:`packed_forward` can also run with int8 activations here (AVX-512 VNNI)."""
+        """Whether :meth:`packed_forward` can also run with int8 activations here."""
         return self.packed_kernel_ok() and kernels_lib.int8_activations_available()
 
     def packed_forward(self, x: torch.Tensor, int8_activations: bool = False) -> torch.Tensor:

@@ -45,8 +45,8 @@ numerics (each selectable by name through :meth:`QuantizedLinear.use_kernels`):
   computes in float32 (exact); nothing is held beyond the stored buffers. Built for few rows
   (decoding, speculative verification), where reading the weights is most of the work (8-bit
   codes; 4-bit codes on a 2-core AVX2 CPU are bound by their unpacking arithmetic instead).
-- ``packed-q8a`` (the same layouts; 4-bit groups of 32 or a multiple of 64; CPUs with AVX-512
-  VNNI): the same stored buffers in place, the activations rounded to int8 per block of 32 columns
+- ``packed-q8a`` (the same layouts, groups of 32 or 64 columns or a multiple of the kernel's
+  64-byte step): the same stored buffers in place, the activations rounded to int8 per block of 32 columns
   (as llama.cpp's Q8 activations) and multiplied into the codes by integer dot products. Not a
   stored number: the run time's own rounding, offered by the execution planner unless
   ``int8_activations: keep``; about 1 % relative error per product on Gaussian inputs.
