@@ -6,12 +6,12 @@
 // None, boolean (B, 1, Q, S) (true = attend) or additive float32 (B, 1, Q, S). Output (B, Q, H, D)
 // contiguous in the query's dtype, as transformers' attention functions return it.
 //
-// Per (batch, key/value head) the G = H / KVH query heads times Q tokens that share it are one
-// block of rows: each cached key is loaded once for all of them. Masked slots (false, or an
-// additive value at the float32 minimum or below) are not computed at all: a static cache of 512
-// slots holding 60 tokens costs 60 dot products per row. The softmax treats masked slots as
-// PyTorch does with a float32-minimum fill (a row with every slot masked averages all values).
-// float32 arithmetic throughout; bf16 keys and values are widened as they are read.
+// One task per (batch, query head), its Q tokens together. Slots no token of the batch row attends
+// to (false, or an additive value at the float32 minimum or below) are not read at all: a static
+// cache of 512 slots holding 60 tokens costs 60 dot products per token, eight at a time where they
+// are contiguous. The softmax is vectorized (a polynomial exp, ~2e-7 relative) and treats masked
+// slots as PyTorch does with a float32-minimum fill (a token with every slot masked averages all
+// values). float32 arithmetic throughout; bf16 keys and values are widened as they are read.
 // Built for AVX2 + FMA, like packed_linear.cpp; see slimformer/kernels/decode_attention.py.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -19,14 +19,16 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cfloat>
+#include <limits>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 namespace {
 
-constexpr int kMaxRows = 64;  // query rows (G * Q) of one block
+constexpr int kMaxRows = 64;  // grouped query heads x query tokens per key/value head (as the Python side checks)
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -48,12 +50,52 @@ inline __m256 load8(const void* p, int64_t i) {
 inline float to_float(const at::BFloat16& v) { return float(v); }
 inline float to_float(float v) { return v; }
 
+// exp(x) for x <= 0 in AVX2 (Cephes' polynomial on a range reduced by ln 2): relative error ~2e-7.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+// Eight dot products of q (D floats) with keys k0 + j * D (j < 8), D a multiple of 8.
+template <bool BF16>
+inline __m256 dots8(const float* q, const void* k0, int64_t D) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qv, load8<BF16>(k0, j * D + d), a[j]);
+  }
+  // Transpose-and-add: lane j of the result is the sum of a[j].
+  const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
+}
+
+template <bool BF16>
+inline float dot1(const float* q, const void* k, int64_t D) {
+  __m256 a = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8<BF16>(k, d), a);
+  return hsum(a);
+}
+
 template <typename T>
 void attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const c10::optional<at::Tensor>& mask,
             double scale, at::Tensor& out) {
   constexpr bool BF16 = std::is_same_v<T, at::BFloat16>;
   const int64_t B = query.size(0), H = query.size(1), Q = query.size(2), D = query.size(3);
-  const int64_t KVH = key.size(1), S = key.size(2), G = H / KVH, R = G * Q;
+  const int64_t KVH = key.size(1), S = key.size(2), G = H / KVH;
   const T* qp = query.data_ptr<T>();
   const T* kp = key.data_ptr<T>();
   const T* vp = value.data_ptr<T>();
@@ -65,89 +107,101 @@ void attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& va
     else ma = mask->data_ptr<float>();
   }
   const float sc = float(scale), lowest = std::numeric_limits<float>::lowest();
-  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(R * D), scores(R * S), acc(R * D);
-    std::vector<int32_t> slots;
-    slots.reserve(S);
-    for (int64_t bk = begin; bk < end; ++bk) {
-      const int64_t b = bk / KVH, kvh = bk % KVH;
-      // Rows r = g * Q + t: query head kvh * G + g, token t; widened to float32 and pre-scaled.
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t t = 0; t < Q; ++t) {
-          const T* src = qp + (((b * H + kvh * G + g) * Q + t) * D);
-          for (int64_t d = 0; d < D; ++d) qf[(g * Q + t) * D + d] = to_float(src[d]) * sc;
-        }
-      // Slots some row attends to (the others are never computed).
-      slots.clear();
-      for (int64_t s = 0; s < S; ++s) {
-        bool any = !mask.has_value();
-        for (int64_t t = 0; t < Q && !any; ++t) {
-          const int64_t mi = (b * Q + t) * S + s;
-          any = mb ? mb[mi] : ma[mi] > lowest;
-        }
-        if (any) slots.push_back(int32_t(s));
+  auto masked = [&](int64_t b, int64_t t, int64_t s) {
+    const int64_t mi = (b * Q + t) * S + s;
+    return mb ? !mb[mi] : (ma ? !(ma[mi] > lowest) : false);
+  };
+  // Per batch row: the slots some query token attends to, in order (the others are never read).
+  std::vector<std::vector<int32_t>> slots(B);
+  for (int64_t b = 0; b < B; ++b) {
+    slots[b].reserve(S);
+    for (int64_t s = 0; s < S; ++s) {
+      bool any = false;
+      for (int64_t t = 0; t < Q && !any; ++t) any = !masked(b, t, s);
+      if (any) slots[b].push_back(int32_t(s));
+    }
+  }
+  // One task per (batch, query head): its Q tokens against the shared key/value head.
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(Q * D), acc(Q * D);
+    std::vector<float> scores;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H, kvh = h / G;
+      const std::vector<int32_t>& list = slots[b];
+      const int64_t n = int64_t(list.size()), npad = (n + 7) / 8 * 8;
+      scores.assign(Q * npad, lowest);
+      for (int64_t t = 0; t < Q; ++t) {
+        const T* src = qp + ((b * H + h) * Q + t) * D;
+        for (int64_t d = 0; d < D; ++d) qf[t * D + d] = to_float(src[d]) * sc;
       }
       const T* kb = kp + (b * KVH + kvh) * S * D;
       const T* vb = vp + (b * KVH + kvh) * S * D;
-      std::fill(scores.begin(), scores.end(), lowest);
-      for (int32_t s : slots) {
-        const T* ks = kb + int64_t(s) * D;
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t t = r % Q, mi = (b * Q + t) * S + s;
-          if (mb && !mb[mi]) continue;
-          const float add = ma ? ma[mi] : 0.f;
-          if (ma && !(add > lowest)) continue;
-          __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-          const float* qr = qf.data() + r * D;
-          int64_t d = 0;
-          for (; d + 16 <= D; d += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), load8<BF16>(ks, d), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d + 8), load8<BF16>(ks, d + 8), a1);
-          }
-          for (; d < D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), load8<BF16>(ks, d), a0);
-          scores[r * S + s] = hsum(_mm256_add_ps(a0, a1)) + add;
-        }
-      }
-      // Softmax per row over all S slots (masked ones hold the float32 minimum), then p v.
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t r = 0; r < R; ++r) {
-        float* sr = scores.data() + r * S;
-        float mx = lowest;
-        for (int32_t s : slots) mx = std::max(mx, sr[s]);
-        const bool all_masked = mx == lowest;  // every slot equal: PyTorch averages all values
-        float total = 0.f;
-        if (all_masked) {
-          for (int64_t s = 0; s < S; ++s) sr[s] = 1.f;
-          total = float(S);
-        } else {  // slots outside the list hold the minimum: exp(minimum - max) is 0
-          for (int32_t s : slots) {
-            const float e = std::exp(sr[s] - mx);
-            sr[s] = e;
-            total += e;
-          }
-        }
-        const float inv = 1.f / total;
-        float* ar = acc.data() + r * D;
-        auto add_slot = [&](int64_t s) {
-          const float p = sr[s] * inv;
-          if (p == 0.f) return;
-          const __m256 vpv = _mm256_set1_ps(p);
-          const T* vs = vb + s * D;
-          for (int64_t d = 0; d < D; d += 8)
-            _mm256_storeu_ps(ar + d, _mm256_fmadd_ps(vpv, load8<BF16>(vs, d), _mm256_loadu_ps(ar + d)));
-        };
-        if (all_masked) {
-          for (int64_t s = 0; s < S; ++s) add_slot(s);
-        } else {
-          for (int32_t s : slots) add_slot(s);
-        }
-      }
-      for (int64_t g = 0; g < G; ++g)
+      // Scores of the listed slots, eight at a time where they are contiguous in the cache.
+      for (int64_t i = 0; i < n;) {
+        const bool run8 = i + 8 <= n && list[i + 7] - list[i] == 7;
         for (int64_t t = 0; t < Q; ++t) {
-          T* dst = op + ((b * Q + t) * H + kvh * G + g) * D;
-          const float* src = acc.data() + (g * Q + t) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = T(src[d]);
+          float* st = scores.data() + t * npad + i;
+          if (run8) {
+            _mm256_storeu_ps(st, dots8<BF16>(qf.data() + t * D, kb + int64_t(list[i]) * D, D));
+          } else {
+            st[0] = dot1<BF16>(qf.data() + t * D, kb + int64_t(list[i]) * D, D);
+          }
         }
+        i += run8 ? 8 : 1;
+      }
+      // Masks (a slot listed for one token may be masked for another), then softmax per token.
+      for (int64_t t = 0; t < Q; ++t) {
+        float* st = scores.data() + t * npad;
+        if (mask.has_value())
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t s = list[i];
+            if (masked(b, t, s)) st[i] = lowest;
+            else if (ma) st[i] += ma[(b * Q + t) * S + s];
+          }
+        float* ar = acc.data() + t * D;
+        std::fill(ar, ar + D, 0.f);
+        __m256 vmax = _mm256_set1_ps(lowest);
+        for (int64_t i = 0; i < npad; i += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(st + i));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        if (mx == lowest) {  // every slot masked: PyTorch's minimum fill gives equal weights to all S slots
+          const float p = 1.f / float(S);
+          for (int64_t s = 0; s < S; ++s)
+            for (int64_t d = 0; d < D; d += 8)
+              _mm256_storeu_ps(ar + d, _mm256_fmadd_ps(_mm256_set1_ps(p), load8<BF16>(vb + s * D, d), _mm256_loadu_ps(ar + d)));
+          continue;
+        }
+        const __m256 vm = _mm256_set1_ps(mx), low = _mm256_set1_ps(lowest);
+        __m256 tot = _mm256_setzero_ps();
+        for (int64_t i = 0; i < npad; i += 8) {
+          const __m256 x = _mm256_loadu_ps(st + i);
+          const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, low, _CMP_EQ_OQ), exp256(_mm256_sub_ps(x, vm)));  // masked: exactly 0
+          _mm256_storeu_ps(st + i, e);
+          tot = _mm256_add_ps(tot, e);
+        }
+        const float inv = 1.f / hsum(tot);
+        // p v over the listed slots, D in chunks of up to 64 held in registers.
+        for (int64_t d0 = 0; d0 < D; d0 += 64) {
+          const int64_t chunks = std::min<int64_t>(8, (D - d0) / 8);
+          __m256 a[8];
+          for (int c = 0; c < 8; ++c) a[c] = _mm256_setzero_ps();
+          for (int64_t i = 0; i < n; ++i) {
+            const float p = st[i];
+            if (p == 0.f) continue;
+            const __m256 pv = _mm256_set1_ps(p);
+            const T* vs = vb + int64_t(list[i]) * D + d0;
+            for (int c = 0; c < chunks; ++c) a[c] = _mm256_fmadd_ps(pv, load8<BF16>(vs, 8 * c), a[c]);
+          }
+          const __m256 vi = _mm256_set1_ps(inv);
+          for (int c = 0; c < chunks; ++c) _mm256_storeu_ps(ar + d0 + 8 * c, _mm256_mul_ps(a[c], vi));
+        }
+      }
+      for (int64_t t = 0; t < Q; ++t) {
+        T* dst = op + ((b * Q + t) * H + h) * D;
+        const float* src = acc.data() + t * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = T(src[d]);
+      }
     }
   });
 }
