@@ -68,6 +68,28 @@ def test_bfloat16_inputs_give_the_float_result_rounded_once():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("start", [5, 8, 13, 16, 21])
+def test_each_token_of_a_verify_step_gets_the_bits_of_a_one_token_step(start, dtype):
+    """Speculative verification runs k + 1 tokens in one call; it is lossless only if token t's
+    output is bit for bit that of the one-token step at its position (whatever slots the other
+    tokens add to the call)."""
+    g = torch.Generator().manual_seed(start)
+    b, h, kv, q, slots, d = 2, 9, 3, 5, 48, 64
+    query = torch.randn(b, h, q, d, generator=g).to(dtype)
+    key = torch.randn(b, kv, slots, d, generator=g).to(dtype)
+    value = torch.randn(b, kv, slots, d, generator=g).to(dtype)
+    mask = torch.zeros(b, 1, q, slots, dtype=torch.bool)
+    for t in range(q):
+        mask[:, :, t, : start + t + 1] = True  # causal: token t sees the cache up to its own slot
+    mask[1, :, :, :3] = False  # a left-padded row
+    together = decode_kernel.decode_attention(query, key, value, mask, d**-0.5)
+    for t in range(q):
+        alone = decode_kernel.decode_attention(query[:, :, t:t + 1], key, value, mask[:, :, t:t + 1], d**-0.5)
+        assert torch.equal(together[:, t:t + 1], alone)
+
+
+@needs_kernel
 def test_slots_no_query_attends_to_are_never_read():
     """The unused end of a static cache is skipped, not masked after the fact: NaN there (the
     matmul form would turn it into NaN outputs through 0 * NaN) leaves the result untouched."""

@@ -83,11 +83,17 @@ inline __m256 dots8(const float* q, const void* k0, int64_t D) {
   return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
 }
 
+// One dot product, added up in exactly the order of a lane of dots8 ((a0+a1)+(a2+a3)) + ((a4+a5)+(a6+a7)),
+// so a slot's score does not depend on whether its neighbours are listed (a verify step lists the
+// draft tokens' slots too): each token gets the numbers of a one-token step, as lossless
+// speculation requires.
 template <bool BF16>
 inline float dot1(const float* q, const void* k, int64_t D) {
   __m256 a = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8<BF16>(k, d), a);
-  return hsum(a);
+  const __m256 h = _mm256_hadd_ps(a, a);
+  const __m256 h2 = _mm256_hadd_ps(h, h);
+  return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1)));
 }
 
 template <typename T>
