@@ -91,6 +91,19 @@ def bert_with_heads_of_32(dtype=torch.bfloat16, layers: int = 2):
     return loaded
 
 
+def random_packed_linear(bits, group_size, symmetric, out=96, inp=192, bias=True, seed=0):
+    """A ``QuantizedLinear`` with random codes, scales and zero points (seeded): for kernel tests."""
+    from slimformer.methods.quantization import QuantizedLinear, grid
+
+    g = torch.Generator().manual_seed(seed)
+    groups = grid.num_groups(inp, group_size)
+    codes = torch.randint(0, 2**bits, (out, inp), generator=g, dtype=torch.uint8)
+    scale = torch.rand(out, groups, generator=g) * 0.02 + 1e-3
+    zero = torch.randint(0, 2**bits, (out, groups), generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    return QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, b)
+
+
 def sample_batch(loaded, texts=("def foo(x): return x + 1", "A short docstring.\n\nWith a second paragraph about nothing.")):
     batch = dict(loaded.tokenizer(list(texts), padding=True, return_tensors="pt"))
     batch.pop("token_type_ids", None)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import random_packed_linear
 from slimformer import kernels
-from slimformer.methods.quantization import QuantizedLinear, grid
+from slimformer.methods.quantization import grid
 from slimformer.runtime import execution as ex
 from slimformer.runtime.planner import INT8_ACT_BOUND
 
@@ -24,14 +25,6 @@ def _cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
-def _layer(bits, group_size, symmetric, out=96, inp=192, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    groups = grid.num_groups(inp, group_size)
-    codes = torch.randint(0, 2**bits, (out, inp), generator=g, dtype=torch.uint8)
-    scale = torch.rand(out, groups, generator=g) * 0.02 + 1e-3
-    zero = torch.randint(0, 2**bits, (out, groups), generator=g)
-    b = torch.randn(out, generator=g) if bias else None
-    return QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, b)
 
 
 def _rounded(x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +39,7 @@ def test_the_int8_activation_kernel_is_there_wherever_the_kernels_build_and_uses
     """Every CPU that builds the kernels (x86-64 with AVX2, asserted in test_packed_kernel) offers the
     path; the AVX-512 VNNI form is used exactly where the CPU reports it (no silent fallback)."""
     assert kernels.int8_activations_available() == kernels.packed_linear_available()
-    assert ("packed-q8a" in _layer(8, None, True).available_kernels()) == kernels.packed_linear_available()
+    assert ("packed-q8a" in random_packed_linear(8, None, True).available_kernels()) == kernels.packed_linear_available()
     assert kernels.has_vnni() == ({"avx512_vnni", "avx512bw", "avx512vl"} <= _cpu_flags() and kernels.packed_linear_available())
 
 
@@ -68,7 +61,7 @@ def _q8a(layer, x, portable):
 def test_the_product_is_the_dequantized_weight_times_the_int8_rounded_activations(bits, group_size, symmetric, inp, rows, portable):
     """Widths that end in a partial 64-byte step (224 columns at 4 and 8 bits, 192 at 4 bits) and
     every group shape the kernel takes, in both forms; x has an outlier column, as LLM activations do."""
-    layer = _layer(bits, group_size, symmetric, inp=inp)
+    layer = random_packed_linear(bits, group_size, symmetric, inp=inp)
     layer.use_kernels("packed-q8a")
     x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(1))
     x[:, 5] *= 30
@@ -90,7 +83,7 @@ def test_the_product_is_the_dequantized_weight_times_the_int8_rounded_activation
 def test_a_row_gives_the_same_bits_alone_and_beside_other_rows(bits, group_size, inp, portable):
     """Speculative verification runs several rows through the decode path; its greedy output equals
     plain decoding only if each row's numbers are those of the one-row call."""
-    layer = _layer(bits, group_size, False, inp=inp)
+    layer = random_packed_linear(bits, group_size, False, inp=inp)
     x = torch.randn(7, inp, generator=torch.Generator().manual_seed(3))
     together = _q8a(layer, x, portable)
     alone = torch.cat([_q8a(layer, x[i:i + 1], portable) for i in range(7)])
@@ -120,7 +113,7 @@ def test_gguf_blocks_take_int8_activations_as_ggml_does(gguf_type):
 
 @needs_vnni
 def test_keep_leaves_weight_only_layers_on_float_activations():
-    layer = _layer(4, 32, False)
+    layer = random_packed_linear(4, 32, False)
     assert "packed-q8a" in ex.candidate_paths(layer, torch.float32)
     kept = ex.candidate_paths(layer, torch.float32, int8_activations="keep")
     assert "packed-q8a" not in kept and "packed-fp32" in kept
@@ -131,15 +124,15 @@ def test_layouts_the_int8_activation_kernel_cannot_take_are_not_offered():
     assert not kernels.supports_int8_activations(4, 192, 384)  # a multiple of 64 but not of the 128-column 4-bit step
     assert kernels.supports_int8_activations(4, 64, 192) and kernels.supports_int8_activations(8, 192, 384)
     if kernels.int8_activations_available():
-        assert "packed-q8a" not in _layer(8, 96, False).available_kernels()
-        layer = _layer(8, 96, False)
+        assert "packed-q8a" not in random_packed_linear(8, 96, False).available_kernels()
+        layer = random_packed_linear(8, 96, False)
         with pytest.raises(RuntimeError, match="group size must be 32, 64 or a multiple of 64"):
             kernels.packed_linear_q8a(torch.randn(1, 192), layer.qweight, layer.scales, layer.zeros, 8, 96, None)
 
 
 @needs_vnni
 def test_compiled_graph_calls_the_int8_activation_kernel_and_agrees_with_eager():
-    layer = _layer(4, 32, False)
+    layer = random_packed_linear(4, 32, False)
     layer.use_kernels("packed-q8a")
 
     def f(x):

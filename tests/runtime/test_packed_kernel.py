@@ -8,18 +8,10 @@ import platform
 import pytest
 import torch
 
+from conftest import random_packed_linear
 from slimformer import kernels
-from slimformer.methods.quantization import QuantizedLinear, grid
 
 
-def _layer(bits, group_size, symmetric, out=96, inp=192, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    groups = grid.num_groups(inp, group_size)
-    codes = torch.randint(0, 2**bits, (out, inp), generator=g, dtype=torch.uint8)
-    scale = torch.rand(out, groups, generator=g) * 0.02 + 1e-3
-    zero = torch.randint(0, 2**bits, (out, groups), generator=g)
-    b = torch.randn(out, generator=g) if bias else None
-    return QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, b)
 
 
 def test_the_kernel_builds_on_an_x86_cpu_with_avx2():
@@ -37,7 +29,7 @@ needs_kernel = pytest.mark.skipif(not kernels.packed_linear_available(), reason=
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, False), (4, 64, True), (8, None, True), (8, 32, False), (4, None, False)])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
 def test_packed_kernel_equals_the_dequantized_product(bits, group_size, symmetric, rows):
-    layer = _layer(bits, group_size, symmetric)
+    layer = random_packed_linear(bits, group_size, symmetric)
     assert "packed-fp32" in layer.available_kernels()
     layer.use_kernels("packed-fp32")
     x = torch.randn(rows, 192, generator=torch.Generator().manual_seed(1))
@@ -52,7 +44,7 @@ def test_packed_kernel_equals_the_dequantized_product(bits, group_size, symmetri
 
 @needs_kernel
 def test_without_bias_and_symmetric_zero_point_default():
-    layer = _layer(4, 32, True, bias=False)
+    layer = random_packed_linear(4, 32, True, bias=False)
     layer.use_kernels("packed-fp32")
     x = torch.randn(2, 192)
     ref = x.double() @ layer.dequantized_weight().double().t()
@@ -63,13 +55,13 @@ def test_layouts_the_kernel_cannot_take_are_not_offered():
     assert not kernels.supports(3, 32, 192)  # 3-bit codes straddle bytes
     assert not kernels.supports(4, 16, 192)  # groups narrower than one 32-column step
     assert not kernels.supports(4, 64, 160)  # group size does not divide the width
-    assert "packed-fp32" not in _layer(3, 32, False).available_kernels()
-    assert "packed-fp32" not in _layer(4, 16, False).available_kernels()
+    assert "packed-fp32" not in random_packed_linear(3, 32, False).available_kernels()
+    assert "packed-fp32" not in random_packed_linear(4, 16, False).available_kernels()
 
 
 @needs_kernel
 def test_the_operator_refuses_a_bad_layout_with_a_message():
-    layer = _layer(4, 32, False)
+    layer = random_packed_linear(4, 32, False)
     with pytest.raises(RuntimeError, match="group size must be a multiple of 32"):
         kernels.packed_linear(torch.randn(1, 192), layer.qweight, layer.scales, layer.zeros, 4, 16, None)
     with pytest.raises(RuntimeError, match="float32"):
@@ -78,7 +70,7 @@ def test_the_operator_refuses_a_bad_layout_with_a_message():
 
 @needs_kernel
 def test_compiled_graph_calls_the_kernel_and_agrees_with_eager():
-    layer = _layer(8, None, True)
+    layer = random_packed_linear(8, None, True)
     layer.use_kernels("packed-fp32")
 
     def f(x):

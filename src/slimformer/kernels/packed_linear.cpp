@@ -335,6 +335,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
 // activations, in float32 arithmetic. Every row of x is computed by the same sequence of operations
 // whatever the number of rows, so a row's output does not depend on the rows beside it. The two
 // forms add the same products in a different order (float32 rounding apart, the same result).
+
 // Activations of one row, laid out for the weight steps. A step is 64 bytes of codes: 8-bit, two
 // blocks of 32 columns (int32 lanes 0-7 and 8-15); 4-bit, four blocks (lanes 4i..4i+3 for block i),
 // the low nibbles meeting each block's even columns and the high nibbles its odd ones.
