@@ -117,6 +117,11 @@ def test_keep_leaves_weight_only_layers_on_float_activations():
     assert "packed-q8a" in ex.candidate_paths(layer, torch.float32)
     kept = ex.candidate_paths(layer, torch.float32, int8_activations="keep")
     assert "packed-q8a" not in kept and "packed-fp32" in kept
+    # A W8A8 layer's alternatives to its per-token int8 rounding are float activations, not a second rounding.
+    w8a8 = random_packed_linear(8, None, True)
+    w8a8 = type(w8a8).from_codes(w8a8.codes(), w8a8.scales.float(), w8a8.zero_points(), 8, None, True, w8a8.bias, act_bits=8)
+    assert ex.is_w8a8(w8a8) and "packed-fp32" in ex.candidate_paths(w8a8, torch.float32)
+    assert "packed-q8a" not in ex.candidate_paths(w8a8, torch.float32)
 
 
 def test_layouts_the_int8_activation_kernel_cannot_take_are_not_offered():

@@ -116,7 +116,9 @@ def candidate_paths(module: nn.Module, act_dtype: torch.dtype, int8_activations:
         if is_w8a8(module):
             if int8_activations == "keep":
                 return native
-            return native + [p for p in module.available_kernels(int8_activations=False) + GENERIC_PATHS if p not in native]
+            # its weight-only alternatives on float activations (not a second, per-block int8 rounding)
+            return native + [p for p in module.available_kernels(int8_activations=False) + GENERIC_PATHS
+                             if p not in native and PATHS[p].rounding != "int8-act"]
         return native + list(GENERIC_PATHS)
     if module.weight.dtype == torch.float32 or act_dtype == module.weight.dtype:
         return ["native"]
