@@ -43,9 +43,6 @@ SOURCE = Path(__file__).with_name("packed_linear.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-w"]
 CHUNK = 32  # the kernel's group-size granularity (columns per inner step)
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
 
 def cache_dir() -> Path:
     if os.environ.get("SLIMFORMER_KERNEL_CACHE"):
@@ -100,30 +97,56 @@ def library_key(source: Path = SOURCE, flags: list[str] = FLAGS) -> str:
     return hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:16]
 
 
-def load_library(state: dict, lock: threading.Lock, cpu_reason: Callable[[], str | None], path: Path, source: Path, flags: list[str],
-                 after_load: Callable[[], None]) -> bool:
-    """Build ``source`` into ``path`` if missing, load it and run ``after_load`` (fake
-    registrations, a probe call), once per process: ``state`` records ``ok`` and the ``reason``
-    when it is not usable (turned off, ``cpu_reason()``, or the build, load or probe failed)."""
-    with lock:
-        if "ok" in state:
-            return bool(state["ok"])
-        reason = "turned off (SLIMFORMER_KERNELS=0)" if os.environ.get("SLIMFORMER_KERNELS", "1") == "0" else cpu_reason()
-        if reason is None:
-            try:
-                if not path.exists():
-                    _build(path, source, flags)
-                torch.ops.load_library(str(path))
-                after_load()
-            except (OSError, RuntimeError) as exc:
-                reason = str(exc).splitlines()[0][:200]
-        state["ok"] = reason is None
-        state["reason"] = reason
-        return reason is None
+class KernelLibrary:
+    """One of our kernel libraries: ``source`` compiled with ``flags`` into the kernel cache as
+    ``NAME-KEY.so`` (once per machine and torch), loaded once per process. ``cpu_reason()`` says
+    why this CPU cannot run it (None when it can); ``after_load`` registers its fake functions
+    (and may probe it). ``state`` records ``ok`` and the ``reason`` it is not usable."""
+
+    def __init__(self, name: str, source: Path, flags: list[str], cpu_reason: Callable[[], str | None],
+                 after_load: Callable[[], None]) -> None:
+        self.name = name
+        self.source = source
+        self.flags = flags
+        self.cpu_reason = cpu_reason
+        self.after_load = after_load
+        self.state: dict[str, object] = {}
+        self.lock = threading.Lock()
+
+    def path(self) -> Path:
+        return cache_dir() / f"{self.name}-{library_key(self.source, self.flags)}.so"
+
+    def load(self) -> bool:
+        """Build the library if missing, load it and run ``after_load``, once per process; True
+        when it is usable (not when turned off, ``cpu_reason()``, or the build, load or probe failed)."""
+        with self.lock:
+            if "ok" in self.state:
+                return bool(self.state["ok"])
+            reason = "turned off (SLIMFORMER_KERNELS=0)" if os.environ.get("SLIMFORMER_KERNELS", "1") == "0" else self.cpu_reason()
+            if reason is None:
+                try:
+                    path = self.path()
+                    if not path.exists():
+                        _build(path, self.source, self.flags)
+                    torch.ops.load_library(str(path))
+                    self.after_load()
+                except (OSError, RuntimeError) as exc:
+                    reason = str(exc).splitlines()[0][:200]
+            self.state["ok"] = reason is None
+            self.state["reason"] = reason
+            return reason is None
+
+    def loaded(self) -> bool:
+        """True once :meth:`load` succeeded (no lock, no build: cheap inside a traced forward)."""
+        return bool(self.state.get("ok"))
+
+    def unavailable_reason(self) -> str | None:
+        self.load()
+        return self.state.get("reason")  # type: ignore[return-value]
 
 
 def library_path() -> Path:
-    return cache_dir() / f"packed_linear-{library_key()}.so"
+    return LIBRARY.path()
 
 
 def version() -> str:
@@ -133,7 +156,7 @@ def version() -> str:
 
 def load() -> bool:
     """Build (once per machine and torch) and load the kernels; True when they are usable."""
-    return load_library(_state, _lock, _cpu_supports, library_path(), SOURCE, FLAGS, _register_fake)
+    return LIBRARY.load()
 
 
 def packed_linear_available() -> bool:
@@ -141,8 +164,7 @@ def packed_linear_available() -> bool:
 
 
 def unavailable_reason() -> str | None:
-    load()
-    return _state.get("reason")  # type: ignore[return-value]
+    return LIBRARY.unavailable_reason()
 
 
 def supports(bits: int, group_size: int, in_features: int) -> bool:
@@ -151,8 +173,6 @@ def supports(bits: int, group_size: int, in_features: int) -> bool:
 
 
 def _register_fake() -> None:
-    if _state.get("fake"):
-        return
 
     @torch.library.register_fake("slimformer::packed_linear")
     def _(x, qweight, scales, zeros, mins, bits, group_size, bias):
@@ -162,7 +182,8 @@ def _register_fake() -> None:
     def _q8a(x, qweight, scales, zeros, mins, bits, group_size, bias, portable=False):
         return x.new_empty((x.shape[0], qweight.shape[0]))
 
-    _state["fake"] = True
+
+LIBRARY = KernelLibrary("packed_linear", SOURCE, FLAGS, _cpu_supports, _register_fake)
 
 
 def packed_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

@@ -17,7 +17,6 @@ attention stays with the matmul form.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import torch
@@ -28,26 +27,22 @@ SOURCE = Path(__file__).with_name("decode_attention.cpp")
 FLAGS = kernels_lib.FLAGS
 MAX_ROWS = 64  # grouped query heads x query tokens per key/value head
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}
+def _after_load() -> None:
+    @torch.library.register_fake("slimformer::decode_attention")
+    def _(query, key, value, mask, scale):
+        return query.new_empty((query.shape[0], query.shape[2], query.shape[1], query.shape[3]))
+
+
+LIBRARY = kernels_lib.KernelLibrary("decode_attention", SOURCE, FLAGS, kernels_lib._cpu_supports, _after_load)
 
 
 def library_path() -> Path:
-    return kernels_lib.cache_dir() / f"decode_attention-{kernels_lib.library_key(SOURCE, FLAGS)}.so"
-
-
-def _after_load() -> None:
-    if not _state.get("fake"):
-        @torch.library.register_fake("slimformer::decode_attention")
-        def _(query, key, value, mask, scale):
-            return query.new_empty((query.shape[0], query.shape[2], query.shape[1], query.shape[3]))
-
-        _state["fake"] = True
+    return LIBRARY.path()
 
 
 def load() -> bool:
     """Build (once per machine and torch) and load the kernel; True when it is usable."""
-    return kernels_lib.load_library(_state, _lock, kernels_lib._cpu_supports, library_path(), SOURCE, FLAGS, _after_load)
+    return LIBRARY.load()
 
 
 def available() -> bool:
@@ -56,12 +51,11 @@ def available() -> bool:
 
 def loaded() -> bool:
     """True once :func:`load` succeeded (no lock, no build: cheap inside a traced forward)."""
-    return bool(_state.get("ok"))
+    return LIBRARY.loaded()
 
 
 def unavailable_reason() -> str | None:
-    load()
-    return _state.get("reason")  # type: ignore[return-value]
+    return LIBRARY.unavailable_reason()
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:

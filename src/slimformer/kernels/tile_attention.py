@@ -28,7 +28,6 @@ AVX512-BF16; the first call asks Linux for the tile state (``arch_prctl``). Else
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import torch
@@ -41,10 +40,6 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512
 MAX_KEYS = 1024
 HEAD_MULTIPLE = 32
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
 def _cpu_supports() -> str | None:
     reason = kernels_lib._cpu_supports()  # x86-64 with AVX2 at least
     if reason is not None:
@@ -56,39 +51,7 @@ def _cpu_supports() -> str | None:
     return None
 
 
-def library_path() -> Path:
-    return kernels_lib.cache_dir() / f"tile_attention-{kernels_lib.library_key(SOURCE, FLAGS)}.so"
-
-
-def _after_load() -> None:
-    _register_fake()
-    q = torch.zeros(1, 1, 1, HEAD_MULTIPLE, dtype=torch.bfloat16)
-    torch.ops.slimformer.tile_attention(q, q, q, None, 1.0)  # the tile state is granted here
-
-
-def load() -> bool:
-    """Build (once per machine and torch), load and probe the kernel; True when it is usable."""
-    return kernels_lib.load_library(_state, _lock, _cpu_supports, library_path(), SOURCE, FLAGS, _after_load)
-
-
-def available() -> bool:
-    return load()
-
-
-def loaded() -> bool:
-    """True once :func:`load` succeeded (no lock, no build: cheap inside a traced forward)."""
-    return bool(_state.get("ok"))
-
-
-def unavailable_reason() -> str | None:
-    load()
-    return _state.get("reason")  # type: ignore[return-value]
-
-
 def _register_fake() -> None:
-    if _state.get("fake"):
-        return
-
     @torch.library.register_fake("slimformer::tile_attention")
     def _(q, k, v, mask, scale):
         return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
@@ -97,7 +60,36 @@ def _register_fake() -> None:
     def _(q, k, v, cu_seqlens, scale, key_bias=None):
         return q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
 
-    _state["fake"] = True
+
+def _after_load() -> None:
+    _register_fake()
+    q = torch.zeros(1, 1, 1, HEAD_MULTIPLE, dtype=torch.bfloat16)
+    torch.ops.slimformer.tile_attention(q, q, q, None, 1.0)  # the tile state is granted here
+
+
+LIBRARY = kernels_lib.KernelLibrary("tile_attention", SOURCE, FLAGS, _cpu_supports, _after_load)
+
+
+def library_path() -> Path:
+    return LIBRARY.path()
+
+
+def load() -> bool:
+    """Build (once per machine and torch), load and probe the kernel; True when it is usable."""
+    return LIBRARY.load()
+
+
+def available() -> bool:
+    return load()
+
+
+def loaded() -> bool:
+    """True once :func:`load` succeeded (no lock, no build: cheap inside a traced forward)."""
+    return LIBRARY.loaded()
+
+
+def unavailable_reason() -> str | None:
+    return LIBRARY.unavailable_reason()
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: bool = False) -> bool:
