@@ -133,16 +133,3 @@ def test_layouts_the_int8_activation_kernel_cannot_take_are_not_offered():
         layer = random_packed_linear(8, 96, False)
         with pytest.raises(RuntimeError, match="group size must be 32, 64 or a multiple of 64"):
             kernels.packed_linear_q8a(torch.randn(1, 192), layer.qweight, layer.scales, layer.zeros, 8, 96, None)
-
-
-@needs_vnni
-def test_compiled_graph_calls_the_int8_activation_kernel_and_agrees_with_eager():
-    layer = random_packed_linear(4, 32, False)
-    layer.use_kernels("packed-q8a")
-
-    def f(x):
-        return torch.nn.functional.silu(layer(x)) * 2
-
-    x = torch.randn(1, 192)
-    compiled = torch.compile(f, fullgraph=True)
-    assert torch.equal(compiled(x), f(x))

@@ -69,9 +69,10 @@ def test_the_operator_refuses_a_bad_layout_with_a_message():
 
 
 @needs_kernel
-def test_compiled_graph_calls_the_kernel_and_agrees_with_eager():
-    layer = random_packed_linear(8, None, True)
-    layer.use_kernels("packed-fp32")
+@pytest.mark.parametrize("path,bits,group_size,symmetric", [("packed-fp32", 8, None, True), ("packed-q8a", 4, 32, False)])
+def test_compiled_graph_calls_the_kernel_and_agrees_with_eager(path, bits, group_size, symmetric):
+    layer = random_packed_linear(bits, group_size, symmetric)
+    layer.use_kernels(path)
 
     def f(x):
         return torch.nn.functional.silu(layer(x)) * 2

@@ -70,26 +70,11 @@ def _after_load() -> None:
 LIBRARY = kernels_lib.KernelLibrary("tile_attention", SOURCE, FLAGS, _cpu_supports, _after_load)
 
 
-def library_path() -> Path:
-    return LIBRARY.path()
-
-
-def load() -> bool:
-    """Build (once per machine and torch), load and probe the kernel; True when it is usable."""
-    return LIBRARY.load()
-
-
-def available() -> bool:
-    return load()
-
-
-def loaded() -> bool:
-    """True once :func:`load` succeeded (no lock, no build: cheap inside a traced forward)."""
-    return LIBRARY.loaded()
-
-
-def unavailable_reason() -> str | None:
-    return LIBRARY.unavailable_reason()
+# The module's interface to its library (see ``kernels.KernelLibrary``): ``load`` builds (once per
+# machine and torch) and loads it, True when usable; ``loaded`` is the lock-free check used inside
+# traced forwards.
+library_path, load, loaded, unavailable_reason = LIBRARY.path, LIBRARY.load, LIBRARY.loaded, LIBRARY.unavailable_reason
+available = load
 
 
 def supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: bool = False) -> bool:
