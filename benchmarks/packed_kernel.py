@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from slimformer import kernels
-from slimformer.methods.quantization import QuantizedLinear
+from slimformer.methods.quantization import QuantizedLinear, grid
 from slimformer.runtime.machine import describe_machine, machine_line
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -89,7 +89,7 @@ def paths(layers: dict) -> dict[str, tuple]:
         out["packed-q8a w4"] = (stored["w4"], lambda xs: [m.compute(xs[m.in_features][0], "packed-q8a") for m in layers["w4"]])
     if kernels.has_vnni():  # the AVX2 form too, which CPUs without VNNI run
         def avx2(m, x):
-            group = m.group_size or m.in_features
+            group = grid.effective_group_size(m.in_features, m.group_size)
             return kernels.packed_linear_q8a(x, m.qweight, m.scales, m.zeros, m.bits, group, None, portable=True)
 
         out["packed-q8a w8 (AVX2 form)"] = (stored["w8"], lambda xs: [avx2(m, xs[m.in_features][0]) for m in layers["w8"]])
