@@ -104,6 +104,17 @@ def random_packed_linear(bits, group_size, symmetric, out=96, inp=192, bias=True
     return QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, b)
 
 
+def random_gguf_linear(gguf_type, out, inp, g):
+    """A ``GGUFBlockLinear`` of ``gguf_type`` with random codes, fp16 scales (and Q4_1's minima)
+    and a bias, drawn from the generator ``g``: for kernel tests."""
+    from slimformer.methods.quantization.gguf_blocks import BITS, GGUFBlockLinear
+
+    codes = torch.randint(0, 2 ** BITS[gguf_type], (out, inp), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(out, inp // 32, generator=g) * 0.02).half()
+    mins = (-torch.rand(out, inp // 32, generator=g) * 0.1).half() if gguf_type == "Q4_1" else None
+    return GGUFBlockLinear.from_blocks(codes, scales, mins, gguf_type, bias=torch.randn(out, generator=g))
+
+
 def sample_batch(loaded, texts=("def foo(x): return x + 1", "A short docstring.\n\nWith a second paragraph about nothing.")):
     batch = dict(loaded.tokenizer(list(texts), padding=True, return_tensors="pt"))
     batch.pop("token_type_ids", None)

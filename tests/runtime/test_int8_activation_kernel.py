@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import random_packed_linear
+from conftest import random_gguf_linear, random_packed_linear
 from slimformer import kernels
 from slimformer.methods.quantization import grid
 from slimformer.runtime import execution as ex
@@ -93,14 +93,9 @@ def test_a_row_gives_the_same_bits_alone_and_beside_other_rows(bits, group_size,
 @needs_vnni
 @pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_blocks_take_int8_activations_as_ggml_does(gguf_type):
-    from slimformer.methods.quantization.gguf_blocks import BITS, GGUFBlockLinear
-
     g = torch.Generator().manual_seed(2)
     out, inp = 64, 160
-    codes = torch.randint(0, 2 ** BITS[gguf_type], (out, inp), generator=g, dtype=torch.uint8)
-    scales = (torch.rand(out, inp // 32, generator=g) * 0.02).half()
-    mins = (-torch.rand(out, inp // 32, generator=g) * 0.1).half() if gguf_type == "Q4_1" else None
-    layer = GGUFBlockLinear.from_blocks(codes, scales, mins, gguf_type, bias=torch.randn(out, generator=g))
+    layer = random_gguf_linear(gguf_type, out, inp, g)
     x = torch.randn(3, inp, generator=g)
     ref = _rounded(x) @ layer.dequantized_weight().double().t() + layer.bias.double()
     y = layer.packed_forward(x, int8_activations=True)

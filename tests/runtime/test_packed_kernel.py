@@ -8,7 +8,7 @@ import platform
 import pytest
 import torch
 
-from conftest import random_packed_linear
+from conftest import random_gguf_linear, random_packed_linear
 from slimformer import kernels
 
 
@@ -88,15 +88,11 @@ def test_compiled_graph_calls_the_kernel_and_agrees_with_eager(path, bits, group
 def test_gguf_blocks_run_in_place_with_the_dequantized_numerics(gguf_type, rows):
     """GGUF's own blocks (fp16 scales; Q4_1's fp16 minima; Q4_0/Q8_0's fixed offsets) through the
     kernel equal ggml's dequantization times x within float32 rounding, and the planner offers it."""
-    from slimformer.methods.quantization.gguf_blocks import BITS, GGUFBlockLinear
     from slimformer.runtime import execution as ex
 
     g = torch.Generator().manual_seed(2)
     out, inp = 64, 128
-    codes = torch.randint(0, 2 ** BITS[gguf_type], (out, inp), generator=g, dtype=torch.uint8)
-    scales = (torch.rand(out, inp // 32, generator=g) * 0.02).half()
-    mins = (-torch.rand(out, inp // 32, generator=g) * 0.1).half() if gguf_type == "Q4_1" else None
-    layer = GGUFBlockLinear.from_blocks(codes, scales, mins, gguf_type, bias=torch.randn(out, generator=g))
+    layer = random_gguf_linear(gguf_type, out, inp, g)
     x = torch.randn(rows, inp, generator=g)
     ref = x.double() @ layer.dequantized_weight().double().t() + layer.bias.double()
     y = layer.packed_forward(x)
