@@ -27,7 +27,10 @@ Q4_0 export ``benchmarks/gguf_export.py`` makes, so ours and llama.cpp run the s
 without it the 4-bit row is round-to-nearest w4 g32 asymmetric. The 8/4-bit rows are planned
 (``PLAN``: decode through whichever path the planner times fastest here, e.g. slimformer's
 packed-code kernel, or its int8-activation form ``packed-q8a``);
-the table lists each row's decode paths. ``int8-float``: the 8-bit weights planned with
+the table lists each row's decode paths. The fp32 and bf16 rows are planned by ``TextGenerator``
+itself (an original model's plain linears: ``F.linear`` or slimformer's few-row dense kernel,
+whichever times faster here), on its weight-sharing view: the HF rows run the untouched model.
+``int8-float``: the 8-bit weights planned with
 ``int8_activations: keep`` (float activations only), for comparison. Wherever a planned row
 rounds activations to int8 (``packed-q8a``), the cost in quality is measured teacher-forced on
 held-out prose and code: KL of its next-token distribution to the same weights on float

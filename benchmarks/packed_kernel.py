@@ -12,6 +12,9 @@ them through each path, interleaved round by round (medians of ``--rounds``):
 - ``int4pack``: torch's ``_weight_int4pack_mm_for_cpu`` on 4-bit g32 codes (bf16 activations);
 - ``packed-fp32 w8`` / ``packed-fp32 w4``: slimformer's kernel on the stored 8-bit per-channel /
   4-bit g32 asymmetric codes, float32 arithmetic;
+- ``dense-kernel fp32`` / ``dense-kernel bf16``: slimformer's few-row dense kernel
+  (``kernels/dense_linear.cpp``) on the float32 / bfloat16 weight, float32 activations and
+  arithmetic (the ``dense-kernel`` path the planner offers plain linears);
 - ``packed-q8a w8`` / ``packed-q8a w4``: the same codes, the activations
   rounded to int8 per 32 columns and multiplied in by integer dot products (llama.cpp's scheme):
   AVX-512 VNNI where the CPU has it, and then also its AVX2 form (``(AVX2 form)`` rows), which
@@ -40,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from slimformer import kernels
+from slimformer.kernels import dense_linear as dense_kernel
 from slimformer.methods.quantization import QuantizedLinear, grid
 from slimformer.runtime.machine import describe_machine, machine_line
 
@@ -84,6 +88,11 @@ def paths(layers: dict) -> dict[str, tuple]:
     if kernels.packed_linear_available():
         out["packed-fp32 w8"] = (stored["w8"], lambda xs: [m.compute(xs[m.in_features][0], "packed-fp32") for m in layers["w8"]])
         out["packed-fp32 w4"] = (stored["w4"], lambda xs: [m.compute(xs[m.in_features][0], "packed-fp32") for m in layers["w4"]])
+    if dense_kernel.available():
+        out["dense-kernel fp32"] = (sum(w.numel() * 4 for w in layers["fp32"]),
+                                    lambda xs: [dense_kernel.dense_linear(xs[w.shape[1]][0], w) for w in layers["fp32"]])
+        out["dense-kernel bf16"] = (sum(w.numel() * 2 for w in layers["bf16"]),
+                                    lambda xs: [dense_kernel.dense_linear(xs[w.shape[1]][0], w) for w in layers["bf16"]])
     if kernels.int8_activations_available():
         out["packed-q8a w8"] = (stored["w8"], lambda xs: [m.compute(xs[m.in_features][0], "packed-q8a") for m in layers["w8"]])
         out["packed-q8a w4"] = (stored["w4"], lambda xs: [m.compute(xs[m.in_features][0], "packed-q8a") for m in layers["w4"]])
@@ -131,7 +140,7 @@ def measure(rows_list: list[int], rounds: int) -> list[dict]:
 
 def write(result: dict, out: Path, name: str) -> None:
     lines = [
-        "# Few-row linears: slimformer's packed kernel against torch's paths",
+        "# Few-row linears: slimformer's packed and dense kernels against torch's paths",
         "",
         f"Machine: {machine_line(result['machine'])}. One pass over SmolLM2-135M's 210 linears and its head "
         f"(random codes of the real shapes), medians of {result['rounds']} interleaved rounds; ratios per round. "

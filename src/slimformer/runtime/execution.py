@@ -15,7 +15,10 @@ the generic paths below, and a plain ``nn.Linear`` its own:
   the weight is rounded to bf16);
 - ``unpack-fp32``: dequantized per call into float32, nothing held (exact);
 - plain ``nn.Linear`` with a bf16 weight under float32 activations: ``widen-fp32`` (widened per
-  call, exact), ``dequant-fp32`` (cached float32 copy), ``native`` (bf16 GEMM).
+  call, exact), ``dequant-fp32`` (cached float32 copy), ``native`` (bf16 GEMM);
+- plain ``nn.Linear`` with a float32 or bf16 weight, where slimformer's kernels build:
+  ``dense-kernel`` (:mod:`slimformer.kernels.dense_linear`: the weight read in place by a few-row
+  kernel, float32 arithmetic; for decoding, where the BLAS's one-row GEMV is slow on some CPUs).
 
 :class:`PlannedForward` is installed as the module's ``forward`` (an instance attribute, so the
 stored buffers, the state dict and the class are untouched; :func:`remove_planned_forward`
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimformer.kernels import dense_linear as dense_kernel
 from slimformer.methods.quantization.modules import W8A8_KERNELS, QuantizedLinear, QuantizedModule
 
 
@@ -39,12 +43,14 @@ class PathInfo:
     """``rounding``: ``exact`` (float32 arithmetic on the stored values), ``bf16`` (weight
     and/or activations rounded to bfloat16) or ``int8-act`` (float activations rounded to int8
     per block of 32 columns by the run time, not by the recipe); ``form``: the run-time tensor the path holds
-    (paths sharing a form share it) and ``form_bytes``: its bytes per weight."""
+    (paths sharing a form share it) and ``form_bytes``: its bytes per weight; ``max_rows``: the most
+    rows (tokens) a few-row path takes (more go down the batch path; it is never a batch path)."""
 
     rounding: str
     form: str | None
     form_bytes: float
     summary: str
+    max_rows: int | None = None  # a few-row path: inputs with more rows take the batch path
 
 
 PATHS: dict[str, PathInfo] = {
@@ -67,6 +73,11 @@ PATHS: dict[str, PathInfo] = {
     "unpack-fp32": PathInfo("exact", None, 0.0, "dequantized per call into float32, nothing held"),
     "widen-fp32": PathInfo("exact", None, 0.0, "bfloat16 weight widened per call to float32"),
     "native-bf16": PathInfo("bf16", None, 0.0, "bfloat16 weight, bfloat16 GEMM"),
+    # max_rows 7 (a speculative verify step of 6 drafts): on a 2-core AMD EPYC the kernel beat
+    # F.linear on float32 weights at 1-16 rows and on bf16 weights at 1-7, and lost to the bf16 GEMM
+    # from 8 rows on (benchmarks/results/packed_kernel_amd.md)
+    "dense-kernel": PathInfo("exact", None, 0.0, "float32 or bfloat16 weight read in place by slimformer's few-row kernel "
+                                                 "(float32 arithmetic, bf16 widened exactly)", max_rows=7),
 }
 GENERIC_PATHS = ("dequant-fp32", "dequant-bf16", "dequant-bf16-widen", "unpack-fp32")
 
@@ -120,9 +131,10 @@ def candidate_paths(module: nn.Module, act_dtype: torch.dtype, int8_activations:
             return native + [p for p in module.available_kernels(int8_activations=False) + GENERIC_PATHS
                              if p not in native and PATHS[p].rounding != "int8-act"]
         return native + list(GENERIC_PATHS)
+    kernel = ["dense-kernel"] if module.weight.dtype in (torch.float32, torch.bfloat16) and dense_kernel.available() else []
     if module.weight.dtype == torch.float32 or act_dtype == module.weight.dtype:
-        return ["native"]
-    return ["widen-fp32", "dequant-fp32", "native-bf16"]
+        return ["native", *kernel]
+    return ["widen-fp32", "dequant-fp32", "native-bf16", *kernel]
 
 
 def form_bytes(module: nn.Module, paths: tuple[str, ...]) -> float:
@@ -142,6 +154,7 @@ class PlannedForward:
         self.batch = batch
         self.split_rows = split_rows
         self.also = tuple(also)  # further paths made ready (the planner times them all at once)
+        self.decode_max_rows = (PATHS[decode].max_rows or split_rows) if decode in PATHS else split_rows
         self.batch_when_traced = False  # set by runtime.compile for dynamic-shape whole-model graphs
         self.forms: dict[str, torch.Tensor] = {}
         self.version = -1
@@ -183,7 +196,7 @@ class PlannedForward:
             # ``split_rows``; both paths compute the same stored numbers, so take the batch one.
             return self.run(self.batch, x)
         rows = x.numel() // max(1, x.shape[-1])
-        return self.run(self.decode if rows < self.split_rows else self.batch, x)
+        return self.run(self.decode if rows < self.split_rows and rows <= self.decode_max_rows else self.batch, x)
 
     def run(self, path: str, x: torch.Tensor) -> torch.Tensor:
         m = self.module
@@ -215,6 +228,8 @@ class PlannedForward:
             return F.linear(x.float(), m.weight.float(), b32).to(x.dtype)
         if path == "native-bf16":
             return F.linear(x.to(m.weight.dtype), m.weight, m.bias).to(x.dtype)
+        if path == "dense-kernel":
+            return dense_kernel.dense_linear(x, m.weight, b32)
         raise ValueError(f"execution path {path!r} is not ready on {type(m).__name__}")
 
 

@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -278,15 +278,36 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
         return emb(torch.zeros(1, 1, dtype=torch.long)).dtype
 
 
+def plan_original(loaded, view: torch.nn.Module, execution: object):
+    """Plan the decode paths of ``view`` (a weight-sharing copy of ``loaded.model``) when
+    ``loaded`` was not planned at load time and holds no quantized layer: activations as stored,
+    the decode workload. Returns the ``ExecutionPlan``, or None (planning off, or already planned)."""
+    from slimformer.methods.quantization.modules import QuantizedModule
+    from slimformer.runtime.planner import as_plan_settings, plan_execution, planner_enabled
+
+    settings = as_plan_settings(execution)
+    if settings is None or not planner_enabled() or getattr(loaded, "execution", None) is not None:
+        return None
+    if any(isinstance(m, QuantizedModule) for m in view.modules()):  # compressed: planned by its loader
+        return None
+    target = copy.copy(loaded)  # the same model record, pointing at the view
+    target.model, target.execution = view, None
+    return plan_execution(target, replace(settings, activations="stored", workload="decode"))
+
+
 class TextGenerator:
     """Generate text with a causal LM (a ``LoadedModel``: original or compressed).
 
     ``dtype``: compute dtype (``torch.bfloat16`` casts a copy that shares nothing with the
     original's float weights; None keeps the model's); ``compile``: compile the decode step
-    (None: on unless ``SLIMFORMER_COMPILE=0``).
+    (None: on unless ``SLIMFORMER_COMPILE=0``); ``execution``: planner settings for a model that
+    was not planned when it was loaded (an original: its plain linears), as ``load_model``'s
+    ``execution`` (``"auto"``, a memory policy, a dict, or ``"off"``): each layer's decode path is
+    timed on this machine (``F.linear`` against :mod:`slimformer.kernels.dense_linear`) and
+    installed on the generator's weight-sharing view, never on ``loaded.model`` itself.
     """
 
-    def __init__(self, loaded, dtype: torch.dtype | None = None, compile: bool | None = None) -> None:
+    def __init__(self, loaded, dtype: torch.dtype | None = None, compile: bool | None = None, execution: object = "auto") -> None:
         if getattr(loaded, "kind", "causal-lm") != "causal-lm":
             raise ConfigError(f"{loaded.source} is an encoder ({loaded.kind}); it cannot generate text", "pass a causal language model")
         self.loaded = loaded
@@ -298,7 +319,9 @@ class TextGenerator:
             model = copy.deepcopy(model)
             cast_model(model, dtype)
         view = shared_copy(model.eval())  # same weights; matmul attention for few-token steps
-        self.model = view if use_decode_attention(view) else model
+        attention = use_decode_attention(view)
+        self.execution = plan_original(loaded, view, execution)
+        self.model = view if attention or self.execution is not None else model
         self.dtype = model_dtype(self.model)
         self.cache_kwarg = _cache_kwarg(self.model)
         self.compile = compile_enabled(compile)

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from slimformer import kernels as kernels_lib
+from slimformer.kernels import dense_linear as dense_kernel
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.quantization.modules import QuantizedLinear, QuantizedModule, quantize_activations_per_token
 from slimformer.runtime import execution as ex
@@ -299,17 +300,18 @@ def measure_format(module: nn.Module, act_dtype: torch.dtype, settings: PlanSett
             ok = [p for p in paths if result[p]["ok"]]
             for regime, rows in (("decode_s", settings.decode_tokens), ("batch_s", settings.batch_tokens)):
                 xr = _probe_input(m, rows, act_dtype, seed=2)
+                timed = [p for p in ok if (ex.PATHS[p].max_rows or rows) >= rows]
                 best = {p: math.inf for p in ok}
                 runners = _stream_copies(pf) if regime == "decode_s" and ok else [pf]
                 for round_ in range(settings.repeats + 1):
-                    for p in ok:
+                    for p in timed:
                         t0 = time.perf_counter()
                         for r in runners:
                             r.run(p, xr)
                         dt = (time.perf_counter() - t0) / len(runners)
                         if round_:  # round 0 warms up
                             best[p] = min(best[p], dt)
-                for p in ok:
+                for p in ok:  # a few-row path not timed on more rows than it takes: inf, never chosen
                     result[p][regime] = best[p]
         finally:
             if isinstance(m, QuantizedLinear):
@@ -534,7 +536,7 @@ def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool 
                 dname = str(dtype).replace("torch.", "")
                 if dname not in entry["measured"]:
                     ckey = (f"{fkey}|act={dname}|decode={settings.decode_tokens}|batch={settings.batch_tokens}"
-                            f"|split={settings.split_tokens}|kernels={kernels_lib.version()}|paths={PATHS_KEY}"
+                            f"|split={settings.split_tokens}|kernels={kernels_lib.version()},{dense_kernel.version()}|paths={PATHS_KEY}"
                             + f"|int8act={settings.int8_activations}")
                     measured = cache.get(ckey) if cache is not None else None
                     if measured is None:
@@ -664,8 +666,8 @@ def plan_table(summary: dict) -> str:
             for p, r in measured["paths"].items():
                 picked = [reg for reg, q in chosen.get(fid, set()) if q == p] if dname == summary["activations"] else []
                 err = f"{r['rel_error']:.1e}" if "rel_error" in r else r.get("error", "–")
-                d = f"{r['decode_s'] * 1e3:.3f}" if "decode_s" in r else "–"
-                b = f"{r['batch_s'] * 1e3:.2f}" if "batch_s" in r else "–"
+                d = f"{r['decode_s'] * 1e3:.3f}" if math.isfinite(r.get("decode_s", math.inf)) else "–"
+                b = f"{r['batch_s'] * 1e3:.2f}" if math.isfinite(r.get("batch_s", math.inf)) else "–"
                 lines.append(f"| {label} | {entry['layers']} | {dname} | {p} | {err}{'' if r.get('ok') else ' ✗'} | {d} | {b} | {', '.join(sorted(picked))} |")
     for name, entry in (summary.get("embeddings") or {}).items():
         m = entry["measured"]
