@@ -78,6 +78,18 @@ def test_the_planner_offers_it_for_few_rows_only():
     for rows in (1, ex.PATHS["dense-kernel"].max_rows, ex.PATHS["dense-kernel"].max_rows + 1, 40):
         layer(torch.randn(rows, 64))
     assert calls == ["dense-kernel", "dense-kernel", "native", "native"]
+    # a split moved after installation (the benchmark sends every call down the decode path so):
+    # the cap still holds for the few-row path, and a path without one takes every row count
+    planned.split_rows = 1 << 30
+    layer(torch.randn(40, 64))
+    assert calls[-1] == "native"
+    other = ex.install_planned_forward(nn.Linear(64, 48), "dequant-fp32", "native", split_rows=32)
+    other.split_rows = 1 << 30
+    seen = []
+    original_other = other.run
+    other.run = lambda path, x: seen.append(path) or original_other(path, x)
+    other.module(torch.randn(40, 64))
+    assert seen == ["dequant-fp32"]
 
 
 @needs_kernel

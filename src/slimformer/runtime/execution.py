@@ -154,7 +154,6 @@ class PlannedForward:
         self.batch = batch
         self.split_rows = split_rows
         self.also = tuple(also)  # further paths made ready (the planner times them all at once)
-        self.decode_max_rows = (PATHS[decode].max_rows or split_rows) if decode in PATHS else split_rows
         self.batch_when_traced = False  # set by runtime.compile for dynamic-shape whole-model graphs
         self.forms: dict[str, torch.Tensor] = {}
         self.version = -1
@@ -196,7 +195,8 @@ class PlannedForward:
             # ``split_rows``; both paths compute the same stored numbers, so take the batch one.
             return self.run(self.batch, x)
         rows = x.numel() // max(1, x.shape[-1])
-        return self.run(self.decode if rows < self.split_rows and rows <= self.decode_max_rows else self.batch, x)
+        cap = PATHS[self.decode].max_rows if self.decode in PATHS else None  # a few-row path's limit
+        return self.run(self.decode if rows < self.split_rows and (cap is None or rows <= cap) else self.batch, x)
 
     def run(self, path: str, x: torch.Tensor) -> torch.Tensor:
         m = self.module
