@@ -98,3 +98,25 @@ def test_gguf_blocks_run_in_place_with_the_dequantized_numerics(gguf_type, rows)
     y = layer.packed_forward(x)
     assert float((y.double() - ref).norm() / ref.norm()) < 2e-6
     assert "packed-fp32" in ex.candidate_paths(layer, torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["w4 g32", "w4 g64 sym", "w8 per-channel", "w8 g32", "w4 per-channel", "Q4_1", "Q8_0"])
+def test_a_rows_output_does_not_depend_on_the_rows_beside_it(layout):
+    """Lossless speculation: a verify step's rows must equal one-token steps bit for bit, so the
+    float32 kernel computes each row by the same operations whatever the number of rows."""
+    g = torch.Generator().manual_seed(4)
+    if layout.startswith("Q"):
+        layer = random_gguf_linear(layout, 40, 128, g)
+        run = layer.packed_forward
+    else:
+        bits, rest = int(layout[1]), layout.split()[1:]
+        group = None if rest[0] == "per-channel" else int(rest[0][1:])
+        layer = random_packed_linear(bits, group, "sym" in rest, out=40)
+        layer.use_kernels("packed-fp32")
+        run = layer
+    x = torch.randn(9, layer.in_features, generator=g)
+    together = run(x)
+    for rows in (1, 2, 3, 7):
+        assert torch.equal(run(x[:rows]), together[:rows])
+    assert torch.equal(torch.cat([run(x[i:i + 1]) for i in range(9)]), together)

@@ -6,11 +6,11 @@
 //
 // 4-bit rows pack two codes per byte, the low nibble first (column 2j in the low nibble of byte j).
 // Arithmetic is float32 throughout; write each group's weights as q * s + o (o = -z * s, or the
-// minimum m). One row of x with several groups per channel: each code is dequantized in registers,
-// fma(q, s, o), and multiplied into running sums. Otherwise: per group, sum_k q_k x_k (fused
-// multiply-adds), then * s, plus o * sum_k x_k (the group sums of x computed once per call), with
-// channels in pairs when several rows share a pass. Output
-// channels are split across the intra-op threads.
+// minimum m). Several groups per channel: each code is dequantized in registers, fma(q, s, o), and
+// multiplied into running sums. One group: sum_k q_k x_k (fused multiply-adds), then * s, plus
+// o * sum_k x_k (the sum of x computed once per call). Rows of x share each weight row in tiles of
+// two, and a row's result does not depend on the number of rows (a speculative verify step equals
+// one-token steps bit for bit). Output channels are split across the intra-op threads.
 //
 // x (M, K) float32 contiguous; output (M, N) float32. Requirements (checked): bits 4 or 8, the group
 // size a multiple of 32 dividing K. Built for AVX2 + FMA (x86-64); see slimformer/kernels/__init__.py.
@@ -83,12 +83,13 @@ inline void load_chunk(const uint8_t* q, __m256& c0, __m256& c1, __m256& c2, __m
 
 // One output channel for MT rows of x. ``x`` is laid out so that the four code vectors of a chunk
 // meet four consecutive 8-float blocks (4-bit: even columns then odd columns of the chunk).
-// Per group: sum_k q_k x_k in two independent accumulator chains per row (four for a single row,
-// hiding the FMA latency), then * scale, plus offset * (group sum of x).
+// Per group: sum_k q_k x_k in four independent accumulator chains per row (hiding the FMA
+// latency), then * scale, plus offset * (group sum of x). Each row goes through the same operations
+// whatever MT is, so a row's output does not depend on the rows it shares a tile with.
 template <int BITS, int MT>
 inline void channel(const float* x, int64_t K, const uint8_t* q, const GroupParams& gp, int64_t gs,
                     const float* xsum, int64_t groups, float* out, int64_t N, float b) {
-  constexpr int A = MT == 1 ? 4 : 2;
+  constexpr int A = 4;
   __m256 tot[MT];
   float oacc[MT];
   for (int m = 0; m < MT; ++m) {
@@ -129,120 +130,60 @@ using ChannelFn = void (*)(const float*, int64_t, const uint8_t*, const GroupPar
 
 template <int BITS>
 ChannelFn channel_fn(int mt) {
-  switch (mt) {
-    case 1: return channel<BITS, 1>;
-    case 2: return channel<BITS, 2>;
-    case 3: return channel<BITS, 3>;
-    default: return channel<BITS, 4>;
-  }
+  return mt == 1 ? channel<BITS, 1> : channel<BITS, 2>;
 }
 
-// One row of x, one output channel, several groups: the codes are dequantized in registers,
-// fma(q, scale, offset), and multiplied straight into four running sums, so no per-group
-// reduction is needed (at 32-wide groups it costs as much as the products).
-template <int BITS, bool HALF, bool MINS>
-inline void channel_dequant(const float* x, const uint8_t* q, const GroupParams& gp, int64_t gs, int64_t groups,
-                            float* out, float b) {
+// MT rows of x (row stride K), one output channel, several groups: the codes are dequantized in
+// registers once, fma(q, scale, offset), and multiplied straight into four running sums per row, so
+// no per-group reduction is needed (at 32-wide groups it costs as much as the products). Each row
+// goes through the same operations whatever MT is (a row's output does not depend on the others).
+template <int BITS, bool HALF, bool MINS, int MT>
+inline void channel_dequant(const float* x, int64_t K, const uint8_t* q, const GroupParams& gp, int64_t gs, int64_t groups,
+                            float* out, int64_t N, float b) {
   const uint16_t* s = gp.s;
   const uint8_t* z = gp.z;
   const uint16_t* mn = gp.m;
   const float zdefault = gp.zdefault;
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 acc[MT][4];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm256_setzero_ps();
   const uint8_t* qc = q;
-  const float* xc = x;
+  int64_t col = 0;
   for (int64_t g = 0; g < groups; ++g) {
     const float sc = HALF ? half_bits_to_float(s[g]) : bf16_bits_to_float(s[g]);
     const float off = MINS ? half_bits_to_float(mn[g]) : -(z ? float(z[g]) : zdefault) * sc;
     const __m256 vs = _mm256_set1_ps(sc), vo = _mm256_set1_ps(off);
-    for (int64_t c = 0; c < gs; c += kChunk, qc += kChunk * BITS / 8, xc += kChunk) {
+    for (int64_t c = 0; c < gs; c += kChunk, qc += kChunk * BITS / 8, col += kChunk) {
       __m256 c0, c1, c2, c3;
       load_chunk<BITS>(qc, c0, c1, c2, c3);
-      acc[0] = _mm256_fmadd_ps(_mm256_fmadd_ps(c0, vs, vo), _mm256_loadu_ps(xc), acc[0]);
-      acc[1] = _mm256_fmadd_ps(_mm256_fmadd_ps(c1, vs, vo), _mm256_loadu_ps(xc + 8), acc[1]);
-      acc[2] = _mm256_fmadd_ps(_mm256_fmadd_ps(c2, vs, vo), _mm256_loadu_ps(xc + 16), acc[2]);
-      acc[3] = _mm256_fmadd_ps(_mm256_fmadd_ps(c3, vs, vo), _mm256_loadu_ps(xc + 24), acc[3]);
-    }
-  }
-  *out = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + b;
-}
-
-using DequantFn = void (*)(const float*, const uint8_t*, const GroupParams&, int64_t, int64_t, float*, float);
-
-// The single-row kernel specialised for the scale format (bf16 / fp16) and offset kind (integer
-// zero points / fp16 minima), so the per-group reads carry no run-time branches.
-template <int BITS>
-DequantFn dequant_fn(bool half, bool mins) {
-  if (mins) return half ? channel_dequant<BITS, true, true> : channel_dequant<BITS, false, true>;
-  return half ? channel_dequant<BITS, true, false> : channel_dequant<BITS, false, false>;
-}
-
-// Two output channels (rows n and n + 1 of W) for MT rows of x: every x block loaded is used by
-// both channels, which halves the loads per multiply-add when several rows share a pass (the
-// speculative verify step). One accumulator chain per (row, channel).
-template <int BITS>
-inline __m256 codes_block(const uint8_t* q, int i) {
-  if constexpr (BITS == 4) {
-    const __m256i mask = _mm256_set1_epi32(0x0F);
-    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * (i & 1))));
-    return _mm256_cvtepi32_ps(i < 2 ? _mm256_and_si256(b, mask) : _mm256_srli_epi32(b, 4));
-  } else {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i))));
-  }
-}
-
-template <int BITS, int MT>
-inline void channel_pair(const float* x, int64_t K, const uint8_t* q, int64_t row_bytes, const GroupParams& gp0,
-                         const GroupParams& gp1, int64_t gs, const float* xsum, int64_t groups, float* out, int64_t N,
-                         float b0, float b1) {
-  __m256 tot[MT][2];
-  float oacc[MT][2];
-  for (int m = 0; m < MT; ++m)
-    for (int h = 0; h < 2; ++h) {
-      tot[m][h] = _mm256_setzero_ps();
-      oacc[m][h] = 0.f;
-    }
-  const uint8_t* q0 = q;
-  const uint8_t* q1 = q + row_bytes;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 acc[MT][2];
-    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    for (int64_t c = g * gs; c < (g + 1) * gs; c += kChunk, q0 += kChunk * BITS / 8, q1 += kChunk * BITS / 8) {
-      for (int i = 0; i < 4; ++i) {
-        const __m256 w0 = codes_block<BITS>(q0, i), w1 = codes_block<BITS>(q1, i);
-        for (int m = 0; m < MT; ++m) {
-          const __m256 xv = _mm256_loadu_ps(x + m * K + c + 8 * i);
-          acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);
-          acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);
-        }
-      }
-    }
-    for (int h = 0; h < 2; ++h) {
-      float sc, off;
-      (h ? gp1 : gp0).get(g, sc, off);
-      const __m256 vs = _mm256_set1_ps(sc);
+      const __m256 w0 = _mm256_fmadd_ps(c0, vs, vo), w1 = _mm256_fmadd_ps(c1, vs, vo);
+      const __m256 w2 = _mm256_fmadd_ps(c2, vs, vo), w3 = _mm256_fmadd_ps(c3, vs, vo);
       for (int m = 0; m < MT; ++m) {
-        tot[m][h] = _mm256_fmadd_ps(acc[m][h], vs, tot[m][h]);
-        oacc[m][h] += off * xsum[m * groups + g];
+        const float* xc = x + m * K + col;
+        acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xc), acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xc + 8), acc[m][1]);
+        acc[m][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xc + 16), acc[m][2]);
+        acc[m][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xc + 24), acc[m][3]);
       }
     }
   }
-  for (int m = 0; m < MT; ++m) {
-    out[m * N] = hsum(tot[m][0]) + oacc[m][0] + b0;
-    out[m * N + 1] = hsum(tot[m][1]) + oacc[m][1] + b1;
-  }
+  for (int m = 0; m < MT; ++m)
+    out[m * N] = hsum(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3]))) + b;
 }
 
-using PairFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, const GroupParams&, const GroupParams&, int64_t,
-                        const float*, int64_t, float*, int64_t, float, float);
+using DequantFn = void (*)(const float*, int64_t, const uint8_t*, const GroupParams&, int64_t, int64_t, float*, int64_t, float);
+
+// Specialised for the scale format (bf16 / fp16), the offset kind (integer zero points / fp16
+// minima) and the rows per tile (1 or 2), so the per-group reads carry no run-time branches.
+template <int BITS, int MT>
+DequantFn dequant_fn(bool half, bool mins) {
+  if (mins) return half ? channel_dequant<BITS, true, true, MT> : channel_dequant<BITS, false, true, MT>;
+  return half ? channel_dequant<BITS, true, false, MT> : channel_dequant<BITS, false, false, MT>;
+}
 
 template <int BITS>
-PairFn pair_fn(int mt) {
-  switch (mt) {
-    case 1: return channel_pair<BITS, 1>;
-    case 2: return channel_pair<BITS, 2>;
-    case 3: return channel_pair<BITS, 3>;
-    default: return channel_pair<BITS, 4>;
-  }
+DequantFn dequant_fn(bool half, bool mins, int mt) {
+  return mt == 1 ? dequant_fn<BITS, 1>(half, mins) : dequant_fn<BITS, 2>(half, mins);
 }
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -292,26 +233,22 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   at::Tensor out = at::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
-  // One row of x: one channel at a time. Several rows: channels in pairs, rows in tiles of
-  // kRowTile (the weight rows stay in L1 across the tiles).
-  const int64_t step = M == 1 ? 1 : 2;
-  const DequantFn dequant = bits == 4 ? dequant_fn<4>(half, gp.m != nullptr) : dequant_fn<8>(half, gp.m != nullptr);
-  at::parallel_for(0, (N + step - 1) / step, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin * step; n < std::min(end * step, N); n += step) {
-      const bool pair = step == 2 && n + 1 < N;
-      const float b0 = bp ? bp[n] : 0.f, b1 = (bp && pair) ? bp[n + 1] : 0.f;
+  // One channel at a time, rows in tiles of kTile (the weight row stays in L1 across the tiles). Several
+  // groups per channel: the dequantize-in-registers form; one group: the group-sum form. Either way a
+  // row is computed by the same operations whatever the number of rows (lossless speculation needs a
+  // verify step's rows to equal one-token steps bit for bit).
+  constexpr int64_t kTile = 2;
+  const bool mn = gp.m != nullptr;
+  at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float b0 = bp ? bp[n] : 0.f;
       const GroupParams g0 = gp.row(n, G);
       const uint8_t* qn = qp + n * row_bytes;
-      if (M == 1 && G > 1) {
-        dequant(xr.data(), qn, g0, group_size, G, op + n, b0);
-        continue;
-      }
-      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-        const int mt = int(std::min<int64_t>(kRowTile, M - m0));
-        if (pair) {
-          const GroupParams g1 = gp.row(n + 1, G);
-          PairFn fn = bits == 4 ? pair_fn<4>(mt) : pair_fn<8>(mt);
-          fn(xr.data() + m0 * K, K, qn, row_bytes, g0, g1, group_size, xsum.data() + m0 * G, G, op + m0 * N + n, N, b0, b1);
+      for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+        const int mt = int(std::min<int64_t>(kTile, M - m0));
+        if (G > 1) {
+          DequantFn fn = bits == 4 ? dequant_fn<4>(half, mn, mt) : dequant_fn<8>(half, mn, mt);
+          fn(xr.data() + m0 * K, K, qn, g0, group_size, G, op + m0 * N + n, N, b0);
         } else {
           ChannelFn fn = bits == 4 ? channel_fn<4>(mt) : channel_fn<8>(mt);
           fn(xr.data() + m0 * K, K, qn, g0, group_size, xsum.data() + m0 * G, G, op + m0 * N + n, N, b0);
