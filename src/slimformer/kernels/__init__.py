@@ -1,9 +1,13 @@
 """slimformer's own CPU kernels, compiled on the machine that runs them.
 
-Three operators. :mod:`slimformer.kernels.tile_attention` computes encoder attention on Intel
+Five operators. :mod:`slimformer.kernels.dense_linear` computes a few-row linear on a dense float32
+or bfloat16 weight read in place (``torch.ops.slimformer.dense_linear``: decoding with an original
+model's float weights, where the BLAS's one-row GEMV is slow on some CPUs).
+:mod:`slimformer.kernels.decode_attention` computes the decode step's attention against a long KV
+cache (``torch.ops.slimformer.decode_attention``). :mod:`slimformer.kernels.tile_attention` computes encoder attention on Intel
 AMX tiles (``torch.ops.slimformer.tile_attention``; built and loaded only where the CPU has AMX).
 :mod:`slimformer.kernels.onednn_int8` wraps oneDNN's int8 GEMM on a weight
-prepacked once (``torch.ops.slimformer.onednn_int8_product``, W8A8 layers). The other,
+prepacked once (``torch.ops.slimformer.onednn_int8_product``, W8A8 layers). The fifth,
 ``torch.ops.slimformer.packed_linear`` (``packed_linear.cpp``): a few-row
 linear (decoding, speculative verification) computed straight from the packed 4- or 8-bit codes,
 bf16 scales and uint8 zero points that :class:`~slimformer.methods.quantization.modules.QuantizedLinear`
