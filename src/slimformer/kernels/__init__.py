@@ -140,6 +140,10 @@ class KernelLibrary:
             self.state["reason"] = reason
             return reason is None
 
+    def version(self) -> str:
+        """The build's key when the library is usable here, else ``"none"`` (in plan cache keys)."""
+        return library_key(self.source, self.flags) if self.load() else "none"
+
     def loaded(self) -> bool:
         """True once :meth:`load` succeeded (no lock, no build: cheap inside a traced forward)."""
         return bool(self.state.get("ok"))
@@ -155,7 +159,7 @@ def library_path() -> Path:
 
 def version() -> str:
     """``library_key()`` when the kernels are usable here, else ``"none"``."""
-    return library_key() if load() else "none"
+    return LIBRARY.version()
 
 
 def load() -> bool:

@@ -88,8 +88,7 @@ void run(const float* x, const W* w, const float* bias, float* out, int64_t M, i
       const W* wn = w + n * K;
       int64_t m = 0;
       for (; m + kRowTile <= M; m += kRowTile) channel<W, kRowTile>(x + m * K, wn, K, b, out + m * N + n, N);
-      if (M - m == 2) channel<W, 2>(x + m * K, wn, K, b, out + m * N + n, N);
-      if (M - m == 1) channel<W, 1>(x + m * K, wn, K, b, out + m * N + n, N);
+      if (m < M) channel<W, 1>(x + m * K, wn, K, b, out + m * N + n, N);  // an odd last row
     }
   });
 }

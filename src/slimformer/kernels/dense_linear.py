@@ -35,13 +35,9 @@ def _after_load() -> None:
 LIBRARY = kernels_lib.KernelLibrary("dense_linear", SOURCE, FLAGS, kernels_lib._cpu_supports, _after_load)
 
 # The module's interface to its library (see ``kernels.KernelLibrary``).
-library_path, load, loaded, unavailable_reason = LIBRARY.path, LIBRARY.load, LIBRARY.loaded, LIBRARY.unavailable_reason
+library_path, load, loaded, unavailable_reason, version = (LIBRARY.path, LIBRARY.load, LIBRARY.loaded, LIBRARY.unavailable_reason,
+                                                           LIBRARY.version)
 available = load
-
-
-def version() -> str:
-    """The build's key when the kernel is usable here, else ``"none"`` (in the planner's cache keys)."""
-    return kernels_lib.library_key(SOURCE, FLAGS) if load() else "none"
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

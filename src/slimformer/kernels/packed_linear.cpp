@@ -228,7 +228,8 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
     } else {
       std::memcpy(dst, src, K * sizeof(float));
     }
-    for (int64_t k = 0; k < K; ++k) xsum[m * G + k / group_size] += src[k];
+    if (G == 1)  // only the one-group form adds offset * sum(x); the dequantize form folds it in
+      for (int64_t k = 0; k < K; ++k) xsum[m] += src[k];
   }
   at::Tensor out = at::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();

@@ -195,7 +195,8 @@ class PlannedForward:
             # ``split_rows``; both paths compute the same stored numbers, so take the batch one.
             return self.run(self.batch, x)
         rows = x.numel() // max(1, x.shape[-1])
-        cap = PATHS[self.decode].max_rows if self.decode in PATHS else None  # a few-row path's limit
+        info = PATHS.get(self.decode)
+        cap = info.max_rows if info else None  # a few-row path's limit
         return self.run(self.decode if rows < self.split_rows and (cap is None or rows <= cap) else self.batch, x)
 
     def run(self, path: str, x: torch.Tensor) -> torch.Tensor:
