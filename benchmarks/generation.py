@@ -279,7 +279,8 @@ def main(argv=None) -> int:
                     help="weight configurations to run (default: all): HF-fp32 HF-bf16 fp32 bf16 int8 int8-float int4 gguf "
                          "(gguf: the source file's own Q4_1/Q8_0 blocks kept, the same weights llama.cpp runs)")
     ap.add_argument("--spec-on", nargs="+", default=["ours fp32", INT8], help="configurations run with each speculation mode")
-    ap.add_argument("--spec-modes", nargs="+", default=["prompt-lookup", "self", "draft"])
+    ap.add_argument("--spec-modes", nargs="+", default=["prompt-lookup", "self", "draft"],
+                    help="speculation modes: prompt-lookup, prompt-lookup-fixed (the fixed-width form, for comparison), self, draft")
     ap.add_argument("--exit-layer", type=int, default=8, help="blocks of the self-speculation draft")
     ap.add_argument("--int4-folder", default=None, help="slimformer folder used as the 4-bit row (default: rtn w4 g32)")
     ap.add_argument("--llamacpp", nargs="*", default=[], help="LABEL=FILE.gguf run by llama.cpp, interleaved")
@@ -365,6 +366,8 @@ def main(argv=None) -> int:
     draft_model = variants[int4_name].loaded if int4_name in variants else None
     all_modes = {
         "prompt-lookup": lambda: SpeculationConfig("prompt-lookup"),
+        # the fixed form (the default before drafts were sized by measured verify costs), for comparison
+        "prompt-lookup-fixed (6 tokens from a 3-token match)": lambda: SpeculationConfig("prompt-lookup", adaptive=False),
         f"self (first {args.exit_layer} blocks)": lambda: SpeculationConfig("self", exit_layer=args.exit_layer, num_draft=3),
         "draft (int4 copy)": lambda: SpeculationConfig("draft", draft=draft_model, num_draft=4),
     }

@@ -45,7 +45,8 @@ from slimformer.runtime.generation import CACHE_LEN_MULTIPLE  # noqa: E402
 from slimformer.runtime.speculative import SpeculationConfig  # noqa: E402
 
 VARIANTS = {
-    "default": {},  # the library's defaults (num_draft 6, min_ngram 3, ngram 16, fixed width)
+    "default": {},  # the library's defaults (num_draft 6, ngram 16; draft length by measured verify cost)
+    "fixed": {"adaptive": False},  # the fixed form: 6 tokens whenever a 3-token match is found
     "k2": {"num_draft": 2},
     "k3": {"num_draft": 3},
     "k4": {"num_draft": 4},
@@ -54,7 +55,7 @@ VARIANTS = {
     "min1": {"min_ngram": 1},
     "min2": {"min_ngram": 2},
     "adaptive8": {"num_draft": 8, "adaptive": True},
-    "before": {"num_draft": 6, "ngram": 3, "min_ngram": 1},  # the settings of the first benchmark run
+    "before": {"num_draft": 6, "ngram": 3, "min_ngram": 1, "adaptive": False},  # the settings of the first benchmark run
 }
 
 

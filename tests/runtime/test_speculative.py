@@ -8,7 +8,7 @@ from test_generation import CAUSAL, lively
 
 from slimformer.errors import ConfigError
 from slimformer.runtime import GenerationConfig, TextGenerator
-from slimformer.runtime.speculative import SpeculationConfig, _LookupDrafter, lookup_proposal, self_draft_model
+from slimformer.runtime.speculative import SpeculationConfig, _LookupDrafter, best_draft_length, lookup_proposal, self_draft_model
 
 REPEATS = "def foo(x): return x + 1\ndef bar(y): return y * 2\ndef foo(x): return"
 
@@ -24,6 +24,7 @@ def test_every_drafter_reproduces_plain_greedy_decoding(family):
         SpeculationConfig("prompt-lookup", num_draft=4),
         SpeculationConfig("prompt-lookup", num_draft=2, ngram=1, min_ngram=1),
         SpeculationConfig("prompt-lookup", num_draft=8, min_ngram=1, adaptive=True),
+        SpeculationConfig("prompt-lookup", num_draft=6, adaptive=False),
         SpeculationConfig("self", exit_layer=2, num_draft=3),
         SpeculationConfig("draft", draft=loaded, num_draft=4),
         SpeculationConfig("draft", draft=other, num_draft=3),
@@ -71,18 +72,47 @@ def test_prompt_lookup_without_a_match_takes_plain_steps():
     assert stats["drafted"] == 0 and stats["plain_steps"] == stats["verify_steps"] == 11
 
 
-def test_adaptive_draft_length_follows_acceptance():
-    drafter = _LookupDrafter(SpeculationConfig(num_draft=8, min_ngram=1, ngram=1, adaptive=True))
-    context = list(range(20)) + [0]  # token 0 seen once: a one-token match, then 19 tokens to copy
-    assert drafter.propose(context, 8) == [1, 2, 3, 4] and drafter.width(4, 8) == 4
-    drafter.accepted(4, 8)  # all accepted: twice as long
-    assert drafter.propose(context, 8) == list(range(1, 9)) and drafter.width(8, 8) == 8
-    drafter.accepted(2, 8)  # rejected at the third: the accepted length plus one
-    assert drafter.propose(context, 8) == [1, 2, 3] and drafter.width(3, 8) == 4  # padded to a bucket
-    drafter.accepted(0, 8)
-    assert drafter.propose(context, 8) == [1] and drafter.width(1, 8) == 1
-    fixed = _LookupDrafter(SpeculationConfig(num_draft=6, min_ngram=1))
-    assert fixed.propose(context, 6) == [1, 2, 3, 4, 5, 6] and fixed.width(2, 6) == 6
+def test_draft_length_maximises_expected_tokens_per_cost():
+    # a nearly free two-token step: a 30% token is worth drafting; a dear one: it is not
+    assert best_draft_length([0.3], [1.0, 1.05]) == 1
+    assert best_draft_length([0.3], [1.0, 1.5]) == 0
+    # sure tokens fill the widest step that pays: 2.71 / 1.2 beats 3.44 / 1.9, 3.44 / 1.3 beats 2.71 / 1.2
+    assert best_draft_length([0.9, 0.9, 0.9], [1.0, 1.1, 1.2, 1.9]) == 2
+    assert best_draft_length([0.9, 0.9, 0.9], [1.0, 1.1, 1.2, 1.3]) == 3
+    # never beyond the widths that were measured, and nothing to draft drafts nothing
+    assert best_draft_length([1.0] * 8, [1.0, 1.0, 1.0]) == 2
+    assert best_draft_length([], [1.0, 1.0]) == 0
+
+
+def test_adaptive_lookup_drafts_by_agreement_and_learns_from_misses():
+    costs = [1.0, 1.05, 1.1, 1.2, 1.3, 1.8, 2.0]
+    drafter = _LookupDrafter(SpeculationConfig(num_draft=6), costs)
+    assert drafter.spec.adaptive and drafter.spec.min_ngram == 1
+    long_match = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12, 13, 14, 15, 16, 17, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    chances = [drafter.chance(min(10 + j, 16)) for j in range(6)]
+    assert drafter.propose(long_match, 6) == [11, 12, 13, 14, 15, 16][: best_draft_length(chances, costs)]
+    assert len(drafter.propose(long_match, 6)) >= 4  # a 10-token agreement: a long draft
+    drafter = _LookupDrafter(SpeculationConfig(num_draft=6), costs)  # (an index follows one growing context)
+    one_token = [5, 1, 2, 3, 4, 6, 7, 5]  # 5 seen once before: a one-token match
+    # a 20% prior for the first token (50% for the second): only cheap steps pay
+    assert drafter.propose(one_token, 6) == [1, 2]
+    assert best_draft_length([drafter.chance(1), drafter.chance(2)], [1.0, 1.3, 1.4]) == 0
+    before = drafter.chance(1)
+    for _ in range(20):  # one-token matches keep missing: their estimate falls and drafting stops
+        drafter.propose(one_token, 6)
+        drafter.accepted(0, 6)
+    assert drafter.chance(1) < before / 3 and drafter.propose(one_token, 6) == []
+    assert drafter.width(3, 6) == 3
+    fixed = _LookupDrafter(SpeculationConfig(num_draft=6, adaptive=False))
+    assert fixed.spec.min_ngram == 3 and fixed.propose(one_token, 6) == []
+    assert fixed.propose(long_match, 6) == [11, 12, 13, 14, 15, 16] and fixed.width(2, 6) == 6
+
+
+def test_verify_costs_are_measured_per_width_and_kept():
+    gen = TextGenerator(lively("llama"), compile=False)
+    costs = gen.verify_costs(4, rounds=2, context=8)
+    assert len(costs) == 4 and costs[0] == 1.0 and costs == sorted(costs)
+    assert gen.verify_costs(3) == costs[:3]  # measured once per generator
 
 
 def test_self_draft_shares_weights_and_drops_blocks():
@@ -107,6 +137,8 @@ def test_speculation_settings_are_checked():
         SpeculationConfig(ngram=2, min_ngram=3)
     with pytest.raises(ConfigError, match="adaptive"):
         SpeculationConfig(adaptive="yes")
+    with pytest.raises(ConfigError, match="prompt-lookup"):
+        SpeculationConfig("self", adaptive=True)
     assert SpeculationConfig().num_draft == 6 and SpeculationConfig("self").num_draft == 4
     with pytest.raises(ConfigError, match="draft model"):
         SpeculationConfig("draft")
@@ -123,3 +155,31 @@ def _other_vocab():
 
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
                                                                   num_attention_heads=2, intermediate_size=64)).eval()
+
+
+def test_compiled_verify_steps_of_every_width_share_one_graph(monkeypatch):
+    """Verify steps of 2..5 tokens: one compiled graph (the width is symbolic), each row equal to
+    the eager model's output for the same prefix."""
+    from torch._dynamo.utils import counters
+
+    from slimformer.runtime import prefill
+
+    monkeypatch.delenv("SLIMFORMER_COMPILE", raising=False)
+    loaded = lively("llama")
+    compiled, eager = TextGenerator(loaded, compile=True), TextGenerator(loaded, compile=False)
+    cache, key_valid = compiled.cache_for(1, 32)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    next_pos = torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        prefill(compiled.model, cache, ids, torch.ones_like(ids), key_valid, next_pos, compiled.dtype, compiled.cache_kwarg)
+    graphs = []
+    for width in (2, 3, 4, 5):
+        tokens = torch.arange(10, 10 + width)[None]
+        got = compiled.run_step(cache, tokens, key_valid, next_pos)
+        graphs.append(counters["stats"]["unique_graphs"])
+        cache.crop(-width)
+        next_pos.sub_(width)
+        with torch.no_grad():
+            want = eager.model(torch.cat([ids, tokens], 1)).logits[:, -width:]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert compiled.compile and graphs[1:] == [graphs[0]] * 3  # widths 3..5 compiled nothing new

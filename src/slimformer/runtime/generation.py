@@ -3,8 +3,11 @@ cache, and ``TextGenerator``, which adds tokenization, batches, sampling, stop r
 and per-call measurements.
 
 Only the one-token step (and the speculative verify step, see ``speculative``) is compiled with
-``torch.compile`` (Inductor; ``fullgraph=True``, static shapes, warmed up on first use); prefill
-stays eager. Any compiler failure falls back to eager with a warning, and ``SLIMFORMER_COMPILE=0``
+``torch.compile`` (Inductor; ``fullgraph=True``, warmed up on first use); prefill stays eager.
+The one-token step has static shapes; steps of 2 or more tokens (verify steps) are compiled once
+with the token count symbolic, so every verify width shares one graph (on SmolLM2 a graph costs
+10-60 s to compile; the symbolic graph's steps equal the one-token steps bit for bit and run as
+fast as graphs compiled for one width each, measured on the AMD EPYC). Any compiler failure falls back to eager with a warning, and ``SLIMFORMER_COMPILE=0``
 (or ``compile=False``) turns compilation off. The model runs its own modules, so a compressed
 model's packed layers (int8/int4 paths of ``QuantizedLinear``) are used as they are.
 
@@ -326,6 +329,7 @@ class TextGenerator:
         self.cache_kwarg = _cache_kwarg(self.model)
         self.compile = compile_enabled(compile)
         self._compiled: Callable | None = None
+        self._verify_costs: list[float] = []
         self._caches: dict[tuple[int, int], tuple[StaticKVCache, torch.Tensor]] = {}
         self.eos_ids = self._eos_ids()
 
@@ -355,10 +359,14 @@ class TextGenerator:
 
     def run_step(self, cache: StaticKVCache, tokens: torch.Tensor, key_valid: torch.Tensor, next_pos: torch.Tensor,
                  model: torch.nn.Module | None = None) -> torch.Tensor:
-        """``forward_step`` through the compiled form, falling back to eager on a compiler error."""
+        """``forward_step`` through the compiled form, falling back to eager on a compiler error.
+        ``tokens`` (batch, q): for q >= 2 the compiled graph takes q as a symbolic size (one graph
+        for every verify width)."""
         model = self.model if model is None else model
         with torch.no_grad():
             if self.compile:
+                if tokens.shape[1] > 1:
+                    torch._dynamo.maybe_mark_dynamic(tokens, 1)
                 try:
                     with step_guards(), step_codegen():
                         return self.step_fn()(model, cache, tokens, key_valid, next_pos, self.dtype, self.cache_kwarg)
@@ -370,6 +378,38 @@ class TextGenerator:
                     warnings.warn(f"slimformer: torch.compile failed for the decode step ({exception_line(exc)}); running eagerly", stacklevel=2)
                     self.compile = False
             return forward_step(model, cache, tokens, key_valid, next_pos, self.dtype, self.cache_kwarg)
+
+    def verify_costs(self, widths: int, rounds: int = 9, context: int = 64) -> list[float]:
+        """Measured time of a step of 1..``widths`` tokens (batch 1, after ``context`` cached
+        tokens) on this machine, in one-token steps: ``costs[q - 1]``; medians of ``rounds``
+        interleaved rounds after a warm-up that compiles, made non-decreasing in q. Measured once
+        per generator (a wider request measures again); about ``rounds * widths`` steps."""
+        if len(self._verify_costs) >= widths:
+            return self._verify_costs[:widths]
+        cache, key_valid = self.cache_for(1, context + widths + 1)
+        next_pos = torch.zeros(1, dtype=torch.long)
+        vocab = int(getattr(self.model.config, "vocab_size", 2))
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (1, context), generator=gen)
+        with torch.no_grad():
+            prefill(self.model, cache, ids, torch.ones_like(ids), key_valid, next_pos, self.dtype, self.cache_kwarg)
+        times: list[list[float]] = [[] for _ in range(widths)]
+        for r in range(rounds + 1):
+            for q in range(1, widths + 1):
+                tokens = torch.randint(0, vocab, (1, q), generator=gen)
+                start = time.perf_counter()
+                self.run_step(cache, tokens, key_valid, next_pos)
+                if r:  # round 0 warms up (and compiles)
+                    times[q - 1].append(time.perf_counter() - start)
+                cache.crop(-q)
+                next_pos.sub_(q)
+        medians = [sorted(t)[len(t) // 2] for t in times]
+        costs, top = [], 0.0
+        for m in medians:
+            top = max(top, m / medians[0])
+            costs.append(top)
+        self._verify_costs = costs
+        return costs
 
     def cache_for(self, batch: int, needed: int, model: torch.nn.Module | None = None) -> tuple[StaticKVCache, torch.Tensor]:
         """A reset static cache for ``batch`` rows of at least ``needed`` slots, and its

@@ -9,9 +9,7 @@ Drafters:
   context (Saxena 2023, "Prompt Lookup Decoding"; CopySpec, Dumitru et al. 2025). Of all earlier
   occurrences of the last token, the one whose preceding tokens agree longest with the end of the
   context is copied (the latest among equals); a match shorter than ``min_ngram`` tokens drafts
-  nothing and the step is a plain one-token step (on SmolLM2 the token after a one-token match
-  is the model's choice 23-33% of the time, after a two-token match 54-61%, after three 70-77%:
-  verifying a short match costs more than it saves). When the copied
+  nothing and the step is a plain one-token step. When the copied
   span runs into the end of the context, the draft continues periodically (a repetition loop
   is drafted in full). Free to draft; pays off when the output repeats the input (summarise,
   extract, edit code);
@@ -24,23 +22,27 @@ Drafters:
   Speculative Decoding").
 
 A rejected draft token's cache entry is dropped by moving the static cache's length back
-(``crop``); shapes never change. The verify step has a fixed width (``num_draft + 1``; a shorter
-lookup proposal is padded), so the compiled step sees two shapes only (1 and ``num_draft + 1``):
-each new shape costs a compilation (about 90 s for SmolLM2 on one AVX2 core). With
-``adaptive=True`` (prompt lookup) the draft length follows the acceptance (cut to the accepted
-length plus one after a rejection, doubled after a full acceptance, at least the match length)
-and the verify width is the next of the buckets 2, 3, 5, 9, ... up to ``num_draft + 1``.
+(``crop``); shapes never change. Verify steps of every width share one compiled graph (the token
+count is a symbolic size, see ``generation``).
 
-Why not longer drafts by default: on a CPU a verify step of q tokens costs far more than a
-one-token step (SmolLM2, fp32, one AVX2 core, compiled: q = 2, 5, 9, 17 cost 1.5-1.9, 1.8, 2.0,
-2.8 one-token steps: the one-token step is a matrix-vector product bound by reading the weights,
-a wider one a small matrix product that MKL runs far below the core's peak), so a draft pays only
-when most of it is accepted, and a short match is rarely followed by the model. The defaults
-(``num_draft`` 6, ``min_ngram`` 3, fixed width) were chosen on summarise/extract prompts from the
-*calibration* split (``benchmarks/generation_speculation.py --split calibration --variants ...``,
-``benchmarks/results/generation_speculation_tuning.md``: ``min_ngram`` 3 beat 2 on 5 of 6 prompts;
-``num_draft`` 4 or 8 and ``adaptive`` did not beat 6), never on the evaluation prompts the
-benchmarks report.
+How long a lookup draft is (``adaptive``, the default for prompt lookup): on a CPU a verify step
+of q tokens costs more than a one-token step, by an amount that depends on the machine and the
+weights' kernels (SmolLM2 on the AMD EPYC, 2 threads, in one-token steps for q = 2..7: fp32 dense
+kernel 1.06, 1.12, 1.15, 1.31, 1.49, 1.83; 8-bit packed-q8a 1.03, 1.13, 1.43, 1.50, 1.76, 1.81).
+So the generator measures these costs on the machine at hand (``TextGenerator.verify_costs``, once
+per generator, at the first speculative call), and each step drafts the number of tokens ``d``
+(0 to ``num_draft``) that maximises the expected tokens per unit of time,
+``(1 + a_1 + a_1 a_2 + ... + a_1...a_d) / cost(d + 1)``, where ``a_j`` is the chance that the
+j-th drafted token is the model's own. That chance grows with how many context tokens the copied
+source agrees with (``match + j - 1``): a prior per agreement length, measured on the
+*calibration* split's greedy outputs of SmolLM2 (fp32 and 8-bit, summarise/extract and code
+prompts: 22%, 55%, 60%, 70%, 68%, 83%, 86% for 1..7 agreeing tokens, 80-100% beyond;
+``LOOKUP_PRIOR``), updated by what this generation accepted so far (``PRIOR_WEIGHT`` pseudo-counts
+for the prior). A one-token match is then worth drafting where a two-token verify step is nearly
+free (a dense kernel reading its weights once for both rows) and not where it is dear; chat
+answers, which rarely repeat their prompt, fall back to one-token steps as their misses are
+counted. ``adaptive=False`` keeps the fixed form: a ``num_draft``-token draft (padded) whenever
+the match has ``min_ngram`` tokens (default 3 there, 1 with ``adaptive``).
 """
 
 from __future__ import annotations
@@ -61,16 +63,17 @@ MODES = ("prompt-lookup", "self", "draft")
 class SpeculationConfig:
     """``mode``: one of ``MODES``; ``num_draft``: most tokens proposed per verify step (None: 6
     for prompt lookup, 4 for model drafts); ``ngram`` / ``min_ngram``: longest context match
-    compared and shortest match drafted from (prompt-lookup); ``adaptive``: draft length follows
-    the acceptance, verify widths in power-of-two buckets (prompt-lookup); ``exit_layer``: blocks
+    compared and shortest match drafted from (prompt-lookup; ``min_ngram`` None: 1 when adaptive,
+    else 3); ``adaptive``: each step drafts the length with the most expected tokens per measured
+    verify cost (prompt-lookup only; None: on for prompt-lookup); ``exit_layer``: blocks
     of the model used by the ``self`` draft (default: a quarter of them); ``draft``: the draft
     ``LoadedModel`` (``draft`` mode)."""
 
     mode: str = "prompt-lookup"
     num_draft: int | None = None
     ngram: int = 16
-    min_ngram: int = 3
-    adaptive: bool = False
+    min_ngram: int | None = None
+    adaptive: bool | None = None
     exit_layer: int | None = None
     draft: Any = None
 
@@ -79,12 +82,18 @@ class SpeculationConfig:
             raise ConfigError(f"speculation mode {self.mode!r} is unknown", f"use one of {list(MODES)}")
         if self.num_draft is None:
             self.num_draft = 6 if self.mode == "prompt-lookup" else 4
+        if self.adaptive is None:
+            self.adaptive = self.mode == "prompt-lookup"
+        if not isinstance(self.adaptive, bool):
+            raise ConfigError(f"adaptive={self.adaptive!r} must be True or False", "pass adaptive=True or adaptive=False")
+        if self.adaptive and self.mode != "prompt-lookup":
+            raise ConfigError(f"adaptive draft lengths apply to prompt-lookup, not {self.mode!r}", "drop adaptive=True, or use mode 'prompt-lookup'")
+        if self.min_ngram is None:
+            self.min_ngram = 1 if self.adaptive else 3
         if not is_int_at_least(self.num_draft, 1):
             raise ConfigError(f"num_draft={self.num_draft!r} must be an integer >= 1", "pass e.g. num_draft=4")
         if not (is_int_at_least(self.min_ngram, 1) and is_int_at_least(self.ngram, self.min_ngram)):
             raise ConfigError(f"ngram={self.ngram!r}, min_ngram={self.min_ngram!r} must satisfy 1 <= min_ngram <= ngram", "pass e.g. ngram=16, min_ngram=3")
-        if not isinstance(self.adaptive, bool):
-            raise ConfigError(f"adaptive={self.adaptive!r} must be True or False", "pass adaptive=True or adaptive=False")
         if self.exit_layer is not None and not is_int_at_least(self.exit_layer, 1):
             raise ConfigError(f"exit_layer={self.exit_layer!r} must be an integer >= 1", "pass e.g. exit_layer=8")
         if self.mode == "draft" and self.draft is None:
@@ -143,32 +152,70 @@ class LookupIndex:
         return draft, best_len
 
 
+# Chance that a drafted token is the model's own, by how many context tokens its source agrees
+# with (1, 2, ... 8 or more); measured on the calibration split (see the module docstring).
+LOOKUP_PRIOR = (0.2, 0.5, 0.6, 0.7, 0.7, 0.8, 0.85, 0.9)
+PRIOR_WEIGHT = 4.0
+
+
+def best_draft_length(chances: list[float], costs: list[float]) -> int:
+    """The draft length ``d`` (0..``len(chances)``, below ``len(costs)``) with the most expected
+    tokens per unit of time: ``(1 + sum_i prod_{j<=i} chances[j-1]) / costs[d]``, where
+    ``chances[j-1]`` is the chance that the j-th drafted token is accepted once the ones before it
+    were, and ``costs[q-1]`` is a q-token step's time; 0 is a plain one-token step."""
+    best, best_rate = 0, 1.0 / costs[0]
+    expected, reach = 1.0, 1.0
+    for d, chance in enumerate(chances[: len(costs) - 1], start=1):
+        reach *= chance
+        expected += reach
+        rate = expected / costs[d]
+        if rate > best_rate:
+            best, best_rate = d, rate
+    return best
+
+
 class _LookupDrafter:
-    def __init__(self, spec: SpeculationConfig) -> None:
+    """Prompt-lookup drafts; with ``adaptive``, cut to ``best_draft_length`` under ``costs``
+    (``costs[q-1]``: a q-token step in one-token steps, measured) and the acceptance seen so far."""
+
+    def __init__(self, spec: SpeculationConfig, costs: list[float] | None = None) -> None:
         self.spec = spec
         self.index = LookupIndex(spec.ngram)
-        self.size = spec.num_draft if not spec.adaptive else min(4, spec.num_draft)
+        self.costs = costs
+        self.counts: dict[int, list[int]] = {}  # agreement length -> [accepted, verified]
+        self.last = (0, 0)  # (match length, tokens drafted) of the last proposal
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, needed: int) -> None:
         pass
 
+    def chance(self, agreement: int) -> float:
+        """Estimated chance that a token whose source agrees with ``agreement`` context tokens is
+        accepted: the prior, moved by this generation's counts."""
+        ok, seen = self.counts.get(agreement, (0, 0))
+        prior = LOOKUP_PRIOR[min(agreement, len(LOOKUP_PRIOR)) - 1]
+        return (ok + PRIOR_WEIGHT * prior) / (seen + PRIOR_WEIGHT)
+
     def propose(self, context: list[int], k: int) -> list[int]:
-        if not self.spec.adaptive:
-            return self.index.proposal(context, k, self.spec.min_ngram)[0]
         draft, length = self.index.proposal(context, k, self.spec.min_ngram)
-        self.last = len(draft[: max(self.size, length)])
-        return draft[: self.last]
+        if self.spec.adaptive and draft:
+            ngram = self.spec.ngram
+            draft = draft[: best_draft_length([self.chance(min(length + j, ngram)) for j in range(len(draft))], self.costs)]
+        self.last = (length, len(draft))
+        return draft
 
     def width(self, real: int, k: int) -> int:
-        """Draft tokens the verify step carries for a ``real``-token draft: ``k``, or with
-        ``adaptive`` the next power of two (capped at ``k``), so few shapes are compiled."""
-        if not self.spec.adaptive:
-            return k
-        return min(k, 1 << max(real - 1, 0).bit_length())
+        """Draft tokens the verify step carries for a ``real``-token draft: ``k`` (padded), or
+        with ``adaptive`` the draft itself."""
+        return real if self.spec.adaptive else k
 
     def accepted(self, n: int, k: int) -> None:
-        if self.spec.adaptive:
-            self.size = min(k, 2 * self.last) if n >= self.last else max(1, n + 1)
+        """Count the verified tokens of the last draft: the first ``n`` accepted, the next one
+        (if drafted) rejected; the ones after it were never compared."""
+        length, drafted = self.last
+        for j in range(min(n + 1, drafted)):
+            entry = self.counts.setdefault(min(length + j, self.spec.ngram), [0, 0])
+            entry[0] += j < n
+            entry[1] += 1
 
 
 class _ModelDrafter:
@@ -223,7 +270,7 @@ def self_draft_model(model: torch.nn.Module, exit_layer: int) -> torch.nn.Module
 
 def _drafter_for(gen: TextGenerator, spec: SpeculationConfig):
     if spec.mode == "prompt-lookup":
-        return _LookupDrafter(spec)
+        return _LookupDrafter(spec, gen.verify_costs(spec.num_draft + 1) if spec.adaptive else None)
     from slimformer.models.loading import LoadedModel
 
     cached = getattr(gen, "_drafters", {})
@@ -253,9 +300,9 @@ def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_
     spec: SpeculationConfig = config.speculation
     k = spec.num_draft
     needed = input_ids.shape[1] + config.max_new_tokens + k + 2
+    drafter = _drafter_for(gen, spec)  # first: measuring verify costs uses the generator's cache
     cache, key_valid = gen.cache_for(1, needed)
     next_pos = torch.zeros(1, dtype=torch.long)
-    drafter = _drafter_for(gen, spec)
     with torch.no_grad():
         logits = prefill(gen.model, cache, input_ids, attention_mask, key_valid, next_pos, gen.dtype, gen.cache_kwarg)
     token = int(logits.argmax(-1))
