@@ -572,7 +572,7 @@ def activation_fidelity(variants: dict[str, TextGenerator], docs_per_source: int
     out: dict[str, dict] = {}
     for name, gen in variants.items():
         pfs = [pf for pf in (planned_forward_of(m) for m in gen.model.modules()) if isinstance(pf, PlannedForward)]
-        if not any(pf.decode == "packed-q8a" for pf in pfs):
+        if not any(pf.decode in ("packed-q8a", "packed-q8a-avx2") for pf in pfs):
             continue
         saved = [(pf.decode, pf.split_rows) for pf in pfs]
         per_text = {}

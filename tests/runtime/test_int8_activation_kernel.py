@@ -104,6 +104,13 @@ def test_gguf_blocks_take_int8_activations_as_ggml_does(gguf_type):
     assert float((portable.double() - ref).norm() / ref.norm()) < 2e-6
     assert "packed-q8a" in ex.candidate_paths(layer, torch.float32)
     assert "packed-q8a" not in ex.candidate_paths(layer, torch.float32, int8_activations="keep")
+    # the AVX2 form is a path of its own here (which form is faster is timed, not assumed)
+    assert torch.equal(layer.packed_forward(x, int8_activations=True, portable=True), portable)
+    assert "packed-q8a-avx2" in ex.candidate_paths(layer, torch.float32)
+    assert "packed-q8a-avx2" not in ex.candidate_paths(layer, torch.float32, int8_activations="keep")
+    planned = ex.install_planned_forward(layer, "packed-q8a-avx2", "packed-fp32", split_rows=8)
+    assert torch.equal(layer(x), portable) and planned.decode == "packed-q8a-avx2"
+    ex.remove_planned_forward(layer)
 
 
 @needs_vnni
@@ -111,7 +118,13 @@ def test_keep_leaves_weight_only_layers_on_float_activations():
     layer = random_packed_linear(4, 32, False)
     assert "packed-q8a" in ex.candidate_paths(layer, torch.float32)
     kept = ex.candidate_paths(layer, torch.float32, int8_activations="keep")
-    assert "packed-q8a" not in kept and "packed-fp32" in kept
+    assert "packed-q8a" not in kept and "packed-q8a-avx2" not in kept and "packed-fp32" in kept
+    # both forms of the int8-activation kernel are offered where the CPU has VNNI, each exactly its form
+    assert "packed-q8a-avx2" in ex.candidate_paths(layer, torch.float32)
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(3))
+    layer.use_kernels("packed-fp32", "packed-q8a", "packed-q8a-avx2")
+    assert torch.equal(layer.compute(x, "packed-q8a-avx2"), _q8a(layer, x, portable=True))
+    assert torch.equal(layer.compute(x, "packed-q8a"), _q8a(layer, x, portable=False))
     # A W8A8 layer's alternatives to its per-token int8 rounding are float activations, not a second rounding.
     w8a8 = random_packed_linear(8, None, True)
     w8a8 = type(w8a8).from_codes(w8a8.codes(), w8a8.scales.float(), w8a8.zero_points(), 8, None, True, w8a8.bias, act_bits=8)

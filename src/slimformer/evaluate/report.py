@@ -136,7 +136,7 @@ def markdown_table(rows: list[dict]) -> str:
         "widened per call; w8a8-fp32/bf16 = W8A8 codes multiplied on the float units; packed-fp32 = the stored 4/8-bit codes "
         "read in place by slimformer's kernel, float32 arithmetic; packed-q8a = the same codes with the activations rounded to "
         "int8 per 32 columns by the run time (integer dot products on AVX-512 VNNI or AVX2, as llama.cpp; execution int8_activations: "
-        "keep prevents it); widen-fp32 / native-bf16 = a plain bf16 "
+        "keep prevents it); packed-q8a-avx2 = its AVX2 form, timed against the VNNI form on a CPU that has both; widen-fp32 / native-bf16 = a plain bf16 "
         "linear widened per call / run in bf16; dense-kernel = a plain float32 or bf16 linear read in place by slimformer's "
         "few-row kernel (inputs of at most 7 rows). A W8A8 layer planned to a weight-only path runs its int8 weights on float "
         "activations: the per-token int8 rounding was measured slower on this machine and is skipped (execution "

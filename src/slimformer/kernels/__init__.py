@@ -235,9 +235,13 @@ def packed_linear_q8a(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 
 def packed_linear_nd(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                      bits: int, group_size: int, bias: torch.Tensor | None = None, mins: torch.Tensor | None = None,
-                     int8_activations: bool = False) -> torch.Tensor:
-    """:func:`packed_linear` (or, with ``int8_activations``, :func:`packed_linear_q8a`) for ``x``
-    (..., in) of any float dtype: output (..., out) in ``x.dtype`` (computed in float32)."""
-    fn = packed_linear_q8a if int8_activations else packed_linear
-    y = fn(x.reshape(-1, x.shape[-1]).float().contiguous(), qweight, scales, zeros, bits, group_size, bias, mins=mins)
+                     int8_activations: bool = False, portable: bool = False) -> torch.Tensor:
+    """:func:`packed_linear` (or, with ``int8_activations``, :func:`packed_linear_q8a`, in its AVX2
+    form if ``portable``) for ``x`` (..., in) of any float dtype: output (..., out) in ``x.dtype``
+    (computed in float32)."""
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    if int8_activations:
+        y = packed_linear_q8a(x2, qweight, scales, zeros, bits, group_size, bias, mins=mins, portable=portable)
+    else:
+        y = packed_linear(x2, qweight, scales, zeros, bits, group_size, bias, mins=mins)
     return y.reshape(*x.shape[:-1], qweight.shape[0]).to(x.dtype)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimformer import kernels as kernels_lib
 from slimformer.kernels import dense_linear as dense_kernel
 from slimformer.methods.quantization.modules import W8A8_KERNELS, QuantizedLinear, QuantizedModule
 
@@ -65,6 +66,10 @@ PATHS: dict[str, PathInfo] = {
     "packed-fp32": PathInfo("exact", None, 0.0, "stored 4/8-bit codes read in place by slimformer's kernel, float32 arithmetic"),
     "packed-q8a": PathInfo("int8-act", None, 0.0, "stored 4/8-bit codes read in place, activations rounded to int8 per 32 columns, "
                                                   "integer dot products (AVX-512 VNNI, else AVX2), as llama.cpp's CPU kernels"),
+    # Offered where the CPU has VNNI: which form is faster is measured, not assumed (on the 2-core
+    # AMD EPYC the AVX2 form read the 8-bit linears of a one-row step faster; packed_kernel_amd.md)
+    "packed-q8a-avx2": PathInfo("int8-act", None, 0.0, "packed-q8a's AVX2 form (vpmaddubsw + vpmaddwd dot products) on a CPU that also has "
+                                                       "AVX-512 VNNI; the same roundings, sums in another order"),
     "unpack": PathInfo("exact", None, 0.0, "dequantized per call in the activation dtype, nothing held"),
     "native": PathInfo("exact", None, 0.0, "the module's own forward (its format's unpack path)"),
     "dequant-fp32": PathInfo("exact", "fp32", 4.0, "dequantized once into a cached float32 weight"),
@@ -121,7 +126,8 @@ def candidate_paths(module: nn.Module, act_dtype: torch.dtype, int8_activations:
             native = list(module.available_kernels())
         else:  # other formats: their forward, and the packed-code kernel where they offer it
             native = ["native"] + (["packed-fp32"] if hasattr(module, "packed_forward") and module.packed_kernel_ok() else [])
-            native += ["packed-q8a"] if hasattr(module, "int8_activations_ok") and module.int8_activations_ok() else []
+            if hasattr(module, "int8_activations_ok") and module.int8_activations_ok():
+                native += ["packed-q8a"] + (["packed-q8a-avx2"] if kernels_lib.has_vnni() else [])
         if int8_activations == "keep":  # activations as the recipe left them: no run-time int8 rounding added
             native = [p for p in native if PATHS.get(p, PATHS["native"]).rounding != "int8-act"]
         if is_w8a8(module):
@@ -214,8 +220,8 @@ class PlannedForward:
             return m.compute(x, path)
         if path == "packed-fp32" and hasattr(m, "packed_forward"):
             return m.packed_forward(x)
-        if path == "packed-q8a" and hasattr(m, "packed_forward"):
-            return m.packed_forward(x, int8_activations=True)
+        if path in ("packed-q8a", "packed-q8a-avx2") and hasattr(m, "packed_forward"):
+            return m.packed_forward(x, int8_activations=True, portable=path == "packed-q8a-avx2")
         b32 = self.forms_bias.get(torch.float32)
         if path == "dequant-fp32":
             return F.linear(x.float(), self.forms["fp32"], b32).to(x.dtype)

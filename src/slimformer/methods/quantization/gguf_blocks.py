@@ -193,12 +193,13 @@ class GGUFBlockLinear(GGUFBlockWeight):
         """Whether :meth:`packed_forward` can also run with int8 activations here."""
         return self.packed_kernel_ok() and kernels_lib.int8_activations_available()
 
-    def packed_forward(self, x: torch.Tensor, int8_activations: bool = False) -> torch.Tensor:
+    def packed_forward(self, x: torch.Tensor, int8_activations: bool = False, portable: bool = False) -> torch.Tensor:
         """The blocks read in place by slimformer's kernel: ``x`` (..., in) -> (..., out) in ``x.dtype``.
         Q4_0 and Q8_0 use the kernel's implicit zero point (8, 128), Q4_1 its fp16 minima. With
-        ``int8_activations`` ``x`` is rounded to int8 per block of 32, as llama.cpp does for these types."""
+        ``int8_activations`` ``x`` is rounded to int8 per block of 32, as llama.cpp does for these types
+        (``portable``: the kernel's AVX2 form on a CPU with VNNI)."""
         return kernels_lib.packed_linear_nd(x, self.qweight, self.scales, None, self.bits, BLOCK, self.bias, mins=self.mins,
-                                            int8_activations=int8_activations)
+                                            int8_activations=int8_activations, portable=portable)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, gguf_type={self.gguf_type}, bias={self.bias is not None}"

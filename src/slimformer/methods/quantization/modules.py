@@ -69,9 +69,10 @@ from slimformer.methods.quantization import grid
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 KERNELS = ("int8-dynamic", "int8pack", "int4pack", "unpack", "int8-widen-fp32", "int8-widen-bf16", "w8a8-fp32", "w8a8-bf16",
-           "int8-onednn", "packed-fp32", "packed-q8a")
+           "int8-onednn", "packed-fp32", "packed-q8a", "packed-q8a-avx2")
 INT8_FORM_KERNELS = ("int8-dynamic", "int8pack", "int8-widen-fp32", "int8-widen-bf16", "w8a8-fp32", "w8a8-bf16", "int8-onednn")
 W8A8_KERNELS = ("int8-dynamic", "w8a8-fp32", "w8a8-bf16", "int8-onednn")
+PACKED_KERNELS = ("packed-fp32", "packed-q8a", "packed-q8a-avx2")  # the stored codes read in place
 INT8_UNPACK_MIN_TOKENS = 64
 ACT_BITS = (None, 8)  # float activations, or int8 per-token activations (W8A8)
 
@@ -409,6 +410,8 @@ class QuantizedLinear(PackedWeight):
             kernels.append("packed-fp32")
             if kernels_lib.supports_int8_activations(self.bits, group, self.in_features) and kernels_lib.int8_activations_available():
                 kernels.append("packed-q8a")
+                if kernels_lib.has_vnni():  # its AVX2 form, timed against it (faster at one row on the AMD EPYC)
+                    kernels.append("packed-q8a-avx2")
         kernels.append("unpack")
         return tuple(kernels)
 
@@ -473,16 +476,16 @@ class QuantizedLinear(PackedWeight):
         """``x`` (..., in_features) -> (..., out_features) in ``x.dtype`` through ``kernel``
         (one of the kernels made ready)."""
         rt = self._runtime
-        if kernel not in ("unpack", "packed-fp32", "packed-q8a") and (not rt or (kernel == "int8-onednn" and "onednn_packed" not in rt)):
+        if kernel not in ("unpack",) + PACKED_KERNELS and (not rt or (kernel == "int8-onednn" and "onednn_packed" not in rt)):
             self.prepare()  # built lazily (see from_codes and __getstate__)
             rt = self._runtime
         if kernel == "unpack":
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
-        if kernel in ("packed-fp32", "packed-q8a"):  # the stored buffers themselves: nothing held
+        if kernel in PACKED_KERNELS:  # the stored buffers themselves: nothing held
             return kernels_lib.packed_linear_nd(x, self.qweight, self.scales, self.zeros, self.bits,
                                                 grid.effective_group_size(self.in_features, self.group_size), self.bias,
-                                                int8_activations=kernel == "packed-q8a")
+                                                int8_activations=kernel != "packed-fp32", portable=kernel == "packed-q8a-avx2")
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if kernel in ("w8a8-fp32", "w8a8-bf16"):  # the same integer product on the float units
