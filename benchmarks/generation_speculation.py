@@ -275,8 +275,8 @@ def write(result: dict, out: Path, name: str) -> None:
     lines = [
         f"# Prompt lookup vs plain greedy: {result['model']} ({result['split']} prompts, {result['new_tokens']} new tokens)",
         "",
-        f"CPU: {m['cpu']}; flags: {', '.join(m['flags']) or 'none of avx512/amx'}; {result['threads']} thread "
-        f"(OMP_NUM_THREADS={result['omp_num_threads']}); torch {m['torch']}. Load average (1 min) at the start, after the warm-up "
+        f"CPU: {m['cpu']}; flags: {', '.join(m['flags']) or 'none of avx512/amx'}; {result['threads']} thread{'s' if result['threads'] > 1 else ''} "
+        f"(torch.set_num_threads; OMP_NUM_THREADS={result['omp_num_threads']} at start); torch {m['torch']}. Load average (1 min) at the start, after the warm-up "
         f"and after each pass: {loads}" + (" (2 cores shared with other jobs: above 2 the timings are disturbed)" if max(x[0] for x in result["load_average"]) > 2 else "")
         + ". Decode and verify steps compiled; "
         f"{result['passes']} interleaved passes (each prompt: plain, then each variant), after a warm-up; {result['seconds'] / 60:.0f} min.",
