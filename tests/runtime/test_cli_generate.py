@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from test_generation import lively
 
 import slimformer

@@ -8,7 +8,7 @@ from test_generation import CAUSAL, lively
 
 from slimformer.errors import ConfigError
 from slimformer.runtime import GenerationConfig, TextGenerator
-from slimformer.runtime.speculative import SpeculationConfig, _LookupDrafter, best_draft_length, lookup_proposal, self_draft_model
+from slimformer.runtime.speculative import SpeculationConfig, StepCosts, _LookupDrafter, best_draft_length, lookup_proposal, self_draft_model
 
 REPEATS = "def foo(x): return x + 1\ndef bar(y): return y * 2\ndef foo(x): return"
 
@@ -183,3 +183,29 @@ def test_compiled_verify_steps_of_every_width_share_one_graph(monkeypatch):
             want = eager.model(torch.cat([ids, tokens], 1)).logits[:, -width:]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert compiled.compile and graphs[1:] == [graphs[0]] * 3  # widths 3..5 compiled nothing new
+
+
+def test_step_costs_follow_the_steps_timed_in_place():
+    clock = StepCosts([1.0, 1.1, 1.3])
+    assert clock.costs() == [1.0, 1.1, 1.3]  # nothing timed yet: the up-front measurement
+    for _ in range(StepCosts.MIN_SEEN):
+        clock.observe(1, 0.010)
+        clock.observe(3, 0.020)
+    assert clock.costs() == pytest.approx([1.0, 1.1, 2.0])  # width 3 seen dearer in place; width 2 not timed yet
+    for _ in range(StepCosts.MIN_SEEN):
+        clock.observe(2, 0.025)
+    assert clock.costs() == pytest.approx([1.0, 2.5, 2.5])  # never cheaper for more tokens
+    clock.observe(9, 1.0)  # a width it does not track is ignored
+    assert len(clock.costs()) == 3
+
+
+def test_a_speculative_generation_times_its_steps_for_the_next():
+    gen = TextGenerator(lively("llama"), compile=False)
+    config = GenerationConfig(max_new_tokens=24, stop_at_eos=False, speculation=SpeculationConfig(num_draft=4))
+    first = gen.generate(REPEATS, config)
+    clock = gen._step_costs
+    timed = sum(len(s) for s in clock.seen)
+    assert timed == first.stats.speculation["verify_steps"] and len(clock.measured) == 5
+    second = gen.generate(REPEATS, config)
+    assert second.tokens == first.tokens and gen._step_costs is clock
+    assert sum(len(s) for s in clock.seen) == timed + second.stats.speculation["verify_steps"]

@@ -30,7 +30,9 @@ of q tokens costs more than a one-token step, by an amount that depends on the m
 weights' kernels (SmolLM2 on the AMD EPYC, 2 threads, in one-token steps for q = 2..7: fp32 dense
 kernel 1.06, 1.12, 1.15, 1.31, 1.49, 1.83; 8-bit packed-q8a 1.03, 1.13, 1.43, 1.50, 1.76, 1.81).
 So the generator measures these costs on the machine at hand (``TextGenerator.verify_costs``, once
-per generator, at the first speculative call), and each step drafts the number of tokens ``d``
+per generator, at the first speculative call), then replaces each width's figure by the median of
+the steps of that width it has run for real (``StepCosts``: in place, in the real contexts, with
+the loop's own overheads), and each step drafts the number of tokens ``d``
 (0 to ``num_draft``) that maximises the expected tokens per unit of time,
 ``(1 + a_1 + a_1 a_2 + ... + a_1...a_d) / cost(d + 1)``, where ``a_j`` is the chance that the
 j-th drafted token is the model's own. That chance grows with how many context tokens the copied
@@ -48,6 +50,7 @@ the match has ``min_ngram`` tokens (default 3 there, 1 with ``adaptive``).
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,6 +161,35 @@ LOOKUP_PRIOR = (0.2, 0.5, 0.6, 0.7, 0.7, 0.8, 0.85, 0.9)
 PRIOR_WEIGHT = 4.0
 
 
+class StepCosts:
+    """The time of a q-token step in one-token steps (``costs()[q - 1]``, non-decreasing in q):
+    ``measured`` (the generator's up-front figures) until at least ``MIN_SEEN`` real steps of that
+    width and of one token have been timed (``observe``), then the ratio of their medians over the
+    last ``WINDOW`` of each. Kept on the generator, so what one generation saw serves the next."""
+
+    WINDOW = 64
+    MIN_SEEN = 8
+
+    def __init__(self, measured: list[float]) -> None:
+        self.measured = list(measured)
+        self.seen = [deque(maxlen=self.WINDOW) for _ in self.measured]
+
+    def observe(self, width: int, seconds: float) -> None:
+        if 1 <= width <= len(self.seen):
+            self.seen[width - 1].append(seconds)
+
+    def costs(self) -> list[float]:
+        one = sorted(self.seen[0])
+        costs, top = [], 0.0
+        for q, (prior, seen) in enumerate(zip(self.measured, self.seen), start=1):
+            cost = prior
+            if q > 1 and len(one) >= self.MIN_SEEN and len(seen) >= self.MIN_SEEN:
+                cost = sorted(seen)[len(seen) // 2] / one[len(one) // 2]
+            top = max(top, cost)
+            costs.append(top)
+        return costs
+
+
 def best_draft_length(chances: list[float], costs: list[float]) -> int:
     """The draft length ``d`` (0..``len(chances)``, below ``len(costs)``) with the most expected
     tokens per unit of time: ``(1 + sum_i prod_{j<=i} chances[j-1]) / costs[d]``, where
@@ -176,12 +208,14 @@ def best_draft_length(chances: list[float], costs: list[float]) -> int:
 
 class _LookupDrafter:
     """Prompt-lookup drafts; with ``adaptive``, cut to ``best_draft_length`` under ``costs``
-    (``costs[q-1]``: a q-token step in one-token steps, measured) and the acceptance seen so far."""
+    (a ``StepCosts``, or a list: ``costs[q-1]``, a q-token step in one-token steps) and the
+    acceptance seen so far."""
 
-    def __init__(self, spec: SpeculationConfig, costs: list[float] | None = None) -> None:
+    def __init__(self, spec: SpeculationConfig, costs: StepCosts | list[float] | None = None) -> None:
         self.spec = spec
         self.index = LookupIndex(spec.ngram)
-        self.costs = costs
+        self.clock = costs if isinstance(costs, StepCosts) else None
+        self.costs = costs.costs() if isinstance(costs, StepCosts) else costs
         self.counts: dict[int, list[int]] = {}  # agreement length -> [accepted, verified]
         self.last = (0, 0)  # (match length, tokens drafted) of the last proposal
 
@@ -198,6 +232,8 @@ class _LookupDrafter:
     def propose(self, context: list[int], k: int) -> list[int]:
         draft, length = self.index.proposal(context, k, self.spec.min_ngram)
         if self.spec.adaptive and draft:
+            if self.clock is not None:
+                self.costs = self.clock.costs()
             ngram = self.spec.ngram
             draft = draft[: best_draft_length([self.chance(min(length + j, ngram)) for j in range(len(draft))], self.costs)]
         self.last = (length, len(draft))
@@ -270,7 +306,7 @@ def self_draft_model(model: torch.nn.Module, exit_layer: int) -> torch.nn.Module
 
 def _drafter_for(gen: TextGenerator, spec: SpeculationConfig):
     if spec.mode == "prompt-lookup":
-        return _LookupDrafter(spec, gen.verify_costs(spec.num_draft + 1) if spec.adaptive else None)
+        return _LookupDrafter(spec, step_costs(gen, spec.num_draft + 1) if spec.adaptive else None)
     from slimformer.models.loading import LoadedModel
 
     cached = getattr(gen, "_drafters", {})
@@ -292,6 +328,16 @@ def _drafter_for(gen: TextGenerator, spec: SpeculationConfig):
     return _ModelDrafter(cached[key])
 
 
+def step_costs(gen: TextGenerator, widths: int) -> StepCosts:
+    """The generator's ``StepCosts`` for steps of up to ``widths`` tokens (measured up front the
+    first time, then refined by every speculative generation it runs)."""
+    clock = getattr(gen, "_step_costs", None)
+    if clock is None or len(clock.measured) < widths:
+        clock = StepCosts(gen.verify_costs(widths))
+        gen._step_costs = clock
+    return clock
+
+
 def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_mask: torch.Tensor, config, accept, is_done) -> tuple[dict, dict]:
     """Greedy speculative generation of one prompt ``input_ids`` (1, T); calls ``accept(token)``
     for each new token until ``is_done()``. Returns ``(timing, stats)``: stats hold the steps
@@ -310,14 +356,18 @@ def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_
     drafter.start(input_ids, attention_mask, needed)
     context = input_ids[0][attention_mask[0].bool()].tolist() + [token]
     accept(token)
+    clock = getattr(drafter, "clock", None)  # each step's time refines the step costs
     steps = drafted = accepted = plain = 0
     while not is_done():
         draft = drafter.propose(context, k)
         steps += 1
+        started = time.perf_counter()
         if not draft:
             plain += 1
             logits = gen.run_step(cache, torch.tensor([[token]]), key_valid, next_pos)[:, -1]
             token = int(logits.argmax(-1))
+            if clock is not None:
+                clock.observe(1, time.perf_counter() - started)
             context.append(token)
             accept(token)
             continue
@@ -326,6 +376,8 @@ def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_
         padded = draft + [draft[-1]] * (width - real)
         logits = gen.run_step(cache, torch.tensor([[token] + padded]), key_valid, next_pos)[0]
         target = logits.argmax(-1).tolist()
+        if clock is not None:
+            clock.observe(width + 1, time.perf_counter() - started)
         n = 0
         while n < real and draft[n] == target[n]:
             n += 1
