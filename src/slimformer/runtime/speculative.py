@@ -38,8 +38,8 @@ the loop's own overheads), and each step drafts the number of tokens ``d``
 j-th drafted token is the model's own. That chance grows with how many context tokens the copied
 source agrees with (``match + j - 1``): a prior per agreement length, measured on the
 *calibration* split's greedy outputs of SmolLM2 (fp32 and 8-bit, summarise/extract and code
-prompts: 22%, 55%, 60%, 70%, 68%, 83%, 86% for 1..7 agreeing tokens, 80-100% beyond;
-``LOOKUP_PRIOR``), updated by what this generation accepted so far (``PRIOR_WEIGHT`` pseudo-counts
+prompts, ``benchmarks/lookup_acceptance.py``: 23%, 54%, 63%, 73%, 71%, 84%, 84% for 1..7 agreeing
+tokens, 89-100% beyond; chat 10% after one; ``LOOKUP_PRIOR``), updated by what this generation accepted so far (``PRIOR_WEIGHT`` pseudo-counts
 for the prior). A one-token match is then worth drafting where a two-token verify step is nearly
 free (a dense kernel reading its weights once for both rows) and not where it is dear; chat
 answers, which rarely repeat their prompt, fall back to one-token steps as their misses are
@@ -156,7 +156,7 @@ class LookupIndex:
 
 
 # Chance that a drafted token is the model's own, by how many context tokens its source agrees
-# with (1, 2, ... 8 or more); measured on the calibration split (see the module docstring).
+# with (1, 2, ... 8 or more); measured on the calibration split (benchmarks/lookup_acceptance.py).
 LOOKUP_PRIOR = (0.2, 0.5, 0.6, 0.7, 0.7, 0.8, 0.85, 0.9)
 PRIOR_WEIGHT = 4.0
 
