@@ -563,7 +563,7 @@ def activation_fidelity(variants: dict[str, TextGenerator], docs_per_source: int
     weights dequantized to float32 (``unpack-fp32``): mean KL (nats/token), top-1 agreement, perplexity."""
     import torch.nn.functional as F
 
-    from slimformer.runtime.execution import PlannedForward, planned_forward_of
+    from slimformer.runtime.execution import PATHS, PlannedForward, planned_forward_of
 
     texts = {
         "prose (pydoc-topics)": load_texts(TextSpec(source="pydoc-topics", split="evaluation", n=docs_per_source, min_chars=1500, seed=17)),
@@ -572,7 +572,7 @@ def activation_fidelity(variants: dict[str, TextGenerator], docs_per_source: int
     out: dict[str, dict] = {}
     for name, gen in variants.items():
         pfs = [pf for pf in (planned_forward_of(m) for m in gen.model.modules()) if isinstance(pf, PlannedForward)]
-        if not any(pf.decode in ("packed-q8a", "packed-q8a-avx2") for pf in pfs):
+        if not any(PATHS[pf.decode].rounding == "int8-act" for pf in pfs):
             continue
         saved = [(pf.decode, pf.split_rows) for pf in pfs]
         per_text = {}

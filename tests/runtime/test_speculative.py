@@ -86,13 +86,13 @@ def test_draft_length_maximises_expected_tokens_per_cost():
 
 def test_adaptive_lookup_drafts_by_agreement_and_learns_from_misses():
     costs = [1.0, 1.05, 1.1, 1.2, 1.3, 1.8, 2.0]
-    drafter = _LookupDrafter(SpeculationConfig(num_draft=6), costs)
+    drafter = _LookupDrafter(SpeculationConfig(num_draft=6), StepCosts(costs))
     assert drafter.spec.adaptive and drafter.spec.min_ngram == 1
     long_match = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12, 13, 14, 15, 16, 17, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
     chances = [drafter.chance(min(10 + j, 16)) for j in range(6)]
     assert drafter.propose(long_match, 6) == [11, 12, 13, 14, 15, 16][: best_draft_length(chances, costs)]
     assert len(drafter.propose(long_match, 6)) >= 4  # a 10-token agreement: a long draft
-    drafter = _LookupDrafter(SpeculationConfig(num_draft=6), costs)  # (an index follows one growing context)
+    drafter = _LookupDrafter(SpeculationConfig(num_draft=6), StepCosts(costs))  # (an index follows one growing context)
     one_token = [5, 1, 2, 3, 4, 6, 7, 5]  # 5 seen once before: a one-token match
     # a 20% prior for the first token (50% for the second): only cheap steps pay
     assert drafter.propose(one_token, 6) == [1, 2]

@@ -240,6 +240,10 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   // verify step's rows to equal one-token steps bit for bit).
   constexpr int64_t kTile = 2;
   const bool mn = gp.m != nullptr;
+  // The kernel for a tile of 1 or 2 rows (index mt - 1), chosen once per call.
+  const DequantFn dequant[2] = {bits == 4 ? dequant_fn<4>(half, mn, 1) : dequant_fn<8>(half, mn, 1),
+                                bits == 4 ? dequant_fn<4>(half, mn, 2) : dequant_fn<8>(half, mn, 2)};
+  const ChannelFn group_sum[2] = {bits == 4 ? channel_fn<4>(1) : channel_fn<8>(1), bits == 4 ? channel_fn<4>(2) : channel_fn<8>(2)};
   at::parallel_for(0, N, 8, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float b0 = bp ? bp[n] : 0.f;
@@ -248,11 +252,9 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
       for (int64_t m0 = 0; m0 < M; m0 += kTile) {
         const int mt = int(std::min<int64_t>(kTile, M - m0));
         if (G > 1) {
-          DequantFn fn = bits == 4 ? dequant_fn<4>(half, mn, mt) : dequant_fn<8>(half, mn, mt);
-          fn(xr.data() + m0 * K, K, qn, g0, group_size, G, op + m0 * N + n, N, b0);
+          dequant[mt - 1](xr.data() + m0 * K, K, qn, g0, group_size, G, op + m0 * N + n, N, b0);
         } else {
-          ChannelFn fn = bits == 4 ? channel_fn<4>(mt) : channel_fn<8>(mt);
-          fn(xr.data() + m0 * K, K, qn, g0, group_size, xsum.data() + m0 * G, G, op + m0 * N + n, N, b0);
+          group_sum[mt - 1](xr.data() + m0 * K, K, qn, g0, group_size, xsum.data() + m0 * G, G, op + m0 * N + n, N, b0);
         }
       }
     }

@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimformer import kernels as kernels_lib
 from slimformer.kernels import dense_linear as dense_kernel
-from slimformer.methods.quantization.modules import W8A8_KERNELS, QuantizedLinear, QuantizedModule
+from slimformer.methods.quantization.modules import W8A8_KERNELS, QuantizedLinear, QuantizedModule, int8_activation_paths
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ def candidate_paths(module: nn.Module, act_dtype: torch.dtype, int8_activations:
         else:  # other formats: their forward, and the packed-code kernel where they offer it
             native = ["native"] + (["packed-fp32"] if hasattr(module, "packed_forward") and module.packed_kernel_ok() else [])
             if hasattr(module, "int8_activations_ok") and module.int8_activations_ok():
-                native += ["packed-q8a"] + (["packed-q8a-avx2"] if kernels_lib.has_vnni() else [])
+                native += int8_activation_paths()
         if int8_activations == "keep":  # activations as the recipe left them: no run-time int8 rounding added
             native = [p for p in native if PATHS.get(p, PATHS["native"]).rounding != "int8-act"]
         if is_w8a8(module):

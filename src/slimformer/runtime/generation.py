@@ -24,6 +24,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from itertools import accumulate
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -330,6 +331,7 @@ class TextGenerator:
         self.compile = compile_enabled(compile)
         self._compiled: Callable | None = None
         self._verify_costs: list[float] = []
+        self._step_costs = None  # speculative.StepCosts: the verify costs refined by timed steps (speculative.step_costs)
         self._caches: dict[tuple[int, int], tuple[StaticKVCache, torch.Tensor]] = {}
         self.eos_ids = self._eos_ids()
 
@@ -404,12 +406,8 @@ class TextGenerator:
                 cache.crop(-q)
                 next_pos.sub_(q)
         medians = [sorted(t)[len(t) // 2] for t in times]
-        costs, top = [], 0.0
-        for m in medians:
-            top = max(top, m / medians[0])
-            costs.append(top)
-        self._verify_costs = costs
-        return costs
+        self._verify_costs = list(accumulate((m / medians[0] for m in medians), max))
+        return self._verify_costs
 
     def cache_for(self, batch: int, needed: int, model: torch.nn.Module | None = None) -> tuple[StaticKVCache, torch.Tensor]:
         """A reset static cache for ``batch`` rows of at least ``needed`` slots, and its

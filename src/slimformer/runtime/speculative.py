@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from itertools import accumulate
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,14 +181,15 @@ class StepCosts:
 
     def costs(self) -> list[float]:
         one = sorted(self.seen[0])
-        costs, top = [], 0.0
-        for q, (prior, seen) in enumerate(zip(self.measured, self.seen), start=1):
-            cost = prior
-            if q > 1 and len(one) >= self.MIN_SEEN and len(seen) >= self.MIN_SEEN:
-                cost = sorted(seen)[len(seen) // 2] / one[len(one) // 2]
-            top = max(top, cost)
-            costs.append(top)
-        return costs
+        timed = len(one) >= self.MIN_SEEN
+
+        def cost(q: int) -> float:
+            seen = self.seen[q - 1]
+            if q > 1 and timed and len(seen) >= self.MIN_SEEN:
+                return sorted(seen)[len(seen) // 2] / one[len(one) // 2]
+            return self.measured[q - 1]
+
+        return list(accumulate((cost(q) for q in range(1, len(self.measured) + 1)), max))
 
 
 def best_draft_length(chances: list[float], costs: list[float]) -> int:
@@ -207,15 +209,13 @@ def best_draft_length(chances: list[float], costs: list[float]) -> int:
 
 
 class _LookupDrafter:
-    """Prompt-lookup drafts; with ``adaptive``, cut to ``best_draft_length`` under ``costs``
-    (a ``StepCosts``, or a list: ``costs[q-1]``, a q-token step in one-token steps) and the
-    acceptance seen so far."""
+    """Prompt-lookup drafts; with ``adaptive``, cut to ``best_draft_length`` under the step costs
+    of ``clock`` and the acceptance seen so far."""
 
-    def __init__(self, spec: SpeculationConfig, costs: StepCosts | list[float] | None = None) -> None:
+    def __init__(self, spec: SpeculationConfig, clock: StepCosts | None = None) -> None:
         self.spec = spec
         self.index = LookupIndex(spec.ngram)
-        self.clock = costs if isinstance(costs, StepCosts) else None
-        self.costs = costs.costs() if isinstance(costs, StepCosts) else costs
+        self.clock = clock
         self.counts: dict[int, list[int]] = {}  # agreement length -> [accepted, verified]
         self.last = (0, 0)  # (match length, tokens drafted) of the last proposal
 
@@ -232,10 +232,8 @@ class _LookupDrafter:
     def propose(self, context: list[int], k: int) -> list[int]:
         draft, length = self.index.proposal(context, k, self.spec.min_ngram)
         if self.spec.adaptive and draft:
-            if self.clock is not None:
-                self.costs = self.clock.costs()
             ngram = self.spec.ngram
-            draft = draft[: best_draft_length([self.chance(min(length + j, ngram)) for j in range(len(draft))], self.costs)]
+            draft = draft[: best_draft_length([self.chance(min(length + j, ngram)) for j in range(len(draft))], self.clock.costs())]
         self.last = (length, len(draft))
         return draft
 
@@ -331,7 +329,7 @@ def _drafter_for(gen: TextGenerator, spec: SpeculationConfig):
 def step_costs(gen: TextGenerator, widths: int) -> StepCosts:
     """The generator's ``StepCosts`` for steps of up to ``widths`` tokens (measured up front the
     first time, then refined by every speculative generation it runs)."""
-    clock = getattr(gen, "_step_costs", None)
+    clock = gen._step_costs
     if clock is None or len(clock.measured) < widths:
         clock = StepCosts(gen.verify_costs(widths))
         gen._step_costs = clock

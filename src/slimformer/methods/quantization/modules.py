@@ -74,6 +74,14 @@ INT8_FORM_KERNELS = ("int8-dynamic", "int8pack", "int8-widen-fp32", "int8-widen-
 W8A8_KERNELS = ("int8-dynamic", "w8a8-fp32", "w8a8-bf16", "int8-onednn")
 PACKED_KERNELS = ("packed-fp32", "packed-q8a", "packed-q8a-avx2")  # the stored codes read in place
 INT8_UNPACK_MIN_TOKENS = 64
+
+
+def int8_activation_paths() -> list[str]:
+    """The int8-activation kernel's forms offered as paths here: ``packed-q8a`` (VNNI where the CPU
+    has it, else AVX2), plus ``packed-q8a-avx2`` where the CPU has both, so that the planner times
+    the two (the AVX2 form was the faster at one row on the AMD EPYC). Check availability first."""
+    return ["packed-q8a"] + (["packed-q8a-avx2"] if kernels_lib.has_vnni() else [])
+
 ACT_BITS = (None, 8)  # float activations, or int8 per-token activations (W8A8)
 
 # Every quantized module class, keyed by the "type" of its manifest entry (see describe()).
@@ -409,9 +417,7 @@ class QuantizedLinear(PackedWeight):
         if kernels_lib.supports(self.bits, group, self.in_features) and kernels_lib.packed_linear_available():
             kernels.append("packed-fp32")
             if kernels_lib.supports_int8_activations(self.bits, group, self.in_features) and kernels_lib.int8_activations_available():
-                kernels.append("packed-q8a")
-                if kernels_lib.has_vnni():  # its AVX2 form, timed against it (faster at one row on the AMD EPYC)
-                    kernels.append("packed-q8a-avx2")
+                kernels += int8_activation_paths()
         kernels.append("unpack")
         return tuple(kernels)
 
