@@ -185,7 +185,7 @@ def weight_mb(model: torch.nn.Module) -> float:
             tensors += list(getattr(module, "_runtime", {}).values())
         planned = planned_forward_of(module)
         if planned is not None:  # run-time copies the execution planner holds (e.g. a bf16 weight)
-            tensors += list(planned.forms.values())
+            tensors += planned.held_tensors()
         for t in tensors:
             if t is None or t.data_ptr() in seen:
                 continue

@@ -537,3 +537,26 @@ def test_int8_activations_setting_decides_whether_w8a8_layers_may_skip_their_act
     assert _rel(planned, w8a8) < 0.05
     with pytest.raises(ConfigError, match="int8_activations"):
         PlanSettings(int8_activations="drop")
+
+
+def test_the_decode_path_is_chosen_on_one_token_and_verify_step_times_together():
+    """A path a little slower on one row but much faster on a verify step's rows wins the decode
+    side; without verify timings (``verify_tokens=0``) the one-row time alone decides; the run-time
+    forms of the pair still have to fit the memory policy."""
+    from slimformer.errors import ConfigError
+    from slimformer.runtime.planner import choose_paths
+
+    layer = quantize_module_rtn(nn.Linear(64, 32), 8, None, True)
+    measured = {"paths": {
+        "packed-q8a": {"ok": True, "decode_s": 1.0, "verify_s": 3.0, "batch_s": 5.0},
+        "packed-q8a-tiles": {"ok": True, "decode_s": 1.1, "verify_s": 1.3, "batch_s": float("inf")},
+        "unpack-bf16": {"ok": True, "decode_s": 9.0, "verify_s": 9.5, "batch_s": 1.1},
+        "dequant-bf16": {"ok": True, "decode_s": 4.0, "verify_s": 4.2, "batch_s": 1.0},
+    }}
+    assert choose_paths(measured, layer, "balanced") == ("packed-q8a-tiles", "unpack-bf16")  # tiles + bf16 copy: 3.25 B/weight
+    assert choose_paths(measured, layer, "fast") == ("packed-q8a-tiles", "dequant-bf16")
+    one_row = {"paths": {p: {k: v for k, v in r.items() if k != "verify_s"} for p, r in measured["paths"].items()}}
+    assert choose_paths(one_row, layer, "balanced") == ("packed-q8a", "dequant-bf16")
+    with pytest.raises(ConfigError, match="verify_tokens"):
+        PlanSettings(verify_tokens=-1)
+    assert PlanSettings(verify_tokens=0).verify_tokens == 0

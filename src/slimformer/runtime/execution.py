@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimformer.kernels import dense_linear as dense_kernel
+from slimformer.kernels import q8a_tiles
 from slimformer.methods.quantization.modules import W8A8_KERNELS, QuantizedLinear, QuantizedModule, int8_activation_paths
 
 
@@ -69,12 +70,18 @@ PATHS: dict[str, PathInfo] = {
     # AMD EPYC the AVX2 form read the 8-bit linears of a one-row step faster; packed_kernel_amd.md)
     "packed-q8a-avx2": PathInfo("int8-act", None, 0.0, "packed-q8a's AVX2 form (vpmaddubsw + vpmaddwd dot products) on a CPU that also has "
                                                        "AVX-512 VNNI; the same roundings, sums in another order"),
+    # A copy of the codes in channel tiles (the codes' bytes plus two float32 per group and channel:
+    # at most 1.25 bytes per weight, for 8-bit codes in groups of 32); a few-row path whose cost
+    # grows little with the rows of a speculative verify step (kernels/q8a_tiles.py)
+    "packed-q8a-tiles": PathInfo("int8-act", "q8a-tiles", 1.25, "the codes copied into 16-channel tiles, activations rounded to int8 per 32 "
+                                                                "columns, AVX-512 VNNI products shared by every row of the call", max_rows=16),
     "unpack": PathInfo("exact", None, 0.0, "dequantized per call in the activation dtype, nothing held"),
     "native": PathInfo("exact", None, 0.0, "the module's own forward (its format's unpack path)"),
     "dequant-fp32": PathInfo("exact", "fp32", 4.0, "dequantized once into a cached float32 weight"),
     "dequant-bf16": PathInfo("bf16", "bf16", 2.0, "dequantized once into a cached bfloat16 weight, bf16 GEMM"),
     "dequant-bf16-widen": PathInfo("bf16", "bf16", 2.0, "cached bfloat16 weight widened per call to a float32 GEMM"),
     "unpack-fp32": PathInfo("exact", None, 0.0, "dequantized per call into float32, nothing held"),
+    "unpack-bf16": PathInfo("bf16", None, 0.0, "dequantized per call into bfloat16, bf16 GEMM, nothing held"),
     "widen-fp32": PathInfo("exact", None, 0.0, "bfloat16 weight widened per call to float32"),
     "native-bf16": PathInfo("bf16", None, 0.0, "bfloat16 weight, bfloat16 GEMM"),
     # max_rows 7 (a speculative verify step of 6 drafts): on a 2-core AMD EPYC the kernel beat
@@ -83,7 +90,8 @@ PATHS: dict[str, PathInfo] = {
     "dense-kernel": PathInfo("exact", None, 0.0, "float32 or bfloat16 weight read in place by slimformer's few-row kernel "
                                                  "(float32 arithmetic, bf16 widened exactly)", max_rows=7),
 }
-GENERIC_PATHS = ("dequant-fp32", "dequant-bf16", "dequant-bf16-widen", "unpack-fp32")
+GENERIC_PATHS = ("dequant-fp32", "dequant-bf16", "dequant-bf16-widen", "unpack-fp32", "unpack-bf16")
+DISPATCHER_PATHS = GENERIC_PATHS + ("packed-q8a-tiles",)  # forms held by the dispatcher, not by the module
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -127,6 +135,10 @@ def candidate_paths(module: nn.Module, act_dtype: torch.dtype, int8_activations:
             native = ["native"] + (["packed-fp32"] if hasattr(module, "packed_forward") and module.packed_kernel_ok() else [])
             if hasattr(module, "int8_activations_ok") and module.int8_activations_ok():
                 native += int8_activation_paths()
+        if "packed-q8a" in native and hasattr(module, "packed_layout") and q8a_tiles.available():
+            layout = module.packed_layout()
+            if q8a_tiles.supports(layout["bits"], layout["group_size"], module.in_features):
+                native.insert(native.index("packed-q8a") + 1, "packed-q8a-tiles")
         if int8_activations == "keep":  # activations as the recipe left them: no run-time int8 rounding added
             native = [p for p in native if PATHS.get(p, PATHS["native"]).rounding != "int8-act"]
         if is_w8a8(module):
@@ -161,6 +173,7 @@ class PlannedForward:
         self.also = tuple(also)  # further paths made ready (the planner times them all at once)
         self.batch_when_traced = False  # set by runtime.compile for dynamic-shape whole-model graphs
         self.forms: dict[str, torch.Tensor] = {}
+        self.tiles: q8a_tiles.Tiles | None = None  # the packed-q8a-tiles form
         self.version = -1
         self.build()
 
@@ -176,7 +189,7 @@ class PlannedForward:
         m = self.module
         self.forms = {}
         if isinstance(m, QuantizedLinear):
-            kernels = [p for p in self.paths if p in PATHS and p not in GENERIC_PATHS and p != "native"]
+            kernels = [p for p in self.paths if p in PATHS and p not in DISPATCHER_PATHS and p != "native"]
             m.use_kernels(*(kernels or ["unpack"]))  # "unpack" holds nothing: no unused kernel form stays
         forms = {PATHS[p].form for p in self.paths}
         if forms & {"fp32", "bf16"}:
@@ -185,13 +198,23 @@ class PlannedForward:
                 self.forms["fp32"] = w.float().contiguous()
             if "bf16" in forms:
                 self.forms["bf16"] = w.to(torch.bfloat16).contiguous()
+        self.tiles = None
+        if "q8a-tiles" in forms:
+            layout = m.packed_layout()
+            self.tiles = q8a_tiles.pack(layout["qweight"], layout["scales"], layout["zeros"], layout["bits"], layout["group_size"],
+                                        m.in_features, mins=layout["mins"])
         bias = getattr(m, "bias", None)
         self.forms_bias = {} if bias is None else {torch.float32: bias.detach().float(), torch.bfloat16: bias.detach().to(torch.bfloat16)}
         self.version = weight_version(m)
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The run-time forms this dispatcher holds (kernel forms are the module's own)."""
+        tiles = [] if self.tiles is None else [self.tiles.tiles, self.tiles.scales, self.tiles.offsets]
+        return list(self.forms.values()) + tiles
+
     def nbytes(self) -> int:
-        """Bytes of the dense forms this dispatcher holds (kernel forms are the module's own)."""
-        return sum(t.numel() * t.element_size() for t in self.forms.values())
+        """Bytes of the run-time forms this dispatcher holds."""
+        return sum(t.numel() * t.element_size() for t in self.held_tensors())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_when_traced and torch.compiler.is_compiling():
@@ -222,6 +245,8 @@ class PlannedForward:
         if path in ("packed-q8a", "packed-q8a-avx2") and hasattr(m, "packed_forward"):
             return m.packed_forward(x, int8_activations=True, portable=path == "packed-q8a-avx2")
         b32 = self.forms_bias.get(torch.float32)
+        if path == "packed-q8a-tiles":
+            return q8a_tiles.linear(x, self.tiles, b32)
         if path == "dequant-fp32":
             return F.linear(x.float(), self.forms["fp32"], b32).to(x.dtype)
         if path == "dequant-bf16":
@@ -230,6 +255,8 @@ class PlannedForward:
             return F.linear(x.float(), self.forms["bf16"].float(), b32).to(x.dtype)
         if path == "unpack-fp32":
             return F.linear(x.float(), m.dequantized_weight(), b32).to(x.dtype)
+        if path == "unpack-bf16":
+            return F.linear(x.to(torch.bfloat16), m.dequantized_weight().to(torch.bfloat16), self.forms_bias.get(torch.bfloat16)).to(x.dtype)
         if path == "widen-fp32":
             return F.linear(x.float(), m.weight.float(), b32).to(x.dtype)
         if path == "native-bf16":
@@ -278,6 +305,9 @@ class PlannedEmbedding:
         m = self.module
         self.table = m.dequantized_weight().to(m.compute_dtype).contiguous()
         self.version = weight_version(m)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        return [self.table]
 
     def nbytes(self) -> int:
         return self.table.numel() * self.table.element_size()

@@ -11,14 +11,17 @@ the model may run in (float32, bfloat16):
    for W8A8 paths, of the quantized activations) on a probe input: relative error at most
    ``EXACT_BOUND`` for exact paths, ``BF16_BOUND`` for paths that round to bfloat16 and
    ``INT8_ACT_BOUND`` for paths that round float activations to int8 per 32 columns;
-3. the survivors are timed, interleaved, on few rows (``decode_tokens``: decoding) and on many
-   rows (``batch_tokens``: batches, prefill); the minimum of ``repeats`` runs is kept (the
+3. the survivors are timed, interleaved, on few rows (``decode_tokens``: decoding), on the rows
+   of a speculative verify step (``verify_tokens``) and on many rows (``batch_tokens``:
+   batches, prefill); the minimum of ``repeats`` runs is kept (the
    least disturbed by other processes on a shared machine). A decode step streams every
    layer's weights from memory, back to back, so decode runs go over enough independent copies
    of the layer (``STREAM_BYTES`` of run-time forms per round) that each call finds its weights
    out of the caches and the threads awake; the time per call is kept. A layer timed alone, its
    weights cache-hot, would hide what its bytes cost;
-4. per layer, the pair (decode path, batch path) with the lowest sum of normalised times whose
+4. per layer, the pair (decode path, batch path) with the lowest sum of normalised times (the
+   decode path's one-token and verify times each count, so a path whose cost grows little with
+   the rows of a verify step can win over one a little faster on one row) whose
    run-time forms fit the memory policy is chosen: ``packed`` (at most 1 byte per weight beyond
    the stored buffers: int8/int4 kernel forms, no dense copy), ``balanced`` (default: at most 2
    bytes per weight, i.e. a bfloat16 copy, never a float32 one), ``fast`` (anything);
@@ -57,6 +60,7 @@ from torch import nn
 
 from slimformer import kernels as kernels_lib
 from slimformer.kernels import dense_linear as dense_kernel
+from slimformer.kernels import q8a_tiles
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.quantization.modules import QuantizedLinear, QuantizedModule, quantize_activations_per_token
 from slimformer.runtime import execution as ex
@@ -89,7 +93,8 @@ class PlanSettings:
     ``bfloat16`` | ``stored`` (the dtype the recipe produced); ``workload``: the
     regime that decides the activation dtype (``batch`` or ``decode``; None: batch for
     encoders, decode for causal LMs); ``decode_tokens``/``batch_tokens``: rows timed for each
-    regime; ``split_tokens``: inputs with fewer rows take the decode path; ``repeats``: timed
+    regime; ``verify_tokens``: rows of a speculative verify step, at which the few-row paths are
+    timed too (0: not); ``split_tokens``: inputs with fewer rows take the decode path; ``repeats``: timed
     runs per path (after one warm-up); ``cache``: read and write the on-disk cache;
     ``cache_dir``: where (None: the default location); ``widths``: for encoders, also choose
     the width each batch runs at by measurement (:mod:`slimformer.runtime.alignment`) for
@@ -110,6 +115,7 @@ class PlanSettings:
     int8_activations: str = "auto"
     workload: str | None = None
     decode_tokens: int = 1
+    verify_tokens: int = 7
     batch_tokens: int = 1024
     split_tokens: int = 32
     repeats: int = 3
@@ -133,6 +139,8 @@ class PlanSettings:
         for name in ("decode_tokens", "batch_tokens", "split_tokens", "repeats", "widths_max_length"):
             if not is_int_at_least(getattr(self, name), 1):
                 raise ConfigError(f"execution {name}={getattr(self, name)!r} must be a positive integer", f"pass e.g. {name}=8")
+        if not is_int_at_least(self.verify_tokens, 0):
+            raise ConfigError(f"execution verify_tokens={self.verify_tokens!r} must be a non-negative integer", "pass e.g. verify_tokens=7 (0: not timed)")
 
 
 def planner_enabled() -> bool:
@@ -274,7 +282,8 @@ def _stream_copies(pf: ex.PlannedForward) -> list[ex.PlannedForward]:
 @torch.no_grad()
 def measure_format(module: nn.Module, act_dtype: torch.dtype, settings: PlanSettings) -> dict:
     """Parity and timings of every candidate path of ``module`` under ``act_dtype`` activations:
-    ``{"paths": {path: {"rel_error", "bound", "ok", "decode_s", "batch_s"}}}``."""
+    ``{"paths": {path: {"rel_error", "bound", "ok", "decode_s", "verify_s", "batch_s"}}}`` (``verify_s``
+    only when ``settings.verify_tokens``)."""
     with _as_dtype(module, act_dtype) as m:
         paths = ex.candidate_paths(m, act_dtype, settings.int8_activations)
         saved = ex.planned_forward_of(m)
@@ -298,11 +307,14 @@ def measure_format(module: nn.Module, act_dtype: torch.dtype, settings: PlanSett
                 bound = EXACT_BOUND if rounding == "exact" and act_dtype == torch.float32 else BOUNDS.get(rounding, BF16_BOUND)
                 result[p] = {"rel_error": err, "bound": bound, "ok": bool(err <= bound)}
             ok = [p for p in paths if result[p]["ok"]]
-            for regime, rows in (("decode_s", settings.decode_tokens), ("batch_s", settings.batch_tokens)):
+            regimes = [("decode_s", settings.decode_tokens), ("batch_s", settings.batch_tokens)]
+            if settings.verify_tokens:
+                regimes.insert(1, ("verify_s", settings.verify_tokens))
+            for regime, rows in regimes:
                 xr = _probe_input(m, rows, act_dtype, seed=2)
                 timed = [p for p in ok if (ex.PATHS[p].max_rows or rows) >= rows]
                 best = {p: math.inf for p in ok}
-                runners = _stream_copies(pf) if regime == "decode_s" and ok else [pf]
+                runners = _stream_copies(pf) if regime != "batch_s" and ok else [pf]
                 for round_ in range(settings.repeats + 1):
                     for p in timed:
                         t0 = time.perf_counter()
@@ -355,6 +367,7 @@ def choose_paths(measured: dict, module: nn.Module, memory: str) -> tuple[str, s
     if not paths:
         return None
     best_d = min(r["decode_s"] for r in paths.values())
+    best_v = min(r.get("verify_s", 1.0) for r in paths.values())
     best_b = min(r["batch_s"] for r in paths.values())
     limit = MEMORY_LIMITS[memory]
     choice, score = None, math.inf
@@ -363,6 +376,8 @@ def choose_paths(measured: dict, module: nn.Module, memory: str) -> tuple[str, s
             if ex.form_bytes(module, (d, b)) > limit:
                 continue
             s = rd["decode_s"] / max(best_d, 1e-12) + rb["batch_s"] / max(best_b, 1e-12)
+            if "verify_s" in rd and math.isfinite(best_v):
+                s += rd["verify_s"] / max(best_v, 1e-12)
             if s < score:
                 choice, score = (d, b), s
     return choice
@@ -535,8 +550,8 @@ def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool 
             for dtype in allowed:
                 dname = str(dtype).replace("torch.", "")
                 if dname not in entry["measured"]:
-                    ckey = (f"{fkey}|act={dname}|decode={settings.decode_tokens}|batch={settings.batch_tokens}"
-                            f"|split={settings.split_tokens}|kernels={kernels_lib.version()},{dense_kernel.version()}|paths={PATHS_KEY}"
+                    ckey = (f"{fkey}|act={dname}|decode={settings.decode_tokens}|verify={settings.verify_tokens}|batch={settings.batch_tokens}"
+                            f"|split={settings.split_tokens}|kernels={kernels_lib.version()},{dense_kernel.version()},{q8a_tiles.version()}|paths={PATHS_KEY}"
                             + f"|int8act={settings.int8_activations}")
                     measured = cache.get(ckey) if cache is not None else None
                     if measured is None:
@@ -653,8 +668,8 @@ def plan_table(summary: dict) -> str:
         f"activations: {summary['activations']} (stored {summary['stored_dtype']}; summed layer time of the {summary['workload']} workload per dtype: "
         + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in summary["activation_seconds"].items()) + ")",
         "",
-        "| format | layers | activations | path | rel. error | decode ms | batch ms | chosen |",
-        "|---|---|---|---|---|---|---|---|",
+        "| format | layers | activations | path | rel. error | decode ms | verify ms | batch ms | chosen |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     chosen: dict[str, set] = {}
     for layer in summary["layers"].values():
@@ -667,16 +682,17 @@ def plan_table(summary: dict) -> str:
                 picked = [reg for reg, q in chosen.get(fid, set()) if q == p] if dname == summary["activations"] else []
                 err = f"{r['rel_error']:.1e}" if "rel_error" in r else r.get("error", "–")
                 d = f"{r['decode_s'] * 1e3:.3f}" if math.isfinite(r.get("decode_s", math.inf)) else "–"
+                v = f"{r['verify_s'] * 1e3:.3f}" if math.isfinite(r.get("verify_s", math.inf)) else "–"
                 b = f"{r['batch_s'] * 1e3:.2f}" if math.isfinite(r.get("batch_s", math.inf)) else "–"
-                lines.append(f"| {label} | {entry['layers']} | {dname} | {p} | {err}{'' if r.get('ok') else ' ✗'} | {d} | {b} | {', '.join(sorted(picked))} |")
+                lines.append(f"| {label} | {entry['layers']} | {dname} | {p} | {err}{'' if r.get('ok') else ' ✗'} | {d} | {v} | {b} | {', '.join(sorted(picked))} |")
     for name, entry in (summary.get("embeddings") or {}).items():
         m = entry["measured"]
         if m is None:
-            lines.append(f"| embedding table `{name}` | 1 | {summary['activations']} | gather-dequant | 0 | – | – | batch ({entry['note']}) |")
+            lines.append(f"| embedding table `{name}` | 1 | {summary['activations']} | gather-dequant | 0 | – | – | – | batch ({entry['note']}) |")
             continue
         for p, t in m["batch_s"].items():
             err = ("0 (same bits)" if m["identical"] else "differs ✗") if p == "dense" else "0"
-            lines.append(f"| embedding table `{name}` | 1 | {summary['activations']} | {p} | {err} | – | {t * 1e3:.2f} | {'batch' if p == entry['path'] else ''} |")
+            lines.append(f"| embedding table `{name}` | 1 | {summary['activations']} | {p} | {err} | – | – | {t * 1e3:.2f} | {'batch' if p == entry['path'] else ''} |")
     return "\n".join(lines) + "\n"
 
 

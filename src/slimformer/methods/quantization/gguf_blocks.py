@@ -193,6 +193,11 @@ class GGUFBlockLinear(GGUFBlockWeight):
         """Whether :meth:`packed_forward` can also run with int8 activations here."""
         return self.packed_kernel_ok() and kernels_lib.int8_activations_available()
 
+    def packed_layout(self) -> dict:
+        """The stored buffers in the packed kernels' conventions (``qweight``, ``scales``, ``zeros``
+        None: the implicit zero point, ``mins`` for Q4_1, ``bits``, ``group_size``)."""
+        return {"qweight": self.qweight, "scales": self.scales, "zeros": None, "mins": self.mins, "bits": self.bits, "group_size": BLOCK}
+
     def packed_forward(self, x: torch.Tensor, int8_activations: bool = False, portable: bool = False) -> torch.Tensor:
         """The blocks read in place by slimformer's kernel: ``x`` (..., in) -> (..., out) in ``x.dtype``.
         Q4_0 and Q8_0 use the kernel's implicit zero point (8, 128), Q4_1 its fp16 minima. With

@@ -478,6 +478,12 @@ class QuantizedLinear(PackedWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.compute(x, self.kernel)
 
+    def packed_layout(self) -> dict:
+        """The stored buffers in the packed kernels' conventions (``qweight``, ``scales``, ``zeros``
+        or None for the implicit zero point, ``mins`` None, ``bits``, ``group_size``)."""
+        return {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros, "mins": None, "bits": self.bits,
+                "group_size": grid.effective_group_size(self.in_features, self.group_size)}
+
     def compute(self, x: torch.Tensor, kernel: str) -> torch.Tensor:
         """``x`` (..., in_features) -> (..., out_features) in ``x.dtype`` through ``kernel``
         (one of the kernels made ready)."""
