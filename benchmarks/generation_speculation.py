@@ -45,8 +45,9 @@ from slimformer.runtime.generation import CACHE_LEN_MULTIPLE  # noqa: E402
 from slimformer.runtime.speculative import SpeculationConfig  # noqa: E402
 
 VARIANTS = {
-    "default": {},  # the library's defaults (num_draft 6, ngram 16; draft length by measured verify cost)
+    "default": {},  # the library's defaults (num_draft 6, ngram 16; up to 3 drafts per step as a token tree, sized by measured verify cost)
     "fixed": {"adaptive": False},  # the fixed form: 6 tokens whenever a 3-token match is found
+    "single": {"branches": 1},  # one draft per step (no token trees)
     "k2": {"num_draft": 2},
     "k3": {"num_draft": 3},
     "k4": {"num_draft": 4},
@@ -247,7 +248,7 @@ def summarise(records: list[dict], prompts: dict, configs: dict, args) -> dict:
             stats = [r["speculation"] for r in mine]
             drafted, accepted = sum(s["drafted"] for s in stats), sum(s["accepted"] for s in stats)
             rows.append({
-                "kind": kind, "variant": name, "settings": {k: getattr(spec, k) for k in ("num_draft", "ngram", "min_ngram", "adaptive")},
+                "kind": kind, "variant": name, "settings": {k: getattr(spec, k) for k in ("num_draft", "ngram", "min_ngram", "adaptive", "branches")},
                 "runs": len(mine), "prompts": sum(len(prompts[m]) for m in members),
                 "plain_tps": med(r["decode_tps"] for r in plain), "lookup_tps": med(r["decode_tps"] for r in mine),
                 "speedup": med(r["speedup"] for r in mine),
@@ -255,6 +256,7 @@ def summarise(records: list[dict], prompts: dict, configs: dict, args) -> dict:
                 "acceptance": accepted / drafted if drafted else 0.0,
                 "tokens_per_step": med((len(r["tokens"]) - 1) / max(r["speculation"]["verify_steps"], 1) for r in mine),
                 "plain_step_share": sum(s["plain_steps"] for s in stats) / max(sum(s["verify_steps"] for s in stats), 1),
+                "tree_step_share": sum(s.get("tree_steps", 0) for s in stats) / max(sum(s["verify_steps"] for s in stats), 1),
                 "identical": all(r["identical"] for r in mine),
                 "verify_cost": med([r["verify_cost"] for r in mine if r["verify_cost"] is not None] or [float("nan")]),
                 "per_prompt_speedup": [med(r["speedup"] for r in mine if (r["kind"], r["prompt"]) == (m, i)) for m in members for i in range(len(prompts[m]))],
@@ -283,7 +285,7 @@ def write(result: dict, out: Path, name: str) -> None:
         "",
         "Speed-up: median over prompts and passes of (prompt-lookup tokens/s) / (plain tokens/s of the same prompt in the same pass). "
         "Acceptance: accepted / drafted tokens. Tokens per step: new tokens per forward of the model (median). "
-        "Plain steps: share of steps with no draft (no match of >= min_ngram tokens). "
+        "Plain steps: share of steps with no draft (no match of >= min_ngram tokens). Tree steps: share of steps that verified several drafts at once. "
         "Verify cost: time of one verify step in one-token steps of the plain run of the same prompt (median; from the runs' decode times).",
         "",
         "SmolLM2-135M-Instruct's linears were stored as Q4_1 (4-bit g32) and its embedding as Q8_0; "
@@ -294,13 +296,15 @@ def write(result: dict, out: Path, name: str) -> None:
            }.get(result.get("weights", "fp32"),
                  "these runs use 8-bit round-to-nearest weights (per channel, head 8-bit), decoded through slimformer's packed-code kernel."),
         "",
-        "| kind | variant | settings | acceptance | tokens/step | plain steps | verify cost | plain tok/s | lookup tok/s | speed-up (min–max) | outputs identical |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kind | variant | settings | acceptance | tokens/step | plain steps | tree steps | verify cost | plain tok/s | lookup tok/s | speed-up (min–max) | outputs identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         s = r["settings"]
-        settings = f"k={s['num_draft']}, n={s['min_ngram']}..{s['ngram']}{', adaptive' if s['adaptive'] else ''}"
-        lines.append(f"| {r['kind']} | {r['variant']} | {settings} | {r['acceptance']:.0%} | {r['tokens_per_step']:.2f} | {r['plain_step_share']:.0%} | {r['verify_cost']:.2f} | "
+        trees = f", {s['branches']} drafts" if s.get("adaptive") and s.get("branches", 1) > 1 else ""
+        settings = f"k={s['num_draft']}, n={s['min_ngram']}..{s['ngram']}{', adaptive' if s['adaptive'] else ''}{trees}"
+        lines.append(f"| {r['kind']} | {r['variant']} | {settings} | {r['acceptance']:.0%} | {r['tokens_per_step']:.2f} | {r['plain_step_share']:.0%} | "
+                     f"{r.get('tree_step_share', 0.0):.0%} | {r['verify_cost']:.2f} | "
                      f"{r['plain_tps']:.2f} | {r['lookup_tps']:.2f} | **{r['speedup']:.2f}×** ({r['speedup_min']:.2f}–{r['speedup_max']:.2f}) | "
                      f"{'yes' if r['identical'] else 'NO'} ({r['runs']} runs) |")
     lines += ["", "Per-prompt speed-ups (median over passes):", ""]

@@ -131,3 +131,37 @@ def test_compiled_graph_calls_the_kernel_and_agrees_with_eager():
         return decode_kernel.decode_attention(q * 2, k, v, m, 0.25).sum(-1)
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(query, key, value, mask), f(query, key, value, mask))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_a_token_tree_row_equals_its_own_chain_bit_for_bit(kind):
+    """A token tree's verify step lists the slots of every branch; a token of the second branch
+    is masked from the first branch's slots, which lie between its context and its own. Its
+    output must be the bits of the step that never held those slots (the accepted branch moved
+    behind the root, as speculative decoding leaves the cache): the softmax denominator is summed
+    over the token's own slots only."""
+    g = torch.Generator().manual_seed(4)
+    b, h, kv, d, context = 1, 6, 2, 16, 37
+    # slots: context (37), root, branch A (3 tokens), branch B (2 tokens)
+    key = torch.randn(b, kv, context + 6, d, generator=g)
+    value = torch.randn(b, kv, context + 6, d, generator=g)
+    query = torch.randn(b, h, 6, d, generator=g)
+    tree = torch.zeros(6, 6, dtype=torch.bool)
+    tree[:, 0] = True
+    for i in range(3):
+        tree[1 + i, 1:2 + i] = True
+    for i in range(2):
+        tree[4 + i, 4:5 + i] = True
+    allowed = torch.cat([torch.ones(6, context, dtype=torch.bool), tree], dim=1)[None, None]
+    mask = allowed if kind == "bool" else torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+    out = decode_kernel.decode_attention(query, key, value, mask, 0.25)
+    # The same tokens after the branch B was accepted: context, root, B's two tokens.
+    keep = list(range(context + 1)) + [context + 4, context + 5]
+    chain_q = query[:, :, [0, 4, 5]]
+    causal = torch.ones(3, len(keep), dtype=torch.bool).tril(len(keep) - 3)[None, None]
+    chain_mask = causal if kind == "bool" else torch.where(causal, 0.0, torch.finfo(torch.float32).min)
+    chain = decode_kernel.decode_attention(chain_q, key[:, :, keep], value[:, :, keep], chain_mask, 0.25)
+    assert torch.equal(out[:, [0, 4, 5]], chain)
+    ref = _matmul_form(query, key, value, mask, 0.25)
+    assert torch.allclose(out, ref, atol=1e-5)

@@ -209,3 +209,74 @@ def test_a_speculative_generation_times_its_steps_for_the_next():
     second = gen.generate(REPEATS, config)
     assert second.tokens == first.tokens and gen._step_costs is clock
     assert sum(len(s) for s in clock.seen) == timed + second.stats.speculation["verify_steps"]
+
+
+BRANCHY = "a1 b2 a3 c4 a5 d6 a7 b2 a3 c4 a8 d6 a7 b2 a1 b9 a3 c4 a5 d6 a7 b2 a"
+
+
+def test_a_token_tree_scores_each_branch_as_its_own_chain():
+    """Two drafts verified in one step: each branch's logits are those of the root plus that
+    branch run alone (positions by depth, each branch blind to the other)."""
+    from slimformer.runtime.generation import prefill
+    from slimformer.runtime.speculative import tree_ancestry
+
+    loaded = lively("llama")
+    gen = TextGenerator(loaded, compile=False)
+    ids = torch.tensor([[3, 9, 4, 7, 11, 5]])
+    branches = [[8, 2, 6], [12, 1]]
+
+    def fresh():
+        cache, key_valid = gen.cache_for(1, 32)
+        next_pos = torch.zeros(1, dtype=torch.long)
+        prefill(gen.model, cache, ids, torch.ones_like(ids), key_valid, next_pos, gen.dtype, gen.cache_kwarg)
+        return cache, key_valid, next_pos
+
+    cache, key_valid, next_pos = fresh()
+    tree = gen.run_step(cache, torch.tensor([[10] + branches[0] + branches[1]]), key_valid, next_pos, tree=tree_ancestry(branches))[0]
+    assert int(next_pos) == 6 + 6 and int(cache.length) == 6 + 6
+    for offset, branch in ((1, branches[0]), (4, branches[1])):
+        cache, key_valid, next_pos = fresh()
+        chain = gen.run_step(cache, torch.tensor([[10] + branch]), key_valid, next_pos)[0]
+        assert torch.allclose(tree[0], chain[0], atol=1e-5)
+        assert torch.allclose(tree[offset:offset + len(branch)], chain[1:], atol=1e-5)
+    assert torch.equal(tree_ancestry(branches).sum(-1), torch.tensor([1, 2, 3, 4, 2, 3]))
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_tree_verification_reproduces_plain_greedy_decoding(family):
+    """Several lookup drafts per step (flat step costs, so every branch pays): the output is the
+    plain greedy output, token for token, and some steps did verify a tree."""
+    from slimformer.runtime.speculative import StepCosts
+
+    loaded = lively(family)
+    gen = TextGenerator(loaded, compile=False)
+    config = dict(max_new_tokens=32, stop_at_eos=False)
+    plain = gen.generate(BRANCHY, GenerationConfig(**config))
+    gen._step_costs = StepCosts([1.0] * 7)
+    gen._step_costs.MIN_SEEN = 10 ** 9  # keep the flat costs: no refinement by the steps' times
+    got = gen.generate(BRANCHY, GenerationConfig(speculation=SpeculationConfig("prompt-lookup", branches=3), **config))
+    assert got.tokens == plain.tokens
+    stats = got.stats.speculation
+    assert stats["tree_steps"] > 0 and stats["accepted"] <= stats["drafted"]
+    single = gen.generate(BRANCHY, GenerationConfig(speculation=SpeculationConfig("prompt-lookup", branches=1), **config))
+    assert single.tokens == plain.tokens and single.stats.speculation["tree_steps"] == 0
+
+
+def test_tree_sizes_follow_reach_per_cost():
+    from slimformer.runtime.speculative import best_tree
+
+    flat = [1.0] * 7
+    # one draft: exactly best_draft_length
+    for chances in ([0.2, 0.5, 0.6], [0.9] * 6, [0.05]):
+        for costs in (flat, [1.0, 1.05, 1.1, 1.2, 1.5, 1.8, 2.1], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]):
+            assert best_tree([chances], costs) == [best_draft_length(chances, costs)]
+    # a second draft is worth its first token when steps are flat and the first draft is unsure
+    assert best_tree([[0.2, 0.5, 0.6], [0.2, 0.5]], flat) == [3, 2]
+    # ... and not when an extra token costs as much as a step
+    assert best_tree([[0.2, 0.5, 0.6], [0.2, 0.5]], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]) == [0, 0]
+    # at most len(costs) - 1 tokens in all, the highest reaches first
+    sizes = best_tree([[0.9] * 6, [0.5] * 6, [0.5] * 6], flat)
+    assert sum(sizes) == 6 and sizes[0] >= sizes[1] >= sizes[2]
+    assert best_tree([], flat) == []
+    with pytest.raises(ConfigError, match="branches"):
+        SpeculationConfig("prompt-lookup", branches=0)

@@ -129,7 +129,7 @@ void attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& va
   }
   // One task per (batch, query head): its Q tokens against the shared key/value head.
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(Q * D), acc(Q * D);
+    std::vector<float> qf(Q * D), acc(Q * D), kept;
     std::vector<float> scores;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H, kvh = h / G;
@@ -185,6 +185,19 @@ void attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& va
           const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, low, _CMP_EQ_OQ), exp256(_mm256_sub_ps(x, vm)));  // masked: exactly 0
           _mm256_storeu_ps(st + i, e);
           tot = _mm256_add_ps(tot, e);
+        }
+        if (mask.has_value()) {
+          // The denominator over this token's own slots only, in order: slots masked for it but
+          // listed for another token (a token tree's other branches) would shift which lane each
+          // term is added in, and the sum would differ in its last bits from the same token's
+          // step without them. Where its masked slots all come last (a chain, a one-token step)
+          // this is the sum above, bit for bit.
+          kept.assign(npad, 0.f);
+          int64_t m = 0;
+          for (int64_t i = 0; i < n; ++i)
+            if (!masked(b, t, list[i])) kept[m++] = st[i];
+          tot = _mm256_setzero_ps();
+          for (int64_t i = 0; i < m; i += 8) tot = _mm256_add_ps(tot, _mm256_loadu_ps(kept.data() + i));
         }
         const float inv = 1.f / hsum(tot);
         // p v over the listed slots, D in chunks of up to 64 held in registers.

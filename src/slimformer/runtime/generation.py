@@ -69,6 +69,27 @@ def attention_mask_4d(key_valid: torch.Tensor, start: torch.Tensor | int, q: int
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
+def chain_tree(q: int) -> torch.Tensor:
+    """The ancestry (q, q) bool of ``q`` tokens in a row: token i sees tokens 0..i."""
+    return torch.ones(q, q, dtype=torch.bool).tril()
+
+
+def tree_attention_mask_4d(key_valid: torch.Tensor, start: torch.Tensor | int, tree: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (batch, 1, q, max_len) in ``dtype`` for a step of ``q`` tokens written at
+    cache slots ``[start, start + q)`` whose ``tree`` (q, q) bool says which of the step's tokens
+    each one sees (itself and its ancestors): the valid slots before ``start`` and, among the
+    step's own slots, those ``tree`` allows. ``chain_tree(q)`` gives the mask of
+    :func:`attention_mask_4d` exactly (so a chain's step is the plain verify step)."""
+    q = tree.shape[0]
+    max_len = key_valid.shape[1]
+    rel = torch.arange(max_len, device=key_valid.device) - start  # slot - start
+    inside = (rel >= 0) & (rel < q)
+    own = tree[:, rel.clamp(0, q - 1)] & inside[None, :]  # (q, max_len)
+    allowed = (key_valid & (rel < 0)[None, :])[:, None, None, :] | own[None, None, :, :]
+    zero = torch.zeros((), dtype=dtype, device=key_valid.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
 def step_guards():
     """Dynamo's recursive dict-tag guards for the decode step's graphs only (the setting is read
     when a graph's guards are built, i.e. when this step compiles; other compiled code keeps the
@@ -96,9 +117,11 @@ def step_codegen():
 
 
 def forward_step(model: torch.nn.Module, cache: StaticKVCache, tokens: torch.Tensor, key_valid: torch.Tensor,
-                 next_pos: torch.Tensor, dtype: torch.dtype, cache_kwarg: str = "cache") -> torch.Tensor:
+                 next_pos: torch.Tensor, dtype: torch.dtype, cache_kwarg: str = "cache", tree: torch.Tensor | None = None) -> torch.Tensor:
     """Run ``tokens`` (batch, q) int64 (all real, e.g. a decode or verify step) after the cached
-    context; return logits (batch, q, vocab) float32.
+    context; return logits (batch, q, vocab) float32. ``tree`` (q, q) bool: which of the step's
+    tokens each one sees (a token tree of several drafts; position = context length + depth);
+    None: a chain.
 
     In place: writes their keys/values at the cache length, marks those slots valid in
     ``key_valid`` (batch, max_len) bool and advances ``next_pos`` (batch,) int64 by q.
@@ -106,8 +129,12 @@ def forward_step(model: torch.nn.Module, cache: StaticKVCache, tokens: torch.Ten
     q = tokens.shape[1]
     start = cache.length
     key_valid.index_fill_(1, torch.arange(q, device=tokens.device) + start, True)
-    mask = attention_mask_4d(key_valid, start, q, dtype)
-    positions = next_pos[:, None] + torch.arange(q, device=tokens.device)[None, :]
+    if tree is None:
+        mask = attention_mask_4d(key_valid, start, q, dtype)
+        positions = next_pos[:, None] + torch.arange(q, device=tokens.device)[None, :]
+    else:
+        mask = tree_attention_mask_4d(key_valid, start, tree, dtype)
+        positions = next_pos[:, None] + (tree.sum(-1) - 1)[None, :]
     out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True, **{cache_kwarg: cache})
     next_pos.add_(q)
     return out.logits.float()
@@ -360,18 +387,24 @@ class TextGenerator:
         return self._compiled
 
     def run_step(self, cache: StaticKVCache, tokens: torch.Tensor, key_valid: torch.Tensor, next_pos: torch.Tensor,
-                 model: torch.nn.Module | None = None) -> torch.Tensor:
+                 model: torch.nn.Module | None = None, tree: torch.Tensor | None = None) -> torch.Tensor:
         """``forward_step`` through the compiled form, falling back to eager on a compiler error.
-        ``tokens`` (batch, q): for q >= 2 the compiled graph takes q as a symbolic size (one graph
-        for every verify width)."""
+        ``tokens`` (batch, q): every step of q >= 2 tokens runs as a token tree (``tree`` (q, q)
+        bool, default ``chain_tree(q)``), whose compiled graph takes q as a symbolic size (one
+        graph for every verify width and shape of tree)."""
         model = self.model if model is None else model
+        q = tokens.shape[1]
+        if q > 1 and tree is None:
+            tree = chain_tree(q)
         with torch.no_grad():
             if self.compile:
-                if tokens.shape[1] > 1:
+                if q > 1:
                     torch._dynamo.maybe_mark_dynamic(tokens, 1)
+                    torch._dynamo.maybe_mark_dynamic(tree, 0)
+                    torch._dynamo.maybe_mark_dynamic(tree, 1)
                 try:
                     with step_guards(), step_codegen():
-                        return self.step_fn()(model, cache, tokens, key_valid, next_pos, self.dtype, self.cache_kwarg)
+                        return self.step_fn()(model, cache, tokens, key_valid, next_pos, self.dtype, self.cache_kwarg, tree)
                 except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly
                     if isinstance(exc, (KeyboardInterrupt, MemoryError)):
                         raise
@@ -379,7 +412,7 @@ class TextGenerator:
 
                     warnings.warn(f"slimformer: torch.compile failed for the decode step ({exception_line(exc)}); running eagerly", stacklevel=2)
                     self.compile = False
-            return forward_step(model, cache, tokens, key_valid, next_pos, self.dtype, self.cache_kwarg)
+            return forward_step(model, cache, tokens, key_valid, next_pos, self.dtype, self.cache_kwarg, tree)
 
     def verify_costs(self, widths: int, rounds: int = 9, context: int = 64) -> list[float]:
         """Measured time of a step of 1..``widths`` tokens (batch 1, after ``context`` cached

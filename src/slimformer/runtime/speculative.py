@@ -69,7 +69,9 @@ class SpeculationConfig:
     for prompt lookup, 4 for model drafts); ``ngram`` / ``min_ngram``: longest context match
     compared and shortest match drafted from (prompt-lookup; ``min_ngram`` None: 1 when adaptive,
     else 3); ``adaptive``: each step drafts the length with the most expected tokens per measured
-    verify cost (prompt-lookup only; None: on for prompt-lookup); ``exit_layer``: blocks
+    verify cost (prompt-lookup only; None: on for prompt-lookup); ``branches``: with ``adaptive``,
+    most drafts (copied from earlier occurrences with different next tokens) verified together in
+    one step as a token tree (1: a single draft); ``exit_layer``: blocks
     of the model used by the ``self`` draft (default: a quarter of them); ``draft``: the draft
     ``LoadedModel`` (``draft`` mode)."""
 
@@ -78,6 +80,7 @@ class SpeculationConfig:
     ngram: int = 16
     min_ngram: int | None = None
     adaptive: bool | None = None
+    branches: int = 3
     exit_layer: int | None = None
     draft: Any = None
 
@@ -94,6 +97,8 @@ class SpeculationConfig:
             raise ConfigError(f"adaptive draft lengths apply to prompt-lookup, not {self.mode!r}", "drop adaptive=True, or use mode 'prompt-lookup'")
         if self.min_ngram is None:
             self.min_ngram = 1 if self.adaptive else 3
+        if not is_int_at_least(self.branches, 1):
+            raise ConfigError(f"branches={self.branches!r} must be an integer >= 1", "pass e.g. branches=3 (1: one draft per step)")
         if not is_int_at_least(self.num_draft, 1):
             raise ConfigError(f"num_draft={self.num_draft!r} must be an integer >= 1", "pass e.g. num_draft=4")
         if not (is_int_at_least(self.min_ngram, 1) and is_int_at_least(self.ngram, self.min_ngram)):
@@ -133,27 +138,38 @@ class LookupIndex:
     def proposal(self, context: list[int], k: int, min_ngram: int) -> tuple[list[int], int]:
         """``(draft, match length)``: the draft (up to ``k`` tokens) and how many tokens of the
         context's end its source agrees with (0 and [] when under ``min_ngram``)."""
+        found = self.proposals(context, k, min_ngram, 1)
+        return found[0] if found else ([], 0)
+
+    def proposals(self, context: list[int], k: int, min_ngram: int, branches: int) -> list[tuple[list[int], int]]:
+        """Up to ``branches`` ``(draft, match length)`` pairs whose drafts begin with different
+        tokens: for each next token, its longest-agreeing source (the latest among equals); the
+        longest agreements first (the first pair is :meth:`proposal`'s)."""
         n_ctx = len(context)
         for p in range(self.indexed, n_ctx - 1):  # an occurrence needs a token after it
             self.positions.setdefault(context[p], []).append(p)
         self.indexed = max(self.indexed, n_ctx - 1)
         if n_ctx < 2 or k < 1:
-            return [], 0
-        best, best_len = -1, 0
+            return []
+        best: dict[int, tuple[int, int]] = {}  # next token -> (agreement, position)
         for p in reversed(self.positions.get(context[-1], [])[-self.MAX_CANDIDATES:]):
             length = 1
             while length < self.ngram and length <= p and context[p - length] == context[n_ctx - 1 - length]:
                 length += 1
-            if length > best_len:
-                best, best_len = p, length
-                if length == self.ngram:
+            if length > best.get(context[p + 1], (0, 0))[0]:
+                best[context[p + 1]] = (length, p)
+                if length == self.ngram and branches == 1:
                     break
-        if best_len < min_ngram:
-            return [], 0
-        draft: list[int] = []
-        for i in range(best + 1, best + 1 + k):  # past the end: copy the draft itself (a loop)
-            draft.append(context[i] if i < n_ctx else draft[i - n_ctx])
-        return draft, best_len
+        ranked = sorted(best.values(), key=lambda lp: (-lp[0], -lp[1]))
+        out = []
+        for length, p in ranked[:branches]:
+            if length < min_ngram:
+                break
+            draft: list[int] = []
+            for i in range(p + 1, p + 1 + k):  # past the end: copy the draft itself (a loop)
+                draft.append(context[i] if i < n_ctx else draft[i - n_ctx])
+            out.append((draft, length))
+        return out
 
 
 # Chance that a drafted token is the model's own, by how many context tokens its source agrees
@@ -208,6 +224,39 @@ def best_draft_length(chances: list[float], costs: list[float]) -> int:
     return best
 
 
+def best_tree(chances: list[list[float]], costs: list[float]) -> list[int]:
+    """How many tokens of each draft to verify together (branches sharing only the root, each
+    beginning with a different token): ``chances[b][j]`` is the chance that token j of draft b
+    is accepted once the ones before it were (for j = 0, given that no earlier draft's first
+    token was: so its reach is discounted by the earlier first tokens' chances, the drafts'
+    first tokens being exclusive). Tokens are added in order of reach, the highest first, and
+    the prefix of that order with the most expected tokens per ``costs[q - 1]`` (a q-token
+    step's time) is kept: all zeros is a plain step. With one draft this is
+    :func:`best_draft_length`."""
+    reaches, left = [], 1.0
+    for draft in chances:
+        reach, row = left, []
+        for j, chance in enumerate(draft):
+            reach *= chance
+            row.append(reach)
+        if draft:
+            left *= 1.0 - draft[0]
+        reaches.append(row)
+    taken = [0] * len(chances)
+    best, best_rate = list(taken), 1.0 / costs[0]
+    expected = 1.0
+    for total in range(1, len(costs)):
+        options = [(row[taken[b]], -b) for b, row in enumerate(reaches) if taken[b] < len(row)]
+        if not options:
+            break
+        reach, neg_b = max(options)
+        taken[-neg_b] += 1
+        expected += reach
+        if expected / costs[total] > best_rate:
+            best, best_rate = list(taken), expected / costs[total]
+    return best
+
+
 class _LookupDrafter:
     """Prompt-lookup drafts; with ``adaptive``, cut to ``best_draft_length`` under the step costs
     of ``clock`` and the acceptance seen so far."""
@@ -218,6 +267,7 @@ class _LookupDrafter:
         self.clock = clock
         self.counts: dict[int, list[int]] = {}  # agreement length -> [accepted, verified]
         self.last = (0, 0)  # (match length, tokens drafted) of the last proposal
+        self.last_tree: list[tuple[int, int]] = []  # the same per branch of the last tree
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, needed: int) -> None:
         pass
@@ -235,21 +285,42 @@ class _LookupDrafter:
             ngram = self.spec.ngram
             draft = draft[: best_draft_length([self.chance(min(length + j, ngram)) for j in range(len(draft))], self.clock.costs())]
         self.last = (length, len(draft))
+        self.last_tree = [self.last] if draft else []
         return draft
+
+    def propose_tree(self, context: list[int], k: int) -> list[list[int]]:
+        """Drafts to verify together (a token tree whose branches share only the root, the
+        current token; each begins with a different token): up to ``spec.branches`` copied
+        sources, the longest agreements first, sized together by ``best_tree``; [] for a plain
+        step. With one branch (or without ``adaptive``) this is :meth:`propose`."""
+        if not self.spec.adaptive or self.spec.branches == 1:
+            draft = self.propose(context, k)
+            return [draft] if draft else []
+        found = self.index.proposals(context, k, self.spec.min_ngram, self.spec.branches)
+        ngram = self.spec.ngram
+        chances = [[self.chance(min(length + j, ngram)) for j in range(len(draft))] for draft, length in found]
+        sizes = best_tree(chances, self.clock.costs())
+        self.last_tree = [(length, n) for (_, length), n in zip(found, sizes) if n]
+        self.last = self.last_tree[0] if self.last_tree else (0, 0)
+        return [draft[:n] for (draft, _), n in zip(found, sizes) if n]
 
     def width(self, real: int, k: int) -> int:
         """Draft tokens the verify step carries for a ``real``-token draft: ``k`` (padded), or
         with ``adaptive`` the draft itself."""
         return real if self.spec.adaptive else k
 
-    def accepted(self, n: int, k: int) -> None:
-        """Count the verified tokens of the last draft: the first ``n`` accepted, the next one
-        (if drafted) rejected; the ones after it were never compared."""
-        length, drafted = self.last
-        for j in range(min(n + 1, drafted)):
-            entry = self.counts.setdefault(min(length + j, self.spec.ngram), [0, 0])
-            entry[0] += j < n
-            entry[1] += 1
+    def accepted(self, n: int, k: int, branch: int = 0) -> None:
+        """Count the verified tokens of the last draft (of branch ``branch`` of the last tree):
+        the first ``n`` accepted, the next one (if drafted) rejected; the ones after it were
+        never compared. Of the branches before ``branch`` (their first token rejected), the
+        first tokens are counted as rejected; of those after it, nothing (their first token
+        could not be the model's once an earlier one was)."""
+        for b, (length, drafted) in enumerate(self.last_tree[: branch + 1]):
+            accepted = n if b == branch else 0
+            for j in range(min(accepted + 1, drafted)):
+                entry = self.counts.setdefault(min(length + j, self.spec.ngram), [0, 0])
+                entry[0] += j < accepted
+                entry[1] += 1
 
 
 class _ModelDrafter:
@@ -336,11 +407,54 @@ def step_costs(gen: TextGenerator, widths: int) -> StepCosts:
     return clock
 
 
+def tree_ancestry(branches: list[list[int]]) -> torch.Tensor:
+    """The ``tree`` (q, q) bool of a verify step ``[root] + branches[0] + branches[1] + ...``:
+    each token sees the root, the tokens of its own branch up to itself, and nothing else."""
+    q = 1 + sum(map(len, branches))
+    tree = torch.zeros(q, q, dtype=torch.bool)
+    tree[:, 0] = True
+    offset = 1
+    for branch in branches:
+        for i in range(len(branch)):
+            tree[offset + i, offset:offset + i + 1] = True
+        offset += len(branch)
+    return tree
+
+
+def _verify_tree(gen: TextGenerator, cache, key_valid: torch.Tensor, next_pos: torch.Tensor, token: int,
+                 branches: list[list[int]], drafter, k: int) -> tuple[list[int], int]:
+    """One verify step of several drafts as a token tree; returns the new tokens (the accepted
+    prefix of the branch that begins with the model's token, then the model's token after it)
+    and how many were drafted ones. The accepted branch's cache entries are moved behind the
+    root and the rest dropped, so the cache holds exactly the accepted context."""
+    start = int(cache.length)
+    offsets = list(accumulate([1] + [len(b) for b in branches[:-1]]))
+    logits = gen.run_step(cache, torch.tensor([[token] + [t for b in branches for t in b]]), key_valid, next_pos,
+                          tree=tree_ancestry(branches))[0]
+    target = logits.argmax(-1).tolist()
+    which = next((b for b, branch in enumerate(branches) if branch[0] == target[0]), None)
+    n, last = 0, 0
+    if which is not None:
+        branch, offset = branches[which], offsets[which]
+        n = 1
+        while n < len(branch) and branch[n] == target[offset + n - 1]:
+            n += 1
+        last = offset + n - 1
+        if offset != 1:
+            cache.move(start + offset, start + 1, n)
+    rejected = len(target) - 1 - n
+    if rejected:
+        cache.crop(-rejected)
+        next_pos.sub_(rejected)
+    drafter.accepted(n, k, branch=len(branches) - 1 if which is None else which)
+    return (branches[which][:n] if which is not None else []) + [target[last]], n
+
+
 def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_mask: torch.Tensor, config, accept, is_done) -> tuple[dict, dict]:
     """Greedy speculative generation of one prompt ``input_ids`` (1, T); calls ``accept(token)``
     for each new token until ``is_done()``. Returns ``(timing, stats)``: stats hold the steps
     (``verify_steps``, of which ``plain_steps`` had no draft), drafted and accepted tokens and the
-    acceptance rate."""
+    acceptance rate, and ``tree_steps``, the steps that verified several drafts as a token tree."""
     spec: SpeculationConfig = config.speculation
     k = spec.num_draft
     needed = input_ids.shape[1] + config.max_new_tokens + k + 2
@@ -355,11 +469,27 @@ def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_
     context = input_ids[0][attention_mask[0].bool()].tolist() + [token]
     accept(token)
     clock = getattr(drafter, "clock", None)  # each step's time refines the step costs
-    steps = drafted = accepted = plain = 0
+    steps = drafted = accepted = plain = tree_steps = 0
+    trees = hasattr(drafter, "propose_tree") and hasattr(cache, "move")
     while not is_done():
-        draft = drafter.propose(context, k)
+        branches = drafter.propose_tree(context, k) if trees else [d for d in [drafter.propose(context, k)] if d]
+        draft = branches[0] if branches else []
         steps += 1
         started = time.perf_counter()
+        if len(branches) > 1:
+            tree_steps += 1
+            new, n = _verify_tree(gen, cache, key_valid, next_pos, token, branches, drafter, k)
+            if clock is not None:
+                clock.observe(1 + sum(map(len, branches)), time.perf_counter() - started)
+            drafted += sum(map(len, branches))
+            accepted += n
+            for t in new:
+                context.append(t)
+                accept(t)
+                if is_done():
+                    break
+            token = new[-1]
+            continue
         if not draft:
             plain += 1
             logits = gen.run_step(cache, torch.tensor([[token]]), key_valid, next_pos)[:, -1]
@@ -396,7 +526,7 @@ def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_
     end = time.perf_counter()
     kv_bytes = cache.nbytes() + (drafter.cache.nbytes() if hasattr(drafter, "cache") else 0)
     stats = {
-        "mode": spec.mode, "num_draft": k, "verify_steps": steps, "plain_steps": plain, "drafted": drafted, "accepted": accepted,
+        "mode": spec.mode, "num_draft": k, "verify_steps": steps, "plain_steps": plain, "tree_steps": tree_steps, "drafted": drafted, "accepted": accepted,
         "acceptance_rate": accepted / drafted if drafted else 0.0,
     }
     return {"prefill_end": prefill_end, "end": end, "steps": steps, "kv_bytes": kv_bytes}, stats

@@ -7,7 +7,8 @@ recompiling). ``update`` writes the new entries at ``[length, length + q)`` with
 and returns the whole buffers: positions past the length hold stale or zero entries, which the
 attention mask hides (our loop passes its own 4-D mask; ``generate`` builds one from
 ``get_mask_sizes``). ``crop(-n)`` moves the length back by ``n`` (speculative decoding rejects
-draft tokens this way); tensor shapes and addresses never change.
+draft tokens this way) and ``move`` copies a run of entries to other slots (a token tree's
+accepted branch, moved behind its root); tensor shapes and addresses never change.
 """
 
 from __future__ import annotations
@@ -77,6 +78,14 @@ class StaticKVLayer(CacheLayerMixin):
         keep = length + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, length)
         self.cumulative_length.fill_(max(keep, 0))
 
+    def move(self, source: int, target: int, n: int) -> None:
+        """Copy the entries of slots ``[source, source + n)`` to ``[target, target + n)`` (a
+        token tree's accepted branch moved behind its root; the length is not changed)."""
+        if n <= 0 or source == target or not self.is_initialized:
+            return
+        self.keys[:, :, target:target + n] = self.keys[:, :, source:source + n].clone()
+        self.values[:, :, target:target + n] = self.values[:, :, source:source + n].clone()
+
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
@@ -112,6 +121,10 @@ class StaticKVCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         for layer in self.layers:
             layer.crop(tokens_to_remove)
+
+    def move(self, source: int, target: int, n: int) -> None:
+        for layer in self.layers:
+            layer.move(source, target, n)
 
     def nbytes(self) -> int:
         """Bytes held by the key/value buffers."""
