@@ -18,7 +18,10 @@ them through each path, interleaved round by round (medians of ``--rounds``):
 - ``packed-q8a w8`` / ``packed-q8a w4``: the same codes, the activations
   rounded to int8 per 32 columns and multiplied in by integer dot products (llama.cpp's scheme):
   AVX-512 VNNI where the CPU has it, and then also its AVX2 form (``(AVX2 form)`` rows), which
-  CPUs without VNNI run.
+  CPUs without VNNI run;
+- ``packed-q8a-tiles w8`` / ``w4`` (CPUs with AVX-512 VNNI): the same numbers from a copy of the
+  codes in 16-channel tiles (``kernels/q8a_tiles.cpp``), one weight load shared by every row; its
+  bytes are the copy's (codes plus float32 scales and offsets).
 
 Each path goes through ``QuantizedLinear.compute`` (or ``F.linear``), so per-call overheads count.
 Reported: milliseconds per pass, achieved weight bytes per second, and the ratio to fp32 and to
@@ -44,6 +47,7 @@ import torch.nn.functional as F
 
 from slimformer import kernels
 from slimformer.kernels import dense_linear as dense_kernel
+from slimformer.kernels import q8a_tiles
 from slimformer.methods.quantization import QuantizedLinear, grid
 from slimformer.runtime.machine import describe_machine, machine_line
 
@@ -103,6 +107,14 @@ def paths(layers: dict) -> dict[str, tuple]:
 
         out["packed-q8a w8 (AVX2 form)"] = (stored["w8"], lambda xs: [avx2(m, xs[m.in_features][0]) for m in layers["w8"]])
         out["packed-q8a w4 (AVX2 form)"] = (stored["w4"], lambda xs: [avx2(m, xs[m.in_features][0]) for m in layers["w4"]])
+    if q8a_tiles.available():
+        for key in ("w8", "w4"):
+            tiled = []
+            for m in layers[key]:
+                lay = m.packed_layout()
+                tiled.append((m.in_features, q8a_tiles.pack(lay["qweight"], lay["scales"], lay["zeros"], lay["bits"], lay["group_size"], m.in_features)))
+            out[f"packed-q8a-tiles {key}"] = (sum(t.nbytes() for _, t in tiled),
+                                              lambda xs, tiled=tiled: [q8a_tiles.linear(xs[width][0], t) for width, t in tiled])
     return out
 
 

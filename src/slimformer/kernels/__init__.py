@@ -1,6 +1,6 @@
 """slimformer's own CPU kernels, compiled on the machine that runs them.
 
-Five operators. :mod:`slimformer.kernels.dense_linear` computes a few-row linear on a dense float32
+Six operators. :mod:`slimformer.kernels.dense_linear` computes a few-row linear on a dense float32
 or bfloat16 weight read in place (``torch.ops.slimformer.dense_linear``: decoding with an original
 model's float weights, where the BLAS's one-row GEMV is slow on some CPUs).
 :mod:`slimformer.kernels.decode_attention` computes the decode step's attention against a long KV
@@ -19,7 +19,10 @@ reads the same buffers but rounds the activations to int8 per block of 32 column
 kernels do, and multiplies them into the codes with integer dot products: AVX-512 VNNI where the CPU
 has it (compiled for that instruction set by a target pragma, chosen at run time), else AVX2. PyTorch's own int4/int8 CPU kernels compute
 in bf16 and, on CPUs without AMX, are several times slower than a float GEMM; whether this kernel
-is faster than the alternatives *here* is for the execution planner to measure.
+is faster than the alternatives *here* is for the execution planner to measure. The sixth,
+:mod:`slimformer.kernels.q8a_tiles` (``torch.ops.slimformer.q8a_tiles_linear``), computes
+``packed-q8a``'s numbers from a copy of the codes laid out in 16-channel tiles for AVX-512 VNNI, so
+that the rows of a speculative verify step share every load of the weights.
 
 The source is compiled with the system C++ compiler against the installed torch (AVX2 + FMA; no
 ``-march=native``) into ``$SLIMFORMER_KERNEL_CACHE`` (else ``$XDG_CACHE_HOME/slimformer/kernels``,

@@ -62,15 +62,20 @@ void quantize_row(const float* x, int64_t K, int64_t gs, int8_t* codes, float* d
     const float amax = _mm_cvtss_f32(m4);
     const float db = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
     const __m256 vi = _mm256_set1_ps(inv);
-    alignas(32) int32_t c32[32];
-    for (int i = 0; i < 4; ++i)  // round half to even, as the default MXCSR does
-      _mm256_store_si256(reinterpret_cast<__m256i*>(c32 + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(a[i], vi)));
-    int32_t total = 0;
-    for (int j = 0; j < 32; ++j) {
-      const int32_t c = std::min(127, std::max(-127, c32[j]));
-      codes[bl * 32 + j] = int8_t(c);
-      total += c;
+    __m256i c[4], sum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) {  // round half to even (the default MXCSR), clamp to [-127, 127]
+      c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(a[i], vi));
+      c[i] = _mm256_max_epi32(_mm256_min_epi32(c[i], _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
+      sum = _mm256_add_epi32(sum, c[i]);
     }
+    // Narrow to bytes: the packs interleave 128-bit lanes, the permutation puts the columns back in order.
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + bl * 32),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    const int32_t total = _mm_cvtsi128_si32(s4);
     d[bl] = db;
     acc += db * float(total);
     if ((bl + 1) % per_group == 0) {
@@ -182,7 +187,10 @@ at::Tensor q8a_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const 
   std::vector<int8_t> codes(M * K);
   std::vector<float> d(M * (K / 32)), xsum(M * G);
   const float* xp = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, group_size, codes.data() + m * K, d.data() + m * (K / 32), xsum.data() + m * G);
+  int8_t* const cp = codes.data();
+  float* const dp = d.data();
+  float* const xs = xsum.data();
+  for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, group_size, cp + m * K, dp + m * (K / 32), xs + m * G);
   float* op = out.data_ptr<float>();
   const uint8_t* tp = tiles.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
@@ -192,7 +200,7 @@ at::Tensor q8a_tiles_linear(const at::Tensor& x, const at::Tensor& tiles, const 
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int rt = int(std::min<int64_t>(kMaxRows, M - m0));
-        const Rows rows{codes.data() + m0 * K, d.data() + m0 * (K / 32), xsum.data() + m0 * G};
+        const Rows rows{cp + m0 * K, dp + m0 * (K / 32), xs + m0 * G};
         const TileFn fn = bits == 8 ? tile_fn<8>(rt) : tile_fn<4>(rt);
         fn(rows, K, group_size, tp + t * tile_bytes, sp + t * G * 16, ofp + t * G * 16, bp ? bp + t * 16 : nullptr, op + m0 * N, N, t * 16);
       }

@@ -13,7 +13,12 @@ the generic paths below, and a plain ``nn.Linear`` its own:
   activations rounded to bf16, float32 accumulation; 2 bytes per weight held);
 - ``dequant-bf16-widen``: the cached bfloat16 weight widened per call to a float32 GEMM (only
   the weight is rounded to bf16);
-- ``unpack-fp32``: dequantized per call into float32, nothing held (exact);
+- ``unpack-fp32``: dequantized per call into float32, nothing held (exact); ``unpack-bf16``: the
+  same into bfloat16, bf16 GEMM (a batch path beside a decode path that holds its own copy);
+- ``packed-q8a-tiles`` (4/8-bit layouts that ``packed-q8a`` takes, CPUs with AVX-512 VNNI): the
+  codes copied into 16-channel tiles (:mod:`slimformer.kernels.q8a_tiles`; at most 1.25 bytes
+  per weight), activations rounded to int8 per 32 columns; a few-row path whose cost grows little
+  with the rows of a speculative verify step;
 - plain ``nn.Linear`` with a bf16 weight under float32 activations: ``widen-fp32`` (widened per
   call, exact), ``dequant-fp32`` (cached float32 copy), ``native`` (bf16 GEMM);
 - plain ``nn.Linear`` with a float32 or bf16 weight, where slimformer's kernels build:

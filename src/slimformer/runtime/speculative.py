@@ -22,7 +22,22 @@ Drafters:
   Speculative Decoding").
 
 A rejected draft token's cache entry is dropped by moving the static cache's length back
-(``crop``); shapes never change. Verify steps of every width share one compiled graph (the token
+(``crop``); shapes never change.
+
+Token trees (``branches``, prompt lookup with ``adaptive``; default up to 3): the context's end
+often matches several earlier spans that continue differently, and a verify step of a few tokens
+costs about as much as a one-token step once the linears share their weight loads across rows
+(``packed-q8a-tiles``). So a step may verify several drafts at once, each beginning with a
+different token, as a tree whose branches share only the root (the current token): each token
+sees the context, the root and its own branch (``generation.tree_attention_mask_4d``; positions
+by depth). The branch whose first token is the model's is followed as far as it agrees; its
+cache entries are moved behind the root (``StaticKVCache.move``) and the rest dropped, so the
+cache then holds what plain decoding would have written. How many tokens of each draft
+(``best_tree``): tokens in order of their chance of being reached (a later draft's first token
+discounted by the earlier ones' chances: at most one first token can be the model's), the prefix
+with the most expected tokens per measured step cost. Each tree token's logits are those of the
+same token in a one-token step, bit for bit (the decode-attention kernel sums each token's
+softmax over its own slots), so the output stays exactly the plain greedy output. Verify steps of every width share one compiled graph (the token
 count is a symbolic size, see ``generation``).
 
 How long a lookup draft is (``adaptive``, the default for prompt lookup): on a CPU a verify step
