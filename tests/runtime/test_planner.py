@@ -557,6 +557,11 @@ def test_the_decode_path_is_chosen_on_one_token_and_verify_step_times_together()
     assert choose_paths(measured, layer, "fast") == ("packed-q8a-tiles", "dequant-bf16")
     one_row = {"paths": {p: {k: v for k, v in r.items() if k != "verify_s"} for p, r in measured["paths"].items()}}
     assert choose_paths(one_row, layer, "balanced") == ("packed-q8a", "dequant-bf16")
+    # a prefill a little slower against every decode step a lot faster: generation takes the tiles
+    close = {"paths": {**measured["paths"], "packed-q8a": {"ok": True, "decode_s": 1.0, "verify_s": 2.0, "batch_s": 5.0},
+                       "unpack-bf16": {"ok": True, "decode_s": 9.0, "verify_s": 9.5, "batch_s": 1.6}}}
+    assert choose_paths(close, layer, "balanced", "batch") == ("packed-q8a", "dequant-bf16")
+    assert choose_paths(close, layer, "balanced", "decode") == ("packed-q8a-tiles", "unpack-bf16")
     with pytest.raises(ConfigError, match="verify_tokens"):
         PlanSettings(verify_tokens=-1)
     assert PlanSettings(verify_tokens=0).verify_tokens == 0

@@ -21,7 +21,8 @@ the model may run in (float32, bfloat16):
    weights cache-hot, would hide what its bytes cost;
 4. per layer, the pair (decode path, batch path) with the lowest sum of normalised times (the
    decode path's one-token and verify times each count, so a path whose cost grows little with
-   the rows of a verify step can win over one a little faster on one row) whose
+   the rows of a verify step can win over one a little faster on one row; for the ``decode``
+   workload the batch time, a prompt's prefill, counts half) whose
    run-time forms fit the memory policy is chosen: ``packed`` (at most 1 byte per weight beyond
    the stored buffers: int8/int4 kernel forms, no dense copy), ``balanced`` (default: at most 2
    bytes per weight, i.e. a bfloat16 copy, never a float32 one), ``fast`` (anything);
@@ -360,9 +361,14 @@ def choose_embedding(measured: dict, memory: str, min_gain: float = 0.1) -> str:
     return "dense" if fits and measured["identical"] and t["dense"] <= (1 - min_gain) * t["gather-dequant"] else "gather-dequant"
 
 
-def choose_paths(measured: dict, module: nn.Module, memory: str) -> tuple[str, str] | None:
+BATCH_WEIGHT = {"batch": 1.0, "decode": 0.5}  # how much the batch (prefill) time counts, per workload
+
+
+def choose_paths(measured: dict, module: nn.Module, memory: str, workload: str = "batch") -> tuple[str, str] | None:
     """The (decode, batch) pair with the lowest sum of normalised times whose run-time forms fit
-    ``memory``; None when no path passed its parity check."""
+    ``memory``; None when no path passed its parity check. Under the ``decode`` workload (text
+    generation: one prefill, then a step per token) the batch time counts half
+    (``BATCH_WEIGHT``)."""
     paths = {p: r for p, r in measured["paths"].items() if r.get("ok") and "batch_s" in r}
     if not paths:
         return None
@@ -375,7 +381,7 @@ def choose_paths(measured: dict, module: nn.Module, memory: str) -> tuple[str, s
         for b, rb in paths.items():
             if ex.form_bytes(module, (d, b)) > limit:
                 continue
-            s = rd["decode_s"] / max(best_d, 1e-12) + rb["batch_s"] / max(best_b, 1e-12)
+            s = rd["decode_s"] / max(best_d, 1e-12) + BATCH_WEIGHT[workload] * rb["batch_s"] / max(best_b, 1e-12)
             if "verify_s" in rd and math.isfinite(best_v):
                 s += rd["verify_s"] / max(best_v, 1e-12)
             if s < score:
@@ -562,7 +568,7 @@ def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool 
                     else:
                         plan.cached_formats += 1
                     entry["measured"][dname] = measured
-                pair = choose_paths(entry["measured"][dname], module, settings.memory)
+                pair = choose_paths(entry["measured"][dname], module, settings.memory, workload)
                 if pair is None:
                     totals[dtype] = math.inf
                     continue
