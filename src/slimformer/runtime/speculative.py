@@ -436,12 +436,32 @@ def tree_ancestry(branches: list[list[int]]) -> torch.Tensor:
     return tree
 
 
+def _verify_chain(gen: TextGenerator, cache, key_valid: torch.Tensor, next_pos: torch.Tensor, token: int,
+                  draft: list[int], drafter, k: int) -> tuple[list[int], int, int]:
+    """One verify step of ``token`` and one draft (padded to the drafter's width); returns the new
+    tokens (the accepted prefix, then the model's token after it), how many were drafted ones,
+    and the step's width. The rejected tokens' cache entries are dropped."""
+    real = len(draft)
+    width = drafter.width(real, k)
+    logits = gen.run_step(cache, torch.tensor([[token] + draft + [draft[-1]] * (width - real)]), key_valid, next_pos)[0]
+    target = logits.argmax(-1).tolist()
+    n = 0
+    while n < real and draft[n] == target[n]:
+        n += 1
+    rejected = width - n
+    if rejected:
+        cache.crop(-rejected)
+        next_pos.sub_(rejected)
+    drafter.accepted(n, k)
+    return draft[:n] + [target[n]], n, width + 1
+
+
 def _verify_tree(gen: TextGenerator, cache, key_valid: torch.Tensor, next_pos: torch.Tensor, token: int,
-                 branches: list[list[int]], drafter, k: int) -> tuple[list[int], int]:
+                 branches: list[list[int]], drafter, k: int) -> tuple[list[int], int, int]:
     """One verify step of several drafts as a token tree; returns the new tokens (the accepted
-    prefix of the branch that begins with the model's token, then the model's token after it)
-    and how many were drafted ones. The accepted branch's cache entries are moved behind the
-    root and the rest dropped, so the cache holds exactly the accepted context."""
+    prefix of the branch that begins with the model's token, then the model's token after it),
+    how many were drafted ones, and the step's width. The accepted branch's cache entries are
+    moved behind the root and the rest dropped, so the cache holds exactly the accepted context."""
     start = int(cache.length)
     offsets = list(accumulate([1] + [len(b) for b in branches[:-1]]))
     logits = gen.run_step(cache, torch.tensor([[token] + [t for b in branches for t in b]]), key_valid, next_pos,
@@ -462,7 +482,7 @@ def _verify_tree(gen: TextGenerator, cache, key_valid: torch.Tensor, next_pos: t
         cache.crop(-rejected)
         next_pos.sub_(rejected)
     drafter.accepted(n, k, branch=len(branches) - 1 if which is None else which)
-    return (branches[which][:n] if which is not None else []) + [target[last]], n
+    return (branches[which][:n] if which is not None else []) + [target[last]], n, len(target)
 
 
 def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_mask: torch.Tensor, config, accept, is_done) -> tuple[dict, dict]:
@@ -491,20 +511,6 @@ def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_
         draft = branches[0] if branches else []
         steps += 1
         started = time.perf_counter()
-        if len(branches) > 1:
-            tree_steps += 1
-            new, n = _verify_tree(gen, cache, key_valid, next_pos, token, branches, drafter, k)
-            if clock is not None:
-                clock.observe(1 + sum(map(len, branches)), time.perf_counter() - started)
-            drafted += sum(map(len, branches))
-            accepted += n
-            for t in new:
-                context.append(t)
-                accept(t)
-                if is_done():
-                    break
-            token = new[-1]
-            continue
         if not draft:
             plain += 1
             logits = gen.run_step(cache, torch.tensor([[token]]), key_valid, next_pos)[:, -1]
@@ -514,23 +520,14 @@ def speculative_generate(gen: TextGenerator, input_ids: torch.Tensor, attention_
             context.append(token)
             accept(token)
             continue
-        real = len(draft)
-        width = drafter.width(real, k)
-        padded = draft + [draft[-1]] * (width - real)
-        logits = gen.run_step(cache, torch.tensor([[token] + padded]), key_valid, next_pos)[0]
-        target = logits.argmax(-1).tolist()
+        if len(branches) > 1:
+            tree_steps += 1
+            new, n, width = _verify_tree(gen, cache, key_valid, next_pos, token, branches, drafter, k)
+        else:
+            new, n, width = _verify_chain(gen, cache, key_valid, next_pos, token, draft, drafter, k)
         if clock is not None:
-            clock.observe(width + 1, time.perf_counter() - started)
-        n = 0
-        while n < real and draft[n] == target[n]:
-            n += 1
-        new = draft[:n] + [target[n]]
-        rejected = width - n
-        if rejected:
-            cache.crop(-rejected)
-            next_pos.sub_(rejected)
-        drafter.accepted(n, k)
-        drafted += real
+            clock.observe(width, time.perf_counter() - started)
+        drafted += sum(map(len, branches))
         accepted += n
         for t in new:
             context.append(t)
