@@ -553,10 +553,12 @@ def test_the_decode_path_is_chosen_on_one_token_and_verify_step_times_together()
         "unpack-bf16": {"ok": True, "decode_s": 9.0, "verify_s": 9.5, "batch_s": 1.1},
         "dequant-bf16": {"ok": True, "decode_s": 4.0, "verify_s": 4.2, "batch_s": 1.0},
     }}
-    assert choose_paths(measured, layer, "balanced") == ("packed-q8a-tiles", "unpack-bf16")  # tiles + bf16 copy: 3.25 B/weight
-    assert choose_paths(measured, layer, "fast") == ("packed-q8a-tiles", "dequant-bf16")
+    assert choose_paths(measured, layer, "balanced", "decode") == ("packed-q8a-tiles", "unpack-bf16")  # tiles + bf16 copy: 3.25 B/weight
+    assert choose_paths(measured, layer, "fast", "decode") == ("packed-q8a-tiles", "dequant-bf16")
     one_row = {"paths": {p: {k: v for k, v in r.items() if k != "verify_s"} for p, r in measured["paths"].items()}}
-    assert choose_paths(one_row, layer, "balanced") == ("packed-q8a", "dequant-bf16")
+    assert choose_paths(one_row, layer, "balanced", "decode") == ("packed-q8a", "dequant-bf16")
+    # an encoder never verifies: its choice is the one-row and batch times only
+    assert choose_paths(measured, layer, "balanced", "batch") == choose_paths(one_row, layer, "balanced", "batch") == ("packed-q8a", "dequant-bf16")
     # a prefill a little slower against every decode step a lot faster: generation takes the tiles
     close = {"paths": {**measured["paths"], "packed-q8a": {"ok": True, "decode_s": 1.0, "verify_s": 2.0, "batch_s": 5.0},
                        "unpack-bf16": {"ok": True, "decode_s": 9.0, "verify_s": 9.5, "batch_s": 1.6}}}

@@ -22,7 +22,8 @@ the model may run in (float32, bfloat16):
 4. per layer, the pair (decode path, batch path) with the lowest sum of normalised times (the
    decode path's one-token and verify times each count, so a path whose cost grows little with
    the rows of a verify step can win over one a little faster on one row; for the ``decode``
-   workload the batch time, a prompt's prefill, counts half) whose
+   workload the batch time, a prompt's prefill, counts half; for the ``batch`` workload of
+   encoders the verify time does not count) whose
    run-time forms fit the memory policy is chosen: ``packed`` (at most 1 byte per weight beyond
    the stored buffers: int8/int4 kernel forms, no dense copy), ``balanced`` (default: at most 2
    bytes per weight, i.e. a bfloat16 copy, never a float32 one), ``fast`` (anything);
@@ -361,14 +362,19 @@ def choose_embedding(measured: dict, memory: str, min_gain: float = 0.1) -> str:
     return "dense" if fits and measured["identical"] and t["dense"] <= (1 - min_gain) * t["gather-dequant"] else "gather-dequant"
 
 
-BATCH_WEIGHT = {"batch": 1.0, "decode": 0.5}  # how much the batch (prefill) time counts, per workload
+# How much each timed regime counts in a layer's path choice, per workload: encoders (``batch``)
+# never run a verify step; text generation (``decode``) runs one prefill, then a step per token.
+REGIME_WEIGHTS = {"batch": {"decode_s": 1.0, "verify_s": 0.0, "batch_s": 1.0},
+                  "decode": {"decode_s": 1.0, "verify_s": 1.0, "batch_s": 0.5}}
 
 
 def choose_paths(measured: dict, module: nn.Module, memory: str, workload: str = "batch") -> tuple[str, str] | None:
     """The (decode, batch) pair with the lowest sum of normalised times whose run-time forms fit
-    ``memory``; None when no path passed its parity check. Under the ``decode`` workload (text
-    generation: one prefill, then a step per token) the batch time counts half
-    (``BATCH_WEIGHT``)."""
+    ``memory``; None when no path passed its parity check. The regimes weigh as
+    ``REGIME_WEIGHTS[workload]`` says: for text generation (``decode``) the one-token and verify
+    times fully and the batch (prefill) time half; for encoders (``batch``) the verify time not
+    at all."""
+    w = REGIME_WEIGHTS[workload]
     paths = {p: r for p, r in measured["paths"].items() if r.get("ok") and "batch_s" in r}
     if not paths:
         return None
@@ -381,9 +387,9 @@ def choose_paths(measured: dict, module: nn.Module, memory: str, workload: str =
         for b, rb in paths.items():
             if ex.form_bytes(module, (d, b)) > limit:
                 continue
-            s = rd["decode_s"] / max(best_d, 1e-12) + BATCH_WEIGHT[workload] * rb["batch_s"] / max(best_b, 1e-12)
-            if "verify_s" in rd and math.isfinite(best_v):
-                s += rd["verify_s"] / max(best_v, 1e-12)
+            s = w["decode_s"] * rd["decode_s"] / max(best_d, 1e-12) + w["batch_s"] * rb["batch_s"] / max(best_b, 1e-12)
+            if w["verify_s"] and "verify_s" in rd and math.isfinite(best_v):
+                s += w["verify_s"] * rd["verify_s"] / max(best_v, 1e-12)
             if s < score:
                 choice, score = (d, b), s
     return choice
