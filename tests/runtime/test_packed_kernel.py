@@ -120,3 +120,19 @@ def test_a_rows_output_does_not_depend_on_the_rows_beside_it(layout):
     for rows in (1, 2, 3, 7):
         assert torch.equal(run(x[:rows]), together[:rows])
     assert torch.equal(torch.cat([run(x[i:i + 1]) for i in range(9)]), together)
+
+
+def test_a_build_is_keyed_by_the_headers_its_source_includes(tmp_path):
+    """The int8-activation kernels share q8_rounding.h: editing it must rebuild them (a new key),
+    while a header the source does not include changes nothing."""
+    source, header, other = tmp_path / "k.cpp", tmp_path / "shared.h", tmp_path / "unused.h"
+    source.write_text('#include <vector>\n#include "shared.h"\nint f() { return g(); }\n')
+    header.write_text("inline int g() { return 1; }\n")
+    other.write_text("// nothing\n")
+    before = kernels.library_key(source)
+    other.write_text("// changed\n")
+    assert kernels.library_key(source) == before
+    header.write_text("inline int g() { return 2; }\n")
+    assert kernels.library_key(source) != before
+    shipped = kernels.SOURCE.with_name("q8_rounding.h")
+    assert shipped.exists() and '#include "q8_rounding.h"' in kernels.SOURCE.read_text()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -99,9 +100,17 @@ def _build(target: Path, source: Path = SOURCE, flags: list[str] = FLAGS) -> Non
             os.unlink(tmp)
 
 
+def _local_headers(source: Path) -> list[Path]:
+    """The headers beside ``source`` that it includes (``#include "name.h"``)."""
+    names = re.findall(r'^#include "([^"]+)"', source.read_text(), flags=re.M)
+    return [source.with_name(n) for n in names]
+
+
 def library_key(source: Path = SOURCE, flags: list[str] = FLAGS) -> str:
-    """Hash of the source, the flags and the torch version: names the build (and the plans timed with it)."""
-    return hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:16]
+    """Hash of the source and the headers it includes, the flags and the torch version: names the
+    build (and the plans timed with it)."""
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in _local_headers(source))
+    return hashlib.sha256(text + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:16]
 
 
 class KernelLibrary:

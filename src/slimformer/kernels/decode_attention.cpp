@@ -158,11 +158,17 @@ void attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& va
       // Masks (a slot listed for one token may be masked for another), then softmax per token.
       for (int64_t t = 0; t < Q; ++t) {
         float* st = scores.data() + t * npad;
+        bool hole = false, gap = false;  // gap: a slot this token sees comes after one masked for it
         if (mask.has_value())
           for (int64_t i = 0; i < n; ++i) {
             const int64_t s = list[i];
-            if (masked(b, t, s)) st[i] = lowest;
-            else if (ma) st[i] += ma[(b * Q + t) * S + s];
+            if (masked(b, t, s)) {
+              st[i] = lowest;
+              hole = true;
+            } else {
+              gap = gap || hole;
+              if (ma) st[i] += ma[(b * Q + t) * S + s];
+            }
           }
         float* ar = acc.data() + t * D;
         std::fill(ar, ar + D, 0.f);
@@ -186,12 +192,12 @@ void attend(const at::Tensor& query, const at::Tensor& key, const at::Tensor& va
           _mm256_storeu_ps(st + i, e);
           tot = _mm256_add_ps(tot, e);
         }
-        if (mask.has_value()) {
+        if (gap) {
           // The denominator over this token's own slots only, in order: slots masked for it but
           // listed for another token (a token tree's other branches) would shift which lane each
           // term is added in, and the sum would differ in its last bits from the same token's
           // step without them. Where its masked slots all come last (a chain, a one-token step)
-          // this is the sum above, bit for bit.
+          // the sum above is already this one, bit for bit, and is kept.
           kept.assign(npad, 0.f);
           int64_t m = 0;
           for (int64_t i = 0; i < n; ++i)

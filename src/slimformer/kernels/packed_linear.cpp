@@ -25,6 +25,8 @@
 #include <cstring>
 #include <vector>
 
+#include "q8_rounding.h"
+
 namespace {
 
 constexpr int kChunk = 32;  // columns per inner step: 16 bytes of 4-bit codes, 32 of 8-bit codes
@@ -412,32 +414,12 @@ bool cpu_has_vnni() {
 void quantize_row(const float* x, int64_t K, int bits, int64_t gs, int8_t* lo, int8_t* hi, float* dx, float* xsum) {
   const int64_t blocks = K / 32;
   const int per_step = bits == 8 ? 2 : 4, lanes = 16 / per_step;
-  const __m256 sign = _mm256_set1_ps(-0.f);
   std::vector<float> block_d(blocks);
   std::vector<int32_t> block_sum(blocks);
   for (int64_t bl = 0; bl < blocks; ++bl) {
-    const float* xb = x + bl * 32;
-    __m256 a[4], m = _mm256_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      a[i] = _mm256_loadu_ps(xb + 8 * i);
-      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, a[i]));
-    }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    const float amax = _mm_cvtss_f32(m4);
-    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    const __m256 vi = _mm256_set1_ps(inv);
-    alignas(32) int32_t c32[32];
-    for (int i = 0; i < 4; ++i)  // round half to even, as the default MXCSR does
-      _mm256_store_si256(reinterpret_cast<__m256i*>(c32 + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(a[i], vi)));
     int8_t codes[32];
-    int32_t total = 0;
-    for (int j = 0; j < 32; ++j) {
-      const int32_t c = std::min(127, std::max(-127, c32[j]));
-      codes[j] = int8_t(c);
-      total += c;
-    }
+    int32_t total;
+    const float d = round_block_q8(x + bl * 32, codes, &total);
     block_d[bl] = d;
     block_sum[bl] = total;
     const int64_t st = bl / per_step, i = bl % per_step;

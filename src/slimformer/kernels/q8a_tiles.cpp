@@ -34,6 +34,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "q8_rounding.h"
+
 namespace {
 
 constexpr int kMaxRows = 8;  // rows of x per pass over a tile (accumulators: 3 registers per row)
@@ -46,38 +48,12 @@ bool q8a_tiles_supported() {
 // One row of x rounded to int8 per block of 32 columns: codes (K), d (K/32) and, per group, the sum
 // of the rounded values (d times the sum of the block's codes, block by block).
 void quantize_row(const float* x, int64_t K, int64_t gs, int8_t* codes, float* d, float* xsum) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
   const int64_t blocks = K / 32, per_group = gs / 32;
   float acc = 0.f;
   for (int64_t bl = 0; bl < blocks; ++bl) {
-    const float* xb = x + bl * 32;
-    __m256 a[4], m = _mm256_setzero_ps();
-    for (int i = 0; i < 4; ++i) {
-      a[i] = _mm256_loadu_ps(xb + 8 * i);
-      m = _mm256_max_ps(m, _mm256_andnot_ps(sign, a[i]));
-    }
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-    const float amax = _mm_cvtss_f32(m4);
-    const float db = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    const __m256 vi = _mm256_set1_ps(inv);
-    __m256i c[4], sum = _mm256_setzero_si256();
-    for (int i = 0; i < 4; ++i) {  // round half to even (the default MXCSR), clamp to [-127, 127]
-      c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(a[i], vi));
-      c[i] = _mm256_max_epi32(_mm256_min_epi32(c[i], _mm256_set1_epi32(127)), _mm256_set1_epi32(-127));
-      sum = _mm256_add_epi32(sum, c[i]);
-    }
-    // Narrow to bytes: the packs interleave 128-bit lanes, the permutation puts the columns back in order.
-    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + bl * 32),
-                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    const int32_t total = _mm_cvtsi128_si32(s4);
-    d[bl] = db;
-    acc += db * float(total);
+    int32_t total;
+    d[bl] = round_block_q8(x + bl * 32, codes + bl * 32, &total);
+    acc += d[bl] * float(total);
     if ((bl + 1) % per_group == 0) {
       xsum[bl / per_group] = acc;
       acc = 0.f;
@@ -98,7 +74,7 @@ struct Rows {  // the rounded activations of a tile of rows
 template <int BITS, int R>
 void tile_rows(const Rows& rows, int64_t K, int64_t gs, const uint8_t* tile, const float* scales, const float* offsets,
                const float* bias16, float* out, int64_t N, int64_t n0) {
-  const int64_t groups = K / gs, blocks_per_group = gs / 32, blocks = K / 32, G = groups;
+  const int64_t groups = K / gs, blocks_per_group = gs / 32, blocks = K / 32;
   const __m512i nib = _mm512_set1_epi8(0x0F);
   __m512 tot[R];
   for (int r = 0; r < R; ++r) tot[r] = _mm512_setzero_ps();
@@ -133,7 +109,7 @@ void tile_rows(const Rows& rows, int64_t K, int64_t gs, const uint8_t* tile, con
     const __m512 sv = _mm512_loadu_ps(scales + g * 16), ov = _mm512_loadu_ps(offsets + g * 16);
     for (int r = 0; r < R; ++r) {
       tot[r] = _mm512_fmadd_ps(facc[r], sv, tot[r]);
-      tot[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(rows.xsum[r * G + g]), tot[r]);
+      tot[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(rows.xsum[r * groups + g]), tot[r]);
     }
   }
   const int64_t left = std::min<int64_t>(16, N - n0);

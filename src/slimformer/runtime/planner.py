@@ -379,7 +379,7 @@ def choose_paths(measured: dict, module: nn.Module, memory: str, workload: str =
     if not paths:
         return None
     best_d = min(r["decode_s"] for r in paths.values())
-    best_v = min(r.get("verify_s", 1.0) for r in paths.values())
+    best_v = min((r["verify_s"] for r in paths.values() if "verify_s" in r), default=math.inf)
     best_b = min(r["batch_s"] for r in paths.values())
     limit = MEMORY_LIMITS[memory]
     choice, score = None, math.inf

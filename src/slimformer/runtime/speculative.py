@@ -227,16 +227,9 @@ def best_draft_length(chances: list[float], costs: list[float]) -> int:
     """The draft length ``d`` (0..``len(chances)``, below ``len(costs)``) with the most expected
     tokens per unit of time: ``(1 + sum_i prod_{j<=i} chances[j-1]) / costs[d]``, where
     ``chances[j-1]`` is the chance that the j-th drafted token is accepted once the ones before it
-    were, and ``costs[q-1]`` is a q-token step's time; 0 is a plain one-token step."""
-    best, best_rate = 0, 1.0 / costs[0]
-    expected, reach = 1.0, 1.0
-    for d, chance in enumerate(chances[: len(costs) - 1], start=1):
-        reach *= chance
-        expected += reach
-        rate = expected / costs[d]
-        if rate > best_rate:
-            best, best_rate = d, rate
-    return best
+    were, and ``costs[q-1]`` is a q-token step's time; 0 is a plain one-token step (``best_tree``
+    of one draft)."""
+    return best_tree([chances], costs)[0]
 
 
 def best_tree(chances: list[list[float]], costs: list[float]) -> list[int]:
@@ -246,8 +239,7 @@ def best_tree(chances: list[list[float]], costs: list[float]) -> list[int]:
     token was: so its reach is discounted by the earlier first tokens' chances, the drafts'
     first tokens being exclusive). Tokens are added in order of reach, the highest first, and
     the prefix of that order with the most expected tokens per ``costs[q - 1]`` (a q-token
-    step's time) is kept: all zeros is a plain step. With one draft this is
-    :func:`best_draft_length`."""
+    step's time) is kept: all zeros is a plain step."""
     reaches, left = [], 1.0
     for draft in chances:
         reach, row = left, []
@@ -273,16 +265,15 @@ def best_tree(chances: list[list[float]], costs: list[float]) -> list[int]:
 
 
 class _LookupDrafter:
-    """Prompt-lookup drafts; with ``adaptive``, cut to ``best_draft_length`` under the step costs
-    of ``clock`` and the acceptance seen so far."""
+    """Prompt-lookup drafts; with ``adaptive``, sized by ``best_tree`` under the step costs of
+    ``clock`` and the acceptance seen so far."""
 
     def __init__(self, spec: SpeculationConfig, clock: StepCosts | None = None) -> None:
         self.spec = spec
         self.index = LookupIndex(spec.ngram)
         self.clock = clock
         self.counts: dict[int, list[int]] = {}  # agreement length -> [accepted, verified]
-        self.last = (0, 0)  # (match length, tokens drafted) of the last proposal
-        self.last_tree: list[tuple[int, int]] = []  # the same per branch of the last tree
+        self.last_tree: list[tuple[int, int]] = []  # (match length, tokens drafted) per branch of the last proposal
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, needed: int) -> None:
         pass
@@ -295,28 +286,24 @@ class _LookupDrafter:
         return (ok + PRIOR_WEIGHT * prior) / (seen + PRIOR_WEIGHT)
 
     def propose(self, context: list[int], k: int) -> list[int]:
-        draft, length = self.index.proposal(context, k, self.spec.min_ngram)
-        if self.spec.adaptive and draft:
-            ngram = self.spec.ngram
-            draft = draft[: best_draft_length([self.chance(min(length + j, ngram)) for j in range(len(draft))], self.clock.costs())]
-        self.last = (length, len(draft))
-        self.last_tree = [self.last] if draft else []
-        return draft
+        """One draft (:meth:`propose_tree` with one branch); [] for a plain step."""
+        drafts = self.propose_tree(context, k, branches=1)
+        return drafts[0] if drafts else []
 
-    def propose_tree(self, context: list[int], k: int) -> list[list[int]]:
+    def propose_tree(self, context: list[int], k: int, branches: int | None = None) -> list[list[int]]:
         """Drafts to verify together (a token tree whose branches share only the root, the
-        current token; each begins with a different token): up to ``spec.branches`` copied
-        sources, the longest agreements first, sized together by ``best_tree``; [] for a plain
-        step. With one branch (or without ``adaptive``) this is :meth:`propose`."""
-        if not self.spec.adaptive or self.spec.branches == 1:
-            draft = self.propose(context, k)
-            return [draft] if draft else []
-        found = self.index.proposals(context, k, self.spec.min_ngram, self.spec.branches)
-        ngram = self.spec.ngram
-        chances = [[self.chance(min(length + j, ngram)) for j in range(len(draft))] for draft, length in found]
-        sizes = best_tree(chances, self.clock.costs())
+        current token; each begins with a different token): up to ``branches`` (None:
+        ``spec.branches``; 1 without ``adaptive``) copied sources, the longest agreements first,
+        with ``adaptive`` sized together by ``best_tree``; [] for a plain step."""
+        wanted = (self.spec.branches if branches is None else branches) if self.spec.adaptive else 1
+        found = self.index.proposals(context, k, self.spec.min_ngram, wanted)
+        if self.spec.adaptive:
+            ngram = self.spec.ngram
+            chances = [[self.chance(min(length + j, ngram)) for j in range(len(draft))] for draft, length in found]
+            sizes = best_tree(chances, self.clock.costs())
+        else:
+            sizes = [len(draft) for draft, _ in found]
         self.last_tree = [(length, n) for (_, length), n in zip(found, sizes) if n]
-        self.last = self.last_tree[0] if self.last_tree else (0, 0)
         return [draft[:n] for (draft, _), n in zip(found, sizes) if n]
 
     def width(self, real: int, k: int) -> int:
