@@ -325,8 +325,8 @@ def measure_format(module: nn.Module, act_dtype: torch.dtype, settings: PlanSett
                         dt = (time.perf_counter() - t0) / len(runners)
                         if round_:  # round 0 warms up
                             best[p] = min(best[p], dt)
-                for p in ok:  # a few-row path not timed on more rows than it takes: inf, never chosen
-                    result[p][regime] = best[p]
+                for p in ok:  # a few-row path not timed on more rows than it takes: None (JSON null), never chosen
+                    result[p][regime] = best[p] if math.isfinite(best[p]) else None
         finally:
             if isinstance(m, QuantizedLinear):
                 m.use_kernels(*(ready_before or (kernel_before,)))
@@ -368,6 +368,13 @@ REGIME_WEIGHTS = {"batch": {"decode_s": 1.0, "verify_s": 0.0, "batch_s": 1.0},
                   "decode": {"decode_s": 1.0, "verify_s": 1.0, "batch_s": 0.5}}
 
 
+def seconds(timings: dict, regime: str) -> float:
+    """A path's measured time in ``regime`` (``decode_s``, ``verify_s``, ``batch_s``); inf where
+    it was not timed there (a few-row path at a batch's rows; null in the plan's JSON)."""
+    value = timings.get(regime)
+    return math.inf if value is None else float(value)
+
+
 def choose_paths(measured: dict, module: nn.Module, memory: str, workload: str = "batch") -> tuple[str, str] | None:
     """The (decode, batch) pair with the lowest sum of normalised times whose run-time forms fit
     ``memory``; None when no path passed its parity check. The regimes weigh as
@@ -378,18 +385,18 @@ def choose_paths(measured: dict, module: nn.Module, memory: str, workload: str =
     paths = {p: r for p, r in measured["paths"].items() if r.get("ok") and "batch_s" in r}
     if not paths:
         return None
-    best_d = min(r["decode_s"] for r in paths.values())
-    best_v = min((r["verify_s"] for r in paths.values() if "verify_s" in r), default=math.inf)
-    best_b = min(r["batch_s"] for r in paths.values())
+    best_d = min(seconds(r, "decode_s") for r in paths.values())
+    best_v = min((seconds(r, "verify_s") for r in paths.values()), default=math.inf)
+    best_b = min(seconds(r, "batch_s") for r in paths.values())
     limit = MEMORY_LIMITS[memory]
     choice, score = None, math.inf
     for d, rd in paths.items():
         for b, rb in paths.items():
             if ex.form_bytes(module, (d, b)) > limit:
                 continue
-            s = w["decode_s"] * rd["decode_s"] / max(best_d, 1e-12) + w["batch_s"] * rb["batch_s"] / max(best_b, 1e-12)
+            s = w["decode_s"] * seconds(rd, "decode_s") / max(best_d, 1e-12) + w["batch_s"] * seconds(rb, "batch_s") / max(best_b, 1e-12)
             if w["verify_s"] and "verify_s" in rd and math.isfinite(best_v):
-                s += w["verify_s"] * rd["verify_s"] / max(best_v, 1e-12)
+                s += w["verify_s"] * seconds(rd, "verify_s") / max(best_v, 1e-12)
             if s < score:
                 choice, score = (d, b), s
     return choice
@@ -404,7 +411,7 @@ class ExecutionPlan:
     ``layers[name]``: ``format`` (an id into ``formats``), ``decode``/``batch`` paths,
     ``held_bytes_per_weight`` (measured); ``formats[id]``: the format and, per activation dtype,
     every candidate's parity error and times; ``activation_seconds``: the summed layer times of
-    the workload per allowed activation dtype."""
+    the workload per allowed activation dtype (None where some layer had no path in it)."""
 
     signature: dict
     settings: PlanSettings
@@ -580,10 +587,10 @@ def plan_execution(loaded, settings: PlanSettings | None = None, progress: bool 
                     continue
                 choices[dtype][name] = pair
                 side = pair[1] if regime == "batch_s" else pair[0]
-                totals[dtype] += entry["measured"][dname]["paths"][side][regime]
+                totals[dtype] += seconds(entry["measured"][dname]["paths"][side], regime)
     feasible = [d for d in allowed if math.isfinite(totals[d])] or [torch.float32]
     act = min(feasible, key=lambda d: totals[d])
-    plan.activation_seconds = {str(d).replace("torch.", ""): totals[d] for d in allowed}
+    plan.activation_seconds = {str(d).replace("torch.", ""): totals[d] if math.isfinite(totals[d]) else None for d in allowed}
     plan.activations = str(act).replace("torch.", "")
     if act != stored:
         plan._undo = switch_activations(model, act, settings.memory)
@@ -678,7 +685,7 @@ def plan_table(summary: dict) -> str:
     """Markdown: per format, the paths measured on this machine and the layers' choices."""
     lines = [
         f"activations: {summary['activations']} (stored {summary['stored_dtype']}; summed layer time of the {summary['workload']} workload per dtype: "
-        + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in summary["activation_seconds"].items()) + ")",
+        + ", ".join(f"{k} {v * 1e3:.1f} ms" if v is not None else f"{k} – (a layer had no path)" for k, v in summary["activation_seconds"].items()) + ")",
         "",
         "| format | layers | activations | path | rel. error | decode ms | verify ms | batch ms | chosen |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -693,9 +700,8 @@ def plan_table(summary: dict) -> str:
             for p, r in measured["paths"].items():
                 picked = [reg for reg, q in chosen.get(fid, set()) if q == p] if dname == summary["activations"] else []
                 err = f"{r['rel_error']:.1e}" if "rel_error" in r else r.get("error", "–")
-                d = f"{r['decode_s'] * 1e3:.3f}" if math.isfinite(r.get("decode_s", math.inf)) else "–"
-                v = f"{r['verify_s'] * 1e3:.3f}" if math.isfinite(r.get("verify_s", math.inf)) else "–"
-                b = f"{r['batch_s'] * 1e3:.2f}" if math.isfinite(r.get("batch_s", math.inf)) else "–"
+                d, v, b = (f"{seconds(r, reg) * 1e3:.{k}f}" if math.isfinite(seconds(r, reg)) else "–"
+                           for reg, k in (("decode_s", 3), ("verify_s", 3), ("batch_s", 2)))
                 lines.append(f"| {label} | {entry['layers']} | {dname} | {p} | {err}{'' if r.get('ok') else ' ✗'} | {d} | {v} | {b} | {', '.join(sorted(picked))} |")
     for name, entry in (summary.get("embeddings") or {}).items():
         m = entry["measured"]
