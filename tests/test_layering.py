@@ -14,7 +14,7 @@ import slimformer
 
 # Lowest first; a package may import its own modules and those of any lower layer.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "jsonfile", "timing"),
+    ("errors", "jsonfile", "timing", "dynamo"),
     ("data", "kernels"),
     ("models",),
     ("methods",),

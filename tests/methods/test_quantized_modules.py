@@ -217,6 +217,36 @@ def test_fused_w8a8_float_product_equals_its_eager_definition():
         assert torch.allclose(fused_w8a8_float_product(*args), w8a8_float_product(*args), rtol=1e-5, atol=1e-5)
 
 
+def test_a_fused_function_compiles_every_variant_instead_of_falling_back_to_eager():
+    """Dynamo's default of 8 graphs per function was reached by the planner timing three W8A8
+    shapes in two dtypes; each later variant then ran eagerly (logged once, no error)."""
+    import io
+    import logging
+
+    import torch._dynamo
+
+    from slimformer.methods.quantization.modules import FUSED_GRAPHS, _Fused
+
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+    def shifted(x, how: str, dtype: torch.dtype):  # a string and a dtype: both guarded as constants
+        return (x * 2 if how == "double" else x + 1 if how == "plus" else x - 1 if how == "minus" else -x).to(dtype)
+
+    fused, log = _Fused(shifted), io.StringIO()
+    handler = logging.StreamHandler(log)
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        with torch._dynamo.config.patch(**{name: 8}):  # Dynamo's default, whatever ran before
+            x = torch.randn(5, 3)
+            for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                for how in ("double", "plus", "minus", "negate"):  # 12 static variants
+                    assert torch.equal(fused(x, how, dtype), shifted(x, how, dtype))
+            assert getattr(torch._dynamo.config, name) >= FUSED_GRAPHS
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+    assert "recompile_limit" not in log.getvalue() and "cache_size_limit" not in log.getvalue()
+
+
 @pytest.mark.parametrize("w_symmetric,a_symmetric", [(True, True), (False, False), (True, False)])
 def test_onednn_int8_path_gives_the_int_mm_result_bit_for_bit(w_symmetric, a_symmetric):
     """int8-onednn (oneDNN's quantized linear on a weight prepacked once) computes the same

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from slimformer.timing import interleaved_times
+from slimformer.dynamo import allow_graphs  # noqa: F401 - re-exported: runtime code and benchmarks import it from here
 
 
 @dataclass
@@ -70,15 +71,6 @@ def exception_line(exc: BaseException) -> str:
     """``Type: first line of the message`` (200 characters at most), for reports and warnings."""
     text = str(exc)
     return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
-
-
-def allow_graphs(n: int) -> None:
-    """Let Dynamo keep at least ``n`` compiled graphs per code object (``recompile_limit``;
-    ``cache_size_limit`` in older torch): beyond the limit, later shapes silently run eagerly."""
-    import torch._dynamo
-
-    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), n))
 
 
 def _inductor_freezing(on: bool):

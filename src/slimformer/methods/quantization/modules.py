@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimformer import kernels as kernels_lib
+from slimformer.dynamo import allow_graphs
 from slimformer.kernels import onednn_int8
 from slimformer.methods.quantization import grid
 
@@ -228,11 +229,19 @@ def rescale_int8_product(acc: torch.Tensor, w_scale: torch.Tensor, x_scale: torc
     return y.to(dtype)
 
 
+# Compiled graphs each fused function may keep: one per static variant it is called with
+# (activation dtype x GEMM dtype x symmetric x bias x zero-point offset...). Dynamo's default of 8
+# was reached by the planner timing three W8A8 layer shapes in float32 and bfloat16: every later
+# variant then ran eagerly, several passes over memory, and was timed (and chosen) as such.
+FUSED_GRAPHS = 64
+
+
 class _Fused:
     """``fn`` compiled by ``torch.compile`` (inductor fuses its element-wise passes into one
     vectorised C++ loop; shapes dynamic), falling back to eager ``fn`` when compilation is not
     available here (no C++ compiler) or disabled with ``SLIMFORMER_COMPILE=0``. Results are
-    the same either way; only the number of passes over memory differs."""
+    the same either way; only the number of passes over memory differs. Compiling first lets
+    Dynamo keep ``FUSED_GRAPHS`` graphs per function, so no variant silently runs eagerly."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -243,6 +252,7 @@ class _Fused:
         if not self.failed:
             try:
                 if self.compiled is None:
+                    allow_graphs(FUSED_GRAPHS)
                     self.compiled = torch.compile(self.fn, dynamic=True)
                 return self.compiled(*args)
             except Exception as exc:  # noqa: BLE001 - any compiler failure: run eagerly
