@@ -26,16 +26,11 @@
 #include <cstring>
 #include <vector>
 
+#include "hsum.h"
+
 namespace {
 
 constexpr int kMaxRows = 64;  // grouped query heads x query tokens per key/value head (as the Python side checks)
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
 
 template <bool BF16>
 inline __m256 load8(const void* p, int64_t i) {

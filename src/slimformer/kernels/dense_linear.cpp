@@ -22,14 +22,9 @@
 
 #include <cstring>
 
-namespace {
+#include "hsum.h"
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
+namespace {
 
 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
 

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <vector>
 
+#include "hsum.h"
 #include "q8_rounding.h"
 
 namespace {
@@ -56,13 +57,6 @@ struct GroupParams {
     return {s + n * G, half, z ? z + n * G : nullptr, m ? m + n * G : nullptr, zdefault};
   }
 };
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
 
 // Codes of one 32-column chunk as four float vectors, in the order the x layout below expects.
 template <int BITS>
