@@ -12,7 +12,7 @@ the fp32 and bf16 ceilings.
 
     python benchmarks/execution_planner.py [--repeats 5] [--quick]
 
-Writes benchmarks/results/execution_planner.{md,json,png}.
+Writes benchmarks/results/execution_planner[_NAME].{md,json,png}.
 """
 
 from __future__ import annotations
@@ -176,6 +176,7 @@ def main() -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled (Inductor, frozen weights) variants")
     parser.add_argument("--pruning-target", type=float, default=0.99,
                         help="calibration cosine the token-pruning rate search keeps for the cos >= 0.99 row (0: no pruning row)")
+    parser.add_argument("--name", default="", help="suffix of the result files (execution_planner_NAME.*), e.g. the machine")
     parser.add_argument("--lean-corpus", action="store_true",
                         help="corpus timings only for fp32 (padded and bucketed) and the planned models (bucketed): a saturated machine")
     args = parser.parse_args()
@@ -369,7 +370,7 @@ def main() -> int:
         "rows": rows, "plans": plans, "compiled": compiled_reports, "widths": widths_info, "pruning": pruning_info, "seconds": time.time() - t_start,
     }
     RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + (f"_{args.name}" if args.name else "")
     (RESULTS / f"execution_planner{suffix}.json").write_text(json.dumps(out, indent=1, default=str))
     (RESULTS / f"execution_planner{suffix}.md").write_text(markdown(out))
     import matplotlib
