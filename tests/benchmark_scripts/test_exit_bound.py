@@ -1,0 +1,33 @@
+"""The early-exit bound of benchmarks/exit_bound.py: never above the true optimum, and attained."""
+
+import importlib.util
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "exit_bound.py"
+
+
+@pytest.fixture(scope="module")
+def eb():
+    spec = importlib.util.spec_from_file_location("exit_bound", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["exit_bound"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("seed,floor", [(0, 0.9), (1, 0.8), (2, 0.95), (3, 0.7)])
+def test_the_bound_lies_below_every_assignment_meeting_the_floor_and_the_found_one_meets_it(eb, seed, floor):
+    g = torch.Generator().manual_seed(seed)
+    n, exits = 6, 4
+    cos = torch.cat([torch.rand(n, exits - 1, generator=g).sort(1).values, torch.ones(n, 1)], 1)
+    result = eb.oracle(cos, floor)
+    optimum = min(sum(k + 1 for k in pick) / n for pick in itertools.product(range(exits), repeat=n)
+                  if sum(float(cos[i, k]) for i, k in enumerate(pick)) / n >= floor)
+    assert result["blocks_lower"] <= optimum + 1e-9  # a bound: no assignment does better
+    assert result["blocks"] >= optimum - 1e-9 and result["cos"] >= floor  # an assignment that exists
+    assert result["speedup_bound"] == pytest.approx(exits / result["blocks_lower"])
