@@ -347,10 +347,10 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
 @torch.no_grad()
 def exit_oracle(model, original, texts: list[str], floor: float = 0.97) -> dict:
     """The most any exit rule could save with ``model``'s exits: per input, the cosine of every
-    exit's output and of the full-depth output to the original's embedding; then each input is
-    sent to the exit a perfect, input-by-input rule would pick (a Lagrangian sweep over the
-    multiple-choice knapsack "fewest blocks at mean cos >= floor"). Returns the mean depth, the
-    block-compute bound (blocks / mean depth) at the floor, and each exit's mean cosine."""
+    exit's output and of the full-depth output to the original's embedding; then the fewest blocks
+    on average that any input-by-input rule needs at mean cos >= floor (``exit_bound.oracle``: a
+    Lagrangian-dual lower bound, and the best assignment found). Returns the mean depth found, its
+    lower bound, the block-compute bound (blocks / that) at the floor, and each exit's mean cosine."""
     from slimformer.evaluate.quality import _tokenize, encode
     from slimformer.methods.dynamic.runtime import DynamicEncoder
 
@@ -366,15 +366,10 @@ def exit_oracle(model, original, texts: list[str], floor: float = 0.97) -> dict:
         cols.append(torch.stack(per_exit + [torch.nn.functional.normalize(final, dim=-1)], 1))  # (rows, exits + 1, dim)
     emb = torch.cat(cols)
     cos = (emb * reference[:, None, :]).sum(-1)  # (n, exits + 1)
-    depth = torch.tensor([k + 1 for k in layers] + [n_blocks], dtype=torch.float32)
-    best = {"depth": float(n_blocks), "cos": float(cos[:, -1].mean()), "lambda": None}
-    for lam in torch.logspace(-1, 4, 400).tolist():
-        choice = (depth[None, :] + lam * (1 - cos)).argmin(1)
-        c = float(cos.gather(1, choice[:, None]).mean())
-        d = float(depth[choice].mean())
-        if c >= floor and d < best["depth"]:
-            best = {"depth": d, "cos": c, "lambda": lam}
-    return {"floor": floor, "mean_depth": best["depth"], "mean_cos": best["cos"], "bound": n_blocks / best["depth"],
+    from exit_bound import oracle
+
+    best = oracle(cos, floor, torch.tensor([k + 1 for k in layers] + [n_blocks]))
+    return {"floor": floor, "mean_depth": best["blocks"], "mean_cos": best["cos"], "depth_lower": best["blocks_lower"], "bound": best["speedup_bound"],
             "exit_cos": {str(k): float(cos[:, j].mean()) for j, k in enumerate(layers)}}
 
 
@@ -466,7 +461,8 @@ def markdown(meta, rows) -> str:
     for source, o in meta.get("exit_oracle", {}).items():
         lines.append(f"  - bound on `{source}`: the `exit-frozen` exits reach mean cos {', '.join(f'{v:.3f}' for v in o['exit_cos'].values())} after blocks "
                      f"{', '.join(o['exit_cos'])}; a perfect input-by-input rule keeps mean cos ≥ {o['floor']} at {o['mean_depth']:.2f} blocks on average "
-                     f"(cos {o['mean_cos']:.4f}): at most {o['bound']:.2f}× in block compute, before the exit heads' own cost")
+                     f"(cos {o['mean_cos']:.4f}; no rule below {o.get('depth_lower', o['mean_depth']):.2f}): at most {o['bound']:.2f}× in block compute, "
+                     "before the exit heads' own cost")
     return "\n".join(lines) + "\n"
 
 

@@ -62,19 +62,21 @@ def pooled_states(loaded, texts: list[str], batch_size: int = 32) -> tuple[torch
     return torch.cat(layers), torch.cat(finals)
 
 
-def oracle(cos: torch.Tensor, floor: float) -> dict:
+def oracle(cos: torch.Tensor, floor: float, depth: torch.Tensor | None = None) -> dict:
     """The fewest mean blocks with mean cosine >= ``floor``. ``cos`` (n, exits) is each input's
-    cosine at the exit after block k (k = 0..exits-2) and 1.0 in the last column (the full model).
+    cosine at every exit, the full model last; ``depth`` (exits,) the blocks run to reach each
+    (default 1, 2, ..., exits: an exit after every block).
 
     Returns ``blocks_lower``, a lower bound on the optimum (the Lagrangian dual: for every
     λ >= 0, mean_i min_k (k+1 - λ·cos_ik) + λ·floor never exceeds the mean blocks of any
     assignment meeting the floor; its maximum over the λ grid), ``blocks`` and ``cos`` of the
     best assignment found that meets the floor (each input at its argmin for some λ: an
-    achievable point), and ``speedup_bound`` = exits / ``blocks_lower``, which no rule beats."""
+    achievable point), and ``speedup_bound`` = the full depth / ``blocks_lower``, which no rule
+    beats."""
     n, exits = cos.shape
-    blocks = torch.arange(1, exits + 1, dtype=torch.float64)
+    blocks = torch.arange(1, exits + 1, dtype=torch.float64) if depth is None else depth.double()
     c = cos.double()
-    best = {"blocks": float(exits), "cos": 1.0}
+    best = {"blocks": float(blocks[-1]), "cos": float(c[:, -1].mean())}
     lower = 0.0
     for lam in torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-2, 5, 3000, dtype=torch.float64)]):
         values = blocks[None, :] - lam * c
@@ -85,7 +87,7 @@ def oracle(cos: torch.Tensor, floor: float) -> dict:
         if mean_cos >= floor and mean_blocks < best["blocks"]:
             best = {"blocks": mean_blocks, "cos": mean_cos}
     best["blocks_lower"] = min(lower, best["blocks"])
-    best["speedup_bound"] = exits / best["blocks_lower"]
+    best["speedup_bound"] = float(blocks[-1]) / best["blocks_lower"]
     return best
 
 
