@@ -1,4 +1,4 @@
-"""The AMX tile attention kernel against SDPA, its fallback, and the planner's measured choice."""
+"""The tile attention kernel (AMX, or its AVX512-BF16 form) against SDPA, its fallback, and the planner's measured choice."""
 
 from __future__ import annotations
 
@@ -18,10 +18,19 @@ from slimformer.runtime.tile_attention import NAME, tile_attention_forward
 
 
 def _needs_kernel():
-    if kernel._cpu_supports() is None:  # an AMX CPU: the kernel must build and run here
+    reason = kernel.LIBRARY.cpu_reason()
+    if reason is None:  # an AMX CPU, or one with AVX512-BF16: the kernel's form must build and run here
         assert kernel.available(), kernel.unavailable_reason()
     else:
-        pytest.skip(f"no AMX tile kernel on this CPU: {kernel._cpu_supports()}")
+        pytest.skip(f"no tile attention kernel on this CPU: {reason}")
+
+
+def test_the_amx_form_is_taken_where_the_cpu_has_tiles_and_the_avx512_form_elsewhere():
+    if kernel._cpu_supports() is None:
+        assert kernel.LIBRARY is kernel.AMX_LIBRARY and kernel.FORM == "AMX"
+    else:
+        assert kernel.LIBRARY is kernel.AVX512_LIBRARY and kernel.FORM == "AVX512-BF16"
+        assert "-mamx-tile" not in kernel.FLAGS_AVX512 and "-DSLIMFORMER_TILE_EMULATION" in kernel.FLAGS_AVX512
 
 
 def _heads(g, b, h, lq, lk, d):
@@ -210,6 +219,8 @@ def test_the_report_names_the_attention_the_plan_chose():
 
     plan = {"machine": {"cpu": "X"}, "settings": {"memory": "fast"}, "activations": "bfloat16", "attention": {"chosen": NAME, "packing": True}}
     assert _execution({"execution": plan}, {}).endswith("bfloat16 activations; attention on AMX tiles, packed rows")
+    plan["attention"] = {"chosen": NAME, "packing": False, "form": "AVX512-BF16"}
+    assert _execution({"execution": plan}, {}).endswith("bfloat16 activations; attention on the tile kernel (AVX512-BF16)")
     plan["attention"] = {"chosen": "sdpa", "packing": False}
     assert _execution({"execution": plan}, {}).endswith("bfloat16 activations")
 

@@ -5,7 +5,8 @@ or bfloat16 weight read in place (``torch.ops.slimformer.dense_linear``: decodin
 model's float weights, where the BLAS's one-row GEMV is slow on some CPUs).
 :mod:`slimformer.kernels.decode_attention` computes the decode step's attention against a long KV
 cache (``torch.ops.slimformer.decode_attention``). :mod:`slimformer.kernels.tile_attention` computes encoder attention on Intel
-AMX tiles (``torch.ops.slimformer.tile_attention``; built and loaded only where the CPU has AMX).
+AMX tiles (``torch.ops.slimformer.tile_attention``), or, where the CPU has AVX512-BF16 but no AMX,
+the same kernel with each tile product done by ``VDPBF16PS`` on tiles emulated in memory.
 :mod:`slimformer.kernels.onednn_int8` wraps oneDNN's int8 GEMM on a weight
 prepacked once (``torch.ops.slimformer.onednn_int8_product``, W8A8 layers). The fifth,
 ``torch.ops.slimformer.packed_linear`` (``packed_linear.cpp``): a few-row

@@ -21,9 +21,11 @@ With ``cu_seqlens`` (:func:`tile_attention_packed`) it takes sequences packed ba
 row, FlashAttention's varlen layout: a batch of texts then runs with no padding at all.
 
 Built like the other kernels (:mod:`slimformer.kernels`: compiled once per machine and torch into
-the kernel cache), with AVX-512 and AMX flags, and only where the CPU reports AMX tiles and
-AVX512-BF16; the first call asks Linux for the tile state (``arch_prctl``). Elsewhere
-:func:`available` is False and attention stays with SDPA.
+the kernel cache), with AVX-512 and AMX flags where the CPU reports AMX tiles and AVX512-BF16 (the
+first call asks Linux for the tile state, ``arch_prctl``); where it has AVX512-BF16 but no AMX,
+the same source is built with every tile product done by ``VDPBF16PS`` on tiles emulated in
+memory (:data:`FORM` says which). Elsewhere :func:`available` is False and attention stays with
+SDPA.
 """
 
 from __future__ import annotations
@@ -35,20 +37,29 @@ import torch
 from slimformer import kernels as kernels_lib
 
 SOURCE = Path(__file__).with_name("tile_attention.cpp")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma",
-         "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-w"]
+_AVX512 = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-w"]
+FLAGS = _AVX512 + ["-mamx-tile", "-mamx-bf16"]
+# The same source without AMX: each tile product done by AVX512-BF16 dot products on tiles
+# emulated in memory (``SLIMFORMER_TILE_EMULATION`` in tile_attention.cpp), for CPUs with
+# AVX512-BF16 and no AMX (AMD EPYC Zen 4, Intel Cooper Lake).
+FLAGS_AVX512 = _AVX512 + ["-DSLIMFORMER_TILE_EMULATION"]
 MAX_KEYS = 1024
 HEAD_MULTIPLE = 32
 
-def _cpu_supports() -> str | None:
+
+def _avx512_bf16_reason() -> str | None:
     reason = kernels_lib._cpu_supports()  # x86-64 with AVX2 at least
     if reason is not None:
         return reason
-    if not torch.cpu._is_amx_tile_supported():
-        return "the CPU has no AMX tiles"
     if not torch.cpu._is_avx512_bf16_supported():
         return "the CPU lacks AVX512-BF16"
     return None
+
+
+def _cpu_supports() -> str | None:
+    if not torch.cpu._is_amx_tile_supported():
+        return "the CPU has no AMX tiles"
+    return _avx512_bf16_reason()
 
 
 def _register_fake() -> None:
@@ -67,7 +78,13 @@ def _after_load() -> None:
     torch.ops.slimformer.tile_attention(q, q, q, None, 1.0)  # the tile state is granted here
 
 
-LIBRARY = kernels_lib.KernelLibrary("tile_attention", SOURCE, FLAGS, _cpu_supports, _after_load)
+AMX_LIBRARY = kernels_lib.KernelLibrary("tile_attention", SOURCE, FLAGS, _cpu_supports, _after_load)
+AVX512_LIBRARY = kernels_lib.KernelLibrary("tile_attention_avx512", SOURCE, FLAGS_AVX512, _avx512_bf16_reason, _after_load)
+# One form per process (both register the same operators): AMX tiles where the CPU has them, else
+# the AVX512-BF16 form. Whether either is faster than SDPA here is measured, not assumed
+# (:func:`slimformer.runtime.tile_attention.choose_attention`).
+LIBRARY = AMX_LIBRARY if _cpu_supports() is None else AVX512_LIBRARY
+FORM = "AMX" if LIBRARY is AMX_LIBRARY else "AVX512-BF16"
 
 
 # The module's interface to its library (see ``kernels.KernelLibrary``): ``load`` builds (once per

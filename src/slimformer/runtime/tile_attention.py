@@ -1,4 +1,5 @@
-"""Encoder attention through the AMX tile kernel, taken where it is measured faster.
+"""Encoder attention through the tile kernel (AMX, or its AVX512-BF16 form where the CPU has no
+AMX: ``kernel.FORM``), taken where it is measured faster.
 
 :func:`tile_attention_forward` is a transformers attention function (registered with
 ``AttentionInterface`` as ``"slimformer_tile"``, with SDPA's mask builder) that runs
@@ -168,7 +169,8 @@ def choose_attention(loaded, max_length: int = 128, rows: int = 32, repeats: int
     ``cached``, and ``reason`` when the kernel was not timed (unavailable here, or the model's
     attention does not fit it)."""
     model = loaded.model
-    out: dict = {"chosen": attention_implementation(model), "packing": bool(loaded.packing), "seconds": None, "cached": False, "reason": None}
+    out: dict = {"chosen": attention_implementation(model), "packing": bool(loaded.packing), "seconds": None, "cached": False, "reason": None,
+                 "form": kernel.FORM}
     if getattr(loaded, "kind", None) != "encoder":
         out["reason"] = "attention is chosen for encoders"
         return out
