@@ -37,6 +37,7 @@ from slimformer.methods.dynamic.token_pruning import describe_rates
 from slimformer.evaluate.quality import _tokenize
 from slimformer.methods.quantization.cast import cast_model
 from slimformer.io.serialization import kernel_summary
+from slimformer.kernels import tile_attention as tile_kernel
 from slimformer.runtime.compile import allow_graphs, compile_fallbacks, compile_model
 from slimformer.runtime.machine import describe_machine, machine_line
 from slimformer.runtime.alignment import align_widths
@@ -64,8 +65,11 @@ def encoder_flops(batch: dict, config) -> float:
     return float(n * (2 * lengths * (4 * d * d + 2 * d * f) + 4 * lengths * lengths * d).sum())
 
 
-def _attention(row: dict) -> str:
-    return {"slimformer_tile": "AMX tiles", "sdpa": "SDPA"}.get(row.get("attention"), row.get("attention") or "–")
+def _attention(row: dict, form: str = "AMX") -> str:
+    """The attention column: SDPA, or the tile kernel in the form this run's CPU built
+    (``kernels.tile_attention.FORM``: AMX tiles, or AVX512-BF16 on CPUs without AMX)."""
+    tiles = "AMX tiles" if form == "AMX" else f"tile kernel ({form})"
+    return {"slimformer_tile": tiles, "sdpa": "SDPA"}.get(row.get("attention"), row.get("attention") or "–")
 
 
 def attention_lines(out: dict) -> list[str]:
@@ -80,7 +84,7 @@ def attention_lines(out: dict) -> list[str]:
             lines.append(f"- {name}: attention left on SDPA ({found.get('reason')})")
             continue
         times = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in found["seconds"].items())
-        chosen = _attention({"attention": found["chosen"]}) + (", packed rows" if found.get("packing") else "")
+        chosen = _attention({"attention": found["chosen"]}, out.get("attention_form", "AMX")) + (", packed rows" if found.get("packing") else "")
         lines.append(f"- {name}: {chosen} chosen{' (cached)' if found.get('cached') else ''}; embed of 32 rows of 8-128 tokens: {times}")
     return lines
 
@@ -130,7 +134,7 @@ def markdown(out: dict) -> str:
         ex = ", ".join(f"{k}×{v}" for k, v in sorted(r["execution"].items()))
         lines.append(
             f"| {r['variant']} | {r['size_ratio']:.3f} | {r['cos_mean']:.4f} | {r['cos_min']:.4f} | {r['resident_mb']:.1f} | {r['fixed_s'] * 1e3:.0f} | "
-            f"{r['fixed_speedup']:.2f}× | {r['fixed_gflops']:.1f} | {_x(r['corpus_padded_speedup'])} | {_x(r['corpus_bucketed_speedup'])} | {r['activations'] or '–'} | {_attention(r)}{', packed' if r.get('packing') else ''} | {ex} |"
+            f"{r['fixed_speedup']:.2f}× | {r['fixed_gflops']:.1f} | {_x(r['corpus_padded_speedup'])} | {_x(r['corpus_bucketed_speedup'])} | {r['activations'] or '–'} | {_attention(r, out.get('attention_form', 'AMX'))}{', packed' if r.get('packing') else ''} | {ex} |"
         )
     best_plain = max((r for r in out["rows"] if r["variant"] in ("fp32", "bf16 cast")), key=lambda r: r["fixed_speedup"])
     best_compiled = next((r for r in out["rows"] if r["variant"] == "bf16 cast, compiled (frozen)"), None)
@@ -364,7 +368,7 @@ def main() -> int:
         })
     out = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine, "load_during_timing": loads, "repeats": args.repeats,
+        "machine": machine, "load_during_timing": loads, "repeats": args.repeats, "attention_form": tile_kernel.FORM,
         "fixed_batch": list(fixed["input_ids"].shape), "corpus_texts": len(texts),
         "corpus_real_tokens": int(sum(lengths)), "corpus_padded_positions": int(sum(b["input_ids"].numel() for b in padded_batches)),
         "rows": rows, "plans": plans, "compiled": compiled_reports, "widths": widths_info, "pruning": pruning_info, "seconds": time.time() - t_start,
