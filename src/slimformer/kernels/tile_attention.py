@@ -1,4 +1,4 @@
-"""Encoder attention on Intel AMX tiles: ``torch.ops.slimformer.tile_attention``.
+"""Encoder attention on Intel AMX tiles (or their AVX512-BF16 emulation): ``torch.ops.slimformer.tile_attention``.
 
 ``softmax(q k^T * scale + mask) v`` for bfloat16 heads whose size is a multiple of 32 and up to
 :data:`MAX_KEYS` keys (``tile_attention.cpp``). Per (batch, head) the scores of 16 queries against
@@ -75,7 +75,7 @@ def _register_fake() -> None:
 def _after_load() -> None:
     _register_fake()
     q = torch.zeros(1, 1, 1, HEAD_MULTIPLE, dtype=torch.bfloat16)
-    torch.ops.slimformer.tile_attention(q, q, q, None, 1.0)  # the tile state is granted here
+    torch.ops.slimformer.tile_attention(q, q, q, None, 1.0)  # AMX form: the tile state is granted here
 
 
 AMX_LIBRARY = kernels_lib.KernelLibrary("tile_attention", SOURCE, FLAGS, _cpu_supports, _after_load)
