@@ -143,7 +143,7 @@ def test_packed_segments_compile_and_receive_the_sequence_boundaries():
 
 def test_packed_key_bias_on_the_kernel_and_the_fallback_match_per_sequence_attention():
     """A per-key bias on packed rows: each sequence's attention with its own keys' bias, on the
-    AMX kernel (bf16, where the CPU has it) and on the SDPA fallback (float32)."""
+    tile kernel (bf16, where the CPU has AMX or AVX512-BF16) and on the SDPA fallback (float32)."""
     g = torch.Generator().manual_seed(4)
     layer = torch.nn.Module()
     layer.is_causal, layer.training = False, False
@@ -151,8 +151,8 @@ def test_packed_key_bias_on_the_kernel_and_the_fallback_match_per_sequence_atten
     bias = (1 + 3 * torch.rand(63, generator=g)).log()
     for dtype in (torch.float32, torch.bfloat16):
         if dtype == torch.bfloat16:
-            if kernel._cpu_supports() is not None:
-                continue  # no AMX here: the float32 fallback above is what runs
+            if kernel.LIBRARY.cpu_reason() is not None:
+                continue  # no tile kernel here (no AMX, no AVX512-BF16): the float32 fallback above is what runs
             assert kernel.available(), kernel.unavailable_reason()
         q, k, v = (torch.randn(1, 63, 2, 32, generator=g).to(dtype).transpose(1, 2) for _ in range(3))
         out, _ = tile_attention_forward(layer, q, k, v, bias.to(dtype)[None, None, None, :], scaling=32**-0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
@@ -166,8 +166,8 @@ def test_packed_key_bias_on_the_kernel_and_the_fallback_match_per_sequence_atten
 
 
 def test_bf16_packed_pruning_on_the_kernel_agrees_with_bucketed():
-    if kernel._cpu_supports() is not None:
-        pytest.skip(f"no AMX tile kernel on this CPU: {kernel._cpu_supports()}")
+    if kernel.LIBRARY.cpu_reason() is not None:
+        pytest.skip(f"no tile attention kernel on this CPU: {kernel.LIBRARY.cpu_reason()}")
     assert kernel.available(), kernel.unavailable_reason()
     loaded = _bert(torch.bfloat16)
     install_token_pruning(loaded, TokenPruningConfig(keep_ratio=0.5, layers=(0, 2), schedule="length", min_tokens=8, fuse=True))
