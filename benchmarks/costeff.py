@@ -214,7 +214,8 @@ def evaluate_all(repeats: int = 3, n_texts: int = 128, quick: bool = False, bf16
     widths_report: dict = {}
     attention_report: dict = {}
     if bf16 and compile_models:
-        from slimformer.runtime.compile import allow_graphs, compile_model
+        from slimformer.dynamo import allow_graphs
+        from slimformer.runtime.compile import compile_model
 
         # every compiled model here shares the same code objects: room for all their graphs
         allow_graphs(128)

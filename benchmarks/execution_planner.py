@@ -38,7 +38,8 @@ from slimformer.evaluate.quality import _tokenize
 from slimformer.methods.quantization.cast import cast_model
 from slimformer.io.serialization import kernel_summary
 from slimformer.kernels import tile_attention as tile_kernel
-from slimformer.runtime.compile import allow_graphs, compile_fallbacks, compile_model
+from slimformer.dynamo import allow_graphs
+from slimformer.runtime.compile import compile_fallbacks, compile_model
 from slimformer.runtime.machine import describe_machine, machine_line
 from slimformer.runtime.alignment import align_widths
 from slimformer.runtime.planner import PlanSettings, plan_execution, plan_table
@@ -68,8 +69,7 @@ def encoder_flops(batch: dict, config) -> float:
 def _attention(row: dict, form: str = "AMX") -> str:
     """The attention column: SDPA, or the tile kernel in the form this run's CPU built
     (``kernels.tile_attention.FORM``: AMX tiles, or AVX512-BF16 on CPUs without AMX)."""
-    tiles = "AMX tiles" if form == "AMX" else f"tile kernel ({form})"
-    return {"slimformer_tile": tiles, "sdpa": "SDPA"}.get(row.get("attention"), row.get("attention") or "–")
+    return {"slimformer_tile": tile_kernel.form_label(form), "sdpa": "SDPA"}.get(row.get("attention"), row.get("attention") or "–")
 
 
 def attention_lines(out: dict) -> list[str]:

@@ -74,8 +74,9 @@ def _execution(manifest: dict, quality: dict, compiled: dict | None = None) -> s
         text += f"; planned on {plan['machine'].get('cpu')} ({plan['settings'].get('memory')}), {plan['activations']} activations"
         attention = plan.get("attention") or {}
         if attention.get("chosen") == "slimformer_tile":
-            form = attention.get("form", "AMX")
-            text += ("; attention on AMX tiles" if form == "AMX" else f"; attention on the tile kernel ({form})") + (", packed rows" if attention.get("packing") else "")
+            from slimformer.kernels.tile_attention import form_label
+
+            text += f"; attention on {form_label(attention.get('form', 'AMX'))}" + (", packed rows" if attention.get("packing") else "")
     if compiled:
         if compiled.get("compiled"):
             text += (f"; timed compiled ({compiled['backend']}: {compiled['speedup']:.2f}× over eager, "

@@ -87,6 +87,12 @@ LIBRARY = AMX_LIBRARY if _cpu_supports() is None else AVX512_LIBRARY
 FORM = "AMX" if LIBRARY is AMX_LIBRARY else "AVX512-BF16"
 
 
+def form_label(form: str = FORM) -> str:
+    """How reports and benchmark tables name the kernel in ``form`` (a plan records the form of
+    the machine it was made on; default: this process's)."""
+    return "AMX tiles" if form == "AMX" else f"the tile kernel ({form})"
+
+
 # The module's interface to its library (see ``kernels.KernelLibrary``): ``load`` builds (once per
 # machine and torch) and loads it, True when usable; ``loaded`` is the lock-free check used inside
 # traced forwards.

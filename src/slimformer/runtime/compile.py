@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from slimformer.timing import interleaved_times
-from slimformer.dynamo import allow_graphs  # noqa: F401 - re-exported: runtime code and benchmarks import it from here
+from slimformer.dynamo import allow_graphs
 
 
 @dataclass

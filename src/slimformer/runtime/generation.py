@@ -380,7 +380,7 @@ class TextGenerator:
         if not self.compile:
             return forward_step
         if self._compiled is None:
-            from slimformer.runtime.compile import allow_graphs
+            from slimformer.dynamo import allow_graphs
 
             allow_graphs(64)
             self._compiled = torch.compile(forward_step, fullgraph=True, dynamic=False)
