@@ -35,6 +35,7 @@ from slimformer.search.evolution import evolve
 from slimformer.search.run import plot_front
 
 RESULTS = Path(__file__).resolve().parent / "results"
+QUANTIZER_NAMES = {"gptq": "GPTQ", "rtn": "RTN", "quantease": "QuantEase"}
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -101,8 +102,15 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
         return f"| {name} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {q['embedding_cosine_mean']:.4f} | {q['embedding_cosine_min']:.4f} | {q['retrieval_agreement_at_10']:.3f} |"
 
     names = front.get("level_names", {})  # (width, group size) levels: their names
+    method = QUANTIZER_NAMES.get(front["space"]["space"]["quantizer"], front["space"]["space"]["quantizer"])
+    base = front.get("baseline")
+    if base:  # the uniform settings of another space's levels (e.g. plain GPTQ), same held-out text, this run
+        bnames = base.get("level_names", {})
+        bmethod = QUANTIZER_NAMES.get(base["space"]["space"]["quantizer"], base["space"]["space"]["quantizer"])
+        for bits, p in base["uniform"].items():
+            lines.append(row(f"uniform {bnames.get(bits, bits + '-bit')} {bmethod} (baseline space)", p))
     for bits, p in front["uniform"].items():
-        lines.append(row(f"uniform {names.get(bits, bits + '-bit')} GPTQ", p))
+        lines.append(row(f"uniform {names.get(bits, bits + '-bit')} {method}", p))
     def removed(p: dict) -> str:
         gone = p.get("removed_sublayers") or []
         return f", {len(gone)} sub-layers removed" if gone else ""
@@ -159,16 +167,49 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
             continue
         # a byte budget equal to a uniform level's stored bytes: the issue line against that level
         limit = float(label_.split("=")[1])
-        same = [b for b, p in front["uniform"].items() if abs(p["stored_bytes"] - limit) <= 0.001 * limit]
-        if not same:
-            continue
-        un = front["uniform"][same[0]]["quality"]["kl_divergence"]
-        lines.append(issue_line(f"{label_}, the stored bytes of uniform {names.get(same[0], same[0] + '-bit')}", "that uniform GPTQ's",
-                                entry["searched"]["distortion"], un, entry["dp"]["distortion"]))
+        for uniform, level_names, who in ((front["uniform"], names, method), *(((base["uniform"], bnames, bmethod),) if base else ())):
+            same = [b for b, p in uniform.items() if abs(p["stored_bytes"] - limit) <= 0.001 * limit]
+            if not same:
+                continue
+            un = uniform[same[0]]["quality"]["kl_divergence"]
+            lines.append(issue_line(f"{label_}, the stored bytes of uniform {level_names.get(same[0], same[0] + '-bit')} {who}", f"that uniform {who}'s",
+                                    entry["searched"]["distortion"], un, entry["dp"]["distortion"]))
     if compare:
         lines += compare_lines(front, compare, causal)
     lines += ["", f"![front]({stem or 'search_' + label}.png)", ""]
     return "\n".join(lines)
+
+
+def baseline_uniform(loaded, space: SearchSpace, folder: Path, eval_source: str, eval_texts: int, byte_limits: list[float],
+                     eval_max_length: int = 256) -> dict:
+    """The uniform settings of another space's levels (its own level database in ``folder``, built
+    on the same calibration) that spend one of ``byte_limits`` (the byte budgets searched), each
+    measured on the same held-out text as the search's points: the baseline a search over better
+    levels is judged against (e.g. plain GPTQ for QuantEase levels)."""
+    from slimformer.data import TextSpec, load_texts
+    from slimformer.evaluate.quality import causal_quality
+    from slimformer.methods.calibration import CompressionContext
+    from slimformer.models.loading import max_positions
+    from slimformer.search.database import build_database
+    from slimformer.search.run import assemble
+
+    ctx = CompressionContext(space.calibration)
+    ctx.max_positions = max_positions(loaded)
+    db = build_database(loaded, space, folder, ctx)
+    texts = load_texts(TextSpec(source=eval_source, split="evaluation", n=eval_texts))
+    n_weights = sum(r * c for r, c in db.shapes.values())
+    uniform = {}
+    for code in db.level_bits:
+        stored = sum(space.levels.stored_bits(*db.shapes[u], code) for u in db.units)
+        if not any(abs(stored // 8 - limit) <= 0.001 * limit for limit in byte_limits):
+            continue
+        q = causal_quality(loaded, assemble(loaded, db, {u: code for u in db.units}), texts, eval_max_length, 8)
+        uniform[str(code)] = {"code_bits_per_weight": float(space.levels.width(code)), "stored_bits_per_weight": stored / n_weights,
+                              "stored_bytes": stored // 8, "distortion": q["kl_divergence"], "quality": q}
+    out = {"space": space.to_dict(), "uniform": uniform}
+    if space.levels.mixed_group_sizes:
+        out["level_names"] = {str(b): space.levels.level_name(b) for b in db.level_bits}
+    return out
 
 
 def issue_line(label: str, against: str, searched: float, uniform: float, dp: float) -> str:
@@ -312,6 +353,9 @@ def main() -> int:
     ap.add_argument("--ray-check", type=int, default=0, help="generations of the in-process vs Ray comparison (0: skip)")
     ap.add_argument("--note", default="")
     ap.add_argument("--compare-with", default=None, help="results/<stem>.json of another search (e.g. the bits-only one) to compare with at equal stored bytes")
+    ap.add_argument("--baseline-space", default=None,
+                    help="another space (e.g. recipes/search/bits-groups.yaml, plain GPTQ levels) whose uniform settings are measured on the same "
+                         "held-out text in this run and named in the issue lines (causal LMs)")
     ap.add_argument("--fresh", action="store_true", help="delete the search folder first")
     ap.add_argument("--allocation-bound", action="store_true",
                     help="no search: from the stored sensitivities of runs/bench-search-<label>, what the DP allocation predicts at each budget")
@@ -333,6 +377,11 @@ def main() -> int:
     loaded = load_model(args.model)
     outcome = search(loaded, space, budgets, out, eval_source=args.eval_source, eval_texts=args.eval_texts, force=True, progress=sys.stderr.isatty())
     front = outcome.front
+    if args.baseline_space:
+        base = SearchSpace.from_file(args.baseline_space)
+        base = dataclasses.replace(base, calibration=space.calibration)  # the same calibration documents as the search
+        limits = [b.value for b in budgets if b.kind == "bytes"]
+        front["baseline"] = baseline_uniform(loaded, base, out / "baseline-levels", args.eval_source, args.eval_texts, limits)
     ray = ray_check(loaded, space, out, budgets[0], args.ray_check) if args.ray_check else None
     RESULTS.mkdir(exist_ok=True)
     stem = args.stem or f"search_{label}"

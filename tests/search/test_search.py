@@ -776,3 +776,35 @@ def test_levels_of_several_group_sizes_are_priced_by_their_scales_and_searched_u
     assert layout == {n: (lv.width(c), lv.group(c)) for n, c in entry["bits"].items()}
     steps = Recipe.from_dict(model.manifest["recipe"]).steps
     assert {(s.bits, s.group_size) for s in steps} == set(layout.values())
+
+
+def test_quantease_levels_lower_the_error_of_the_gptq_levels_they_start_from(tiny_factory, tmp_path):
+    """``quantizer: quantease`` refines each GPTQ level by coordinate descent: at the same damping
+    and clipping, every layer's Hessian-weighted output error at 2 and 3 bits is at most GPTQ's
+    and the sum falls; the sweeps are part of the fingerprint (not a GPTQ space's), and the
+    searched recipe carries the levels' settings."""
+    from slimformer.recipe import Recipe
+    from slimformer.search.database import database_key
+    from slimformer.search.run import searched_recipe
+
+    loaded = tiny_factory("llama")
+    gptq = _space()
+    gptq = dataclasses.replace(gptq, levels=dataclasses.replace(gptq.levels, clip_search=True))
+    qe = dataclasses.replace(gptq, levels=dataclasses.replace(gptq.levels, quantizer="quantease", passes=3))
+    assert "passes" not in gptq.to_dict()["space"] and qe.to_dict()["space"]["passes"] == 3
+    assert database_key("m", gptq) != database_key("m", qe)
+    assert database_key("m", qe) != database_key("m", dataclasses.replace(qe, levels=dataclasses.replace(qe.levels, passes=2)))
+    a = build_database(loaded, gptq, tmp_path / "gptq")
+    b = build_database(loaded, qe, tmp_path / "qe")
+    for width in ("2", "3"):
+        pairs = [(a.errors[u][width], b.errors[u][width]) for u in a.units]
+        assert all(y <= x * (1 + 1e-4) for x, y in pairs)
+        assert sum(y for _, y in pairs) < 0.97 * sum(x for x, _ in pairs)
+    recipe = searched_recipe(qe, {b.units[0]: 2, b.units[1]: 3}, "bits=2.5")
+    assert [(s["method"], s["passes"], s["damp"], s["clip_search"]) for s in recipe["steps"]] == [("quantease", 3, 0.01, True)] * 2
+    steps = Recipe.from_dict(recipe).steps
+    assert all(step.passes == 3 and step.damp == 0.01 for step in steps)
+    with pytest.raises(ConfigError, match="passes"):
+        QuantizationLevels(quantizer="quantease", passes=-1)
+    with pytest.raises(ConfigError, match="quantease"):
+        QuantizationLevels(quantizer="awq")

@@ -27,6 +27,7 @@ from slimformer.errors import ConfigError
 from slimformer.jsonfile import write_json
 from slimformer.methods.calibration import CompressionContext, blockwise
 from slimformer.methods.quantization.gptq import quantize_linear_gptq
+from slimformer.methods.quantization.quantease import quantize_linear_quantease
 from slimformer.methods.quantization.modules import QuantizedLinear
 from slimformer.methods.quantization.rtn import quantize_module_rtn
 from slimformer.methods.selection import check_group_size, select_modules
@@ -134,6 +135,8 @@ def build_database(loaded, space: SearchSpace, folder: str | os.PathLike, ctx: C
             width, group = lv.width(bits), lv.group(bits)
             if lv.quantizer == "gptq":
                 q = quantize_linear_gptq(module, hessian, width, group, lv.symmetric, damp=lv.damp, clip_search=lv.clip_search)
+            elif lv.quantizer == "quantease":
+                q = quantize_linear_quantease(module, hessian, width, group, lv.symmetric, lv.passes, lv.damp, lv.clip_search)
             else:
                 q = quantize_module_rtn(module, width, group, lv.symmetric)
             for k, v in q.state_dict().items():
@@ -154,7 +157,7 @@ def build_database(loaded, space: SearchSpace, folder: str | os.PathLike, ctx: C
     # a pure structure search (no widths) has nothing to quantize and needs no calibration pass
     todo = {u: m for u, m in modules.items() if lv.bits and (u not in done or u not in index["descriptions"])}
     if todo:
-        if lv.quantizer == "gptq":
+        if lv.quantizer in ("gptq", "quantease"):
             for name, module, stats in blockwise(loaded, ctx, todo, hessian=True, desc="level database"):
                 store(name, module, stats.hessian[name] / stats.count[name])
                 write_json(index_path, index)

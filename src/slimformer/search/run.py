@@ -108,6 +108,8 @@ def searched_recipe(space: SearchSpace, bits_of: dict[str, int], label: str, rem
                 "targets": list(lv.targets), "include": names, "exclude": []}
         if lv.quantizer == "gptq" and lv.clip_search:
             step["clip_search"] = True  # the levels were built with it
+        if lv.quantizer == "quantease":  # its levels' settings, whatever the method's defaults
+            step.update({"passes": lv.passes, "damp": lv.damp, "clip_search": lv.clip_search})
         steps.append(step)
     gone = ", ".join(f"block {b} {k}" for b, k in sorted(removed))
     return {"slimformer_recipe": 1, "name": f"{space.name}-{label}", "description": f"EvoPress search under {label}" + (f"; removed: {gone}" if gone else ""),

@@ -50,6 +50,7 @@ SCALE_BITS = 16  # bfloat16 scale per group, as stored
 ZERO_BITS = 8  # uint8 zero point per group (asymmetric grids)
 LEVEL_GROUP_STEP = 16  # level code = width + LEVEL_GROUP_STEP * (index of its group size)
 MAX_GROUP_SIZES = 4
+QUANTIZERS = ("gptq", "rtn", "quantease")
 
 
 def _closest(key: str, valid) -> str:
@@ -64,8 +65,10 @@ class QuantizationLevels(ModuleSelection):
     then every (width, group size) pair is a level, so that a layer may buy fewer scales with
     coarser groups and spend the bytes on more bits elsewhere; such spaces are searched under a
     ``bytes`` budget, which counts the scales), the ``quantizer`` that fills the level database
-    (``gptq``: second-order compensation on the original model's calibration inputs; ``rtn``),
-    GPTQ's ``damp`` and ``clip_search`` (each group's range shrunk to the clipping that minimises
+    (``gptq``: second-order compensation on the original model's calibration inputs; ``rtn``;
+    ``quantease``: GPTQ's solution refined by ``passes`` sweeps of QuantEase's coordinate descent
+    on the same inputs, group scales refitted, ``damp`` also its objective's ridge), GPTQ's
+    ``damp`` and ``clip_search`` (each group's range shrunk to the clipping that minimises
     its Hessian-weighted rounding error before GPTQ runs; helps most at 2-3 bits), the sub-layers
     that may be removed (``drop``), whether the linears of a droppable sub-layer share one width
     (``shared_width``; default: each its own), and whether a layer may keep its original weights
@@ -78,6 +81,7 @@ class QuantizationLevels(ModuleSelection):
     quantizer: str = "gptq"
     damp: float = 0.01
     clip_search: bool = False
+    passes: int = 4
     drop: tuple[str, ...] = ()
     shared_width: bool = False
     keep: bool = False
@@ -107,14 +111,16 @@ class QuantizationLevels(ModuleSelection):
             self.group_size = sizes[0] if len(sizes) == 1 else sizes  # one size: the same space (and fingerprint) as a plain size
         elif self.group_size is not None and not is_int_at_least(self.group_size, 1):
             raise ConfigError(f"search space: group_size={self.group_size!r} must be a positive integer or null", "write e.g. group_size: 64")
-        if self.quantizer not in ("gptq", "rtn"):
-            raise ConfigError(f"search space: quantizer={self.quantizer!r} is not supported", "use quantizer: gptq or rtn")
+        if self.quantizer not in QUANTIZERS:
+            raise ConfigError(f"search space: quantizer={self.quantizer!r} is not supported", f"use quantizer: {', '.join(QUANTIZERS)}")
+        if not is_int_at_least(self.passes, 0):
+            raise ConfigError(f"search space: passes={self.passes!r} must be an integer >= 0", "write e.g. passes: 4 (QuantEase sweeps)")
         if not 0 < self.damp < 1:
             raise ConfigError(f"search space: damp={self.damp!r} must be in (0, 1)", "use e.g. damp: 0.01")
         if not isinstance(self.clip_search, bool):
             raise ConfigError(f"search space: clip_search={self.clip_search!r} must be true or false", "write clip_search: true to search each group's clipping range")
-        if self.clip_search and self.quantizer != "gptq":
-            raise ConfigError("search space: clip_search is a GPTQ option", "use quantizer: gptq with clip_search: true, or leave clip_search out")
+        if self.clip_search and self.quantizer == "rtn":
+            raise ConfigError("search space: clip_search is a GPTQ option", "use quantizer: gptq (or quantease) with clip_search: true, or leave clip_search out")
 
     # ----- levels: one per width, or per (width, group size) -------------------------------------
     # A level is named by an integer *code*: the width itself when the space has one group size
@@ -240,6 +246,8 @@ class SearchSpace:
             del lv["keep"]  # a space without the keep level has the same fingerprint as before it existed
         if not lv["clip_search"]:
             del lv["clip_search"]  # likewise: databases built before the option keep their fingerprint
+        if lv["quantizer"] != "quantease":
+            del lv["passes"]  # QuantEase's sweeps: nothing for the other quantizers (their fingerprints unchanged)
         if not lv["drop"]:
             del lv["shared_width"]  # nothing to share without droppable sub-layers: bits-only fingerprints unchanged
         return {

@@ -2,6 +2,7 @@
 
 from slimformer.methods.quantization.cast import CastConfig, cast_model
 from slimformer.methods.quantization.gptq import GPTQConfig, gptq_quantize
+from slimformer.methods.quantization.quantease import QuantEaseConfig, quantease_quantize
 from slimformer.methods.quantization.modules import QuantizedEmbedding, QuantizedLinear, choose_kernel
 from slimformer.methods.quantization.rtn import RTNConfig, WeightQuantConfig, quantize_module_rtn
 from slimformer.methods.quantization.hqq import HQQConfig, HQQEmbedding, HQQLinear, hqq_quantize
@@ -18,6 +19,8 @@ from slimformer.methods.quantization.gguf_blocks import GGUFBlockEmbedding, GGUF
 
 __all__ = [
     "AWQConfig",
+    "QuantEaseConfig",
+    "quantease_quantize",
     "AWQLinear",
     "AdaDimConfig",
     "HQQConfig",
