@@ -348,10 +348,17 @@ def plot_front(front: dict, path: Path) -> None:
     x = "params_kept" if structure_only else ("stored_bits_per_weight" if front.get("level_names") else "code_bits_per_weight")
     uni = sorted(front["uniform"].values(), key=lambda p: p[x])
     ax.plot([p[x] for p in uni], [p["distortion"] for p in uni], "o--", color="grey", label="uniform")
+    base = (front.get("baseline") or {}).get("uniform") or {}  # another space's uniform setting (benchmarks/search.py --baseline-space)
+    if base:
+        pts = sorted(base.values(), key=lambda p: p[x])
+        ax.plot([p[x] for p in pts], [p["distortion"] for p in pts], "D", color="black", mfc="none",
+                label=f"uniform, {front['baseline']['space']['space']['quantizer']} levels (baseline)")
     for name, style in (("dp", "s"), ("searched", "*")):
         pts = sorted((b[name] for b in front["budgets"].values()), key=lambda p: p[x])
         ax.plot([p[x] for p in pts], [p["distortion"] for p in pts], style + "-", ms=9 if style == "*" else 6,
                 label="DP allocation" if name == "dp" else "EvoPress search")
+    if base or front["space"]["space"].get("quantizer", "gptq") != "gptq":
+        ax.lines[0].set_label(f"uniform, {front['space']['space']['quantizer']} levels")
     members = (front.get("pareto") or {}).get("members") or []
     if members:
         ax.plot([p[x] for p in members], [p["distortion"] for p in members], "^:", color="C3", label="NSGA-II front")

@@ -90,7 +90,8 @@ def layer_objective(weight: torch.Tensor, dequantized: torch.Tensor, hessian: to
 
 def objective_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """The Hessian (in, in) float32 QuantEase minimises over: never-seen columns get a unit
-    diagonal (their weights are zeroed, as GPTQ does) and ``damp * mean(diag)`` is added."""
+    diagonal (so their codes are pulled to the target weight, which :func:`quantease_quantize`
+    sets to zero there, as GPTQ does) and ``damp * mean(diag)`` is added."""
     H = hessian.detach().float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -119,9 +120,8 @@ def quantease_refine(
     start's (up to float32 rounding of the running residual).
     """
     H = hessian.detach().float().contiguous()
-    W = weight.detach().float().clone()
+    W = weight.detach().float()
     rows, cols = W.shape
-    W[:, torch.diag(H) == 0] = 0.0
     g = grid.effective_group_size(cols, group_size)
     groups = cols // g
     qmax = float(2**bits - 1)
@@ -186,7 +186,9 @@ def quantease_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, g
     del prepared
     if passes == 0:
         return codes, scale, zero
-    return quantease_refine(weight, objective_hessian(hessian, damp), codes, scale, zero, bits, group_size, passes, refit_scales)
+    target = weight.detach().float().clone()
+    target[:, torch.diag(hessian) == 0] = 0.0  # inputs never seen: their weights go to zero, as in GPTQ
+    return quantease_refine(target, objective_hessian(hessian, damp), codes, scale, zero, bits, group_size, passes, refit_scales)
 
 
 def quantize_linear_quantease(module: torch.nn.Linear, hessian: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
