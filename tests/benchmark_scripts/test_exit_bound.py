@@ -1,23 +1,14 @@
 """The early-exit bound of benchmarks/exit_bound.py: never above the true optimum, and attained."""
 
-import importlib.util
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "exit_bound.py"
-
 
 @pytest.fixture(scope="module")
-def eb():
-    spec = importlib.util.spec_from_file_location("exit_bound", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["exit_bound"] = module
-    spec.loader.exec_module(module)
-    return module
+def eb(load_benchmark):
+    return load_benchmark("exit_bound")
 
 
 @pytest.mark.parametrize("seed,floor", [(0, 0.9), (1, 0.8), (2, 0.95), (3, 0.7)])

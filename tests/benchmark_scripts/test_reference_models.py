@@ -1,9 +1,6 @@
 """The reference-model builder: deterministic for a seed, resumable, cached, reports honest."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,16 +8,10 @@ from safetensors.torch import load_file
 
 from slimformer.data import TextSpec, load_texts
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "reference_models.py"
-
 
 @pytest.fixture(scope="module")
-def rm():
-    spec = importlib.util.spec_from_file_location("reference_models", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reference_models"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def rm(load_benchmark):
+    return load_benchmark("reference_models")
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,13 @@
 """The search benchmark's table: the issue line is judged against the uniform setting of the
 searched levels and, when given, of a baseline space's levels at the same stored bytes."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "search.py"
-
 
 @pytest.fixture(scope="module")
-def sb():
-    spec = importlib.util.spec_from_file_location("search_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["search_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
+def sb(load_benchmark):
+    return load_benchmark("search", 'search_benchmark')
 
 
 def _point(kl, stored_bytes, bits=3.0):
