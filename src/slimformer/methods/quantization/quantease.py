@@ -116,8 +116,10 @@ def quantease_refine(
     ``weight`` (out, in); ``hessian`` (in, in), the objective's (see :func:`objective_hessian`);
     ``codes`` (out, in) uint8 and ``scale``/``zero`` (out, groups): the start, on the conventions
     of :mod:`grid` (scales are rounded to bfloat16, as stored). Returns ``(codes, scale, zero)``
-    of the same shapes; ``zero`` is returned unchanged. The objective never rises above the
-    start's (up to float32 rounding of the running residual).
+    of the same shapes; ``zero`` is returned unchanged. No step raises the objective (a code
+    step moves to the best grid point of its column given the others; a scale moves only for
+    rows where its rounded least-squares value lowers the error), up to float32 rounding of the
+    running residual.
     """
     H = hessian.detach().float().contiguous()
     W = weight.detach().float()
@@ -164,7 +166,9 @@ def quantease_refine(
                 with np.errstate(divide="ignore", invalid="ignore"):
                     proposed = np.where(den > 0, old + num / den, old)
                 proposed = torch.from_numpy(proposed.astype(np.float32)).to(torch.bfloat16).float().numpy()
-                proposed = np.where(proposed > 0, proposed, old)
+                moved = proposed - old
+                # the bf16 rounding may land past the optimum: keep a row's old scale unless its error falls
+                proposed = np.where((proposed > 0) & (moved * (moved * den - 2 * num) < 0), proposed, old)
                 step = (proposed - old)[None, :] * c  # (g, rows)
                 if not np.any(step):
                     continue
