@@ -138,3 +138,21 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+def _load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module named ``name`` (benchmark scripts are not a
+    package; dataclasses in them look their module up in ``sys.modules``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """A function: ``load_benchmark("exit_bound")`` -> the module of ``benchmarks/exit_bound.py``."""
+    return _load_benchmark

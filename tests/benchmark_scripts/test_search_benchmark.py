@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def sb(load_benchmark):
-    return load_benchmark("search", 'search_benchmark')
+    return load_benchmark("search")
 
 
 def _point(kl, stored_bytes, bits=3.0):
