@@ -111,6 +111,8 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
             lines.append(row(f"uniform {bnames.get(bits, bits + '-bit')} {bmethod} (baseline space)", p))
     for bits, p in front["uniform"].items():
         lines.append(row(f"uniform {names.get(bits, bits + '-bit')} {method}", p))
+    # the uniform settings an issue line is judged against: the searched levels', and the baseline's
+    references = [(front["uniform"], names, method)] + ([(base["uniform"], bnames, bmethod)] if base else [])
     def removed(p: dict) -> str:
         gone = p.get("removed_sublayers") or []
         return f", {len(gone)} sub-layers removed" if gone else ""
@@ -167,7 +169,7 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
             continue
         # a byte budget equal to a uniform level's stored bytes: the issue line against that level
         limit = float(label_.split("=")[1])
-        for uniform, level_names, who in ((front["uniform"], names, method), *(((base["uniform"], bnames, bmethod),) if base else ())):
+        for uniform, level_names, who in references:
             same = [b for b, p in uniform.items() if abs(p["stored_bytes"] - limit) <= 0.001 * limit]
             if not same:
                 continue

@@ -26,8 +26,8 @@ from torch import nn
 from slimformer.errors import ConfigError
 from slimformer.jsonfile import write_json
 from slimformer.methods.calibration import CompressionContext, blockwise
-from slimformer.methods.quantization.gptq import quantize_linear_gptq
-from slimformer.methods.quantization.quantease import quantize_linear_quantease
+from slimformer.methods.quantization.gptq import prepare_hessian, quantize_linear_gptq
+from slimformer.methods.quantization.quantease import objective_hessian, quantize_linear_quantease, start_hessian
 from slimformer.methods.quantization.modules import QuantizedLinear
 from slimformer.methods.quantization.rtn import quantize_module_rtn
 from slimformer.methods.selection import check_group_size, select_modules
@@ -131,12 +131,19 @@ def build_database(loaded, space: SearchSpace, folder: str | os.PathLike, ctx: C
     def store(name: str, module: nn.Linear, hessian: torch.Tensor | None) -> None:
         tensors: dict[str, torch.Tensor] = {}
         index["descriptions"][name], index["errors"][name] = {}, {}
+        # one inverse-Hessian factor (and QuantEase objective) per layer, shared by all its levels
+        prepared = objective = None
+        if lv.quantizer == "gptq":
+            prepared = prepare_hessian(hessian, act_order=True, damp=lv.damp)
+        elif lv.quantizer == "quantease":
+            prepared, objective = start_hessian(hessian, lv.damp), objective_hessian(hessian, lv.damp)
         for bits in lv.level_codes:  # a width, or a (width, group size) level code
             width, group = lv.width(bits), lv.group(bits)
             if lv.quantizer == "gptq":
-                q = quantize_linear_gptq(module, hessian, width, group, lv.symmetric, damp=lv.damp, clip_search=lv.clip_search)
+                q = quantize_linear_gptq(module, prepared, width, group, lv.symmetric, damp=lv.damp, clip_search=lv.clip_search)
             elif lv.quantizer == "quantease":
-                q = quantize_linear_quantease(module, hessian, width, group, lv.symmetric, lv.passes, lv.damp, lv.clip_search)
+                q = quantize_linear_quantease(module, hessian, width, group, lv.symmetric, lv.passes, lv.damp, lv.clip_search,
+                                              prepared=prepared, objective=objective)
             else:
                 q = quantize_module_rtn(module, width, group, lv.symmetric)
             for k, v in q.state_dict().items():

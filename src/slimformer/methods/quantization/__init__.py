@@ -19,8 +19,6 @@ from slimformer.methods.quantization.gguf_blocks import GGUFBlockEmbedding, GGUF
 
 __all__ = [
     "AWQConfig",
-    "QuantEaseConfig",
-    "quantease_quantize",
     "AWQLinear",
     "AdaDimConfig",
     "HQQConfig",
@@ -32,6 +30,8 @@ __all__ = [
     "hqq_quantize",
     "CastConfig",
     "FP4Config",
+    "QuantEaseConfig",
+    "quantease_quantize",
     "LUTEmbedding",
     "LUTLinear",
     "NF4Config",

@@ -38,7 +38,7 @@ from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import register_method
 from slimformer.methods.calibration import blockwise
 from slimformer.methods.quantization import grid
-from slimformer.methods.quantization.gptq import gptq_quantize, prepare_hessian
+from slimformer.methods.quantization.gptq import PreparedHessian, gptq_quantize, prepare_hessian
 from slimformer.methods.quantization.modules import QuantizedLinear
 from slimformer.methods.quantization.rtn import WeightQuantConfig
 from slimformer.methods.selection import check_group_size, select_modules
@@ -97,6 +97,12 @@ def objective_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     H[dead, dead] = 1.0
     H.diagonal().add_(damp * float(torch.diag(H).mean()))
     return H
+
+
+def start_hessian(hessian: torch.Tensor, damp: float) -> PreparedHessian:
+    """GPTQ's form of ``hessian`` for the start (act-order; ``damp``, at least 1e-4: the
+    objective's ridge may be 0, GPTQ's inverse needs some)."""
+    return prepare_hessian(hessian, act_order=True, damp=max(damp, 1e-4))
 
 
 def quantease_refine(
@@ -181,24 +187,31 @@ def quantease_refine(
 
 def quantease_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
                        passes: int = 4, damp: float = 0.05, clip_search: bool = True, refit_scales: bool = True,
+                       prepared: PreparedHessian | None = None, objective: torch.Tensor | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ's solution (act-order, static groups, ``damp``, optional clipping search) refined by
     ``passes`` QuantEase sweeps on the ``damp``-ridged objective of ``hessian`` (in, in) (a mean of
-    ``x x^T``). Returns ``(codes, scale, zero)`` as :func:`gptq_quantize` does."""
-    prepared = prepare_hessian(hessian, act_order=True, damp=max(damp, 1e-4))
+    ``x x^T``). Returns ``(codes, scale, zero)`` as :func:`gptq_quantize` does. ``prepared``
+    (:func:`start_hessian`) and ``objective`` (:func:`objective_hessian`)
+    may be passed in when several grids are fitted to one layer; they are computed otherwise."""
+    prepared = prepared if prepared is not None else start_hessian(hessian, damp)
     codes, scale, zero = gptq_quantize(weight, prepared, bits, group_size, symmetric, act_order=True, clip_search=clip_search)
     del prepared
     if passes == 0:
         return codes, scale, zero
     target = weight.detach().float().clone()
     target[:, torch.diag(hessian) == 0] = 0.0  # inputs never seen: their weights go to zero, as in GPTQ
-    return quantease_refine(target, objective_hessian(hessian, damp), codes, scale, zero, bits, group_size, passes, refit_scales)
+    objective = objective if objective is not None else objective_hessian(hessian, damp)
+    return quantease_refine(target, objective, codes, scale, zero, bits, group_size, passes, refit_scales)
 
 
 def quantize_linear_quantease(module: torch.nn.Linear, hessian: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                              passes: int = 4, damp: float = 0.05, clip_search: bool = True, refit_scales: bool = True) -> QuantizedLinear:
-    """The QuantEase-quantized replacement of ``module`` given its mean input Hessian (in, in)."""
-    codes, scale, zero = quantease_quantize(module.weight, hessian, bits, group_size, symmetric, passes, damp, clip_search, refit_scales)
+                              passes: int = 4, damp: float = 0.05, clip_search: bool = True, refit_scales: bool = True,
+                              prepared: PreparedHessian | None = None, objective: torch.Tensor | None = None) -> QuantizedLinear:
+    """The QuantEase-quantized replacement of ``module`` given its mean input Hessian (in, in)
+    (``prepared``/``objective``: see :func:`quantease_quantize`)."""
+    codes, scale, zero = quantease_quantize(module.weight, hessian, bits, group_size, symmetric, passes, damp, clip_search, refit_scales,
+                                            prepared, objective)
     new = QuantizedLinear.from_codes(codes, scale, zero, bits, group_size, symmetric, module.bias, prepare=False)
     new.set_compute_dtype(module.weight.dtype)
     return new
