@@ -33,6 +33,7 @@ from slimformer.search import Budget, SearchSpace, search
 from slimformer.search.database import LevelDatabase
 from slimformer.search.evolution import evolve
 from slimformer.search.run import plot_front
+from slimformer.search.space import FITNESSES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUANTIZER_NAMES = {"gptq": "GPTQ", "rtn": "RTN", "quantease": "QuantEase"}
@@ -56,7 +57,7 @@ def ray_check(loaded, space: SearchSpace, out: Path, budget: Budget, generations
     db = LevelDatabase(out / "levels", json.loads((out / "levels" / "index.json").read_text()))
     ctx = CompressionContext(space.calibration)
     ctx.max_positions = max_positions(loaded)
-    batches = ctx.batches(loaded.tokenizer)[: space.evolution.stages[-1][1]]
+    batches = ctx.batches_in_draw_order(loaded.tokenizer)[: space.evolution.stages[-1][1]]
     reference = reference_outputs(loaded, batches)
     sens = json.loads((out / "sensitivity.json").read_text())["sensitivity"]
     units = build_units(loaded, db, space.levels)
@@ -178,6 +179,8 @@ def markdown(front: dict, info: dict, ray: dict | None, label: str, stem: str | 
                                     entry["searched"]["distortion"], un, entry["dp"]["distortion"]))
     if compare:
         lines += compare_lines(front, compare, causal)
+    if front.get("transfer"):
+        lines += transfer_lines(front["transfer"])
     lines += ["", f"![front]({stem or 'search_' + label}.png)", ""]
     return "\n".join(lines)
 
@@ -212,6 +215,100 @@ def baseline_uniform(loaded, space: SearchSpace, folder: Path, eval_source: str,
     if space.levels.mixed_group_sizes:
         out["level_names"] = {str(b): space.levels.level_name(b) for b in db.level_bits}
     return out
+
+
+TRANSFER = {"sources": ["stdlib-docs", "pydoc-topics", "stdlib-source", "notices", "package-docs"], "n": 64, "max_length": 128, "batch_size": 8}
+BOOTSTRAP = 2000
+
+
+def transfer_check(loaded, out: Path, front: dict, space: SearchSpace) -> dict:
+    """Each budget's DP allocation, searched model and (with a baseline space) the baseline's uniform
+    setting at the same bytes, on the evaluation split of every built-in kind of text (64 documents
+    each, <= 128 tokens; float32): KL per token per source, and searched / DP with a 95 % interval
+    from resampling whole documents (paired: the same documents for both). The issue line is judged
+    on one held-out source; this says whether a searched-vs-DP difference holds across kinds or
+    only on some (a fitness ruled by one kind of text trades the others away)."""
+    import math
+
+    import torch
+
+    from slimformer.data import TextSpec, load_texts
+    from slimformer.evaluate.quality import _next_token_logprobs, _tokenize
+    from slimformer.search.run import assemble, choice
+    from slimformer.search.units import build_units
+
+    db = LevelDatabase(out / "levels", json.loads((out / "levels" / "index.json").read_text()))
+    units = build_units(loaded, db, space.levels)
+    models: dict[str, object] = {}
+    for label_, entry in front["budgets"].items():
+        dp_bits = entry.get("dp_bits")
+        if dp_bits is None:  # a front from before dp_bits were kept: the journal's start, when the DP was it
+            if entry["starts"].get("chosen") != "dp":
+                continue
+            first = json.loads((out / label_ / "journal.jsonl").read_text().splitlines()[0])
+            dp_bits = choice(units, first["start"])[0]
+        models[f"{label_} dp"] = assemble(loaded, db, dp_bits)
+        models[f"{label_} searched"] = assemble(loaded, db, entry["bits"])
+        base = front.get("baseline")
+        if base and label_.startswith("bytes="):
+            limit = float(label_.split("=")[1])
+            same = [b for b, p in base["uniform"].items() if abs(p["stored_bytes"] - limit) <= 0.001 * limit]
+            if same:
+                bdb = LevelDatabase(out / "baseline-levels", json.loads((out / "baseline-levels" / "index.json").read_text()))
+                models[f"{label_} baseline uniform"] = assemble(loaded, bdb, {u: int(same[0]) for u in bdb.units})
+    gen = torch.Generator().manual_seed(0)
+    result = {"evaluation": TRANSFER, "bootstrap": BOOTSTRAP, "sources": {}}
+    for source in TRANSFER["sources"]:
+        texts = load_texts(TextSpec(source=source, split="evaluation", n=TRANSFER["n"], seed=0))
+        kl = {name: [] for name in models}
+        counts: list[int] = []
+        for i in range(0, len(texts), TRANSFER["batch_size"]):
+            batch = _tokenize(loaded, texts[i : i + TRANSFER["batch_size"]], TRANSFER["max_length"])
+            valid = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()
+            with torch.no_grad():
+                lo = _next_token_logprobs(loaded, batch)[:, :-1]
+                for name, m in models.items():
+                    lc = _next_token_logprobs(m, batch)[:, :-1]
+                    per_token = (lo.exp() * (lo - lc)).sum(-1)
+                    kl[name] += [float(per_token[r][valid[r]].sum()) for r in range(per_token.shape[0])]
+            counts += valid.sum(1).tolist()
+        n = torch.tensor(counts, dtype=torch.float64)
+        per = {name: torch.tensor(v, dtype=torch.float64) for name, v in kl.items()}
+        idx = torch.randint(0, len(counts), (BOOTSTRAP, len(counts)), generator=gen)
+        res = {"documents": len(counts), "tokens": int(n.sum()), "kl": {k: float(v.sum() / n.sum()) for k, v in per.items()}, "searched_over_dp": {}}
+        for label_ in front["budgets"]:
+            if f"{label_} dp" not in per:
+                continue
+            a, b = per[f"{label_} searched"], per[f"{label_} dp"]
+            ratio = a[idx].sum(1) / b[idx].sum(1)
+            lo_, hi_ = torch.quantile(ratio, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+            res["searched_over_dp"][label_] = {"ratio": float(a.sum() / b.sum()), "low": lo_, "high": hi_, "documents_better": int((a < b).sum())}
+        result["sources"][source] = res
+        print(source, {k: round(x, 4) for k, x in res["kl"].items()}, flush=True)
+        assert all(math.isfinite(x) for x in res["kl"].values())
+    return result
+
+
+def transfer_lines(tr: dict) -> list[str]:
+    ev = tr["evaluation"]
+    sources = list(tr["sources"])
+    names = list(next(iter(tr["sources"].values()))["kl"])
+    lines = ["", "### The same models on every kind of text (`--transfer`)", "",
+             f"Evaluation splits, {ev['n']} documents per source, <= {ev['max_length']} tokens, float32: KL per token; for the searched model, in brackets, "
+             f"its KL over the DP allocation's with a 95 % interval from {tr['bootstrap']} resamples of whole documents (paired) and how many documents it predicts closer to the original.", "",
+             "| model | " + " | ".join(f"`{s}`" for s in sources) + " |", "|---|" + "---|" * len(sources)]
+    for name in names:
+        cells = []
+        for s in sources:
+            r = tr["sources"][s]
+            cell = f"{r['kl'][name]:.4f}"
+            budget = name.rsplit(" ", 1)[0]
+            if name.endswith(" searched") and budget in r["searched_over_dp"]:
+                x = r["searched_over_dp"][budget]
+                cell += f" ({x['ratio']:.3f}x, {x['low']:.3f}-{x['high']:.3f}; {x['documents_better']}/{r['documents']})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def issue_line(label: str, against: str, searched: float, uniform: float, dp: float) -> str:
@@ -347,6 +444,7 @@ def main() -> int:
     ap.add_argument("--offspring", type=int, default=None)
     ap.add_argument("--stages", default=None, help="JSON, e.g. [[2,1],[1,4]]")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="what candidates are scored in (held-out numbers stay float32)")
+    ap.add_argument("--fitness", default=None, choices=FITNESSES, help="the evolution's fitness (default: the space's)")
     ap.add_argument("--stem", default=None, help="results/<stem>.{md,json,png} (default search_<label>)")
     ap.add_argument("--n-samples", type=int, default=None)
     ap.add_argument("--max-length", type=int, default=None)
@@ -358,6 +456,9 @@ def main() -> int:
     ap.add_argument("--baseline-space", default=None,
                     help="another space (e.g. recipes/search/bits-groups.yaml, plain GPTQ levels) whose uniform settings are measured on the same "
                          "held-out text in this run and named in the issue lines (causal LMs)")
+    ap.add_argument("--transfer", action="store_true", help="also measure the DP, searched and baseline models on every built-in kind of text (bootstrap vs DP)")
+    ap.add_argument("--transfer-only", action="store_true",
+                    help="no search: add the --transfer table to results/<stem>.json of a finished run (its folder runs/bench-search-<label>)")
     ap.add_argument("--fresh", action="store_true", help="delete the search folder first")
     ap.add_argument("--allocation-bound", action="store_true",
                     help="no search: from the stored sensitivities of runs/bench-search-<label>, what the DP allocation predicts at each budget")
@@ -365,8 +466,20 @@ def main() -> int:
     label = args.label or ("minilm" if args.model == "default" else Path(args.model).name)
     if args.allocation_bound:
         return allocation_bound(label, [Budget.parse(b).value for b in (args.budget or ["bits=3.0", "bits=4.0"])])
+    if args.transfer_only:
+        stem = args.stem or f"search_{label}"
+        saved = json.loads((RESULTS / f"{stem}.json").read_text())
+        front = saved["front"]
+        out = ROOT / "runs" / f"bench-search-{label}"
+        front["transfer"] = transfer_check(load_model(args.model), out, front, SearchSpace.from_dict(front["space"]))
+        front["transfer"]["machine"] = cpu_info()
+        (RESULTS / f"{stem}.json").write_text(json.dumps(saved, indent=1, default=str))
+        (RESULTS / f"{stem}.md").write_text(markdown(front, saved["machine"], saved.get("ray_check"), label, stem))
+        print("\n".join(transfer_lines(front["transfer"])))
+        return 0
     space = SearchSpace.from_file(args.space)
-    evo = {k: v for k, v in (("generations", args.generations), ("offspring", args.offspring), ("dtype", args.dtype)) if v is not None}
+    evo = {k: v for k, v in (("generations", args.generations), ("offspring", args.offspring), ("dtype", args.dtype),
+                                                 ("fitness", args.fitness)) if v is not None}
     if args.stages:
         evo["stages"] = json.loads(args.stages)
     cal = {k: v for k, v in (("n_samples", args.n_samples), ("max_length", args.max_length)) if v is not None}
@@ -384,6 +497,8 @@ def main() -> int:
         base = dataclasses.replace(base, calibration=space.calibration)  # the same calibration documents as the search
         limits = [b.value for b in budgets if b.kind == "bytes"]
         front["baseline"] = baseline_uniform(loaded, base, out / "baseline-levels", args.eval_source, args.eval_texts, limits)
+    if args.transfer:
+        front["transfer"] = transfer_check(loaded, out, front, space)
     ray = ray_check(loaded, space, out, budgets[0], args.ray_check) if args.ray_check else None
     RESULTS.mkdir(exist_ok=True)
     stem = args.stem or f"search_{label}"

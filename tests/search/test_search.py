@@ -270,7 +270,7 @@ def test_more_generations_continue_the_journal_and_equal_a_longer_run(tiny_facto
     assert again.front["budgets"]["bits=3"]["generations"] == 4  # fewer asked: the journal's longer result, said as such
     assert again.front["budgets"]["bits=3"]["bits"] == longer.front["budgets"]["bits=3"]["bits"]
     other = dataclasses.replace(_space(), levels=dataclasses.replace(_space().levels, group_size=16))
-    with pytest.raises(ConfigError, match="another model or space"):
+    with pytest.raises(ConfigError, match="another model, space"):
         search(loaded, other, [Budget("bits", 3.0)], tmp_path / "s", eval_texts=8, eval_max_length=48, save_models=False)
 
 
@@ -808,3 +808,88 @@ def test_quantease_levels_lower_the_error_of_the_gptq_levels_they_start_from(tin
         QuantizationLevels(quantizer="quantease", passes=-1)
     with pytest.raises(ConfigError, match="quantease"):
         QuantizationLevels(quantizer="awq")
+
+
+def test_log_kl_fitness_is_the_mean_log_of_each_documents_kl_and_its_dp_probes_stay_plain_kl(tiny_factory, tmp_path):
+    """``fitness: log-kl``: a candidate scores the mean over calibration documents of the log of
+    each document's KL per token, the same as each document scored alone, without padding; the
+    DP's single-layer probes of a log-kl search are plain KL (they are added up), so its
+    sensitivities, probe cache and DP start equal a kl search's."""
+    import math
+
+    import torch.nn.functional as F
+
+    from slimformer.search.units import build_units
+
+    loaded = tiny_factory("llama")
+    space = _space(generations=0)
+    texts = [t for b in _batches(loaded)[:2] for t in loaded.tokenizer.batch_decode(b["input_ids"], skip_special_tokens=True)]
+    texts = [t[: 20 + 7 * i] for i, t in enumerate(texts)]  # documents of different lengths: padded batches
+    batches = [dict(loaded.tokenizer(texts[i : i + 4], padding=True, return_tensors="pt")) for i in range(0, 8, 4)]
+    for b in batches:
+        b.pop("token_type_ids", None)
+    assert all(bool((b["attention_mask"] == 0).any()) for b in batches)
+    db = build_database(loaded, space, tmp_path / "s-log" / "levels")
+    units = build_units(loaded, db, space.levels)
+    reference = reference_outputs(loaded, batches)
+    ev = Evaluator(loaded, db, batches, reference, units=units, fitness="log-kl")
+    levels = [k % 3 for k in range(len(units))]
+    ev.set_levels(levels)
+    logs = []
+    with torch.no_grad():
+        for b in batches:
+            for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+                one = ids[mask.bool()].unsqueeze(0)
+                lo = F.log_softmax(loaded.model(input_ids=one).logits.float()[0], -1)
+                lc = F.log_softmax(ev.loaded.model(input_ids=one).logits.float()[0], -1)
+                logs.append(math.log(float((lo.exp() * (lo - lc)).sum(-1).mean())))
+    assert ev.score(levels, 2) == pytest.approx(sum(logs) / len(logs), abs=2e-3)
+    plain = Evaluator(loaded, db, batches, reference, units=units, fitness="kl")
+    assert ev.score(levels, 2, fitness="kl") == plain.score(levels, 2)
+    assert ev.score(levels, 2) != pytest.approx(math.log(plain.score(levels, 2)), abs=1e-3), "not the log of the token mean"
+
+    log_space = dataclasses.replace(space, evolution=dataclasses.replace(space.evolution, fitness="log-kl"))
+    a = search(loaded, log_space, [Budget("bits", 3.0)], tmp_path / "s-log", eval_texts=8, eval_max_length=48, save_models=False)
+    (tmp_path / "s-kl").mkdir()
+    (tmp_path / "s-kl" / "levels").symlink_to(tmp_path / "s-log" / "levels")
+    probes = sorted(p.name for p in (tmp_path / "s-log" / "levels").glob("probes-*.json"))
+    b = search(loaded, space, [Budget("bits", 3.0)], tmp_path / "s-kl", eval_texts=8, eval_max_length=48, save_models=False)
+    assert sorted(p.name for p in (tmp_path / "s-log" / "levels").glob("probes-*.json")) == probes, "the kl search found the log-kl search's probes"
+    sens = [json.loads((tmp_path / s / "sensitivity.json").read_text())["sensitivity"] for s in ("s-log", "s-kl")]
+    assert sens[0] == sens[1] and min(v for row in sens[0] for v in row) > -1e-4, "plain KL (about 0 at 8 bits), not logs (< -1)"
+    assert a.front["budgets"]["bits=3"]["bits"] == b.front["budgets"]["bits=3"]["bits"], "the same DP start (no generations)"
+    assert a.front["space"]["search"]["fitness"] == "log-kl" and "fitness" not in b.front["space"]["search"]
+    assert a.front["budgets"]["bits=3"]["searched_calibration_fitness"] < 0 < b.front["budgets"]["bits=3"]["searched_calibration_fitness"]
+
+
+def test_search_scores_on_batches_in_the_calibrations_draw_order(tiny_factory, tmp_path):
+    """Probes and the first selection stages score on a prefix of the calibration batches, so the
+    search batches the documents in their (shuffled) draw order: the first batch holds the first
+    drawn documents, not the longest ones; the length-sorted batches of compression are unchanged;
+    a search folder of the length-sorted batching is not resumed as this one."""
+    from slimformer.methods.calibration import CompressionContext
+    from slimformer.search.run import BATCHING
+
+    loaded = tiny_factory("llama")
+    cal = CalibrationSettings(n_samples=16, max_length=256, batch_size=4)
+    ctx = CompressionContext(cal)
+    texts = ctx.texts()
+    drawn = ctx.batches_in_draw_order(loaded.tokenizer)
+    sorted_ = ctx.batches(loaded.tokenizer)
+    ids = loaded.tokenizer(texts, truncation=True, max_length=256)["input_ids"]
+    lengths = [len(x) for x in ids]
+    for r in range(4):  # the first batch: the first 4 documents drawn, in that order
+        assert drawn[0]["input_ids"][r][drawn[0]["attention_mask"][r].bool()].tolist() == ids[r]
+    assert sorted(lengths[:4], reverse=True) != sorted(lengths, reverse=True)[:4], "(this draw's first documents are not its longest)"
+    first = [int(m.sum()) for m in sorted_[0]["attention_mask"]]
+    assert first == sorted(lengths, reverse=True)[:4], "compression's batches stay longest first"
+    assert sum(int(b["attention_mask"].sum()) for b in drawn) == sum(lengths), "the same tokens, batched otherwise"
+
+    space = _space(generations=0)
+    search(loaded, space, [Budget("bits", 3.0)], tmp_path / "s", eval_texts=8, eval_max_length=48, save_models=False)
+    state = json.loads((tmp_path / "s" / "search.json").read_text())
+    assert state["batching"] == BATCHING == 2
+    state.pop("batching")  # a folder written before the draw-order batching
+    (tmp_path / "s" / "search.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="calibration batching"):
+        search(loaded, space, [Budget("bits", 3.0)], tmp_path / "s", eval_texts=8, eval_max_length=48, save_models=False)

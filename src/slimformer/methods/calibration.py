@@ -108,6 +108,15 @@ class CompressionContext:
             self._batches = self.tokenize(tokenizer, self.texts())
         return self._batches
 
+    def batches_in_draw_order(self, tokenizer) -> list[dict[str, torch.Tensor]]:
+        """The calibration documents batched in their (seeded, shuffled) draw order, so that any
+        first ``k`` batches are a random sample of them: what scores candidates on a prefix of
+        the batches needs (a search's probes and first selection stages). Length-sorted batches
+        put the longest documents first, and on mixed text those are mostly one kind (on the
+        default mix, 4 docstrings and source files for SmolLM2's first batch): a search scored
+        on them is tuned to that kind. Costs some padding (a batch pads to its longest)."""
+        return self.tokenize(tokenizer, self.texts(), by_length=False)
+
     def texts(self) -> list[str]:
         """The calibration documents (loaded once)."""
         if self._texts is None:
@@ -115,14 +124,16 @@ class CompressionContext:
             self._texts = load_texts(TextSpec(source=s.source, split="calibration", n=s.n_samples, seed=s.seed))
         return self._texts
 
-    def tokenize(self, tokenizer, texts: list[str]) -> list[dict[str, torch.Tensor]]:
-        """``texts`` as batches of these settings (``batch_size``, ``max_length``), longest first."""
+    def tokenize(self, tokenizer, texts: list[str], by_length: bool = True) -> list[dict[str, torch.Tensor]]:
+        """``texts`` as batches of these settings (``batch_size``, ``max_length``), longest first
+        (``by_length=False``: in their given order)."""
         s = self.calibration
         max_length = min(s.max_length, self.max_positions or s.max_length)
         if s.windows > 1:
             return self._window_batches(tokenizer, texts, max_length)
-        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-        texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: -lengths[i])]
+        if by_length:
+            lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+            texts = [texts[i] for i in sorted(range(len(texts)), key=lambda i: -lengths[i])]
         batches = [
             dict(tokenizer(texts[i : i + s.batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
             for i in range(0, len(texts), s.batch_size)

@@ -111,7 +111,8 @@ def uniform_levels(n_units: int, level: int) -> list[int]:
 
 def sensitivities(pool, level_counts: list[int] | int, n_levels: int | None = None, n_batches: int = 1, progress: bool = False,
                   original: list[set[int]] | None = None, groups: list[tuple[int, ...]] = (),
-                  cache: dict[str, float] | None = None, key_of: Callable[[tuple[int, ...]], str] | None = None) -> list[list[float]]:
+                  cache: dict[str, float] | None = None, key_of: Callable[[tuple[int, ...]], str] | None = None,
+                  fitness: str | None = None) -> list[list[float]]:
     """Per unit and level: the distortion when only that unit is at that level (others original).
 
     ``level_counts``: the number of levels of each unit (or a unit count, with ``n_levels`` each).
@@ -120,7 +121,8 @@ def sensitivities(pool, level_counts: list[int] | int, n_levels: int | None = No
     groups; level 0 of a member is probed with its whole group at 0 (the sub-layer removed),
     one probe per group. ``cache`` with ``key_of``: scores of probes from earlier searches by
     what a probe changes (``key_of(candidate)``, e.g. "this linear at 3 bits"), reused instead of
-    scored; the new probes' scores are added to it."""
+    scored; the new probes' scores are added to it. ``fitness``: what the pool scores the probes
+    by when not its own (the DP adds the probes' scores, so they must be additive: ``kl``)."""
     if isinstance(level_counts, int):
         level_counts = [n_levels] * level_counts
     original = original or [set() for _ in level_counts]
@@ -140,7 +142,8 @@ def sensitivities(pool, level_counts: list[int] | int, n_levels: int | None = No
     chunk = max(1, 4 * getattr(pool, "workers", 1))
     for i in tqdm(range(0, len(todo), chunk), desc="sensitivity probes", disable=not progress, unit="chunk"):
         part = todo[i : i + chunk]
-        for c, s in zip(part, pool.score([list(c) for c in part], n_batches)):
+        scores = pool.score([list(c) for c in part], n_batches) if fitness is None else pool.score([list(c) for c in part], n_batches, fitness)
+        for c, s in zip(part, scores):
             score_of[c] = s
             if caching:
                 cache[key_of(c)] = s

@@ -25,8 +25,8 @@ class LocalPool:
                  fitness: str = "kl") -> None:
         self.evaluator = Evaluator(loaded, database, batches, reference, threads=threads, units=units, dtype=dtype, fitness=fitness)
 
-    def score(self, candidates: list[list[int]], n_batches: int) -> list[float]:
-        return self.evaluator.score_many(candidates, n_batches)
+    def score(self, candidates: list[list[int]], n_batches: int, fitness: str | None = None) -> list[float]:
+        return self.evaluator.score_many(candidates, n_batches, fitness)
 
     def close(self) -> None:
         pass
@@ -54,13 +54,13 @@ class RayPool:
         self.actors = [actor.remote(*refs, threads=threads, units=units, dtype=dtype, fitness=fitness) for _ in range(workers)]
         self.workers = workers
 
-    def score(self, candidates: list[list[int]], n_batches: int) -> list[float]:
+    def score(self, candidates: list[list[int]], n_batches: int, fitness: str | None = None) -> list[float]:
         if not candidates:
             return []
         per_actor: list[list[int]] = [[] for _ in self.actors]
         for i in range(len(candidates)):
             per_actor[i % len(self.actors)].append(i)
-        futures = [a.score_many.remote([candidates[i] for i in idx], n_batches) for a, idx in zip(self.actors, per_actor) if idx]
+        futures = [a.score_many.remote([candidates[i] for i in idx], n_batches, fitness) for a, idx in zip(self.actors, per_actor) if idx]
         results = self.ray.get(futures)
         scores = [0.0] * len(candidates)
         for idx, res in zip([i for i in per_actor if i], results):

@@ -59,22 +59,28 @@ class SearchOutcome:
     seconds: float
 
 
-def _search_identity(space: dict | None, source: str | None) -> tuple:
-    """What makes two searches the same one: the model and the space, except the number of
-    generations (more of them continue the journal; fewer end at its last parent)."""
+BATCHING = 2  # 1: length-sorted scoring batches; 2: in the calibration's draw order (probes and journals of 1 are not reused)
+
+
+def _search_identity(space: dict | None, source: str | None, batching: int | None = 1) -> tuple:
+    """What makes two searches the same one: the model, the space except the number of
+    generations (more of them continue the journal; fewer end at its last parent), and how the
+    calibration documents are batched for scoring (a state file without it: length-sorted)."""
     if not space:
-        return (None, source)
+        return (None, source, batching)
     search = {k: v for k, v in (space.get("search") or {}).items() if k != "generations"}
-    return ({**space, "search": search}, source)
+    return ({**space, "search": search}, source, batching)
 
 
 def _check_folder(out: Path, space: SearchSpace, source: str, force: bool) -> None:
     state = out / STATE_NAME
     if state.is_file():
         saved = json.loads(state.read_text())
-        same = _search_identity(saved.get("space"), saved.get("source")) == _search_identity(space.to_dict(), source)
+        same = (_search_identity(saved.get("space"), saved.get("source"), saved.get("batching", 1))
+                == _search_identity(space.to_dict(), source, BATCHING))
         if not same and not force:
-            raise ConfigError(f"{out} holds a search with another model or space", "choose another --out, or pass --force to start over there")
+            raise ConfigError(f"{out} holds a search with another model, space or calibration batching (an older slimformer's)",
+                              "choose another --out, or pass --force to start over there")
         if not same:
             import shutil
 
@@ -167,11 +173,11 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
     source = str(loaded.source)
     _check_folder(out, space, source, force)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / STATE_NAME, {"space": space.to_dict(), "source": source, "complete": False})
+    _write_json(out / STATE_NAME, {"space": space.to_dict(), "source": source, "batching": BATCHING, "complete": False})
     ctx = CompressionContext(space.calibration, progress=progress)
     ctx.max_positions = max_positions(loaded)
     db = build_database(loaded, space, out / "levels", ctx, progress)
-    batches = ctx.batches(loaded.tokenizer)
+    batches = ctx.batches_in_draw_order(loaded.tokenizer)  # any prefix a random sample: probes and first stages score on one
     needed = max(space.evolution.stages[-1][1], space.pareto.batches if pareto else 1)
     if len(batches) < needed:
         raise ConfigError(
@@ -180,7 +186,7 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
         )
     batches = batches[:needed]
     fitness = space.evolution.fitness
-    reference = reference_outputs(loaded, batches) if fitness == "kl" else []
+    reference = reference_outputs(loaded, batches) if fitness in ("kl", "log-kl") else []
     threads = torch.get_num_threads() if ray is None else 1
     units = build_units(loaded, db, space.levels)
     dtype = space.evolution.dtype
@@ -198,7 +204,8 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
             probes_path = db.folder / f"probes-{_probes_key(source, space, n_probe)}.json"
             cache = json.loads(probes_path.read_text()) if probes_path.is_file() else {}
             sens = sensitivities(pool, [len(u.levels) for u in units], n_batches=n_probe, progress=progress, original=keep, groups=groups,
-                                 cache=cache, key_of=lambda c: probe_key(units, c))
+                                 cache=cache, key_of=lambda c: probe_key(units, c),
+                                 fitness=None if probe_fitness(fitness) == fitness else probe_fitness(fitness))
             write_json(probes_path, cache, sort_keys=True)
             _write_json(sens_path, {"units": [u.name for u in units], "levels": [list(u.levels) for u in units], "sensitivity": sens})
         seeds = {n: s(units) if callable(s) else list(s) for n, s in (seeds or {}).items()}
@@ -225,7 +232,7 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
     if results:
         validation = validation_batches(loaded, ctx)
         if validation:
-            checker.use_batches(validation, reference_outputs(loaded, validation) if fitness == "kl" else [], fitness)
+            checker.use_batches(validation, reference_outputs(loaded, validation) if fitness in ("kl", "log-kl") else [], fitness)
         for r in results.values():
             r["validation"] = validate(checker if validation else None, r["start"], r["evo"].levels, len(validation))
 
@@ -262,7 +269,7 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
             "validation": r["validation"], "evolved": {**point(evo.levels), "calibration_fitness": evo.fitness} if start_kept else None,
             "within_budget": total_cost(kept, r["costs"]) <= r["limit"] and total_cost(r["dp"], r["costs"]) <= r["limit"],
             "generations": evo.generations, "history": evo.history, "bits": bits_of, "removed_sublayers": [f"{b}.{k}" for b, k in removed],
-            "starts": r["starts"],
+            "starts": r["starts"], "dp_bits": choice(units, r["dp"])[0],
         }
         front["budgets"][label] = entry
         if save_models:
@@ -281,7 +288,7 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
     front["seconds"] = time.perf_counter() - t0
     _write_json(out / "front.json", front)
     plot_front(front, out / "front.png")
-    _write_json(out / STATE_NAME, {"space": space.to_dict(), "source": source, "complete": True})
+    _write_json(out / STATE_NAME, {"space": space.to_dict(), "source": source, "batching": BATCHING, "complete": True})
     return SearchOutcome(out, front, front["seconds"])
 
 
@@ -387,11 +394,17 @@ def probe_key(units: list[Unit], levels: tuple[int, ...]) -> str:
     return ";".join(sorted(parts)) or "original"
 
 
+def probe_fitness(fitness: str) -> str:
+    """What the DP's single-layer probes are scored by: the search's fitness where it adds over
+    layers (``kl``, ``nll``), plain KL for ``log-kl`` (a sum of logs is no additive estimate)."""
+    return "kl" if fitness == "log-kl" else fitness
+
+
 def _probes_key(source: str, space: SearchSpace, n_batches: int) -> str:
     """What a probe's score depends on beyond the level database (its folder's own key): the
     database, the calibration batches it is scored on, the scoring dtype and the fitness."""
-    payload = json.dumps({"v": 1, "database": database_key(source, space), "calibration": space.to_dict()["calibration"], "batches": n_batches,
-                          "dtype": space.evolution.dtype, "fitness": space.evolution.fitness}, sort_keys=True)
+    payload = json.dumps({"v": BATCHING, "database": database_key(source, space), "calibration": space.to_dict()["calibration"], "batches": n_batches,
+                          "dtype": space.evolution.dtype, "fitness": probe_fitness(space.evolution.fitness)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

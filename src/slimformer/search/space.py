@@ -172,7 +172,7 @@ class QuantizationLevels(ModuleSelection):
         return rows * 8 * grid.packed_row_bytes(cols, self.width(bits)) + self.overhead_bits(rows, cols, bits)
 
 
-FITNESSES = ("kl", "nll")
+FITNESSES = ("kl", "nll", "log-kl")
 SCORING_DTYPES = ("float32", "bfloat16")
 
 
@@ -188,7 +188,11 @@ class EvolutionSettings:
     the CPU has bf16 matrix units; the held-out check of the result stays float32);
     ``fitness``: ``kl`` (EvoPress's: KL to the original's next-token distributions, or 1 - cosine
     for encoders) or ``nll`` (causal LMs: the candidate's mean negative log-likelihood of the
-    calibration text's next tokens, the perplexity criterion of SLEB and BlockPruner)."""
+    calibration text's next tokens, the perplexity criterion of SLEB and BlockPruner) or
+    ``log-kl`` (ours: the mean over documents of the log of each document's KL, so that every
+    document's relative change counts alike and the worst-predicted kind of text does not rule
+    the search; the DP's sensitivities stay plain KL, which adds; see
+    :mod:`slimformer.search.fitness`)."""
 
     generations: int = 50
     offspring: int = 16
