@@ -270,7 +270,7 @@ def test_more_generations_continue_the_journal_and_equal_a_longer_run(tiny_facto
     assert again.front["budgets"]["bits=3"]["generations"] == 4  # fewer asked: the journal's longer result, said as such
     assert again.front["budgets"]["bits=3"]["bits"] == longer.front["budgets"]["bits=3"]["bits"]
     other = dataclasses.replace(_space(), levels=dataclasses.replace(_space().levels, group_size=16))
-    with pytest.raises(ConfigError, match="another model, space"):
+    with pytest.raises(ConfigError, match="another model or space"):
         search(loaded, other, [Budget("bits", 3.0)], tmp_path / "s", eval_texts=8, eval_max_length=48, save_models=False)
 
 
@@ -891,5 +891,5 @@ def test_search_scores_on_batches_in_the_calibrations_draw_order(tiny_factory, t
     assert state["batching"] == BATCHING == 2
     state.pop("batching")  # a folder written before the draw-order batching
     (tmp_path / "s" / "search.json").write_text(json.dumps(state))
-    with pytest.raises(ConfigError, match="calibration batching"):
+    with pytest.raises(ConfigError, match="batched their calibration in draw order"):
         search(loaded, space, [Budget("bits", 3.0)], tmp_path / "s", eval_texts=8, eval_max_length=48, save_models=False)

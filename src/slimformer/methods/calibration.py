@@ -114,7 +114,8 @@ class CompressionContext:
         the batches needs (a search's probes and first selection stages). Length-sorted batches
         put the longest documents first, and on mixed text those are mostly one kind (on the
         default mix, 4 docstrings and source files for SmolLM2's first batch): a search scored
-        on them is tuned to that kind. Costs some padding (a batch pads to its longest)."""
+        on them is tuned to that kind. Costs some padding (a batch pads to its longest). With
+        ``windows > 1`` the windows stay batched longest first."""
         return self.tokenize(tokenizer, self.texts(), by_length=False)
 
     def texts(self) -> list[str]:

@@ -79,7 +79,7 @@ def _check_folder(out: Path, space: SearchSpace, source: str, force: bool) -> No
         same = (_search_identity(saved.get("space"), saved.get("source"), saved.get("batching", 1))
                 == _search_identity(space.to_dict(), source, BATCHING))
         if not same and not force:
-            raise ConfigError(f"{out} holds a search with another model, space or calibration batching (an older slimformer's)",
+            raise ConfigError(f"{out} holds a search with another model or space, or one written before searches batched their calibration in draw order",
                               "choose another --out, or pass --force to start over there")
         if not same:
             import shutil
