@@ -234,11 +234,14 @@ def transfer_check(loaded, out: Path, front: dict, space: SearchSpace) -> dict:
 
     from slimformer.data import TextSpec, load_texts
     from slimformer.evaluate.quality import _next_token_logprobs, _tokenize
+    from slimformer.search.fitness import _open as open_database
     from slimformer.search.run import assemble, choice
     from slimformer.search.units import build_units
 
-    db = LevelDatabase(out / "levels", json.loads((out / "levels" / "index.json").read_text()))
+    db = open_database(str(out / "levels"))
     units = build_units(loaded, db, space.levels)
+    base = front.get("baseline")
+    bdb = open_database(str(out / "baseline-levels")) if base else None
     models: dict[str, object] = {}
     for label_, entry in front["budgets"].items():
         dp_bits = entry.get("dp_bits")
@@ -249,12 +252,10 @@ def transfer_check(loaded, out: Path, front: dict, space: SearchSpace) -> dict:
             dp_bits = choice(units, first["start"])[0]
         models[f"{label_} dp"] = assemble(loaded, db, dp_bits)
         models[f"{label_} searched"] = assemble(loaded, db, entry["bits"])
-        base = front.get("baseline")
         if base and label_.startswith("bytes="):
             limit = float(label_.split("=")[1])
             same = [b for b, p in base["uniform"].items() if abs(p["stored_bytes"] - limit) <= 0.001 * limit]
             if same:
-                bdb = LevelDatabase(out / "baseline-levels", json.loads((out / "baseline-levels" / "index.json").read_text()))
                 models[f"{label_} baseline uniform"] = assemble(loaded, bdb, {u: int(same[0]) for u in bdb.units})
     gen = torch.Generator().manual_seed(0)
     result = {"evaluation": TRANSFER, "bootstrap": BOOTSTRAP, "sources": {}}
