@@ -31,7 +31,7 @@ import torch
 from slimformer.compress import compress
 from slimformer.data.text import TextSpec, load_texts
 from slimformer.methods import CalibrationSettings, method_from_dict
-from slimformer.methods.structure.distill import adamw, distillation_loss, save_checkpoint
+from slimformer.methods.distill import adamw, distillation_loss, save_checkpoint
 from slimformer.models.loading import load_model
 from slimformer.recipe import Recipe
 from slimformer.runtime.machine import describe_machine, machine_line

@@ -62,7 +62,7 @@ from slimformer.data import TextSpec, load_texts
 from slimformer.evaluate.cost import interleaved_latency, storage_bytes
 from slimformer.evaluate.quality import encoder_quality, encoder_reference
 from slimformer.methods import CalibrationSettings, CompressionContext, method_from_dict
-from slimformer.methods.structure.distill import cosine_factor, load_finished
+from slimformer.methods.distill import cosine_factor, load_finished
 from slimformer.methods.structure.flops import forward_flops
 from slimformer.methods.structure.search import next_token_nll
 from slimformer.models import load_model

@@ -16,7 +16,7 @@ from slimformer.compress import compress
 from slimformer.errors import ConfigError
 from slimformer.io import load_compressed, save_compressed
 from slimformer.methods import CalibrationSettings, CompressionContext, method_from_dict
-from slimformer.methods.structure import distill as distill_module
+from slimformer.methods import distill as distill_module
 from slimformer.methods.structure.flops import forward_flops
 from slimformer.recipe import Recipe
 
@@ -445,7 +445,7 @@ def test_distillation_trains_with_the_measured_faster_attention_and_resumes_with
     faster (here made eager by the timing); the model comes back on SDPA; the timing leaves no
     gradients; a run resumed from a checkpoint keeps that checkpoint's attention whatever it is
     told, and ends as the uninterrupted run does."""
-    from slimformer.methods.structure.distill import fastest_training_attention
+    from slimformer.methods.distill import fastest_training_attention
 
     timed = []
 

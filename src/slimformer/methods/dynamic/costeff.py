@@ -37,7 +37,7 @@ from slimformer.methods.dynamic.base import check_layers, require_encoder, setti
 from slimformer.methods.dynamic.confidence import fit_confidence, held_back_rows, pooled_states
 from slimformer.methods.dynamic.rules import RULES, make_rule
 from slimformer.methods.dynamic.runtime import DynamicEncoder, DynamicSettings, ExitHeads
-from slimformer.methods.structure.distill import AUTOCAST_DTYPES, adamw, optimizer_step, save_checkpoint, training_autocast
+from slimformer.methods.distill import AUTOCAST_DTYPES, adamw, optimizer_step, save_checkpoint, training_autocast
 
 log = logging.getLogger(__name__)
 

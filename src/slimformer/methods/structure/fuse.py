@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.calibration import BlockCall, open_activation_store, open_block_inputs, run_block
-from slimformer.methods.structure.distill import distillation_loss, optimizer_step
+from slimformer.methods.distill import distillation_loss, optimizer_step
 from slimformer.methods.structure.sleb import SLEBConfig, apply_sleb, check_block_list, check_blocks_exist, check_fraction, check_rescore
 
 logger = logging.getLogger(__name__)

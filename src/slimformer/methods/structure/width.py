@@ -45,7 +45,7 @@ import torch
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.calibration import InputStatistics, open_activation_store, open_block_inputs, run_block, run_batches
-from slimformer.methods.structure.distill import AUTOCAST_DTYPES, TEACHER_OUTPUTS, TRAINING_ATTENTION, distill, fingerprint_key, load_finished
+from slimformer.methods.distill import AUTOCAST_DTYPES, TEACHER_OUTPUTS, TRAINING_ATTENTION, distill, fingerprint_key, load_finished
 
 GQA_MODES = ("within-groups", "groups")
 SELECTIONS = ("importance", "obs")

@@ -1,6 +1,7 @@
 """Short knowledge distillation of a slimmed model from its original, on calibration text.
 
-Used by width slimming (COST-EFF's recovery step, shortened to CPU minutes). The student is the
+Used by width slimming (COST-EFF's recovery step, shortened to CPU minutes) and by scale tuning
+(PV-Tuning's P step: only the group scales and norms of a quantized model train). The student is the
 slimmed model, the teacher the model before slimming; the loss is the relative squared error of
 the final hidden states over valid tokens (encoders, ``mse``) or the KL divergence of the
 next-token distributions (causal LMs, ``kl``); for embedding models ``mse+cos`` adds the cosine
@@ -216,7 +217,7 @@ def caches_teacher_outputs(mode: str, need: int) -> bool:
 def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, lr: float, loss: str, seed: int,
             checkpoint: str | None = None, checkpoint_every: int = 25, fingerprint: dict | None = None, progress: bool = False,
             autocast: str = "float32", train_embeddings: bool = True, start_from: dict | None = None,
-            teacher_outputs: str = "auto", attention: str = "auto") -> dict:
+            teacher_outputs: str = "auto", attention: str = "auto", parameters: list | None = None) -> dict:
     """Train ``student`` (in place) to match ``teacher`` on ``batches`` for ``steps`` steps.
 
     Returns ``{"loss_before", "loss_after"}`` (mean calibration loss over all batches) and the
@@ -230,7 +231,9 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
     training), continued to ``steps`` on the tail of a cosine over ``steps``. ``attention``:
     the student's attention implementation while it trains (``auto``: the faster of
     ``TRAINING_ATTENTION``, measured by :func:`fastest_training_attention`; a resumed run keeps
-    its checkpoint's); the student is handed back on the one it came with.
+    its checkpoint's); the student is handed back on the one it came with. ``parameters``: train
+    only these (e.g. the gains of scale tuning; default every floating-point parameter, less the
+    embeddings with ``train_embeddings=False``).
     """
     if not batches:
         raise ConfigError("distillation has no calibration batches", "raise calibration.n_samples")
@@ -256,8 +259,12 @@ def distill(student, teacher, batches: list[dict], *, causal: bool, steps: int, 
             kept_outputs = [_outputs(teacher, b, False).detach() for b in batches]
         targets = [(lambda c=c: c) for c in kept_outputs]
     loss_before = calibration_loss(student, targets, batches, causal, loss)
-    kept = set() if train_embeddings else {id(p) for p in student.get_input_embeddings().parameters()}
     every = [p for p in student.parameters() if p.is_floating_point()]
+    if parameters is not None:
+        chosen = {id(p) for p in parameters}
+        kept = {id(p) for p in every if id(p) not in chosen}
+    else:
+        kept = set() if train_embeddings else {id(p) for p in student.get_input_embeddings().parameters()}
     flags = [p.requires_grad for p in every]
     params = [p for p in every if id(p) not in kept]
     for p in every:
