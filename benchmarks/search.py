@@ -233,7 +233,7 @@ def transfer_check(loaded, out: Path, front: dict, space: SearchSpace) -> dict:
     import torch
 
     from slimformer.data import TextSpec, load_texts
-    from slimformer.evaluate.quality import _next_token_logprobs, _tokenize
+    from slimformer.evaluate.quality import document_kl
     from slimformer.search.fitness import _open as open_database
     from slimformer.search.run import assemble, choice
     from slimformer.search.units import build_units
@@ -261,18 +261,8 @@ def transfer_check(loaded, out: Path, front: dict, space: SearchSpace) -> dict:
     result = {"evaluation": TRANSFER, "bootstrap": BOOTSTRAP, "sources": {}}
     for source in TRANSFER["sources"]:
         texts = load_texts(TextSpec(source=source, split="evaluation", n=TRANSFER["n"], seed=0))
-        kl = {name: [] for name in models}
-        counts: list[int] = []
-        for i in range(0, len(texts), TRANSFER["batch_size"]):
-            batch = _tokenize(loaded, texts[i : i + TRANSFER["batch_size"]], TRANSFER["max_length"])
-            valid = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()
-            with torch.no_grad():
-                lo = _next_token_logprobs(loaded, batch)[:, :-1]
-                for name, m in models.items():
-                    lc = _next_token_logprobs(m, batch)[:, :-1]
-                    per_token = (lo.exp() * (lo - lc)).sum(-1)
-                    kl[name] += [float(per_token[r][valid[r]].sum()) for r in range(per_token.shape[0])]
-            counts += valid.sum(1).tolist()
+        with torch.no_grad():
+            kl, counts = document_kl(loaded, models, texts, TRANSFER["max_length"], TRANSFER["batch_size"])
         n = torch.tensor(counts, dtype=torch.float64)
         per = {name: torch.tensor(v, dtype=torch.float64) for name, v in kl.items()}
         idx = torch.randint(0, len(counts), (BOOTSTRAP, len(counts)), generator=gen)

@@ -102,6 +102,24 @@ def _next_token_logprobs(loaded: LoadedModel, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
+def document_kl(original: LoadedModel, models: dict, texts: list[str], max_length: int, batch_size: int = 8) -> tuple[dict[str, list[float]], list[int]]:
+    """KL(original || model) summed over each document's next-token positions, for every model
+    of ``models`` ({name: LoadedModel}), and each document's count of those positions: the
+    original runs once per batch. Divide sums by counts for KL per token; resample documents
+    (paired: the same for every model) for intervals."""
+    sums: dict[str, list[float]] = {name: [] for name in models}
+    counts: list[int] = []
+    for i in range(0, len(texts), batch_size):
+        batch = _tokenize(original, texts[i : i + batch_size], max_length)
+        valid = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()
+        lo = _next_token_logprobs(original, batch)[:, :-1]
+        for name, m in models.items():
+            per_token = (lo.exp() * (lo - _next_token_logprobs(m, batch)[:, :-1])).sum(-1)
+            sums[name] += [float(per_token[r][valid[r]].sum()) for r in range(per_token.shape[0])]
+        counts += valid.sum(1).tolist()
+    return sums, counts
+
+
 def causal_quality(original: LoadedModel, compressed: LoadedModel, texts: list[str], max_length: int, batch_size: int, progress: bool = False) -> dict:
     """Perplexity of both models, KL(original || compressed) per token, and top-1 agreement."""
     nll_o = nll_c = kl = agree = 0.0
