@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -46,8 +47,10 @@ def compress(loaded: LoadedModel, recipe: Recipe, progress: bool = False, prefli
 
 
 def _apply_steps(loaded: LoadedModel, recipe: Recipe, ctx: CompressionContext) -> None:
-    if ctx.weights is not None and any(s.requires_original_weights for s in recipe.steps):
+    if ctx.weights is not None and any(s.requires_original_weights or s.requires_teacher for s in recipe.steps):
         materialize_all(loaded)
+    if any(step.requires_teacher for step in recipe.steps):
+        ctx.teacher = copy.deepcopy(loaded.model).eval()
     if any(step.requires_original_weights for step in recipe.steps):
         ctx.original_weights = {
             name: module.weight.detach().float().clone()

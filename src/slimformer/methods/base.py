@@ -41,6 +41,7 @@ class MethodConfig:
     version: ClassVar[int] = 1
     requires_calibration: ClassVar[bool] = False
     requires_original_weights: ClassVar[bool] = False  # e.g. error compensation of a quantized model
+    requires_teacher: ClassVar[bool] = False  # the whole model before the recipe (ctx.teacher), e.g. to distil from
     # A killed job resumes this step from its last finished block (see methods/checkpoint.py):
     # the method changes the model only through blockwise's layers and keeps its per-layer
     # record in ctx.layer_record.

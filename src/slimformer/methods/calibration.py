@@ -74,6 +74,9 @@ class CompressionContext:
         # Float weights (out, in) of every linear layer before the recipe ran, keyed by module
         # name; taken by compress() only when a step declares requires_original_weights.
         self.original_weights: dict[str, torch.Tensor] | None = None
+        # The model (nn.Module) as it was before the recipe ran, for steps that learn from it
+        # (requires_teacher); a copy taken by compress() only when such a step is in the recipe.
+        self.teacher: nn.Module | None = None
         # Where spilled calibration activations go (None: the system's temporary folder).
         self.work_dir: str | os.PathLike | None = None
         # Streamed weights: an object with ``materialize(prefix, module)`` that loads the

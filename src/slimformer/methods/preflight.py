@@ -101,7 +101,7 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
     batches (their exact token counts) and each step's layer selection.
     """
     from slimformer.methods.calibration import CompressionContext, _is_causal, activation_bytes, replay_bytes
-    from slimformer.methods.structure.distill import caches_teacher_outputs
+    from slimformer.methods.distill import caches_teacher_outputs
 
     model = loaded.model
     adapter = loaded.adapter
@@ -169,7 +169,7 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
         n_blocks = len(blocks)
         float_bytes = _bytes(p for p in model.parameters() if p.is_floating_point())
         for step in calibrated:
-            if getattr(step, "distill_steps", 0) > 0:
+            if getattr(step, "distill_steps", 0) > 0 or step.name == "scale-tuning":
                 causal = _is_causal(model)
                 layers = getattr(step, "distill_loss", "") == "mse+cos+layers"
                 mlp_inputs = len(adapter.mlp_linears(0)[0]) if blocks else 1  # 2 for a gated MLP (gate and up)
@@ -182,7 +182,10 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
                     kept_outputs = max(kept_outputs, all_acts)
                 else:  # the teacher's forward on each step's batch: its output and an MLP's intermediate
                     step_acts += tok_max * (hidden + inter) * 4
-                training = max(training, 4 * float_bytes + step_acts)
+                # distillation: the teacher's copy, gradients and AdamW's two moments of every float
+                # weight; scale tuning: the teacher's copy, the float32 centred codes and the
+                # per-layer weights a backward pass keeps (the gains' optimizer state is small)
+                training = max(training, (3 if step.name == "scale-tuning" else 4) * float_bytes + step_acts)
             if step.name == "width-slim":
                 # the Gram matrices of a block's attention and MLP output projections' inputs
                 # (float32, with their sums); during the block's forward, one batch's statistics

@@ -16,6 +16,7 @@ from slimformer.methods.quantization.bitstack import BitStackConfig, BitStackLin
 from slimformer.methods.quantization.mixed_precision import MixedPrecisionConfig, allocate_bits
 from slimformer.methods.quantization.smoothquant import SmoothQuantConfig
 from slimformer.methods.quantization.gguf_blocks import GGUFBlockEmbedding, GGUFBlockLinear
+from slimformer.methods.quantization.scale_tuning import ScaleTuningConfig
 
 __all__ = [
     "AWQConfig",
@@ -42,6 +43,7 @@ __all__ = [
     "GGUFBlockLinear",
     "GPTQConfig",
     "MixedPrecisionConfig",
+    "ScaleTuningConfig",
     "SmoothQuantConfig",
     "allocate_bits",
     "QuantizedEmbedding",
