@@ -349,9 +349,12 @@ def cmd_search(args) -> int:
     for bits, p in front["uniform"].items():
         print(f"| uniform {names.get(bits, f'{bits}-bit')} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {p['distortion']:.5f} |")
     for label, entry in front["budgets"].items():
-        for name in ("dp", "searched"):
-            p = entry[name]
-            print(f"| {label} {'DP allocation' if name == 'dp' else 'EvoPress'} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {p['distortion']:.5f} |")
+        for name in ("dp", "searched", "dp_tuned", "searched_tuned"):
+            if name not in entry:
+                continue
+            p = {**entry[name.removesuffix("_tuned")], **entry[name]}  # tuning keeps the bits
+            what = ("DP allocation" if name.startswith("dp") else "EvoPress") + (", scales tuned" if name.endswith("_tuned") else "")
+            print(f"| {label} {what} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {p['distortion']:.5f} |")
     for p in (front.get("pareto") or {}).get("members", []):
         print(f"| NSGA-II front {p['label']} | {p['code_bits_per_weight']:.3f} | {p['stored_bits_per_weight']:.3f} | {p['distortion']:.5f} |")
     _status(f"wrote {outcome.folder} (front.json, front.png, one model per budget) in {outcome.seconds:.0f} s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -357,6 +358,51 @@ def test_search_writes_models_within_budget_and_a_front(tiny_factory, tmp_path):
     # Run again: everything is reused (database, sensitivities, journals), same front.
     again = search(loaded, _space(), [Budget("bits", 3.0), Budget("bits", 2.5)], tmp_path / "s", eval_texts=8, eval_max_length=48)
     assert again.front["budgets"]["bits=3"]["bits"] == front["budgets"]["bits=3"]["bits"]
+
+
+def test_tuned_search_tunes_dp_and_searched_alike_and_saves_the_tuned_model(tiny_factory, tmp_path):
+    from slimformer.io.serialization import load_compressed
+    from slimformer.methods.quantization.modules import QuantizedLinear
+    from slimformer.search.run import assemble
+
+    loaded = tiny_factory("llama")
+    tune = {"steps": 12, "lr": 0.02, "autocast": "float32"}
+    space = dataclasses.replace(_space(), tune=tune)
+    assert SearchSpace.from_dict(space.to_dict()) == space and "tune" not in _space().to_dict()
+    search(loaded, space, [Budget("bits", 3.0)], tmp_path / "s", eval_texts=8, eval_max_length=48)
+    entry = json.loads((tmp_path / "s" / "front.json").read_text())["budgets"]["bits=3"]
+    for name in ("dp", "searched"):
+        record = entry[f"{name}_tuned"]["tuning"]
+        assert record["steps"] == 12 and record["loss_stored"] < record["loss_before"]
+    model = load_compressed(tmp_path / "s" / "bits=3" / "model")
+    steps = model.manifest["recipe"]["steps"]
+    assert steps[-1]["method"] == "scale-tuning" and steps[-1]["steps"] == 12
+    assert model.manifest["evaluation"]["quality"] == entry["searched_tuned"]["quality"]
+    untuned = assemble(loaded, build_database(loaded, space, tmp_path / "s" / "levels"), entry["bits"])
+    saved = {n: m for n, m in model.model.named_modules() if isinstance(m, QuantizedLinear)}
+    plain = {n: m for n, m in untuned.model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert saved.keys() == plain.keys()
+    assert all(torch.equal(saved[n].qweight, plain[n].qweight) and saved[n].stored_bits() == plain[n].stored_bits() for n in saved)
+    assert any(not torch.equal(saved[n].scales, plain[n].scales) for n in saved), "the saved model is the tuned one"
+    # other tuning settings continue the same search (the candidates do not depend on them)
+    again = search(loaded, dataclasses.replace(space, tune={**tune, "steps": 6}), [Budget("bits", 3.0)], tmp_path / "s", eval_texts=8, eval_max_length=48)
+    assert again.front["budgets"]["bits=3"]["bits"] == entry["bits"] and again.front["budgets"]["bits=3"]["searched_tuned"]["tuning"]["steps"] == 6
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "recipes" / "search").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_search_spaces_load_and_round_trip(path):
+    space = SearchSpace.from_file(path)
+    assert SearchSpace.from_dict(space.to_dict()) == space
+
+
+def test_a_bad_tune_section_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("slimformer_search: 1\nspace: {bits: [2, 4]}\ntune: {steps: 0}\n")
+    with pytest.raises(ConfigError, match="steps"):
+        SearchSpace.from_file(bad)
+    bad.write_text("slimformer_search: 1\nspace: {bits: [2, 4]}\ntune: {method: gptq}\n")
+    with pytest.raises(ConfigError, match="scale-tuning"):
+        SearchSpace.from_file(bad)
 
 
 def test_ray_workers_score_exactly_as_in_process(tiny_factory, tmp_path):

@@ -69,7 +69,9 @@ def _search_identity(space: dict | None, source: str | None, batching: int | Non
     if not space:
         return (None, source, batching)
     search = {k: v for k, v in (space.get("search") or {}).items() if k != "generations"}
-    return ({**space, "search": search}, source, batching)
+    # the tuning after the search changes no candidate: a rerun with other tuning settings
+    # continues the same search
+    return ({**{k: v for k, v in space.items() if k != "tune"}, "search": search}, source, batching)
 
 
 def _check_folder(out: Path, space: SearchSpace, source: str, force: bool) -> None:
@@ -91,12 +93,16 @@ def _check_folder(out: Path, space: SearchSpace, source: str, force: bool) -> No
 
 
 def _held_out_quality(original, evaluator: Evaluator, levels: list[int], texts: list[str], max_length: int, n_queries: int) -> dict:
+    evaluator.set_levels(levels)
+    return _quality(original, evaluator.loaded, texts, max_length, n_queries)
+
+
+def _quality(original, model, texts: list[str], max_length: int, n_queries: int) -> dict:
     from slimformer.evaluate.quality import causal_quality, encoder_quality
 
-    evaluator.set_levels(levels)
     if original.kind == "causal-lm":
-        return causal_quality(original, evaluator.loaded, texts, max_length, 8)
-    return encoder_quality(original, evaluator.loaded, texts, n_queries, max_length, 32)
+        return causal_quality(original, model, texts, max_length, 8)
+    return encoder_quality(original, model, texts, n_queries, max_length, 32)
 
 
 def _distortion_of(q: dict) -> float:
@@ -272,8 +278,16 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
             "starts": r["starts"], "dp_bits": choice(units, r["dp"])[0],
         }
         front["budgets"][label] = entry
+        tuned = {}
+        if space.tune is not None:
+            # both the DP allocation and the searched model, with the same settings: the comparison stays like with like
+            for which, levels in (("dp", r["dp"]), ("searched", kept)):
+                tuned[which] = assemble(loaded, db, *choice(units, levels))
+                record = tune_scales(loaded, tuned[which], space, progress)
+                q = _quality(loaded, tuned[which], texts, eval_max_length, n_queries)
+                entry[f"{which}_tuned"] = {"distortion": _distortion_of(q), "quality": q, "tuning": record}
         if save_models:
-            _save_searched(loaded, db, space, units, kept, label, entry["searched"], out / label / "model")
+            _save_searched(loaded, db, space, units, kept, label, entry["searched_tuned" if tuned else "searched"], out / label / "model", tuned.get("searched"))
     if pareto:
         members = []
         for i, member in enumerate(spread(pareto_result.front, space.pareto.points)):
@@ -329,16 +343,33 @@ def _best_start(pool, dp: list[int], seeds: dict[str, list[int]], costs: list[li
     return candidates[best], {"chosen": names[best], **{n: None for n in seeds}, **dict(zip(names, scores))}
 
 
-def _save_searched(loaded, db: LevelDatabase, space: SearchSpace, units: list[Unit], levels: list[int], label: str, measured: dict, folder: Path) -> None:
-    """Save the candidate ``levels`` like any compressed model, with a re-appliable recipe."""
+def tune_scales(loaded, model, space: SearchSpace, progress: bool = False) -> dict:
+    """Apply the space's scale tuning to ``model`` (an assembled candidate) in place, with the
+    original ``loaded`` as the teacher; returns the step's record."""
+    from slimformer.methods import apply_method
+    from slimformer.search.space import tuning_step
+
+    ctx = CompressionContext(space.calibration, progress=progress)
+    ctx.teacher = loaded.model
+    return apply_method(model, tuning_step(space.tune), ctx)["scale_tuning"]
+
+
+def _save_searched(loaded, db: LevelDatabase, space: SearchSpace, units: list[Unit], levels: list[int], label: str, measured: dict, folder: Path,
+                   tuned=None) -> None:
+    """Save the candidate ``levels`` like any compressed model, with a re-appliable recipe;
+    ``tuned``: that candidate already assembled and scale-tuned (the recipe then ends with the
+    tuning step)."""
     from slimformer.io.serialization import quantized_modules, save_compressed
 
     bits_of, removed = choice(units, levels)
-    model = assemble(loaded, db, bits_of, removed)
+    model = tuned if tuned is not None else assemble(loaded, db, bits_of, removed)
     quantized = quantized_modules(model.model)
     model.applied.append({"step": {"method": "search", "budget": label}, "bits": bits_of, "removed_sublayers": [f"{b}.{k}" for b, k in removed],
                           "kernels": {n: m.kernel for n, m in quantized.items()}})
     model.recipe = searched_recipe(space, bits_of, label, removed)
+    if tuned is not None:
+        model.applied.append({"step": dict(space.tune), "scale_tuning": measured["tuning"]})
+        model.recipe["steps"].append(dict(space.tune))
     save_compressed(model, folder, evaluation={"kind": loaded.kind, "quality": measured["quality"]}, force=True)
 
 
@@ -366,6 +397,12 @@ def plot_front(front: dict, path: Path) -> None:
                 label="DP allocation" if name == "dp" else "EvoPress search")
     if base or front["space"]["space"].get("quantizer", "gptq") != "gptq":
         ax.lines[0].set_label(f"uniform, {front['space']['space']['quantizer']} levels")
+    for name, style in (("dp_tuned", "s"), ("searched_tuned", "*")):
+        untuned = name.removesuffix("_tuned")
+        pts = sorted((b[untuned][x], b[name]["distortion"]) for b in front["budgets"].values() if name in b)  # the untuned model's cost
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style + ":", mfc="none", ms=9 if style == "*" else 6,
+                    label=("DP allocation" if untuned == "dp" else "EvoPress search") + ", scales tuned")
     members = (front.get("pareto") or {}).get("members") or []
     if members:
         ax.plot([p[x] for p in members], [p["distortion"] for p in members], "^:", color="C3", label="NSGA-II front")

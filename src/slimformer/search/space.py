@@ -40,12 +40,12 @@ import yaml
 from slimformer.errors import ConfigError, is_int_at_least
 from slimformer.search.nsga2 import ParetoSettings
 from slimformer.methods import CalibrationSettings
-from slimformer.methods.base import ModuleSelection
+from slimformer.methods.base import ModuleSelection, method_from_dict
 from slimformer.methods.quantization import grid
 
 SPACE_VERSION = 1
 BUDGET_KINDS = ("bits", "bytes", "params")
-_TOP_KEYS = ("slimformer_search", "name", "description", "calibration", "space", "search", "pareto")
+_TOP_KEYS = ("slimformer_search", "name", "description", "calibration", "space", "search", "pareto", "tune")
 SCALE_BITS = 16  # bfloat16 scale per group, as stored
 ZERO_BITS = 8  # uint8 zero point per group (asymmetric grids)
 LEVEL_GROUP_STEP = 16  # level code = width + LEVEL_GROUP_STEP * (index of its group size)
@@ -237,6 +237,13 @@ class SearchSpace:
     name: str = "search"
     description: str = ""
     pareto: ParetoSettings = field(default_factory=ParetoSettings)
+    # settings of a scale-tuning step (methods/quantization/scale_tuning.py) applied to each
+    # budget's DP allocation and searched model after the search; None: no tuning
+    tune: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.tune is not None:
+            self.tune = tuning_step(self.tune).to_dict()
 
     def _search_dict(self) -> dict[str, Any]:
         d = {**dataclasses.asdict(self.evolution), "stages": [list(s) for s in self.evolution.stages]}
@@ -262,6 +269,7 @@ class SearchSpace:
             "space": {k: list(v) if isinstance(v, tuple) else v for k, v in lv.items()},
             "search": self._search_dict(),
             "pareto": dataclasses.asdict(self.pareto),
+            **({"tune": dict(self.tune)} if self.tune is not None else {}),  # absent: fingerprints of untuned searches unchanged
         }
 
     @classmethod
@@ -286,8 +294,11 @@ class SearchSpace:
                 parts[key] = klass(**section)
             except TypeError as e:
                 raise ConfigError(f"{origin}: bad {key} settings ({e})", f"use only {names}") from None
+        tune = data.get("tune")
+        if tune is not None and not isinstance(tune, dict):
+            raise ConfigError(f"{origin}: 'tune' must be a mapping of scale-tuning settings", "write e.g. tune: {steps: 100}")
         return cls(parts["space"], parts["search"], parts["calibration"], name=str(data.get("name", "search")), description=str(data.get("description", "")),
-                   pareto=parts["pareto"])
+                   pareto=parts["pareto"], tune=tune)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SearchSpace":
@@ -300,6 +311,14 @@ class SearchSpace:
         except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
             raise ConfigError(f"search space file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({str(e).splitlines()[0]})", "fix the syntax") from None
         return cls.from_dict(data, origin=str(p))
+
+
+def tuning_step(settings: dict[str, Any]):
+    """The scale-tuning step of a space's ``tune`` settings (validated; ``method`` may be left out)."""
+    step = {"method": "scale-tuning", **settings}
+    if step["method"] != "scale-tuning":
+        raise ConfigError(f"search space: tune is for scale-tuning, not {step['method']!r}", "leave method out of tune, or write method: scale-tuning")
+    return method_from_dict(step)
 
 
 @dataclass(frozen=True)
