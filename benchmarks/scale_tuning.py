@@ -154,6 +154,7 @@ def main() -> int:
     ap.add_argument("--source", action="append", default=None, help="held-out sources (default: the search's and package-docs, never calibrated on)")
     ap.add_argument("--eval-texts", type=int, default=64)
     ap.add_argument("--eval-max-length", type=int, default=256)
+    ap.add_argument("--only", action="append", default=None, help="tune only these of the models (by their table name, e.g. 'DP allocation')")
     ap.add_argument("--stem", default="scale_tuning")
     args = ap.parse_args()
     run = Path(args.run)
@@ -167,6 +168,12 @@ def main() -> int:
     info = cpu_info()
     loaded = load_model(args.model)
     models = models_of(loaded, run, front, args.budget)
+    if args.only:
+        unknown = sorted(set(args.only) - set(models))
+        if unknown:
+            print(f"error: no model {unknown[0]!r} at this budget; choose among {sorted(models)}", file=sys.stderr)
+            return 2
+        models = {k: v for k, v in models.items() if k in args.only}
     names = args.source or [front["held_out"]["source"], "package-docs"]
     sources = {s: load_texts(TextSpec(source=s, split="evaluation", n=args.eval_texts)) for s in names}
     step = {"method": "scale-tuning", "steps": args.steps, "lr": args.lr}
@@ -196,13 +203,13 @@ def main() -> int:
     lines = []
     held = names[0]
     uniform = next((n for n in models if n.startswith("uniform")), None)
-    for src in names:
+    for src in names if {"searched", "DP allocation"} <= set(models) else ():
         a = after[src]
         x = ratio_interval(a["sums"]["searched"], a["sums"]["DP allocation"], a["counts"], gen)
         lines.append(f"`{src}`, both tuned: searched / DP allocation {x['ratio']:.3f}x ({x['low']:.3f}-{x['high']:.3f})")
     if uniform:
         u = result["models"][uniform]["sources"][held]["before"]
-        for name in ("DP allocation", "searched"):
+        for name in [n for n in ("DP allocation", "searched") if n in models]:
             r = result["models"][name]["sources"][held]
             lines.append(f"`{held}`: {name} tuned {r['after']:.4f} = {r['after'] / u:.3f}x the one-shot {uniform} ({u:.4f}); "
                          f"tuned uniform: {result['models'][uniform]['sources'][held]['after'] / u:.3f}x")

@@ -301,6 +301,12 @@ def test_search_space_file_errors_name_the_fix(tmp_path):
     bad.write_text("slimformer_search: 1\nspace: {bits: [9]}\n")
     with pytest.raises(ConfigError, match="not supported"):
         SearchSpace.from_file(bad)
+    bad.write_text("slimformer_search: 1\nspace: {bits: [2, 4]}\ntune: {steps: 0}\n")  # the tuning step's own checks
+    with pytest.raises(ConfigError, match="steps"):
+        SearchSpace.from_file(bad)
+    bad.write_text("slimformer_search: 1\nspace: {bits: [2, 4]}\ntune: {method: gptq}\n")
+    with pytest.raises(ConfigError, match="tune is for scale-tuning"):
+        SearchSpace.from_file(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         SearchSpace.from_file(tmp_path / "missing.yaml")
 
@@ -393,16 +399,6 @@ def test_tuned_search_tunes_dp_and_searched_alike_and_saves_the_tuned_model(tiny
 def test_example_search_spaces_load_and_round_trip(path):
     space = SearchSpace.from_file(path)
     assert SearchSpace.from_dict(space.to_dict()) == space
-
-
-def test_a_bad_tune_section_is_a_one_line_error(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("slimformer_search: 1\nspace: {bits: [2, 4]}\ntune: {steps: 0}\n")
-    with pytest.raises(ConfigError, match="steps"):
-        SearchSpace.from_file(bad)
-    bad.write_text("slimformer_search: 1\nspace: {bits: [2, 4]}\ntune: {method: gptq}\n")
-    with pytest.raises(ConfigError, match="scale-tuning"):
-        SearchSpace.from_file(bad)
 
 
 def test_ray_workers_score_exactly_as_in_process(tiny_factory, tmp_path):
