@@ -60,3 +60,12 @@ def compile_fallback_lines(rows: list[dict], name_key: str) -> list[str]:
     fell = [f"{r[name_key]} ({'; '.join(sorted(set(r['compile_fallbacks'])))})" for r in rows if r.get("compile_fallbacks")]
     return ["", "Checked after timing: " + ("every compiled row ran compiled throughout." if not fell
                                           else "these 'compiled' rows met a compiler error on some batch and ran eagerly from there: " + ", ".join(fell) + ".")]
+
+
+def cpu_info() -> dict:
+    """The machine a benchmark's figures were measured on: CPU model and flags (the runtime's
+    machine signature), threads, load average before the run, torch version."""
+    from slimformer.runtime import machine
+
+    sig = machine.signature()
+    return {"model": sig["cpu"], "flags": sig["flags"], "threads": sig["threads"], "loadavg": os.getloadavg(), "torch": sig["torch"]}

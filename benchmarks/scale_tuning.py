@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,18 +28,15 @@ from slimformer.evaluate.quality import document_kl
 from slimformer.methods import CalibrationSettings, CompressionContext, apply_method, method_from_dict
 from slimformer.methods.quantization.scale_tuning import tunable_layers
 from slimformer.models import load_model
-from slimformer.runtime import machine
 from slimformer.search.fitness import _open as open_database
 from slimformer.search.run import assemble
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_files import cpu_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 BOOTSTRAP = 2000
-
-
-def cpu_info() -> dict:
-    sig = machine.signature()
-    return {"model": sig["cpu"], "flags": sig["flags"], "threads": sig["threads"], "loadavg": os.getloadavg(), "torch": sig["torch"]}
 
 
 def models_of(loaded, run: Path, front: dict, budget: str) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
@@ -28,21 +27,18 @@ from pathlib import Path
 
 
 from slimformer.models import load_model
-from slimformer.runtime import machine
 from slimformer.search import Budget, SearchSpace, search
 from slimformer.search.database import LevelDatabase
 from slimformer.search.evolution import evolve
 from slimformer.search.run import plot_front
 from slimformer.search.space import FITNESSES
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_files import cpu_info  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 QUANTIZER_NAMES = {"gptq": "GPTQ", "rtn": "RTN", "quantease": "QuantEase"}
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_info() -> dict:
-    sig = machine.signature()
-    return {"model": sig["cpu"], "flags": sig["flags"], "threads": sig["threads"], "loadavg": os.getloadavg(), "torch": sig["torch"]}
 
 
 def ray_check(loaded, space: SearchSpace, out: Path, budget: Budget, generations: int) -> dict:

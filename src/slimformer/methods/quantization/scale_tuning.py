@@ -171,7 +171,8 @@ def apply_scale_tuning(loaded, config: ScaleTuningConfig, ctx) -> dict:
     causal = loaded.kind == "causal-lm"
     loss = "kl" if causal else "mse+cos"
     norms = norm_parameters(model) if config.norms else []
-    one_shot = {name: m.scales.clone() for name, m in tunable_layers(model).items()}, [p.detach().clone() for p in norms]
+    one_shot_scales = {name: m.scales.clone() for name, m in tunable_layers(model).items()}
+    one_shot_norms = [p.detach().clone() for p in norms]
     with trainable_scales(model) as stand_ins:
         gains = [s.gain for s in stand_ins.values()]
         record = distill(model, teacher, batches, causal=causal, steps=config.steps, lr=config.lr, loss=loss, seed=config.seed,
@@ -184,9 +185,9 @@ def apply_scale_tuning(loaded, config: ScaleTuningConfig, ctx) -> dict:
     if not record["loss_stored"] < record["loss_before"]:  # e.g. a step size too large for the model: keep the one-shot model
         with torch.no_grad():
             for name, m in tunable_layers(model).items():
-                m.scales.copy_(one_shot[0][name])
+                m.scales.copy_(one_shot_scales[name])
                 m.prepare()
-            for p, before in zip(norms, one_shot[1]):
+            for p, before in zip(norms, one_shot_norms):
                 p.copy_(before)
         record["kept"] = "one-shot (tuning did not lower the calibration loss)"
     record.update(layers=len(stand_ins), scales=int(moved.numel()), norm_parameters=sum(p.numel() for p in norms),
