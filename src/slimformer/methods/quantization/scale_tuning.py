@@ -4,8 +4,9 @@ PV-Tuning (Malinovskii et al., 2024) alternates two steps after a one-shot quant
 that trains the model's continuous parameters (for a uniform grid: the group scales, and the
 normalization weights) by backpropagation of a distillation loss against the original model,
 the discrete codes held fixed, and a *V step* that moves codes. This is the P step (EfficientQAT
-calls the same step E2E-QP): every packed uniform-grid linear layer (``QuantizedLinear``, as
-GPTQ, QuantEase, RTN and the search's level databases write them) gets a trainable gain per
+calls the same step E2E-QP): every packed uniform-grid linear layer with float activations
+(``QuantizedLinear`` as GPTQ, QuantEase, RTN, mixed precision and the search's level databases
+write it, HQQ's with its real zero points, AWQ's with its input scaling) gets a trainable gain per
 group scale, ``scale = scale0 * exp(g)`` (g = 0 at the start: the one-shot solution; the gain
 makes the step size relative to each scale; the forward pass uses the scales rounded to the
 bfloat16 they are stored in, the rounding passed straight through to the gains), and with ``norms`` the weights of the RMS/layer
@@ -41,6 +42,8 @@ from slimformer.methods.base import MethodConfig, register_method
 from slimformer.methods.calibration import CompressionContext
 from slimformer.methods.distill import AUTOCAST_DTYPES, _outputs, calibration_loss, distill
 from slimformer.methods.quantization import grid
+from slimformer.methods.quantization.awq import AWQLinear
+from slimformer.methods.quantization.hqq import HQQLinear
 from slimformer.methods.quantization.modules import QuantizedLinear
 from slimformer.models.adapters import set_submodule
 
@@ -90,10 +93,15 @@ class ScaleTuningConfig(MethodConfig):
             raise ConfigError(f"scale-tuning: checkpoint_every={self.checkpoint_every!r} must be a positive integer", "use e.g. checkpoint_every: 25")
 
 
+TUNABLE_TYPES = (QuantizedLinear, HQQLinear, AWQLinear)
+
+
 class ScaleTunedLinear(nn.Module):
-    """Training stand-in for a packed ``QuantizedLinear``: ``W = (codes - zero) * scale0 *
-    exp(gain)``, per group, with ``gain`` (out, groups) trainable and the centred codes
-    ``(out, groups, group_size)`` float32 fixed; ``x`` (..., in) -> (..., out)."""
+    """Training stand-in for a packed uniform-grid linear layer (:data:`TUNABLE_TYPES`): ``W =
+    (codes - zero) * scale0 * exp(gain)``, per group, with ``gain`` (out, groups) trainable and
+    the centred codes ``(out, groups, group_size)`` float32 fixed (HQQ's fixed-point zero points
+    read as the values they stand for); an AWQ layer's input is multiplied by its ``1/s`` first,
+    as its kernels do; ``x`` (..., in) -> (..., out)."""
 
     def __init__(self, packed: QuantizedLinear) -> None:
         super().__init__()
@@ -103,8 +111,10 @@ class ScaleTunedLinear(nn.Module):
         codes = packed.codes().float().view(rows, -1, self.group)
         self.register_buffer("centred", codes - zero.unsqueeze(-1))
         self.register_buffer("scale0", packed.scales.float())
+        self.stored_dtype = packed.scales.dtype
         self.gain = nn.Parameter(torch.zeros_like(self.scale0))
         self.bias = packed.bias if getattr(packed, "bias", None) is not None else None
+        self.inv_input_scale = 1.0 / packed.input_scale.float() if isinstance(packed, AWQLinear) else None
         self.shape = (rows, cols)
 
     def scales(self) -> torch.Tensor:
@@ -115,16 +125,20 @@ class ScaleTunedLinear(nn.Module):
         scales = self.scales()
         # the forward sees the scales as they will be stored (bfloat16); the gradient passes the
         # rounding straight through to the float32 gains, which keep the small steps
-        scales = scales + (scales.to(torch.bfloat16).float() - scales).detach()
+        scales = scales + (scales.to(self.stored_dtype).float() - scales).detach()
         weight = (self.centred * scales.unsqueeze(-1)).view(self.shape)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.inv_input_scale is not None:
+            x = x * self.inv_input_scale.to(x.dtype)
         return F.linear(x, weight.to(x.dtype), bias)
 
 
 def tunable_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
-    """The packed uniform-grid linear layers (exactly ``QuantizedLinear``: subclasses that
-    transform their inputs, AWQ's and HQQ's, are left alone) by qualified name."""
-    return {name: m for name, m in model.named_modules() if type(m) is QuantizedLinear}
+    """The packed uniform-grid linear layers by qualified name: exactly the types of
+    :data:`TUNABLE_TYPES` (GPTQ's, QuantEase's, RTN's, mixed precision's, HQQ's, AWQ's; other
+    subclasses compute something else) with float activations (a W8A8 layer's activation
+    rounding depends on the execution path the planner takes, so it is left alone)."""
+    return {name: m for name, m in model.named_modules() if type(m) in TUNABLE_TYPES and m.act_bits is None}
 
 
 def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -162,8 +176,8 @@ def apply_scale_tuning(loaded, config: ScaleTuningConfig, ctx) -> dict:
         raise ConfigError("scale-tuning: no original model to learn from", "apply it through a recipe (compress keeps the original) or set ctx.teacher")
     model = loaded.model
     if not tunable_layers(model):
-        raise ConfigError("scale-tuning: the model has no packed uniform-grid linear layers",
-                          "put it after a gptq, quantease, rtn or mixed-precision step in the recipe")
+        raise ConfigError("scale-tuning: the model has no packed uniform-grid linear layers with float activations",
+                          "put it after a gptq, quantease, rtn, hqq, awq or mixed-precision step in the recipe")
     overrides = {k: getattr(config, k) for k in ("n_samples", "max_length", "batch_size") if getattr(config, k) is not None}
     settings = dataclasses.replace(ctx.calibration, **overrides)
     drawn = CompressionContext(settings)
