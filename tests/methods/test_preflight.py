@@ -205,6 +205,17 @@ def test_width_slimming_estimate_is_within_30_percent_of_the_measured_peak(step)
     assert 0.8 * (measured - (40 << 20)) <= estimated <= 1.3 * measured, (measured, out["estimate"])
 
 
+@pytest.mark.parametrize("tune", [{}, {"n_samples": 64, "max_length": 128, "batch_size": 16}], ids=["recipe-batches", "own-batches"])
+def test_scale_tuning_estimate_is_within_30_percent_of_the_measured_peak(tune):
+    # with its own batches (4x the rows, 2x the positions of the recipe's) the training step
+    # peaks at ~2.5x the recipe-batch job: the estimate must follow the step's batches
+    recipe = {"slimformer_recipe": 1, "name": "m", "calibration": {"n_samples": 16, "max_length": 64, "batch_size": 4},
+              "steps": [{"method": "rtn", "bits": 3, "group_size": 32}, {"method": "scale-tuning", "steps": 2, **tune}]}
+    out = _measure(recipe)
+    measured, estimated = out["measured"], out["estimate"]["total_bytes"]
+    assert 0.8 * (measured - (40 << 20)) <= estimated <= 1.3 * measured, (measured, out["estimate"])
+
+
 def test_methods_with_several_calibration_streams_count_a_set_each(tiny_factory):
     from slimformer.methods.calibration import CompressionContext, activation_bytes
 

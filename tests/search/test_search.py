@@ -395,6 +395,19 @@ def test_tuned_search_tunes_dp_and_searched_alike_and_saves_the_tuned_model(tiny
     assert again.front["budgets"]["bits=3"]["bits"] == entry["bits"] and again.front["budgets"]["bits=3"]["searched_tuned"]["tuning"]["steps"] == 6
 
 
+def test_a_tuning_that_cannot_fit_is_refused_before_the_search_starts(tiny_factory, tmp_path, monkeypatch):
+    from slimformer.methods.preflight import InsufficientMemoryError, estimate_steps_peak
+    from slimformer.search.space import tuning_step
+
+    loaded = tiny_factory("llama")
+    space = dataclasses.replace(_space(), tune={"steps": 2, "batch_size": 16, "max_length": 48})
+    need = estimate_steps_peak(loaded, [tuning_step(space.tune)], space.calibration).additional_bytes
+    monkeypatch.setenv("SLIMFORMER_MEMORY_LIMIT", str(need - 1))
+    with pytest.raises(InsufficientMemoryError, match="distillation.*calibration.batch_size") as err:
+        search(loaded, space, [Budget("bits", 3.0)], tmp_path / "s", eval_texts=8, eval_max_length=48)
+    assert "\n" not in str(err.value) and not (tmp_path / "s").exists()  # nothing built, nothing written
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "recipes" / "search").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_search_spaces_load_and_round_trip(path):
     space = SearchSpace.from_file(path)

@@ -3,6 +3,7 @@ a one-line refusal (naming the setting to change) when it cannot fit in the memo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -100,12 +101,18 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
     Uses the model's geometry (block weights, widths, vocabulary), the tokenized calibration
     batches (their exact token counts) and each step's layer selection.
     """
+    return estimate_steps_peak(loaded, recipe.steps, recipe.calibration, ctx)
+
+
+def estimate_steps_peak(loaded, steps: list, calibration, ctx=None) -> MemoryEstimate:
+    """:func:`estimate_peak` of the method configs ``steps`` with ``calibration`` (the
+    ``CalibrationSettings`` of their recipe), for callers that hold steps, not a recipe."""
     from slimformer.methods.calibration import CompressionContext, _is_causal, activation_bytes, replay_bytes
     from slimformer.methods.distill import caches_teacher_outputs
 
     model = loaded.model
     adapter = loaded.adapter
-    ctx = ctx or CompressionContext(recipe.calibration)
+    ctx = ctx or CompressionContext(calibration)
     if ctx.max_positions is None:
         from slimformer.models.loading import max_positions
 
@@ -123,13 +130,13 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
     inter = max((m.out_features for m in adapter.linear_layers(0).values()), default=hidden) if blocks else hidden
     heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1))
     elem = model.get_input_embeddings().weight.element_size()
-    calibrated = [s for s in recipe.steps if s.requires_calibration]
+    calibrated = [s for s in steps if s.requires_calibration]
     parts = {k: 0 for k in ("model", "block", "activations", "stage_outputs", "block_forward", "statistics", "method", "head_logits", "teacher_logits",
                             "original_weights", "teacher_outputs", "distillation")}
-    settings: dict = {"streamed": streamed, "offload": recipe.calibration.offload}
+    settings: dict = {"streamed": streamed, "offload": calibration.offload}
     if streamed:
         compressed = 0
-        for step in recipe.steps:
+        for step in steps:
             bits = getattr(step, "bits", None)
             group = getattr(step, "group_size", None) or hidden
             for m in _selected_linears(loaded, step).values():
@@ -153,7 +160,7 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
         batch_max = max(int(b["input_ids"].shape[0]) for b in batches)
         all_acts = activation_bytes(loaded, batches)
         budget = ctx.activation_budget if ctx.activation_budget is not None else available_memory_bytes() // 4
-        spill = recipe.calibration.offload == "disk" or (recipe.calibration.offload == "auto" and all_acts > budget)
+        spill = calibration.offload == "disk" or (calibration.offload == "auto" and all_acts > budget)
         settings["spill"] = spill
         masks = sum(int(b["input_ids"].shape[0]) * int(b["input_ids"].shape[1]) ** 2 for b in batches) * ATTENTION_MASK_BYTES
         # methods that carry more than one calibration stream through depth hold one set each
@@ -170,6 +177,7 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
         float_bytes = _bytes(p for p in model.parameters() if p.is_floating_point())
         for step in calibrated:
             if getattr(step, "distill_steps", 0) > 0 or step.name == "scale-tuning":
+                tok_max, seq_max, batch_max = _training_batch(ctx, loaded, step, (tok_max, seq_max, batch_max))
                 causal = _is_causal(model)
                 layers = getattr(step, "distill_loss", "") == "mse+cos+layers"
                 mlp_inputs = len(adapter.mlp_linears(0)[0]) if blocks else 1  # 2 for a gated MLP (gate and up)
@@ -235,9 +243,25 @@ def estimate_peak(loaded, recipe, ctx=None) -> MemoryEstimate:
                 teacher = max(teacher, settings["tokens"] * vocab * 4)
         parts["block_forward"] += forward_extra
         parts.update(statistics=stats, method=method, head_logits=head, teacher_logits=teacher, stage_outputs=replay, teacher_outputs=kept_outputs, distillation=training)
-    if any(s.requires_original_weights for s in recipe.steps):
+    if any(s.requires_original_weights for s in steps):
         parts["original_weights"] = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
     return MemoryEstimate(parts={k: int(v) for k, v in parts.items()}, resident=resident if not streamed else outside, settings=settings)
+
+
+def _training_batch(ctx, loaded, step, recipe_batch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(tokens, positions, rows) of the largest batch a training step draws: the recipe's
+    calibration batches, or where the step sets its own ``n_samples``/``max_length``/
+    ``batch_size`` (scale tuning), the batches of those settings."""
+    overrides = {k: getattr(step, k) for k in ("n_samples", "max_length", "batch_size") if getattr(step, k, None) is not None}
+    if step.name != "scale-tuning" or not overrides:
+        return recipe_batch
+    from slimformer.methods.calibration import CompressionContext
+
+    drawn = CompressionContext(dataclasses.replace(ctx.calibration, **overrides))
+    drawn.max_positions = ctx.max_positions
+    batches = drawn.batches(loaded.tokenizer)
+    return (max(int(b["input_ids"].numel()) for b in batches), max(int(b["input_ids"].shape[1]) for b in batches),
+            max(int(b["input_ids"].shape[0]) for b in batches))
 
 
 def _calibration_tokens(ctx, loaded, calibrated) -> int:
@@ -259,7 +283,7 @@ _FIXES = {
     "block": "free memory for one block of the model, or use a machine with more memory",
     "original_weights": "run the error-compensation step in a separate job",
     "teacher_outputs": "set distill_teacher_outputs: recompute (the teacher then runs on each step's batch), or lower calibration.n_samples, calibration.windows or calibration.max_length",
-    "distillation": "lower calibration.batch_size or calibration.max_length (one training step's activations), or distil where the teacher's copy and AdamW's state fit (4x the float weights)",
+    "distillation": "lower calibration.batch_size or calibration.max_length, or a scale-tuning step's own batch_size/max_length (one training step's activations), or train where the teacher's copy and AdamW's state fit (4x the float weights)",
 }
 
 

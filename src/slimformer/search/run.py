@@ -39,6 +39,7 @@ from slimformer.data import TextSpec, load_texts
 from slimformer.errors import ConfigError
 from slimformer.jsonfile import write_json
 from slimformer.methods.calibration import CompressionContext
+from slimformer.methods.preflight import check_fits, estimate_steps_peak
 from slimformer.models.adapters import set_submodule
 from slimformer.models.loading import max_positions
 from slimformer.search.database import LevelDatabase, build_database, database_key
@@ -46,7 +47,7 @@ from slimformer.search.evolution import dp_allocation, evolve, sensitivities, to
 from slimformer.search.fitness import Evaluator, reference_outputs
 from slimformer.search.nsga2 import pareto_search, spread
 from slimformer.search.pool import LocalPool, RayPool
-from slimformer.search.space import Budget, SearchSpace
+from slimformer.search.space import Budget, SearchSpace, tuning_step
 from slimformer.search.units import DROP, KEEP, Unit, build_units, costs_of, drop_groups, removed_sublayers
 
 STATE_NAME = "search.json"
@@ -178,6 +179,8 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
     out = Path(out_dir)
     source = str(loaded.source)
     _check_folder(out, space, source, force)
+    if space.tune:
+        _check_tuning_fits(loaded, space)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / STATE_NAME, {"space": space.to_dict(), "source": source, "batching": BATCHING, "complete": False})
     ctx = CompressionContext(space.calibration, progress=progress)
@@ -343,11 +346,19 @@ def _best_start(pool, dp: list[int], seeds: dict[str, list[int]], costs: list[li
     return candidates[best], {"chosen": names[best], **{n: None for n in seeds}, **dict(zip(names, scores))}
 
 
+def _check_tuning_fits(loaded, space: SearchSpace) -> None:
+    """Refuse, before any search work, a ``tune`` section whose training cannot fit in memory
+    (the memory pre-flight of a recipe of that one step: the tuned copy, its float32 codes and a
+    training step's activations on the tuning's own batches)."""
+    ctx = CompressionContext(space.calibration)
+    ctx.max_positions = max_positions(loaded)
+    check_fits(estimate_steps_peak(loaded, [tuning_step(space.tune)], space.calibration, ctx))
+
+
 def tune_scales(loaded, model, space: SearchSpace, progress: bool = False) -> dict:
     """Apply the space's scale tuning to ``model`` (an assembled candidate) in place, with the
     original ``loaded`` as the teacher; returns the step's record."""
     from slimformer.methods import apply_method
-    from slimformer.search.space import tuning_step
 
     ctx = CompressionContext(space.calibration, progress=progress)
     ctx.teacher = loaded.model
