@@ -114,7 +114,7 @@ class ScaleTunedLinear(nn.Module):
         self.stored_dtype = packed.scales.dtype
         self.gain = nn.Parameter(torch.zeros_like(self.scale0))
         self.bias = packed.bias if getattr(packed, "bias", None) is not None else None
-        self.inv_input_scale = 1.0 / packed.input_scale.float() if isinstance(packed, AWQLinear) else None
+        self.register_buffer("inv_input_scale", 1.0 / packed.input_scale.float() if isinstance(packed, AWQLinear) else None)
         self.shape = (rows, cols)
 
     def scales(self) -> torch.Tensor:
