@@ -69,3 +69,22 @@ def cpu_info() -> dict:
 
     sig = machine.signature()
     return {"model": sig["cpu"], "flags": sig["flags"], "threads": sig["threads"], "loadavg": os.getloadavg(), "torch": sig["torch"]}
+
+
+def bootstrap_indices(n_documents: int, gen, resamples: int = 2000):
+    """(resamples, n_documents) indices of documents drawn with replacement from ``gen``: one
+    draw shared by every paired comparison it is passed to."""
+    import torch
+
+    return torch.randint(0, n_documents, (resamples, n_documents), generator=gen)
+
+
+def paired_ratio(a, b, idx) -> dict:
+    """sum(a) / sum(b) of per-document sums (KL, NLL) of two models on the same documents, with a
+    95 % interval from the resamples ``idx`` (:func:`bootstrap_indices`)."""
+    import torch
+
+    ta, tb = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    r = ta[idx].sum(1) / tb[idx].sum(1)
+    lo, hi = torch.quantile(r, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"ratio": float(ta.sum() / tb.sum()), "low": lo, "high": hi}

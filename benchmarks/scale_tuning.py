@@ -42,7 +42,7 @@ from slimformer.search.fitness import _open as open_database
 from slimformer.search.run import assemble
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_files import cpu_info  # noqa: E402
+from results_files import bootstrap_indices, cpu_info, paired_ratio  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +74,7 @@ def one_shot_recipes(paths: list[str]) -> dict[str, Recipe]:
     out = {}
     for path in paths:
         recipe = Recipe.from_file(path)
-        steps = [s for s in recipe.steps]
+        steps = list(recipe.steps)
         if steps and steps[-1].name == "scale-tuning":
             steps = steps[:-1]
         if not steps:
@@ -105,8 +105,7 @@ def stored_bytes(model) -> int:
 def measure(loaded, models: dict, sources: dict[str, list[str]], max_length: int) -> dict:
     out = {}
     for source, texts in sources.items():
-        with torch.no_grad():
-            sums, counts = document_kl(loaded, models, texts, max_length, 8)
+        sums, counts = document_kl(loaded, models, texts, max_length, 8)
         out[source] = {"sums": sums, "counts": counts}
     return out
 
@@ -114,11 +113,7 @@ def measure(loaded, models: dict, sources: dict[str, list[str]], max_length: int
 def ratio_interval(a: list[float], b: list[float], counts: list[int], gen: torch.Generator) -> dict:
     """sum(a) / sum(b) (per-token KL of two models on the same documents) with a 95 % interval
     from resampling documents."""
-    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    idx = torch.randint(0, len(counts), (BOOTSTRAP, len(counts)), generator=gen)
-    r = ta[idx].sum(1) / tb[idx].sum(1)
-    lo, hi = torch.quantile(r, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"ratio": float(ta.sum() / tb.sum()), "low": lo, "high": hi}
+    return paired_ratio(a, b, bootstrap_indices(len(counts), gen, BOOTSTRAP))
 
 
 def _brief(step: dict) -> dict:

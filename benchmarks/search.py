@@ -34,7 +34,7 @@ from slimformer.search.run import plot_front
 from slimformer.search.space import FITNESSES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_files import cpu_info  # noqa: E402
+from results_files import bootstrap_indices, cpu_info, paired_ratio  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUANTIZER_NAMES = {"gptq": "GPTQ", "rtn": "RTN", "quantease": "QuantEase"}
@@ -257,19 +257,16 @@ def transfer_check(loaded, out: Path, front: dict, space: SearchSpace) -> dict:
     result = {"evaluation": TRANSFER, "bootstrap": BOOTSTRAP, "sources": {}}
     for source in TRANSFER["sources"]:
         texts = load_texts(TextSpec(source=source, split="evaluation", n=TRANSFER["n"], seed=0))
-        with torch.no_grad():
-            kl, counts = document_kl(loaded, models, texts, TRANSFER["max_length"], TRANSFER["batch_size"])
+        kl, counts = document_kl(loaded, models, texts, TRANSFER["max_length"], TRANSFER["batch_size"])
         n = torch.tensor(counts, dtype=torch.float64)
         per = {name: torch.tensor(v, dtype=torch.float64) for name, v in kl.items()}
-        idx = torch.randint(0, len(counts), (BOOTSTRAP, len(counts)), generator=gen)
+        idx = bootstrap_indices(len(counts), gen, BOOTSTRAP)
         res = {"documents": len(counts), "tokens": int(n.sum()), "kl": {k: float(v.sum() / n.sum()) for k, v in per.items()}, "searched_over_dp": {}}
         for label_ in front["budgets"]:
             if f"{label_} dp" not in per:
                 continue
             a, b = per[f"{label_} searched"], per[f"{label_} dp"]
-            ratio = a[idx].sum(1) / b[idx].sum(1)
-            lo_, hi_ = torch.quantile(ratio, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-            res["searched_over_dp"][label_] = {"ratio": float(a.sum() / b.sum()), "low": lo_, "high": hi_, "documents_better": int((a < b).sum())}
+            res["searched_over_dp"][label_] = {**paired_ratio(a, b, idx), "documents_better": int((a < b).sum())}
         result["sources"][source] = res
         print(source, {k: round(x, 4) for k, x in res["kl"].items()}, flush=True)
         assert all(math.isfinite(x) for x in res["kl"].values())

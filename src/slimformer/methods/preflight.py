@@ -3,7 +3,6 @@ a one-line refusal (naming the setting to change) when it cannot fit in the memo
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -250,16 +249,11 @@ def estimate_steps_peak(loaded, steps: list, calibration, ctx=None) -> MemoryEst
 
 def _training_batch(ctx, loaded, step, recipe_batch: tuple[int, int, int]) -> tuple[int, int, int]:
     """(tokens, positions, rows) of the largest batch a training step draws: the recipe's
-    calibration batches, or where the step sets its own ``n_samples``/``max_length``/
-    ``batch_size`` (scale tuning), the batches of those settings."""
-    overrides = {k: getattr(step, k) for k in ("n_samples", "max_length", "batch_size") if getattr(step, k, None) is not None}
-    if step.name != "scale-tuning" or not overrides:
+    calibration batches, or the batches of the step's own calibration context (scale tuning's
+    ``n_samples``/``max_length``/``batch_size``)."""
+    if not hasattr(step, "calibration_context"):
         return recipe_batch
-    from slimformer.methods.calibration import CompressionContext
-
-    drawn = CompressionContext(dataclasses.replace(ctx.calibration, **overrides))
-    drawn.max_positions = ctx.max_positions
-    batches = drawn.batches(loaded.tokenizer)
+    batches = step.calibration_context(ctx).batches(loaded.tokenizer)
     return (max(int(b["input_ids"].numel()) for b in batches), max(int(b["input_ids"].shape[1]) for b in batches),
             max(int(b["input_ids"].shape[0]) for b in batches))
 

@@ -281,16 +281,23 @@ def search(loaded, space: SearchSpace, budgets: list[Budget], out_dir: str | os.
             "starts": r["starts"], "dp_bits": choice(units, r["dp"])[0],
         }
         front["budgets"][label] = entry
-        tuned = {}
+        tuned = None  # the searched model, scale-tuned
         if space.tune is not None:
             # both the DP allocation and the searched model, with the same settings: the comparison stays like with like
-            for which, levels in (("dp", r["dp"]), ("searched", kept)):
-                tuned[which] = assemble(loaded, db, *choice(units, levels))
-                record = tune_scales(loaded, tuned[which], space, progress)
-                q = _quality(loaded, tuned[which], texts, eval_max_length, n_queries)
-                entry[f"{which}_tuned"] = {"distortion": _distortion_of(q), "quality": q, "tuning": record}
+            def tuned_entry(levels: list[int]):
+                model = assemble(loaded, db, *choice(units, levels))
+                record = tune_scales(loaded, model, space, progress)
+                q = _quality(loaded, model, texts, eval_max_length, n_queries)
+                return model, {"distortion": _distortion_of(q), "quality": q, "tuning": record}
+
+            tuned, entry["dp_tuned"] = tuned_entry(r["dp"])
+            if kept == r["dp"]:  # the validation kept the start: the same model, tuned once
+                entry["searched_tuned"] = entry["dp_tuned"]
+            else:
+                tuned = None  # the DP's tuned copy is not kept
+                tuned, entry["searched_tuned"] = tuned_entry(kept)
         if save_models:
-            _save_searched(loaded, db, space, units, kept, label, entry["searched_tuned" if tuned else "searched"], out / label / "model", tuned.get("searched"))
+            _save_searched(loaded, db, space, units, kept, label, entry["searched_tuned" if tuned is not None else "searched"], out / label / "model", tuned)
     if pareto:
         members = []
         for i, member in enumerate(spread(pareto_result.front, space.pareto.points)):
@@ -350,9 +357,7 @@ def _check_tuning_fits(loaded, space: SearchSpace) -> None:
     """Refuse, before any search work, a ``tune`` section whose training cannot fit in memory
     (the memory pre-flight of a recipe of that one step: the tuned copy, its float32 codes and a
     training step's activations on the tuning's own batches)."""
-    ctx = CompressionContext(space.calibration)
-    ctx.max_positions = max_positions(loaded)
-    check_fits(estimate_steps_peak(loaded, [tuning_step(space.tune)], space.calibration, ctx))
+    check_fits(estimate_steps_peak(loaded, [tuning_step(space.tune)], space.calibration))
 
 
 def tune_scales(loaded, model, space: SearchSpace, progress: bool = False) -> dict:

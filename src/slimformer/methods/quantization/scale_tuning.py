@@ -92,6 +92,14 @@ class ScaleTuningConfig(MethodConfig):
         if not is_int_at_least(self.checkpoint_every, 1):
             raise ConfigError(f"scale-tuning: checkpoint_every={self.checkpoint_every!r} must be a positive integer", "use e.g. checkpoint_every: 25")
 
+    def calibration_context(self, ctx: CompressionContext) -> CompressionContext:
+        """The context whose batches this step trains on: ``ctx``'s calibration with this step's
+        ``n_samples``/``max_length``/``batch_size`` where set, and ``ctx``'s position limit."""
+        overrides = {k: getattr(self, k) for k in ("n_samples", "max_length", "batch_size") if getattr(self, k) is not None}
+        drawn = CompressionContext(dataclasses.replace(ctx.calibration, **overrides))
+        drawn.max_positions = ctx.max_positions
+        return drawn
+
 
 TUNABLE_TYPES = (QuantizedLinear, HQQLinear, AWQLinear)
 
@@ -178,9 +186,7 @@ def apply_scale_tuning(loaded, config: ScaleTuningConfig, ctx) -> dict:
     if not tunable_layers(model):
         raise ConfigError("scale-tuning: the model has no packed uniform-grid linear layers with float activations",
                           "put it after a gptq, quantease, rtn, hqq, awq or mixed-precision step in the recipe")
-    overrides = {k: getattr(config, k) for k in ("n_samples", "max_length", "batch_size") if getattr(config, k) is not None}
-    settings = dataclasses.replace(ctx.calibration, **overrides)
-    drawn = CompressionContext(settings)
+    drawn = config.calibration_context(ctx)
     batches = drawn.batches_in_draw_order(loaded.tokenizer)
     causal = loaded.kind == "causal-lm"
     loss = "kl" if causal else "mse+cos"
